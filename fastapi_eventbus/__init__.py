@@ -1,0 +1,54 @@
+"""fastapi_eventbus: events for FastAPI, handled after the response, with FastAPI's own dependency injection.
+
+```python
+from fastapi import Depends, FastAPI
+from fastapi_eventbus import Event, EventBus, get_bus
+
+bus = EventBus()
+app = FastAPI()
+bus.install(app)
+
+@bus.on("cat.*")
+async def log_cat(event: Event) -> None:
+    print(event.name, event.payload)
+
+@app.post("/cats")
+async def create_cat(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
+    bus.emit("cat.created", {"id": 1})
+    return {"ok": True}
+```
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._bus import EventBus, get_bus
+from ._events import Event
+from ._hooks import DiscardedEvents, HandlerFailure
+from .exceptions import (
+    BusNotInstalledError,
+    ConfigurationError,
+    EventBusError,
+    EventChainError,
+    InvalidEventError,
+    OutsideRequestError,
+)
+
+try:
+    __version__ = version("fastapi-eventbus")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "BusNotInstalledError",
+    "ConfigurationError",
+    "DiscardedEvents",
+    "Event",
+    "EventBus",
+    "EventBusError",
+    "EventChainError",
+    "HandlerFailure",
+    "InvalidEventError",
+    "OutsideRequestError",
+    "__version__",
+    "get_bus",
+]

@@ -1,0 +1,388 @@
+"""`EventBus` and the `get_bus` dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from pydantic import BaseModel
+from starlette.background import BackgroundTasks
+from starlette.requests import HTTPConnection
+
+from . import _di
+from ._core import CLOSED, COLLECTING, SCOPE_KEY, Batch, Core, Handler, disabled_by_env
+from ._events import Event, check_name, event_name_of, is_event_model, make_event, resolve_emit_args
+from ._hooks import OnDiscard, OnError, logger
+from ._patterns import compile_pattern
+from .exceptions import (
+    BusNotInstalledError,
+    ConfigurationError,
+    EventChainError,
+    OutsideRequestError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STATE_ATTR = "fastapi_eventbus"
+"""Attribute of ``app.state`` that holds the installed bus."""
+
+_MISSING: Any = object()
+
+
+class EventBus:
+    """An event bus for one FastAPI application.
+
+    The instance you create holds the handlers, schemas and settings. Endpoints
+    get a *request-scoped* view of it from ``Depends(get_bus)``: the same class,
+    sharing those handlers, but owning the events of that one request, which are
+    handled after the response has been sent.
+
+    Args:
+        disabled: Make ``emit``/``publish`` validate but not deliver. Defaults to
+            the ``FASTAPI_EVENTBUS_DISABLED`` environment variable (``1``/``true``).
+        max_chain_depth: How deep handlers may emit events that emit events.
+        shutdown_timeout: Seconds the lifespan waits for in-flight events on shutdown.
+        keep_events_on_error: Handle a request's events even if its endpoint raised.
+        on_error: Called with a `HandlerFailure` whenever a handler raises.
+        on_discard: Called with `DiscardedEvents` whenever accepted events are dropped.
+        source: The CloudEvents ``source`` stamped on emitted events.
+    """
+
+    __slots__ = ("_batch", "_core")
+
+    _core: Core
+    _batch: Batch | None
+
+    def __init__(
+        self,
+        *,
+        disabled: bool | None = None,
+        max_chain_depth: int = 8,
+        shutdown_timeout: float = 10.0,
+        keep_events_on_error: bool = False,
+        on_error: OnError | None = None,
+        on_discard: OnDiscard | None = None,
+        source: str | None = None,
+    ) -> None:
+        if isinstance(max_chain_depth, bool) or not isinstance(max_chain_depth, int) or max_chain_depth < 1:
+            raise ConfigurationError(f"max_chain_depth must be an int >= 1, got {max_chain_depth!r}")
+        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
+            raise ConfigurationError(f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}")
+        for hook_name, hook in (("on_error", on_error), ("on_discard", on_discard)):
+            if hook is not None and not callable(hook):
+                raise ConfigurationError(f"{hook_name} must be callable, got {hook!r}")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ConfigurationError(f"source must be a non-empty str, got {source!r}")
+        self._core = Core(
+            disabled=disabled_by_env() if disabled is None else disabled,
+            max_chain_depth=max_chain_depth,
+            shutdown_timeout=float(shutdown_timeout),
+            keep_events_on_error=keep_events_on_error,
+            on_error=on_error,
+            on_discard=on_discard,
+            source=source,
+        )
+        self._batch = None
+
+    @classmethod
+    def _view(cls, core: Core, batch: Batch) -> EventBus:
+        view = cls.__new__(cls)
+        view._core = core
+        view._batch = batch
+        return view
+
+    def __repr__(self) -> str:
+        kind = "app" if self._batch is None else f"scoped, {len(self._batch.events)} pending"
+        return f"<EventBus {kind}, {len(self._core.handlers.items())} handler(s)>"
+
+    # -- setup ------------------------------------------------------------------
+
+    @property
+    def disabled(self) -> bool:
+        """Whether events are validated but not delivered."""
+        return self._core.disabled
+
+    def install(self, app: Any) -> None:
+        """Bind this bus to *app* and wrap its lifespan so shutdown drains in-flight events.
+
+        After this, ``Depends(get_bus)`` works in *app*'s endpoints. Nothing has
+        to start first: a bare ``TestClient(app)`` without ``with`` works too.
+        """
+        if self._batch is not None:
+            raise ConfigurationError("install() must be called on the application bus, not a request's bus")
+        if getattr(app.state, STATE_ATTR, None) is not None:
+            raise ConfigurationError("an EventBus is already installed on this app; call install() once")
+        if self._core.app is not None:
+            raise ConfigurationError("this EventBus is already installed on another app")
+        setattr(app.state, STATE_ATTR, self)
+        self._core.app = app
+        router = app.router
+        router.lifespan_context = _draining_lifespan(router.lifespan_context, self)
+
+    def on(self, *patterns: str | type[BaseModel]) -> Callable[[F], F]:
+        """Register the decorated function as a handler for events matching *patterns*.
+
+        Patterns use `fnmatch` rules (``"cat*"``, ``"order.*"``, ``"*"``); a typed
+        event model may be given instead of a pattern to match its
+        ``__event_name__`` exactly. The handler may declare ``Depends()``
+        parameters exactly like an endpoint; they are resolved by FastAPI's
+        solver for every call, after the response has been sent.
+        """
+        names = [_pattern_of(p) for p in patterns]
+
+        def decorator(func: F) -> F:
+            self._add_handler(func, names)
+            return func
+
+        return decorator
+
+    def _add_handler(self, func: Callable[..., Any], patterns: list[str]) -> None:
+        plan = _di.analyse_handler(func)
+        model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
+        if not patterns and model_name is not None:
+            patterns = [glob.escape(model_name)]
+        handler = Handler(func, plan, tuple(patterns), _qualname(func))
+        if not patterns:
+            raise ConfigurationError(f"handler {handler.name} needs at least one event pattern")
+        matchers = [compile_pattern(p) for p in patterns]
+        if plan.event_model is not None and model_name is not None:
+            if not any(match(model_name) for match in matchers):
+                raise ConfigurationError(
+                    f"handler {handler.name} takes {plan.event_model.__qualname__} "
+                    f"(event {model_name!r}) but its patterns {patterns} never match that name"
+                )
+            if self._core.schemas.get(model_name) is None:
+                self._core.schemas.register(model_name, plan.event_model)
+        self._core.handlers.add(patterns, handler)
+
+    def register(self, event: str | type[BaseModel], schema: type[BaseModel] | None = None) -> None:
+        """Register a payload schema, so that ``emit(name, payload)`` validates at emit time.
+
+        ``bus.register(CatCreated)`` registers a typed event model under its
+        ``__event_name__``; ``bus.register("cat.created", CatPayload)`` registers
+        any pydantic model for a name.
+        """
+        if isinstance(event, str):
+            if schema is None:
+                raise ConfigurationError(f"register({event!r}) needs a schema: register(name, Model)")
+            self._core.schemas.register(event, schema)
+            return
+        if schema is not None or not is_event_model(event):
+            raise ConfigurationError(
+                "register() takes a model class with __event_name__, or a name and a model class"
+            )
+        name = event_name_of(event)
+        assert name is not None  # guaranteed by is_event_model
+        self._core.schemas.register(name, event)
+
+    # -- emitting ---------------------------------------------------------------
+
+    @overload
+    def emit(self, event: BaseModel, /) -> Event: ...
+
+    @overload
+    def emit(self, name: str, payload: Any = None, /) -> Event: ...
+
+    def emit(self, event: str | BaseModel, payload: Any = _MISSING, /) -> Event:
+        """Collect an event; it is handled after the response is sent.
+
+        ``emit(name, payload)`` or ``emit(model)`` for a model with
+        ``__event_name__``. Returns the `Event` at once. A bad name, a payload
+        that fails its schema or cannot be serialised to JSON raises
+        `InvalidEventError` here, in the caller.
+        """
+        batch = self._batch
+        if batch is None:
+            raise OutsideRequestError(
+                "emit() on the application bus has no request to attach events to: in an "
+                "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
+                "(scripts, startup, tests) use `await bus.publish(...)`"
+            )
+        event_obj = self._build(event, payload, batch.depth)
+        core = self._core
+        for observer in core.observers:
+            observer.on_emit(event_obj)
+        if core.disabled or _muted(core):
+            return event_obj
+        if not batch.events:
+            core.active.add(batch)
+        batch.events.append(event_obj)
+        if batch.state == CLOSED:
+            self._schedule(batch)
+        return event_obj
+
+    @overload
+    async def publish(self, event: BaseModel, /) -> Event: ...
+
+    @overload
+    async def publish(self, name: str, payload: Any = None, /) -> Event: ...
+
+    async def publish(self, event: str | BaseModel, payload: Any = _MISSING, /) -> Event:
+        """Handle an event now and wait for its handlers (and their chained events).
+
+        Same arguments as `emit`. Works with no request at all: in scripts, at
+        startup, in tests and in workers.
+        """
+        depth = self._batch.depth if self._batch is not None else 0
+        event_obj = self._build(event, payload, depth)
+        core = self._core
+        for observer in core.observers:
+            observer.on_emit(event_obj)
+        if core.disabled or _muted(core):
+            return event_obj
+        scope = self._batch.scope if self._batch is not None else core.base_scope()
+        batch = Batch(scope, depth, loop=asyncio.get_running_loop())
+        batch.events.append(event_obj)
+        core.active.add(batch)
+        await core.flush(batch, EventBus._view)
+        return event_obj
+
+    def _build(self, event: object, payload: Any, depth: int) -> Event:
+        has_payload = payload is not _MISSING
+        name, data = resolve_emit_args(self._core.schemas, event, None if not has_payload else payload, has_payload)
+        if depth > self._core.max_chain_depth:
+            raise EventChainError(
+                f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
+                f"{self._core.max_chain_depth}: a handler keeps emitting events that lead back to it"
+            )
+        return make_event(name, data, self._core.source)
+
+    # -- request lifecycle ------------------------------------------------------
+
+    async def dependency(self, connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
+        """A FastAPI dependency giving this bus's view for the current request.
+
+        `get_bus` calls this on the installed bus. Use it directly to override
+        `get_bus` in tests (``app.dependency_overrides[get_bus] = other.dependency``)
+        or to use a bus that is not installed on the app.
+        """
+        existing = connection.scope.get(SCOPE_KEY)
+        if isinstance(existing, EventBus):
+            return existing
+        if connection.scope["type"] == "websocket":
+            return self._bind(connection, Batch(connection.scope, 0, CLOSED, asyncio.get_running_loop()))
+        stack = _di.request_exit_stack(connection)
+        if stack is None:
+            raise ConfigurationError(
+                "get_bus must be resolved by FastAPI's dependency injection in a route "
+                "(Depends(get_bus)); this request has no FastAPI dependency scope"
+            )
+        view = self._bind(connection, Batch(connection.scope, 0, loop=asyncio.get_running_loop()))
+        background_tasks.add_task(view._flush)
+        stack.push_async_exit(view._after_request)
+        return view
+
+    def _bind(self, connection: HTTPConnection, batch: Batch) -> EventBus:
+        view = EventBus._view(self._core, batch)
+        connection.scope[SCOPE_KEY] = view
+        return view
+
+    async def _flush(self) -> None:
+        assert self._batch is not None
+        await self._core.flush(self._batch, EventBus._view)
+
+    async def _after_request(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        batch = self._batch
+        assert batch is not None
+        if batch.state != COLLECTING:
+            return False
+        if exc is None:  # the endpoint returned a Response with its own background=
+            await self._flush()
+        elif self._core.keep_events_on_error:
+            batch.state = CLOSED
+            if batch.events:
+                self._schedule(batch)
+        else:
+            await self._core.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
+        return False
+
+    def _schedule(self, batch: Batch) -> None:
+        """Start a tracked task that flushes *batch* (late emits, WebSockets)."""
+        if batch.task is not None and not batch.task.done():
+            return
+        loop = batch.loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            batch.task = loop.create_task(self._flush())
+        else:
+            loop.call_soon_threadsafe(self._schedule, batch)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    async def drain(self, timeout: float | None = None) -> list[Event]:
+        """Wait for in-flight events, up to *timeout* (default ``shutdown_timeout``) seconds.
+
+        Returns the events that did not finish, after logging them at ERROR and
+        passing them to ``on_discard``. The installed lifespan calls this on
+        shutdown.
+        """
+        return await self._core.drain(self._core.shutdown_timeout if timeout is None else timeout)
+
+
+def _muted(core: Core) -> bool:
+    return any(observer.mute for observer in core.observers)
+
+
+def _pattern_of(pattern: object) -> str:
+    if isinstance(pattern, type) and issubclass(pattern, BaseModel):
+        name = event_name_of(pattern)
+        if name is None:
+            raise ConfigurationError(f"{pattern.__qualname__} has no __event_name__ to match on")
+        return glob.escape(check_name(name))
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
+    return pattern
+
+
+def _qualname(func: Callable[..., Any]) -> str:
+    module = getattr(func, "__module__", None)
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+def _draining_lifespan(
+    original: Callable[[Any], AbstractAsyncContextManager[Any]], bus: EventBus
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
+        async with original(app) as state:
+            try:
+                yield state
+            finally:
+                await bus.drain()
+                logger.debug("fastapi_eventbus drained on shutdown")
+
+    return lifespan
+
+
+async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
+    """FastAPI dependency: the request-scoped `EventBus` of the app's installed bus.
+
+    ``bus: EventBus = Depends(get_bus)`` in an endpoint, a dependency or a
+    handler. Events emitted through it are handled after the response is sent
+    (or, in a handler, after that handler returns).
+    """
+    existing = connection.scope.get(SCOPE_KEY)
+    if isinstance(existing, EventBus):
+        return existing
+    bus = getattr(connection.app.state, STATE_ATTR, None)
+    if not isinstance(bus, EventBus):
+        raise BusNotInstalledError(
+            "no EventBus is installed on this app: create one and call `bus.install(app)` "
+            "before serving requests"
+        )
+    return await bus.dependency(connection, background_tasks)
+

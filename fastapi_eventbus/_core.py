@@ -1,0 +1,222 @@
+"""Shared state behind every view of one bus, and the flush loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import _di
+from ._events import Event, SchemaRegistry, payload_as
+from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
+from ._patterns import PatternIndex
+
+SCOPE_KEY = "fastapi_eventbus.bus"
+"""ASGI scope key holding the request's (or handler call's) scoped bus."""
+
+COLLECTING, FLUSHING, CLOSED = 0, 1, 2
+"""Batch states: collecting until its flush starts; closed once flushed or discarded."""
+
+_DISABLED_VALUES = frozenset({"1", "true", "yes", "on"})
+
+
+def disabled_by_env() -> bool:
+    """Whether ``FASTAPI_EVENTBUS_DISABLED`` asks for a no-op bus."""
+    return os.environ.get("FASTAPI_EVENTBUS_DISABLED", "").strip().lower() in _DISABLED_VALUES
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler and its analysed dependency plan."""
+
+    func: Callable[..., Any]
+    plan: _di.HandlerPlan
+    patterns: tuple[str, ...]
+    name: str
+
+
+class Observer(Protocol):
+    """Receives what the bus emits and handles (used by `fastapi_eventbus.testing`)."""
+
+    mute: bool
+
+    def on_emit(self, event: Event) -> None: ...
+
+    def on_handled(self, event: Event, handler: str, error: BaseException | None) -> None: ...
+
+
+class Batch:
+    """The events of one request, handler call, WebSocket session or publish call."""
+
+    __slots__ = ("current", "depth", "events", "loop", "provider", "scope", "state", "task")
+
+    def __init__(
+        self,
+        scope: MutableMapping[str, Any],
+        depth: int,
+        state: int = COLLECTING,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.scope = scope
+        self.depth = depth
+        self.state = state
+        self.loop = loop
+        self.events: deque[Event] = deque()
+        self.current: Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        app = scope.get("app")
+        self.provider = app if hasattr(app, "dependency_overrides") else None
+
+    def child(self) -> Batch:
+        """A batch for the events a handler emits (one level deeper in the chain)."""
+        child = Batch(self.scope, self.depth + 1, loop=self.loop)
+        child.provider = self.provider
+        return child
+
+    def unfinished(self) -> list[Event]:
+        """The event being handled, if any, then those still waiting."""
+        head = [self.current] if self.current is not None else []
+        return head + list(self.events)
+
+
+class Core:
+    """Handlers, schemas, settings and in-flight batches shared by all views of a bus."""
+
+    def __init__(
+        self,
+        *,
+        disabled: bool,
+        max_chain_depth: int,
+        shutdown_timeout: float,
+        keep_events_on_error: bool,
+        on_error: OnError | None,
+        on_discard: OnDiscard | None,
+        source: str | None,
+    ) -> None:
+        self.disabled = disabled
+        self.max_chain_depth = max_chain_depth
+        self.shutdown_timeout = shutdown_timeout
+        self.keep_events_on_error = keep_events_on_error
+        self.on_error = on_error
+        self.on_discard = on_discard
+        self.source = source
+        self.handlers: PatternIndex[Handler] = PatternIndex()
+        self.schemas = SchemaRegistry()
+        self.app: Any = None
+        self.active: set[Batch] = set()
+        self.observers: list[Observer] = []
+
+    def base_scope(self) -> dict[str, Any]:
+        """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/",
+            "raw_path": b"/",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [],
+            "client": None,
+            "server": None,
+            "state": {},
+            "app": self.app,
+        }
+
+    # -- flushing ---------------------------------------------------------------
+
+    async def flush(self, batch: Batch, view_factory: Callable[[Core, Batch], object]) -> None:
+        """Handle *batch*'s events in emission order, until it is empty."""
+        if batch.state == FLUSHING:
+            return
+        batch.state = FLUSHING
+        try:
+            while batch.events:
+                event = batch.current = batch.events.popleft()
+                await self.dispatch(event, batch, view_factory)
+        finally:
+            batch.current = None
+            batch.state = CLOSED
+            if batch.events:  # cancelled part-way
+                await self.discard(batch, "the flush was cancelled")
+            self.active.discard(batch)
+
+    async def dispatch(
+        self, event: Event, batch: Batch, view_factory: Callable[[Core, Batch], object]
+    ) -> None:
+        """Run every handler matching *event*, one after the other, isolating failures."""
+        for handler in self.handlers.match(event.name):
+            child = batch.child()
+            error = await self._run(handler, event, batch, child, view_factory)
+            for observer in self.observers:
+                observer.on_handled(event, handler.name, error)
+            if error is not None:
+                await self.discard(child, f"handler {handler.name} failed", error)
+            elif child.events:
+                self.active.add(child)
+                await self.flush(child, view_factory)
+
+    async def _run(
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch,
+        view_factory: Callable[[Core, Batch], object],
+    ) -> BaseException | None:
+        plan = handler.plan
+        try:
+            arg: object = event
+            if plan.event_model is not None:
+                arg = payload_as(event, plan.event_model)
+            scope: dict[str, Any] = {}
+            if plan.uses_solver:
+                scope = dict(batch.scope)
+                scope[SCOPE_KEY] = view_factory(self, child)
+            await _di.run_handler(plan, handler.func, arg, scope, batch.provider)
+        except Exception as exc:
+            logger.error(
+                "handler %s failed for event %r (id=%s)", handler.name, event.name, event.id,
+                exc_info=exc,
+            )
+            await call_hook(self.on_error, HandlerFailure(event, handler.name, exc))
+            return exc
+        return None
+
+    async def discard(self, batch: Batch, reason: str, exc: BaseException | None = None) -> None:
+        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook."""
+        events = tuple(batch.events)
+        batch.events.clear()
+        batch.state = CLOSED
+        self.active.discard(batch)
+        if not events:
+            return
+        ids = ", ".join(e.id for e in events)
+        level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
+        logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
+        await call_hook(self.on_discard, DiscardedEvents(events, reason, exc))
+
+    # -- shutdown ---------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> list[Event]:
+        """Wait up to *timeout* seconds for in-flight batches; report what did not finish."""
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
+        if unfinished:
+            logger.error(
+                "shutdown: %d event(s) did not finish within %.1fs: %s",
+                len(unfinished), timeout, ", ".join(e.id for e in unfinished),
+            )
+            reason = f"shutdown did not finish within {timeout}s"
+            await call_hook(self.on_discard, DiscardedEvents(tuple(unfinished), reason))
+        return unfinished
+

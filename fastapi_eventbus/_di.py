@@ -1,0 +1,221 @@
+"""The one module that touches FastAPI's dependency internals.
+
+`get_dependant`, `solve_dependencies`, `get_typed_signature` and the ASGI scope
+keys FastAPI keeps its exit stacks under are not public API and move between
+releases. Everything that depends on them lives here, so one file is adapted
+when FastAPI changes, and the test suite runs against the lowest and the newest
+supported release.
+
+A handler's dependency graph is analysed once, by `analyse_handler`, when the
+handler is registered; `run_handler` then resolves it through FastAPI's own
+solver for every call, on exit stacks that belong to that call alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Annotated, Any, get_args, get_origin
+
+from fastapi import params
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_dependant, get_typed_signature, solve_dependencies
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+
+from ._events import Event, is_event_model
+from .exceptions import ConfigurationError
+
+INNER_ASTACK = "fastapi_inner_astack"
+FUNCTION_ASTACK = "fastapi_function_astack"
+
+_HTTP_INPUTS = (
+    ("path_params", "path"),
+    ("query_params", "query"),
+    ("header_params", "header"),
+    ("cookie_params", "cookie"),
+    ("body_params", "body"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerPlan:
+    """What `analyse_handler` learnt about a handler, reused for every call."""
+
+    dependant: Dependant
+    event_param: str | None
+    event_model: type[BaseModel] | None
+    is_async: bool
+    uses_solver: bool
+
+    def describe_dependencies(self) -> list[str]:
+        """Qualified names of the handler's direct dependencies."""
+        return [_name(d.call) for d in self.dependant.dependencies]
+
+
+def _name(call: object) -> str:
+    return getattr(call, "__qualname__", None) or repr(call)
+
+
+def _is_dependency(param: inspect.Parameter) -> bool:
+    if isinstance(param.default, params.Depends):
+        return True
+    if get_origin(param.annotation) is Annotated:
+        return any(isinstance(meta, params.Depends) for meta in param.annotation.__metadata__)
+    return False
+
+
+def _event_type(param: inspect.Parameter) -> tuple[bool, type[BaseModel] | None]:
+    """Whether *param* receives the event, and the typed model it wants, if any."""
+    if _is_dependency(param):
+        return False, None
+    annotation = param.annotation
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, Event):
+        return True, None
+    if is_event_model(annotation):
+        return True, annotation
+    plain = annotation in (inspect.Parameter.empty, Any)
+    return param.name == "event" and plain, None
+
+
+def _find_event_param(
+    func: Callable[..., Any], signature: inspect.Signature
+) -> tuple[str | None, type[BaseModel] | None]:
+    found = [(p.name, model) for p in signature.parameters.values() for is_event, model in [_event_type(p)] if is_event]
+    if len(found) > 1:
+        names = ", ".join(repr(name) for name, _ in found)
+        raise ConfigurationError(
+            f"handler {_name(func)} has more than one event parameter ({names}); "
+            "a handler receives exactly one event"
+        )
+    return found[0] if found else (None, None)
+
+
+def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None:
+    for param in signature.parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ConfigurationError(
+                f"handler {_name(func)}: parameter {param.name!r} is {param.kind.description}; "
+                "handlers are called with keyword arguments only"
+            )
+
+
+def _walk(dependant: Dependant) -> Iterator[Dependant]:
+    yield dependant
+    for sub in dependant.dependencies:
+        yield from _walk(sub)
+
+
+def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
+    for dependant in _walk(root):
+        owner = f"handler {_name(func)}" if dependant is root else (
+            f"dependency {_name(dependant.call)} of handler {_name(func)}"
+        )
+        for attr, kind in _HTTP_INPUTS:
+            for field in getattr(dependant, attr):
+                raise ConfigurationError(
+                    f"{owner}: parameter {field.name!r} would be read from the HTTP request "
+                    f"({kind}), but handlers run after the response, with no request input. "
+                    "Take the data from the event payload, or inject it with Depends()."
+                )
+        for attr, what in (("websocket_param_name", "WebSocket"), ("response_param_name", "Response")):
+            if getattr(dependant, attr):
+                raise ConfigurationError(
+                    f"{owner}: parameter {getattr(dependant, attr)!r} asks for a {what}, "
+                    "which does not exist when a handler runs"
+                )
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(func):
+        return True
+    return inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004
+
+
+def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
+    """Analyse *func* once: its event parameter and its dependency graph.
+
+    Raises `ConfigurationError` naming the handler and the parameter for
+    anything a handler cannot be given.
+    """
+    if not callable(func):
+        raise ConfigurationError(f"a handler must be callable, got {func!r}")
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise ConfigurationError(f"handler {_name(func)} is a generator; handlers must return None")
+    signature = get_typed_signature(func)
+    _check_kinds(func, signature)
+    event_param, event_model = _find_event_param(func, signature)
+    others = [p for name, p in signature.parameters.items() if name != event_param]
+
+    def shim() -> None:  # carries the signature FastAPI analyses, minus the event
+        """Placeholder whose signature is the handler's, without its event parameter."""
+
+    shim.__signature__ = signature.replace(parameters=others)  # type: ignore[attr-defined]
+    dependant = get_dependant(path="", call=shim)
+    _reject_http_inputs(func, dependant)
+    uses_solver = bool(
+        dependant.dependencies
+        or dependant.request_param_name
+        or dependant.http_connection_param_name
+        or dependant.background_tasks_param_name
+        or dependant.security_scopes_param_name
+    )
+    return HandlerPlan(dependant, event_param, event_model, _is_async(func), uses_solver)
+
+
+def request_exit_stack(connection: HTTPConnection) -> AsyncExitStack | None:
+    """The exit stack FastAPI closes after the response (and its background tasks)."""
+    stack = connection.scope.get(INNER_ASTACK)
+    return stack if isinstance(stack, AsyncExitStack) else None
+
+
+async def run_handler(
+    plan: HandlerPlan,
+    func: Callable[..., Any],
+    event_arg: object,
+    scope: MutableMapping[str, Any],
+    overrides_provider: object | None,
+) -> None:
+    """Resolve *func*'s dependencies with FastAPI's solver and call it once.
+
+    *scope* is a fresh dict owned by this call; the handler's own exit stacks
+    are stored in it, so ``yield`` dependencies open and close around this call
+    and never touch the request's stacks.
+    """
+    if not plan.uses_solver:
+        values: dict[str, Any] = {}
+        if plan.event_param is not None:
+            values[plan.event_param] = event_arg
+        await _call(plan, func, values)
+        return
+    async with AsyncExitStack() as request_stack:
+        async with AsyncExitStack() as function_stack:
+            scope[INNER_ASTACK] = request_stack
+            scope[FUNCTION_ASTACK] = function_stack
+            solved = await solve_dependencies(
+                request=Request(scope),
+                dependant=plan.dependant,
+                dependency_overrides_provider=overrides_provider,
+                async_exit_stack=request_stack,
+                embed_body_fields=False,
+            )
+            if solved.errors:  # e.g. an override that asks for request input
+                raise ConfigurationError(f"dependencies of handler {_name(func)} failed: {solved.errors}")
+            values = solved.values
+            if plan.event_param is not None:
+                values[plan.event_param] = event_arg
+            await _call(plan, func, values)
+        if solved.background_tasks is not None:
+            await solved.background_tasks()
+
+
+async def _call(plan: HandlerPlan, func: Callable[..., Any], values: dict[str, Any]) -> None:
+    if plan.is_async:
+        await func(**values)
+    else:
+        await run_in_threadpool(func, **values)

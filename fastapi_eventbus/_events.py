@@ -1,0 +1,177 @@
+"""The event envelope and everything that turns ``emit`` arguments into one."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from .exceptions import ConfigurationError, InvalidEventError
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """An immutable event envelope, as handlers and forwarders receive it.
+
+    `payload` is always JSON-compatible data (dicts, lists, strings, numbers,
+    booleans, ``None``): what a local handler sees is exactly what a remote
+    worker will decode. `id` is unique per emitted event and is the key to
+    deduplicate on when delivery is at-least-once.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    """The event name handlers are matched against, e.g. ``"cat.created"``."""
+    payload: Any = None
+    """JSON-compatible data carried by the event."""
+    id: str = Field(default_factory=_new_id)
+    """A unique id (UUID4 text)."""
+    time: datetime = Field(default_factory=_utcnow)
+    """When the event was emitted, timezone-aware UTC."""
+    source: str | None = None
+    """Where the event came from (CloudEvents ``source``), when known."""
+    trace_context: Mapping[str, str] = Field(default_factory=dict)
+    """W3C trace context (``traceparent``/``tracestate``) when tracing is active."""
+
+
+def event_name_of(model_type: type[BaseModel]) -> str | None:
+    """The ``__event_name__`` of a typed event model, or ``None`` if it has none."""
+    name = getattr(model_type, "__event_name__", None)
+    return name if isinstance(name, str) else None
+
+
+def is_event_model(obj: object) -> bool:
+    """Whether *obj* is a pydantic model class that declares ``__event_name__``."""
+    return isinstance(obj, type) and issubclass(obj, BaseModel) and event_name_of(obj) is not None
+
+
+def check_name(name: object) -> str:
+    """Return *name* if it is a usable event name, else raise `InvalidEventError`."""
+    if not isinstance(name, str):
+        raise InvalidEventError(f"event name must be a str, got {type(name).__name__}: {name!r}")
+    if not name or name.strip() != name:
+        raise InvalidEventError(
+            f"event name must be non-empty and have no surrounding whitespace, got {name!r}"
+        )
+    return name
+
+
+def _reject_non_finite(value: Any, name: str) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidEventError(
+                f"payload of event {name!r} contains {value!r}, which JSON cannot carry"
+            )
+    elif isinstance(value, dict):
+        for item in value.values():
+            _reject_non_finite(item, name)
+    elif isinstance(value, list):
+        for item in value:
+            _reject_non_finite(item, name)
+
+
+def to_json_data(payload: Any, name: str) -> Any:
+    """Convert *payload* to plain JSON data, raising `InvalidEventError` if it cannot be."""
+    if payload is None:
+        return None
+    try:
+        data = to_jsonable_python(payload)
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
+        raise InvalidEventError(
+            f"payload of event {name!r} cannot be serialised to JSON: {exc}"
+        ) from exc
+    _reject_non_finite(data, name)
+    return data
+
+
+class SchemaRegistry:
+    """Payload schemas by event name, checked at emit time."""
+
+    __slots__ = ("_schemas",)
+
+    def __init__(self) -> None:
+        self._schemas: dict[str, type[BaseModel]] = {}
+
+    def register(self, name: str, schema: type[BaseModel]) -> None:
+        """Use *schema* to validate every payload emitted as *name*."""
+        check_name(name)
+        if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+            raise ConfigurationError(f"schema for {name!r} must be a pydantic model class, got {schema!r}")
+        known = self._schemas.get(name)
+        if known is not None and known is not schema:
+            raise ConfigurationError(
+                f"event {name!r} already has the schema {known.__qualname__}; "
+                f"cannot register {schema.__qualname__} too"
+            )
+        self._schemas[name] = schema
+
+    def get(self, name: str) -> type[BaseModel] | None:
+        """The schema registered for *name*, if any."""
+        return self._schemas.get(name)
+
+    def validate(self, name: str, payload: Any) -> Any:
+        """Validate *payload* against the schema of *name* and return JSON data."""
+        schema = self._schemas.get(name)
+        if schema is None:
+            return to_json_data(payload, name)
+        if not isinstance(payload, schema):
+            try:
+                payload = schema.model_validate(payload)
+            except ValidationError as exc:
+                raise InvalidEventError(
+                    f"payload of event {name!r} does not match its schema "
+                    f"{schema.__qualname__}:\n{exc}"
+                ) from exc
+        return to_json_data(payload.model_dump(mode="json"), name)
+
+
+_EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets __event_name__"
+
+
+def resolve_emit_args(
+    registry: SchemaRegistry, first: object, payload: Any, has_payload: bool
+) -> tuple[str, Any]:
+    """Turn the arguments of ``emit``/``publish`` into a validated ``(name, json_payload)``."""
+    if isinstance(first, BaseModel):
+        if has_payload:
+            raise InvalidEventError(
+                f"emit() got a {type(first).__name__} model and a payload; {_EMIT_USAGE}"
+            )
+        name = event_name_of(type(first))
+        if name is None:
+            raise InvalidEventError(
+                f"{type(first).__qualname__} has no __event_name__; add "
+                f'`__event_name__: ClassVar[str] = "..."` to the class, or {_EMIT_USAGE}'
+            )
+        return name, registry.validate(check_name(name), first)
+    if isinstance(first, type) and issubclass(first, BaseModel):
+        raise InvalidEventError(
+            f"emit() got the class {first.__qualname__}, not an instance of it; {_EMIT_USAGE}"
+        )
+    name = check_name(first)
+    return name, registry.validate(name, payload)
+
+
+def make_event(name: str, payload: Any, source: str | None) -> Event:
+    """Build an `Event` from already validated parts, without re-validating them."""
+    return Event.model_construct(
+        name=name, payload=payload, id=_new_id(), time=_utcnow(), source=source, trace_context={}
+    )
+
+
+def payload_as(event: Event, model: type[BaseModel]) -> BaseModel:
+    """The event's payload validated as *model* (what a typed handler receives)."""
+    return model.model_validate(event.payload)

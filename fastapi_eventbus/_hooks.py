@@ -1,0 +1,66 @@
+"""What the bus tells the application when something goes wrong."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+from ._events import Event
+
+logger = logging.getLogger("fastapi_eventbus")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerFailure:
+    """A handler raised while handling an event. Passed to the ``on_error`` hook."""
+
+    event: Event
+    """The event being handled."""
+    handler: str
+    """The handler's qualified name (``module.function``)."""
+    exception: BaseException
+    """What the handler (or one of its dependencies) raised."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardedEvents:
+    """Events that were accepted by ``emit`` but will not be handled.
+
+    Passed to the ``on_discard`` hook. *reason* says why: the endpoint raised,
+    the handler that emitted them failed, or shutdown timed out.
+    """
+
+    events: tuple[Event, ...]
+    """The events, in emission order."""
+    reason: str
+    """A human-readable reason."""
+    exception: BaseException | None = None
+    """The exception that caused the discard, when there is one."""
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the discarded events."""
+        return [event.id for event in self.events]
+
+
+OnError: TypeAlias = Callable[[HandlerFailure], Awaitable[None] | None]
+"""Signature of the ``on_error`` hook: sync or async, return value ignored."""
+OnDiscard: TypeAlias = Callable[[DiscardedEvents], Awaitable[None] | None]
+"""Signature of the ``on_discard`` hook: sync or async, return value ignored."""
+
+
+async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> None:
+    """Call an application hook, never letting its failure escape."""
+    if hook is None:
+        return
+    try:
+        result = hook(value)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("fastapi_eventbus hook %r raised", hook)

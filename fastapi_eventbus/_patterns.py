@@ -1,0 +1,65 @@
+"""Wildcard patterns (fnmatch semantics) mapped to the things registered for them."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+from .exceptions import ConfigurationError
+
+T = TypeVar("T")
+
+_WILDCARDS = frozenset("*?[")
+_CACHE_LIMIT = 4096
+
+Matcher = Callable[[str], bool]
+
+
+def compile_pattern(pattern: object) -> Matcher:
+    """A predicate for *pattern*; `fnmatch.fnmatchcase` rules (``*`` also matches dots)."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
+    if _WILDCARDS.isdisjoint(pattern):
+        return pattern.__eq__
+    regex = re.compile(fnmatch.translate(pattern))
+    return lambda name: regex.match(name) is not None
+
+
+class PatternIndex(Generic[T]):
+    """Items registered under patterns, looked up by event name in registration order.
+
+    Lookups are cached per event name (bounded), so the cost of hundreds of
+    patterns is paid once per distinct name.
+    """
+
+    __slots__ = ("_cache", "_entries")
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[tuple[Matcher, ...], T]] = []
+        self._cache: dict[str, tuple[T, ...]] = {}
+
+    def add(self, patterns: Iterable[str], item: T) -> None:
+        """Register *item* under every pattern in *patterns*."""
+        matchers = tuple(compile_pattern(p) for p in patterns)
+        if not matchers:
+            raise ConfigurationError("at least one event pattern is required")
+        self._entries.append((matchers, item))
+        self._cache.clear()
+
+    def match(self, name: str) -> tuple[T, ...]:
+        """Every item whose patterns match *name*, each once, in registration order."""
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        found = tuple(item for matchers, item in self._entries if any(m(name) for m in matchers))
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[name] = found
+        return found
+
+    def items(self) -> list[T]:
+        """Every registered item, in registration order."""
+        return [item for _, item in self._entries]

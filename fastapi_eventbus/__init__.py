@@ -1,4 +1,4 @@
-"""fastapi_eventbus: events for FastAPI, handled after the response, with FastAPI's own dependency injection.
+"""Events for FastAPI, handled after the response, with FastAPI's own dependency injection.
 
 ```python
 from fastapi import Depends, FastAPI

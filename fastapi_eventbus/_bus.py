@@ -68,10 +68,22 @@ class EventBus:
         on_discard: OnDiscard | None = None,
         source: str | None = None,
     ) -> None:
-        if isinstance(max_chain_depth, bool) or not isinstance(max_chain_depth, int) or max_chain_depth < 1:
-            raise ConfigurationError(f"max_chain_depth must be an int >= 1, got {max_chain_depth!r}")
-        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
-            raise ConfigurationError(f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}")
+        if (
+            isinstance(max_chain_depth, bool)
+            or not isinstance(max_chain_depth, int)
+            or max_chain_depth < 1
+        ):
+            raise ConfigurationError(
+                f"max_chain_depth must be an int >= 1, got {max_chain_depth!r}"
+            )
+        if (
+            isinstance(shutdown_timeout, bool)
+            or not isinstance(shutdown_timeout, int | float)
+            or shutdown_timeout < 0
+        ):
+            raise ConfigurationError(
+                f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}"
+            )
         for hook_name, hook in (("on_error", on_error), ("on_discard", on_discard)):
             if hook is not None and not callable(hook):
                 raise ConfigurationError(f"{hook_name} must be callable, got {hook!r}")
@@ -113,9 +125,13 @@ class EventBus:
         to start first: a bare ``TestClient(app)`` without ``with`` works too.
         """
         if self._batch is not None:
-            raise ConfigurationError("install() must be called on the application bus, not a request's bus")
+            raise ConfigurationError(
+                "install() must be called on the application bus, not a request's bus"
+            )
         if getattr(app.state, STATE_ATTR, None) is not None:
-            raise ConfigurationError("an EventBus is already installed on this app; call install() once")
+            raise ConfigurationError(
+                "an EventBus is already installed on this app; call install() once"
+            )
         if self._core.app is not None:
             raise ConfigurationError("this EventBus is already installed on another app")
         setattr(app.state, STATE_ATTR, self)
@@ -168,7 +184,9 @@ class EventBus:
         """
         if isinstance(event, str):
             if schema is None:
-                raise ConfigurationError(f"register({event!r}) needs a schema: register(name, Model)")
+                raise ConfigurationError(
+                    f"register({event!r}) needs a schema: register(name, Model)"
+                )
             self._core.schemas.register(event, schema)
             return
         if schema is not None or not is_event_model(event):
@@ -243,17 +261,21 @@ class EventBus:
 
     def _build(self, event: object, payload: Any, depth: int) -> Event:
         has_payload = payload is not _MISSING
-        name, data = resolve_emit_args(self._core.schemas, event, None if not has_payload else payload, has_payload)
+        name, data = resolve_emit_args(
+            self._core.schemas, event, None if not has_payload else payload, has_payload
+        )
         if depth > self._core.max_chain_depth:
             raise EventChainError(
                 f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
-                f"{self._core.max_chain_depth}: a handler keeps emitting events that lead back to it"
+                f"{self._core.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
         return make_event(name, data, self._core.source)
 
     # -- request lifecycle ------------------------------------------------------
 
-    async def dependency(self, connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
+    async def dependency(
+        self, connection: HTTPConnection, background_tasks: BackgroundTasks
+    ) -> EventBus:
         """A FastAPI dependency giving this bus's view for the current request.
 
         `get_bus` calls this on the installed bus. Use it directly to override
@@ -264,7 +286,9 @@ class EventBus:
         if isinstance(existing, EventBus):
             return existing
         if connection.scope["type"] == "websocket":
-            return self._bind(connection, Batch(connection.scope, 0, CLOSED, asyncio.get_running_loop()))
+            return self._bind(
+                connection, Batch(connection.scope, 0, CLOSED, asyncio.get_running_loop())
+            )
         stack = _di.request_exit_stack(connection)
         if stack is None:
             raise ConfigurationError(
@@ -385,4 +409,3 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
             "before serving requests"
         )
     return await bus.dependency(connection, background_tasks)
-

@@ -183,7 +183,10 @@ class Core:
             await _di.run_handler(plan, handler.func, arg, scope, batch.provider)
         except Exception as exc:
             logger.error(
-                "handler %s failed for event %r (id=%s)", handler.name, event.name, event.id,
+                "handler %s failed for event %r (id=%s)",
+                handler.name,
+                event.name,
+                event.id,
                 exc_info=exc,
             )
             await call_hook(self.on_error, HandlerFailure(event, handler.name, exc))
@@ -208,15 +211,17 @@ class Core:
     async def drain(self, timeout: float) -> list[Event]:
         """Wait up to *timeout* seconds for in-flight batches; report what did not finish."""
         deadline = time.monotonic() + timeout
-        while self.active and time.monotonic() < deadline:
+        # Polling, not an asyncio.Event: a bare TestClient runs each request on its own loop.
+        while self.active and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
         if unfinished:
             logger.error(
                 "shutdown: %d event(s) did not finish within %.1fs: %s",
-                len(unfinished), timeout, ", ".join(e.id for e in unfinished),
+                len(unfinished),
+                timeout,
+                ", ".join(e.id for e in unfinished),
             )
             reason = f"shutdown did not finish within {timeout}s"
             await call_hook(self.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
-

@@ -86,7 +86,12 @@ def _event_type(param: inspect.Parameter) -> tuple[bool, type[BaseModel] | None]
 def _find_event_param(
     func: Callable[..., Any], signature: inspect.Signature
 ) -> tuple[str | None, type[BaseModel] | None]:
-    found = [(p.name, model) for p in signature.parameters.values() for is_event, model in [_event_type(p)] if is_event]
+    found = [
+        (p.name, model)
+        for p in signature.parameters.values()
+        for is_event, model in [_event_type(p)]
+        if is_event
+    ]
     if len(found) > 1:
         names = ", ".join(repr(name) for name, _ in found)
         raise ConfigurationError(
@@ -98,6 +103,13 @@ def _find_event_param(
 
 def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None:
     for param in signature.parameters.values():
+        if isinstance(param.annotation, str):
+            raise ConfigurationError(
+                f"handler {_name(func)}: the annotation {param.annotation!r} of parameter "
+                f"{param.name!r} cannot be resolved; names used in handler annotations must be "
+                "importable from the handler's module (beware `from __future__ import annotations` "
+                "with names defined inside a function)"
+            )
         if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigurationError(
                 f"handler {_name(func)}: parameter {param.name!r} is {param.kind.description}; "
@@ -113,8 +125,10 @@ def _walk(dependant: Dependant) -> Iterator[Dependant]:
 
 def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
     for dependant in _walk(root):
-        owner = f"handler {_name(func)}" if dependant is root else (
-            f"dependency {_name(dependant.call)} of handler {_name(func)}"
+        owner = (
+            f"handler {_name(func)}"
+            if dependant is root
+            else (f"dependency {_name(dependant.call)} of handler {_name(func)}")
         )
         for attr, kind in _HTTP_INPUTS:
             for field in getattr(dependant, attr):
@@ -123,7 +137,10 @@ def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
                     f"({kind}), but handlers run after the response, with no request input. "
                     "Take the data from the event payload, or inject it with Depends()."
                 )
-        for attr, what in (("websocket_param_name", "WebSocket"), ("response_param_name", "Response")):
+        for attr, what in (
+            ("websocket_param_name", "WebSocket"),
+            ("response_param_name", "Response"),
+        ):
             if getattr(dependant, attr):
                 raise ConfigurationError(
                     f"{owner}: parameter {getattr(dependant, attr)!r} asks for a {what}, "
@@ -205,7 +222,9 @@ async def run_handler(
                 embed_body_fields=False,
             )
             if solved.errors:  # e.g. an override that asks for request input
-                raise ConfigurationError(f"dependencies of handler {_name(func)} failed: {solved.errors}")
+                raise ConfigurationError(
+                    f"dependencies of handler {_name(func)} failed: {solved.errors}"
+                )
             values = solved.values
             if plan.event_param is not None:
                 values[plan.event_param] = event_arg

@@ -109,7 +109,9 @@ class SchemaRegistry:
         """Use *schema* to validate every payload emitted as *name*."""
         check_name(name)
         if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
-            raise ConfigurationError(f"schema for {name!r} must be a pydantic model class, got {schema!r}")
+            raise ConfigurationError(
+                f"schema for {name!r} must be a pydantic model class, got {schema!r}"
+            )
         known = self._schemas.get(name)
         if known is not None and known is not schema:
             raise ConfigurationError(

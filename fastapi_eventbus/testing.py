@@ -1,0 +1,88 @@
+"""Test helpers: see what was emitted and handled without mocking anything.
+
+```python
+from fastapi_eventbus.testing import capture
+
+def test_create_cat(client):
+    with capture(bus) as events:
+        client.post("/cats")
+    assert events.names == ["cat.created"]
+    assert events.failures == []
+```
+
+``capture(bus, handle=False)`` records what is emitted but runs no handler,
+for testing an endpoint on its own. To swap the bus an endpoint receives,
+override `get_bus` with another bus's `EventBus.dependency`::
+
+    app.dependency_overrides[get_bus] = EventBus(disabled=True).dependency
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ._bus import EventBus
+from ._events import Event
+
+__all__ = ["Capture", "HandledEvent", "capture"]
+
+
+@dataclass(frozen=True, slots=True)
+class HandledEvent:
+    """One handler call: the event, the handler's qualified name, and what it raised."""
+
+    event: Event
+    handler: str
+    error: BaseException | None
+
+
+@dataclass(slots=True)
+class Capture:
+    """What a bus emitted and handled while a `capture` block was open."""
+
+    mute: bool = False
+    """When true, emitted events are recorded but not handled."""
+    emitted: list[Event] = field(default_factory=list)
+    """Every event accepted by ``emit``/``publish``, in order."""
+    handled: list[HandledEvent] = field(default_factory=list)
+    """Every handler call, in order, with its error if it raised."""
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the emitted events, in order."""
+        return [event.name for event in self.emitted]
+
+    @property
+    def failures(self) -> list[HandledEvent]:
+        """The handler calls that raised."""
+        return [call for call in self.handled if call.error is not None]
+
+    def handlers_for(self, name: str) -> list[str]:
+        """Qualified names of the handlers that ran for events named *name*."""
+        return [call.handler for call in self.handled if call.event.name == name]
+
+    def on_emit(self, event: Event) -> None:
+        """Called by the bus for every accepted event."""
+        self.emitted.append(event)
+
+    def on_handled(self, event: Event, handler: str, error: BaseException | None) -> None:
+        """Called by the bus after every handler call."""
+        self.handled.append(HandledEvent(event, handler, error))
+
+
+@contextmanager
+def capture(bus: EventBus, *, handle: bool = True) -> Iterator[Capture]:
+    """Record what *bus* emits and handles inside the ``with`` block.
+
+    With ``handle=False``, events are validated and recorded but no handler
+    runs (and nothing is forwarded).
+    """
+    recorder = Capture(mute=not handle)
+    observers = bus._core.observers
+    observers.append(recorder)
+    try:
+        yield recorder
+    finally:
+        observers.remove(recorder)

@@ -161,7 +161,7 @@ class EventBus:
         model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
         if not patterns and model_name is not None:
             patterns = [glob.escape(model_name)]
-        handler = Handler(func, plan, tuple(patterns), _qualname(func))
+        handler = Handler(func, plan, tuple(patterns), _di.qualified_name(func))
         if not patterns:
             raise ConfigurationError(f"handler {handler.name} needs at least one event pattern")
         matchers = [compile_pattern(p) for p in patterns]
@@ -369,12 +369,6 @@ def _pattern_of(pattern: object) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
     return pattern
-
-
-def _qualname(func: Callable[..., Any]) -> str:
-    module = getattr(func, "__module__", None)
-    name = getattr(func, "__qualname__", None) or type(func).__qualname__
-    return f"{module}.{name}" if module else name
 
 
 def _draining_lifespan(

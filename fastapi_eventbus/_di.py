@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, ForwardRef, get_args, get_origin
 
 from fastapi import params
 from fastapi.dependencies.models import Dependant
@@ -53,11 +53,14 @@ class HandlerPlan:
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
-        return [_name(d.call) for d in self.dependant.dependencies]
+        return [qualified_name(d.call) for d in self.dependant.dependencies]
 
 
-def _name(call: object) -> str:
-    return getattr(call, "__qualname__", None) or repr(call)
+def qualified_name(call: object) -> str:
+    """``module.qualname`` of a function or class, for logs and error messages."""
+    name = getattr(call, "__qualname__", None) or type(call).__qualname__
+    module = getattr(call, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def _is_dependency(param: inspect.Parameter) -> bool:
@@ -95,7 +98,7 @@ def _find_event_param(
     if len(found) > 1:
         names = ", ".join(repr(name) for name, _ in found)
         raise ConfigurationError(
-            f"handler {_name(func)} has more than one event parameter ({names}); "
+            f"handler {qualified_name(func)} has more than one event parameter ({names}); "
             "a handler receives exactly one event"
         )
     return found[0] if found else (None, None)
@@ -103,16 +106,17 @@ def _find_event_param(
 
 def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None:
     for param in signature.parameters.values():
-        if isinstance(param.annotation, str):
+        if isinstance(param.annotation, str | ForwardRef):
+            annotation = getattr(param.annotation, "__forward_arg__", param.annotation)
             raise ConfigurationError(
-                f"handler {_name(func)}: the annotation {param.annotation!r} of parameter "
+                f"handler {qualified_name(func)}: the annotation {annotation!r} of parameter "
                 f"{param.name!r} cannot be resolved; names used in handler annotations must be "
                 "importable from the handler's module (beware `from __future__ import annotations` "
                 "with names defined inside a function)"
             )
         if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigurationError(
-                f"handler {_name(func)}: parameter {param.name!r} is {param.kind.description}; "
+                f"handler {qualified_name(func)}: parameter {param.name!r} is {param.kind.description}; "
                 "handlers are called with keyword arguments only"
             )
 
@@ -126,9 +130,9 @@ def _walk(dependant: Dependant) -> Iterator[Dependant]:
 def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
     for dependant in _walk(root):
         owner = (
-            f"handler {_name(func)}"
+            f"handler {qualified_name(func)}"
             if dependant is root
-            else (f"dependency {_name(dependant.call)} of handler {_name(func)}")
+            else (f"dependency {qualified_name(dependant.call)} of handler {qualified_name(func)}")
         )
         for attr, kind in _HTTP_INPUTS:
             for field in getattr(dependant, attr):
@@ -163,7 +167,9 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     if not callable(func):
         raise ConfigurationError(f"a handler must be callable, got {func!r}")
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        raise ConfigurationError(f"handler {_name(func)} is a generator; handlers must return None")
+        raise ConfigurationError(
+            f"handler {qualified_name(func)} is a generator; handlers must return None"
+        )
     signature = get_typed_signature(func)
     _check_kinds(func, signature)
     event_param, event_model = _find_event_param(func, signature)
@@ -223,7 +229,7 @@ async def run_handler(
             )
             if solved.errors:  # e.g. an override that asks for request input
                 raise ConfigurationError(
-                    f"dependencies of handler {_name(func)} failed: {solved.errors}"
+                    f"dependencies of handler {qualified_name(func)} failed: {solved.errors}"
                 )
             values = solved.values
             if plan.event_param is not None:

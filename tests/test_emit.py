@@ -1,0 +1,217 @@
+"""emit/publish: what is accepted, and every bad input rejected at the call site."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from fastapi_eventbus import (
+    BusNotInstalledError,
+    ConfigurationError,
+    Event,
+    EventBus,
+    InvalidEventError,
+    OutsideRequestError,
+    get_bus,
+)
+from fastapi_eventbus.testing import capture
+
+
+class CatCreated(BaseModel):
+    __event_name__: ClassVar[str] = "cat.created"
+    id: int
+    name: str = "Tom"
+
+
+class NoName(BaseModel):
+    id: int
+
+
+def emit_endpoint(app: FastAPI, *args: Any) -> None:
+    """Add ``POST /emit`` that emits *args* and reports the error, if any, as JSON."""
+
+    @app.post("/emit")
+    def endpoint(bus: EventBus = Depends(get_bus)) -> dict[str, str]:
+        try:
+            event = bus.emit(*args)
+        except Exception as exc:
+            return {"error": type(exc).__name__, "message": str(exc)}
+        return {"id": event.id}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("",), "non-empty"),
+        ((" cat",), "whitespace"),
+        ((42,), "must be a str, got int"),
+        ((None,), "must be a str, got NoneType"),
+        (("cat.created", {"when": object()}), "cannot be serialised to JSON"),
+        (("cat.created", {"nan": math.nan}), "nan"),
+        (("cat.created", [math.inf]), "inf"),
+        ((NoName(id=1),), "NoName has no __event_name__"),
+        ((CatCreated(id=1), {"id": 2}), "model and a payload"),
+        ((CatCreated,), "the class CatCreated, not an instance"),
+    ],
+)
+def test_bad_emit_raises_in_the_endpoint(
+    app: FastAPI, client: TestClient, args: tuple[Any, ...], message: str
+) -> None:
+    emit_endpoint(app, *args)
+    body = client.post("/emit").json()
+    assert body["error"] == "InvalidEventError"
+    assert message in body["message"]
+
+
+def test_payload_failing_its_registered_schema(app: FastAPI, bus: EventBus) -> None:
+    bus.register(CatCreated)
+    emit_endpoint(app, "cat.created", {"id": "not a number"})
+    body = TestClient(app).post("/emit").json()
+    assert body["error"] == "InvalidEventError"
+    assert "does not match its schema CatCreated" in body["message"]
+    assert "id" in body["message"]
+
+
+@pytest.mark.anyio
+async def test_schema_normalises_the_payload(bus: EventBus) -> None:
+    bus.register("cat.created", CatCreated)
+    event = await bus.publish("cat.created", {"id": "7"})
+    assert event.payload == {"id": 7, "name": "Tom"}
+
+
+def test_payload_is_converted_to_json_data(app: FastAPI, bus: EventBus) -> None:
+    received: list[Any] = []
+    bus.on("x")(lambda event: received.append(event.payload))
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    emit_endpoint(app, "x", {"when": when, "tags": ("a", "b"), "model": CatCreated(id=1)})
+    assert "id" in TestClient(app).post("/emit").json()
+    assert received == [
+        {"when": "2026-01-02T03:04:05Z", "tags": ["a", "b"], "model": {"id": 1, "name": "Tom"}}
+    ]
+
+
+def test_emit_on_the_application_bus_points_to_publish(bus: EventBus) -> None:
+    with pytest.raises(OutsideRequestError, match=r"await bus.publish"):
+        bus.emit("cat.created")
+
+
+def test_get_bus_without_an_installed_bus() -> None:
+    app = FastAPI()
+
+    @app.get("/")
+    def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        raise AssertionError("not reached")
+
+    with pytest.raises(BusNotInstalledError, match=r"bus.install\(app\)"):
+        TestClient(app).get("/")
+
+
+def test_install_twice(app: FastAPI, bus: EventBus) -> None:
+    with pytest.raises(ConfigurationError, match="already installed on this app"):
+        bus.install(app)
+    with pytest.raises(ConfigurationError, match="already installed on this app"):
+        EventBus().install(app)
+    with pytest.raises(ConfigurationError, match="already installed on another app"):
+        bus.install(FastAPI())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_chain_depth": 0}, "max_chain_depth"),
+        ({"max_chain_depth": True}, "max_chain_depth"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout"),
+        ({"shutdown_timeout": "10"}, "shutdown_timeout"),
+        ({"on_error": "log"}, "on_error must be callable"),
+        ({"on_discard": 3}, "on_discard must be callable"),
+        ({"source": ""}, "source"),
+    ],
+)
+def test_bad_settings_fail_in_the_constructor(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        EventBus(**kwargs)
+
+
+def test_register_rejects_bad_schemas(bus: EventBus) -> None:
+    with pytest.raises(ConfigurationError, match="needs a schema"):
+        bus.register("cat.created")
+    with pytest.raises(ConfigurationError, match="__event_name__"):
+        bus.register(NoName)
+    with pytest.raises(ConfigurationError, match="pydantic model class"):
+        bus.register("cat.created", dict)  # type: ignore[arg-type]
+    bus.register(CatCreated)
+    with pytest.raises(ConfigurationError, match="already has the schema CatCreated"):
+        bus.register("cat.created", NoName)
+
+
+def test_emit_returns_the_event(app: FastAPI, bus: EventBus) -> None:
+    ids: list[str] = []
+
+    @app.post("/")
+    def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        event = bus.emit("cat.created", {"id": 1})
+        assert isinstance(event, Event)
+        assert event.name == "cat.created"
+        assert event.time.tzinfo is not None
+        ids.append(event.id)
+
+    client = TestClient(app)
+    with capture(bus) as seen:
+        client.post("/")
+        client.post("/")
+    assert [event.id for event in seen.emitted] == ids
+    assert len(set(ids)) == 2
+
+
+def test_event_is_immutable() -> None:
+    event = Event(name="x", payload={"a": 1})
+    with pytest.raises(ValueError, match="frozen"):
+        event.name = "y"  # type: ignore[misc]
+
+
+@pytest.mark.anyio
+async def test_publish_validates_like_emit(bus: EventBus) -> None:
+    bus.register(CatCreated)
+    with pytest.raises(InvalidEventError):
+        await bus.publish("cat.created", {"id": "x"})
+    with pytest.raises(InvalidEventError):
+        await bus.publish("")
+
+
+@pytest.mark.anyio
+async def test_disabled_bus_validates_but_delivers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTAPI_EVENTBUS_DISABLED", "1")
+    bus = EventBus()
+    assert bus.disabled
+    calls: list[Event] = []
+    bus.on("*")(lambda event: calls.append(event))
+    with capture(bus) as seen:
+        await bus.publish("cat.created", {"id": 1})
+    assert seen.names == ["cat.created"]
+    assert calls == []
+    with pytest.raises(InvalidEventError):
+        await bus.publish("cat.created", {"bad": object()})
+    monkeypatch.setenv("FASTAPI_EVENTBUS_DISABLED", "0")
+    assert not EventBus().disabled
+    assert EventBus(disabled=True).disabled
+
+
+def test_disabled_bus_in_an_app() -> None:
+    bus = EventBus(disabled=True)
+    app = FastAPI()
+    bus.install(app)
+    calls: list[Event] = []
+    bus.on("*")(lambda event: calls.append(event))
+
+    @app.post("/")
+    def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("cat.created", {"id": 1})
+
+    assert TestClient(app).post("/").status_code == 200
+    assert calls == []

@@ -1,0 +1,59 @@
+"""The public surface: everything exported is listed, nothing private leaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import ModuleType
+
+import fastapi_eventbus
+import fastapi_eventbus.exceptions
+import fastapi_eventbus.testing
+
+
+def _public_names(module: ModuleType, *, defined_in: str) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and getattr(value, "__module__", "").startswith(defined_in)
+    }
+
+
+def test_all_lists_every_public_name() -> None:
+    exported = _public_names(fastapi_eventbus, defined_in="fastapi_eventbus.")
+    assert set(fastapi_eventbus.__all__) >= exported
+    assert sorted(fastapi_eventbus.__all__) == fastapi_eventbus.__all__
+    for name in fastapi_eventbus.__all__:
+        assert hasattr(fastapi_eventbus, name), name
+
+
+def test_submodule_all_is_complete() -> None:
+    for module in (fastapi_eventbus.exceptions, fastapi_eventbus.testing):
+        defined = _public_names(module, defined_in=module.__name__)
+        assert set(module.__all__) == defined, module.__name__
+
+
+def test_every_exception_derives_from_the_base() -> None:
+    for name in fastapi_eventbus.exceptions.__all__:
+        assert issubclass(getattr(fastapi_eventbus.exceptions, name), Exception)
+        assert issubclass(
+            getattr(fastapi_eventbus.exceptions, name), fastapi_eventbus.EventBusError
+        )
+
+
+def test_import_does_not_pull_optional_sdks() -> None:
+    # FastAPI itself may import opentelemetry when it is installed: compare against it.
+    code = (
+        "import sys, fastapi; before = set(sys.modules);"
+        "import fastapi_eventbus, fastapi_eventbus.testing;"
+        "sdks = ('aiobotocore', 'botocore', 'gcloud', 'opentelemetry');"
+        "bad = [m for m in set(sys.modules) - before if m.split('.')[0] in sdks];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(fastapi_eventbus.__version__, str)
+    assert fastapi_eventbus.__version__

@@ -215,6 +215,9 @@ class Core:
         while self.active and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
+        for batch in self.active:  # reported here, so not again if their task is cancelled
+            batch.events.clear()
+        self.active.clear()
         if unfinished:
             logger.error(
                 "shutdown: %d event(s) did not finish within %.1fs: %s",

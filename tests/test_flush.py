@@ -1,0 +1,339 @@
+"""Flush semantics: when a request's events run, in what order, and what happens on errors."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.testclient import TestClient
+from starlette.background import BackgroundTask
+
+from fastapi_eventbus import Event, EventBus, EventChainError, get_bus
+from fastapi_eventbus.testing import capture
+from tests.conftest import Hooks
+
+
+def record(bus: EventBus, pattern: str = "*") -> list[str]:
+    """Register a handler that appends ``handler:name`` for every event it gets."""
+    log: list[str] = []
+
+    @bus.on(pattern)
+    async def recorder(event: Event) -> None:
+        log.append(event.name)
+
+    return log
+
+
+def test_events_run_after_the_endpoint_in_emission_order(app: FastAPI, bus: EventBus) -> None:
+    log: list[str] = []
+
+    @bus.on("*")
+    async def first(event: Event) -> None:
+        log.append(f"first {event.name}")
+
+    @bus.on("b", "c")
+    def second(event: Event) -> None:
+        log.append(f"second {event.name}")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        for name in "abc":
+            bus.emit(name)
+        log.append("endpoint returned")
+
+    TestClient(app).post("/")
+    assert log == [
+        "endpoint returned",
+        "first a",
+        "first b",
+        "second b",
+        "first c",
+        "second c",
+    ]
+
+
+@pytest.mark.parametrize("exc", [HTTPException(404), ValueError("boom")])
+def test_events_are_discarded_when_the_endpoint_raises(
+    app: FastAPI, bus: EventBus, hooks: Hooks, exc: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = record(bus)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("doomed.one")
+        bus.emit("doomed.two")
+        raise exc
+
+    caplog.set_level(logging.INFO, "fastapi_eventbus")
+    with capture(bus) as seen:
+        TestClient(app, raise_server_exceptions=False).post("/")
+    assert log == []
+    assert [d.reason for d in hooks.discards] == [f"the endpoint raised {type(exc).__name__}"]
+    assert hooks.discards[0].ids == [e.id for e in seen.emitted]
+    assert hooks.discards[0].exception is exc
+    assert f"discarded 2 event(s) because the endpoint raised {type(exc).__name__}" in caplog.text
+
+
+def test_keep_events_on_error_handles_them_anyway(hooks: Hooks) -> None:
+    bus = EventBus(keep_events_on_error=True, on_discard=hooks.discards.append)
+    app = FastAPI()
+    bus.install(app)
+    log = record(bus)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("kept")
+        raise HTTPException(409)
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 409
+    assert log == ["kept"]
+    assert hooks.discards == []
+
+
+def test_a_response_with_its_own_background_keeps_the_events(app: FastAPI, bus: EventBus) -> None:
+    log = record(bus)
+
+    async def own_task() -> None:
+        log.append("own background task")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> JSONResponse:
+        bus.emit("emitted")
+        return JSONResponse({"ok": True}, background=BackgroundTask(own_task))
+
+    TestClient(app).post("/")
+    assert log == ["own background task", "emitted"]
+
+
+def test_a_streaming_response_keeps_events_emitted_while_streaming(
+    app: FastAPI, bus: EventBus
+) -> None:
+    log = record(bus)
+
+    @app.get("/stream")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
+        bus.emit("before stream")
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                log.append(f"chunk {i}")
+                bus.emit(f"during stream {i}")
+                yield b"x"
+
+        return StreamingResponse(body())
+
+    assert TestClient(app).get("/stream").content == b"xxx"
+    assert log == [
+        "chunk 0",
+        "chunk 1",
+        "chunk 2",
+        "before stream",
+        "during stream 0",
+        "during stream 1",
+        "during stream 2",
+    ]
+
+
+def test_websocket_endpoints_handle_events_as_they_are_emitted(
+    app: FastAPI, bus: EventBus
+) -> None:
+    log = record(bus)
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket, bus: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        async for text in websocket.iter_text():
+            bus.emit("ws.message", {"text": text})
+            await asyncio.sleep(0.05)  # let the bus's task run before replying
+            await websocket.send_json(list(log))
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        ws.send_text("hello")
+        assert ws.receive_json() == ["ws.message"]
+        ws.send_text("again")
+        assert ws.receive_json() == ["ws.message", "ws.message"]
+
+
+def test_events_emitted_after_the_flush_are_not_lost(app: FastAPI, bus: EventBus) -> None:
+    log = record(bus)
+    spawned: list[asyncio.Task[None]] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            bus.emit("late")
+
+        bus.emit("on time")
+        spawned.append(asyncio.create_task(later()))
+
+    with TestClient(app) as client:
+        client.post("/")
+        client.portal.call(asyncio.sleep, 0.2)  # type: ignore[union-attr]
+    assert log == ["on time", "late"]
+
+
+def test_a_failing_handler_does_not_stop_the_others(
+    app: FastAPI, bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    log: list[str] = []
+
+    @bus.on("*")
+    async def async_fails(event: Event) -> None:
+        raise RuntimeError("async failure")
+
+    @bus.on("*")
+    def sync_fails(event: Event) -> None:
+        raise KeyError("sync failure")
+
+    @bus.on("*")
+    async def survivor(event: Event) -> None:
+        log.append(event.name)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
+        bus.emit("one")
+        bus.emit("two")
+        return {"ok": True}
+
+    with capture(bus) as seen:
+        response = TestClient(app).post("/")
+    assert response.json() == {"ok": True}
+    assert log == ["one", "two"]
+    assert [(f.event.name, f.handler.rsplit(".", 1)[1]) for f in hooks.failures] == [
+        ("one", "async_fails"),
+        ("one", "sync_fails"),
+        ("two", "async_fails"),
+        ("two", "sync_fails"),
+    ]
+    assert isinstance(hooks.failures[1].exception, KeyError)
+    first = seen.emitted[0]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4
+    message = errors[0].getMessage()
+    assert "test_flush.test_a_failing_handler_does_not_stop_the_others.<locals>.async_fails" in (
+        message
+    )
+    assert f"'one' (id={first.id})" in message
+    assert errors[0].exc_info is not None
+
+
+def test_a_raising_hook_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    def bad_hook(failure: object) -> None:
+        raise RuntimeError("hook bug")
+
+    bus = EventBus(on_error=bad_hook)
+    app = FastAPI()
+    bus.install(app)
+    log = record(bus)
+
+    @bus.on("*")
+    async def fails(event: Event) -> None:
+        raise RuntimeError("handler bug")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("a")
+        bus.emit("b")
+
+    assert TestClient(app).post("/").status_code == 200
+    assert log == ["a", "b"]
+    assert "hook" in caplog.text
+
+
+def test_handlers_can_chain_events_through_get_bus(app: FastAPI, bus: EventBus) -> None:
+    log: list[str] = []
+
+    @bus.on("order.placed")
+    async def reserve(event: Event, bus: EventBus = Depends(get_bus)) -> None:
+        log.append("reserve")
+        bus.emit("stock.reserved", {"order": event.payload})
+
+    @bus.on("order.placed")
+    async def after_reserve(event: Event) -> None:
+        log.append("second handler of order.placed")
+
+    @bus.on("stock.reserved")
+    def notify(event: Event) -> None:
+        log.append(f"notify {event.payload}")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("order.placed", 7)
+
+    TestClient(app).post("/")
+    assert log == ["reserve", "notify {'order': 7}", "second handler of order.placed"]
+
+
+def test_chains_stop_at_the_depth_limit(hooks: Hooks) -> None:
+    bus = EventBus(max_chain_depth=3, on_error=hooks.failures.append)
+    app = FastAPI()
+    bus.install(app)
+    depths: list[int] = []
+
+    @bus.on("ping")
+    async def ping(event: Event, bus: EventBus = Depends(get_bus)) -> None:
+        depths.append(event.payload)
+        bus.emit("ping", event.payload + 1)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("ping", 0)
+
+    TestClient(app).post("/")
+    assert depths == [0, 1, 2, 3]
+    assert len(hooks.failures) == 1
+    assert isinstance(hooks.failures[0].exception, EventChainError)
+    assert "max_chain_depth=3" in str(hooks.failures[0].exception)
+
+
+def test_events_of_a_failed_handler_are_discarded(app: FastAPI, bus: EventBus, hooks: Hooks) -> None:
+    log = record(bus, "follow.up")
+
+    @bus.on("start")
+    async def fails_after_emitting(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("follow.up")
+        raise RuntimeError("after emitting")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("start")
+
+    TestClient(app).post("/")
+    assert log == []
+    assert len(hooks.discards) == 1
+    assert hooks.discards[0].reason.endswith("fails_after_emitting failed")
+    assert [e.name for e in hooks.discards[0].events] == ["follow.up"]
+
+
+@pytest.mark.anyio
+async def test_publish_runs_handlers_and_chains_before_returning(bus: EventBus) -> None:
+    log = record(bus, "chained")
+
+    @bus.on("first")
+    async def first(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("chained")
+
+    await bus.publish("first")
+    assert log == ["chained"]
+
+
+def test_get_bus_in_a_dependency_shares_the_request_batch(app: FastAPI, bus: EventBus) -> None:
+    log = record(bus)
+
+    async def audit(bus: EventBus = Depends(get_bus)) -> EventBus:
+        bus.emit("from dependency")
+        return bus
+
+    @app.post("/")
+    async def endpoint(
+        audit_bus: EventBus = Depends(audit), bus: EventBus = Depends(get_bus, use_cache=False)
+    ) -> None:
+        assert audit_bus is bus
+        bus.emit("from endpoint")
+
+    TestClient(app).post("/")
+    assert log == ["from dependency", "from endpoint"]

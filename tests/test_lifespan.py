@@ -1,0 +1,115 @@
+"""install() wraps the app's lifespan: user lifespans keep working, shutdown drains."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from fastapi_eventbus import Event, EventBus, get_bus
+from tests.conftest import Hooks
+
+
+def test_a_user_lifespan_keeps_working() -> None:
+    log: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        log.append("startup")
+        yield {"db": "pool"}
+        log.append("shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+    bus = EventBus()
+    bus.install(app)
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        await asyncio.sleep(0.05)
+        log.append("handler")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("x")
+
+    with TestClient(app) as client:
+        assert client.app_state == {"db": "pool"}
+        client.post("/")
+    assert log == ["startup", "handler", "shutdown"]
+
+
+def test_shutdown_waits_for_in_flight_events(app: FastAPI, bus: EventBus) -> None:
+    log: list[str] = []
+
+    @bus.on("slow")
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        log.append("slow handler finished")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            bus.emit("slow")  # after the flush: handled by a tracked task
+
+        asyncio.get_running_loop().call_later(0.01, asyncio.ensure_future, later())
+
+    with TestClient(app) as client:
+        client.post("/")
+        client.portal.call(asyncio.sleep, 0.05)  # type: ignore[union-attr]
+        assert log == []
+    assert log == ["slow handler finished"]
+
+
+def test_shutdown_gives_up_after_the_timeout_and_reports(
+    hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus(shutdown_timeout=0.2, on_discard=hooks.discards.append)
+    app = FastAPI()
+    bus.install(app)
+    emitted: list[Event] = []
+
+    @bus.on("stuck")
+    async def stuck(event: Event) -> None:
+        await asyncio.sleep(3600)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            emitted.append(bus.emit("stuck"))
+            emitted.append(bus.emit("queued behind it"))
+
+        asyncio.get_running_loop().call_later(0.01, asyncio.ensure_future, later())
+
+    with TestClient(app) as client:
+        client.post("/")
+        client.portal.call(asyncio.sleep, 0.05)  # type: ignore[union-attr]
+    assert len(hooks.discards) == 1
+    assert hooks.discards[0].ids == [e.id for e in emitted]
+    assert "shutdown did not finish within 0.2s" in hooks.discards[0].reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(emitted[0].id in m and emitted[1].id in m for m in errors)
+
+
+@pytest.mark.anyio
+async def test_drain_returns_nothing_when_idle(bus: EventBus) -> None:
+    assert await bus.drain(0) == []
+
+
+def test_a_bare_test_client_needs_no_lifespan(app: FastAPI, bus: EventBus) -> None:
+    log: list[str] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        log.append(event.name)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("x")
+
+    client = TestClient(app)  # no `with`: the lifespan never runs
+    client.post("/")
+    client.post("/")
+    assert log == ["x", "x"]

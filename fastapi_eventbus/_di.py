@@ -116,8 +116,8 @@ def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None
             )
         if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ConfigurationError(
-                f"handler {qualified_name(func)}: parameter {param.name!r} is {param.kind.description}; "
-                "handlers are called with keyword arguments only"
+                f"handler {qualified_name(func)}: parameter {param.name!r} is "
+                f"{param.kind.description}; handlers are called with keyword arguments only"
             )
 
 

@@ -137,9 +137,7 @@ def test_a_streaming_response_keeps_events_emitted_while_streaming(
     ]
 
 
-def test_websocket_endpoints_handle_events_as_they_are_emitted(
-    app: FastAPI, bus: EventBus
-) -> None:
+def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus: EventBus) -> None:
     log = record(bus)
 
     @app.websocket("/ws")
@@ -290,7 +288,9 @@ def test_chains_stop_at_the_depth_limit(hooks: Hooks) -> None:
     assert "max_chain_depth=3" in str(hooks.failures[0].exception)
 
 
-def test_events_of_a_failed_handler_are_discarded(app: FastAPI, bus: EventBus, hooks: Hooks) -> None:
+def test_events_of_a_failed_handler_are_discarded(
+    app: FastAPI, bus: EventBus, hooks: Hooks
+) -> None:
     log = record(bus, "follow.up")
 
     @bus.on("start")

@@ -187,7 +187,7 @@ def test_event_parameter_forms(app: FastAPI, bus: EventBus) -> None:
     seen: list[Any] = []
 
     @bus.on("cat.created")
-    def by_name(event) -> None:  # type: ignore[no-untyped-def]  # noqa: ANN001
+    def by_name(event) -> None:  # type: ignore[no-untyped-def]
         seen.append(("by_name", event.name))
 
     @bus.on("cat.created")
@@ -215,7 +215,7 @@ def test_dependants_are_built_once_at_registration(
     app: FastAPI, bus: EventBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[object] = []
-    real = fastapi_eventbus._di.get_dependant
+    real = fastapi_eventbus._di.get_dependant  # type: ignore[attr-defined]
 
     def counting(**kwargs: Any) -> Any:
         built.append(kwargs["call"])
@@ -244,7 +244,7 @@ def test_sync_handlers_and_dependencies_run_in_the_threadpool_with_contextvars(
 ) -> None:
     tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
     seen: list[tuple[str, str, bool]] = []
-    loop_thread = []
+    loop_thread: list[threading.Thread] = []
 
     def current_tenant() -> str:
         return tenant.get()

@@ -1,0 +1,89 @@
+"""fastapi_eventbus.testing and the documented override recipes."""
+
+from collections.abc import Iterator
+
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from fastapi_eventbus import Event, EventBus, get_bus
+from fastapi_eventbus.testing import capture
+
+
+def make_app(bus: EventBus) -> FastAPI:
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/cats")
+    async def create_cat(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("cat.created", {"id": 1})
+
+    return app
+
+
+def test_capture_records_emitted_and_handled() -> None:
+    bus = EventBus()
+    app = make_app(bus)
+
+    @bus.on("cat.*")
+    async def ok(event: Event) -> None: ...
+
+    @bus.on("cat.*")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("x")
+
+    with capture(bus) as seen:
+        TestClient(app).post("/cats")
+    assert seen.names == ["cat.created"]
+    assert seen.handlers_for("cat.created") == [
+        "tests.test_testing.test_capture_records_emitted_and_handled.<locals>.ok",
+        "tests.test_testing.test_capture_records_emitted_and_handled.<locals>.broken",
+    ]
+    assert [f.handler.rsplit(".", 1)[1] for f in seen.failures] == ["broken"]
+    TestClient(app).post("/cats")
+    assert len(seen.emitted) == 1  # recording stopped with the block
+
+
+def test_capture_without_handling() -> None:
+    bus = EventBus()
+    app = make_app(bus)
+    calls: list[Event] = []
+    bus.on("*")(lambda event: calls.append(event))
+    with capture(bus, handle=False) as seen:
+        TestClient(app).post("/cats")
+    assert seen.names == ["cat.created"]
+    assert seen.handled == []
+    assert calls == []
+
+
+def test_override_get_bus_with_another_bus() -> None:
+    bus = EventBus()
+    app = make_app(bus)
+    real_calls: list[str] = []
+    bus.on("*")(lambda event: real_calls.append(event.name))
+
+    test_bus = EventBus()
+    test_calls: list[str] = []
+    test_bus.on("*")(lambda event: test_calls.append(event.name))
+    app.dependency_overrides[get_bus] = test_bus.dependency
+    TestClient(app).post("/cats")
+    assert (real_calls, test_calls) == ([], ["cat.created"])
+
+
+def test_override_a_handler_dependency() -> None:
+    bus = EventBus()
+    app = make_app(bus)
+    sent: list[str] = []
+
+    def get_mailer() -> Iterator[str]:
+        raise AssertionError("the real mailer must not be used in tests")
+        yield "smtp"
+
+    @bus.on("cat.created")
+    def welcome(event: Event, mailer: str = Depends(get_mailer)) -> None:
+        sent.append(f"{mailer}: welcome cat {event.payload['id']}")
+
+    app.dependency_overrides[get_mailer] = lambda: "fake-mailer"
+    with capture(bus) as seen:
+        TestClient(app).post("/cats")
+    assert seen.failures == []
+    assert sent == ["fake-mailer: welcome cat 1"]

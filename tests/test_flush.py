@@ -2,7 +2,9 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+
+import anyio
 
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, WebSocket
@@ -24,6 +26,13 @@ def record(bus: EventBus, pattern: str = "*") -> list[str]:
         log.append(event.name)
 
     return log
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Poll *condition* on the event loop until it holds (fails the test after *timeout*)."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 def test_events_run_after_the_endpoint_in_emission_order(app: FastAPI, bus: EventBus) -> None:
@@ -143,9 +152,11 @@ def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus
     @app.websocket("/ws")
     async def endpoint(websocket: WebSocket, bus: EventBus = Depends(get_bus)) -> None:
         await websocket.accept()
+        emitted = 0
         async for text in websocket.iter_text():
             bus.emit("ws.message", {"text": text})
-            await asyncio.sleep(0.05)  # let the bus's task run before replying
+            emitted += 1
+            await wait_for(lambda: len(log) == emitted)  # handled without the session ending
             await websocket.send_json(list(log))
 
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:
@@ -170,7 +181,7 @@ def test_events_emitted_after_the_flush_are_not_lost(app: FastAPI, bus: EventBus
 
     with TestClient(app) as client:
         client.post("/")
-        client.portal.call(asyncio.sleep, 0.2)  # type: ignore[union-attr]
+        client.portal.call(wait_for, lambda: len(log) == 2)  # type: ignore[union-attr]
     assert log == ["on time", "late"]
 
 

@@ -46,7 +46,7 @@ def test_shutdown_waits_for_in_flight_events(app: FastAPI, bus: EventBus) -> Non
 
     @bus.on("slow")
     async def slow(event: Event) -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1)
         log.append("slow handler finished")
 
     @app.post("/")

@@ -89,12 +89,11 @@ def _event_type(param: inspect.Parameter) -> tuple[bool, type[BaseModel] | None]
 def _find_event_param(
     func: Callable[..., Any], signature: inspect.Signature
 ) -> tuple[str | None, type[BaseModel] | None]:
-    found = [
-        (p.name, model)
-        for p in signature.parameters.values()
-        for is_event, model in [_event_type(p)]
-        if is_event
-    ]
+    found: list[tuple[str, type[BaseModel] | None]] = []
+    for param in signature.parameters.values():
+        is_event, model = _event_type(param)
+        if is_event:
+            found.append((param.name, model))
     if len(found) > 1:
         names = ", ".join(repr(name) for name, _ in found)
         raise ConfigurationError(
@@ -220,6 +219,7 @@ async def run_handler(
         async with AsyncExitStack() as function_stack:
             scope[INNER_ASTACK] = request_stack
             scope[FUNCTION_ASTACK] = function_stack
+            scope["type"] = "http"  # events from a WebSocket session: Request needs "http"
             solved = await solve_dependencies(
                 request=Request(scope),
                 dependant=plan.dependant,

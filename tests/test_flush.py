@@ -5,7 +5,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import anyio
-
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -31,7 +30,7 @@ def record(bus: EventBus, pattern: str = "*") -> list[str]:
 async def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
     """Poll *condition* on the event loop until it holds (fails the test after *timeout*)."""
     with anyio.fail_after(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - the condition is plain test state
             await asyncio.sleep(0.005)
 
 
@@ -156,7 +155,8 @@ def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus
         async for text in websocket.iter_text():
             bus.emit("ws.message", {"text": text})
             emitted += 1
-            await wait_for(lambda: len(log) == emitted)  # handled without the session ending
+            expected = emitted
+            await wait_for(lambda: len(log) == expected)  # handled while the session goes on
             await websocket.send_json(list(log))
 
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:

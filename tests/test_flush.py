@@ -155,8 +155,8 @@ def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus
         async for text in websocket.iter_text():
             bus.emit("ws.message", {"text": text})
             emitted += 1
-            expected = emitted
-            await wait_for(lambda: len(log) == expected)  # handled while the session goes on
+            # handled while the session goes on, not when it ends
+            await wait_for(lambda n=emitted: len(log) == n)
             await websocket.send_json(list(log))
 
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:

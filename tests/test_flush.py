@@ -155,8 +155,11 @@ def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus
         async for text in websocket.iter_text():
             bus.emit("ws.message", {"text": text})
             emitted += 1
-            # handled while the session goes on, not when it ends
-            await wait_for(lambda n=emitted: len(log) == n)
+
+            def handled(n: int = emitted) -> bool:
+                return len(log) == n
+
+            await wait_for(handled)  # handled while the session goes on, not when it ends
             await websocket.send_json(list(log))
 
     with TestClient(app) as client, client.websocket_connect("/ws") as ws:

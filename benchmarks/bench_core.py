@@ -93,6 +93,18 @@ def bare_app() -> FastAPI:
     return app
 
 
+def depends_app() -> FastAPI:
+    """Context row: what FastAPI charges for resolving any one sub-dependency."""
+    app = FastAPI()
+
+    @app.post("/")
+    async def endpoint(value: Annotated[int, Depends(async_value)]) -> dict[str, bool]:
+        CALLS["endpoint"] += value
+        return {"ok": True}
+
+    return app
+
+
 def background_task_app() -> FastAPI:
     app = FastAPI()
 
@@ -188,11 +200,12 @@ def solver_op(handler: Callable[..., Awaitable[None]], provider: FastAPI) -> Op:
     Fresh request/function exit stacks per call (``solve_dependencies`` requires
     them in the scope, and they give ``yield`` dependencies a per-call lifetime),
     ``Request(scope)``, ``solve_dependencies`` with the app as overrides
-    provider, then the call. The event is built once, outside the loop.
+    provider, then the call. The event is built once, outside the loop, and the
+    scope is a request-less one like the bus gives ``publish`` (no headers).
     """
     event = Event(name="bench.baseline", payload={"id": 1, "name": "cat"})
     dependant = _dependant_without_event(handler)
-    base = {**BASE_SCOPE, "app": provider}
+    base = {**BASE_SCOPE, "headers": [], "app": provider}
 
     async def op() -> None:
         async with AsyncExitStack() as request_stack, AsyncExitStack() as function_stack:
@@ -277,9 +290,12 @@ def build_variants() -> tuple[list[Variant], list[EventBus]]:
     emit1_app, emit1_bus = emitting_app(1)
     emit10_app, emit10_bus = emitting_app(10)
     http("bare", "1 bare async endpoint", bare_app(), 0, {})
+    http("depends", "  (context) + one trivial async Depends", depends_app(), 0, {"dep.async": 1})
     http(
         "bg_task", "2 + one BackgroundTasks no-op task", background_task_app(), 0, {"task.noop": 1}
     )
+    get_bus_app, get_bus_bus = emitting_app(0)
+    http("get_bus", "  (context) Depends(get_bus), emits nothing", get_bus_app, 0, {})
     http(
         "emit1",
         "3 emit 1 event -> handler w/ 1 async Depends",
@@ -349,7 +365,7 @@ def build_variants() -> tuple[list[Variant], list[EventBus]]:
             expected={"handler.sync_dep": 1, "dep.sync": 1},
         ),
     ]
-    return variants, [emit1_bus, emit10_bus, bus]
+    return variants, [get_bus_bus, emit1_bus, emit10_bus, bus]
 
 
 # -- measuring ------------------------------------------------------------------
@@ -508,7 +524,7 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
         await profile(chosen[0], args.profile_seconds, args.top)
         verify_counts(chosen)
         return 0
-    rounds = args.rounds or (5 if args.quick else 9)
+    rounds = args.rounds or (5 if args.quick else 8)
     warmup, batch = (0.08, 0.14) if args.quick else (0.3, 0.55)
     start = time.perf_counter()
     await measure(variants, rounds, warmup, batch)

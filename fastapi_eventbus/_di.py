@@ -50,6 +50,8 @@ class HandlerPlan:
     event_model: type[BaseModel] | None
     is_async: bool
     uses_solver: bool
+    simple: bool
+    """The graph has only plain functions and classes: `_solve_simple` gives the solver's result."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
@@ -151,6 +153,56 @@ def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
                 )
 
 
+_SPECIAL_PARAMS = (
+    "request_param_name",
+    "websocket_param_name",
+    "http_connection_param_name",
+    "response_param_name",
+    "background_tasks_param_name",
+    "security_scopes_param_name",
+)
+
+
+# Newer FastAPI names them own/parent_oauth_scopes; 0.121 security_scopes/security_requirements.
+_SECURITY_ATTRS = (
+    "own_oauth_scopes",
+    "parent_oauth_scopes",
+    "security_scopes",
+    "security_requirements",
+)
+
+
+def _special_params(dependant: Dependant) -> bool:
+    return any(getattr(dependant, attr) for attr in _SPECIAL_PARAMS)
+
+
+def _is_simple(dependant: Dependant) -> bool:
+    """Whether FastAPI would just call this dependency: no ``yield``, scopes, or wrappers.
+
+    Only plain functions (sync or async, not wrapped) and classes qualify, with
+    no security scopes, no explicit ``scope=``, no concurrency limit and no
+    Request-like parameters. For such a graph FastAPI's solver does nothing but
+    call each dependency (sync ones in the thread pool), depth first, caching
+    results per call by the callable; `_solve_simple` does exactly that.
+    """
+    call = dependant.call
+    if inspect.isclass(call):
+        plain = True
+    elif inspect.isfunction(call):
+        plain = not hasattr(call, "__wrapped__") and not (
+            inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call)
+        )
+    else:
+        plain = False
+    return (
+        plain
+        and not _special_params(dependant)
+        and not any(getattr(dependant, attr, None) for attr in _SECURITY_ATTRS)
+        and dependant.scope is None
+        and getattr(dependant, "concurrency", None) is None
+    )
+
+
 def _is_async(func: Callable[..., Any]) -> bool:
     if inspect.iscoroutinefunction(func):
         return True
@@ -180,14 +232,11 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     shim.__signature__ = signature.replace(parameters=others)  # type: ignore[attr-defined]
     dependant = get_dependant(path="", call=shim)
     _reject_http_inputs(func, dependant)
-    uses_solver = bool(
-        dependant.dependencies
-        or dependant.request_param_name
-        or dependant.http_connection_param_name
-        or dependant.background_tasks_param_name
-        or dependant.security_scopes_param_name
+    uses_solver = bool(dependant.dependencies) or _special_params(dependant)
+    simple = not _special_params(dependant) and all(
+        _is_simple(sub) for sub in _walk(dependant) if sub is not dependant
     )
-    return HandlerPlan(dependant, event_param, event_model, _is_async(func), uses_solver)
+    return HandlerPlan(dependant, event_param, event_model, _is_async(func), uses_solver, simple)
 
 
 def request_exit_stack(connection: HTTPConnection) -> AsyncExitStack | None:
@@ -209,8 +258,8 @@ async def run_handler(
     are stored in it, so ``yield`` dependencies open and close around this call
     and never touch the request's stacks.
     """
-    if not plan.uses_solver:
-        values: dict[str, Any] = {}
+    if not plan.uses_solver or (plan.simple and not _has_overrides(overrides_provider)):
+        values = await _solve_simple(plan.dependant, {}) if plan.uses_solver else {}
         if plan.event_param is not None:
             values[plan.event_param] = event_arg
         await _call(plan, func, values)
@@ -237,6 +286,28 @@ async def run_handler(
             await _call(plan, func, values)
         if solved.background_tasks is not None:
             await solved.background_tasks()
+
+
+def _has_overrides(provider: object | None) -> bool:
+    return bool(getattr(provider, "dependency_overrides", None))
+
+
+async def _solve_simple(dependant: Dependant, cache: dict[Any, Any]) -> dict[str, Any]:
+    """`solve_dependencies` for graphs `_is_simple` accepted: same calls, order and cache."""
+    values: dict[str, Any] = {}
+    for sub in dependant.dependencies:
+        sub_values = await _solve_simple(sub, cache)
+        call = sub.call
+        if sub.use_cache and call in cache:
+            solved = cache[call]
+        elif inspect.iscoroutinefunction(call):
+            solved = await call(**sub_values)
+        else:
+            solved = await run_in_threadpool(call, **sub_values)  # type: ignore[arg-type]
+        if sub.name is not None:
+            values[sub.name] = solved
+        cache.setdefault(call, solved)
+    return values
 
 
 async def _call(plan: HandlerPlan, func: Callable[..., Any], values: dict[str, Any]) -> None:

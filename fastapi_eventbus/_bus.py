@@ -228,6 +228,9 @@ class EventBus:
             return event_obj
         if not batch.events:
             core.active.add(batch)
+            if batch.background is not None:  # first event of the request: flush after it
+                batch.background.add_task(self._flush)
+                batch.background = None
         batch.events.append(event_obj)
         if batch.state == CLOSED:
             self._schedule(batch)
@@ -285,18 +288,21 @@ class EventBus:
         existing = connection.scope.get(SCOPE_KEY)
         if isinstance(existing, EventBus):
             return existing
+        return self._new_view(connection, background_tasks)
+
+    def _new_view(self, connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
+        loop = asyncio.get_running_loop()
         if connection.scope["type"] == "websocket":
-            return self._bind(
-                connection, Batch(connection.scope, 0, CLOSED, asyncio.get_running_loop())
-            )
+            return self._bind(connection, Batch(connection.scope, 0, CLOSED, loop))
         stack = _di.request_exit_stack(connection)
         if stack is None:
             raise ConfigurationError(
                 "get_bus must be resolved by FastAPI's dependency injection in a route "
                 "(Depends(get_bus)); this request has no FastAPI dependency scope"
             )
-        view = self._bind(connection, Batch(connection.scope, 0, loop=asyncio.get_running_loop()))
-        background_tasks.add_task(view._flush)
+        batch = Batch(connection.scope, 0, loop=loop)
+        batch.background = background_tasks
+        view = self._bind(connection, batch)
         stack.push_async_exit(view._after_request)
         return view
 
@@ -402,4 +408,4 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
             "no EventBus is installed on this app: create one and call `bus.install(app)` "
             "before serving requests"
         )
-    return await bus.dependency(connection, background_tasks)
+    return bus._new_view(connection, background_tasks)

@@ -11,6 +11,8 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from starlette.background import BackgroundTasks
+
 from . import _di
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
@@ -21,6 +23,8 @@ SCOPE_KEY = "fastapi_eventbus.bus"
 
 COLLECTING, FLUSHING, CLOSED = 0, 1, 2
 """Batch states: collecting until its flush starts; closed once flushed or discarded."""
+
+_FROM_SCOPE: Any = object()
 
 _DISABLED_VALUES = frozenset({"1", "true", "yes", "on"})
 
@@ -53,7 +57,17 @@ class Observer(Protocol):
 class Batch:
     """The events of one request, handler call, WebSocket session or publish call."""
 
-    __slots__ = ("current", "depth", "events", "loop", "provider", "scope", "state", "task")
+    __slots__ = (
+        "background",
+        "current",
+        "depth",
+        "events",
+        "loop",
+        "provider",
+        "scope",
+        "state",
+        "task",
+    )
 
     def __init__(
         self,
@@ -61,6 +75,7 @@ class Batch:
         depth: int,
         state: int = COLLECTING,
         loop: asyncio.AbstractEventLoop | None = None,
+        provider: object | None = _FROM_SCOPE,
     ) -> None:
         self.scope = scope
         self.depth = depth
@@ -69,14 +84,16 @@ class Batch:
         self.events: deque[Event] = deque()
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
-        app = scope.get("app")
-        self.provider = app if hasattr(app, "dependency_overrides") else None
+        self.background: BackgroundTasks | None = None
+        """The request's background tasks, until the first event adds the flush to them."""
+        if provider is _FROM_SCOPE:
+            app = scope.get("app")
+            provider = app if hasattr(app, "dependency_overrides") else None
+        self.provider = provider
 
     def child(self) -> Batch:
         """A batch for the events a handler emits (one level deeper in the chain)."""
-        child = Batch(self.scope, self.depth + 1, loop=self.loop)
-        child.provider = self.provider
-        return child
+        return Batch(self.scope, self.depth + 1, COLLECTING, self.loop, self.provider)
 
     def unfinished(self) -> list[Event]:
         """The event being handled, if any, then those still waiting."""
@@ -110,25 +127,28 @@ class Core:
         self.app: Any = None
         self.active: set[Batch] = set()
         self.observers: list[Observer] = []
+        self._scope_template: dict[str, Any] | None = None
 
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/",
-            "raw_path": b"/",
-            "root_path": "",
-            "query_string": b"",
-            "headers": [],
-            "client": None,
-            "server": None,
-            "state": {},
-            "app": self.app,
-        }
+        template = self._scope_template
+        if template is None or template["app"] is not self.app:
+            template = self._scope_template = {
+                "type": "http",
+                "asgi": {"version": "3.0", "spec_version": "2.3"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/",
+                "raw_path": b"/",
+                "root_path": "",
+                "query_string": b"",
+                "headers": [],
+                "client": None,
+                "server": None,
+                "app": self.app,
+            }
+        return {**template, "state": {}}
 
     # -- flushing ---------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import uuid
+import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +15,12 @@ from .exceptions import ConfigurationError, InvalidEventError
 
 
 def _new_id() -> str:
-    return str(uuid.uuid4())
+    """A random UUID4 as text, like ``str(uuid.uuid4())`` at half the cost."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _utcnow() -> datetime:
@@ -167,11 +172,33 @@ def resolve_emit_args(
     return name, registry.validate(name, payload)
 
 
+_ALL_FIELDS = frozenset(Event.model_fields)
+_set = object.__setattr__
+
+
 def make_event(name: str, payload: Any, source: str | None) -> Event:
-    """Build an `Event` from already validated parts, without re-validating them."""
-    return Event.model_construct(
-        name=name, payload=payload, id=_new_id(), time=_utcnow(), source=source, trace_context={}
+    """Build an `Event` from already validated parts, without re-validating them.
+
+    What `Event.model_construct` does with every field given, minus its
+    per-call bookkeeping: this runs once per emitted event.
+    """
+    event = Event.__new__(Event)
+    _set(
+        event,
+        "__dict__",
+        {
+            "name": name,
+            "payload": payload,
+            "id": _new_id(),
+            "time": _utcnow(),
+            "source": source,
+            "trace_context": {},
+        },
     )
+    _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
+    return event
 
 
 def payload_as(event: Event, model: type[BaseModel]) -> BaseModel:

@@ -215,3 +215,16 @@ def test_disabled_bus_in_an_app() -> None:
 
     assert TestClient(app).post("/").status_code == 200
     assert calls == []
+
+
+@pytest.mark.anyio
+async def test_emitted_events_are_complete_envelopes(bus: EventBus) -> None:
+    import uuid
+
+    events = [await bus.publish("x", {"n": i}) for i in range(100)]
+    assert len({event.id for event in events}) == 100
+    for event in events:
+        assert str(uuid.UUID(event.id)) == event.id
+        assert uuid.UUID(event.id).version == 4
+        assert Event.model_validate_json(event.model_dump_json()) == event
+        assert event.model_fields_set == set(Event.model_fields)

@@ -220,12 +220,10 @@ class EventBus:
                 "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
                 "(scripts, startup, tests) use `await bus.publish(...)`"
             )
-        event_obj = self._build(event, payload, batch.depth)
-        core = self._core
-        for observer in core.observers:
-            observer.on_emit(event_obj)
-        if core.disabled or _muted(core):
+        event_obj, deliver = self._accept(event, payload, batch.depth)
+        if not deliver:
             return event_obj
+        core = self._core
         if not batch.events:
             core.active.add(batch)
             if batch.background is not None:  # first event of the request: flush after it
@@ -249,12 +247,10 @@ class EventBus:
         startup, in tests and in workers.
         """
         depth = self._batch.depth if self._batch is not None else 0
-        event_obj = self._build(event, payload, depth)
-        core = self._core
-        for observer in core.observers:
-            observer.on_emit(event_obj)
-        if core.disabled or _muted(core):
+        event_obj, deliver = self._accept(event, payload, depth)
+        if not deliver:
             return event_obj
+        core = self._core
         scope = self._batch.scope if self._batch is not None else core.base_scope()
         batch = Batch(scope, depth, loop=asyncio.get_running_loop())
         batch.events.append(event_obj)
@@ -262,17 +258,22 @@ class EventBus:
         await core.flush(batch, EventBus._view)
         return event_obj
 
-    def _build(self, event: object, payload: Any, depth: int) -> Event:
+    def _accept(self, event: object, payload: Any, depth: int) -> tuple[Event, bool]:
+        """Validate and build the event, show it to observers; say whether to deliver it."""
+        core = self._core
         has_payload = payload is not _MISSING
         name, data = resolve_emit_args(
-            self._core.schemas, event, None if not has_payload else payload, has_payload
+            core.schemas, event, payload if has_payload else None, has_payload
         )
-        if depth > self._core.max_chain_depth:
+        if depth > core.max_chain_depth:
             raise EventChainError(
                 f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
-                f"{self._core.max_chain_depth}: a handler keeps emitting events that lead to itself"
+                f"{core.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
-        return make_event(name, data, self._core.source)
+        event_obj = make_event(name, data, core.source)
+        for observer in core.observers:
+            observer.on_emit(event_obj)
+        return event_obj, not (core.disabled or _muted(core))
 
     # -- request lifecycle ------------------------------------------------------
 

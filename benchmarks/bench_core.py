@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import importlib
 import pstats
 import statistics
 import sys
@@ -541,10 +542,9 @@ async def amain(args: argparse.Namespace, loop_name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.loop == "uvloop":
-        import uvloop
-
-        return uvloop.run(amain(args, "uvloop"))
+    if args.loop == "uvloop":  # optional, not a dependency of the project
+        uvloop = importlib.import_module("uvloop")
+        return int(uvloop.run(amain(args, "uvloop")))
     return asyncio.run(amain(args, "asyncio"))
 
 

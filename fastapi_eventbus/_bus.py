@@ -97,6 +97,7 @@ class EventBus:
             on_error=on_error,
             on_discard=on_discard,
             source=source,
+            make_view=EventBus._view,
         )
         self._batch = None
 
@@ -255,7 +256,7 @@ class EventBus:
         batch = Batch(scope, depth, loop=asyncio.get_running_loop())
         batch.events.append(event_obj)
         core.active.add(batch)
-        await core.flush(batch, EventBus._view)
+        await core.flush(batch)
         return event_obj
 
     def _accept(self, event: object, payload: Any, depth: int) -> tuple[Event, bool]:
@@ -314,7 +315,7 @@ class EventBus:
 
     async def _flush(self) -> None:
         assert self._batch is not None
-        await self._core.flush(self._batch, EventBus._view)
+        await self._core.flush(self._batch)
 
     async def _after_request(
         self,

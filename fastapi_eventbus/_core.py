@@ -114,7 +114,10 @@ class Core:
         on_error: OnError | None,
         on_discard: OnDiscard | None,
         source: str | None,
+        make_view: Callable[[Core, Batch], object],
     ) -> None:
+        self.make_view = make_view
+        """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
         self.disabled = disabled
         self.max_chain_depth = max_chain_depth
         self.shutdown_timeout = shutdown_timeout
@@ -152,7 +155,7 @@ class Core:
 
     # -- flushing ---------------------------------------------------------------
 
-    async def flush(self, batch: Batch, view_factory: Callable[[Core, Batch], object]) -> None:
+    async def flush(self, batch: Batch) -> None:
         """Handle *batch*'s events in emission order, until it is empty."""
         if batch.state == FLUSHING:
             return
@@ -160,7 +163,7 @@ class Core:
         try:
             while batch.events:
                 event = batch.current = batch.events.popleft()
-                await self.dispatch(event, batch, view_factory)
+                await self.dispatch(event, batch)
         finally:
             batch.current = None
             batch.state = CLOSED
@@ -168,28 +171,27 @@ class Core:
                 await self.discard(batch, "the flush was cancelled")
             self.active.discard(batch)
 
-    async def dispatch(
-        self, event: Event, batch: Batch, view_factory: Callable[[Core, Batch], object]
-    ) -> None:
-        """Run every handler matching *event*, one after the other, isolating failures."""
+    async def dispatch(self, event: Event, batch: Batch) -> None:
+        """Run every handler matching *event*, one after the other, isolating failures.
+
+        Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
+        handled right after that handler returns, or discarded if it raised.
+        """
         for handler in self.handlers.match(event.name):
-            child = batch.child()
-            error = await self._run(handler, event, batch, child, view_factory)
+            child = batch.child() if handler.plan.uses_solver else None
+            error = await self._run(handler, event, batch, child)
             for observer in self.observers:
                 observer.on_handled(event, handler.name, error)
+            if child is None or not child.events:
+                continue
             if error is not None:
                 await self.discard(child, f"handler {handler.name} failed", error)
-            elif child.events:
+            else:
                 self.active.add(child)
-                await self.flush(child, view_factory)
+                await self.flush(child)
 
     async def _run(
-        self,
-        handler: Handler,
-        event: Event,
-        batch: Batch,
-        child: Batch,
-        view_factory: Callable[[Core, Batch], object],
+        self, handler: Handler, event: Event, batch: Batch, child: Batch | None
     ) -> BaseException | None:
         plan = handler.plan
         try:
@@ -197,9 +199,9 @@ class Core:
             if plan.event_model is not None:
                 arg = payload_as(event, plan.event_model)
             scope: dict[str, Any] = {}
-            if plan.uses_solver:
+            if child is not None:
                 scope = dict(batch.scope)
-                scope[SCOPE_KEY] = view_factory(self, child)
+                scope[SCOPE_KEY] = self.make_view(self, child)
             await _di.run_handler(plan, handler.func, arg, scope, batch.provider)
         except Exception as exc:
             logger.error(

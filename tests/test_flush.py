@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, WebSocket
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from starlette.background import BackgroundTask
@@ -351,3 +351,26 @@ def test_get_bus_in_a_dependency_shares_the_request_batch(app: FastAPI, bus: Eve
 
     TestClient(app).post("/")
     assert log == ["from dependency", "from endpoint"]
+
+
+def test_the_flush_joins_background_tasks_at_the_first_emit(app: FastAPI, bus: EventBus) -> None:
+    log = record(bus)
+
+    async def note(text: str) -> None:
+        log.append(text)
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks, bus: EventBus = Depends(get_bus)) -> None:
+        tasks.add_task(note, "added before the first emit")
+        bus.emit("first")
+        tasks.add_task(note, "added after it")
+        bus.emit("second")
+
+    @app.post("/quiet")
+    async def quiet(tasks: BackgroundTasks, bus: EventBus = Depends(get_bus)) -> None:
+        assert tasks.tasks == []  # resolving get_bus alone schedules nothing
+
+    client = TestClient(app)
+    client.post("/")
+    assert log == ["added before the first emit", "first", "second", "added after it"]
+    assert client.post("/quiet").status_code == 200

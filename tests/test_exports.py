@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import fastapi_eventbus
@@ -57,3 +58,13 @@ def test_import_does_not_pull_optional_sdks() -> None:
 def test_version_is_a_string() -> None:
     assert isinstance(fastapi_eventbus.__version__, str)
     assert fastapi_eventbus.__version__
+
+
+def test_fastapi_internals_are_touched_in_one_module() -> None:
+    package = Path(fastapi_eventbus.__file__).parent
+    touching = sorted(
+        path.name
+        for path in package.rglob("*.py")
+        if "fastapi.dependencies" in path.read_text() or "fastapi_inner_astack" in path.read_text()
+    )
+    assert touching == ["_di.py"]

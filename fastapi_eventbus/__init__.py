@@ -29,7 +29,10 @@ from .exceptions import (
     ConfigurationError,
     EventBusError,
     EventChainError,
+    ForwarderError,
     InvalidEventError,
+    MessageDecodeError,
+    MissingExtraError,
     OutsideRequestError,
 )
 
@@ -46,8 +49,11 @@ __all__ = [
     "EventBus",
     "EventBusError",
     "EventChainError",
+    "ForwarderError",
     "HandlerFailure",
     "InvalidEventError",
+    "MessageDecodeError",
+    "MissingExtraError",
     "OutsideRequestError",
     "__version__",
     "get_bus",

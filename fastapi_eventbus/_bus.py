@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -24,6 +24,7 @@ from .exceptions import (
     EventChainError,
     OutsideRequestError,
 )
+from .forwarders._base import Forwarder
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -176,6 +177,20 @@ class EventBus:
                 self._core.schemas.register(model_name, plan.event_model)
         self._core.handlers.add(patterns, handler)
 
+    def forward(self, patterns: str | Sequence[str], forwarder: Forwarder) -> Forwarder:
+        """Send events matching *patterns* to *forwarder*, on the same flush as handlers.
+
+        ``bus.forward("order.*", SQSForwarder(queue_url=...))``. The forwarder
+        gets each flush's matching events in one `Forwarder.send` call, after the
+        response, concurrently with the local handlers; `await bus.publish()`
+        waits for it. Returns *forwarder*.
+        """
+        if not isinstance(forwarder, Forwarder):
+            raise ConfigurationError(f"forward() needs a Forwarder instance, got {forwarder!r}")
+        names = [patterns] if isinstance(patterns, str) else list(patterns)
+        self._core.forwarders.add([_pattern_of(p) for p in names], forwarder)
+        return forwarder
+
     def register(self, event: str | type[BaseModel], schema: type[BaseModel] | None = None) -> None:
         """Register a payload schema, so that ``emit(name, payload)`` validates at emit time.
 
@@ -272,6 +287,8 @@ class EventBus:
                 f"{core.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
         event_obj = make_event(name, data, core.source)
+        for forwarder in core.forwarders.match(name):
+            forwarder.check(event_obj)
         for observer in core.observers:
             observer.on_emit(event_obj)
         return event_obj, not (core.disabled or _muted(core))
@@ -363,6 +380,13 @@ class EventBus:
         """
         return await self._core.drain(self._core.shutdown_timeout if timeout is None else timeout)
 
+    async def close(self, timeout: float | None = None) -> list[Event]:
+        """`drain`, then close every forwarder's clients. The installed lifespan calls this."""
+        unfinished = await self.drain(timeout)
+        await self._core.close_forwarders()
+        logger.debug("fastapi_eventbus closed")
+        return unfinished
+
 
 def _muted(core: Core) -> bool:
     return any(observer.mute for observer in core.observers)
@@ -388,8 +412,7 @@ def _draining_lifespan(
             try:
                 yield state
             finally:
-                await bus.drain()
-                logger.debug("fastapi_eventbus drained on shutdown")
+                await bus.close()
 
     return lifespan
 

@@ -17,6 +17,7 @@ from . import _di
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
 from ._patterns import PatternIndex
+from .forwarders._base import Forwarder
 
 SCOPE_KEY = "fastapi_eventbus.bus"
 """ASGI scope key holding the request's (or handler call's) scoped bus."""
@@ -65,6 +66,7 @@ class Batch:
         "loop",
         "provider",
         "scope",
+        "sends",
         "state",
         "task",
     )
@@ -84,6 +86,7 @@ class Batch:
         self.events: deque[Event] = deque()
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
+        self.sends: list[tuple[asyncio.Future[None], list[Event]]] = []
         self.background: BackgroundTasks | None = None
         """The request's background tasks, until the first event adds the flush to them."""
         if provider is _FROM_SCOPE:
@@ -96,9 +99,10 @@ class Batch:
         return Batch(self.scope, self.depth + 1, COLLECTING, self.loop, self.provider)
 
     def unfinished(self) -> list[Event]:
-        """The event being handled, if any, then those still waiting."""
+        """The event being handled, those still waiting, and those still being forwarded."""
         head = [self.current] if self.current is not None else []
-        return head + list(self.events)
+        sending = [e for task, events in self.sends if not task.done() for e in events]
+        return head + list(self.events) + [e for e in sending if e not in head]
 
 
 class Core:
@@ -126,6 +130,7 @@ class Core:
         self.on_discard = on_discard
         self.source = source
         self.handlers: PatternIndex[Handler] = PatternIndex()
+        self.forwarders: PatternIndex[Forwarder] = PatternIndex()
         self.schemas = SchemaRegistry()
         self.app: Any = None
         self.active: set[Batch] = set()
@@ -156,20 +161,50 @@ class Core:
     # -- flushing ---------------------------------------------------------------
 
     async def flush(self, batch: Batch) -> None:
-        """Handle *batch*'s events in emission order, until it is empty."""
+        """Forward and handle *batch*'s events, in emission order, until it is empty.
+
+        Each round hands the pending events to their forwarders (concurrent
+        tasks), then runs the local handlers event by event; the flush ends when
+        the forwarders have finished too.
+        """
         if batch.state == FLUSHING:
             return
         batch.state = FLUSHING
         try:
             while batch.events:
-                event = batch.current = batch.events.popleft()
-                await self.dispatch(event, batch)
+                round_ = list(batch.events)
+                self._forward(round_, batch)
+                for _ in round_:
+                    event = batch.current = batch.events.popleft()
+                    await self.dispatch(event, batch)
+                batch.current = None
+            if batch.sends:
+                await asyncio.gather(*(task for task, _ in batch.sends))
         finally:
             batch.current = None
             batch.state = CLOSED
-            if batch.events:  # cancelled part-way
-                await self.discard(batch, "the flush was cancelled")
+            await self._abandon(batch)
             self.active.discard(batch)
+
+    def _forward(self, events: list[Event], batch: Batch) -> None:
+        """Start one send per forwarder, with the events of *events* that it matches."""
+        selected: dict[Forwarder, list[Event]] = {}
+        for event in events:
+            for forwarder in self.forwarders.match(event.name):
+                selected.setdefault(forwarder, []).append(event)
+        for forwarder, chosen in selected.items():
+            batch.sends.append((asyncio.ensure_future(forwarder.deliver(chosen)), chosen))
+
+    async def _abandon(self, batch: Batch) -> None:
+        """After a cancelled flush: stop its sends and report what was not handled."""
+        unsent = [event for task, events in batch.sends if not task.done() for event in events]
+        for task, _ in batch.sends:
+            task.cancel()
+        batch.sends.clear()
+        if unsent:
+            batch.events.extend(unsent)
+        if batch.events:
+            await self.discard(batch, "the flush was cancelled")
 
     async def dispatch(self, event: Event, batch: Batch) -> None:
         """Run every handler matching *event*, one after the other, isolating failures.
@@ -239,6 +274,9 @@ class Core:
         unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
         for batch in self.active:  # reported here, so not again if their task is cancelled
             batch.events.clear()
+            for task, _ in batch.sends:
+                task.cancel()
+            batch.sends.clear()
         self.active.clear()
         if unfinished:
             logger.error(
@@ -250,3 +288,11 @@ class Core:
             reason = f"shutdown did not finish within {timeout}s"
             await call_hook(self.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
+
+    async def close_forwarders(self) -> None:
+        """Close every forwarder's clients; a failing close is logged, not raised."""
+        for forwarder in self.forwarders.items():
+            try:
+                await forwarder.aclose()
+            except Exception:
+                logger.exception("closing forwarder %s failed", forwarder.name)

@@ -8,7 +8,10 @@ Every error the library raises on purpose derives from `EventBusError`, so one
     │   └── BusNotInstalledError  get_bus used in an app where no bus was installed
     ├── InvalidEventError         emit/publish got a bad name or payload (also a ValueError)
     ├── OutsideRequestError       emit on the application bus, which has no request batch
-    └── EventChainError           chained events went deeper than ``max_chain_depth``
+    ├── EventChainError           chained events went deeper than ``max_chain_depth``
+    ├── MessageDecodeError        a received queue message is not a valid event (a ValueError)
+    └── ForwarderError            a forwarder failed; ``transient`` says whether a retry may help
+        └── MissingExtraError     an optional SDK is not installed (names the extra to install)
 
 Errors are raised where the mistake was made: at decoration time for handlers, in
 the constructor for settings, in the caller of ``emit`` for events. Nothing is
@@ -22,7 +25,10 @@ __all__ = [
     "ConfigurationError",
     "EventBusError",
     "EventChainError",
+    "ForwarderError",
     "InvalidEventError",
+    "MessageDecodeError",
+    "MissingExtraError",
     "OutsideRequestError",
 ]
 
@@ -49,3 +55,30 @@ class OutsideRequestError(EventBusError):
 
 class EventChainError(EventBusError):
     """A handler emitted an event deeper in a chain than `max_chain_depth` allows."""
+
+
+class MessageDecodeError(EventBusError, ValueError):
+    """A message received from a queue is not a CloudEvent this library can decode."""
+
+
+class ForwarderError(EventBusError):
+    """A forwarder could not deliver events.
+
+    Forwarders raise it (``from`` the SDK's exception) so that SDK errors never
+    reach the application; ``transient=True`` asks for a retry with backoff.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class MissingExtraError(ForwarderError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, extra: str, package: str) -> None:
+        super().__init__(
+            f"{package} is not installed: pip install 'fastapi-eventbus[{extra}]'",
+            transient=False,
+        )
+        self.extra = extra

@@ -19,14 +19,15 @@ override `get_bus` with another bus's `EventBus.dependency`::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ._bus import EventBus
 from ._events import Event
+from .forwarders import Forwarder
 
-__all__ = ["Capture", "HandledEvent", "capture"]
+__all__ = ["Capture", "HandledEvent", "RecordingForwarder", "capture"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +87,31 @@ def capture(bus: EventBus, *, handle: bool = True) -> Iterator[Capture]:
         yield recorder
     finally:
         observers.remove(recorder)
+
+
+class RecordingForwarder(Forwarder):
+    """A forwarder that keeps what it is sent, for tests: ``bus.forward("*", recorder)``."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.batches: list[list[Event]] = []
+        """Every `send` call's events, one list per call."""
+        self.started = 0
+        self.closed = 0
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event sent, in order."""
+        return [event for batch in self.batches for event in batch]
+
+    async def send(self, events: Sequence[Event]) -> None:
+        """Record *events* as one batch."""
+        self.batches.append(list(events))
+
+    async def start(self) -> None:
+        """Count starts."""
+        self.started += 1
+
+    async def close(self) -> None:
+        """Count closes."""
+        self.closed += 1

@@ -1,0 +1,42 @@
+"""Forwarders: send events to remote brokers on the same flush path as local handlers.
+
+```python
+from fastapi_eventbus.forwarders.sqs import SQSForwarder
+
+bus.forward("order.*", SQSForwarder(queue_url=...))
+```
+
+`Forwarder` is the base class for your own. `SQSForwarder` (extra ``aws``) and
+`PubSubForwarder` (extra ``gcp``) import their SDK only when created.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ._base import DeadLetter, Delivery, EchoForwarder, Forwarder, OnDeadLetter, Retry
+
+if TYPE_CHECKING:
+    from .pubsub import PubSubForwarder
+    from .sqs import SQSForwarder
+
+__all__ = [
+    "DeadLetter",
+    "Delivery",
+    "EchoForwarder",
+    "Forwarder",
+    "OnDeadLetter",
+    "PubSubForwarder",
+    "Retry",
+    "SQSForwarder",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SQSForwarder":
+        from .sqs import SQSForwarder
+
+        return SQSForwarder
+    if name == "PubSubForwarder":
+        from .pubsub import PubSubForwarder
+
+        return PubSubForwarder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,261 @@
+"""The forwarder base class, its retry policy and its dead-letter path."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import IO, Self, TypeAlias
+
+from fastapi_eventbus._events import Event
+from fastapi_eventbus._hooks import call_hook, logger
+from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
+from fastapi_eventbus.wire import sqs_body
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How a forwarder retries transient failures: exponential backoff with jitter.
+
+    A batch is tried at most *attempts* times and for at most *total_timeout*
+    seconds; the n-th wait is ``min(max_delay, initial_delay * 2**(n-1))``,
+    jittered to between half and all of that.
+    """
+
+    attempts: int = 5
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    total_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigurationError(f"Retry.attempts must be >= 1, got {self.attempts}")
+        if min(self.initial_delay, self.max_delay, self.total_timeout) < 0:
+            raise ConfigurationError("Retry delays and total_timeout must be >= 0")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number *attempt* (1-based)."""
+        ceiling = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What `Forwarder.send` reports when only part of a batch went through."""
+
+    retry: Sequence[Event] = ()
+    """Events that failed for a reason a retry may fix (throttling, a 5xx)."""
+    rejected: Sequence[Event] = ()
+    """Events the broker refused for good (the sender's fault): dead-lettered."""
+    reason: str = ""
+    """What the broker said, for logs and the dead-letter callback."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Events a forwarder could not deliver. Passed to its ``dead_letter`` callback."""
+
+    forwarder: str
+    events: tuple[Event, ...]
+    reason: str
+    exception: BaseException | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the undelivered events."""
+        return [event.id for event in self.events]
+
+
+OnDeadLetter: TypeAlias = Callable[[DeadLetter], Awaitable[None] | None]
+"""Signature of a forwarder's ``dead_letter`` callback: sync or async."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ForwarderError):
+        return exc.transient
+    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+
+
+class Forwarder:
+    """Base class for forwarders: what sends events to a remote broker.
+
+    Attach one with ``bus.forward("order.*", forwarder)``. On every flush, after
+    the response, the bus calls `send` once with the batch of the request's events
+    that match, concurrently with local handlers and other forwarders. `send`
+    raises (or returns a `Delivery`) for what failed; the base class retries
+    transient failures per *retry* and hands what still fails to *dead_letter*,
+    always with an ERROR log line. `start` runs once before the first send (or
+    at startup); `close` runs at shutdown. A forwarder is also an async context
+    manager doing both.
+
+    Args:
+        retry: The retry policy for transient failures.
+        dead_letter: Called with a `DeadLetter` for events that could not be delivered.
+        max_message_bytes: Reject, at emit time, events whose encoded message is larger.
+        name: A name for logs (default: the class name).
+    """
+
+    def __init__(
+        self,
+        *,
+        retry: Retry | None = None,
+        dead_letter: OnDeadLetter | None = None,
+        max_message_bytes: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        if dead_letter is not None and not callable(dead_letter):
+            raise ConfigurationError(f"dead_letter must be callable, got {dead_letter!r}")
+        if max_message_bytes is not None and max_message_bytes < 1:
+            raise ConfigurationError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+        self.retry = retry or Retry()
+        self.dead_letter = dead_letter
+        self.max_message_bytes = max_message_bytes
+        self.name = name or type(self).__name__
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # -- what subclasses implement ----------------------------------------------
+
+    async def send(self, events: Sequence[Event]) -> Delivery | None:
+        """Send *events* (one flush's matching events, in emission order).
+
+        Return ``None`` when all were accepted, or a `Delivery` naming those to
+        retry and those rejected for good. Raise `ForwarderError` (with
+        ``transient=True`` when a retry may help) when the whole batch failed.
+        """
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Open clients. Called once, before the first send or at application startup."""
+
+    async def close(self) -> None:
+        """Close clients. Called at application shutdown, after in-flight sends finished."""
+
+    def encoded_size(self, event: Event) -> int:
+        """Bytes of the message this forwarder would send for *event*."""
+        return len(sqs_body(event).encode())
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a retry may fix *exc* (connection errors, timeouts, transient errors)."""
+        return _is_transient(exc)
+
+    # -- what the bus calls -------------------------------------------------------
+
+    def check(self, event: Event) -> None:
+        """Raise `InvalidEventError` if *event* could never be sent (called at emit time)."""
+        limit = self.max_message_bytes
+        if limit is not None and (size := self.encoded_size(event)) > limit:
+            raise InvalidEventError(
+                f"event {event.name!r} would be a {size}-byte message, over the {limit}-byte "
+                f"limit of forwarder {self.name}; send a reference to the data instead"
+            )
+
+    async def ensure_started(self) -> None:
+        """Run `start` once, however many sends race to be first."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if not self._started:
+                await self.start()
+                self._started = True
+
+    async def aclose(self) -> None:
+        """Run `close` if `start` ran."""
+        if self._started:
+            self._started = False
+            await self.close()
+
+    async def deliver(self, events: Sequence[Event]) -> None:
+        """Send *events* with retries; dead-letter what still fails. Never raises."""
+        pending = list(events)
+        deadline = time.monotonic() + self.retry.total_timeout
+        attempt = 0
+        error: BaseException | None = None
+        while pending:
+            attempt += 1
+            pending, error = await self._attempt(pending)
+            if not pending:
+                return
+            wait = self.retry.delay(attempt)
+            if attempt >= self.retry.attempts or time.monotonic() + wait > deadline:
+                reason = f"gave up after {attempt} attempt(s): {error!r}"
+                await self._dead_letter(pending, reason, error)
+                return
+            logger.warning(
+                "forwarder %s: attempt %d failed for %d event(s) (%r); retrying in %.2fs",
+                self.name,
+                attempt,
+                len(pending),
+                error,
+                wait,
+            )
+            await asyncio.sleep(wait)
+
+    async def _attempt(self, pending: list[Event]) -> tuple[list[Event], BaseException | None]:
+        try:
+            await self.ensure_started()
+            delivery = await self.send(pending)
+        except Exception as exc:
+            if self.is_transient(exc):
+                return pending, exc
+            await self._dead_letter(pending, f"permanent failure: {exc!r}", exc)
+            return [], exc
+        if delivery is None:
+            return [], None
+        if delivery.rejected:
+            await self._dead_letter(list(delivery.rejected), f"rejected: {delivery.reason}", None)
+        error = ForwarderError(delivery.reason or "partial failure", transient=True)
+        return list(delivery.retry), error
+
+    async def _dead_letter(
+        self, events: list[Event], reason: str, exc: BaseException | None
+    ) -> None:
+        ids = ", ".join(event.id for event in events)
+        logger.error(
+            "forwarder %s: %d event(s) not delivered (%s): %s", self.name, len(events), reason, ids
+        )
+        await call_hook(self.dead_letter, DeadLetter(self.name, tuple(events), reason, exc))
+
+    # -- async context manager ------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.ensure_started()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class EchoForwarder(Forwarder):
+    """Prints every forwarded event as its SQS CloudEvent JSON, one per line. For debugging."""
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        retry: Retry | None = None,
+        dead_letter: OnDeadLetter | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(retry=retry, dead_letter=dead_letter, name=name)
+        self.stream = stream
+
+    async def send(self, events: Sequence[Event]) -> None:
+        """Write each event to the stream (standard output by default)."""
+        stream = self.stream or sys.stdout
+        for event in events:
+            print(sqs_body(event), file=stream, flush=True)

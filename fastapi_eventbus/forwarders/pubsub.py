@@ -1,0 +1,320 @@
+"""Forward events to a Google Cloud Pub/Sub topic (extra ``gcp``: gcloud-aio-pubsub).
+
+```python
+from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
+
+bus.forward("order.*", PubSubForwarder("projects/my-project/topics/orders"))
+```
+
+Events are published in CloudEvents *binary* mode (`fastapi_eventbus.wire`): the
+payload as JSON in ``data``, the context in ``ce-*`` attributes, W3C trace
+context in ``traceparent``/``tracestate`` attributes. A flush's events go out in
+as few publish requests as the service's per-request limits allow. The SDK is
+imported when the forwarder starts, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from fastapi_eventbus._events import Event
+from fastapi_eventbus.exceptions import (
+    ConfigurationError,
+    ForwarderError,
+    InvalidEventError,
+    MissingExtraError,
+)
+from fastapi_eventbus.forwarders._base import Delivery, Forwarder, OnDeadLetter, Retry
+from fastapi_eventbus.wire import pubsub_attributes, pubsub_data
+
+if TYPE_CHECKING:
+    import aiohttp
+    from gcloud.aio.pubsub import PublisherClient, PubsubMessage
+
+__all__ = [
+    "DEFAULT_API_ROOT",
+    "MAX_MESSAGE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_MESSAGES",
+    "PubSubForwarder",
+]
+
+DEFAULT_API_ROOT = "https://pubsub.googleapis.com/v1"
+"""The Pub/Sub REST endpoint used when neither ``api_root`` nor an emulator is given."""
+MAX_MESSAGE_BYTES = 10_000_000
+"""Pub/Sub's limit on one message (data plus attributes)."""
+MAX_REQUEST_MESSAGES = 1_000
+"""Pub/Sub's limit on messages in one publish request."""
+MAX_REQUEST_BYTES = 10_000_000
+"""Pub/Sub's limit on one publish request, counted here as its JSON body (data in base64)."""
+MAX_ORDERING_KEY_BYTES = 1_024
+MAX_ATTRIBUTE_VALUE_BYTES = 1_024
+
+_TOPIC = re.compile(r"projects/[^/\s]+/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
+_REQUEST_OVERHEAD = len('{"messages": []}')
+_RETRYABLE_STATUS = frozenset({408, 409, 429, 499})
+_MAX_ERROR_TEXT = 500
+
+OrderingKey = Callable[[Event], str]
+
+
+class PubSubForwarder(Forwarder):
+    """Publish events to one Pub/Sub topic, batched within the service's limits.
+
+    Each flush's matching events are published in order, in requests of at
+    most 1,000 messages and 10 MB. Connection errors, timeouts, HTTP 429 and
+    5xx are retried with backoff; other HTTP errors (a missing topic, a denied
+    permission) dead-letter the events at once.
+
+    Args:
+        topic: The full topic path, ``"projects/PROJECT/topics/TOPIC"``.
+        api_root: The REST endpoint, e.g. a regional one
+            (``"https://europe-west1-pubsub.googleapis.com/v1"``). An ``http://``
+            root is treated as an emulator: no credentials are sent over it.
+        emulator_host: ``"host:port"`` of a Pub/Sub emulator. Defaults to the
+            ``PUBSUB_EMULATOR_HOST`` environment variable; with an emulator no
+            Google credentials are looked up or sent.
+        service_file: A service-account (or other credentials) JSON file; by
+            default Application Default Credentials are used.
+        session: An `aiohttp.ClientSession` to use instead of the forwarder's
+            own. It is not closed by the forwarder.
+        ordering_key: Returns the ordering key for an event (``""`` for none).
+            Called at emit time too, so its errors reach the caller of ``emit``.
+        timeout: Seconds allowed for one publish request.
+        max_message_bytes: Reject, at emit time, events whose message is larger.
+        retry: The retry policy for transient failures.
+        dead_letter: Called with a `DeadLetter` for events that could not be delivered.
+        name: A name for logs (default: the class name).
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        *,
+        api_root: str | None = None,
+        emulator_host: str | None = None,
+        service_file: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        ordering_key: OrderingKey | None = None,
+        timeout: float = 10.0,
+        max_message_bytes: int | None = MAX_MESSAGE_BYTES,
+        retry: Retry | None = None,
+        dead_letter: OnDeadLetter | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(
+            retry=retry, dead_letter=dead_letter, max_message_bytes=max_message_bytes, name=name
+        )
+        if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
+            raise ConfigurationError(
+                f"topic must be a full topic path 'projects/PROJECT/topics/TOPIC', got {topic!r}"
+            )
+        if ordering_key is not None and not callable(ordering_key):
+            raise ConfigurationError(f"ordering_key must be callable, got {ordering_key!r}")
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.topic = topic
+        self.api_root, self.emulated = _endpoint(api_root, emulator_host)
+        self.ordering_key = ordering_key
+        self.timeout = timeout
+        self._service_file = service_file
+        self._given_session = session
+        self._session: aiohttp.ClientSession | None = None
+        self._client: PublisherClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _require_sdk()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} topic={self.topic!r}>"
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the HTTP session and the publisher client (imports gcloud-aio-pubsub)."""
+        import aiohttp
+        from gcloud.aio.pubsub import PublisherClient
+
+        session = self._given_session or aiohttp.ClientSession()
+        try:
+            client = PublisherClient(
+                # typed as requests.Session: gcloud-aio's types follow its sync twin
+                session=cast(Any, session),
+                api_root=self.api_root,
+                api_is_dev=self.emulated,
+                service_file=self._service_file,
+            )
+        except Exception as exc:  # unreadable or invalid credentials file
+            if session is not self._given_session:
+                await session.close()
+            raise ForwarderError(
+                f"{self.name}: could not create the Pub/Sub client: {_describe(exc)}"
+            ) from exc
+        self._session = None if session is self._given_session else session
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        """Close the publisher client and the session the forwarder opened."""
+        client, session = self._client, self._session
+        self._client = self._session = self._loop = None
+        if client is not None:
+            await client.close()  # closes only what the client itself opened
+        if session is not None:
+            await session.close()
+
+    # -- sending --------------------------------------------------------------------
+
+    async def send(self, events: Sequence[Event]) -> Delivery | None:
+        """Publish *events* in order, in as few requests as the service's limits allow.
+
+        Raises `ForwarderError` if the first request fails; if a later one fails,
+        returns a `Delivery` naming the events not yet published.
+        """
+        client = self._current_client()
+        published = 0
+        for messages in self._requests(events):
+            try:
+                await self._publish(client, messages)
+            except ForwarderError as exc:
+                if published == 0:
+                    raise
+                rest = events[published:]
+                if exc.transient:
+                    return Delivery(retry=rest, reason=str(exc))
+                return Delivery(rejected=rest, reason=str(exc))
+            published += len(messages)
+        return None
+
+    def encoded_size(self, event: Event) -> int:
+        """Bytes of the Pub/Sub message for *event*: data, attribute keys and values, key."""
+        size = len(pubsub_data(event))
+        size += sum(len(k.encode()) + len(v.encode()) for k, v in pubsub_attributes(event).items())
+        return size + len(self._ordering_key(event).encode())
+
+    def check(self, event: Event) -> None:
+        """Raise `InvalidEventError` if Pub/Sub would refuse *event* (called at emit time)."""
+        super().check(event)
+        for key, value in pubsub_attributes(event).items():
+            if len(value.encode()) > MAX_ATTRIBUTE_VALUE_BYTES:
+                raise InvalidEventError(
+                    f"event {event.name!r}: attribute {key!r} is over Pub/Sub's "
+                    f"{MAX_ATTRIBUTE_VALUE_BYTES}-byte limit for attribute values"
+                )
+        if len(self._ordering_key(event).encode()) > MAX_ORDERING_KEY_BYTES:
+            raise InvalidEventError(
+                f"event {event.name!r}: ordering key is over Pub/Sub's "
+                f"{MAX_ORDERING_KEY_BYTES}-byte limit"
+            )
+
+    def _ordering_key(self, event: Event) -> str:
+        if self.ordering_key is None:
+            return ""
+        key = self.ordering_key(event)
+        if not isinstance(key, str):
+            raise InvalidEventError(
+                f"event {event.name!r}: ordering_key returned {type(key).__name__}, not str"
+            )
+        return key
+
+    def _current_client(self) -> PublisherClient:
+        if self._client is None:
+            raise ForwarderError(f"{self.name} is not started")
+        if self._loop is not asyncio.get_running_loop():
+            raise ForwarderError(
+                f"{self.name} was started on another event loop; its HTTP session cannot be "
+                "used here (a TestClient used without 'with' runs each request on a new loop)"
+            )
+        return self._client
+
+    def _message(self, event: Event) -> PubsubMessage:
+        from gcloud.aio.pubsub import PubsubMessage
+
+        attributes = pubsub_attributes(event)
+        return PubsubMessage(pubsub_data(event), self._ordering_key(event), **attributes)
+
+    def _requests(self, events: Sequence[Event]) -> Iterator[list[PubsubMessage]]:
+        """Split *events* into publish requests within the count and byte limits, in order."""
+        messages: list[PubsubMessage] = []
+        size = _REQUEST_OVERHEAD
+        for event in events:
+            message = self._message(event)
+            message_size = len(json.dumps(message.to_repr())) + 2  # ", " between messages
+            full = len(messages) >= MAX_REQUEST_MESSAGES or size + message_size > MAX_REQUEST_BYTES
+            if messages and full:
+                yield messages
+                messages, size = [], _REQUEST_OVERHEAD
+            messages.append(message)
+            size += message_size
+        if messages:
+            yield messages
+
+    async def _publish(self, client: PublisherClient, messages: list[PubsubMessage]) -> None:
+        """One publish request; SDK and HTTP errors become `ForwarderError`."""
+        import aiohttp
+
+        try:
+            # AioSession.post takes float seconds; PublisherClient.publish annotates int.
+            response = await client.publish(self.topic, messages, timeout=self.timeout)  # type: ignore[arg-type]
+        except aiohttp.ClientResponseError as exc:
+            transient = exc.status < 400 or exc.status >= 500 or exc.status in _RETRYABLE_STATUS
+            raise ForwarderError(
+                f"publish to {self.topic} failed: HTTP {exc.status} {_clip(exc.message)}",
+                transient=transient,
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise ForwarderError(
+                f"publish to {self.topic} failed: {_describe(exc)}", transient=True
+            ) from exc
+        except Exception as exc:  # e.g. fetching an access token failed
+            raise ForwarderError(f"publish to {self.topic} failed: {_describe(exc)}") from exc
+        ids = response.get("messageIds")
+        if not isinstance(ids, list) or len(ids) != len(messages):
+            raise ForwarderError(
+                f"publish to {self.topic}: {len(messages)} message(s) sent, response lists "
+                f"{len(ids) if isinstance(ids, list) else 'no'} message id(s)",
+                transient=True,
+            )
+
+
+def _endpoint(api_root: str | None, emulator_host: str | None) -> tuple[str, bool]:
+    """The REST root to use and whether it is an emulator (no credentials)."""
+    if api_root is not None and emulator_host is not None:
+        raise ConfigurationError("pass api_root or emulator_host, not both")
+    if api_root is not None:
+        if not api_root.startswith(("https://", "http://")):
+            raise ConfigurationError(f"api_root must be an http(s) URL, got {api_root!r}")
+        return api_root.rstrip("/"), api_root.startswith("http://")
+    host = emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
+    if host:
+        if "/" in host or not host.strip():
+            raise ConfigurationError(
+                "emulator_host must be 'host:port' without a scheme, e.g. 'localhost:8085'; "
+                f"got {host!r}"
+            )
+        return f"http://{host}/v1", True
+    return DEFAULT_API_ROOT, False
+
+
+def _require_sdk() -> None:
+    try:
+        found = importlib.util.find_spec("gcloud.aio.pubsub") is not None
+    except (ImportError, ValueError):  # a parent package is missing or broken
+        found = False
+    if not found:
+        raise MissingExtraError("gcp", "gcloud-aio-pubsub")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return _clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _clip(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "..."

@@ -1,0 +1,465 @@
+"""Forward events to an AWS SQS queue, in ``SendMessageBatch`` calls (extra ``aws``).
+
+```python
+from fastapi_eventbus.forwarders.sqs import SQSForwarder
+
+bus.forward("order.*", SQSForwarder("https://sqs.eu-west-1.amazonaws.com/123456789012/orders"))
+```
+
+Each message body is the event as a structured CloudEvent (`fastapi_eventbus.wire.sqs_body`);
+W3C trace context goes in the ``traceparent``/``tracestate`` message attributes.
+aiobotocore is imported when the forwarder starts, never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
+from urllib.parse import urlsplit
+
+from fastapi_eventbus._events import Event
+from fastapi_eventbus._hooks import logger
+from fastapi_eventbus.exceptions import (
+    ConfigurationError,
+    ForwarderError,
+    InvalidEventError,
+    MissingExtraError,
+)
+from fastapi_eventbus.wire import sqs_body, trace_attributes
+
+from ._base import Delivery, Forwarder, OnDeadLetter, Retry
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import (
+        MessageAttributeValueTypeDef,
+        SendMessageBatchRequestEntryTypeDef,
+        SendMessageBatchResultTypeDef,
+    )
+
+__all__ = ["MAX_BATCH_ENTRIES", "MAX_MESSAGE_BYTES", "SQSForwarder"]
+
+MAX_MESSAGE_BYTES = 262_144
+"""SQS's classic limit for one message (body plus attributes) and for one batch call."""
+MAX_BATCH_ENTRIES = 10
+"""SQS's limit on the entries of one ``SendMessageBatch`` call."""
+_CONCURRENT_CALLS = 10
+"""``SendMessageBatch`` calls in flight at once for one send to a standard queue."""
+_TRANSIENT_CODES = frozenset(
+    {
+        "BandwidthLimitExceeded",
+        "KmsThrottled",
+        "LimitExceededException",
+        "PriorRequestNotComplete",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+    }
+)
+"""Error codes a retry may fix (botocore's throttling and transient codes, plus SQS's own)."""
+_AWS_HOST = re.compile(
+    r"(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?"
+)
+_NOT_IN_SQS = re.compile("[\ud800-\udfff\ufffe\uffff]")
+"""Characters SQS refuses in a message that JSON encoding leaves as they are."""
+
+_Entry: TypeAlias = "SendMessageBatchRequestEntryTypeDef"
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientSettings:
+    """What `SQSForwarder` passes to ``create_client``; the secrets stay out of its repr."""
+
+    region_name: str | None
+    endpoint_url: str | None
+    aws_access_key_id: str | None = field(repr=False)
+    aws_secret_access_key: str | None = field(repr=False)
+    aws_session_token: str | None = field(repr=False)
+
+
+def _region_of(queue_url: str) -> str | None:
+    """The AWS region in an SQS queue URL (``https://sqs.REGION.amazonaws.com/...``), if any."""
+    match = _AWS_HOST.fullmatch(urlsplit(queue_url).hostname or "")
+    if match is None:
+        return None
+    return match["region"] or match["legacy"]
+
+
+def _attributes(event: Event) -> dict[str, MessageAttributeValueTypeDef]:
+    return {
+        name: {"DataType": "String", "StringValue": value}
+        for name, value in trace_attributes(event).items()
+    }
+
+
+def _size(body: str, attributes: dict[str, MessageAttributeValueTypeDef]) -> int:
+    """Bytes SQS counts for a message: the body, and each attribute's name, type and value."""
+    size = len(body.encode())
+    for name, value in attributes.items():
+        size += len(name.encode()) + len(value["DataType"])
+        size += len(value.get("StringValue", "").encode())
+    return size
+
+
+def _chunks(
+    items: Sequence[tuple[int, _Entry, Event]], max_bytes: int
+) -> Iterator[list[tuple[_Entry, Event]]]:
+    """Split sized entries into batches of at most 10 entries and *max_bytes* bytes."""
+    chunk: list[tuple[_Entry, Event]] = []
+    total = 0
+    for size, entry, event in items:
+        if chunk and (len(chunk) == MAX_BATCH_ENTRIES or total + size > max_bytes):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append((entry, event))
+        total += size
+    if chunk:
+        yield chunk
+
+
+def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
+    """The `ForwarderError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        SSLError,
+    )
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        transient = code in _TRANSIENT_CODES or status == 429 or status >= 500
+        message = f"SQS refused the batch ({code}, HTTP {status}): {error.get('Message', '')}"
+        return ForwarderError(f"{forwarder}: {message}", transient=transient)
+    if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
+        return ForwarderError(f"{forwarder}: cannot reach SQS: {exc}", transient=True)
+    if isinstance(exc, BotoCoreError):
+        return ForwarderError(f"{forwarder}: {exc}", transient=False)
+    return None
+
+
+def _failed_entries(
+    response: SendMessageBatchResultTypeDef, chunk: list[tuple[_Entry, Event]]
+) -> Delivery | None:
+    """The `Delivery` for a batch call's ``Failed`` entries (and any entry it left out)."""
+    events = {entry["Id"]: event for entry, event in chunk}
+    done = {success["Id"] for success in response.get("Successful", [])}
+    retry: list[Event] = []
+    rejected: list[Event] = []
+    reasons: list[str] = []
+    for failure in response.get("Failed", []):
+        event = events.get(failure["Id"])
+        if event is None or failure["Id"] in done:
+            continue
+        done.add(failure["Id"])
+        (rejected if failure["SenderFault"] else retry).append(event)
+        reasons.append(f"{event.id}: {failure['Code']} {failure.get('Message', '')}".rstrip())
+    missing = [event for entry_id, event in events.items() if entry_id not in done]
+    if missing:
+        retry.extend(missing)
+        reasons.append(f"{len(missing)} entries missing from the response")
+    if not retry and not rejected:
+        return None
+    return Delivery(retry=retry, rejected=rejected, reason="; ".join(reasons))
+
+
+class SQSForwarder(Forwarder):
+    """Sends events to one SQS queue with ``SendMessageBatch``, through aiobotocore.
+
+    Each `send` splits the batch into calls of at most 10 entries and at most
+    ``max(max_message_bytes, 262144)`` bytes; calls to a standard queue run
+    concurrently, calls to a FIFO queue one after the other, in order. Entries
+    SQS lists as ``Failed`` are retried unless the fault is the sender's; then
+    they are dead-lettered. Events whose message would exceed
+    *max_message_bytes* are refused at ``emit`` with `InvalidEventError`.
+
+    One aiobotocore client per forwarder, created by `start` (lazily, before the
+    first send) and closed by `close` when the application shuts down.
+
+    Args:
+        queue_url: The queue's URL. A URL ending in ``.fifo`` is a FIFO queue.
+        region_name: The AWS region; default: the one in an AWS queue URL, else
+            botocore's configuration (``AWS_DEFAULT_REGION``, ``~/.aws/config``).
+        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint).
+        aws_access_key_id: Credentials; default: botocore's credential chain
+            (environment, ``~/.aws``, instance or task role).
+        aws_secret_access_key: See *aws_access_key_id*.
+        aws_session_token: See *aws_access_key_id*.
+        message_group_id: Gives each event its ``MessageGroupId``; required for
+            FIFO queues, where SQS keeps the order of messages of the same group.
+            Called at emit time too, so that a bad group id fails in the caller.
+        max_message_bytes: The largest message accepted (body plus attributes).
+            The default is SQS's classic limit; raise it up to 1,048,576 for queues
+            whose ``MaximumMessageSize`` allows it.
+        retry: The retry policy for transient failures.
+        dead_letter: Called with a `DeadLetter` for events that could not be delivered.
+        name: A name for logs (default: ``SQSForwarder``).
+    """
+
+    def __init__(
+        self,
+        queue_url: str,
+        *,
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        message_group_id: Callable[[Event], str] | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        retry: Retry | None = None,
+        dead_letter: OnDeadLetter | None = None,
+        name: str | None = None,
+    ) -> None:
+        if importlib.util.find_spec("aiobotocore") is None:
+            raise MissingExtraError("aws", "aiobotocore")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
+            raise ConfigurationError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
+        super().__init__(
+            retry=retry, dead_letter=dead_letter, max_message_bytes=max_message_bytes, name=name
+        )
+        if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
+            raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
+        if message_group_id is not None and not callable(message_group_id):
+            raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
+        self.queue_url = queue_url
+        self.fifo = queue_url.endswith(".fifo")
+        if self.fifo and message_group_id is None:
+            raise ConfigurationError(
+                f"{queue_url} is a FIFO queue: pass message_group_id=, a function giving "
+                "each event its group (e.g. lambda event: event.payload['customer_id'])"
+            )
+        if (aws_access_key_id is None) != (aws_secret_access_key is None):
+            raise ConfigurationError(
+                "pass both aws_access_key_id and aws_secret_access_key, or neither"
+            )
+        self.message_group_id = message_group_id
+        self._settings = _ClientSettings(
+            region_name or _region_of(queue_url),
+            endpoint_url,
+            aws_access_key_id,
+            aws_secret_access_key,
+            aws_session_token,
+        )
+        self._batch_bytes = max(max_message_bytes, MAX_MESSAGE_BYTES)
+        self._client: SQSClient | None = None
+        self._stack: AsyncExitStack | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQSForwarder {self.name!r} queue_url={self.queue_url!r}>"
+
+    @property
+    def client(self) -> SQSClient:
+        """The aiobotocore SQS client, once `start` ran (for hooks and extra calls)."""
+        if self._client is None:
+            raise ForwarderError(
+                f"{self.name} has not started: use `async with forwarder:` or "
+                "`await forwarder.ensure_started()` first"
+            )
+        return self._client
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the aiobotocore SQS client (no network call); a no-op if it exists."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            return
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import AioSession
+
+        settings = self._settings
+        # The base class retries; botocore's own retries would multiply the attempts.
+        config = AioConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
+        stack = AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(
+                AioSession().create_client(
+                    "sqs",
+                    region_name=settings.region_name,
+                    endpoint_url=settings.endpoint_url,
+                    aws_access_key_id=settings.aws_access_key_id,
+                    aws_secret_access_key=settings.aws_secret_access_key,
+                    aws_session_token=settings.aws_session_token,
+                    config=config,
+                )
+            )
+        except Exception as exc:
+            await stack.aclose()
+            error = _translate(exc, self.name)
+            if error is None:
+                raise
+            raise error from exc
+        self._stack = stack
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        """Close the client."""
+        stack, self._stack, self._client, self._loop = self._stack, None, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _current_client(self) -> SQSClient:
+        """The client, created again if the event loop it was made on is not running this."""
+        if self._client is None or self._loop is not asyncio.get_running_loop():
+            if self._client is not None:
+                self._client = self._stack = None  # its loop is gone: it cannot be closed
+                logger.warning(
+                    "forwarder %s: its SQS client was opened on another event loop (an app "
+                    "run without its lifespan, or several asyncio.run calls); opening a new one",
+                    self.name,
+                )
+            await self.start()
+        assert self._client is not None
+        return self._client
+
+    # -- messages -------------------------------------------------------------------
+
+    def encoded_size(self, event: Event) -> int:
+        """Bytes SQS counts for *event*'s message: body plus attribute names, types and values."""
+        return _size(sqs_body(event), _attributes(event))
+
+    def check(self, event: Event) -> None:
+        """Raise `InvalidEventError` if *event* could never be sent to this queue."""
+        body = sqs_body(event)
+        if bad := _NOT_IN_SQS.search(body):
+            raise InvalidEventError(
+                f"event {event.name!r} contains {bad.group()!r}, a character SQS refuses"
+            )
+        super().check(event)
+        if self.message_group_id is not None:
+            self._group_of(event)
+
+    def _group_of(self, event: Event) -> str:
+        assert self.message_group_id is not None
+        try:
+            group = self.message_group_id(event)
+        except Exception as exc:
+            raise InvalidEventError(
+                f"message_group_id of forwarder {self.name} failed for event {event.name!r}: "
+                f"{exc!r}"
+            ) from exc
+        if not isinstance(group, str) or not 1 <= len(group) <= 128:
+            raise InvalidEventError(
+                f"message_group_id of forwarder {self.name} must return a str of 1 to 128 "
+                f"characters, got {group!r} for event {event.name!r}"
+            )
+        return group
+
+    def _entry(self, index: int, event: Event) -> tuple[int, _Entry, Event]:
+        body = sqs_body(event)
+        attributes = _attributes(event)
+        entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(index), "MessageBody": body}
+        if attributes:
+            entry["MessageAttributes"] = attributes
+        if self.message_group_id is not None:
+            entry["MessageGroupId"] = self._group_of(event)
+        if self.fifo:
+            entry["MessageDeduplicationId"] = event.id
+        return _size(body, attributes), entry, event
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def send(self, events: Sequence[Event]) -> Delivery | None:
+        """Send *events* in ``SendMessageBatch`` calls; report ``Failed`` entries.
+
+        Raises `ForwarderError` when no call went through; when only some did,
+        the events of the others are returned for a retry.
+        """
+        client = await self._current_client()
+        entries = [self._entry(index, event) for index, event in enumerate(events)]
+        chunks = list(_chunks(entries, self._batch_bytes))
+        if self.fifo:
+            return await self._send_in_order(client, chunks)
+        return await self._send_concurrently(client, chunks)
+
+    async def _send_in_order(
+        self, client: SQSClient, chunks: list[list[tuple[_Entry, Event]]]
+    ) -> Delivery | None:
+        """FIFO: one call after the other; once a call fails, hold back the later ones.
+
+        The held-back events are retried with the failed ones, so that they do not
+        overtake them in their message groups.
+        """
+        results: list[Delivery | None] = []
+        for number, chunk in enumerate(chunks):
+            try:
+                result = await self._send_chunk(client, chunk)
+            except ForwarderError as exc:
+                if number == 0:
+                    raise
+                result = Delivery(retry=[event for _, event in chunk], reason=str(exc))
+            results.append(result)
+            if result is not None and result.retry:
+                held = [event for later in chunks[number + 1 :] for _, event in later]
+                if held:
+                    results.append(Delivery(retry=held, reason="held back to keep FIFO order"))
+                break
+        return _merge(results)
+
+    async def _send_concurrently(
+        self, client: SQSClient, chunks: list[list[tuple[_Entry, Event]]]
+    ) -> Delivery | None:
+        """Standard queue: up to 10 calls at once; raise only if every call failed."""
+        slots = asyncio.Semaphore(_CONCURRENT_CALLS)
+
+        async def one(chunk: list[tuple[_Entry, Event]]) -> Delivery | ForwarderError | None:
+            async with slots:
+                try:
+                    return await self._send_chunk(client, chunk)
+                except ForwarderError as exc:
+                    return exc
+
+        results = await asyncio.gather(*(one(chunk) for chunk in chunks))
+        errors = [result for result in results if isinstance(result, ForwarderError)]
+        if errors and len(errors) == len(results):
+            raise errors[0]
+        return _merge(
+            [
+                Delivery(retry=[event for _, event in chunk], reason=str(result))
+                if isinstance(result, ForwarderError)
+                else result
+                for result, chunk in zip(results, chunks, strict=True)
+            ]
+        )
+
+    async def _send_chunk(
+        self, client: SQSClient, chunk: list[tuple[_Entry, Event]]
+    ) -> Delivery | None:
+        try:
+            response = await client.send_message_batch(
+                QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
+            )
+        except Exception as exc:
+            error = _translate(exc, self.name)
+            if error is None:
+                raise
+            raise error from exc
+        return _failed_entries(response, chunk)
+
+
+def _merge(results: Sequence[Delivery | None]) -> Delivery | None:
+    """One `Delivery` for the results of several batch calls."""
+    failed = [result for result in results if result is not None]
+    if not failed:
+        return None
+    return Delivery(
+        retry=[event for result in failed for event in result.retry],
+        rejected=[event for result in failed for event in result.rejected],
+        reason="; ".join(result.reason for result in failed if result.reason),
+    )

@@ -1,0 +1,182 @@
+"""The wire format: CloudEvents 1.0, as forwarders send events and workers receive them.
+
+- SQS: *structured* mode, the whole CloudEvent as JSON in the message body.
+- Pub/Sub: Google's CloudEvents binding, *binary* mode: the payload as JSON in
+  ``data``, the context attributes as ``ce-*`` message attributes.
+
+W3C trace context (``traceparent``, ``tracestate``) travels in message
+attributes, never inside the payload. `decode_message` turns a received SQS or
+Pub/Sub message back into an `Event`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from ._events import Event
+from .exceptions import MessageDecodeError
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "TRACE_ATTRIBUTES",
+    "decode_message",
+    "from_cloudevent",
+    "pubsub_attributes",
+    "pubsub_data",
+    "sqs_body",
+    "to_cloudevent",
+    "trace_attributes",
+]
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+TRACE_ATTRIBUTES = ("traceparent", "tracestate")
+"""Message attributes that carry W3C trace context."""
+
+DEFAULT_SOURCE = f"//fastapi-eventbus/{socket.gethostname()}"
+"""The CloudEvents ``source`` of events whose bus sets none: this host, as a URI reference."""
+
+_REQUIRED = ("specversion", "id", "source", "type")
+
+
+def _time_text(time: datetime) -> str:
+    return time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def to_cloudevent(event: Event) -> dict[str, Any]:
+    """The event as a structured-mode CloudEvent (a JSON-ready dict)."""
+    return {
+        "specversion": SPECVERSION,
+        "id": event.id,
+        "source": event.source or DEFAULT_SOURCE,
+        "type": event.name,
+        "time": _time_text(event.time),
+        "datacontenttype": CONTENT_TYPE,
+        "data": event.payload,
+    }
+
+
+def sqs_body(event: Event) -> str:
+    """The SQS message body: the structured CloudEvent as compact JSON."""
+    return json.dumps(to_cloudevent(event), separators=(",", ":"), ensure_ascii=False)
+
+
+def pubsub_data(event: Event) -> bytes:
+    """The Pub/Sub message data (binary mode): the payload as JSON."""
+    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def pubsub_attributes(event: Event) -> dict[str, str]:
+    """The Pub/Sub message attributes (binary mode): ``ce-*`` context plus trace context."""
+    attributes = {
+        "ce-specversion": SPECVERSION,
+        "ce-id": event.id,
+        "ce-source": event.source or DEFAULT_SOURCE,
+        "ce-type": event.name,
+        "ce-time": _time_text(event.time),
+        "content-type": CONTENT_TYPE,
+    }
+    attributes.update(trace_attributes(event))
+    return attributes
+
+
+def trace_attributes(event: Event) -> dict[str, str]:
+    """The event's W3C trace context, for message attributes."""
+    return {k: v for k, v in event.trace_context.items() if k in TRACE_ATTRIBUTES and v}
+
+
+def from_cloudevent(
+    cloudevent: Mapping[str, Any], trace_context: Mapping[str, str] | None = None
+) -> Event:
+    """Build an `Event` from a structured CloudEvent; `MessageDecodeError` if it is not one."""
+    if not isinstance(cloudevent, Mapping):
+        raise MessageDecodeError(
+            f"a CloudEvent must be a JSON object, got {type(cloudevent).__name__}"
+        )
+    missing = [key for key in _REQUIRED if not cloudevent.get(key)]
+    if missing:
+        raise MessageDecodeError(f"not a CloudEvent: missing {', '.join(missing)}")
+    if cloudevent["specversion"] != SPECVERSION:
+        raise MessageDecodeError(
+            f"unsupported CloudEvents specversion {cloudevent['specversion']!r}"
+        )
+    content_type = cloudevent.get("datacontenttype", CONTENT_TYPE)
+    if content_type != CONTENT_TYPE:
+        raise MessageDecodeError(f"unsupported datacontenttype {content_type!r}")
+    fields: dict[str, Any] = {
+        "name": cloudevent["type"],
+        "payload": cloudevent.get("data"),
+        "id": cloudevent["id"],
+        "source": cloudevent["source"],
+        "trace_context": dict(trace_context or {}),
+    }
+    if cloudevent.get("time"):
+        fields["time"] = cloudevent["time"]
+    try:
+        return Event.model_validate(fields)
+    except ValidationError as exc:
+        raise MessageDecodeError(f"invalid CloudEvent: {exc}") from exc
+
+
+def _json(text: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _decode_sqs(message: Mapping[str, Any]) -> Event:
+    attributes = message.get("MessageAttributes") or {}
+    trace = {
+        key: value["StringValue"]
+        for key, value in attributes.items()
+        if key in TRACE_ATTRIBUTES and isinstance(value, Mapping) and "StringValue" in value
+    }
+    return from_cloudevent(_json(message["Body"], "SQS message body"), trace)
+
+
+def _decode_pubsub(message: Mapping[str, Any]) -> Event:
+    attributes: Mapping[str, str] = message.get("attributes") or {}
+    data = message.get("data") or b""
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except binascii.Error as exc:
+            raise MessageDecodeError(f"Pub/Sub data is not base64: {exc}") from exc
+    cloudevent: dict[str, Any] = {
+        key[3:]: value for key, value in attributes.items() if key.startswith("ce-")
+    }
+    cloudevent["datacontenttype"] = attributes.get("content-type", CONTENT_TYPE)
+    cloudevent["data"] = _json(data, "Pub/Sub message data") if data else None
+    trace = {key: attributes[key] for key in TRACE_ATTRIBUTES if key in attributes}
+    return from_cloudevent(cloudevent, trace)
+
+
+def decode_message(message: Mapping[str, Any]) -> Event:
+    """Turn a received SQS or Pub/Sub message back into the `Event` that was forwarded.
+
+    Accepts an SQS message as ``ReceiveMessage`` returns it (``Body`` and
+    ``MessageAttributes``), and a Pub/Sub message as a pull returns it, either the
+    ``{"ackId": ..., "message": {...}}`` item or the inner message (``data``, base64
+    or bytes, and ``attributes``). Raises `MessageDecodeError` for anything else.
+    """
+    if not isinstance(message, Mapping):
+        raise MessageDecodeError(f"a message must be a mapping, got {type(message).__name__}")
+    if "Body" in message:
+        return _decode_sqs(message)
+    inner = message.get("message")
+    if isinstance(inner, Mapping):
+        message = inner
+    if "attributes" in message or "data" in message:
+        return _decode_pubsub(message)
+    raise MessageDecodeError(
+        "neither an SQS message (Body) nor a Pub/Sub message (data, attributes)"
+    )

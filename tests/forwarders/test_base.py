@@ -1,0 +1,295 @@
+"""The forwarder base class and the flush path it shares with local handlers."""
+
+import asyncio
+import io
+import json
+from collections.abc import Sequence
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from fastapi_eventbus import (
+    ConfigurationError,
+    Event,
+    EventBus,
+    ForwarderError,
+    InvalidEventError,
+    get_bus,
+)
+from fastapi_eventbus.forwarders import DeadLetter, Delivery, EchoForwarder, Forwarder, Retry
+from fastapi_eventbus.testing import RecordingForwarder, capture
+from fastapi_eventbus.wire import decode_message
+
+FAST = Retry(attempts=4, initial_delay=0.001, max_delay=0.01, total_timeout=5)
+
+
+class Flaky(Forwarder):
+    """Fails its first *failures* sends with *error*, then records like RecordingForwarder."""
+
+    def __init__(self, failures: int, error: Exception, dead: list[DeadLetter]) -> None:
+        super().__init__(retry=FAST, dead_letter=dead.append)
+        self.failures = failures
+        self.error = error
+        self.attempts: list[list[str]] = []
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.attempts.append([e.name for e in events])
+        if len(self.attempts) <= self.failures:
+            raise self.error
+
+
+def emitting_app(bus: EventBus, *names: str) -> TestClient:
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        for name in names:
+            bus.emit(name, {"n": name})
+
+    return TestClient(app)
+
+
+def test_one_send_per_forwarder_per_flush_with_its_matching_events() -> None:
+    bus = EventBus()
+    orders, everything = RecordingForwarder("orders"), RecordingForwarder("all")
+    assert bus.forward("order.*", orders) is orders
+    bus.forward(["*"], everything)
+    client = emitting_app(bus, "order.placed", "cat.created", "order.paid")
+    client.post("/")
+    client.post("/")
+    assert [[e.name for e in b] for b in orders.batches] == [["order.placed", "order.paid"]] * 2
+    assert [len(b) for b in everything.batches] == [3, 3]
+    assert orders.started == 1
+
+
+def test_transient_failures_are_retried() -> None:
+    dead: list[DeadLetter] = []
+    flaky = Flaky(2, ForwarderError("throttled", transient=True), dead)
+    bus = EventBus()
+    bus.forward("*", flaky)
+    emitting_app(bus, "a", "b").post("/")
+    assert flaky.attempts == [["a", "b"]] * 3
+    assert dead == []
+
+
+def test_connection_errors_count_as_transient() -> None:
+    dead: list[DeadLetter] = []
+    flaky = Flaky(1, ConnectionRefusedError("down"), dead)
+    bus = EventBus()
+    bus.forward("*", flaky)
+    emitting_app(bus, "a").post("/")
+    assert len(flaky.attempts) == 2
+    assert dead == []
+
+
+def test_what_still_fails_is_dead_lettered_with_its_ids(caplog: pytest.LogCaptureFixture) -> None:
+    dead: list[DeadLetter] = []
+    flaky = Flaky(99, ForwarderError("still down", transient=True), dead)
+    bus = EventBus()
+    bus.forward("*", flaky)
+    client = emitting_app(bus, "a", "b")
+    with capture(bus) as seen:
+        client.post("/")
+    assert len(flaky.attempts) == FAST.attempts
+    assert [d.ids for d in dead] == [[e.id for e in seen.emitted]]
+    assert "gave up after 4 attempt(s)" in dead[0].reason
+    assert all(e.id in caplog.text for e in seen.emitted)
+
+
+def test_permanent_failures_are_not_retried() -> None:
+    dead: list[DeadLetter] = []
+    flaky = Flaky(99, ForwarderError("no such queue"), dead)
+    bus = EventBus()
+    bus.forward("*", flaky)
+    emitting_app(bus, "a").post("/")
+    assert len(flaky.attempts) == 1
+    assert len(dead) == 1
+    assert isinstance(dead[0].exception, ForwarderError)
+
+
+def test_partial_delivery_retries_some_and_dead_letters_others() -> None:
+    dead: list[DeadLetter] = []
+
+    class Partial(Forwarder):
+        def __init__(self) -> None:
+            super().__init__(retry=FAST, dead_letter=dead.append)
+            self.sent: list[list[str]] = []
+
+        async def send(self, events: Sequence[Event]) -> Delivery | None:
+            self.sent.append([e.name for e in events])
+            if len(self.sent) > 1:
+                return None
+            return Delivery(
+                retry=[e for e in events if e.name == "retry me"],
+                rejected=[e for e in events if e.name == "bad"],
+                reason="1 throttled, 1 invalid",
+            )
+
+    partial = Partial()
+    bus = EventBus()
+    bus.forward("*", partial)
+    emitting_app(bus, "ok", "retry me", "bad").post("/")
+    assert partial.sent == [["ok", "retry me", "bad"], ["retry me"]]
+    assert [[e.name for e in d.events] for d in dead] == [["bad"]]
+    assert "1 throttled, 1 invalid" in dead[0].reason
+
+
+def test_a_failing_forwarder_does_not_touch_handlers_or_other_forwarders() -> None:
+    dead: list[DeadLetter] = []
+    bus = EventBus()
+    broken = Flaky(99, RuntimeError("bug in a forwarder"), dead)
+    healthy = RecordingForwarder()
+    bus.forward("*", broken)
+    bus.forward("*", healthy)
+    handled: list[str] = []
+    bus.on("*")(lambda event: handled.append(event.name))
+    response = emitting_app(bus, "a").post("/")
+    assert response.status_code == 200
+    assert handled == ["a"]
+    assert [e.name for e in healthy.events] == ["a"]
+    assert len(dead) == 1
+
+
+def test_handlers_do_not_wait_for_a_slow_forwarder() -> None:
+    bus = EventBus()
+    release = asyncio.Event()
+    log: list[str] = []
+
+    class Slow(Forwarder):
+        async def send(self, events: Sequence[Event]) -> None:
+            log.append("forwarder started")
+            await asyncio.wait_for(release.wait(), 5)  # set by the last handler
+            log.append("forwarder done")
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        log.append(f"handled {event.name}")
+        if event.name == "b":
+            release.set()
+
+    bus.forward("*", Slow())
+    emitting_app(bus, "a", "b").post("/")
+    assert sorted(log[:3]) == ["forwarder started", "handled a", "handled b"]
+    assert log[3:] == ["forwarder done"]
+
+
+@pytest.mark.anyio
+async def test_publish_waits_for_forwarders_and_chained_events_are_forwarded() -> None:
+    bus = EventBus()
+    recorder = RecordingForwarder()
+    bus.forward("*", recorder)
+
+    @bus.on("first")
+    async def chain(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("second")
+
+    await bus.publish("first")
+    assert [[e.name for e in b] for b in recorder.batches] == [["first"], ["second"]]
+
+
+def test_oversized_events_are_rejected_at_emit() -> None:
+    bus = EventBus()
+    recorder = RecordingForwarder()
+    recorder.max_message_bytes = 300
+    bus.forward("big.*", recorder)
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> str:
+        bus.emit("small.thing", {"data": "x" * 1000})  # not forwarded: no limit applies
+        try:
+            bus.emit("big.thing", {"data": "x" * 1000})
+        except InvalidEventError as exc:
+            return str(exc)
+        return "accepted"
+
+    message = TestClient(app).post("/").json()
+    assert "over the 300-byte limit of forwarder RecordingForwarder" in message
+    assert recorder.events == []
+
+
+def test_forwarders_are_closed_at_shutdown() -> None:
+    bus = EventBus()
+    recorder = RecordingForwarder()
+    bus.forward("*", recorder)
+    with emitting_app(bus, "a") as client:
+        client.post("/")
+        assert (recorder.started, recorder.closed) == (1, 0)
+    assert (recorder.started, recorder.closed) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_start_runs_once_for_concurrent_sends() -> None:
+    recorder = RecordingForwarder()
+    await asyncio.gather(*(recorder.deliver([Event(name=f"e{i}")]) for i in range(20)))
+    assert recorder.started == 1
+    assert len(recorder.events) == 20
+    async with recorder:
+        pass
+    assert recorder.closed == 1
+
+
+@pytest.mark.anyio
+async def test_echo_forwarder_prints_cloudevents() -> None:
+    out = io.StringIO()
+    bus = EventBus(source="/tests")
+    bus.forward("*", EchoForwarder(out))
+    event = await bus.publish("cat.created", {"id": 1})
+    line = json.loads(out.getvalue())
+    assert line["type"] == "cat.created"
+    assert line["source"] == "/tests"
+    assert decode_message({"Body": out.getvalue()}) == event
+
+
+def test_bad_forwarder_configuration() -> None:
+    bus = EventBus()
+    with pytest.raises(ConfigurationError, match="needs a Forwarder"):
+        bus.forward("*", object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="non-empty str"):
+        bus.forward("", RecordingForwarder())
+    with pytest.raises(ConfigurationError, match="attempts"):
+        Retry(attempts=0)
+    with pytest.raises(ConfigurationError, match="dead_letter must be callable"):
+        Forwarder(dead_letter="log")  # type: ignore[arg-type]
+
+
+def test_retry_delays_grow_and_are_jittered() -> None:
+    retry = Retry(initial_delay=1, max_delay=4)
+    for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 4), (10, 4)]:
+        delays = {retry.delay(attempt) for _ in range(50)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1
+
+
+def test_shutdown_reports_events_still_being_forwarded() -> None:
+    discarded: list[list[str]] = []
+    bus = EventBus(shutdown_timeout=0.2, on_discard=lambda d: discarded.append(d.ids))
+    started = asyncio.Event()
+
+    class Stuck(RecordingForwarder):
+        async def send(self, events: Sequence[Event]) -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+    stuck = Stuck()
+    bus.forward("*", stuck)
+    app = FastAPI()
+    bus.install(app)
+    views: list[EventBus] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        views.append(bus)
+
+    with TestClient(app) as client:
+        client.post("/")
+        portal = client.portal
+        assert portal is not None
+        # Emitted after the request finished: handled by a task the bus tracks.
+        event = portal.call(views[0].emit, "stuck")
+        portal.call(asyncio.wait_for, started.wait(), 5)
+    assert discarded == [[event.id]]
+    assert stuck.closed == 1

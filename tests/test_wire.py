@@ -1,0 +1,119 @@
+"""CloudEvents on the wire: encode for SQS (structured) and Pub/Sub (binary), decode both."""
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from fastapi_eventbus import Event, MessageDecodeError
+from fastapi_eventbus.wire import (
+    DEFAULT_SOURCE,
+    decode_message,
+    pubsub_attributes,
+    pubsub_data,
+    sqs_body,
+    to_cloudevent,
+)
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+EVENT = Event(
+    name="order.placed",
+    payload={"id": 7, "items": ["é", 2.5]},
+    id="6f1c1a8e-3b57-4d0c-9c0e-2d8a2c1e4b11",
+    time=datetime(2026, 11, 24, 5, 39, 1, 123456, tzinfo=UTC),
+    source="/shop",
+    trace_context={"traceparent": TRACEPARENT, "tracestate": "vendor=1"},
+)
+
+
+def test_structured_cloudevent() -> None:
+    assert to_cloudevent(EVENT) == {
+        "specversion": "1.0",
+        "id": EVENT.id,
+        "source": "/shop",
+        "type": "order.placed",
+        "time": "2026-11-24T05:39:01.123456Z",
+        "datacontenttype": "application/json",
+        "data": {"id": 7, "items": ["é", 2.5]},
+    }
+    assert to_cloudevent(Event(name="x"))["source"] == DEFAULT_SOURCE
+
+
+def test_trace_context_never_enters_the_payload() -> None:
+    assert "traceparent" not in sqs_body(EVENT)
+    assert b"traceparent" not in pubsub_data(EVENT)
+    assert pubsub_attributes(EVENT)["traceparent"] == TRACEPARENT
+
+
+def test_sqs_round_trip() -> None:
+    message = {
+        "Body": sqs_body(EVENT),
+        "MessageAttributes": {
+            "traceparent": {"DataType": "String", "StringValue": TRACEPARENT},
+            "tracestate": {"DataType": "String", "StringValue": "vendor=1"},
+        },
+    }
+    assert decode_message(message) == EVENT
+
+
+def test_pubsub_binary_round_trip_in_both_pull_shapes() -> None:
+    attributes = pubsub_attributes(EVENT)
+    assert attributes["ce-specversion"] == "1.0"
+    assert attributes["ce-type"] == "order.placed"
+    assert attributes["content-type"] == "application/json"
+    inner = {"data": base64.b64encode(pubsub_data(EVENT)).decode(), "attributes": attributes}
+    assert decode_message(inner) == EVENT
+    assert decode_message({"ackId": "a1", "message": inner}) == EVENT
+    assert decode_message({"data": pubsub_data(EVENT), "attributes": attributes}) == EVENT
+
+
+def test_an_event_without_payload_round_trips() -> None:
+    event = Event(name="ping", source="/s")
+    attributes = pubsub_attributes(event)
+    assert decode_message({"Body": sqs_body(event)}) == event
+    assert decode_message({"data": pubsub_data(event), "attributes": attributes}) == event
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"Body": "not json"}, "not valid JSON"),
+        ({"Body": "[1, 2]"}, "must be a JSON object"),
+        ({"Body": json.dumps({"id": "1", "type": "x"})}, "missing specversion, source"),
+        (
+            {"Body": json.dumps({"specversion": "0.3", "id": "1", "source": "s", "type": "x"})},
+            "unsupported CloudEvents specversion",
+        ),
+        (
+            {
+                "Body": json.dumps(
+                    {
+                        "specversion": "1.0",
+                        "id": "1",
+                        "source": "s",
+                        "type": "x",
+                        "datacontenttype": "text/xml",
+                    }
+                )
+            },
+            "unsupported datacontenttype",
+        ),
+        (
+            {
+                "Body": json.dumps(
+                    {"specversion": "1.0", "id": "1", "source": "s", "type": "x", "time": "noon"}
+                )
+            },
+            "invalid CloudEvent",
+        ),
+        ({"data": "%%%", "attributes": {}}, "not base64"),
+        ({"attributes": {"ce-id": "1"}}, "missing specversion"),
+        ({"something": "else"}, "neither an SQS message"),
+        ("a string", "must be a mapping"),
+    ],
+)
+def test_bad_messages_raise_a_decode_error(message: Any, error: str) -> None:
+    with pytest.raises(MessageDecodeError, match=error):
+        decode_message(message)

@@ -68,9 +68,11 @@ class PubSubForwarder(Forwarder):
     """Publish events to one Pub/Sub topic, batched within the service's limits.
 
     Each flush's matching events are published in order, in requests of at
-    most 1,000 messages and 10 MB. Connection errors, timeouts, HTTP 429 and
-    5xx are retried with backoff; other HTTP errors (a missing topic, a denied
-    permission) dead-letter the events at once.
+    most 1,000 messages and 10 MB. With *ordering_key*, batches are published
+    one at a time, in the order their flushes reached the forwarder, so that
+    the messages of a key reach Pub/Sub in emission order. Connection errors,
+    timeouts, HTTP 429 and 5xx are retried with backoff; other HTTP errors (a
+    missing topic, a denied permission) dead-letter the events at once.
 
     Args:
         topic: The full topic path, ``"projects/PROJECT/topics/TOPIC"``.
@@ -128,6 +130,7 @@ class PubSubForwarder(Forwarder):
         self._session: aiohttp.ClientSession | None = None
         self._client: PublisherClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_order: asyncio.Lock | None = None
         _require_sdk()
 
     def __repr__(self) -> str:
@@ -140,7 +143,8 @@ class PubSubForwarder(Forwarder):
         import aiohttp
         from gcloud.aio.pubsub import PublisherClient
 
-        session = self._given_session or aiohttp.ClientSession()
+        given = self._given_session
+        session = aiohttp.ClientSession() if given is None else given
         try:
             client = PublisherClient(
                 # typed as requests.Session: gcloud-aio's types follow its sync twin
@@ -148,21 +152,25 @@ class PubSubForwarder(Forwarder):
                 api_root=self.api_root,
                 api_is_dev=self.emulated,
                 service_file=self._service_file,
+                # With an emulator, no credentials file is even read (a stale
+                # GOOGLE_APPLICATION_CREDENTIALS must not break local runs).
+                token=cast(Any, _NoToken()) if self.emulated else None,
             )
         except Exception as exc:  # unreadable or invalid credentials file
-            if session is not self._given_session:
+            if given is None:
                 await session.close()
             raise ForwarderError(
                 f"{self.name}: could not create the Pub/Sub client: {_describe(exc)}"
             ) from exc
-        self._session = None if session is self._given_session else session
+        self._session = session if given is None else None
         self._client = client
         self._loop = asyncio.get_running_loop()
+        self._in_order = asyncio.Lock() if self.ordering_key is not None else None
 
     async def close(self) -> None:
         """Close the publisher client and the session the forwarder opened."""
         client, session = self._client, self._session
-        self._client = self._session = self._loop = None
+        self._client = self._session = self._loop = self._in_order = None
         if client is not None:
             await client.close()  # closes only what the client itself opened
         if session is not None:
@@ -177,8 +185,15 @@ class PubSubForwarder(Forwarder):
         returns a `Delivery` naming the events not yet published.
         """
         client = self._current_client()
+        if self._in_order is None:
+            return await self._send(client, events)
+        async with self._in_order:  # one batch at a time, in the order the flushes came
+            return await self._send(client, events)
+
+    async def _send(self, client: PublisherClient, events: Sequence[Event]) -> Delivery | None:
+        requests = list(self._requests(events))  # everything encoded before anything is sent
         published = 0
-        for messages in self._requests(events):
+        for messages in requests:
             try:
                 await self._publish(client, messages)
             except ForwarderError as exc:
@@ -280,6 +295,16 @@ class PubSubForwarder(Forwarder):
                 f"{len(ids) if isinstance(ids, list) else 'no'} message id(s)",
                 transient=True,
             )
+
+
+class _NoToken:
+    """Stands in for gcloud-aio's `Token` with an emulator, where none is ever asked for."""
+
+    async def get(self) -> str:
+        raise ForwarderError("an access token was requested for a Pub/Sub emulator")
+
+    async def close(self) -> None:
+        pass
 
 
 def _endpoint(api_root: str | None, emulator_host: str | None) -> tuple[str, bool]:

@@ -335,13 +335,21 @@ class SQSForwarder(Forwarder):
         return _size(sqs_body(event), _attributes(event))
 
     def check(self, event: Event) -> None:
-        """Raise `InvalidEventError` if *event* could never be sent to this queue."""
+        """Raise `InvalidEventError` if *event* could never be sent to this queue.
+
+        Called at emit time: the message's size, its characters and its group id.
+        """
         body = sqs_body(event)
         if bad := _NOT_IN_SQS.search(body):
             raise InvalidEventError(
                 f"event {event.name!r} contains {bad.group()!r}, a character SQS refuses"
             )
-        super().check(event)
+        limit = self.max_message_bytes
+        if limit is not None and (size := _size(body, _attributes(event))) > limit:
+            raise InvalidEventError(  # the base class's message, without encoding twice
+                f"event {event.name!r} would be a {size}-byte message, over the {limit}-byte "
+                f"limit of forwarder {self.name}; send a reference to the data instead"
+            )
         if self.message_group_id is not None:
             self._group_of(event)
 

@@ -14,14 +14,15 @@ from starlette.background import BackgroundTasks
 from starlette.requests import HTTPConnection
 
 from . import _di
-from ._core import CLOSED, COLLECTING, SCOPE_KEY, Batch, Core, Handler, disabled_by_env
+from ._core import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, Core, Handler, disabled_by_env
 from ._events import Event, check_name, event_name_of, is_event_model, make_event, resolve_emit_args
-from ._hooks import OnDiscard, OnError, logger
+from ._hooks import HandlerFailure, OnDiscard, OnError, logger
 from ._patterns import compile_pattern
 from .exceptions import (
     BusNotInstalledError,
     ConfigurationError,
     EventChainError,
+    InvalidEventError,
     OutsideRequestError,
 )
 from .forwarders._base import Forwarder
@@ -273,6 +274,31 @@ class EventBus:
         core.active.add(batch)
         await core.flush(batch)
         return event_obj
+
+    async def handle(self, event: Event) -> list[HandlerFailure]:
+        """Run the local handlers of an existing *event* now; forward nothing.
+
+        For consumers of forwarded events (the worker): *event* is what
+        `fastapi_eventbus.wire.decode_message` returned. Handlers get the same
+        dependency injection as in-process; events they chain are handled and
+        forwarded as usual. Returns the failures (each already logged and given
+        to ``on_error``): an empty list means every matching handler succeeded.
+        """
+        if not isinstance(event, Event):
+            raise InvalidEventError(f"handle() takes an Event, got {type(event).__name__}")
+        core = self._core
+        depth = self._batch.depth if self._batch is not None else 0
+        scope = self._batch.scope if self._batch is not None else core.base_scope()
+        batch = Batch(scope, depth, loop=asyncio.get_running_loop())
+        batch.state = FLUSHING
+        batch.current = event
+        core.active.add(batch)
+        try:
+            return await core.dispatch(event, batch)
+        finally:
+            batch.current = None
+            batch.state = CLOSED
+            core.active.discard(batch)
 
     def _accept(self, event: object, payload: Any, depth: int) -> tuple[Event, bool]:
         """Validate and build the event, show it to observers; say whether to deliver it."""

@@ -206,17 +206,21 @@ class Core:
         if batch.events:
             await self.discard(batch, "the flush was cancelled")
 
-    async def dispatch(self, event: Event, batch: Batch) -> None:
+    async def dispatch(self, event: Event, batch: Batch) -> list[HandlerFailure]:
         """Run every handler matching *event*, one after the other, isolating failures.
 
         Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
         handled right after that handler returns, or discarded if it raised.
+        Returns the failures (already logged and passed to ``on_error``).
         """
+        failures: list[HandlerFailure] = []
         for handler in self.handlers.match(event.name):
             child = batch.child() if handler.plan.uses_solver else None
             error = await self._run(handler, event, batch, child)
             for observer in self.observers:
                 observer.on_handled(event, handler.name, error)
+            if error is not None:
+                failures.append(HandlerFailure(event, handler.name, error))
             if child is None or not child.events:
                 continue
             if error is not None:
@@ -224,6 +228,7 @@ class Core:
             else:
                 self.active.add(child)
                 await self.flush(child)
+        return failures
 
     async def _run(
         self, handler: Handler, event: Event, batch: Batch, child: Batch | None

@@ -374,3 +374,30 @@ def test_the_flush_joins_background_tasks_at_the_first_emit(app: FastAPI, bus: E
     client.post("/")
     assert log == ["added before the first emit", "first", "second", "added after it"]
     assert client.post("/quiet").status_code == 200
+
+
+@pytest.mark.anyio
+async def test_handle_runs_local_handlers_of_an_existing_event_and_reports_failures(
+    bus: EventBus, hooks: Hooks
+) -> None:
+    from fastapi_eventbus.testing import RecordingForwarder
+
+    recorder = RecordingForwarder()
+    bus.forward("*", recorder)
+    log = record(bus)
+
+    @bus.on("order.placed")
+    async def fails(event: Event, bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("never")  # discarded with the failure
+        raise RuntimeError("no stock")
+
+    @bus.on("order.placed")
+    async def chains(event: Event, bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("order.reserved")
+
+    received = Event(name="order.placed", payload={"id": 1}, source="/elsewhere")
+    failures = await bus.handle(received)
+    assert [(f.event, f.handler.rsplit(".", 1)[1]) for f in failures] == [(received, "fails")]
+    assert log == ["order.placed", "order.reserved"]
+    assert [e.name for e in recorder.events] == ["order.reserved"]  # not the handled event
+    assert await bus.handle(Event(name="nobody.listens")) == []

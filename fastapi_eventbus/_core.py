@@ -180,6 +180,7 @@ class Core:
                 batch.current = None
             if batch.sends:
                 await asyncio.gather(*(task for task, _ in batch.sends))
+                batch.sends.clear()  # a WebSocket session's batch is flushed many times
         finally:
             batch.current = None
             batch.state = CLOSED

@@ -34,6 +34,7 @@ from .exceptions import (
     MessageDecodeError,
     MissingExtraError,
     OutsideRequestError,
+    SourceError,
 )
 
 try:
@@ -55,6 +56,7 @@ __all__ = [
     "MessageDecodeError",
     "MissingExtraError",
     "OutsideRequestError",
+    "SourceError",
     "__version__",
     "get_bus",
 ]

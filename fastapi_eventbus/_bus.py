@@ -432,10 +432,29 @@ def _pattern_of(pattern: object) -> str:
 def _draining_lifespan(
     original: Callable[[Any], AbstractAsyncContextManager[Any]], bus: EventBus
 ) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """Wrap *original*: after its startup, start the forwarders; at shutdown, `bus.close`.
+
+    A forwarder that fails to start is logged at WARNING, not raised: the app
+    serves anyway, and the forwarder is started again before its first send.
+    """
+
+    async def start(forwarder: Forwarder) -> None:
+        try:
+            await forwarder.ensure_started()
+        except Exception as exc:
+            logger.warning(
+                "forwarder %s failed to start at application startup (%r); it will be "
+                "started again before its first send",
+                forwarder.name,
+                exc,
+            )
+
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
         async with original(app) as state:
             try:
+                forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
+                await asyncio.gather(*(start(f) for f in forwarders.values()))
                 yield state
             finally:
                 await bus.close()

@@ -136,6 +136,9 @@ class Core:
         self.active: set[Batch] = set()
         self.observers: list[Observer] = []
         self._scope_template: dict[str, Any] | None = None
+        self.lifespan_state: dict[str, Any] = {}
+        """What the app's lifespan yielded, as ``request.state`` of handler calls without a
+        request; the worker sets it after entering the lifespan."""
 
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
@@ -156,7 +159,7 @@ class Core:
                 "server": None,
                 "app": self.app,
             }
-        return {**template, "state": {}}
+        return {**template, "state": dict(self.lifespan_state)}
 
     # -- flushing ---------------------------------------------------------------
 

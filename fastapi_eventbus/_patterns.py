@@ -34,18 +34,21 @@ class PatternIndex(Generic[T]):
     patterns is paid once per distinct name.
     """
 
-    __slots__ = ("_cache", "_entries")
+    __slots__ = ("_cache", "_entries", "_patterns")
 
     def __init__(self) -> None:
         self._entries: list[tuple[tuple[Matcher, ...], T]] = []
+        self._patterns: list[tuple[str, ...]] = []
         self._cache: dict[str, tuple[T, ...]] = {}
 
     def add(self, patterns: Iterable[str], item: T) -> None:
         """Register *item* under every pattern in *patterns*."""
-        matchers = tuple(compile_pattern(p) for p in patterns)
+        names = tuple(patterns)
+        matchers = tuple(compile_pattern(p) for p in names)
         if not matchers:
             raise ConfigurationError("at least one event pattern is required")
         self._entries.append((matchers, item))
+        self._patterns.append(names)
         self._cache.clear()
 
     def match(self, name: str) -> tuple[T, ...]:
@@ -63,3 +66,10 @@ class PatternIndex(Generic[T]):
     def items(self) -> list[T]:
         """Every registered item, in registration order."""
         return [item for _, item in self._entries]
+
+    def entries(self) -> list[tuple[tuple[str, ...], T]]:
+        """Every registered item with the patterns it was registered under, in order."""
+        return [
+            (patterns, item)
+            for patterns, (_, item) in zip(self._patterns, self._entries, strict=True)
+        ]

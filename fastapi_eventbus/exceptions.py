@@ -10,8 +10,9 @@ Every error the library raises on purpose derives from `EventBusError`, so one
     ├── OutsideRequestError       emit on the application bus, which has no request batch
     ├── EventChainError           chained events went deeper than ``max_chain_depth``
     ├── MessageDecodeError        a received queue message is not a valid event (a ValueError)
-    └── ForwarderError            a forwarder failed; ``transient`` says whether a retry may help
-        └── MissingExtraError     an optional SDK is not installed (names the extra to install)
+    ├── ForwarderError            a forwarder failed; ``transient`` says whether a retry may help
+    │   └── MissingExtraError     an optional SDK is not installed (names the extra to install)
+    └── SourceError               a worker's queue or subscription failed; ``transient`` as above
 
 Errors are raised where the mistake was made: at decoration time for handlers, in
 the constructor for settings, in the caller of ``emit`` for events. Nothing is
@@ -30,6 +31,7 @@ __all__ = [
     "MessageDecodeError",
     "MissingExtraError",
     "OutsideRequestError",
+    "SourceError",
 ]
 
 
@@ -82,3 +84,17 @@ class MissingExtraError(ForwarderError, ImportError):
             transient=False,
         )
         self.extra = extra
+
+
+class SourceError(EventBusError):
+    """A worker's source (an SQS queue, a Pub/Sub subscription) failed to receive or settle.
+
+    Sources raise it (``from`` the SDK's exception). ``transient=True`` means a
+    retry may help (throttling, a 5xx, an unreachable broker): the worker logs
+    it and tries again with backoff. Otherwise (a missing queue, a denied
+    permission) the worker stops.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

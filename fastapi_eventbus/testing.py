@@ -92,6 +92,8 @@ def capture(bus: EventBus, *, handle: bool = True) -> Iterator[Capture]:
 class RecordingForwarder(Forwarder):
     """A forwarder that keeps what it is sent, for tests: ``bus.forward("*", recorder)``."""
 
+    loop_bound = False  # nothing tied to an event loop: fine with a bare TestClient
+
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name=name)
         self.batches: list[list[Event]] = []

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Self, TypeAlias
+from typing import IO, ClassVar, Self, TypeAlias
 
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._hooks import call_hook, logger
@@ -80,6 +80,17 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError | TimeoutError | OSError)
 
 
+def _is_transient_start_failure(exc: BaseException) -> bool:
+    """Whether a retry may fix a failed `Forwarder.start`.
+
+    Narrower than `_is_transient`: a missing or unreadable credentials file is an
+    `OSError` too, and no retry brings it back.
+    """
+    if isinstance(exc, ForwarderError):
+        return exc.transient
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
 class Forwarder:
     """Base class for forwarders: what sends events to a remote broker.
 
@@ -88,9 +99,15 @@ class Forwarder:
     that match, concurrently with local handlers and other forwarders. `send`
     raises (or returns a `Delivery`) for what failed; the base class retries
     transient failures per *retry* and hands what still fails to *dead_letter*,
-    always with an ERROR log line. `start` runs once before the first send (or
-    at startup); `close` runs at shutdown. A forwarder is also an async context
-    manager doing both.
+    always with an ERROR log line.
+
+    `start` runs once: at application startup (the lifespan of ``bus.install``
+    starts every forwarder), or else before the first send; `close` runs at
+    shutdown. Clients belong to the event loop they were opened on: a
+    forwarder used on another loop than the one it started on (a bare
+    ``TestClient(app)``, several ``asyncio.run`` calls) logs a warning, calls
+    `abandon` and runs `start` again on the new loop. A forwarder is also an
+    async context manager doing `start` and `close`.
 
     Args:
         retry: The retry policy for transient failures.
@@ -98,6 +115,11 @@ class Forwarder:
         max_message_bytes: Reject, at emit time, events whose encoded message is larger.
         name: A name for logs (default: the class name).
     """
+
+    loop_bound: ClassVar[bool] = True
+    """Whether `start` opens clients tied to the running event loop (SDK sessions do).
+    Set it to ``False`` in forwarders without such clients: they start once and are never
+    restarted on another loop."""
 
     def __init__(
         self,
@@ -116,7 +138,10 @@ class Forwarder:
         self.max_message_bytes = max_message_bytes
         self.name = name or type(self).__name__
         self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop `start` last succeeded on."""
         self._start_lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -133,10 +158,26 @@ class Forwarder:
         raise NotImplementedError
 
     async def start(self) -> None:
-        """Open clients. Called once, before the first send or at application startup."""
+        """Open clients. Called once, at application startup or before the first send.
+
+        Called again, after `abandon`, if the forwarder is then used on another
+        event loop. An exception here is retried only if it is a
+        `ForwarderError` with ``transient=True``, a `ConnectionError` or a
+        `TimeoutError`; anything else dead-letters the batch at once.
+        """
 
     async def close(self) -> None:
         """Close clients. Called at application shutdown, after in-flight sends finished."""
+
+    def abandon(self) -> None:
+        """Drop the clients `start` opened, without closing them. Must not await anything.
+
+        Called when the forwarder is used on another event loop than the one it
+        started on, just before `start` runs again on the new loop: clients bound
+        to the old loop cannot be used or closed from there. Reset whatever
+        `start` set (clients, sessions, loop-bound locks) so that `start` opens
+        new ones. The default does nothing.
+        """
 
     def encoded_size(self, event: Event) -> int:
         """Bytes of the message this forwarder would send for *event*."""
@@ -158,21 +199,55 @@ class Forwarder:
             )
 
     async def ensure_started(self) -> None:
-        """Run `start` once, however many sends race to be first."""
-        if self._started:
+        """Run `start` once per event loop, however many sends race to be first.
+
+        If the forwarder started on another event loop, its clients belong to
+        that loop: log a warning, `abandon` them and `start` again on this one.
+        """
+        loop = asyncio.get_running_loop()
+        if self._started and (self._loop is loop or not self.loop_bound):
             return
-        if self._start_lock is None:
-            self._start_lock = asyncio.Lock()
-        async with self._start_lock:
-            if not self._started:
-                await self.start()
-                self._started = True
+        lock = self._start_lock
+        if lock is None or self._lock_loop is not loop:  # an asyncio.Lock binds to one loop
+            lock = self._start_lock = asyncio.Lock()
+            self._lock_loop = loop
+        async with lock:
+            if self._started and (self._loop is loop or not self.loop_bound):
+                return
+            if self._started:
+                self._abandon_other_loop()
+            await self.start()
+            self._started = True
+            self._loop = loop
+
+    def _abandon_other_loop(self) -> None:
+        logger.warning(
+            "forwarder %s: used on another event loop than the one it started on (an app run "
+            "without its lifespan, or several asyncio.run calls); starting it again on this "
+            "loop. Its clients from the previous loop are abandoned: they cannot be closed "
+            "from here. Use `with TestClient(app) as client:`, or a single event loop, to "
+            "avoid this",
+            self.name,
+        )
+        self._started = False
+        self._loop = None
+        self.abandon()
 
     async def aclose(self) -> None:
-        """Run `close` if `start` ran."""
-        if self._started:
-            self._started = False
-            await self.close()
+        """Run `close` if `start` ran; `abandon` instead if it ran on another event loop."""
+        if not self._started:
+            return
+        self._started = False
+        loop, self._loop = self._loop, None
+        if loop is not asyncio.get_running_loop():
+            logger.warning(
+                "forwarder %s: closed on another event loop than the one it started on; "
+                "its clients are abandoned, not closed",
+                self.name,
+            )
+            self.abandon()
+            return
+        await self.close()
 
     async def deliver(self, events: Sequence[Event]) -> None:
         """Send *events* with retries; dead-letter what still fails. Never raises."""
@@ -203,6 +278,12 @@ class Forwarder:
     async def _attempt(self, pending: list[Event]) -> tuple[list[Event], BaseException | None]:
         try:
             await self.ensure_started()
+        except Exception as exc:
+            if _is_transient_start_failure(exc):
+                return pending, exc
+            await self._dead_letter(pending, f"permanent failure: start failed: {exc!r}", exc)
+            return [], exc
+        try:
             delivery = await self.send(pending)
         except Exception as exc:
             if self.is_transient(exc):
@@ -242,6 +323,8 @@ class Forwarder:
 
 class EchoForwarder(Forwarder):
     """Prints every forwarded event as its SQS CloudEvent JSON, one per line. For debugging."""
+
+    loop_bound = False
 
     def __init__(
         self,

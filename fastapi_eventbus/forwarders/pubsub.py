@@ -85,7 +85,8 @@ class PubSubForwarder(Forwarder):
         service_file: A service-account (or other credentials) JSON file; by
             default Application Default Credentials are used.
         session: An `aiohttp.ClientSession` to use instead of the forwarder's
-            own. It is not closed by the forwarder.
+            own. It is not closed by the forwarder, and must belong to the event
+            loop the forwarder sends on.
         ordering_key: Returns the ordering key for an event (``""`` for none).
             Called at emit time too, so its errors reach the caller of ``emit``.
         timeout: Seconds allowed for one publish request.
@@ -129,7 +130,6 @@ class PubSubForwarder(Forwarder):
         self._given_session = session
         self._session: aiohttp.ClientSession | None = None
         self._client: PublisherClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_order: asyncio.Lock | None = None
         _require_sdk()
 
@@ -164,17 +164,20 @@ class PubSubForwarder(Forwarder):
             ) from exc
         self._session = session if given is None else None
         self._client = client
-        self._loop = asyncio.get_running_loop()
         self._in_order = asyncio.Lock() if self.ordering_key is not None else None
 
     async def close(self) -> None:
         """Close the publisher client and the session the forwarder opened."""
         client, session = self._client, self._session
-        self._client = self._session = self._loop = self._in_order = None
+        self._client = self._session = self._in_order = None
         if client is not None:
             await client.close()  # closes only what the client itself opened
         if session is not None:
             await session.close()
+
+    def abandon(self) -> None:
+        """Forget the session and client of another event loop (they cannot be closed here)."""
+        self._client = self._session = self._in_order = None
 
     # -- sending --------------------------------------------------------------------
 
@@ -240,11 +243,6 @@ class PubSubForwarder(Forwarder):
     def _current_client(self) -> PublisherClient:
         if self._client is None:
             raise ForwarderError(f"{self.name} is not started")
-        if self._loop is not asyncio.get_running_loop():
-            raise ForwarderError(
-                f"{self.name} was started on another event loop; its HTTP session cannot be "
-                "used here (a TestClient used without 'with' runs each request on a new loop)"
-            )
         return self._client
 
     def _message(self, event: Event) -> PubsubMessage:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit
 
 from fastapi_eventbus._events import Event
-from fastapi_eventbus._hooks import logger
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
@@ -188,8 +187,10 @@ class SQSForwarder(Forwarder):
     they are dead-lettered. Events whose message would exceed
     *max_message_bytes* are refused at ``emit`` with `InvalidEventError`.
 
-    One aiobotocore client per forwarder, created by `start` (lazily, before the
-    first send) and closed by `close` when the application shuts down.
+    One aiobotocore client per forwarder, created by `start` (at application
+    startup, or else before the first send) and closed by `close` when the
+    application shuts down. Used on another event loop, the forwarder abandons
+    its client and creates a new one there (see `Forwarder`).
 
     Args:
         queue_url: The queue's URL. A URL ending in ``.fifo`` is a FIFO queue.
@@ -259,7 +260,6 @@ class SQSForwarder(Forwarder):
         self._batch_bytes = max(max_message_bytes, MAX_MESSAGE_BYTES)
         self._client: SQSClient | None = None
         self._stack: AsyncExitStack | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<SQSForwarder {self.name!r} queue_url={self.queue_url!r}>"
@@ -278,7 +278,7 @@ class SQSForwarder(Forwarder):
 
     async def start(self) -> None:
         """Create the aiobotocore SQS client (no network call); a no-op if it exists."""
-        if self._client is not None and self._loop is asyncio.get_running_loop():
+        if self._client is not None:
             return
         from aiobotocore.config import AioConfig
         from aiobotocore.session import AioSession
@@ -306,27 +306,16 @@ class SQSForwarder(Forwarder):
                 raise
             raise error from exc
         self._stack = stack
-        self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         """Close the client."""
-        stack, self._stack, self._client, self._loop = self._stack, None, None, None
+        stack, self._stack, self._client = self._stack, None, None
         if stack is not None:
             await stack.aclose()
 
-    async def _current_client(self) -> SQSClient:
-        """The client, created again if the event loop it was made on is not running this."""
-        if self._client is None or self._loop is not asyncio.get_running_loop():
-            if self._client is not None:
-                self._client = self._stack = None  # its loop is gone: it cannot be closed
-                logger.warning(
-                    "forwarder %s: its SQS client was opened on another event loop (an app "
-                    "run without its lifespan, or several asyncio.run calls); opening a new one",
-                    self.name,
-                )
-            await self.start()
-        assert self._client is not None
-        return self._client
+    def abandon(self) -> None:
+        """Forget the client of another event loop (it cannot be closed from this one)."""
+        self._client = self._stack = None
 
     # -- messages -------------------------------------------------------------------
 
@@ -389,7 +378,7 @@ class SQSForwarder(Forwarder):
         Raises `ForwarderError` when no call went through; when only some did,
         the events of the others are returned for a retry.
         """
-        client = await self._current_client()
+        client = self.client
         entries = [self._entry(index, event) for index, event in enumerate(events)]
         chunks = list(_chunks(entries, self._batch_bytes))
         if self.fifo:

@@ -3,7 +3,9 @@
 import asyncio
 import io
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import pytest
 from fastapi import Depends, FastAPI
@@ -39,6 +41,24 @@ class Flaky(Forwarder):
             raise self.error
 
 
+class FailingStart(Forwarder):
+    """Its `start` raises the *errors*, one per call, then succeeds."""
+
+    def __init__(self, errors: list[Exception], dead: list[DeadLetter]) -> None:
+        super().__init__(retry=FAST, dead_letter=dead.append)
+        self.errors = list(errors)
+        self.starts = 0
+        self.sent: list[str] = []
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.sent.extend(event.name for event in events)
+
+
 def emitting_app(bus: EventBus, *names: str) -> TestClient:
     app = FastAPI()
     bus.install(app)
@@ -56,9 +76,9 @@ def test_one_send_per_forwarder_per_flush_with_its_matching_events() -> None:
     orders, everything = RecordingForwarder("orders"), RecordingForwarder("all")
     assert bus.forward("order.*", orders) is orders
     bus.forward(["*"], everything)
-    client = emitting_app(bus, "order.placed", "cat.created", "order.paid")
-    client.post("/")
-    client.post("/")
+    with emitting_app(bus, "order.placed", "cat.created", "order.paid") as client:
+        client.post("/")
+        client.post("/")
     assert [[e.name for e in b] for b in orders.batches] == [["order.placed", "order.paid"]] * 2
     assert [len(b) for b in everything.batches] == [3, 3]
     assert orders.started == 1
@@ -293,3 +313,247 @@ def test_shutdown_reports_events_still_being_forwarded() -> None:
         portal.call(asyncio.wait_for, started.wait(), 5)
     assert discarded == [[event.id]]
     assert stuck.closed == 1
+
+
+# -- event loops ------------------------------------------------------------------------------
+
+
+class LoopBound(Forwarder):
+    """Opens a stand-in client bound to the running event loop, as SDK clients are."""
+
+    def __init__(self, name: str | None = None, dead: list[DeadLetter] | None = None) -> None:
+        super().__init__(retry=FAST, dead_letter=None if dead is None else dead.append, name=name)
+        self.client: asyncio.AbstractEventLoop | None = None
+        self.log: list[str] = []
+        self.sent: list[str] = []
+
+    async def start(self) -> None:
+        self.log.append("start")
+        await asyncio.sleep(0.01)  # concurrent sends wait for it
+        self.client = asyncio.get_running_loop()
+
+    def abandon(self) -> None:
+        self.log.append("abandon")
+        self.client = None
+
+    async def close(self) -> None:
+        self.log.append("close")
+        self.client = None
+
+    async def send(self, events: Sequence[Event]) -> None:
+        if self.client is not asyncio.get_running_loop():
+            raise ForwarderError("a client of another event loop")  # permanent: no retry
+        self.sent.extend(event.name for event in events)
+
+
+def loop_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "another event loop" in record.getMessage()
+    ]
+
+
+def test_a_forwarder_used_on_a_new_event_loop_starts_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead: list[DeadLetter] = []
+    forwarder = LoopBound("orders", dead)
+
+    async def deliver(*names: str) -> None:
+        await asyncio.gather(*(forwarder.deliver([Event(name=name)]) for name in names))
+
+    asyncio.run(deliver("a", "b"))
+    assert loop_warnings(caplog) == []
+
+    async def second_run() -> None:
+        await deliver("c", "d", "e")  # racing to restart it: one restart
+        await deliver("f")
+
+    asyncio.run(second_run())
+    assert forwarder.log == ["start", "abandon", "start"]
+    assert sorted(forwarder.sent) == ["a", "b", "c", "d", "e", "f"]
+    assert dead == []
+    [warning] = loop_warnings(caplog)
+    assert warning.startswith("forwarder orders:")
+    assert "abandoned: they cannot be closed from here" in warning
+    assert "`with TestClient(app) as client:`, or a single event loop" in warning
+
+
+def test_a_bare_test_client_restarts_forwarders_on_each_request_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forwarder = LoopBound("orders")
+    bus = EventBus()
+    bus.forward("*", forwarder)
+    client = emitting_app(bus, "a")  # no `with`: every request runs on a new event loop
+    client.post("/")
+    client.post("/")
+    assert forwarder.sent == ["a", "a"]
+    assert forwarder.log == ["start", "abandon", "start"]
+    assert len(loop_warnings(caplog)) == 1
+
+
+def test_closing_on_another_event_loop_abandons_the_clients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forwarder = LoopBound("orders")
+    asyncio.run(forwarder.ensure_started())
+    asyncio.run(forwarder.aclose())
+    assert forwarder.log == ["start", "abandon"]
+    assert "closed on another event loop" in caplog.text
+    asyncio.run(forwarder.aclose())  # not started any more: nothing to do
+    assert forwarder.log == ["start", "abandon"]
+
+
+# -- startup ----------------------------------------------------------------------------------
+
+
+def test_the_lifespan_starts_every_forwarder_once_and_concurrently() -> None:
+    log: list[str] = []
+
+    class Slow(Forwarder):
+        async def start(self) -> None:
+            log.append(f"start {self.name}")
+            await asyncio.sleep(0.05)
+            log.append(f"started {self.name}")
+
+        async def close(self) -> None:
+            log.append(f"close {self.name}")
+
+        async def send(self, events: Sequence[Event]) -> None:
+            pass
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.append("app startup")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    bus = EventBus()
+    bus.install(app)
+    first, second = Slow(name="first"), Slow(name="second")
+    bus.forward("order.*", first)
+    bus.forward("cat.*", second)
+    bus.forward("dog.*", first)  # registered twice, started once
+    with TestClient(app):
+        assert log[0] == "app startup"
+        assert sorted(log[1:3]) == ["start first", "start second"]  # neither waited
+        assert sorted(log[3:]) == ["started first", "started second"]
+        del log[:]
+    assert sorted(log) == ["close first", "close second"]
+
+
+def test_a_forwarder_failing_to_start_at_startup_is_started_at_its_first_send(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class NotYet(RecordingForwarder):
+        async def start(self) -> None:
+            await super().start()
+            if self.started == 1:
+                raise ForwarderError("credentials not there yet")
+
+    not_yet, healthy = NotYet("not-yet"), RecordingForwarder("healthy")
+    bus = EventBus()
+    bus.forward("*", not_yet)
+    bus.forward("*", healthy)
+    with emitting_app(bus, "a") as client:
+        assert (not_yet.started, healthy.started) == (1, 1)
+        [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.getMessage() == (
+            "forwarder not-yet failed to start at application startup (ForwarderError("
+            "'credentials not there yet')); it will be started again before its first send"
+        )
+        assert client.post("/").status_code == 200
+    assert not_yet.started == 2
+    assert [e.name for e in not_yet.events] == ["a"]
+    assert [e.name for e in healthy.events] == ["a"]
+    assert (not_yet.closed, healthy.closed) == (1, 1)
+
+
+def test_the_app_serves_even_if_a_forwarder_never_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead: list[DeadLetter] = []
+    forwarder = FailingStart([RuntimeError("bug in start")] * 2, dead)
+    bus = EventBus()
+    bus.forward("*", forwarder)
+    handled: list[str] = []
+    bus.on("*")(lambda event: handled.append(event.name))
+    with emitting_app(bus, "a") as client:
+        assert "forwarder FailingStart failed to start" in caplog.text
+        assert client.post("/").status_code == 200
+    assert handled == ["a"]
+    assert forwarder.starts == 2  # at startup, then once for the send
+    [letter] = dead
+    assert letter.reason == "permanent failure: start failed: RuntimeError('bug in start')"
+
+
+# -- start failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError(2, "No such file or directory", "/secrets/credentials.json"),
+        PermissionError(13, "Permission denied", "/secrets/credentials.json"),
+        OSError("an OSError is not transient when start raises it"),
+        ForwarderError("invalid credentials"),
+        ValueError("malformed key"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_a_start_failure_is_permanent_unless_it_says_otherwise(error: Exception) -> None:
+    dead: list[DeadLetter] = []
+    forwarder = FailingStart([error], dead)
+    event = Event(name="a")
+    await forwarder.deliver([event])
+    assert forwarder.starts == 1
+    assert forwarder.sent == []
+    [letter] = dead
+    assert letter.ids == [event.id]
+    assert letter.exception is error
+    assert letter.reason == f"permanent failure: start failed: {error!r}"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error",
+    [
+        ForwarderError("token endpoint busy", transient=True),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError("metadata server did not answer"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_a_transient_start_failure_is_retried(error: Exception) -> None:
+    dead: list[DeadLetter] = []
+    forwarder = FailingStart([error, error], dead)
+    await forwarder.deliver([Event(name="a")])
+    assert forwarder.starts == 3
+    assert forwarder.sent == ["a"]
+    assert dead == []
+
+
+@pytest.mark.anyio
+async def test_an_oserror_from_send_is_still_transient() -> None:
+    dead: list[DeadLetter] = []
+    flaky = Flaky(1, OSError("connection reset by the broker"), dead)
+    await flaky.deliver([Event(name="a")])
+    assert flaky.attempts == [["a"], ["a"]]
+    assert dead == []
+
+
+def test_forwarders_without_loop_bound_clients_start_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+    recorder = RecordingForwarder()
+    bus.forward("*", recorder)
+    client = emitting_app(bus, "a")  # no `with`: every request runs on a new event loop
+    client.post("/")
+    client.post("/")
+    assert recorder.started == 1
+    assert len(recorder.batches) == 2
+    assert "another event loop" not in caplog.text

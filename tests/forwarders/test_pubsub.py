@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -628,6 +629,37 @@ def test_an_emulator_needs_no_credentials(
     with TestClient(shop(bus)) as client:
         client.post("/orders", json={"count": 1})
     assert len(channel.pull(1)) == 1
+
+
+# A bare TestClient runs each request on its own event loop: the forwarder abandons the
+# HTTP session of the previous loop, and aiohttp warns when it is garbage-collected unclosed.
+# Collected here, inside the test, so no other test sees that.
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Unclosed:ResourceWarning")
+def test_an_app_without_its_lifespan_starts_again_on_each_event_loop(
+    pubsub_emulator: Emulator, channel: Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    letters: list[DeadLetter] = []
+
+    def two_requests() -> None:
+        bus = EventBus()
+        forwarder = PubSubForwarder(
+            channel.topic, emulator_host=pubsub_emulator.host, dead_letter=letters.append
+        )
+        bus.forward("order.*", forwarder)
+        client = TestClient(shop(bus))  # no `with`: no lifespan, and a new event loop per request
+        assert client.post("/orders", json={"count": 1}).status_code == 201
+        assert client.post("/orders", json={"count": 2, "customer": "bob"}).status_code == 201
+
+    two_requests()
+    gc.collect()
+    assert letters == []
+    received = payloads(channel.pull(3))
+    assert sorted((p["customer"], p["n"]) for p in received) == [("ada", 0), ("bob", 0), ("bob", 1)]
+    restarts = [r for r in caplog.records if "another event loop" in r.getMessage()]
+    assert len(restarts) == 1
+    assert restarts[0].levelno == logging.WARNING
+    assert restarts[0].getMessage().startswith("forwarder PubSubForwarder: ")
 
 
 @pytest.mark.anyio

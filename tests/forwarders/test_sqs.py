@@ -592,14 +592,14 @@ async def test_publish_forwards_and_waits(moto: Moto) -> None:
         forwarder.client  # noqa: B018 - closed with the bus
 
 
-def test_the_lifespan_closes_the_client(moto: Moto) -> None:
+def test_the_lifespan_opens_the_client_at_startup_and_closes_it(moto: Moto) -> None:
     url = moto.queue()
     forwarder = moto.forwarder(url)
     app, _ = orders_app(forwarder)
     with TestClient(app) as client:
+        opened = forwarder.client  # before any request
         client.post("/orders/1")
-        client_object = forwarder.client
-        assert client_object is not None
+        assert forwarder.client is opened
     with pytest.raises(ForwarderError, match="has not started"):
         forwarder.client  # noqa: B018
     moto.receive(url, 1)
@@ -615,14 +615,22 @@ def test_an_app_without_its_lifespan_opens_a_client_per_event_loop(
     url = moto.queue()
 
     def two_requests() -> list[str]:
-        app, _ = orders_app(moto.forwarder(url))
+        forwarder = moto.forwarder(url)
+        app, _ = orders_app(forwarder)
         client = TestClient(app)  # no `with`: no lifespan, and a new event loop per request
-        return [*client.post("/orders/2").json(), *client.post("/orders/1").json()]
+        ids: list[str] = client.post("/orders/2").json()
+        first = forwarder.client
+        ids += client.post("/orders/1").json()
+        assert forwarder.client is not first  # abandoned, and a new one opened
+        return ids
 
     ids = two_requests()
     gc.collect()
     assert set(decoded(moto.receive(url, 3))) == set(ids)
-    assert "opened on another event loop" in caplog.text
+    restarts = [r for r in caplog.records if "another event loop" in r.getMessage()]
+    assert len(restarts) == 1
+    assert restarts[0].levelno == logging.WARNING
+    assert restarts[0].getMessage().startswith("forwarder SQSForwarder: ")
 
 
 @pytest.mark.anyio
@@ -635,6 +643,14 @@ async def test_region_comes_from_an_aws_queue_url() -> None:
         legacy, region_name="us-west-2", aws_access_key_id="a", aws_secret_access_key="b"
     ) as forwarder:
         assert forwarder.client.meta.region_name == "us-west-2"  # explicit wins
+
+
+@pytest.mark.anyio
+async def test_sending_before_start_is_an_error() -> None:
+    url = "https://sqs.eu-west-3.amazonaws.com/123456789012/orders"
+    forwarder = SQSForwarder(url, aws_access_key_id="a", aws_secret_access_key="b")
+    with pytest.raises(ForwarderError, match="has not started"):
+        await forwarder.send([Event(name="order.placed")])
 
 
 # -- configuration -------------------------------------------------------------------------

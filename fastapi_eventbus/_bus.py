@@ -122,10 +122,13 @@ class EventBus:
         return self._core.disabled
 
     def install(self, app: Any) -> None:
-        """Bind this bus to *app* and wrap its lifespan so shutdown drains in-flight events.
+        """Bind this bus to *app* and wrap its lifespan.
 
-        After this, ``Depends(get_bus)`` works in *app*'s endpoints. Nothing has
-        to start first: a bare ``TestClient(app)`` without ``with`` works too.
+        After this, ``Depends(get_bus)`` works in *app*'s endpoints. The wrapped
+        lifespan starts the forwarders after the app's own startup, and at
+        shutdown drains in-flight events (up to ``shutdown_timeout``) and closes
+        the forwarders. Nothing has to start first: a bare ``TestClient(app)``
+        without ``with`` works too (forwarders then start at their first send).
         """
         if self._batch is not None:
             raise ConfigurationError(

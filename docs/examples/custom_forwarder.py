@@ -26,6 +26,9 @@ class WebhookForwarder(Forwarder):
         if self.client is not None:
             await self.client.aclose()
 
+    def abandon(self) -> None:  # used on a new event loop: drop the old loop's client
+        self.client = None
+
     async def send(self, events: Sequence[Event]) -> None:
         assert self.client is not None
         batch = [to_cloudevent(event) for event in events]

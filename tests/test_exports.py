@@ -8,8 +8,12 @@ from pathlib import Path
 from types import ModuleType
 
 import fastapi_eventbus
+import fastapi_eventbus.cli
 import fastapi_eventbus.exceptions
 import fastapi_eventbus.testing
+import fastapi_eventbus.worker
+import fastapi_eventbus.worker.pubsub
+import fastapi_eventbus.worker.sqs
 
 
 def _public_names(module: ModuleType, *, defined_in: str) -> set[str]:
@@ -34,6 +38,21 @@ def test_submodule_all_is_complete() -> None:
         assert set(module.__all__) == defined, module.__name__
 
 
+def test_worker_and_cli_all_are_complete() -> None:
+    modules: list[ModuleType] = [
+        fastapi_eventbus.worker,
+        fastapi_eventbus.worker.sqs,
+        fastapi_eventbus.worker.pubsub,
+        fastapi_eventbus.cli,
+    ]
+    for module in modules:
+        defined = _public_names(module, defined_in=module.__name__)
+        assert set(module.__all__) >= defined, module.__name__
+        assert sorted(module.__all__) == module.__all__, module.__name__
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+
+
 def test_every_exception_derives_from_the_base() -> None:
     for name in fastapi_eventbus.exceptions.__all__:
         assert issubclass(getattr(fastapi_eventbus.exceptions, name), Exception)
@@ -48,6 +67,19 @@ def test_import_does_not_pull_optional_sdks() -> None:
         "import sys, fastapi; before = set(sys.modules);"
         "import fastapi_eventbus, fastapi_eventbus.testing;"
         "sdks = ('aiobotocore', 'botocore', 'gcloud', 'opentelemetry');"
+        "bad = [m for m in set(sys.modules) - before if m.split('.')[0] in sdks];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_does_not_pull_the_cli_library_or_the_worker_sdks() -> None:
+    code = (
+        "import sys, fastapi; before = set(sys.modules);"
+        "import fastapi_eventbus; assert 'click' not in sys.modules, 'click';"
+        "import fastapi_eventbus.worker;"
+        "sdks = ('aiobotocore', 'botocore', 'gcloud', 'aiohttp', 'click');"
         "bad = [m for m in set(sys.modules) - before if m.split('.')[0] in sdks];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

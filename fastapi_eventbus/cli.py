@@ -1,0 +1,329 @@
+"""The ``fastapi-eventbus`` command line: run a worker, list what a bus will run.
+
+```text
+fastapi-eventbus worker myapp.main:app --sqs https://sqs.eu-west-1.amazonaws.com/123/orders
+fastapi-eventbus worker myapp.main:app --pubsub projects/my-project/subscriptions/orders
+fastapi-eventbus handlers myapp.main:app
+```
+
+``APP`` is an import string like uvicorn's, ``module:attribute``, naming a
+FastAPI app with an installed bus (or an `EventBus`); the current directory is
+on ``sys.path``. Click is imported by this module only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from typing import Any
+
+import click
+
+from ._bus import STATE_ATTR, EventBus
+from ._core import Handler
+from .exceptions import EventBusError
+from .forwarders._base import Forwarder
+from .worker import Backoff, PubSubSource, Source, SQSSource, Worker
+
+__all__ = ["main"]
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@click.group(name="fastapi-eventbus", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastapi-eventbus", prog_name="fastapi-eventbus")
+def main() -> None:
+    """Run workers for fastapi-eventbus, and list what a bus will run."""
+
+
+# -- loading the app ------------------------------------------------------------------
+
+
+def _load(target: str, *, factory: bool = False, app_dir: str = ".") -> Any:
+    """Import ``module:attribute`` (the attribute may be dotted), like uvicorn does.
+
+    With *factory*, the attribute is called without arguments and its result
+    is used. *app_dir* is put first on ``sys.path``.
+    """
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(
+            f"{target!r} is not of the form 'module:attribute'", param_hint="APP"
+        )
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # the module exists but imports something missing: show that
+        raise click.BadParameter(
+            f"could not import module {module_name!r}", param_hint="APP"
+        ) from exc
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError as exc:
+            message = f"module {module_name!r} has no attribute {attribute!r}"
+            raise click.BadParameter(message, param_hint="APP") from exc
+    return value() if factory else value
+
+
+def _bus_of(target: Any) -> EventBus:
+    """The `EventBus` of an app (installed with ``bus.install(app)``), or *target* itself."""
+    if isinstance(target, EventBus):
+        return target
+    bus = getattr(getattr(target, "state", None), STATE_ATTR, None)
+    if not isinstance(bus, EventBus):
+        raise click.BadParameter(
+            f"{target!r} is neither an EventBus nor an app with one installed (bus.install(app))",
+            param_hint="APP",
+        )
+    return bus
+
+
+def _app_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--app-dir",
+        metavar="DIR",
+        default=".",
+        show_default=True,
+        help="Directory put first on sys.path to import APP from.",
+    )(func)
+    func = click.option(
+        "--factory", is_flag=True, help="APP is a function returning the app: call it."
+    )(func)
+    return click.argument("app")(func)
+
+
+# -- fastapi-eventbus handlers ------------------------------------------------------------
+
+
+@main.command(short_help="List the handlers and forwarders of APP's bus.")
+@_app_options
+def handlers(app: str, factory: bool, app_dir: str) -> None:
+    """List each event pattern of APP's bus, its handlers and their dependencies, and the
+    forwarders with their patterns."""
+    bus = _bus_of(_load(app, factory=factory, app_dir=app_dir))
+    for line in _describe(bus):
+        click.echo(line)
+
+
+def _describe(bus: EventBus) -> Iterator[str]:
+    """The lines ``fastapi-eventbus handlers`` prints for *bus*."""
+    core = bus._core
+    yield "Handlers"
+    yield from _by_pattern(
+        [(handler.patterns, handler) for handler in core.handlers.items()], _handler_lines
+    )
+    yield ""
+    yield "Forwarders"
+    yield from _by_pattern(core.forwarders.entries(), _forwarder_lines)
+
+
+def _by_pattern(
+    entries: list[tuple[tuple[str, ...], Any]], lines: Callable[[Any], Iterator[str]]
+) -> Iterator[str]:
+    grouped: dict[str, list[Any]] = {}
+    for patterns, item in entries:
+        for pattern in patterns:
+            grouped.setdefault(pattern, []).append(item)
+    if not grouped:
+        yield "  (none)"
+    for pattern, items in grouped.items():
+        yield f"  {pattern}"
+        for item in items:
+            yield from lines(item)
+
+
+def _handler_lines(handler: Handler) -> Iterator[str]:
+    kind = "async" if handler.plan.is_async else "sync, in the threadpool"
+    yield f"    {handler.name}  ({kind})"
+    for dependency in handler.plan.describe_dependencies():
+        yield f"      depends on {dependency}"
+
+
+def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
+    yield f"    {forwarder!r}"
+
+
+# -- fastapi-eventbus worker ----------------------------------------------------------------
+
+
+@main.command(short_help="Consume SQS or Pub/Sub and run APP's handlers.")
+@_app_options
+@click.option("--sqs", "queue_url", metavar="QUEUE_URL", help="Receive from this SQS queue.")
+@click.option("--endpoint-url", metavar="URL", help="SQS endpoint (LocalStack, moto).")
+@click.option("--region", metavar="REGION", help="AWS region (default: botocore's).")
+@click.option(
+    "--wait-time",
+    type=click.IntRange(0, 20),
+    default=20,
+    show_default=True,
+    help="SQS long polling: seconds one receive call waits for messages.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="SQS: visibility timeout after a first failure; doubles with each delivery.",
+)
+@click.option(
+    "--max-retry-delay",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="SQS: the longest visibility timeout after a failure.",
+)
+@click.option(
+    "--pubsub",
+    "subscription",
+    metavar="SUBSCRIPTION",
+    help="Pull from this Pub/Sub subscription: projects/PROJECT/subscriptions/NAME.",
+)
+@click.option(
+    "--emulator-host",
+    metavar="HOST:PORT",
+    help="Pub/Sub emulator (default: $PUBSUB_EMULATOR_HOST).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Messages handled at once.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to finish in-flight messages after SIGTERM/SIGINT.",
+)
+@click.option(
+    "--on-undecodable",
+    type=click.Choice(["retry", "delete"]),
+    default="retry",
+    show_default=True,
+    help="A message that is not an event: give it back (to reach the DLQ), or delete it.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(_LOG_LEVELS),
+    default="info",
+    show_default=True,
+)
+def worker(
+    app: str,
+    factory: bool,
+    app_dir: str,
+    queue_url: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    wait_time: int,
+    retry_delay: float,
+    max_retry_delay: float,
+    subscription: str | None,
+    emulator_host: str | None,
+    concurrency: int,
+    shutdown_timeout: float,
+    on_undecodable: str,
+    log_level: str,
+) -> None:
+    """Receive the events forwarded to an SQS queue (--sqs) or a Pub/Sub subscription
+    (--pubsub) and run APP's handlers on them. SIGTERM or SIGINT stops receiving,
+    finishes the messages in flight (up to --shutdown-timeout) and exits 0."""
+    if (queue_url is None) == (subscription is None):
+        raise click.UsageError("pass exactly one of --sqs QUEUE_URL and --pubsub SUBSCRIPTION")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    target = _load(app, factory=factory, app_dir=app_dir)
+    _bus_of(target)
+    try:
+        source: Source
+        if queue_url is not None:
+            backoff = Backoff(initial=retry_delay, maximum=max_retry_delay)
+            source = SQSSource(
+                queue_url,
+                endpoint_url=endpoint_url,
+                region_name=region,
+                wait_time_seconds=wait_time,
+                visibility_backoff=backoff,
+            )
+        else:
+            assert subscription is not None
+            source = PubSubSource(subscription, emulator_host=emulator_host)
+        runner = Worker(
+            target,
+            source,
+            concurrency=concurrency,
+            shutdown_timeout=shutdown_timeout,
+            on_undecodable="delete" if on_undecodable == "delete" else "retry",
+        )
+        finished = asyncio.run(_serve(runner))
+    except EventBusError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not finished:
+        raise click.ClickException(
+            "stopped by a second signal; unfinished messages were given back"
+        )
+
+
+async def _serve(runner: Worker) -> bool:
+    """Run *runner*; the first SIGTERM/SIGINT stops it gracefully, a second one at once.
+
+    Returns whether it stopped gracefully.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if stopping:
+            logging.getLogger("fastapi_eventbus.worker").warning("second signal: stopping now")
+            task.cancel()
+            return
+        logging.getLogger("fastapi_eventbus.worker").info(
+            "%s: stopping (finishing in-flight messages)", signal.Signals(signum).name
+        )
+        stopping.append(asyncio.create_task(runner.stop()))
+
+    restore = _on_signals(on_signal)
+    try:
+        await runner.run()
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return False
+    finally:
+        restore()
+    return True
+
+
+def _on_signals(callback: Callable[[int], None]) -> Callable[[], None]:
+    """Call *callback* on the event loop for SIGTERM and SIGINT; returns what undoes it."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    try:
+        for signum in signals:
+            loop.add_signal_handler(signum, callback, signum)
+    except NotImplementedError:  # Windows: no event-loop signal handlers
+        for signum in signals:
+            signal.signal(signum, lambda number, _: loop.call_soon_threadsafe(callback, number))
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            with suppress(NotImplementedError):
+                loop.remove_signal_handler(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    return restore

@@ -1,0 +1,166 @@
+"""What a `Worker` receives from: the `Source` base class, received messages, backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from fastapi_eventbus.exceptions import ConfigurationError, SourceError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """One message a `Source` received, not yet acknowledged."""
+
+    body: Mapping[str, Any]
+    """The message as `fastapi_eventbus.wire.decode_message` takes it."""
+    message_id: str
+    """The broker's id of the message (not the event id), for logs."""
+    receipt: str
+    """What acknowledges it: the SQS receipt handle, the Pub/Sub ack id."""
+    receive_count: int | None = None
+    """How many times the broker has delivered it, this time included, if it says."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff: the n-th wait is ``min(maximum, initial * multiplier**(n-1))``.
+
+    The worker uses it between failed receive calls (with jitter);
+    `SQSSource` uses it for the visibility timeout of a message whose handlers
+    failed, keyed by the message's receive count.
+    """
+
+    initial: float = 5.0
+    maximum: float = 900.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if min(self.initial, self.maximum) < 0 or self.multiplier < 1:
+            raise ConfigurationError(
+                f"Backoff needs initial and maximum >= 0 and multiplier >= 1, got {self!r}"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number *attempt* (1-based)."""
+        exponent = min(max(attempt, 1) - 1, 64)  # 2**64 already exceeds any maximum
+        return min(self.maximum, self.initial * self.multiplier**exponent)
+
+    def jittered(self, attempt: int) -> float:
+        """`delay`, jittered to between half and all of it."""
+        ceiling = self.delay(attempt)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Source(ABC):
+    """Where a `Worker` receives forwarded events from; subclass it for another broker.
+
+    A source is an async context manager: `start` opens its client, `close`
+    settles what is pending and closes it. The worker calls `receive` for at
+    most `max_messages` messages at a time, then `ack` for each message whose
+    handlers all succeeded and `nack` for the others. Raise `SourceError`
+    (``transient=True`` when a retry may help) for the SDK's errors.
+    """
+
+    name: str = "source"
+    """A name for logs."""
+    max_messages: int = 10
+    """The most messages one `receive` call returns."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open clients; called once before the first `receive`."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Finish pending acknowledgements and close clients."""
+
+    @abstractmethod
+    async def receive(self, max_messages: int) -> Sequence[ReceivedMessage]:
+        """Wait for up to *max_messages* messages; an empty result is fine (a poll ended)."""
+
+    @abstractmethod
+    async def ack(self, message: ReceivedMessage) -> None:
+        """Remove *message* from the queue: its handlers succeeded."""
+
+    @abstractmethod
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        """Give *message* back for redelivery, after *delay* seconds (None: the source's policy)."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+Settle = Callable[[list[T]], Awaitable[Sequence[str | None]]]
+"""A batch call: one error text (or None for success) per item, in order."""
+
+
+class Coalescer(Generic[T]):
+    """Turns single calls made in the same event-loop iteration into batch calls.
+
+    ``await coalescer.submit(item)`` returns once the batch call holding *item*
+    has succeeded for it, and raises `SourceError` if it failed for it.
+    """
+
+    def __init__(self, call: Settle[T], size: int) -> None:
+        self._call = call
+        self._size = size
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: T) -> None:
+        """Add *item* to the next batch call and wait for its outcome."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) >= self._size:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending:
+            chunk, self._pending = self._pending[: self._size], self._pending[self._size :]
+            task = asyncio.get_running_loop().create_task(self._run(chunk))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, chunk: list[tuple[T, asyncio.Future[None]]]) -> None:
+        try:
+            errors = await self._call([item for item, _ in chunk])
+        except Exception as exc:
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), error in zip(chunk, errors, strict=True):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(SourceError(error))
+
+    async def wait(self) -> None:
+        """Wait for the batch calls under way (before closing the client they use)."""
+        self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

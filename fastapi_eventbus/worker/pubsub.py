@@ -1,0 +1,188 @@
+"""Receive forwarded events from a Google Cloud Pub/Sub subscription (extra ``gcp``).
+
+```python
+from fastapi_eventbus.worker import PubSubSource, Worker
+
+worker = Worker(app, PubSubSource("projects/my-project/subscriptions/orders-worker"))
+```
+
+Pull requests through gcloud-aio-pubsub; a message is acknowledged only once its
+handlers all succeeded, and nacked (``modifyAckDeadline`` 0) otherwise, so that
+the subscription's retry policy and dead-letter topic decide what happens next.
+The SDK is imported when the source starts, never before.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
+
+from fastapi_eventbus.exceptions import ConfigurationError, SourceError
+from fastapi_eventbus.forwarders.pubsub import (
+    _RETRYABLE_STATUS,
+    _clip,
+    _describe,
+    _endpoint,
+    _NoToken,
+    _require_sdk,
+)
+
+from ._source import Coalescer, ReceivedMessage, Source
+
+if TYPE_CHECKING:
+    import aiohttp
+    from gcloud.aio.pubsub import SubscriberClient, SubscriberMessage
+
+__all__ = ["PubSubSource"]
+
+_SUBSCRIPTION = re.compile(r"projects/[^/\s]+/subscriptions/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
+_MAX_ACK_IDS = 500
+"""Ack ids per ``acknowledge`` request (the request must stay under 512 KB)."""
+_MAX_ACK_DEADLINE = 600
+
+
+class PubSubSource(Source):
+    """Pulls the events a `PubSubForwarder` published, from one Pub/Sub subscription.
+
+    Args:
+        subscription: The full path, ``"projects/PROJECT/subscriptions/SUBSCRIPTION"``.
+        api_root: The REST endpoint, e.g. a regional one; an ``http://`` root is
+            treated as an emulator (no credentials are sent over it).
+        emulator_host: ``"host:port"`` of a Pub/Sub emulator. Defaults to the
+            ``PUBSUB_EMULATOR_HOST`` environment variable.
+        service_file: A credentials JSON file; by default Application Default
+            Credentials are used.
+        max_messages: The most messages one pull returns.
+        pull_timeout: Seconds one pull may wait for messages before it is
+            abandoned and another one starts.
+        name: A name for logs (default: the subscription's name).
+    """
+
+    def __init__(
+        self,
+        subscription: str,
+        *,
+        api_root: str | None = None,
+        emulator_host: str | None = None,
+        service_file: str | None = None,
+        max_messages: int = 10,
+        pull_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        _require_sdk()
+        if not isinstance(subscription, str) or not _SUBSCRIPTION.fullmatch(subscription):
+            raise ConfigurationError(
+                "subscription must be a full path 'projects/PROJECT/subscriptions/NAME', "
+                f"got {subscription!r}"
+            )
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise ConfigurationError(f"max_messages must be an int >= 1, got {max_messages!r}")
+        if not pull_timeout > 0:
+            raise ConfigurationError(f"pull_timeout must be > 0 seconds, got {pull_timeout!r}")
+        self.subscription = subscription
+        self.api_root, self.emulated = _endpoint(api_root, emulator_host)
+        self.max_messages = max_messages
+        self.pull_timeout = pull_timeout
+        self.name = name or subscription.rsplit("/", 1)[-1]
+        self._service_file = service_file
+        self._session: aiohttp.ClientSession | None = None
+        self._client: SubscriberClient | None = None
+        self._acks = Coalescer(self._acknowledge, _MAX_ACK_IDS)
+
+    def __repr__(self) -> str:
+        return f"<PubSubSource {self.name!r} subscription={self.subscription!r}>"
+
+    @property
+    def client(self) -> SubscriberClient:
+        """The gcloud-aio `SubscriberClient`, once `start` ran."""
+        if self._client is None:
+            raise SourceError(f"Pub/Sub source {self.name} has not started")
+        return self._client
+
+    async def start(self) -> None:
+        """Open the HTTP session and the subscriber client (imports gcloud-aio-pubsub)."""
+        import aiohttp
+        from gcloud.aio.pubsub import SubscriberClient
+
+        session = aiohttp.ClientSession()
+        try:
+            self._client = SubscriberClient(
+                session=cast(Any, session),  # typed as requests.Session by gcloud-aio
+                api_root=self.api_root,
+                api_is_dev=self.emulated,
+                service_file=self._service_file,
+                token=cast(Any, _NoToken()) if self.emulated else None,
+            )
+        except Exception as exc:  # an unreadable or invalid credentials file
+            await session.close()
+            raise SourceError(
+                f"Pub/Sub source {self.name}: cannot create the client: {_describe(exc)}"
+            ) from exc
+        self._session = session
+
+    async def close(self) -> None:
+        """Wait for acknowledgements under way, then close the client and its session."""
+        await self._acks.wait()
+        client, session, self._client, self._session = self._client, self._session, None, None
+        if client is not None:
+            await client.close()
+        if session is not None:
+            await session.close()
+
+    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+        """One pull; waits up to ``pull_timeout`` seconds for messages."""
+        client = self.client
+        try:
+            with self._translated("pull"):
+                pulled = await client.pull(
+                    self.subscription,
+                    max(1, min(max_messages, self.max_messages)),
+                    timeout=self.pull_timeout,  # type: ignore[arg-type]  # aiohttp takes floats
+                )
+        except TimeoutError:  # nothing arrived: pull again
+            return []
+        return [_received(message) for message in pulled]
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        """Acknowledge *message* (in one request with others acknowledged meanwhile)."""
+        await self._acks.submit(message)
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        """Set *message*'s ack deadline to *delay* seconds (default 0: redeliver now)."""
+        seconds = max(0, min(_MAX_ACK_DEADLINE, round(delay or 0)))
+        with self._translated(f"nack message {message.message_id}"):
+            await self.client.modify_ack_deadline(self.subscription, [message.receipt], seconds)
+
+    async def _acknowledge(self, messages: list[ReceivedMessage]) -> list[str | None]:
+        with self._translated("acknowledge messages"):
+            await self.client.acknowledge(self.subscription, [m.receipt for m in messages])
+        return [None] * len(messages)
+
+    @contextmanager
+    def _translated(self, action: str) -> Iterator[None]:
+        """Raise aiohttp's errors in the block as `SourceError` (timeouts as they are)."""
+        import aiohttp
+
+        context = f"Pub/Sub source {self.name}: cannot {action}"
+        try:
+            yield
+        except aiohttp.ClientResponseError as exc:
+            status = exc.status
+            transient = status >= 500 or status in _RETRYABLE_STATUS
+            message = f"{context}: HTTP {status} {_clip(exc.message)}"
+            raise SourceError(message, transient=transient) from exc
+        except TimeoutError:
+            raise
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise SourceError(f"{context}: {_describe(exc)}", transient=True) from exc
+
+
+def _received(message: SubscriberMessage) -> ReceivedMessage:
+    return ReceivedMessage(
+        body={"data": message.data or b"", "attributes": message.attributes or {}},
+        message_id=message.message_id,
+        receipt=message.ack_id,
+        receive_count=message.delivery_attempt,
+    )

@@ -1,0 +1,243 @@
+"""Receive forwarded events from an AWS SQS queue (extra ``aws``: aiobotocore).
+
+```python
+from fastapi_eventbus.worker import SQSSource, Worker
+
+worker = Worker(app, SQSSource("https://sqs.eu-west-1.amazonaws.com/123456789012/orders"))
+```
+
+Long polling (``WaitTimeSeconds``), up to 10 messages per ``ReceiveMessage``;
+a message is deleted (``DeleteMessageBatch``) only once its handlers all
+succeeded; otherwise its visibility timeout is set by `Backoff` on its
+``ApproximateReceiveCount``, so that the queue's redrive policy moves a message
+that keeps failing to its dead-letter queue. aiobotocore is imported when the
+source starts, never before.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from typing import TYPE_CHECKING
+
+from fastapi_eventbus.exceptions import ConfigurationError, MissingExtraError, SourceError
+from fastapi_eventbus.forwarders.sqs import _TRANSIENT_CODES, _ClientSettings, _region_of
+
+from ._source import Backoff, Coalescer, ReceivedMessage, Source
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import (
+        DeleteMessageBatchRequestEntryTypeDef,
+        MessageTypeDef,
+    )
+
+__all__ = ["MAX_WAIT_TIME_SECONDS", "SQSSource"]
+
+MAX_WAIT_TIME_SECONDS = 20
+"""SQS's limit on ``WaitTimeSeconds`` (long polling)."""
+_MAX_MESSAGES = 10
+_MAX_VISIBILITY = 43_200
+
+
+class SQSSource(Source):
+    """Receives the events an `SQSForwarder` sent, from one SQS queue, through aiobotocore.
+
+    Args:
+        queue_url: The queue's URL.
+        region_name: The AWS region; default: the one in an AWS queue URL, else
+            botocore's configuration (``AWS_DEFAULT_REGION``, ``~/.aws/config``).
+        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint).
+        aws_access_key_id: Credentials; default: botocore's credential chain.
+        aws_secret_access_key: See *aws_access_key_id*.
+        aws_session_token: See *aws_access_key_id*.
+        wait_time_seconds: Long polling: how long one ``ReceiveMessage`` waits for
+            messages (0 to 20).
+        max_messages: The most messages one ``ReceiveMessage`` returns (1 to 10).
+        visibility_backoff: The visibility timeout given to a message whose
+            handlers failed, by its receive count: 5 s, 10 s, 20 s... up to 15
+            minutes by default. The queue's redrive policy decides when it
+            goes to the dead-letter queue.
+        name: A name for logs (default: the queue's name).
+    """
+
+    def __init__(
+        self,
+        queue_url: str,
+        *,
+        region_name: str | None = None,
+        endpoint_url: str | None = None,
+        aws_access_key_id: str | None = None,
+        aws_secret_access_key: str | None = None,
+        aws_session_token: str | None = None,
+        wait_time_seconds: int = MAX_WAIT_TIME_SECONDS,
+        max_messages: int = _MAX_MESSAGES,
+        visibility_backoff: Backoff | None = None,
+        name: str | None = None,
+    ) -> None:
+        if importlib.util.find_spec("aiobotocore") is None:
+            raise MissingExtraError("aws", "aiobotocore")
+        if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
+            raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
+        _check_int("wait_time_seconds", wait_time_seconds, 0, MAX_WAIT_TIME_SECONDS)
+        _check_int("max_messages", max_messages, 1, _MAX_MESSAGES)
+        if (aws_access_key_id is None) != (aws_secret_access_key is None):
+            raise ConfigurationError(
+                "pass both aws_access_key_id and aws_secret_access_key, or neither"
+            )
+        self.queue_url = queue_url
+        self.wait_time_seconds = wait_time_seconds
+        self.max_messages = max_messages
+        self.visibility_backoff = visibility_backoff or Backoff()
+        self.name = name or queue_url.rstrip("/").rsplit("/", 1)[-1]
+        self._settings = _ClientSettings(
+            region_name or _region_of(queue_url),
+            endpoint_url,
+            aws_access_key_id,
+            aws_secret_access_key,
+            aws_session_token,
+        )
+        self._client: SQSClient | None = None
+        self._stack: AsyncExitStack | None = None
+        self._deletes = Coalescer(self._delete_batch, _MAX_MESSAGES)
+
+    def __repr__(self) -> str:
+        return f"<SQSSource {self.name!r} queue_url={self.queue_url!r}>"
+
+    @property
+    def client(self) -> SQSClient:
+        """The aiobotocore SQS client, once `start` ran."""
+        if self._client is None:
+            raise SourceError(f"SQS source {self.name} has not started")
+        return self._client
+
+    async def start(self) -> None:
+        """Create the aiobotocore client (imports aiobotocore; no network call)."""
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import AioSession
+
+        settings = self._settings
+        # The worker retries receives itself; botocore's retries would hide outages.
+        config = AioConfig(
+            retries={"total_max_attempts": 1},
+            connect_timeout=5,
+            read_timeout=self.wait_time_seconds + 10,
+        )
+        stack = AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(
+                AioSession().create_client(
+                    "sqs",
+                    region_name=settings.region_name,
+                    endpoint_url=settings.endpoint_url,
+                    aws_access_key_id=settings.aws_access_key_id,
+                    aws_secret_access_key=settings.aws_secret_access_key,
+                    aws_session_token=settings.aws_session_token,
+                    config=config,
+                )
+            )
+        except Exception:
+            await stack.aclose()
+            with self._translated("create the SQS client"):
+                raise
+        self._stack = stack
+
+    async def close(self) -> None:
+        """Wait for deletions under way, then close the client."""
+        await self._deletes.wait()
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+        """One ``ReceiveMessage`` call, long polling for up to ``wait_time_seconds``."""
+        with self._translated("receive"):
+            response = await self.client.receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=max(1, min(max_messages, self.max_messages)),
+                WaitTimeSeconds=self.wait_time_seconds,
+                MessageAttributeNames=["All"],  # trace context travels there
+                AttributeNames=["All"],  # ApproximateReceiveCount, on every botocore version
+            )
+        return [_received(message) for message in response.get("Messages", [])]
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        """Delete *message* (in a ``DeleteMessageBatch`` with others acknowledged meanwhile)."""
+        await self._deletes.submit(message)
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        """Make *message* visible again after *delay* seconds (default: `visibility_backoff`)."""
+        if delay is None:
+            delay = self.visibility_backoff.delay(message.receive_count or 1)
+        with self._translated(f"change the visibility of message {message.message_id}"):
+            await self.client.change_message_visibility(
+                QueueUrl=self.queue_url,
+                ReceiptHandle=message.receipt,
+                VisibilityTimeout=max(0, min(_MAX_VISIBILITY, math.ceil(delay))),
+            )
+
+    async def _delete_batch(self, messages: list[ReceivedMessage]) -> list[str | None]:
+        entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
+            {"Id": str(i), "ReceiptHandle": m.receipt} for i, m in enumerate(messages)
+        ]
+        with self._translated("delete messages"):
+            response = await self.client.delete_message_batch(
+                QueueUrl=self.queue_url, Entries=entries
+            )
+        failed = {
+            failure["Id"]: f"{failure['Code']}: {failure.get('Message', '')}"
+            for failure in response.get("Failed", [])
+        }
+        return [failed.get(str(i)) for i in range(len(messages))]
+
+    @contextmanager
+    def _translated(self, action: str) -> Iterator[None]:
+        """Raise botocore's errors in the block as `SourceError`; others as they are."""
+        try:
+            yield
+        except Exception as exc:
+            error = _translate(exc, f"SQS source {self.name}: cannot {action}")
+            if error is None:
+                raise
+            raise error from exc
+
+
+def _received(message: MessageTypeDef) -> ReceivedMessage:
+    count = message.get("Attributes", {}).get("ApproximateReceiveCount")
+    return ReceivedMessage(
+        body=message,
+        message_id=message.get("MessageId", ""),
+        receipt=message.get("ReceiptHandle", ""),
+        receive_count=int(count) if count else None,
+    )
+
+
+def _translate(exc: Exception, context: str) -> SourceError | None:
+    """The `SourceError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        SSLError,
+    )
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        transient = code in _TRANSIENT_CODES or status == 429 or status >= 500
+        message = f"{context}: {code} (HTTP {status}): {error.get('Message', '')}"
+        return SourceError(message, transient=transient)
+    if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
+        return SourceError(f"{context}: cannot reach SQS: {exc}", transient=True)
+    if isinstance(exc, BotoCoreError):
+        return SourceError(f"{context}: {exc}", transient=False)
+    return None
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError(f"{name} must be an int from {low} to {high}, got {value!r}")

@@ -1,0 +1,162 @@
+"""The ``fastapi-eventbus`` command line: ``handlers``, and the ``worker`` command's errors.
+
+The worker command's normal runs (signals, exit codes) are in `test_sqs_process` and
+`test_pubsub_worker`, where it runs in another process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fastapi_eventbus.cli import main
+from tests.forwarders._moto import REGION, Moto
+from tests.worker._helpers import AWS_ENV
+
+HANDLERS_OF_TARGETS_APP = """\
+Handlers
+  order.*
+    tests.worker.targets.audit  (async)
+      depends on tests.worker.targets.settings
+  cat.*
+    tests.worker.targets.audit  (async)
+      depends on tests.worker.targets.settings
+  order.placed
+    tests.worker.targets.send_mail  (sync, in the threadpool)
+      depends on tests.worker.targets.Mailer
+
+Forwarders
+  order.*
+    <EchoForwarder 'echo'>
+  cat.*
+    <EchoForwarder 'echo'>
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command puts ``--app-dir`` on ``sys.path``: undo that after each test."""
+    monkeypatch.setattr(sys, "path", [*sys.path])
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_handlers_lists_patterns_handlers_dependencies_and_forwarders() -> None:
+    assert invoke("handlers", "tests.worker.targets:app") == (0, HANDLERS_OF_TARGETS_APP)
+
+
+def test_handlers_takes_a_bus_too() -> None:
+    assert invoke("handlers", "tests.worker.targets:empty") == (
+        0,
+        "Handlers\n  (none)\n\nForwarders\n  (none)\n",
+    )
+
+
+def test_handlers_takes_an_app_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, output = invoke("handlers", "targets:app", "--app-dir", "tests/worker")
+    monkeypatch.delitem(sys.modules, "targets")  # imported under that name by the command
+    assert code == 0
+    assert "    targets.send_mail  (sync, in the threadpool)" in output
+
+
+def test_handlers_of_the_example_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "ORDERS_QUEUE_URL", "https://sqs.eu-west-1.amazonaws.com/123456789012/orders"
+    )
+    code, web = invoke("handlers", "examples.worker.app:create_app", "--factory")
+    assert code == 0
+    assert "Handlers\n  (none)\n" in web
+    assert "  order.*\n    <SQSForwarder 'SQSForwarder' queue_url=" in web
+    code, worker = invoke("handlers", "examples.worker.app:create_worker_app", "--factory")
+    assert code == 0
+    assert "    examples.worker.app.create_worker_app.<locals>.send_receipt" in worker
+    assert "      depends on examples.worker.app.get_db" in worker
+    assert worker.endswith("Forwarders\n  (none)\n")
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("tests.worker.targets", "is not of the form 'module:attribute'"),
+        ("tests.worker.nope:app", "could not import module 'tests.worker.nope'"),
+        ("tests.worker.targets:missing", "has no attribute 'missing'"),
+        ("tests.worker.targets:nothing", "42 is neither an EventBus nor an app"),
+    ],
+)
+@pytest.mark.parametrize("command", ["handlers", "worker"])
+def test_a_bad_app_is_a_usage_error(target: str, message: str, command: str) -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"] if command == "worker" else []
+    code, output = invoke(command, target, *options)
+    assert code == 2
+    assert "Invalid value for APP" in output
+    assert message in output
+
+
+def test_a_module_with_a_broken_import_shows_its_error() -> None:
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
+        invoke("handlers", "tests.worker.broken:app")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        [
+            "--sqs",
+            "https://sqs.eu-west-1.amazonaws.com/1/q",
+            "--pubsub",
+            "projects/p/subscriptions/s",
+        ],
+    ],
+    ids=["neither", "both"],
+)
+def test_the_worker_needs_exactly_one_source(options: list[str]) -> None:
+    code, output = invoke("worker", "tests.worker.targets:app", *options)
+    assert code == 2
+    assert "pass exactly one of --sqs QUEUE_URL and --pubsub SUBSCRIPTION" in output
+
+
+def test_the_worker_reports_bad_settings() -> None:
+    code, output = invoke("worker", "tests.worker.targets:app", "--pubsub", "orders")
+    assert code == 1
+    assert "Error: subscription must be a full path" in output
+
+
+def test_the_worker_exits_1_when_its_queue_does_not_exist(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    queue_url = f"{moto.endpoint}/123456789012/no-such-queue"
+    options = ["--endpoint-url", moto.endpoint, "--region", REGION, "--wait-time", "0"]
+    code, output = invoke("worker", "tests.worker.targets:app", "--sqs", queue_url, *options)
+    assert code == 1
+    assert "NonExistentQueue" in output
+
+
+def test_the_command_is_installed() -> None:
+    script = Path(sys.executable).with_name("fastapi-eventbus")
+    if not script.exists():
+        pytest.skip("the package is not installed in this environment (pip install -e .)")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "worker" in result.stdout
+    assert "handlers" in result.stdout
+
+
+def test_python_m_runs_the_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fastapi_eventbus", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: fastapi-eventbus worker [OPTIONS] APP")

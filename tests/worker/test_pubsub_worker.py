@@ -1,0 +1,134 @@
+"""The worker against Google's Pub/Sub emulator: in another process (the CLI), and in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from fastapi_eventbus import ConfigurationError, Event, EventBus, MissingExtraError, SourceError
+from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
+from fastapi_eventbus.worker import PubSubSource, Worker, WorkerStats
+from tests.forwarders.test_pubsub import PROJECT, Channel, Emulator
+from tests.worker._helpers import until, wait_for, worker_process
+from tests.worker.shop import execute, web_app
+
+pytestmark = pytest.mark.slow
+
+
+def subscription_path(channel: Channel) -> str:
+    return f"projects/{PROJECT}/subscriptions/{channel.subscription}"
+
+
+def publish_raw(channel: Channel, data: bytes) -> str:
+    """Publish a message that no forwarder wrote; its message id."""
+    url = f"http://{channel.emulator.host}/v1/{channel.topic}:publish"
+    body = {"messages": [{"data": base64.b64encode(data).decode()}]}
+    response = httpx.post(url, json=body)
+    response.raise_for_status()
+    message_id: str = response.json()["messageIds"][0]
+    return message_id
+
+
+def test_a_worker_process_handles_what_the_web_app_published(
+    pubsub_emulator: Emulator, db: Path, tmp_path: Path
+) -> None:
+    channel = pubsub_emulator.channel()
+    options = ["--pubsub", subscription_path(channel), "--emulator-host", pubsub_emulator.host]
+    options += ["--on-undecodable", "delete"]
+    forwarder = PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host)
+    with worker_process("tests.worker.shop:worker_app", *options, log=tmp_path / "w.log") as worker:
+        with TestClient(web_app(forwarder)) as client:
+            ids = [
+                client.post("/orders", json=order).json()["id"]
+                for order in ({"item": "book"}, {"item": "kettle", "fail_times": 1})
+            ]
+        raw_id = publish_raw(channel, b"not json")
+        wait_for(lambda: len(execute(db, "SELECT * FROM handled")) == 2, what="2 handled")
+        wait_for(lambda: raw_id in worker.output(), what="the undecodable message's log line")
+        assert worker.terminate() == 0, worker.output()
+    rows = execute(db, "SELECT event_id, pid FROM handled")
+    assert sorted(rows) == sorted((event_id, worker.process.pid) for event_id in ids)
+    ((attempts,),) = execute(db, "SELECT COUNT(*) FROM attempts WHERE event_id = ?", ids[1])
+    assert attempts == 2  # nacked, redelivered, handled
+    assert worker.process.pid != os.getpid()
+    assert channel.pull(1, timeout=1.5) == []  # everything acknowledged, the bad one too
+
+
+@pytest.mark.anyio
+async def test_failures_are_nacked_and_redelivered_in_process(pubsub_emulator: Emulator) -> None:
+    channel = pubsub_emulator.channel()
+    bus = EventBus()
+    attempts: dict[str, int] = {}
+
+    @bus.on("order.*")
+    async def flaky(event: Event) -> None:
+        attempts[event.id] = attempts.get(event.id, 0) + 1
+        if attempts[event.id] == 1:
+            raise RuntimeError("first delivery fails")
+
+    publisher = EventBus()
+    publisher.forward("order.*", PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host))
+    ids = [(await publisher.publish("order.placed", {"n": n})).id for n in range(3)]
+    await publisher.close()
+    source = PubSubSource(
+        subscription_path(channel), emulator_host=pubsub_emulator.host, pull_timeout=1
+    )
+    async with Worker(bus, source, concurrency=2) as worker:
+        await until(lambda: worker.stats.handled == 3, timeout=15)
+        await asyncio.sleep(1.2)  # a pull that times out is not an error
+    assert worker.stats == WorkerStats(received=6, handled=3, failed=3)
+    assert attempts == dict.fromkeys(ids, 2)
+    assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_missing_subscription_stops_the_worker(pubsub_emulator: Emulator) -> None:
+    missing = f"projects/{PROJECT}/subscriptions/no-such-subscription"
+    worker = Worker(EventBus(), PubSubSource(missing, emulator_host=pubsub_emulator.host))
+    with pytest.raises(SourceError, match="HTTP 404") as caught:
+        await worker.run()
+    assert not caught.value.transient
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"subscription": "orders"}, "subscription must be a full path"),
+        ({"max_messages": 0}, "max_messages must be an int >= 1"),
+        ({"pull_timeout": 0}, "pull_timeout must be > 0"),
+        ({"api_root": "http://a/v1", "emulator_host": "b:1"}, "not both"),
+    ],
+)
+def test_pubsub_source_settings(options: dict[str, Any], message: str) -> None:
+    options.setdefault("subscription", "projects/shop/subscriptions/orders")
+    with pytest.raises(ConfigurationError, match=message):
+        PubSubSource(**options)
+
+
+def test_pubsub_source_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    source = PubSubSource("projects/shop/subscriptions/orders")
+    assert (source.name, source.api_root, source.emulated) == (
+        "orders",
+        "https://pubsub.googleapis.com/v1",
+        False,
+    )
+    assert (
+        repr(source) == "<PubSubSource 'orders' subscription='projects/shop/subscriptions/orders'>"
+    )
+    with pytest.raises(SourceError, match="has not started"):
+        source.client  # noqa: B018
+
+
+def test_pubsub_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gcloud.aio.pubsub", None)  # as if not installed
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[gcp\]"):
+        PubSubSource("projects/shop/subscriptions/orders")

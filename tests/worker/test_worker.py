@@ -1,0 +1,432 @@
+"""`Worker` from Python (``async with`` / ``run``), in this process, against moto's SQS server."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI
+
+from fastapi_eventbus import ConfigurationError, Event, EventBus, SourceError, get_bus
+from fastapi_eventbus.exceptions import MissingExtraError
+from fastapi_eventbus.testing import RecordingForwarder
+from fastapi_eventbus.wire import decode_message, sqs_body
+from fastapi_eventbus.worker import (
+    Backoff,
+    ReceivedMessage,
+    Source,
+    SQSSource,
+    Worker,
+    WorkerStats,
+)
+from fastapi_eventbus.worker._source import Coalescer
+from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, start_moto, stop_moto
+from tests.worker._helpers import counts, create_queue, peek, send_raw, until
+from tests.worker.shop import execute, label, worker_app
+
+pytestmark = pytest.mark.anyio
+
+
+def source(moto: Moto, queue_url: str, **options: Any) -> SQSSource:
+    """An `SQSSource` on moto with short polls and, unless told, immediate retries."""
+    options.setdefault("visibility_backoff", Backoff(initial=0))
+    return SQSSource(
+        queue_url,
+        endpoint_url=moto.endpoint,
+        region_name=REGION,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        wait_time_seconds=1,
+        **options,
+    )
+
+
+async def publish(moto: Moto, queue_url: str, *payloads: dict[str, Any]) -> list[str]:
+    """Forward one ``order.placed`` event per payload to *queue_url*; their ids."""
+    bus = EventBus()
+    bus.forward("order.*", moto.forwarder(queue_url))
+    ids = [(await bus.publish("order.placed", payload)).id for payload in payloads]
+    await bus.close()
+    return ids
+
+
+# -- the happy path ------------------------------------------------------------------------
+
+
+async def test_async_with_runs_the_handlers_with_the_apps_overrides(moto: Moto, db: Path) -> None:
+    queue_url = await create_queue(moto, "orders")
+    app = worker_app()
+    app.dependency_overrides[label] = lambda: "from the test"
+    ids = await publish(moto, queue_url, {"n": 1}, {"n": 2}, {"n": 3, "fail_times": 1})
+    async with Worker(app, source(moto, queue_url), concurrency=2) as worker:
+        await until(lambda: worker.stats.handled == 3)
+    assert worker.stats == WorkerStats(received=4, handled=3, failed=1)
+    rows = execute(db, "SELECT event_id, label FROM handled")
+    assert sorted(rows) == sorted((event_id, "from the test") for event_id in ids)
+    assert execute(db, "SELECT what FROM lifecycle") == [("startup",), ("shutdown",)]
+    assert await counts(moto, queue_url) == (0, 0)
+
+
+async def test_run_until_stop(moto: Moto, db: Path) -> None:
+    queue_url = await create_queue(moto, "orders")
+    worker = Worker(worker_app(), source(moto, queue_url))
+    task = asyncio.create_task(worker.run())
+    await publish(moto, queue_url, {"n": 1})
+    await until(lambda: worker.stats.handled == 1)
+    await worker.stop()
+    assert task.done()
+    await task
+    with pytest.raises(ConfigurationError, match="already run"):
+        await worker.run()
+
+
+async def test_a_bare_bus_handles_chains_forwards_and_is_closed(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders")
+    bus = EventBus()
+    recorder = RecordingForwarder()
+    bus.forward("audit.*", recorder)
+
+    @bus.on("order.*")
+    async def audit(event: Event, chained: Annotated[EventBus, Depends(get_bus)]) -> None:
+        chained.emit("audit.seen", {"of": event.id})
+
+    (event_id,) = await publish(moto, queue_url, {"n": 1})
+    async with Worker(bus, source(moto, queue_url)) as worker:
+        await until(lambda: worker.stats.handled == 1)
+    assert [(e.name, e.payload) for e in recorder.events] == [("audit.seen", {"of": event_id})]
+    assert recorder.closed == 1
+
+
+async def test_concurrency_bounds_the_messages_in_flight(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders")
+    bus = EventBus()
+    running: list[int] = [0]
+    peak: list[int] = [0]
+
+    @bus.on("order.*")
+    async def slow(event: Event) -> None:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.2)
+        running[0] -= 1
+
+    await publish(moto, queue_url, *({"n": n} for n in range(8)))
+    async with Worker(bus, source(moto, queue_url), concurrency=3) as worker:
+        await until(lambda: worker.stats.handled == 8)
+    assert peak[0] == 3
+
+
+async def test_acknowledgements_are_batched(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders")
+    bus = EventBus()
+
+    @bus.on("order.*")
+    async def noop(event: Event) -> None:  # the ten finish together: one DeleteMessageBatch
+        pass
+
+    calls: list[int] = []
+    sqs = source(moto, queue_url)
+    await publish(moto, queue_url, *({"n": n} for n in range(10)))
+    async with Worker(bus, sqs) as worker:
+        sqs.client.meta.events.register(
+            "before-parameter-build.sqs.DeleteMessageBatch",
+            lambda params, **_: calls.append(len(params["Entries"])),
+        )
+        await until(lambda: worker.stats.handled == 10)
+    assert sum(calls) == 10
+    assert len(calls) <= 2
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "left"), [("retry", (0, 1)), ("delete", (0, 0))])
+async def test_undecodable_messages_follow_the_policy(
+    moto: Moto, policy: Any, left: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_url = await create_queue(moto, "orders")
+    message_id = await send_raw(moto, queue_url, "\x00 not json")
+    sqs = source(moto, queue_url, visibility_backoff=Backoff(initial=60))
+    async with Worker(EventBus(), sqs, on_undecodable=policy) as worker:
+        await until(lambda: worker.stats.undecodable == 1)
+    assert worker.stats.handled == worker.stats.failed == 0
+    assert await counts(moto, queue_url) == left  # given back (invisible for 60 s) or deleted
+    (record,) = [r for r in caplog.records if message_id in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert "is not an event" in record.getMessage()
+
+
+async def test_stop_gives_unfinished_messages_back(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders", {"VisibilityTimeout": "60"})
+    bus = EventBus()
+    started = asyncio.Event()
+
+    @bus.on("order.*")
+    async def forever(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    (event_id,) = await publish(moto, queue_url, {"n": 1})
+    async with Worker(bus, source(moto, queue_url), shutdown_timeout=0.1) as worker:
+        await asyncio.wait_for(started.wait(), 10)
+    assert worker.stats.unfinished == 1
+    (message,) = await peek(moto, queue_url)  # visible again at once, despite the 60 s
+    assert decode_message(message).id == event_id
+
+
+async def test_transient_receive_errors_are_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "fastapi_eventbus.worker")
+    server = start_moto()
+    moto = Moto(server)
+    port = moto.port
+    queue_url = await create_queue(moto, "orders")
+    bus = EventBus()
+    seen: list[str] = []
+    bus.on("order.*")(lambda event: seen.append(event.id))
+    async with Worker(bus, source(moto, queue_url)):
+        stop_moto(server)
+        await until(lambda: "retrying in" in caplog.text, timeout=15)
+        server = start_moto(port)  # moto keeps its queues in the process: the queue is back
+        try:
+            ids = await publish(moto, queue_url, {"n": 1})
+            await until(lambda: seen == ids, timeout=15)
+        finally:
+            stop_moto(server)
+    assert f"receiving from {queue_url.rsplit('/', 1)[-1]} again" in caplog.text
+
+
+async def test_a_missing_queue_stops_the_worker(moto: Moto) -> None:
+    missing = f"{moto.endpoint}/123456789012/no-such-queue"
+    worker = Worker(EventBus(), source(moto, missing))
+    with pytest.raises(SourceError, match="NonExistentQueue") as caught:
+        await worker.run()
+    assert not caught.value.transient
+
+
+async def test_the_body_of_async_with_may_fail_alone(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders")
+    with pytest.raises(RuntimeError, match="body"):
+        async with Worker(EventBus(), source(moto, queue_url)):
+            raise RuntimeError("body")
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+class NullSource(Source):
+    """A source that never has messages."""
+
+    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+        await asyncio.sleep(3600)
+        return []
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        pass
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be an int >= 1"),
+        ({"concurrency": True}, "concurrency must be an int >= 1"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be >= 0"),
+        ({"shutdown_timeout": "1"}, "shutdown_timeout must be a number"),
+        ({"on_undecodable": "drop"}, "on_undecodable must be 'retry' or 'delete'"),
+    ],
+)
+async def test_bad_settings_fail_in_the_constructor(options: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Worker(EventBus(), NullSource(), **options)
+
+
+async def test_the_worker_needs_a_bus_and_a_source() -> None:
+    with pytest.raises(ConfigurationError, match=r"bus\.install"):
+        Worker(FastAPI(), NullSource())
+    with pytest.raises(ConfigurationError, match="must be a Source"):
+        Worker(EventBus(), object())  # type: ignore[arg-type]
+
+
+async def test_an_app_without_startup_runs_a_null_source_until_stopped() -> None:
+    bus = EventBus()
+    app = FastAPI()
+    bus.install(app)
+    worker = Worker(app, NullSource())
+    assert worker.bus is bus
+    assert worker.app is app
+    async with worker:
+        pass
+    assert worker.stats == WorkerStats()
+
+
+def test_backoff() -> None:
+    backoff = Backoff(initial=1, maximum=10)
+    assert [backoff.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert backoff.delay(10_000) == 10
+    assert 0.5 <= backoff.jittered(1) <= 1
+    with pytest.raises(ConfigurationError):
+        Backoff(initial=-1)
+    with pytest.raises(ConfigurationError):
+        Backoff(multiplier=0.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"queue_url": "sqs://queue"}, "queue_url must be an http"),
+        ({"wait_time_seconds": 21}, "wait_time_seconds must be an int from 0 to 20"),
+        ({"max_messages": 11}, "max_messages must be an int from 1 to 10"),
+        ({"aws_access_key_id": "id"}, "pass both"),
+    ],
+)
+def test_sqs_source_settings(options: dict[str, Any], message: str) -> None:
+    options.setdefault("queue_url", "https://sqs.eu-west-1.amazonaws.com/123456789012/orders")
+    with pytest.raises(ConfigurationError, match=message):
+        SQSSource(**options)
+
+
+def test_sqs_source_defaults() -> None:
+    sqs = SQSSource("https://sqs.eu-west-1.amazonaws.com/123456789012/orders")
+    assert sqs.name == "orders"
+    assert sqs._settings.region_name == "eu-west-1"
+    assert sqs.visibility_backoff == Backoff()
+    assert repr(sqs) == (
+        "<SQSSource 'orders' queue_url='https://sqs.eu-west-1.amazonaws.com/123456789012/orders'>"
+    )
+    with pytest.raises(SourceError, match="has not started"):
+        sqs.client  # noqa: B018
+
+
+def test_sqs_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "aiobotocore" else real(name)
+    )
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[aws\]"):
+        SQSSource("https://sqs.eu-west-1.amazonaws.com/123456789012/orders")
+
+
+# -- sources that misbehave ----------------------------------------------------------------
+
+
+class ListSource(Source):
+    """Hands out forwarded events from a list; records what was acknowledged or given back."""
+
+    def __init__(self, *events: Event, ack_error: Exception | None = None) -> None:
+        self.pending = [
+            ReceivedMessage({"Body": sqs_body(event)}, f"m{n}", f"r{n}")
+            for n, event in enumerate(events)
+        ]
+        self.ack_error = ack_error
+        self.acked: list[str] = []
+        self.nacked: list[tuple[str, float | None]] = []
+
+    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+        batch, self.pending = self.pending[:max_messages], self.pending[max_messages:]
+        if not batch:
+            await asyncio.sleep(0.05)
+        return batch
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        if self.ack_error is not None:
+            raise self.ack_error
+        self.acked.append(message.message_id)
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        self.nacked.append((message.message_id, delay))
+
+
+async def test_a_failed_acknowledgement_is_logged_and_the_worker_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = ListSource(Event(name="order.placed"), ack_error=SourceError("ReceiptHandleIsInvalid"))
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.settle_errors == 1)
+    assert worker.stats.handled == 1
+    assert "could not acknowledge message m0" in caplog.text
+    assert "it will be delivered again" in caplog.text
+
+
+async def test_a_source_that_fails_unexpectedly_is_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Flaky(ListSource):
+        calls = 0
+
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError("a bug, or an error the source does not translate")
+            return await super().receive(max_messages)
+
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = Flaky(Event(name="order.placed"))
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.handled == 1)
+    assert source.acked == ["m0"]
+    assert "a bug, or an error the source does not translate" in caplog.text
+
+
+async def test_a_failing_startup_raises_from_async_with() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        raise RuntimeError("no database")
+        yield
+
+    bus = EventBus()
+    app = FastAPI(lifespan=lifespan)
+    bus.install(app)
+    with pytest.raises(RuntimeError, match="no database"):
+        async with Worker(app, ListSource()):
+            pass
+
+
+async def test_when_both_the_body_and_the_worker_fail_the_body_wins(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Worker(EventBus(), source(moto, f"{moto.endpoint}/123456789012/no-such-queue"))
+
+    async def body() -> None:
+        async with worker:
+            await until(lambda: "worker stopping" in caplog.text)
+            raise RuntimeError("body")
+
+    with pytest.raises(RuntimeError, match="body"):
+        await body()
+    assert "the worker failed too" in caplog.text
+
+
+async def test_the_coalescer_reports_each_items_outcome() -> None:
+    calls: list[list[int]] = []
+
+    async def settle(items: list[int]) -> list[str | None]:
+        calls.append(items)
+        if 99 in items:
+            raise SourceError("the whole call failed")
+        return [None if item % 2 == 0 else f"odd {item}" for item in items]
+
+    coalescer = Coalescer(settle, size=3)
+    results = await asyncio.gather(
+        *(coalescer.submit(item) for item in range(4)), return_exceptions=True
+    )
+    assert calls == [[0, 1, 2], [3]]
+    assert [str(result) if result else None for result in results] == [
+        None,
+        "odd 1",
+        None,
+        "odd 3",
+    ]
+    with pytest.raises(SourceError, match="the whole call failed"):
+        await coalescer.submit(99)
+    await coalescer.wait()

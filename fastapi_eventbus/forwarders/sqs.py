@@ -128,8 +128,12 @@ def _chunks(
         yield chunk
 
 
-def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
-    """The `ForwarderError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
+def _describe_botocore_error(exc: Exception) -> tuple[str, bool] | None:
+    """What an aiobotocore/botocore error means, and whether a retry may help.
+
+    ``None`` if *exc* is not a botocore error. Shared by the forwarder and the
+    worker's SQS source, which wrap it in their own exception types.
+    """
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -143,13 +147,21 @@ def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
         code = error.get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         transient = code in _TRANSIENT_CODES or status == 429 or status >= 500
-        message = f"SQS refused the batch ({code}, HTTP {status}): {error.get('Message', '')}"
-        return ForwarderError(f"{forwarder}: {message}", transient=transient)
+        return f"{code} (HTTP {status}): {error.get('Message', '')}", transient
     if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
-        return ForwarderError(f"{forwarder}: cannot reach SQS: {exc}", transient=True)
+        return f"cannot reach SQS: {exc}", True
     if isinstance(exc, BotoCoreError):
-        return ForwarderError(f"{forwarder}: {exc}", transient=False)
+        return str(exc), False
     return None
+
+
+def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
+    """The `ForwarderError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
+    described = _describe_botocore_error(exc)
+    if described is None:
+        return None
+    message, transient = described
+    return ForwarderError(f"{forwarder}: {message}", transient=transient)
 
 
 def _failed_entries(

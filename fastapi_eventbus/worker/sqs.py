@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from fastapi_eventbus.exceptions import ConfigurationError, MissingExtraError, SourceError
-from fastapi_eventbus.forwarders.sqs import _TRANSIENT_CODES, _ClientSettings, _region_of
+from fastapi_eventbus.forwarders.sqs import _ClientSettings, _region_of, _describe_botocore_error
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
 
@@ -216,26 +216,11 @@ def _received(message: MessageTypeDef) -> ReceivedMessage:
 
 def _translate(exc: Exception, context: str) -> SourceError | None:
     """The `SourceError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionError,
-        HTTPClientError,
-        SSLError,
-    )
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = error.get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        transient = code in _TRANSIENT_CODES or status == 429 or status >= 500
-        message = f"{context}: {code} (HTTP {status}): {error.get('Message', '')}"
-        return SourceError(message, transient=transient)
-    if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
-        return SourceError(f"{context}: cannot reach SQS: {exc}", transient=True)
-    if isinstance(exc, BotoCoreError):
-        return SourceError(f"{context}: {exc}", transient=False)
-    return None
+    described = _describe_botocore_error(exc)
+    if described is None:
+        return None
+    message, transient = described
+    return SourceError(f"{context}: {message}", transient=transient)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

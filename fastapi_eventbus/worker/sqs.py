@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from fastapi_eventbus.exceptions import ConfigurationError, MissingExtraError, SourceError
-from fastapi_eventbus.forwarders.sqs import _ClientSettings, _region_of, _describe_botocore_error
+from fastapi_eventbus.forwarders.sqs import _ClientSettings, _describe_botocore_error, _region_of
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
 

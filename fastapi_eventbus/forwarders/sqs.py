@@ -87,6 +87,30 @@ class _ClientSettings:
     aws_secret_access_key: str | None = field(repr=False)
     aws_session_token: str | None = field(repr=False)
 
+    async def open_client(self, stack: AsyncExitStack, read_timeout: float) -> SQSClient:
+        """Create an aiobotocore SQS client on *stack* (no network call).
+
+        botocore's own retries are off: the forwarder and the worker retry
+        themselves, and botocore's retries would multiply attempts or hide outages.
+        """
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import AioSession
+
+        config = AioConfig(
+            retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout
+        )
+        return await stack.enter_async_context(
+            AioSession().create_client(
+                "sqs",
+                region_name=self.region_name,
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=self.aws_access_key_id,
+                aws_secret_access_key=self.aws_secret_access_key,
+                aws_session_token=self.aws_session_token,
+                config=config,
+            )
+        )
+
 
 def _region_of(queue_url: str) -> str | None:
     """The AWS region in an SQS queue URL (``https://sqs.REGION.amazonaws.com/...``), if any."""
@@ -292,25 +316,9 @@ class SQSForwarder(Forwarder):
         """Create the aiobotocore SQS client (no network call); a no-op if it exists."""
         if self._client is not None:
             return
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import AioSession
-
-        settings = self._settings
-        # The base class retries; botocore's own retries would multiply the attempts.
-        config = AioConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30)
         stack = AsyncExitStack()
         try:
-            self._client = await stack.enter_async_context(
-                AioSession().create_client(
-                    "sqs",
-                    region_name=settings.region_name,
-                    endpoint_url=settings.endpoint_url,
-                    aws_access_key_id=settings.aws_access_key_id,
-                    aws_secret_access_key=settings.aws_secret_access_key,
-                    aws_session_token=settings.aws_session_token,
-                    config=config,
-                )
-            )
+            self._client = await self._settings.open_client(stack, read_timeout=30)
         except Exception as exc:
             await stack.aclose()
             error = _translate(exc, self.name)

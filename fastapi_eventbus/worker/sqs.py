@@ -115,28 +115,11 @@ class SQSSource(Source):
 
     async def start(self) -> None:
         """Create the aiobotocore client (imports aiobotocore; no network call)."""
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import AioSession
-
-        settings = self._settings
-        # The worker retries receives itself; botocore's retries would hide outages.
-        config = AioConfig(
-            retries={"total_max_attempts": 1},
-            connect_timeout=5,
-            read_timeout=self.wait_time_seconds + 10,
-        )
         stack = AsyncExitStack()
         try:
-            self._client = await stack.enter_async_context(
-                AioSession().create_client(
-                    "sqs",
-                    region_name=settings.region_name,
-                    endpoint_url=settings.endpoint_url,
-                    aws_access_key_id=settings.aws_access_key_id,
-                    aws_secret_access_key=settings.aws_secret_access_key,
-                    aws_session_token=settings.aws_session_token,
-                    config=config,
-                )
+            # Long polls wait up to wait_time_seconds: give the read that much and more.
+            self._client = await self._settings.open_client(
+                stack, read_timeout=self.wait_time_seconds + 10
             )
         except Exception:
             await stack.aclose()

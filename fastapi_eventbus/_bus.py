@@ -297,7 +297,7 @@ class EventBus:
         batch.current = event
         core.active.add(batch)
         try:
-            return await core.dispatch(event, batch)
+            return await core.dispatch(event, batch, local=False)
         finally:
             batch.current = None
             batch.state = CLOSED
@@ -320,7 +320,10 @@ class EventBus:
             forwarder.check(event_obj)
         for observer in core.observers:
             observer.on_emit(event_obj)
-        return event_obj, not (core.disabled or _muted(core))
+        deliver = not (core.disabled or _muted(core))
+        if deliver and core.tracing is not None:
+            core.tracing.emitted(event_obj)
+        return event_obj, deliver
 
     # -- request lifecycle ------------------------------------------------------
 

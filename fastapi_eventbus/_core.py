@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ from . import _di
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
 from ._patterns import PatternIndex
+from ._tracing import Tracing
 from .forwarders._base import Forwarder
 
 SCOPE_KEY = "fastapi_eventbus.bus"
@@ -86,7 +87,7 @@ class Batch:
         self.events: deque[Event] = deque()
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
-        self.sends: list[tuple[asyncio.Future[None], list[Event]]] = []
+        self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []
         self.background: BackgroundTasks | None = None
         """The request's background tasks, until the first event adds the flush to them."""
         if provider is _FROM_SCOPE:
@@ -135,6 +136,8 @@ class Core:
         self.app: Any = None
         self.active: set[Batch] = set()
         self.observers: list[Observer] = []
+        self.tracing: Tracing | None = None
+        """Span hooks, set by `fastapi_eventbus.otel.instrument_bus`; None: tracing off."""
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
@@ -196,8 +199,14 @@ class Core:
         for event in events:
             for forwarder in self.forwarders.match(event.name):
                 selected.setdefault(forwarder, []).append(event)
+        tracing = self.tracing
         for forwarder, chosen in selected.items():
-            batch.sends.append((asyncio.ensure_future(forwarder.deliver(chosen)), chosen))
+            send: Coroutine[Any, Any, object]
+            if tracing is None:
+                send = forwarder.deliver(chosen)
+            else:
+                send = tracing.deliver(forwarder, chosen)
+            batch.sends.append((asyncio.ensure_future(send), chosen))
 
     async def _abandon(self, batch: Batch) -> None:
         """After a cancelled flush: stop its sends and report what was not handled."""
@@ -210,17 +219,20 @@ class Core:
         if batch.events:
             await self.discard(batch, "the flush was cancelled")
 
-    async def dispatch(self, event: Event, batch: Batch) -> list[HandlerFailure]:
+    async def dispatch(
+        self, event: Event, batch: Batch, local: bool = True
+    ) -> list[HandlerFailure]:
         """Run every handler matching *event*, one after the other, isolating failures.
 
         Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
         handled right after that handler returns, or discarded if it raised.
         Returns the failures (already logged and passed to ``on_error``).
+        *local* is False for an event that came from a broker (for tracing).
         """
         failures: list[HandlerFailure] = []
         for handler in self.handlers.match(event.name):
             child = batch.child() if handler.plan.uses_solver else None
-            error = await self._run(handler, event, batch, child)
+            error = await self._run(handler, event, batch, child, local)
             for observer in self.observers:
                 observer.on_handled(event, handler.name, error)
             if error is not None:
@@ -235,6 +247,23 @@ class Core:
         return failures
 
     async def _run(
+        self, handler: Handler, event: Event, batch: Batch, child: Batch | None, local: bool
+    ) -> BaseException | None:
+        tracing = self.tracing
+        if tracing is None:
+            return await self._call(handler, event, batch, child)
+        span = tracing.start_handler(event, handler.name, local)
+        error: BaseException | None = None
+        try:
+            error = await self._call(handler, event, batch, child)
+        except BaseException as exc:  # cancelled: the span says so, then it propagates
+            error = exc
+            raise
+        finally:
+            tracing.end_handler(span, error)
+        return error
+
+    async def _call(
         self, handler: Handler, event: Event, batch: Batch, child: Batch | None
     ) -> BaseException | None:
         plan = handler.plan

@@ -29,6 +29,7 @@ __all__ = [
     "TRACE_ATTRIBUTES",
     "decode_message",
     "from_cloudevent",
+    "message_trace_context",
     "pubsub_attributes",
     "pubsub_data",
     "sqs_body",
@@ -133,14 +134,30 @@ def _json(text: str | bytes, what: str) -> Any:
         raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
 
 
-def _decode_sqs(message: Mapping[str, Any]) -> Event:
+def _sqs_trace(message: Mapping[str, Any]) -> dict[str, str]:
     attributes = message.get("MessageAttributes") or {}
-    trace = {
+    if not isinstance(attributes, Mapping):
+        return {}
+    return {
         key: value["StringValue"]
         for key, value in attributes.items()
-        if key in TRACE_ATTRIBUTES and isinstance(value, Mapping) and "StringValue" in value
+        if key in TRACE_ATTRIBUTES
+        and isinstance(value, Mapping)
+        and isinstance(value.get("StringValue"), str)
     }
-    return from_cloudevent(_json(message["Body"], "SQS message body"), trace)
+
+
+def _pubsub_trace(message: Mapping[str, Any]) -> dict[str, str]:
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, Mapping):
+        return {}
+    return {
+        key: attributes[key] for key in TRACE_ATTRIBUTES if isinstance(attributes.get(key), str)
+    }
+
+
+def _decode_sqs(message: Mapping[str, Any]) -> Event:
+    return from_cloudevent(_json(message["Body"], "SQS message body"), _sqs_trace(message))
 
 
 def _decode_pubsub(message: Mapping[str, Any]) -> Event:
@@ -156,8 +173,7 @@ def _decode_pubsub(message: Mapping[str, Any]) -> Event:
     }
     cloudevent["datacontenttype"] = attributes.get("content-type", CONTENT_TYPE)
     cloudevent["data"] = _json(data, "Pub/Sub message data") if data else None
-    trace = {key: attributes[key] for key in TRACE_ATTRIBUTES if key in attributes}
-    return from_cloudevent(cloudevent, trace)
+    return from_cloudevent(cloudevent, _pubsub_trace(message))
 
 
 def decode_message(message: Mapping[str, Any]) -> Event:
@@ -180,3 +196,19 @@ def decode_message(message: Mapping[str, Any]) -> Event:
     raise MessageDecodeError(
         "neither an SQS message (Body) nor a Pub/Sub message (data, attributes)"
     )
+
+
+def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
+    """The W3C trace context (``traceparent``/``tracestate``) in a received message's attributes.
+
+    Takes the same SQS and Pub/Sub shapes as `decode_message`, but never
+    raises: a message that is not an event, or carries no (or malformed)
+    attributes, gives ``{}``. Only these two attributes are read, and only for
+    tracing.
+    """
+    if not isinstance(message, Mapping):
+        return {}
+    if "Body" in message:
+        return _sqs_trace(message)
+    inner = message.get("message")
+    return _pubsub_trace(inner if isinstance(inner, Mapping) else message)

@@ -116,6 +116,9 @@ class Forwarder:
         name: A name for logs (default: the class name).
     """
 
+    messaging_system: ClassVar[str] = "fastapi_eventbus"
+    """The OpenTelemetry ``messaging.system`` of send spans (``aws_sqs``, ``gcp_pubsub``...)."""
+
     loop_bound: ClassVar[bool] = True
     """Whether `start` opens clients tied to the running event loop (SDK sessions do).
     Set it to ``False`` in forwarders without such clients: they start once and are never
@@ -145,6 +148,11 @@ class Forwarder:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+    @property
+    def destination(self) -> str:
+        """Where events go (a queue or topic name), for traces; default: the name."""
+        return self.name
 
     # -- what subclasses implement ----------------------------------------------
 
@@ -249,22 +257,26 @@ class Forwarder:
             return
         await self.close()
 
-    async def deliver(self, events: Sequence[Event]) -> None:
-        """Send *events* with retries; dead-letter what still fails. Never raises."""
+    async def deliver(self, events: Sequence[Event]) -> list[Event]:
+        """Send *events* with retries; dead-letter what still fails. Never raises.
+
+        Returns the events that were dead-lettered (empty when all went through).
+        """
         pending = list(events)
+        lost: list[Event] = []
         deadline = time.monotonic() + self.retry.total_timeout
         attempt = 0
         error: BaseException | None = None
         while pending:
             attempt += 1
-            pending, error = await self._attempt(pending)
+            pending, error = await self._attempt(pending, lost)
             if not pending:
-                return
+                return lost
             wait = self.retry.delay(attempt)
             if attempt >= self.retry.attempts or time.monotonic() + wait > deadline:
                 reason = f"gave up after {attempt} attempt(s): {error!r}"
-                await self._dead_letter(pending, reason, error)
-                return
+                await self._dead_letter(pending, reason, error, lost)
+                return lost
             logger.warning(
                 "forwarder %s: attempt %d failed for %d event(s) (%r); retrying in %.2fs",
                 self.name,
@@ -274,32 +286,37 @@ class Forwarder:
                 wait,
             )
             await asyncio.sleep(wait)
+        return lost
 
-    async def _attempt(self, pending: list[Event]) -> tuple[list[Event], BaseException | None]:
+    async def _attempt(
+        self, pending: list[Event], lost: list[Event]
+    ) -> tuple[list[Event], BaseException | None]:
         try:
             await self.ensure_started()
         except Exception as exc:
             if _is_transient_start_failure(exc):
                 return pending, exc
-            await self._dead_letter(pending, f"permanent failure: start failed: {exc!r}", exc)
+            await self._dead_letter(pending, f"permanent failure: start failed: {exc!r}", exc, lost)
             return [], exc
         try:
             delivery = await self.send(pending)
         except Exception as exc:
             if self.is_transient(exc):
                 return pending, exc
-            await self._dead_letter(pending, f"permanent failure: {exc!r}", exc)
+            await self._dead_letter(pending, f"permanent failure: {exc!r}", exc, lost)
             return [], exc
         if delivery is None:
             return [], None
         if delivery.rejected:
-            await self._dead_letter(list(delivery.rejected), f"rejected: {delivery.reason}", None)
+            rejected = list(delivery.rejected)
+            await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, lost)
         error = ForwarderError(delivery.reason or "partial failure", transient=True)
         return list(delivery.retry), error
 
     async def _dead_letter(
-        self, events: list[Event], reason: str, exc: BaseException | None
+        self, events: list[Event], reason: str, exc: BaseException | None, lost: list[Event]
     ) -> None:
+        lost.extend(events)
         ids = ", ".join(event.id for event in events)
         logger.error(
             "forwarder %s: %d event(s) not delivered (%s): %s", self.name, len(events), reason, ids

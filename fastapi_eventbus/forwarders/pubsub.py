@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from fastapi_eventbus._events import Event
 from fastapi_eventbus.exceptions import (
@@ -96,6 +96,8 @@ class PubSubForwarder(Forwarder):
         name: A name for logs (default: the class name).
     """
 
+    messaging_system: ClassVar[str] = "gcp_pubsub"
+
     def __init__(
         self,
         topic: str,
@@ -135,6 +137,11 @@ class PubSubForwarder(Forwarder):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} topic={self.topic!r}>"
+
+    @property
+    def destination(self) -> str:
+        """The topic's id (the last part of its path)."""
+        return self.topic.rsplit("/", 1)[-1]
 
     # -- lifecycle ------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 from urllib.parse import urlsplit
 
 from fastapi_eventbus._events import Event
@@ -248,6 +248,8 @@ class SQSForwarder(Forwarder):
         name: A name for logs (default: ``SQSForwarder``).
     """
 
+    messaging_system: ClassVar[str] = "aws_sqs"
+
     def __init__(
         self,
         queue_url: str,
@@ -299,6 +301,11 @@ class SQSForwarder(Forwarder):
 
     def __repr__(self) -> str:
         return f"<SQSForwarder {self.name!r} queue_url={self.queue_url!r}>"
+
+    @property
+    def destination(self) -> str:
+        """The queue's name (the last part of its URL)."""
+        return self.queue_url.rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def client(self) -> SQSClient:

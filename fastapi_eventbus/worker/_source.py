@@ -70,7 +70,12 @@ class Source(ABC):
     """
 
     name: str = "source"
-    """A name for logs."""
+    """A name for logs, and the destination in traces."""
+    messaging_system: str = "fastapi_eventbus"
+    """The OpenTelemetry ``messaging.system`` of the worker's spans (``aws_sqs``...)."""
+    destination_attribute: str = "messaging.destination.name"
+    """The span attribute holding `name`: the queue's, or a subscription's
+    (``messaging.destination.subscription.name``)."""
     max_messages: int = 10
     """The most messages one `receive` call returns."""
 

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias, get_args
 
 from fastapi_eventbus._bus import STATE_ATTR, EventBus
+from fastapi_eventbus._tracing import Consumed, Tracing
 from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
 from fastapi_eventbus.wire import decode_message
 
@@ -264,14 +265,26 @@ class Worker:
             logger.error("processing a message failed unexpectedly", exc_info=error)
 
     async def _process(self, message: ReceivedMessage) -> None:
+        tracing = self.bus._core.tracing
+        if tracing is None:
+            await self._settle(message, await self._given_back_if_cancelled(message, None))
+            return
+        with tracing.consuming(self.source, message) as consumed:
+            handled = await self._given_back_if_cancelled(message, consumed)
+            await self._settle(message, handled, tracing)
+
+    async def _given_back_if_cancelled(
+        self, message: ReceivedMessage, consumed: Consumed | None
+    ) -> bool:
         try:
-            handled = await self._handle(message)
+            return await self._handle(message, consumed)
         except asyncio.CancelledError:
+            if consumed is not None:
+                consumed.failure = "cancelled at shutdown; given back"
             await self._give_back(message)
             raise
-        await self._settle(message, handled)
 
-    async def _handle(self, message: ReceivedMessage) -> bool:
+    async def _handle(self, message: ReceivedMessage, consumed: Consumed | None) -> bool:
         """Decode and handle *message*; whether to acknowledge it."""
         try:
             event = decode_message(message.body)
@@ -285,12 +298,18 @@ class Worker:
                 exc,
                 "deleting it" if delete else "giving it back: the dead-letter queue will take it",
             )
+            if consumed is not None:
+                consumed.failure, consumed.error = "not an event", exc
             return delete
+        if consumed is not None:
+            consumed.event = event
         try:
             failures = await self.bus.handle(event)
-        except Exception:
+        except Exception as exc:
             logger.exception("handling event %r (id=%s) failed", event.name, event.id)
             failures = None
+            if consumed is not None:
+                consumed.error = exc
         if failures == []:
             self.stats.handled += 1
             return True
@@ -303,15 +322,22 @@ class Worker:
             self.source.name,
             message.receive_count or "?",
         )
+        if consumed is not None:
+            count = "a handler" if failures is None else f"{len(failures)} handler(s)"
+            consumed.failure = f"{count} failed; the message goes back for redelivery"
         return False
 
-    async def _settle(self, message: ReceivedMessage, handled: bool) -> None:
+    async def _settle(
+        self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
+    ) -> None:
         """Acknowledge *message*, or give it back; a failure here means a redelivery."""
+        settle = self.source.ack(message) if handled else self.source.nack(message)
         try:
-            if handled:
-                await self.source.ack(message)
+            if tracing is None:
+                await settle
             else:
-                await self.source.nack(message)
+                with tracing.settling(self.source, message, "ack" if handled else "nack"):
+                    await settle
         except Exception as exc:
             self.stats.settle_errors += 1
             logger.warning(

@@ -60,6 +60,9 @@ class PubSubSource(Source):
         name: A name for logs (default: the subscription's name).
     """
 
+    messaging_system = "gcp_pubsub"
+    destination_attribute = "messaging.destination.subscription.name"
+
     def __init__(
         self,
         subscription: str,

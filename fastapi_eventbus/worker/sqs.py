@@ -63,6 +63,8 @@ class SQSSource(Source):
         name: A name for logs (default: the queue's name).
     """
 
+    messaging_system = "aws_sqs"
+
     def __init__(
         self,
         queue_url: str,

@@ -1,0 +1,277 @@
+"""OpenTelemetry tracing for the bus (extra ``otel``): one trace from the request to the worker.
+
+```python
+from fastapi_eventbus.otel import instrument_bus
+
+instrument_bus(bus)  # the global tracer provider, or tracer_provider=...
+```
+
+Spans follow the OpenTelemetry messaging semantic conventions:
+
+- ``emit <event>`` (PRODUCER, ``create``): one per emitted or published event,
+  in the caller's trace (the request's). Its context becomes the event's
+  ``trace_context``: forwarders put it in the message attributes
+  ``traceparent``/``tracestate``, never in the payload.
+- ``process <event>`` (CONSUMER, ``process``): one per local handler call, a
+  child of the event's emit span even though the request's server span ended
+  before handlers ran, with a link to it. A handler run by
+  `EventBus.handle` inside a current span (the worker's) is an INTERNAL child
+  of that span instead. Events a handler emits are children of its span.
+- ``send <queue or topic>`` (PRODUCER, ``send``): one per forwarder delivery
+  (a flush's matching events, retries included), a child of the first event's
+  emit span, linked to every event's emit span.
+- In the worker, ``process <queue or subscription>`` (CONSUMER): one per
+  received message, a child of the message's emit span (so the trace goes on
+  from the request), linked to it too; handlers are INTERNAL children; ``ack``
+  / ``nack`` (CLIENT, ``settle``) spans for acknowledging or giving it back.
+
+Nothing here is imported by ``import fastapi_eventbus``; without
+`instrument_bus` the bus makes no tracing calls at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from ._bus import EventBus
+from ._tracing import Consumed
+from .exceptions import ConfigurationError, MissingExtraError
+from .wire import message_trace_context
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
+    raise MissingExtraError("otel", "opentelemetry-api") from exc
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from opentelemetry.context import Context
+    from opentelemetry.util.types import AttributeValue
+
+    from ._events import Event
+    from .forwarders._base import Forwarder
+    from .worker._source import ReceivedMessage, Source
+
+__all__ = ["MESSAGING_SYSTEM", "instrument_bus", "is_instrumented", "uninstrument_bus"]
+
+MESSAGING_SYSTEM = "fastapi_eventbus"
+"""``messaging.system`` of the spans of in-process delivery (emit, local handlers)."""
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
+
+
+def instrument_bus(bus: EventBus, *, tracer_provider: trace.TracerProvider | None = None) -> None:
+    """Trace *bus*: emits, local handlers, forwarder sends and worker steps.
+
+    Call it once where the bus is created (a worker that imports the app gets it
+    too). *tracer_provider* defaults to the global one (``trace.set_tracer_provider``),
+    looked up when spans start, so the order of setup does not matter. Calling it
+    again replaces the provider.
+    """
+    if not isinstance(bus, EventBus):
+        raise ConfigurationError(f"instrument_bus() takes an EventBus, got {bus!r}")
+    if bus._batch is not None:
+        raise ConfigurationError(
+            "instrument_bus() needs the application bus, not a request's (from get_bus)"
+        )
+    from . import __version__
+
+    tracer = trace.get_tracer(
+        "fastapi_eventbus", __version__, tracer_provider, schema_url=_SCHEMA_URL
+    )
+    bus._core.tracing = _BusTracing(tracer)
+
+
+def uninstrument_bus(bus: EventBus) -> None:
+    """Stop tracing *bus* (no-op if it was not instrumented)."""
+    bus._core.tracing = None
+
+
+def is_instrumented(bus: EventBus) -> bool:
+    """Whether `instrument_bus` is in effect for *bus*."""
+    return isinstance(bus._core.tracing, _BusTracing)
+
+
+def _creation_context(trace_context: Mapping[str, str], *, remote: bool) -> SpanContext | None:
+    """The emit span's context carried by an event or message, if valid."""
+    if not trace_context:
+        return None
+    extracted = trace.get_current_span(_PROPAGATOR.extract(trace_context)).get_span_context()
+    if not extracted.is_valid:
+        return None
+    if remote:
+        return extracted
+    return SpanContext(  # emitted in this process: a local parent, as samplers expect
+        extracted.trace_id,
+        extracted.span_id,
+        is_remote=False,
+        trace_flags=extracted.trace_flags,
+        trace_state=extracted.trace_state,
+    )
+
+
+def _as_parent(span_context: SpanContext | None) -> Context | None:
+    if span_context is None:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+
+
+def _error_type(error: BaseException) -> str:
+    cls = type(error)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _fail(span: Span, error: BaseException | None, description: str | None = None) -> None:
+    """Mark *span* failed: ``error.type``, ERROR status, and the exception as a span event."""
+    if error is not None:
+        span.record_exception(error)
+        span.set_attribute("error.type", _error_type(error))
+        description = description or f"{type(error).__name__}: {error}"
+    else:
+        span.set_attribute("error.type", "_OTHER")
+    span.set_status(Status(StatusCode.ERROR, description))
+
+
+class _BusTracing:
+    """The `fastapi_eventbus._tracing.Tracing` hooks, on one tracer."""
+
+    __slots__ = ("_tracer",)
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    # -- in-process ---------------------------------------------------------------
+
+    def emitted(self, event: Event) -> None:
+        span = self._tracer.start_span(
+            f"emit {event.name}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": MESSAGING_SYSTEM,
+                "messaging.operation.name": "emit",
+                "messaging.operation.type": "create",
+                "messaging.destination.name": event.name,
+                "messaging.message.id": event.id,
+            },
+        )
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
+        span.end()
+        if carrier:
+            # The event's own fresh dict (see Tracing.emitted): filled before anyone sees it.
+            event.trace_context.update(carrier)  # type: ignore[attr-defined]
+
+    def start_handler(self, event: Event, handler: str, local: bool) -> Any:
+        creation = _creation_context(event.trace_context, remote=not local)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": MESSAGING_SYSTEM,
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": event.name,
+            "messaging.message.id": event.id,
+            "code.function.name": handler,
+        }
+        if not local and trace.get_current_span().get_span_context().is_valid:
+            # EventBus.handle inside a consumer span (the worker's): a step of it.
+            span = self._tracer.start_span(
+                f"process {event.name}", kind=SpanKind.INTERNAL, attributes=attributes
+            )
+        else:
+            span = self._tracer.start_span(
+                f"process {event.name}",
+                context=_as_parent(creation),
+                kind=SpanKind.CONSUMER,
+                attributes=attributes,
+                links=[Link(creation)] if creation is not None else None,
+            )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        return span, token
+
+    def end_handler(self, token: Any, error: BaseException | None) -> None:
+        span, context_token = token
+        otel_context.detach(context_token)
+        if error is not None:
+            _fail(span, error)
+        span.end()
+
+    async def deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> None:
+        creations = [
+            context
+            for event in events
+            if (context := _creation_context(event.trace_context, remote=False)) is not None
+        ]
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": forwarder.messaging_system,
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": forwarder.destination,
+            "messaging.batch.message_count": len(events),
+        }
+        if len(events) == 1:
+            attributes["messaging.message.id"] = events[0].id
+        with self._tracer.start_as_current_span(
+            f"send {forwarder.destination}",
+            context=_as_parent(creations[0] if creations else None),
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            links=[Link(context) for context in creations],
+        ) as span:
+            lost = await forwarder.deliver(events)
+            if lost:
+                span.set_attribute("fastapi_eventbus.dead_lettered", len(lost))
+                _fail(span, None, f"{len(lost)} of {len(events)} event(s) dead-lettered")
+
+    # -- worker -------------------------------------------------------------------
+
+    @contextmanager
+    def consuming(self, source: Source, message: ReceivedMessage) -> Iterator[Consumed]:
+        creation = _creation_context(message_trace_context(message.body), remote=True)
+        attributes: dict[str, AttributeValue] = {
+            "messaging.system": source.messaging_system,
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            source.destination_attribute: source.name,
+            "messaging.message.id": message.message_id,
+        }
+        if message.receive_count is not None:
+            attributes["messaging.message.delivery_count"] = message.receive_count
+        consumed = Consumed()
+        with self._tracer.start_as_current_span(
+            f"process {source.name}",
+            context=_as_parent(creation),
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            links=[Link(creation)] if creation is not None else None,
+        ) as span:
+            yield consumed
+            if consumed.event is not None:
+                span.set_attribute("fastapi_eventbus.event.name", consumed.event.name)
+                span.set_attribute("fastapi_eventbus.event.id", consumed.event.id)
+            if consumed.failure is not None:
+                _fail(span, consumed.error, consumed.failure)
+
+    @contextmanager
+    def settling(
+        self, source: Source, message: ReceivedMessage, action: Literal["ack", "nack"]
+    ) -> Iterator[None]:
+        with self._tracer.start_as_current_span(
+            f"{action} {source.name}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "messaging.system": source.messaging_system,
+                "messaging.operation.name": action,
+                "messaging.operation.type": "settle",
+                source.destination_attribute: source.name,
+                "messaging.message.id": message.message_id,
+            },
+        ):
+            yield

@@ -1,0 +1,366 @@
+"""OpenTelemetry: emit and handler spans in the request's trace, with the real SDK.
+
+The forwarder (send) spans are here with a recording forwarder; the whole path
+through a real queue and a worker is in ``tests/worker/test_tracing.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from typing import Annotated
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+from opentelemetry.trace import SpanKind, StatusCode
+
+from fastapi_eventbus import ConfigurationError, Event, EventBus, get_bus
+from fastapi_eventbus.forwarders import Delivery, Forwarder, Retry
+from fastapi_eventbus.otel import (
+    MESSAGING_SYSTEM,
+    instrument_bus,
+    is_instrumented,
+    uninstrument_bus,
+)
+from fastapi_eventbus.testing import RecordingForwarder
+from fastapi_eventbus.wire import sqs_body
+from tests._otel import Spans, is_error, linked_ids, parent_id, sid, tid, traceparent
+
+pytestmark = pytest.mark.anyio
+
+HAS_NATIVE_TELEMETRY = importlib.util.find_spec("fastapi.telemetry") is not None
+
+Bus = Annotated[EventBus, Depends(get_bus)]
+
+
+@pytest.fixture
+def spans() -> Spans:
+    return Spans()
+
+
+def number() -> int:
+    return 7
+
+
+def shop(bus: EventBus, seen: list[tuple[str, int]], app: FastAPI | None = None) -> FastAPI:
+    """``POST /orders`` emits two events; each has a handler with a ``Depends``; one fails."""
+    app = app or FastAPI()
+    bus.install(app)
+
+    @bus.on("order.placed")
+    async def reserve_stock(event: Event, n: Annotated[int, Depends(number)]) -> None:
+        seen.append((event.name, n))
+
+    @bus.on("order.paid")
+    def send_receipt(event: Event, n: Annotated[int, Depends(number)]) -> None:
+        seen.append((event.name, n))
+        raise RuntimeError("mail server down")
+
+    @app.post("/orders")
+    async def place(events: Bus) -> dict[str, str]:
+        placed = events.emit("order.placed", {"id": 1})
+        events.emit("order.paid", {"id": 1})
+        return {"id": placed.id}
+
+    return app
+
+
+def check_request_trace(spans: Spans, server: ReadableSpan, seen: list[tuple[str, int]]) -> None:
+    """The shop's trace: emits under the request, each handler under its emit, after it."""
+    assert seen == [("order.placed", 7), ("order.paid", 7)]
+    placed, paid = spans.one("emit order.placed"), spans.one("emit order.paid")
+    reserve, receipt = spans.one("process order.placed"), spans.one("process order.paid")
+    for span in (placed, paid, reserve, receipt):
+        assert tid(span) == tid(server), span.name
+    assert placed.kind is paid.kind is SpanKind.PRODUCER
+    assert reserve.kind is receipt.kind is SpanKind.CONSUMER
+    assert parent_id(reserve) == sid(placed)
+    assert linked_ids(reserve) == [sid(placed)]
+    assert parent_id(receipt) == sid(paid)
+    assert linked_ids(receipt) == [sid(paid)]
+    # Handled after the response: the server span had ended before the handlers began.
+    assert server.end_time is not None
+    assert reserve.start_time is not None
+    assert server.end_time <= reserve.start_time
+    assert placed.attributes == {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.operation.name": "emit",
+        "messaging.operation.type": "create",
+        "messaging.destination.name": "order.placed",
+        "messaging.message.id": placed.attributes and placed.attributes["messaging.message.id"],
+    }
+    assert dict(reserve.attributes or {}) == {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": "order.placed",
+        "messaging.message.id": (placed.attributes or {})["messaging.message.id"],
+        "code.function.name": "tests.test_otel.shop.<locals>.reserve_stock",
+    }
+    assert reserve.status.status_code is StatusCode.UNSET
+    assert is_error(receipt)
+    assert receipt.status.description == "RuntimeError: mail server down"
+    assert (receipt.attributes or {})["error.type"] == "RuntimeError"
+    (exception,) = receipt.events
+    assert exception.name == "exception"
+    assert (exception.attributes or {})["exception.message"] == "mail server down"
+
+
+def test_with_fastapi_instrumentor(spans: Spans) -> None:
+    bus, seen = EventBus(), list[tuple[str, int]]()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    app = shop(bus, seen)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    with TestClient(app) as client:
+        event_id = client.post("/orders").json()["id"]
+    server = spans.one("POST /orders")
+    assert server.kind is SpanKind.SERVER
+    check_request_trace(spans, server, seen)
+    placed = spans.one("emit order.placed")
+    assert parent_id(placed) == sid(server)
+    assert (placed.attributes or {})["messaging.message.id"] == event_id
+
+
+@pytest.mark.skipif(not HAS_NATIVE_TELEMETRY, reason="this FastAPI has no built-in telemetry")
+def test_with_fastapis_built_in_telemetry(spans: Spans) -> None:
+    bus, seen = EventBus(), list[tuple[str, int]]()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    native = FastAPI(telemetry={"tracer_provider": spans.provider})  # type: ignore[call-arg,unused-ignore]
+    app = shop(bus, seen, native)
+    with TestClient(app) as client:
+        client.post("/orders")
+    server = spans.one("POST /orders")
+    assert server.kind is SpanKind.SERVER
+    check_request_trace(spans, server, seen)
+    # FastAPI runs the flush inside its background-task span; handlers still hang off their emit.
+    background = [s for s in spans.all if s.name == "fastapi.background_task"]
+    assert background
+    assert all(parent_id(s) == sid(server) for s in background)
+    endpoint = spans.one("fastapi.endpoint")
+    assert parent_id(spans.one("emit order.placed")) == sid(endpoint)
+
+
+def test_chained_events_stay_in_the_trace(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    app = FastAPI()
+    bus.install(app)
+
+    @bus.on("order.placed")
+    async def bill(event: Event, events: Bus) -> None:
+        events.emit("invoice.created", {"for": event.id})
+
+    @bus.on("invoice.created")
+    async def archive(event: Event) -> None:
+        pass
+
+    @app.post("/orders")
+    async def place(events: Bus) -> None:
+        events.emit("order.placed")
+
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    with TestClient(app) as client:
+        client.post("/orders")
+    server, bill_span = spans.one("POST /orders"), spans.one("process order.placed")
+    chained_emit = spans.one("emit invoice.created")
+    archive_span = spans.one("process invoice.created")
+    assert parent_id(chained_emit) == sid(bill_span)
+    assert parent_id(archive_span) == sid(chained_emit)
+    assert {tid(s) for s in spans.all} == {tid(server)}
+
+
+async def test_publish_without_a_request(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    handled: list[str] = []
+
+    @bus.on("report.*")
+    async def note(event: Event) -> None:
+        handled.append(event.trace_context["traceparent"])
+
+    tracer = spans.provider.get_tracer("script")
+    with tracer.start_as_current_span("nightly job") as job:
+        event = await bus.publish("report.ready")
+    emit, process = spans.one("emit report.ready"), spans.one("process report.ready")
+    assert parent_id(emit) == job.get_span_context().span_id
+    assert parent_id(process) == sid(emit)
+    assert handled == [traceparent(emit)] == [event.trace_context["traceparent"]]
+    # With no current span, the emit starts a trace of its own.
+    await bus.publish("report.late")
+    assert parent_id(spans.one("emit report.late")) is None
+    assert parent_id(spans.one("process report.late")) == sid(spans.one("emit report.late"))
+
+
+async def test_handle_of_a_received_event_continues_its_trace(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+
+    @bus.on("order.placed")
+    async def ship(event: Event) -> None:
+        pass
+
+    # An event as a worker decodes it: the producer's context in its trace_context.
+    producer = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    received = Event(name="order.placed", trace_context={"traceparent": producer})
+    assert await bus.handle(received) == []
+    alone = spans.one("process order.placed")
+    assert alone.kind is SpanKind.CONSUMER
+    assert tid(alone) == 0x0AF7651916CD43DD8448EB211C80319C
+    assert parent_id(alone) == 0xB7AD6B7169203331
+    assert linked_ids(alone) == [0xB7AD6B7169203331]
+    assert alone.parent is not None
+    assert alone.parent.is_remote
+    spans.exporter.clear()
+    # Inside a consumer's span (the worker's), handlers are steps of it.
+    with spans.provider.get_tracer("worker").start_as_current_span("process orders") as outer:
+        await bus.handle(received)
+    step = spans.one("process order.placed")
+    assert step.kind is SpanKind.INTERNAL
+    assert parent_id(step) == outer.get_span_context().span_id
+
+
+async def test_forwarded_events_carry_their_emit_context(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    recorder = RecordingForwarder(name="orders")
+    bus.forward("order.*", recorder)
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place(events: Bus) -> None:
+        events.emit("order.placed", {"id": 1})
+        events.emit("order.paid", {"id": 1})
+
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    with TestClient(app) as client:
+        client.post("/orders")
+    placed, paid = spans.one("emit order.placed"), spans.one("emit order.paid")
+    send = spans.one("send orders")
+    assert send.kind is SpanKind.PRODUCER
+    assert tid(send) == tid(spans.one("POST /orders"))
+    assert parent_id(send) == sid(placed)
+    assert linked_ids(send) == [sid(placed), sid(paid)]
+    assert dict(send.attributes or {}) == {
+        "messaging.system": MESSAGING_SYSTEM,
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": "orders",
+        "messaging.batch.message_count": 2,
+    }
+    assert [e.trace_context for e in recorder.events] == [
+        {"traceparent": traceparent(placed)},
+        {"traceparent": traceparent(paid)},
+    ]
+    body = sqs_body(recorder.events[0])
+    assert "traceparent" not in body
+    assert traceparent(placed) not in body
+
+
+class Refusing(Forwarder):
+    messaging_system = "webhook"
+
+    async def send(self, events: object) -> Delivery:
+        return Delivery(rejected=list(events), reason="410 Gone")  # type: ignore[call-overload]
+
+
+async def test_a_dead_lettered_send_has_error_status(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    bus.forward("order.*", Refusing(name="hooks", retry=Retry(attempts=1)))
+    await bus.publish("order.placed")
+    send = spans.one("send hooks")
+    assert is_error(send)
+    assert send.status.description == "1 of 1 event(s) dead-lettered"
+    assert (send.attributes or {})["messaging.system"] == "webhook"
+    assert (send.attributes or {})["fastapi_eventbus.dead_lettered"] == 1
+    assert (send.attributes or {})["messaging.message.id"]
+
+
+async def test_an_unsampled_request_records_nothing_but_passes_the_decision_on() -> None:
+    spans = Spans(sampler=ParentBased(ALWAYS_OFF))
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        handled.append(event.name)
+
+    event = await bus.publish("order.placed")
+    assert handled == ["order.placed"]
+    assert spans.all == []
+    flags = int(event.trace_context["traceparent"].rsplit("-", 1)[1], 16)
+    assert flags & 0x01 == 0  # not sampled: the decision travels downstream too
+
+
+async def test_instrumenting_can_be_undone_and_checks_its_argument(spans: Spans) -> None:
+    bus = EventBus()
+    assert not is_instrumented(bus)
+    instrument_bus(bus, tracer_provider=spans.provider)
+    assert is_instrumented(bus)
+    uninstrument_bus(bus)
+    assert not is_instrumented(bus)
+    event = await bus.publish("order.placed")
+    assert event.trace_context == {}
+    assert spans.all == []
+    with pytest.raises(ConfigurationError, match="takes an EventBus"):
+        instrument_bus(FastAPI())  # type: ignore[arg-type]
+
+
+def test_a_request_bus_cannot_be_instrumented(spans: Spans) -> None:
+    bus = EventBus()
+    app = FastAPI()
+    bus.install(app)
+    errors: list[str] = []
+
+    @app.get("/")
+    async def index(events: Bus) -> None:
+        try:
+            instrument_bus(events)
+        except ConfigurationError as exc:
+            errors.append(str(exc))
+
+    with TestClient(app) as client:
+        client.get("/")
+    assert errors == ["instrument_bus() needs the application bus, not a request's (from get_bus)"]
+
+
+def test_an_uninstrumented_bus_adds_nothing_to_an_instrumented_app(spans: Spans) -> None:
+    bus, seen = EventBus(), list[tuple[str, int]]()
+    app = shop(bus, seen)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    forwarded = RecordingForwarder()
+    bus.forward("order.*", forwarded)
+    with TestClient(app) as client:
+        client.post("/orders")
+    assert len(seen) == 2
+    assert not [s for s in spans.all if s.name.startswith(("emit ", "process ", "send "))]
+    assert [e.trace_context for e in forwarded.events] == [{}, {}]
+
+
+def test_importing_the_package_does_not_import_the_tracing_module() -> None:
+    code = (
+        "import sys, fastapi_eventbus, fastapi_eventbus.worker, fastapi_eventbus.forwarders;"
+        "sys.exit('fastapi_eventbus.otel' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_missing_extra_is_named() -> None:
+    # FastAPI may import opentelemetry itself: hide a module only the tracing module needs.
+    code = (
+        "import sys, fastapi_eventbus\n"
+        "sys.modules['opentelemetry.trace.propagation.tracecontext'] = None\n"
+        "try:\n"
+        "    import fastapi_eventbus.otel\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "pip install 'fastapi-eventbus[otel]'" in out.stdout, out.stderr

@@ -1,0 +1,209 @@
+"""One trace from the request, through a real queue, to a worker: moto's SQS and Pub/Sub's emulator.
+
+A request emits two events; each has a local handler (one fails) and both are
+forwarded. A worker receives them and runs its own handlers; the ``order.paid``
+handler fails on its first delivery, so that message is given back and comes
+again. Every span of all that is in the request's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind
+
+from fastapi_eventbus import Event, EventBus, get_bus
+from fastapi_eventbus.forwarders import Forwarder
+from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
+from fastapi_eventbus.otel import MESSAGING_SYSTEM, instrument_bus
+from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
+from tests._otel import Spans, is_error, linked_ids, parent_id, sid, tid
+from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
+from tests.forwarders.test_pubsub import PROJECT, Emulator
+from tests.worker._helpers import create_queue, until
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Broker:
+    """One way across: the web app's forwarder and the worker's source, and their names."""
+
+    system: str
+    destination: str
+    """The forwarder's destination (queue or topic) in send spans."""
+    source_name: str
+    """The source's name (queue or subscription) in the worker's spans."""
+    destination_attribute: str
+    forwarder: Callable[[], Forwarder]
+    source: Callable[[], Source]
+
+
+@pytest.fixture(params=["sqs", "pubsub"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    if request.param == "sqs":
+        moto: Moto = request.getfixturevalue("moto")
+        queue_url = asyncio.run(create_queue(moto, "traced"))
+        name = queue_url.rsplit("/", 1)[-1]
+        return Broker(
+            "aws_sqs",
+            name,
+            name,
+            "messaging.destination.name",
+            lambda: moto.forwarder(queue_url),
+            lambda: SQSSource(
+                queue_url,
+                endpoint_url=moto.endpoint,
+                region_name=REGION,
+                aws_access_key_id=KEY_ID,
+                aws_secret_access_key=SECRET,
+                wait_time_seconds=1,
+                visibility_backoff=Backoff(initial=0),
+            ),
+        )
+    emulator: Emulator = request.getfixturevalue("pubsub_emulator")
+    channel = emulator.channel()
+    return Broker(
+        "gcp_pubsub",
+        channel.topic.rsplit("/", 1)[-1],
+        channel.subscription,
+        "messaging.destination.subscription.name",
+        lambda: PubSubForwarder(channel.topic, emulator_host=emulator.host),
+        lambda: PubSubSource(
+            f"projects/{PROJECT}/subscriptions/{channel.subscription}",
+            emulator_host=emulator.host,
+            pull_timeout=1,
+        ),
+    )
+
+
+def number() -> int:
+    return 7
+
+
+def web_app(spans: Spans, broker: Broker) -> FastAPI:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    bus.forward("order.*", broker.forwarder())
+    app = FastAPI()
+    bus.install(app)
+
+    @bus.on("order.placed")
+    async def count_order(event: Event, n: Annotated[int, Depends(number)]) -> None:
+        pass
+
+    @bus.on("order.paid")
+    async def notify_sales(event: Event, n: Annotated[int, Depends(number)]) -> None:
+        raise RuntimeError("chat webhook down")
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> dict[str, str]:
+        placed = events.emit("order.placed", {"id": 1})
+        paid = events.emit("order.paid", {"id": 1})
+        return {"placed": placed.id, "paid": paid.id}
+
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    return app
+
+
+def worker_bus(spans: Spans) -> EventBus:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    deliveries: dict[str, int] = {}
+
+    @bus.on("order.placed")
+    async def ship(event: Event, n: Annotated[int, Depends(number)]) -> None:
+        pass
+
+    @bus.on("order.paid")
+    async def book_payment(event: Event) -> None:
+        deliveries[event.id] = deliveries.get(event.id, 0) + 1
+        if deliveries[event.id] == 1:
+            raise RuntimeError("ledger locked")
+
+    return bus
+
+
+def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Broker) -> None:
+    spans = Spans()
+    with TestClient(web_app(spans, broker)) as client:
+        ids = client.post("/orders").json()
+
+    async def consume() -> None:
+        async with Worker(worker_bus(spans), broker.source()) as worker:
+            await until(lambda: worker.stats.handled == 2, timeout=20)
+            await until(lambda: len(spans.named(f"ack {broker.source_name}")) == 2)
+
+    asyncio.run(consume())
+
+    server = spans.one("POST /orders")
+    assert {tid(span) for span in spans.all} == {tid(server)}, "one trace end to end"
+    emits = {name: spans.one(f"emit {name}") for name in ("order.placed", "order.paid")}
+    assert all(parent_id(emit) == sid(server) for emit in emits.values())
+
+    # In the web process: the forwarder's send, a child of the first emit linked to both.
+    send = spans.one(f"send {broker.destination}")
+    assert send.kind is SpanKind.PRODUCER
+    assert parent_id(send) == sid(emits["order.placed"])
+    assert linked_ids(send) == [sid(emits["order.placed"]), sid(emits["order.paid"])]
+    assert (send.attributes or {})["messaging.system"] == broker.system
+    assert (send.attributes or {})["messaging.batch.message_count"] == 2
+    local = [s for s in spans.all if s.kind is SpanKind.CONSUMER and s.name.startswith("process o")]
+    assert {(s.name, (s.attributes or {})["messaging.system"], is_error(s)) for s in local} == {
+        ("process order.placed", MESSAGING_SYSTEM, False),
+        ("process order.paid", MESSAGING_SYSTEM, True),
+    }
+
+    # In the worker: one process span per delivery, a child of the message's emit (and linked).
+    deliveries = spans.named(f"process {broker.source_name}")
+    assert len(deliveries) == 3  # order.placed once, order.paid twice
+    by_event: dict[str, list[ReadableSpan]] = {}
+    for delivery in deliveries:
+        attributes = delivery.attributes or {}
+        assert delivery.kind is SpanKind.CONSUMER
+        assert attributes["messaging.system"] == broker.system
+        assert attributes[broker.destination_attribute] == broker.source_name
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["messaging.message.id"]
+        name = str(attributes["fastapi_eventbus.event.name"])
+        assert attributes["fastapi_eventbus.event.id"] == ids[name.split(".")[1]]
+        assert parent_id(delivery) == sid(emits[name])
+        assert linked_ids(delivery) == [sid(emits[name])]
+        assert delivery.parent is not None
+        assert delivery.parent.is_remote
+        by_event.setdefault(name, []).append(delivery)
+
+    (placed,) = by_event["order.placed"]
+    first, second = sorted(by_event["order.paid"], key=lambda span: span.start_time or 0)
+    assert not is_error(placed)
+    assert not is_error(second)
+    assert is_error(first)
+    assert first.status.description == "1 handler(s) failed; the message goes back for redelivery"
+
+    def steps(delivery: ReadableSpan) -> list[tuple[str, SpanKind, bool]]:
+        return sorted((s.name, s.kind, is_error(s)) for s in spans.children(delivery))
+
+    source = broker.source_name
+    assert steps(placed) == [
+        (f"ack {source}", SpanKind.CLIENT, False),
+        ("process order.placed", SpanKind.INTERNAL, False),
+    ]
+    assert steps(first) == [
+        (f"nack {source}", SpanKind.CLIENT, False),
+        ("process order.paid", SpanKind.INTERNAL, True),
+    ]
+    assert steps(second) == [
+        (f"ack {source}", SpanKind.CLIENT, False),
+        ("process order.paid", SpanKind.INTERNAL, False),
+    ]
+    (failed_handler,) = [s for s in spans.children(first) if s.kind is SpanKind.INTERNAL]
+    assert str((failed_handler.attributes or {})["code.function.name"]).endswith("book_payment")
+    assert [event.name for event in failed_handler.events] == ["exception"]

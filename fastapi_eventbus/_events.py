@@ -49,7 +49,9 @@ class Event(BaseModel):
     source: str | None = None
     """Where the event came from (CloudEvents ``source``), when known."""
     trace_context: Mapping[str, str] = Field(default_factory=dict)
-    """W3C trace context (``traceparent``/``tracestate``) when tracing is active."""
+    """W3C trace context (``traceparent``/``tracestate``) of the event's emit span, when the
+    bus is traced (`fastapi_eventbus.otel.instrument_bus`); forwarders send it as message
+    attributes, never in the payload."""
 
 
 def event_name_of(model_type: type[BaseModel]) -> str | None:

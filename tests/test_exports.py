@@ -10,6 +10,7 @@ from types import ModuleType
 import fastapi_eventbus
 import fastapi_eventbus.cli
 import fastapi_eventbus.exceptions
+import fastapi_eventbus.otel
 import fastapi_eventbus.testing
 import fastapi_eventbus.worker
 import fastapi_eventbus.worker.pubsub
@@ -38,8 +39,9 @@ def test_submodule_all_is_complete() -> None:
         assert set(module.__all__) == defined, module.__name__
 
 
-def test_worker_and_cli_all_are_complete() -> None:
+def test_worker_cli_and_otel_all_are_complete() -> None:
     modules: list[ModuleType] = [
+        fastapi_eventbus.otel,
         fastapi_eventbus.worker,
         fastapi_eventbus.worker.sqs,
         fastapi_eventbus.worker.pubsub,

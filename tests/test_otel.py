@@ -14,6 +14,7 @@ from typing import Annotated
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
@@ -364,3 +365,35 @@ def test_a_missing_extra_is_named() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "pip install 'fastapi-eventbus[otel]'" in out.stdout, out.stderr
+
+
+def current_span_id() -> int:
+    return trace.get_current_span().get_span_context().span_id
+
+
+async def test_spans_a_handler_starts_are_its_children_sync_or_async(spans: Spans) -> None:
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    tracer = spans.provider.get_tracer("app")
+    dependency_saw: list[int] = []
+
+    @bus.on("order.placed")
+    async def in_the_loop(event: Event, span_id: Annotated[int, Depends(current_span_id)]) -> None:
+        dependency_saw.append(span_id)
+        with tracer.start_as_current_span("async work"):
+            pass
+
+    @bus.on("order.placed")
+    def in_a_thread(event: Event) -> None:
+        with tracer.start_as_current_span("sync work"):
+            pass
+
+    await bus.publish("order.placed")
+    first, second = spans.named("process order.placed")
+    assert (first.attributes or {})["code.function.name"] == (
+        "tests.test_otel.test_spans_a_handler_starts_are_its_children_sync_or_async"
+        ".<locals>.in_the_loop"
+    )
+    assert dependency_saw == [sid(first)]  # dependencies run inside the handler's span
+    assert parent_id(spans.one("async work")) == sid(first)
+    assert parent_id(spans.one("sync work")) == sid(second)

@@ -11,6 +11,7 @@ from fastapi_eventbus import Event, MessageDecodeError
 from fastapi_eventbus.wire import (
     DEFAULT_SOURCE,
     decode_message,
+    message_trace_context,
     pubsub_attributes,
     pubsub_data,
     sqs_body,
@@ -117,3 +118,35 @@ def test_an_event_without_payload_round_trips() -> None:
 def test_bad_messages_raise_a_decode_error(message: Any, error: str) -> None:
     with pytest.raises(MessageDecodeError, match=error):
         decode_message(message)
+
+
+def test_message_trace_context_reads_only_the_trace_attributes() -> None:
+    sqs = {
+        "Body": "{}",
+        "MessageAttributes": {
+            "traceparent": {"DataType": "String", "StringValue": TRACEPARENT},
+            "tracestate": {"DataType": "String", "StringValue": "vendor=1"},
+            "baggage": {"DataType": "String", "StringValue": "user=ada"},
+        },
+    }
+    assert message_trace_context(sqs) == {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
+    inner = {"data": "", "attributes": {"traceparent": TRACEPARENT}}
+    assert message_trace_context({"ackId": "a", "message": inner}) == {"traceparent": TRACEPARENT}
+    assert message_trace_context(inner) == {"traceparent": TRACEPARENT}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        None,
+        "text",
+        {"Body": "{}", "MessageAttributes": "not a mapping"},
+        {"Body": "{}", "MessageAttributes": {"traceparent": "no StringValue"}},
+        {"Body": "{}", "MessageAttributes": {"traceparent": {"StringValue": 42}}},
+        {"data": "", "attributes": ["traceparent"]},
+        {"data": "", "attributes": {"traceparent": 1}},
+        {"message": {"attributes": None}},
+    ],
+)
+def test_message_trace_context_never_raises(message: object) -> None:
+    assert message_trace_context(message) == {}  # type: ignore[arg-type]

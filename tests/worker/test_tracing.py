@@ -20,11 +20,20 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from fastapi_eventbus import Event, EventBus, get_bus
+from fastapi_eventbus import Event, EventBus, SourceError, get_bus
 from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.otel import MESSAGING_SYSTEM, instrument_bus
-from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
+from fastapi_eventbus.testing import RecordingForwarder
+from fastapi_eventbus.wire import sqs_body, trace_attributes
+from fastapi_eventbus.worker import (
+    Backoff,
+    PubSubSource,
+    ReceivedMessage,
+    Source,
+    SQSSource,
+    Worker,
+)
 from tests._otel import Spans, is_error, linked_ids, parent_id, sid, tid
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
 from tests.forwarders.test_pubsub import PROJECT, Emulator
@@ -207,3 +216,90 @@ def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Brok
     (failed_handler,) = [s for s in spans.children(first) if s.kind is SpanKind.INTERNAL]
     assert str((failed_handler.attributes or {})["code.function.name"]).endswith("book_payment")
     assert [event.name for event in failed_handler.events] == ["exception"]
+
+
+# -- the worker's spans for messages that do not go well, with an in-memory source ---------
+
+
+class ListSource(Source):
+    """Hands out the messages it was given once, then waits; records what was settled."""
+
+    messaging_system = "memory"
+    name = "inbox"
+
+    def __init__(self, *messages: ReceivedMessage, ack_fails: bool = False) -> None:
+        self.waiting = list(messages)
+        self.settled: list[tuple[str, str]] = []
+        self.ack_fails = ack_fails
+
+    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+        if not self.waiting:
+            await asyncio.sleep(3600)
+        taken, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
+        return taken
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        if self.ack_fails:
+            raise SourceError("receipt handle expired")
+        self.settled.append(("ack", message.message_id))
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        self.settled.append(("nack", message.message_id))
+
+
+def sqs_message(event: Event, message_id: str) -> ReceivedMessage:
+    attributes = {
+        name: {"DataType": "String", "StringValue": value}
+        for name, value in trace_attributes(event).items()
+    }
+    body = {"Body": sqs_body(event), "MessageAttributes": attributes}
+    return ReceivedMessage(body=body, message_id=message_id, receipt=message_id, receive_count=3)
+
+
+async def run_until_processed(bus: EventBus, source: ListSource, spans: Spans) -> None:
+    """Run a worker until its one message's span has ended (after settling it)."""
+    async with Worker(bus, source):
+        await until(lambda: spans.named("process inbox"))
+
+
+@pytest.mark.anyio
+async def test_an_undecodable_message_has_a_failed_span_of_its_own() -> None:
+    spans = Spans()
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    garbage = ReceivedMessage(body={"Body": "not json"}, message_id="m-1", receipt="r-1")
+    source = ListSource(garbage)
+    await run_until_processed(bus, source, spans)
+    assert source.settled == [("nack", "m-1")]
+    process = spans.one("process inbox")
+    assert process.parent is None  # no trace context to continue: a trace of its own
+    assert is_error(process)
+    assert process.status.description == "not an event"
+    assert (process.attributes or {})[
+        "error.type"
+    ] == "fastapi_eventbus.exceptions.MessageDecodeError"
+    assert (process.attributes or {})["messaging.system"] == "memory"
+    assert [s.name for s in spans.children(process)] == ["nack inbox"]
+
+
+@pytest.mark.anyio
+async def test_a_failed_acknowledgement_fails_the_settle_span() -> None:
+    spans = Spans()
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    emitted = EventBus()
+    instrument_bus(emitted, tracer_provider=spans.provider)
+    recorder = RecordingForwarder()
+    emitted.forward("*", recorder)
+    event = await emitted.publish("order.placed")
+    source = ListSource(sqs_message(recorder.events[0], "m-2"), ack_fails=True)
+    await run_until_processed(bus, source, spans)
+    process, ack = spans.one("process inbox"), spans.one("ack inbox")
+    assert parent_id(process) == sid(spans.one("emit order.placed"))
+    assert (process.attributes or {})["fastapi_eventbus.event.id"] == event.id
+    assert (process.attributes or {})["messaging.message.delivery_count"] == 3
+    assert not is_error(process)  # the handlers succeeded; the broker will deliver it again
+    assert parent_id(ack) == sid(process)
+    assert ack.kind is SpanKind.CLIENT
+    assert is_error(ack)
+    assert [e.name for e in ack.events] == ["exception"]

@@ -312,6 +312,17 @@ def build_variants() -> tuple[list[Variant], list[EventBus]]:
         {"handler.async_dep": 10, "dep.async": 10},
     )
 
+    traced_app, traced_bus = emitting_app(1)
+    if traced(traced_bus):
+        http(
+            "emit1_traced",
+            "  (context) 3, traced (OTel SDK, spans not exported)",
+            traced_app,
+            1,
+            {"handler.async_dep": 1, "dep.async": 1},
+        )
+        variants[-1].baseline = "emit1"
+
     app, bus = publishing_bus()
 
     def publish(name: str) -> Op:
@@ -366,7 +377,36 @@ def build_variants() -> tuple[list[Variant], list[EventBus]]:
             expected={"handler.sync_dep": 1, "dep.sync": 1},
         ),
     ]
-    return variants, [get_bus_bus, emit1_bus, emit10_bus, bus]
+    traced_publisher = publishing_bus()[1]
+    if traced(traced_publisher):
+
+        async def traced_publish() -> None:
+            await traced_publisher.publish("bench.async_dep", {"id": 1, "name": "cat"})
+
+        variants.append(
+            Variant(
+                "publish_traced",
+                "  (context) publish w/ 1 async Depends, traced",
+                traced_publish,
+                "events/s",
+                events_per_op=1,
+                expected={"handler.async_dep": 1, "dep.async": 1},
+                baseline="publish_async",
+            )
+        )
+    return variants, [get_bus_bus, emit1_bus, emit10_bus, bus, traced_bus, traced_publisher]
+
+
+def traced(bus: EventBus) -> bool:
+    """Trace *bus* with the OpenTelemetry SDK (spans made, not exported), if it is installed."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from fastapi_eventbus.otel import instrument_bus
+    except ImportError:
+        return False
+    instrument_bus(bus, tracer_provider=TracerProvider())
+    return True
 
 
 # -- measuring ------------------------------------------------------------------

@@ -43,7 +43,16 @@ from .wire import message_trace_context
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import trace
-    from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+    from opentelemetry.trace import (
+        Link,
+        Span,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise MissingExtraError("otel", "opentelemetry-api") from exc
@@ -100,20 +109,32 @@ def is_instrumented(bus: EventBus) -> bool:
 
 
 def _creation_context(trace_context: Mapping[str, str], *, remote: bool) -> SpanContext | None:
-    """The emit span's context carried by an event or message, if valid."""
-    if not trace_context:
-        return None
-    extracted = trace.get_current_span(_PROPAGATOR.extract(trace_context)).get_span_context()
-    if not extracted.is_valid:
-        return None
+    """The emit span's context carried by an event or message, if valid.
+
+    A remote context (from a broker: untrusted) goes through the W3C propagator's
+    checks; a local one was written by `_BusTracing.emitted` in this process, so
+    it is only split, which is several times cheaper.
+    """
     if remote:
-        return extracted
+        if not trace_context:
+            return None
+        extracted = trace.get_current_span(_PROPAGATOR.extract(trace_context)).get_span_context()
+        return extracted if extracted.is_valid else None
+    header = trace_context.get("traceparent")
+    if header is None:
+        return None
+    try:
+        _, trace_id, span_id, flags = header.split("-")
+        parsed = int(trace_id, 16), int(span_id, 16), TraceFlags(int(flags, 16))
+    except ValueError:
+        return None
+    state = trace_context.get("tracestate")
     return SpanContext(  # emitted in this process: a local parent, as samplers expect
-        extracted.trace_id,
-        extracted.span_id,
+        parsed[0],
+        parsed[1],
         is_remote=False,
-        trace_flags=extracted.trace_flags,
-        trace_state=extracted.trace_state,
+        trace_flags=parsed[2],
+        trace_state=TraceState.from_header([state]) if state else None,
     )
 
 

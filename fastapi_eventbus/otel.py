@@ -73,7 +73,6 @@ MESSAGING_SYSTEM = "fastapi_eventbus"
 """``messaging.system`` of the spans of in-process delivery (emit, local handlers)."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-_SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
 
 
 def instrument_bus(bus: EventBus, *, tracer_provider: trace.TracerProvider | None = None) -> None:
@@ -92,9 +91,7 @@ def instrument_bus(bus: EventBus, *, tracer_provider: trace.TracerProvider | Non
         )
     from . import __version__
 
-    tracer = trace.get_tracer(
-        "fastapi_eventbus", __version__, tracer_provider, schema_url=_SCHEMA_URL
-    )
+    tracer = trace.get_tracer("fastapi_eventbus", __version__, tracer_provider)
     bus._core.tracing = _BusTracing(tracer)
 
 
@@ -151,10 +148,13 @@ def _error_type(error: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _fail(span: Span, error: BaseException | None, description: str | None = None) -> None:
-    """Mark *span* failed: ``error.type``, ERROR status, and the exception as a span event."""
+def _fail(
+    span: Span, error: BaseException | None, description: str | None = None, record: bool = True
+) -> None:
+    """Mark *span* failed: ``error.type``, ERROR status, and (*record*) the exception event."""
     if error is not None:
-        span.record_exception(error)
+        if record:
+            span.record_exception(error)
         span.set_attribute("error.type", _error_type(error))
         description = description or f"{type(error).__name__}: {error}"
     else:
@@ -201,10 +201,12 @@ class _BusTracing:
             "messaging.message.id": event.id,
             "code.function.name": handler,
         }
+        links = [Link(creation)] if creation is not None else None
         if not local and trace.get_current_span().get_span_context().is_valid:
-            # EventBus.handle inside a consumer span (the worker's): a step of it.
+            # EventBus.handle inside a span (the worker's consumer span): a step of it,
+            # still linked to where the event was emitted.
             span = self._tracer.start_span(
-                f"process {event.name}", kind=SpanKind.INTERNAL, attributes=attributes
+                f"process {event.name}", kind=SpanKind.INTERNAL, attributes=attributes, links=links
             )
         else:
             span = self._tracer.start_span(
@@ -212,7 +214,7 @@ class _BusTracing:
                 context=_as_parent(creation),
                 kind=SpanKind.CONSUMER,
                 attributes=attributes,
-                links=[Link(creation)] if creation is not None else None,
+                links=links,
             )
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
@@ -264,7 +266,7 @@ class _BusTracing:
             "messaging.message.id": message.message_id,
         }
         if message.receive_count is not None:
-            attributes["messaging.message.delivery_count"] = message.receive_count
+            attributes["fastapi_eventbus.message.receive_count"] = message.receive_count
         consumed = Consumed()
         with self._tracer.start_as_current_span(
             f"process {source.name}",
@@ -272,13 +274,25 @@ class _BusTracing:
             kind=SpanKind.CONSUMER,
             attributes=attributes,
             links=[Link(creation)] if creation is not None else None,
+            record_exception=False,  # what failed is reported below, once
+            set_status_on_exception=False,
         ) as span:
-            yield consumed
-            if consumed.event is not None:
-                span.set_attribute("fastapi_eventbus.event.name", consumed.event.name)
-                span.set_attribute("fastapi_eventbus.event.id", consumed.event.id)
-            if consumed.failure is not None:
-                _fail(span, consumed.error, consumed.failure)
+            raised = False
+            try:
+                yield consumed
+            except BaseException as exc:  # cancelled at shutdown, or a bug
+                raised = True
+                if consumed.failure is None:
+                    consumed.failure, consumed.error = f"{type(exc).__name__}: {exc}", exc
+                raise
+            finally:
+                if consumed.event is not None:
+                    span.set_attribute("fastapi_eventbus.event.name", consumed.event.name)
+                    span.set_attribute("fastapi_eventbus.event.id", consumed.event.id)
+                if consumed.failure is not None:
+                    # A handler's exception is already on the handler's span.
+                    record = raised or consumed.event is None
+                    _fail(span, consumed.error, consumed.failure, record)
 
     @contextmanager
     def settling(
@@ -294,5 +308,11 @@ class _BusTracing:
                 source.destination_attribute: source.name,
                 "messaging.message.id": message.message_id,
             },
-        ):
-            yield
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield
+            except BaseException as exc:
+                _fail(span, exc)
+                raise

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -84,3 +87,17 @@ def is_error(span: ReadableSpan) -> bool:
 def kinds(spans: Sequence[ReadableSpan]) -> set[SpanKind]:
     """The kinds of *spans*."""
     return {span.kind for span in spans}
+
+
+@contextmanager
+def instrumented(app: FastAPI, spans: Spans) -> Iterator[FastAPI]:
+    """*app* traced by ``FastAPIInstrumentor`` into *spans*, uninstrumented afterwards.
+
+    The instrumentor also patches Starlette's ``BackgroundTask`` for the whole
+    process; only ``uninstrument_app`` undoes that, so later tests start clean.
+    """
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
+    try:
+        yield app
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)

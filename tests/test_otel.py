@@ -15,7 +15,6 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from opentelemetry import trace
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
@@ -30,7 +29,7 @@ from fastapi_eventbus.otel import (
 )
 from fastapi_eventbus.testing import RecordingForwarder
 from fastapi_eventbus.wire import sqs_body
-from tests._otel import Spans, is_error, linked_ids, parent_id, sid, tid, traceparent
+from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid, traceparent
 
 pytestmark = pytest.mark.anyio
 
@@ -116,8 +115,7 @@ def test_with_fastapi_instrumentor(spans: Spans) -> None:
     bus, seen = EventBus(), list[tuple[str, int]]()
     instrument_bus(bus, tracer_provider=spans.provider)
     app = shop(bus, seen)
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
-    with TestClient(app) as client:
+    with instrumented(app, spans), TestClient(app) as client:
         event_id = client.post("/orders").json()["id"]
     server = spans.one("POST /orders")
     assert server.kind is SpanKind.SERVER
@@ -164,8 +162,7 @@ def test_chained_events_stay_in_the_trace(spans: Spans) -> None:
     async def place(events: Bus) -> None:
         events.emit("order.placed")
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
-    with TestClient(app) as client:
+    with instrumented(app, spans), TestClient(app) as client:
         client.post("/orders")
     server, bill_span = spans.one("POST /orders"), spans.one("process order.placed")
     chained_emit = spans.one("emit invoice.created")
@@ -238,8 +235,7 @@ async def test_forwarded_events_carry_their_emit_context(spans: Spans) -> None:
         events.emit("order.placed", {"id": 1})
         events.emit("order.paid", {"id": 1})
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
-    with TestClient(app) as client:
+    with instrumented(app, spans), TestClient(app) as client:
         client.post("/orders")
     placed, paid = spans.one("emit order.placed"), spans.one("emit order.paid")
     send = spans.one("send orders")
@@ -335,10 +331,9 @@ def test_a_request_bus_cannot_be_instrumented(spans: Spans) -> None:
 def test_an_uninstrumented_bus_adds_nothing_to_an_instrumented_app(spans: Spans) -> None:
     bus, seen = EventBus(), list[tuple[str, int]]()
     app = shop(bus, seen)
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
     forwarded = RecordingForwarder()
     bus.forward("order.*", forwarded)
-    with TestClient(app) as client:
+    with instrumented(app, spans), TestClient(app) as client:
         client.post("/orders")
     assert len(seen) == 2
     assert not [s for s in spans.all if s.name.startswith(("emit ", "process ", "send "))]

@@ -278,10 +278,11 @@ class Worker:
     ) -> bool:
         try:
             return await self._handle(message, consumed)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            tracing = self.bus._core.tracing if consumed is not None else None
             if consumed is not None:
-                consumed.failure = "cancelled at shutdown; given back"
-            await self._give_back(message)
+                consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
+            await self._give_back(message, tracing)
             raise
 
     async def _handle(self, message: ReceivedMessage, consumed: Consumed | None) -> bool:
@@ -325,6 +326,8 @@ class Worker:
         if consumed is not None:
             count = "a handler" if failures is None else f"{len(failures)} handler(s)"
             consumed.failure = f"{count} failed; the message goes back for redelivery"
+            if failures:
+                consumed.error = failures[0].exception
         return False
 
     async def _settle(
@@ -348,11 +351,15 @@ class Worker:
                 exc,
             )
 
-    async def _give_back(self, message: ReceivedMessage) -> None:
+    async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
         """At shutdown: make an unfinished message available again at once (best effort)."""
         with suppress(Exception):
             async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
-                await self.source.nack(message, delay=0)
+                if tracing is None:
+                    await self.source.nack(message, delay=0)
+                else:
+                    with tracing.settling(self.source, message, "nack"):
+                        await self.source.nack(message, delay=0)
 
     async def _finish(self, timeout: float) -> None:
         """Wait up to *timeout* seconds for messages in flight; cancel (give back) the rest."""

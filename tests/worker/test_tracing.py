@@ -16,7 +16,6 @@ from typing import Annotated
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
@@ -34,7 +33,7 @@ from fastapi_eventbus.worker import (
     SQSSource,
     Worker,
 )
-from tests._otel import Spans, is_error, linked_ids, parent_id, sid, tid
+from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
 from tests.forwarders.test_pubsub import PROJECT, Emulator
 from tests.worker._helpers import create_queue, until
@@ -119,7 +118,6 @@ def web_app(spans: Spans, broker: Broker) -> FastAPI:
         paid = events.emit("order.paid", {"id": 1})
         return {"placed": placed.id, "paid": paid.id}
 
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=spans.provider)
     return app
 
 
@@ -143,7 +141,7 @@ def worker_bus(spans: Spans) -> EventBus:
 
 def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Broker) -> None:
     spans = Spans()
-    with TestClient(web_app(spans, broker)) as client:
+    with instrumented(web_app(spans, broker), spans) as app, TestClient(app) as client:
         ids = client.post("/orders").json()
 
     async def consume() -> None:
@@ -196,6 +194,8 @@ def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Brok
     assert not is_error(second)
     assert is_error(first)
     assert first.status.description == "1 handler(s) failed; the message goes back for redelivery"
+    assert (first.attributes or {})["error.type"] == "RuntimeError"
+    assert first.events == ()  # the exception is on the handler's span, not twice
 
     def steps(delivery: ReadableSpan) -> list[tuple[str, SpanKind, bool]]:
         return sorted((s.name, s.kind, is_error(s)) for s in spans.children(delivery))
@@ -297,9 +297,39 @@ async def test_a_failed_acknowledgement_fails_the_settle_span() -> None:
     process, ack = spans.one("process inbox"), spans.one("ack inbox")
     assert parent_id(process) == sid(spans.one("emit order.placed"))
     assert (process.attributes or {})["fastapi_eventbus.event.id"] == event.id
-    assert (process.attributes or {})["messaging.message.delivery_count"] == 3
+    assert (process.attributes or {})["fastapi_eventbus.message.receive_count"] == 3
     assert not is_error(process)  # the handlers succeeded; the broker will deliver it again
     assert parent_id(ack) == sid(process)
     assert ack.kind is SpanKind.CLIENT
     assert is_error(ack)
     assert [e.name for e in ack.events] == ["exception"]
+
+
+@pytest.mark.anyio
+async def test_a_message_cancelled_at_shutdown_has_a_failed_span_and_a_give_back() -> None:
+    spans = Spans()
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    started = asyncio.Event()
+
+    @bus.on("order.placed")
+    async def slow(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    message = ReceivedMessage(
+        body={"Body": sqs_body(Event(name="order.placed"))}, message_id="m-3", receipt="r-3"
+    )
+    source = ListSource(message)
+    async with Worker(bus, source, shutdown_timeout=0.05):
+        await started.wait()
+    assert source.settled == [("nack", "m-3")]
+    process = spans.one("process inbox")
+    assert is_error(process)
+    assert process.status.description == "cancelled at shutdown; given back"
+    assert (process.attributes or {})["error.type"] == "asyncio.exceptions.CancelledError"
+    assert (process.attributes or {})["fastapi_eventbus.event.name"] == "order.placed"
+    assert sorted((s.name, is_error(s)) for s in spans.children(process)) == [
+        ("nack inbox", False),
+        ("process order.placed", True),
+    ]

@@ -26,6 +26,7 @@ from ._events import Event
 from ._hooks import DiscardedEvents, HandlerFailure
 from .exceptions import (
     BusNotInstalledError,
+    CapacityError,
     ConfigurationError,
     EventBusError,
     EventChainError,
@@ -35,6 +36,7 @@ from .exceptions import (
     MissingExtraError,
     OutsideRequestError,
     SourceError,
+    SpoolError,
 )
 
 try:
@@ -44,6 +46,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "BusNotInstalledError",
+    "CapacityError",
     "ConfigurationError",
     "DiscardedEvents",
     "Event",
@@ -57,6 +60,7 @@ __all__ = [
     "MissingExtraError",
     "OutsideRequestError",
     "SourceError",
+    "SpoolError",
     "__version__",
     "get_bus",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -24,8 +25,10 @@ from .exceptions import (
     EventChainError,
     InvalidEventError,
     OutsideRequestError,
+    SpoolError,
 )
 from .forwarders._base import Forwarder
+from .spool import Spool
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,6 +55,16 @@ class EventBus:
         on_error: Called with a `HandlerFailure` whenever a handler raises.
         on_discard: Called with `DiscardedEvents` whenever accepted events are dropped.
         source: The CloudEvents ``source`` stamped on emitted events.
+        spool: A `fastapi_eventbus.spool.Spool`, or the path of its SQLite file:
+            events for forwarders are written there when emitted and sent again
+            after a crash or a broker outage (at-least-once). None: no spool;
+            events in flight when the process dies are lost.
+        max_batch_events: The most events one request (or handler call) may
+            emit; more raise `CapacityError` at ``emit``. None: no limit.
+        max_pending_events: The most events accepted but not yet handled and
+            forwarded, across all requests; more raise `CapacityError` at
+            ``emit``/``publish``. Bounds memory when handlers or brokers fall
+            behind. None: no limit.
     """
 
     __slots__ = ("_batch", "_core")
@@ -69,6 +82,9 @@ class EventBus:
         on_error: OnError | None = None,
         on_discard: OnDiscard | None = None,
         source: str | None = None,
+        spool: Spool | str | os.PathLike[str] | None = None,
+        max_batch_events: int | None = 10_000,
+        max_pending_events: int | None = 50_000,
     ) -> None:
         if (
             isinstance(max_chain_depth, bool)
@@ -91,6 +107,16 @@ class EventBus:
                 raise ConfigurationError(f"{hook_name} must be callable, got {hook!r}")
         if source is not None and (not isinstance(source, str) or not source):
             raise ConfigurationError(f"source must be a non-empty str, got {source!r}")
+        for limit_name, limit in (
+            ("max_batch_events", max_batch_events),
+            ("max_pending_events", max_pending_events),
+        ):
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+            ):
+                raise ConfigurationError(f"{limit_name} must be an int >= 1 or None, got {limit!r}")
+        if spool is not None and not isinstance(spool, Spool):
+            spool = Spool(spool)
         self._core = Core(
             disabled=disabled_by_env() if disabled is None else disabled,
             max_chain_depth=max_chain_depth,
@@ -100,6 +126,9 @@ class EventBus:
             on_discard=on_discard,
             source=source,
             make_view=EventBus._view,
+            spool=spool,
+            max_batch_events=max_batch_events,
+            max_pending_events=max_pending_events,
         )
         self._batch = None
 
@@ -191,6 +220,14 @@ class EventBus:
         """
         if not isinstance(forwarder, Forwarder):
             raise ConfigurationError(f"forward() needs a Forwarder instance, got {forwarder!r}")
+        if self._core.spool is not None:
+            for other in self._core.forwarders.items():
+                if other is not forwarder and other.name == forwarder.name:
+                    raise ConfigurationError(
+                        f"two forwarders are named {forwarder.name!r}: with a spool, each "
+                        f"forwarder needs its own name (name=...), which its spooled events "
+                        f"are filed under"
+                    )
         names = [patterns] if isinstance(patterns, str) else list(patterns)
         self._core.forwarders.add([_pattern_of(p) for p in names], forwarder)
         return forwarder
@@ -240,10 +277,12 @@ class EventBus:
                 "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
                 "(scripts, startup, tests) use `await bus.publish(...)`"
             )
-        event_obj, deliver = self._accept(event, payload, batch.depth)
+        event_obj, deliver = self._accept(event, payload, batch.depth, batch)
         if not deliver:
             return event_obj
         core = self._core
+        batch.accepted += 1
+        core.pending += 1
         if not batch.events:
             core.active.add(batch)
             if batch.background is not None:  # first event of the request: flush after it
@@ -267,13 +306,15 @@ class EventBus:
         startup, in tests and in workers.
         """
         depth = self._batch.depth if self._batch is not None else 0
-        event_obj, deliver = self._accept(event, payload, depth)
+        event_obj, deliver = self._accept(event, payload, depth, None)
         if not deliver:
             return event_obj
         core = self._core
         scope = self._batch.scope if self._batch is not None else core.base_scope()
         batch = Batch(scope, depth, loop=asyncio.get_running_loop())
         batch.events.append(event_obj)
+        batch.accepted = 1
+        core.pending += 1
         core.active.add(batch)
         await core.flush(batch)
         return event_obj
@@ -303,8 +344,14 @@ class EventBus:
             batch.state = CLOSED
             core.active.discard(batch)
 
-    def _accept(self, event: object, payload: Any, depth: int) -> tuple[Event, bool]:
-        """Validate and build the event, show it to observers; say whether to deliver it."""
+    def _accept(
+        self, event: object, payload: Any, depth: int, batch: Batch | None
+    ) -> tuple[Event, bool]:
+        """Validate and build the event, show it to observers; say whether to deliver it.
+
+        A delivered event is first admitted (capacity limits) and, with a spool,
+        written there for each forwarder it matches: all before the caller returns.
+        """
         core = self._core
         has_payload = payload is not _MISSING
         name, data = resolve_emit_args(
@@ -316,13 +363,18 @@ class EventBus:
                 f"{core.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
         event_obj = make_event(name, data, core.source)
-        for forwarder in core.forwarders.match(name):
+        forwarders = core.forwarders.match(name)
+        for forwarder in forwarders:
             forwarder.check(event_obj)
+        deliver = not (core.disabled or _muted(core))
+        if deliver:
+            core.admit(batch)
+            if core.tracing is not None:
+                core.tracing.emitted(event_obj)
+            if forwarders and core.spool is not None:  # with its trace context
+                core.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
         for observer in core.observers:
             observer.on_emit(event_obj)
-        deliver = not (core.disabled or _muted(core))
-        if deliver and core.tracing is not None:
-            core.tracing.emitted(event_obj)
         return event_obj, deliver
 
     # -- request lifecycle ------------------------------------------------------
@@ -412,9 +464,36 @@ class EventBus:
         """
         return await self._core.drain(self._core.shutdown_timeout if timeout is None else timeout)
 
+    @property
+    def spool(self) -> Spool | None:
+        """The bus's spool, if it has one (to list, count, replay or purge events)."""
+        return self._core.spool
+
+    async def resend(self) -> int:
+        """Send again the spooled events that are due; returns how many were tried.
+
+        The installed lifespan does this at startup and then every
+        ``resend_interval`` seconds; call it yourself where no lifespan runs (a
+        script that only publishes). Without a spool, returns 0.
+        """
+        total = 0
+        while (count := await self._core.resend()) > 0:
+            total += count
+        return total
+
     async def close(self, timeout: float | None = None) -> list[Event]:
-        """`drain`, then close every forwarder's clients. The installed lifespan calls this."""
+        """`drain`, then close every forwarder's clients. The installed lifespan calls this.
+
+        With a spool, the events this process did not finish sending are left
+        due at once, for the next process (or another one sharing the file).
+        """
         unfinished = await self.drain(timeout)
+        spool = self._core.spool
+        if spool is not None:
+            try:
+                spool.release()
+            except SpoolError as exc:
+                logger.error("%s", exc)
         await self._core.close_forwarders()
         logger.debug("fastapi_eventbus closed")
         return unfinished
@@ -458,11 +537,18 @@ def _draining_lifespan(
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
         async with original(app) as state:
+            resender: asyncio.Task[None] | None = None
             try:
                 forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
                 await asyncio.gather(*(start(f) for f in forwarders.values()))
+                if bus._core.spool is not None:  # what a previous run left is sent first
+                    resender = asyncio.create_task(bus._core.resend_forever())
                 yield state
             finally:
+                if resender is not None:
+                    resender.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await resender
                 await bus.close()
 
     return lifespan

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,7 +18,9 @@ from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
-from .forwarders._base import Forwarder
+from .exceptions import CapacityError, SpoolError
+from .forwarders._base import DeliveryOutcome, Forwarder
+from .spool import Spool
 
 SCOPE_KEY = "fastapi_eventbus.bus"
 """ASGI scope key holding the request's (or handler call's) scoped bus."""
@@ -60,6 +62,7 @@ class Batch:
     """The events of one request, handler call, WebSocket session or publish call."""
 
     __slots__ = (
+        "accepted",
         "background",
         "current",
         "depth",
@@ -85,6 +88,8 @@ class Batch:
         self.state = state
         self.loop = loop
         self.events: deque[Event] = deque()
+        self.accepted = 0
+        """Events added since the batch last finished (counted in `Core.pending`)."""
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []
@@ -120,6 +125,9 @@ class Core:
         on_discard: OnDiscard | None,
         source: str | None,
         make_view: Callable[[Core, Batch], object],
+        spool: Spool | None = None,
+        max_batch_events: int | None = None,
+        max_pending_events: int | None = None,
     ) -> None:
         self.make_view = make_view
         """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
@@ -138,6 +146,13 @@ class Core:
         self.observers: list[Observer] = []
         self.tracing: Tracing | None = None
         """Span hooks, set by `fastapi_eventbus.otel.instrument_bus`; None: tracing off."""
+        self.spool = spool
+        self.max_batch_events = max_batch_events
+        self.max_pending_events = max_pending_events
+        self.pending = 0
+        """Events accepted and not yet finished (handled and forwarded), all batches."""
+        self._refused = 0
+        self._refused_logged = 0.0
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
@@ -192,6 +207,11 @@ class Core:
             batch.state = CLOSED
             await self._abandon(batch)
             self.active.discard(batch)
+            self._finished(batch)
+
+    def _finished(self, batch: Batch) -> None:
+        self.pending -= batch.accepted
+        batch.accepted = 0
 
     def _forward(self, events: list[Event], batch: Batch) -> None:
         """Start one send per forwarder, with the events of *events* that it matches."""
@@ -199,14 +219,111 @@ class Core:
         for event in events:
             for forwarder in self.forwarders.match(event.name):
                 selected.setdefault(forwarder, []).append(event)
-        tracing = self.tracing
         for forwarder, chosen in selected.items():
-            send: Coroutine[Any, Any, object]
-            if tracing is None:
-                send = forwarder.deliver(chosen)
-            else:
-                send = tracing.deliver(forwarder, chosen)
-            batch.sends.append((asyncio.ensure_future(send), chosen))
+            batch.sends.append((asyncio.ensure_future(self.send(forwarder, chosen)), chosen))
+
+    def send(self, forwarder: Forwarder, events: list[Event]) -> Coroutine[Any, Any, object]:
+        """Deliver *events* through *forwarder* (traced, if tracing is on)."""
+        if self.tracing is None:
+            return self._deliver(forwarder, events)
+        return self.tracing.deliver(forwarder, events, self._deliver)
+
+    async def _deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
+        """`Forwarder.deliver`, and with a spool, the spool's bookkeeping of the outcome."""
+        spool = self.spool
+        if spool is None:
+            return await forwarder.deliver(events)
+        outcome = await forwarder.deliver(events, keep_unsent=True)
+        try:
+            await self._settle_spool(spool, forwarder, events, outcome)
+        except SpoolError as exc:  # the rows stay: sent again later, duplicates at worst
+            logger.error("forwarder %s: %s", forwarder.name, exc)
+        return outcome
+
+    async def _settle_spool(
+        self, spool: Spool, forwarder: Forwarder, events: Sequence[Event], outcome: DeliveryOutcome
+    ) -> None:
+        name = forwarder.name
+        not_sent = {event.id for event, _ in outcome.dead} | {e.id for e in outcome.unsent}
+        spool.sent(name, [event for event in events if event.id not in not_sent])
+        by_reason: dict[str, list[Event]] = {}
+        for event, reason in outcome.dead:
+            by_reason.setdefault(reason, []).append(event)
+        for reason, dead in by_reason.items():
+            spool.bury(name, dead, reason)
+        if outcome.unsent:
+            spent = spool.failed(name, outcome.unsent, outcome.error)
+            if spent:
+                reason = f"gave up after {spool.max_attempts} rounds: {outcome.error}"
+                await forwarder._dead_letter(spent, reason, None)
+                spool.bury(name, spent, reason)
+
+    async def resend(self, limit: int = 500) -> int:
+        """Send again the spooled events that are due (see `Spool.claim`); how many."""
+        spool = self.spool
+        if spool is None:
+            return 0
+        due = spool.claim(limit)
+        if not due:
+            return 0
+        by_name = {forwarder.name: forwarder for forwarder in self.forwarders.items()}
+        groups: dict[str, list[Event]] = {}
+        for item in due:
+            groups.setdefault(item.forwarder, []).append(item.event)
+        sends = []
+        for name, events in groups.items():
+            forwarder = by_name.get(name)
+            if forwarder is None:
+                logger.warning(
+                    "spool %s: %d event(s) for forwarder %r, which this bus does not have; "
+                    "they wait for an application that does",
+                    spool.path,
+                    len(events),
+                    name,
+                )
+                spool.failed(name, events, f"no forwarder named {name!r} here")
+                continue
+            logger.info("spool: sending %d event(s) again through %s", len(events), name)
+            sends.append(self.send(forwarder, events))
+        await asyncio.gather(*sends)
+        return len(due)
+
+    async def resend_forever(self) -> None:
+        """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""
+        spool = self.spool
+        assert spool is not None
+        while True:
+            try:
+                while await self.resend() > 0:
+                    pass
+            except SpoolError as exc:
+                logger.error("%s", exc)
+            except Exception:
+                logger.exception("resending spooled events failed")
+            await asyncio.sleep(spool.resend_interval)
+
+    def admit(self, batch: Batch | None) -> None:
+        """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
+        limit = self.max_batch_events
+        if batch is not None and limit is not None and batch.accepted >= limit:
+            self._refuse(
+                f"this request (or handler call) already emitted {batch.accepted} events, "
+                f"the max_batch_events limit"
+            )
+        limit = self.max_pending_events
+        if limit is not None and self.pending >= limit:
+            self._refuse(
+                f"{self.pending} events are pending (not yet handled and forwarded), the "
+                f"max_pending_events limit: the handlers or brokers are not keeping up"
+            )
+
+    def _refuse(self, why: str) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:  # at most one line a second under overload
+            logger.warning("event refused (%d in the last second or so): %s", self._refused, why)
+            self._refused, self._refused_logged = 0, now
+        raise CapacityError(f"event refused: {why}")
 
     async def _abandon(self, batch: Batch) -> None:
         """After a cancelled flush: stop its sends and report what was not handled."""
@@ -294,8 +411,14 @@ class Core:
         batch.events.clear()
         batch.state = CLOSED
         self.active.discard(batch)
+        self._finished(batch)
         if not events:
             return
+        if self.spool is not None:
+            try:
+                self.spool.forget(events)
+            except SpoolError as error:
+                logger.error("discarded events stay in the spool: %s", error)
         ids = ", ".join(e.id for e in events)
         level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
         logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
@@ -315,15 +438,18 @@ class Core:
             for task, _ in batch.sends:
                 task.cancel()
             batch.sends.clear()
+            self._finished(batch)
         self.active.clear()
         if unfinished:
+            spooled = "; those for forwarders stay in the spool" if self.spool else ""
             logger.error(
-                "shutdown: %d event(s) did not finish within %.1fs: %s",
+                "shutdown: %d event(s) did not finish within %.1fs%s: %s",
                 len(unfinished),
                 timeout,
+                spooled,
                 ", ".join(e.id for e in unfinished),
             )
-            reason = f"shutdown did not finish within {timeout}s"
+            reason = f"shutdown did not finish within {timeout}s{spooled}"
             await call_hook(self.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
 

@@ -6,7 +6,7 @@ methods, or ``None`` (tracing off: one attribute check per emit and handler).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from ._events import Event
 
 if TYPE_CHECKING:
-    from .forwarders._base import Forwarder
+    from .forwarders._base import DeliveryOutcome, Forwarder
     from .worker._source import ReceivedMessage, Source
 
 
@@ -50,8 +50,13 @@ class Tracing(Protocol):
     def end_handler(self, token: Any, error: BaseException | None) -> None:
         """End a handler span, with *error* recorded if the handler raised."""
 
-    async def deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> None:
-        """``forwarder.deliver(events)``, inside a send span."""
+    async def deliver(
+        self,
+        forwarder: Forwarder,
+        events: Sequence[Event],
+        send: Callable[[Forwarder, Sequence[Event]], Awaitable[DeliveryOutcome]],
+    ) -> DeliveryOutcome:
+        """``send(forwarder, events)`` (the bus's delivery), inside a send span."""
 
     def consuming(
         self, source: Source, message: ReceivedMessage

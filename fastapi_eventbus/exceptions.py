@@ -9,6 +9,8 @@ Every error the library raises on purpose derives from `EventBusError`, so one
     ├── InvalidEventError         emit/publish got a bad name or payload (also a ValueError)
     ├── OutsideRequestError       emit on the application bus, which has no request batch
     ├── EventChainError           chained events went deeper than ``max_chain_depth``
+    ├── CapacityError             emit/publish refused: too many events pending (bounded memory)
+    ├── SpoolError                the spool file cannot be read or written
     ├── MessageDecodeError        a received queue message is not a valid event (a ValueError)
     ├── ForwarderError            a forwarder failed; ``transient`` says whether a retry may help
     │   └── MissingExtraError     an optional SDK is not installed (names the extra to install)
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "BusNotInstalledError",
+    "CapacityError",
     "ConfigurationError",
     "EventBusError",
     "EventChainError",
@@ -32,6 +35,7 @@ __all__ = [
     "MissingExtraError",
     "OutsideRequestError",
     "SourceError",
+    "SpoolError",
 ]
 
 
@@ -57,6 +61,19 @@ class OutsideRequestError(EventBusError):
 
 class EventChainError(EventBusError):
     """A handler emitted an event deeper in a chain than `max_chain_depth` allows."""
+
+
+class CapacityError(EventBusError):
+    """`emit`/`publish` refused an event: a batch or the bus holds as many as allowed.
+
+    Raised in the caller, with a WARNING log line, instead of letting memory grow
+    without bound (``max_batch_events``, ``max_pending_events`` of `EventBus`).
+    An endpoint may turn it into a 503.
+    """
+
+
+class SpoolError(EventBusError):
+    """The spool file could not be opened, read or written (disk full, locked too long)."""
 
 
 class MessageDecodeError(EventBusError, ValueError):

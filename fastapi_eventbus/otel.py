@@ -31,7 +31,7 @@ Nothing here is imported by ``import fastapi_eventbus``; without
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from opentelemetry.util.types import AttributeValue
 
     from ._events import Event
-    from .forwarders._base import Forwarder
+    from .forwarders._base import DeliveryOutcome, Forwarder
     from .worker._source import ReceivedMessage, Source
 
 __all__ = ["MESSAGING_SYSTEM", "instrument_bus", "is_instrumented", "uninstrument_bus"]
@@ -226,7 +226,12 @@ class _BusTracing:
             _fail(span, error)
         span.end()
 
-    async def deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> None:
+    async def deliver(
+        self,
+        forwarder: Forwarder,
+        events: Sequence[Event],
+        send: Callable[[Forwarder, Sequence[Event]], Awaitable[DeliveryOutcome]],
+    ) -> DeliveryOutcome:
         creations = [
             context
             for event in events
@@ -248,10 +253,15 @@ class _BusTracing:
             attributes=attributes,
             links=[Link(context) for context in creations],
         ) as span:
-            lost = await forwarder.deliver(events)
-            if lost:
-                span.set_attribute("fastapi_eventbus.dead_lettered", len(lost))
-                _fail(span, None, f"{len(lost)} of {len(events)} event(s) dead-lettered")
+            outcome = await send(forwarder, events)
+            if outcome.dead:
+                span.set_attribute("fastapi_eventbus.dead_lettered", len(outcome.dead))
+            if outcome.unsent:
+                span.set_attribute("fastapi_eventbus.spooled", len(outcome.unsent))
+            if outcome.lost:
+                what = "dead-lettered" if not outcome.unsent else "not delivered"
+                _fail(span, None, f"{outcome.lost} of {len(events)} event(s) {what}")
+        return outcome
 
     # -- worker -------------------------------------------------------------------
 

@@ -12,7 +12,15 @@ bus.forward("order.*", SQSForwarder(queue_url=...))
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import DeadLetter, Delivery, EchoForwarder, Forwarder, OnDeadLetter, Retry
+from ._base import (
+    DeadLetter,
+    Delivery,
+    DeliveryOutcome,
+    EchoForwarder,
+    Forwarder,
+    OnDeadLetter,
+    Retry,
+)
 
 if TYPE_CHECKING:
     from .pubsub import PubSubForwarder
@@ -21,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DeadLetter",
     "Delivery",
+    "DeliveryOutcome",
     "EchoForwarder",
     "Forwarder",
     "OnDeadLetter",

@@ -7,7 +7,7 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, ClassVar, Self, TypeAlias
 
@@ -68,6 +68,23 @@ class DeadLetter:
     def ids(self) -> list[str]:
         """The ids of the undelivered events."""
         return [event.id for event in self.events]
+
+
+@dataclass(slots=True)
+class DeliveryOutcome:
+    """What `Forwarder.deliver` did with a batch: the events not sent, and why."""
+
+    dead: list[tuple[Event, str]] = field(default_factory=list)
+    """Dead-lettered events, each with the reason (already logged and passed on)."""
+    unsent: list[Event] = field(default_factory=list)
+    """Events kept for a later round (``keep_unsent=True`` only)."""
+    error: str = ""
+    """The last transient failure, when *unsent* is not empty."""
+
+    @property
+    def lost(self) -> int:
+        """How many events did not reach the broker."""
+        return len(self.dead) + len(self.unsent)
 
 
 OnDeadLetter: TypeAlias = Callable[[DeadLetter], Awaitable[None] | None]
@@ -257,26 +274,42 @@ class Forwarder:
             return
         await self.close()
 
-    async def deliver(self, events: Sequence[Event]) -> list[Event]:
+    async def deliver(
+        self, events: Sequence[Event], *, keep_unsent: bool = False
+    ) -> DeliveryOutcome:
         """Send *events* with retries; dead-letter what still fails. Never raises.
 
-        Returns the events that were dead-lettered (empty when all went through).
+        With *keep_unsent* (the bus's spool), events that still fail for a
+        transient reason when the retries run out are returned in
+        ``outcome.unsent`` instead of being dead-lettered: the spool sends them
+        again later. Events refused for good are dead-lettered either way.
         """
         pending = list(events)
-        lost: list[Event] = []
+        outcome = DeliveryOutcome()
         deadline = time.monotonic() + self.retry.total_timeout
         attempt = 0
         error: BaseException | None = None
         while pending:
             attempt += 1
-            pending, error = await self._attempt(pending, lost)
+            pending, error = await self._attempt(pending, outcome)
             if not pending:
-                return lost
+                return outcome
             wait = self.retry.delay(attempt)
             if attempt >= self.retry.attempts or time.monotonic() + wait > deadline:
                 reason = f"gave up after {attempt} attempt(s): {error!r}"
-                await self._dead_letter(pending, reason, error, lost)
-                return lost
+                if keep_unsent:
+                    logger.warning(
+                        "forwarder %s: %d event(s) not delivered yet (%s); the spool sends "
+                        "them again later",
+                        self.name,
+                        len(pending),
+                        reason,
+                    )
+                    outcome.unsent.extend(pending)
+                    outcome.error = repr(error)
+                else:
+                    await self._dead_letter(pending, reason, error, outcome)
+                return outcome
             logger.warning(
                 "forwarder %s: attempt %d failed for %d event(s) (%r); retrying in %.2fs",
                 self.name,
@@ -286,37 +319,44 @@ class Forwarder:
                 wait,
             )
             await asyncio.sleep(wait)
-        return lost
+        return outcome
 
     async def _attempt(
-        self, pending: list[Event], lost: list[Event]
+        self, pending: list[Event], outcome: DeliveryOutcome
     ) -> tuple[list[Event], BaseException | None]:
         try:
             await self.ensure_started()
         except Exception as exc:
             if _is_transient_start_failure(exc):
                 return pending, exc
-            await self._dead_letter(pending, f"permanent failure: start failed: {exc!r}", exc, lost)
+            reason = f"permanent failure: start failed: {exc!r}"
+            await self._dead_letter(pending, reason, exc, outcome)
             return [], exc
         try:
             delivery = await self.send(pending)
         except Exception as exc:
             if self.is_transient(exc):
                 return pending, exc
-            await self._dead_letter(pending, f"permanent failure: {exc!r}", exc, lost)
+            await self._dead_letter(pending, f"permanent failure: {exc!r}", exc, outcome)
             return [], exc
         if delivery is None:
             return [], None
         if delivery.rejected:
             rejected = list(delivery.rejected)
-            await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, lost)
+            await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, outcome)
         error = ForwarderError(delivery.reason or "partial failure", transient=True)
         return list(delivery.retry), error
 
     async def _dead_letter(
-        self, events: list[Event], reason: str, exc: BaseException | None, lost: list[Event]
+        self,
+        events: Sequence[Event],
+        reason: str,
+        exc: BaseException | None,
+        outcome: DeliveryOutcome | None = None,
     ) -> None:
-        lost.extend(events)
+        """Log *events* at ERROR and give them to the ``dead_letter`` callback."""
+        if outcome is not None:
+            outcome.dead.extend((event, reason) for event in events)
         ids = ", ".join(event.id for event in events)
         logger.error(
             "forwarder %s: %d event(s) not delivered (%s): %s", self.name, len(events), reason, ids

@@ -1,0 +1,420 @@
+"""A durable spool for forwarded events: one SQLite file, from the standard library.
+
+```python
+bus = EventBus(spool="/var/lib/myapp/events.sqlite3")
+```
+
+With a spool, every event that matches a forwarder is written to the spool
+*when it is emitted* (before the response is sent), and removed once its broker
+acknowledged it. What is still there after a crash, a broker outage or a
+shutdown that ran out of time is sent again: at start-up, and every
+``resend_interval`` seconds while the application runs, with backoff. After
+``max_attempts`` failed rounds (or at once, if the broker refused the event for
+good) an event moves to the dead-letter table, where `Spool.dead` lists it and
+`Spool.replay` puts it back in line. Delivery becomes at-least-once: deduplicate
+on ``event.id``.
+
+Several processes (uvicorn workers, worker processes, the ``fastapi-eventbus
+spool`` command) may share one file: SQLite serialises writers, and each row
+says which process is sending it. A row whose process died (on this host) is
+sent again at once; otherwise when its lease runs out.
+
+Events are stored as JSON (the `Event` model's own serialisation): no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._events import Event
+from .exceptions import ConfigurationError, SpoolError
+
+__all__ = ["Spool", "SpoolCounts", "SpooledEvent"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (
+    forwarder   TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    created     REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    owner       TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    last_error  TEXT,
+    PRIMARY KEY (forwarder, event_id)
+);
+CREATE INDEX IF NOT EXISTS pending_lease ON pending (lease_until);
+CREATE TABLE IF NOT EXISTS dead (
+    forwarder  TEXT NOT NULL,
+    event_id   TEXT NOT NULL,
+    event      TEXT NOT NULL,
+    created    REAL NOT NULL,
+    attempts   INTEGER NOT NULL,
+    reason     TEXT NOT NULL,
+    failed_at  REAL NOT NULL,
+    PRIMARY KEY (forwarder, event_id)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    """An event in the spool, waiting for its forwarder or dead-lettered."""
+
+    forwarder: str
+    """The name of the forwarder it goes through."""
+    event: Event
+    """The event, as emitted."""
+    created: float
+    """When it was spooled (Unix time)."""
+    attempts: int
+    """Failed delivery rounds so far."""
+    error: str | None = None
+    """The last failure (pending), or why it was dead-lettered (dead)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolCounts:
+    """How many events a spool holds."""
+
+    pending: int
+    """Waiting to be sent (or being sent)."""
+    dead: int
+    """Dead-lettered: they wait for `Spool.replay` or `Spool.purge`."""
+
+
+class Spool:
+    """Forwarded events on disk until their broker has them (see the module docs).
+
+    Args:
+        path: The SQLite file (created if missing, with its directory's permissions).
+        lease: Seconds a process may keep rows it is sending before another
+            process takes them over (when the owner's death cannot be seen:
+            another host). Longer than a forwarder's ``Retry.total_timeout``.
+        resend_interval: Seconds between looks for events to send again.
+        retry_delay: Wait after a failed round, doubled per failed round, up to
+            ``max_retry_delay``.
+        max_retry_delay: The longest wait between rounds.
+        max_attempts: Failed rounds before an event is dead-lettered.
+        busy_timeout: Seconds to wait for another process's write lock before
+            `SpoolError`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        lease: float = 120.0,
+        resend_interval: float = 1.0,
+        retry_delay: float = 2.0,
+        max_retry_delay: float = 300.0,
+        max_attempts: int = 20,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        for name, value in (
+            ("lease", lease),
+            ("resend_interval", resend_interval),
+            ("retry_delay", retry_delay),
+            ("max_retry_delay", max_retry_delay),
+            ("busy_timeout", busy_timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"Spool {name} must be a number > 0, got {value!r}")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigurationError(
+                f"Spool max_attempts must be an int >= 1, got {max_attempts!r}"
+            )
+        if not isinstance(path, str | os.PathLike) or not str(path):
+            raise ConfigurationError(f"Spool path must be a file path, got {path!r}")
+        self.path = Path(path)
+        self.lease = float(lease)
+        self.resend_interval = float(resend_interval)
+        self.retry_delay = float(retry_delay)
+        self.max_retry_delay = float(max_retry_delay)
+        self.max_attempts = max_attempts
+        self.busy_timeout = float(busy_timeout)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This process's mark on the rows it is sending."""
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._connect()  # fail here, in the constructor, on an unusable path
+
+    def __repr__(self) -> str:
+        return f"<Spool {str(self.path)!r}>"
+
+    # -- connection ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        if self._pid != os.getpid():  # forked (uvicorn --workers): a connection of our own
+            self._pid = os.getpid()
+            self.owner = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:8]}"
+            self._lock = threading.Lock()
+        try:
+            db = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # explicit transactions below
+                check_same_thread=False,  # guarded by self._lock
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a commit survives the process being killed (SIGKILL, OOM);
+            # only an OS crash or power loss may lose the last commits.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
+        self._db = db
+        return db
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), as `SpoolError` if it fails."""
+        with self._lock:
+            db = self._connect()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: cannot {what}: {exc}") from exc
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._connect().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: cannot read: {exc}") from exc
+
+    def close(self) -> None:
+        """Close this process's connection (the file stays)."""
+        with self._lock:
+            db, self._db = self._db, None
+            if db is not None and self._pid == os.getpid():
+                db.close()
+
+    # -- what the bus calls -------------------------------------------------------
+
+    def add(self, entries: Iterable[tuple[str, Event]]) -> None:
+        """Spool *entries* (forwarder name, event), leased to this process. One commit."""
+        now = time.time()
+        rows = [
+            (forwarder, event.id, event.model_dump_json(), now, self.owner, now + self.lease)
+            for forwarder, event in entries
+        ]
+        if not rows:
+            return
+        with self._transaction("spool events") as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO pending"
+                " (forwarder, event_id, event, created, owner, lease_until)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def sent(self, forwarder: str, events: Iterable[Event]) -> None:
+        """The broker has *events*: remove them."""
+        ids = [(forwarder, event.id) for event in events]
+        if ids:
+            with self._transaction("remove sent events") as db:
+                db.executemany("DELETE FROM pending WHERE forwarder = ? AND event_id = ?", ids)
+
+    def forget(self, events: Iterable[Event]) -> None:
+        """Remove *events* for every forwarder: they were discarded, never to be sent."""
+        ids = [(event.id,) for event in events]
+        if ids:
+            with self._transaction("remove discarded events") as db:
+                db.executemany("DELETE FROM pending WHERE event_id = ?", ids)
+
+    def failed(self, forwarder: str, events: Iterable[Event], error: str) -> list[Event]:
+        """A round failed for *events*: count it, and wait before the next one.
+
+        Returns the events that have now used up ``max_attempts`` (still pending:
+        the caller dead-letters them with `bury`).
+        """
+        now = time.time()
+        spent: list[Event] = []
+        with self._transaction("record a failed round") as db:
+            for event in events:
+                row = db.execute(
+                    "SELECT attempts FROM pending WHERE forwarder = ? AND event_id = ?",
+                    (forwarder, event.id),
+                ).fetchone()
+                if row is None:
+                    continue
+                attempts = int(row[0]) + 1
+                if attempts >= self.max_attempts:
+                    spent.append(event)
+                delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(attempts - 1, 32))
+                db.execute(
+                    "UPDATE pending SET attempts = ?, lease_until = ?, last_error = ?"
+                    " WHERE forwarder = ? AND event_id = ?",
+                    (attempts, now + delay, error[:2000], forwarder, event.id),
+                )
+        return spent
+
+    def bury(self, forwarder: str, events: Iterable[Event], reason: str) -> None:
+        """Move *events* to the dead-letter table."""
+        now = time.time()
+        with self._transaction("dead-letter events") as db:
+            for event in events:
+                db.execute(
+                    "INSERT OR REPLACE INTO dead"
+                    " (forwarder, event_id, event, created, attempts, reason, failed_at)"
+                    " SELECT forwarder, event_id, event, created, attempts, ?, ?"
+                    " FROM pending WHERE forwarder = ? AND event_id = ?",
+                    (reason[:2000], now, forwarder, event.id),
+                )
+                db.execute(
+                    "DELETE FROM pending WHERE forwarder = ? AND event_id = ?",
+                    (forwarder, event.id),
+                )
+
+    def claim(self, limit: int = 500) -> list[SpooledEvent]:
+        """Lease up to *limit* events that are due to be sent again, oldest first.
+
+        Due: their lease ran out (their round failed and its wait is over, or
+        their process stopped answering), or their process died on this host.
+        """
+        now = time.time()
+        with self._transaction("claim events") as db:
+            self._free_dead_owners(db)
+            rows = db.execute(
+                "SELECT forwarder, event_id, event, created, attempts, last_error FROM pending"
+                " WHERE lease_until <= ? ORDER BY created LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE pending SET owner = ?, lease_until = ?"
+                " WHERE forwarder = ? AND event_id = ?",
+                [(self.owner, now + self.lease, row[0], row[1]) for row in rows],
+            )
+        return [_spooled(row) for row in rows]
+
+    def release(self) -> int:
+        """Make this process's unsent events due now (at shutdown). Returns how many."""
+        with self._transaction("release events") as db:
+            cursor = db.execute("UPDATE pending SET lease_until = 0 WHERE owner = ?", (self.owner,))
+            return cursor.rowcount
+
+    def _free_dead_owners(self, db: sqlite3.Connection) -> None:
+        """Expire the leases of processes of this host that no longer run."""
+        host = socket.gethostname()
+        owners = db.execute(
+            "SELECT DISTINCT owner FROM pending WHERE lease_until > 0 AND owner != ?",
+            (self.owner,),
+        ).fetchall()
+        for (owner,) in owners:
+            owner_host, _, rest = str(owner).rpartition(":")[0].rpartition(":")
+            if owner_host != host or not rest.isdigit():
+                continue
+            if not _alive(int(rest)):
+                db.execute("UPDATE pending SET lease_until = 0 WHERE owner = ?", (owner,))
+
+    # -- what people call ---------------------------------------------------------
+
+    def count(self) -> SpoolCounts:
+        """How many events are pending and dead-lettered."""
+        ((pending,),) = self._read("SELECT COUNT(*) FROM pending")
+        ((dead,),) = self._read("SELECT COUNT(*) FROM dead")
+        return SpoolCounts(int(str(pending)), int(str(dead)))
+
+    def pending(self, forwarder: str | None = None, limit: int | None = None) -> list[SpooledEvent]:
+        """The events waiting to be sent, oldest first."""
+        sql = "SELECT forwarder, event_id, event, created, attempts, last_error FROM pending"
+        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, None, limit))]
+
+    def dead(
+        self,
+        forwarder: str | None = None,
+        limit: int | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[SpooledEvent]:
+        """The dead-lettered events, oldest first."""
+        sql = "SELECT forwarder, event_id, event, created, attempts, reason FROM dead"
+        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, ids, limit))]
+
+    def replay(self, forwarder: str | None = None, ids: Sequence[str] | None = None) -> int:
+        """Put dead-lettered events back in line (all, or those of *forwarder* / *ids*).
+
+        A running application sends them within ``resend_interval``; otherwise the
+        next one to start does. Returns how many.
+        """
+        where, params = _where(forwarder, ids)
+        with self._transaction("replay events") as db:
+            db.execute(
+                "INSERT OR IGNORE INTO pending"
+                " (forwarder, event_id, event, created, attempts, owner, lease_until)"
+                f" SELECT forwarder, event_id, event, created, 0, '', 0 FROM dead{where}",
+                params,
+            )
+            return db.execute(f"DELETE FROM dead{where}", params).rowcount
+
+    def purge(
+        self, *, dead: bool = True, forwarder: str | None = None, ids: Sequence[str] | None = None
+    ) -> int:
+        """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
+        where, params = _where(forwarder, ids)
+        table = "dead" if dead else "pending"
+        with self._transaction("purge events") as db:
+            return db.execute(f"DELETE FROM {table}{where}", params).rowcount
+
+
+def _spooled(row: tuple[object, ...]) -> SpooledEvent:
+    forwarder, _, event, created, attempts, error = row
+    return SpooledEvent(
+        forwarder=str(forwarder),
+        event=Event.model_validate(json.loads(str(event))),
+        created=float(str(created)),
+        attempts=int(str(attempts)),
+        error=None if error is None else str(error),
+    )
+
+
+def _where(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    if forwarder is not None:
+        clauses.append("forwarder = ?")
+        params.append(forwarder)
+    if ids is not None:
+        clauses.append(f"event_id IN ({', '.join('?' * len(ids)) or 'NULL'})")
+        params.extend(ids)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _filtered(
+    sql: str, forwarder: str | None, ids: Sequence[str] | None, limit: int | None
+) -> tuple[str, list[object]]:
+    where, params = _where(forwarder, ids)
+    sql += where + " ORDER BY created"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -199,8 +199,8 @@ class Core:
                     event = batch.current = batch.events.popleft()
                     await self.dispatch(event, batch)
                 batch.current = None
-            if batch.sends:
-                await asyncio.gather(*(task for task, _ in batch.sends))
+            if batch.sends:  # cancelled sends (by drain) were reported there: no raise here
+                await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
                 batch.sends.clear()  # a WebSocket session's batch is flushed many times
         finally:
             batch.current = None

@@ -23,6 +23,7 @@ from fastapi import params
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature, solve_dependencies
 from pydantic import BaseModel
+from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 
@@ -120,6 +121,35 @@ def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None
                 f"handler {qualified_name(func)}: parameter {param.name!r} is "
                 f"{param.kind.description}; handlers are called with keyword arguments only"
             )
+
+
+_SPECIAL_TYPES = (
+    (HTTPConnection, "Request"),
+    (StarletteBackgroundTasks, "BackgroundTasks"),
+)
+
+
+def _reject_repeated_specials(
+    func: Callable[..., Any], parameters: list[inspect.Parameter]
+) -> None:
+    """FastAPI fills only the last of two ``Request`` (or ``BackgroundTasks``) parameters."""
+    for kind, label in _SPECIAL_TYPES:
+        names = [
+            param.name
+            for param in parameters
+            if not _is_dependency(param)
+            and isinstance(annotation := _unwrapped(param.annotation), type)
+            and issubclass(annotation, kind)
+        ]
+        if len(names) > 1:
+            raise ConfigurationError(
+                f"handler {qualified_name(func)} asks for {label} more than once "
+                f"({', '.join(map(repr, names))}); FastAPI would fill only one of them"
+            )
+
+
+def _unwrapped(annotation: object) -> object:
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
 
 
 def _walk(dependant: Dependant) -> Iterator[Dependant]:
@@ -221,16 +251,28 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
         raise ConfigurationError(
             f"handler {qualified_name(func)} is a generator; handlers must return None"
         )
-    signature = get_typed_signature(func)
+    try:
+        signature = get_typed_signature(func)
+    except (ValueError, TypeError) as exc:  # builtins and C callables have no signature
+        raise ConfigurationError(
+            f"handler {qualified_name(func)}: its signature cannot be read ({exc}); "
+            "register a Python function"
+        ) from exc
     _check_kinds(func, signature)
     event_param, event_model = _find_event_param(func, signature)
     others = [p for name, p in signature.parameters.items() if name != event_param]
+    _reject_repeated_specials(func, others)
 
     def shim() -> None:  # carries the signature FastAPI analyses, minus the event
         """Placeholder whose signature is the handler's, without its event parameter."""
 
     shim.__signature__ = signature.replace(parameters=others)  # type: ignore[attr-defined]
-    dependant = get_dependant(path="", call=shim)
+    try:
+        dependant = get_dependant(path="", call=shim)
+    except (AssertionError, ValueError, TypeError) as exc:  # FastAPI's own checks
+        raise ConfigurationError(
+            f"handler {qualified_name(func)}: FastAPI cannot use its parameters: {exc}"
+        ) from exc
     _reject_http_inputs(func, dependant)
     uses_solver = bool(dependant.dependencies) or _special_params(dependant)
     simple = not _special_params(dependant) and all(

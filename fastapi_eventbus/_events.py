@@ -73,21 +73,59 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name must be non-empty and have no surrounding whitespace, got {name!r}"
         )
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEventError(
+                f"event name {name!r} contains text UTF-8 cannot encode ({exc.reason})"
+            ) from exc
     return name
 
 
-def _reject_non_finite(value: Any, name: str) -> None:
-    if isinstance(value, float):
+_LONG_INT_BITS = 13_000
+"""Ints longer than this are checked: past ``sys.get_int_max_str_digits()`` (4,300 digits by
+default) Python refuses to write them as text, and so as JSON."""
+
+
+def _check_text(text: str, name: str) -> None:
+    """Refuse text that UTF-8 cannot encode (lone surrogates): no broker could carry it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEventError(
+                f"payload of event {name!r} contains text UTF-8 cannot encode "
+                f"({exc.reason} at position {exc.start})"
+            ) from exc
+
+
+def _check_json(value: Any, name: str) -> None:
+    """Refuse what the converted payload holds that JSON or UTF-8 cannot carry."""
+    if isinstance(value, str):
+        _check_text(value, name)
+    elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidEventError(
                 f"payload of event {name!r} contains {value!r}, which JSON cannot carry"
             )
+    elif isinstance(value, int):
+        if value.bit_length() > _LONG_INT_BITS:  # rare: only then ask Python whether it can
+            try:
+                str(value)
+            except ValueError as exc:  # sys.get_int_max_str_digits()
+                raise InvalidEventError(
+                    f"payload of event {name!r} contains an integer too long to write as JSON "
+                    f"({exc}); send it as a string"
+                ) from exc
     elif isinstance(value, dict):
-        for item in value.values():
-            _reject_non_finite(item, name)
+        for key, item in value.items():
+            if isinstance(key, str):
+                _check_text(key, name)
+            _check_json(item, name)
     elif isinstance(value, list):
         for item in value:
-            _reject_non_finite(item, name)
+            _check_json(item, name)
 
 
 def to_json_data(payload: Any, name: str) -> Any:
@@ -100,7 +138,7 @@ def to_json_data(payload: Any, name: str) -> Any:
         raise InvalidEventError(
             f"payload of event {name!r} cannot be serialised to JSON: {exc}"
         ) from exc
-    _reject_non_finite(data, name)
+    _check_json(data, name)
     return data
 
 

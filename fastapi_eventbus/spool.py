@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,17 +183,21 @@ class Spool:
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE``), as `SpoolError` if it fails."""
         with self._lock:
-            db = self._connect()
             try:
+                db = self._connect()
                 db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise SpoolError(f"spool {self.path}: cannot {what}: {exc}") from exc
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:  # also after a failed COMMIT (disk full)
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise SpoolError(f"spool {self.path}: cannot {what}: {exc}") from exc
+                raise
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -300,12 +304,27 @@ class Spool:
                 " WHERE lease_until <= ? ORDER BY created LIMIT ?",
                 (now, limit),
             ).fetchall()
+            claimed: list[SpooledEvent] = []
+            for row in rows:
+                try:
+                    claimed.append(_spooled(row))
+                except SpoolError as exc:  # never sendable: set aside, not retried forever
+                    db.execute(
+                        "INSERT OR REPLACE INTO dead"
+                        " (forwarder, event_id, event, created, attempts, reason, failed_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (row[0], row[1], row[2], row[3], row[4], str(exc), now),
+                    )
+                    db.execute(
+                        "DELETE FROM pending WHERE forwarder = ? AND event_id = ?",
+                        (row[0], row[1]),
+                    )
             db.executemany(
                 "UPDATE pending SET owner = ?, lease_until = ?"
                 " WHERE forwarder = ? AND event_id = ?",
-                [(self.owner, now + self.lease, row[0], row[1]) for row in rows],
+                [(self.owner, now + self.lease, c.forwarder, c.event.id) for c in claimed],
             )
-        return [_spooled(row) for row in rows]
+        return claimed
 
     def release(self) -> int:
         """Make this process's unsent events due now (at shutdown). Returns how many."""
@@ -331,14 +350,20 @@ class Spool:
 
     def count(self) -> SpoolCounts:
         """How many events are pending and dead-lettered."""
-        ((pending,),) = self._read("SELECT COUNT(*) FROM pending")
-        ((dead,),) = self._read("SELECT COUNT(*) FROM dead")
+        ((pending, dead),) = self._read(
+            "SELECT (SELECT COUNT(*) FROM pending), (SELECT COUNT(*) FROM dead)"
+        )
         return SpoolCounts(int(str(pending)), int(str(dead)))
 
-    def pending(self, forwarder: str | None = None, limit: int | None = None) -> list[SpooledEvent]:
+    def pending(
+        self,
+        forwarder: str | None = None,
+        limit: int | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[SpooledEvent]:
         """The events waiting to be sent, oldest first."""
         sql = "SELECT forwarder, event_id, event, created, attempts, last_error FROM pending"
-        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, None, limit))]
+        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, ids, limit))]
 
     def dead(
         self,
@@ -377,14 +402,18 @@ class Spool:
 
 
 def _spooled(row: tuple[object, ...]) -> SpooledEvent:
-    forwarder, _, event, created, attempts, error = row
-    return SpooledEvent(
-        forwarder=str(forwarder),
-        event=Event.model_validate(json.loads(str(event))),
-        created=float(str(created)),
-        attempts=int(str(attempts)),
-        error=None if error is None else str(error),
-    )
+    """A row as a `SpooledEvent`; `SpoolError` if it does not hold an `Event`."""
+    forwarder, event_id, event, created, attempts, error = row
+    try:
+        return SpooledEvent(
+            forwarder=str(forwarder),
+            event=Event.model_validate(json.loads(str(event))),
+            created=float(str(created)),
+            attempts=int(str(attempts)),
+            error=None if error is None else str(error),
+        )
+    except ValueError as exc:  # pydantic's ValidationError and json's errors are ValueErrors
+        raise SpoolError(f"spooled event {event_id} for {forwarder} is unreadable: {exc}") from exc
 
 
 def _where(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:

@@ -355,3 +355,21 @@ async def test_unfinished_spooled_events_are_reported_and_released_at_shutdown(
     assert pending.event == event
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT lease_until FROM pending").fetchall() == [(0,)]  # due now
+
+
+def test_an_unreadable_row_is_set_aside_not_retried_forever(path: Path) -> None:
+    spool = Spool(path)
+    spool.add(
+        [("broker", Event(name="order.placed", id="fine")), ("broker", Event(name="x", id="bad"))]
+    )
+    with sqlite3.connect(path) as db:  # written by a newer version, or damaged
+        db.execute(
+            """UPDATE pending SET event = '{"name": "x", "new_field": 1}' WHERE event_id = 'bad'"""
+        )
+    spool.release()
+    assert [c.event.id for c in spool.claim()] == ["fine"]
+    (dead,) = Spool(path)._read("SELECT event_id, reason FROM dead")
+    assert dead[0] == "bad"
+    assert "is unreadable" in str(dead[1])
+    with pytest.raises(SpoolError, match="spooled event bad for broker is unreadable"):
+        spool.dead()

@@ -217,7 +217,15 @@ class Forwarder:
     def check(self, event: Event) -> None:
         """Raise `InvalidEventError` if *event* could never be sent (called at emit time)."""
         limit = self.max_message_bytes
-        if limit is not None and (size := self.encoded_size(event)) > limit:
+        if limit is None:
+            return
+        try:
+            size = self.encoded_size(event)
+        except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+            raise InvalidEventError(
+                f"event {event.name!r} cannot be encoded by forwarder {self.name}: {exc}"
+            ) from exc
+        if size > limit:
             raise InvalidEventError(
                 f"event {event.name!r} would be a {size}-byte message, over the {limit}-byte "
                 f"limit of forwarder {self.name}; send a reference to the data instead"

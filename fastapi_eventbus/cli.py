@@ -1,25 +1,41 @@
-"""The ``fastapi-eventbus`` command line: run a worker, list what a bus will run.
+"""The ``fastapi-eventbus`` command line: run a worker, list what a bus will run, and
+look after a spool.
 
 ```text
 fastapi-eventbus worker myapp.main:app --sqs https://sqs.eu-west-1.amazonaws.com/123/orders
 fastapi-eventbus worker myapp.main:app --pubsub projects/my-project/subscriptions/orders
 fastapi-eventbus handlers myapp.main:app
+fastapi-eventbus spool count /var/lib/myapp/events.sqlite3
+fastapi-eventbus spool list /var/lib/myapp/events.sqlite3 --dead --json
+fastapi-eventbus spool replay /var/lib/myapp/events.sqlite3 --id EVENT_ID
+fastapi-eventbus spool purge /var/lib/myapp/events.sqlite3 --dead --forwarder orders
 ```
 
 ``APP`` is an import string like uvicorn's, ``module:attribute``, naming a
 FastAPI app with an installed bus (or an `EventBus`); the current directory is
 on ``sys.path``. Click is imported by this module only.
+
+The ``spool`` commands take the path of a spool file (`fastapi_eventbus.spool.Spool`)
+and work beside the running application, which may share the file: ``count``,
+``list`` (``--json``: one JSON object per line), ``replay`` (dead-lettered events
+back in line, sent by a running application within its ``resend_interval``) and
+``purge`` (asks for confirmation unless ``--yes``). They never create a spool: a
+missing file is a usage error (exit code 2), and so is a file that is not a spool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -28,6 +44,7 @@ from ._bus import STATE_ATTR, EventBus
 from ._core import Handler
 from .exceptions import EventBusError
 from .forwarders._base import Forwarder
+from .spool import Spool, SpooledEvent
 from .worker import Backoff, PubSubSource, Source, SQSSource, Worker
 
 __all__ = ["main"]
@@ -38,7 +55,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @click.group(name="fastapi-eventbus", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastapi-eventbus", prog_name="fastapi-eventbus")
 def main() -> None:
-    """Run workers for fastapi-eventbus, and list what a bus will run."""
+    """Run workers for fastapi-eventbus, list what a bus will run, and look after a spool."""
 
 
 # -- loading the app ------------------------------------------------------------------
@@ -214,6 +231,13 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
     help="A message that is not an event: give it back (to reach the DLQ), or delete it.",
 )
 @click.option(
+    "--max-message-bytes",
+    type=click.IntRange(min=1),
+    default=10_000_000,
+    show_default=True,
+    help="Larger messages (body plus attributes) are not decoded: see --on-undecodable.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(_LOG_LEVELS),
     default="info",
@@ -234,6 +258,7 @@ def worker(
     concurrency: int,
     shutdown_timeout: float,
     on_undecodable: str,
+    max_message_bytes: int,
     log_level: str,
 ) -> None:
     """Receive the events forwarded to an SQS queue (--sqs) or a Pub/Sub subscription
@@ -266,6 +291,7 @@ def worker(
             concurrency=concurrency,
             shutdown_timeout=shutdown_timeout,
             on_undecodable="delete" if on_undecodable == "delete" else "retry",
+            max_message_bytes=max_message_bytes,
         )
         finished = asyncio.run(_serve(runner))
     except EventBusError as exc:
@@ -327,3 +353,185 @@ def _on_signals(callback: Callable[[int], None]) -> Callable[[], None]:
                 signal.signal(signum, handler)
 
     return restore
+
+
+# -- fastapi-eventbus spool ---------------------------------------------------------------
+
+_SPOOL_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@main.group(name="spool", short_help="Count, list, replay and purge a spool's events.")
+def spool_group() -> None:
+    """Count, list, replay and purge the events of a spool file (EventBus(spool=PATH)):
+    pending ones, waiting for their broker, and dead-lettered ones. The application
+    may be running and share the file meanwhile. A PATH that does not exist or is
+    not a spool is an error (exit code 2): these commands never create a spool."""
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Spool]:
+    """The spool at *path*, which must exist and be one; its errors as click errors."""
+    _check_spool_file(path)
+    try:
+        spool = Spool(path)
+    except EventBusError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        yield spool
+    except EventBusError as exc:  # SpoolError, also for a row that is not an Event
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        spool.close()
+
+
+def _check_spool_file(path: Path) -> None:
+    """Raise a usage error unless *path* is a spool, before `Spool` (which would make one
+    of any SQLite file, and switch it to WAL) touches it. Reading changes nothing."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+    except sqlite3.Error as exc:
+        raise click.BadParameter(f"cannot open {path}: {exc}", param_hint="PATH") from exc
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.OperationalError as exc:  # locked, unreadable: a spool, maybe
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:  # "file is not a database"
+        message = f"{path} is not a spool: not an SQLite database ({exc})"
+        raise click.BadParameter(message, param_hint="PATH") from exc
+    finally:
+        db.close()
+    if not {"pending", "dead"} <= tables:
+        message = f"{path} is not a spool: an SQLite database without the spool's tables"
+        raise click.BadParameter(message, param_hint="PATH")
+
+
+def _forwarder_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--forwarder", metavar="NAME", help=text)
+
+
+def _ids_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--id", "ids", metavar="EVENT_ID", multiple=True, help=text)
+
+
+@spool_group.command(short_help="Print how many events are pending and dead-lettered.")
+@click.argument("path", type=_SPOOL_FILE)
+@click.option("--json", "as_json", is_flag=True, help='Print {"pending": N, "dead": N}.')
+def count(path: Path, as_json: bool) -> None:
+    """Print how many events of the spool at PATH are pending (waiting for their broker,
+    or being sent) and dead-lettered."""
+    with _opened(path) as spool:
+        counts = spool.count()
+    if as_json:
+        click.echo(json.dumps({"pending": counts.pending, "dead": counts.dead}))
+    else:
+        click.echo(f"pending {counts.pending}\ndead {counts.dead}")
+
+
+@spool_group.command(name="list", short_help="List pending (or dead-lettered) events.")
+@click.argument("path", type=_SPOOL_FILE)
+@click.option("--dead", is_flag=True, help="List the dead-lettered events instead.")
+@_forwarder_option("Only the events of this forwarder.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N events.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per line: event, forwarder, attempts, created, error.",
+)
+def list_events(
+    path: Path, dead: bool, forwarder: str | None, limit: int | None, as_json: bool
+) -> None:
+    """List the pending events of the spool at PATH, or with --dead the dead-lettered
+    ones, oldest first: one line per event with its id, forwarder, name, failed
+    attempts, when it was spooled (UTC) and its last error (pending) or why it was
+    dead-lettered (dead)."""
+    with _opened(path) as spool:
+        if dead:
+            events = spool.dead(forwarder=forwarder, limit=limit)
+        else:
+            events = spool.pending(forwarder=forwarder, limit=limit)
+    for spooled in events:
+        click.echo(_json_line(spooled) if as_json else _text_line(spooled))
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _text_line(spooled: SpooledEvent) -> str:
+    event = spooled.event
+    created = _iso(int(spooled.created))
+    line = f"{event.id}  {spooled.forwarder}  {event.name}  attempts={spooled.attempts}  {created}"
+    if spooled.error:
+        line += "  " + " ".join(spooled.error.split())  # one line per event
+    return line
+
+
+def _json_line(spooled: SpooledEvent) -> str:
+    return json.dumps(
+        {
+            "event": spooled.event.model_dump(mode="json"),
+            "forwarder": spooled.forwarder,
+            "attempts": spooled.attempts,
+            "created": _iso(spooled.created),
+            "error": spooled.error,
+        }
+    )
+
+
+@spool_group.command(short_help="Put dead-lettered events back in line to be sent.")
+@click.argument("path", type=_SPOOL_FILE)
+@_forwarder_option("Only the events of this forwarder.")
+@_ids_option("Only this event (repeat for several). Default: every dead-lettered event.")
+def replay(path: Path, forwarder: str | None, ids: tuple[str, ...]) -> None:
+    """Move the dead-lettered events of the spool at PATH (all, or those chosen with
+    --forwarder and --id) back to the pending ones, with their attempts reset, and
+    print how many. A running application sends them within its resend interval
+    (EventBus resend_interval, 1 s by default); otherwise the next one to start does."""
+    with _opened(path) as spool:
+        moved = spool.replay(forwarder=forwarder, ids=ids or None)
+    click.echo(f"replayed {moved} event(s)")
+
+
+@spool_group.command(short_help="Delete dead-lettered (or pending) events for good.")
+@click.argument("path", type=_SPOOL_FILE)
+@click.option("--dead", is_flag=True, help="Delete dead-lettered events.")
+@click.option("--pending", is_flag=True, help="Delete pending events: they will never be sent.")
+@_forwarder_option("Only the events of this forwarder.")
+@_ids_option("Only this event (repeat for several). Default: every event of the kind.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(
+    path: Path,
+    dead: bool,
+    pending: bool,
+    forwarder: str | None,
+    ids: tuple[str, ...],
+    yes: bool,
+) -> None:
+    """Delete events of the spool at PATH for good: the dead-lettered ones (--dead) or the
+    pending ones (--pending), all or those chosen with --forwarder and --id; print how
+    many. Asks for confirmation unless --yes. Pending events have not been delivered
+    yet: purged, they are never sent."""
+    if dead == pending:
+        raise click.UsageError("pass exactly one of --dead and --pending")
+    with _opened(path) as spool:
+        if not yes:
+            if dead:
+                matching = len(spool.dead(forwarder=forwarder, ids=ids or None))
+                prompt = f"Delete {matching} dead-lettered event(s) from {path} for good?"
+            else:
+                matching = sum(
+                    1
+                    for spooled in spool.pending(forwarder=forwarder)
+                    if not ids or spooled.event.id in ids
+                )
+                prompt = (
+                    f"{matching} pending event(s) in {path} have not been delivered yet: "
+                    "delete them, so that they are never sent?"
+                )
+            if matching == 0:
+                click.echo("purged 0 event(s)")
+                return
+            click.confirm(prompt, abort=True)
+        deleted = spool.purge(dead=dead, forwarder=forwarder, ids=ids or None)
+    click.echo(f"purged {deleted} event(s)")

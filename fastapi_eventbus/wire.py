@@ -6,7 +6,8 @@
 
 W3C trace context (``traceparent``, ``tracestate``) travels in message
 attributes, never inside the payload. `decode_message` turns a received SQS or
-Pub/Sub message back into an `Event`.
+Pub/Sub message back into an `Event`; `message_size` measures one before that,
+so that a worker can refuse to decode what is too large.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "TRACE_ATTRIBUTES",
     "decode_message",
     "from_cloudevent",
+    "message_size",
     "message_trace_context",
     "pubsub_attributes",
     "pubsub_data",
@@ -127,11 +129,22 @@ def from_cloudevent(
         raise MessageDecodeError(f"invalid CloudEvent: {exc}") from exc
 
 
-def _json(text: str | bytes, what: str) -> Any:
+def _json(text: object, what: str) -> Any:
+    if not isinstance(text, str | bytes | bytearray):
+        raise MessageDecodeError(f"{what} must be text or bytes, got {type(text).__name__}")
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
+
+
+_TRACE_LIMITS = {"traceparent": 256, "tracestate": 512}
+"""Longest values kept (W3C: a version-00 traceparent is 55 characters, a tracestate at
+most 512): longer ones are ignored, so a forged attribute cannot grow every event."""
+
+
+def _trace_value(key: str, value: object) -> bool:
+    return isinstance(value, str) and len(value) <= _TRACE_LIMITS[key]
 
 
 def _sqs_trace(message: Mapping[str, Any]) -> dict[str, str]:
@@ -143,7 +156,7 @@ def _sqs_trace(message: Mapping[str, Any]) -> dict[str, str]:
         for key, value in attributes.items()
         if key in TRACE_ATTRIBUTES
         and isinstance(value, Mapping)
-        and isinstance(value.get("StringValue"), str)
+        and _trace_value(key, value.get("StringValue"))
     }
 
 
@@ -152,7 +165,7 @@ def _pubsub_trace(message: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(attributes, Mapping):
         return {}
     return {
-        key: attributes[key] for key in TRACE_ATTRIBUTES if isinstance(attributes.get(key), str)
+        key: attributes[key] for key in TRACE_ATTRIBUTES if _trace_value(key, attributes.get(key))
     }
 
 
@@ -161,7 +174,11 @@ def _decode_sqs(message: Mapping[str, Any]) -> Event:
 
 
 def _decode_pubsub(message: Mapping[str, Any]) -> Event:
-    attributes: Mapping[str, str] = message.get("attributes") or {}
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, Mapping):
+        raise MessageDecodeError(
+            f"Pub/Sub attributes must be a mapping, got {type(attributes).__name__}"
+        )
     data = message.get("data") or b""
     if isinstance(data, str):
         try:
@@ -169,7 +186,9 @@ def _decode_pubsub(message: Mapping[str, Any]) -> Event:
         except binascii.Error as exc:
             raise MessageDecodeError(f"Pub/Sub data is not base64: {exc}") from exc
     cloudevent: dict[str, Any] = {
-        key[3:]: value for key, value in attributes.items() if key.startswith("ce-")
+        key[3:]: value
+        for key, value in attributes.items()
+        if isinstance(key, str) and key.startswith("ce-")
     }
     cloudevent["datacontenttype"] = attributes.get("content-type", CONTENT_TYPE)
     cloudevent["data"] = _json(data, "Pub/Sub message data") if data else None
@@ -212,3 +231,53 @@ def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
         return _sqs_trace(message)
     inner = message.get("message")
     return _pubsub_trace(inner if isinstance(inner, Mapping) else message)
+
+
+def message_size(message: Mapping[str, Any]) -> int:
+    """The bytes of a received message as the brokers count them: body plus attributes.
+
+    SQS: the ``Body`` in UTF-8, plus each message attribute's name, data type
+    and value. Pub/Sub: the ``data`` (its decoded length when it is base64
+    text), plus each attribute's name and value. Takes the same shapes as
+    `decode_message`, without decoding anything, and never raises: a value that
+    is neither text nor bytes counts 0, and so does a message that is not a
+    mapping. A `Worker` refuses messages over its ``max_message_bytes``.
+    """
+    if not isinstance(message, Mapping):
+        return 0
+    if "Body" in message:
+        return _length(message["Body"]) + _sqs_attributes_size(message.get("MessageAttributes"))
+    inner = message.get("message")
+    return _pubsub_size(inner if isinstance(inner, Mapping) else message)
+
+
+def _pubsub_size(message: Mapping[str, Any]) -> int:
+    data = message.get("data")
+    # base64 text: 4 characters for 3 bytes, less one byte per "=" of padding
+    size = len(data.rstrip("=")) * 3 // 4 if isinstance(data, str) else _length(data)
+    attributes = message.get("attributes")
+    if isinstance(attributes, Mapping):
+        size += sum(_length(key) + _length(value) for key, value in attributes.items())
+    return size
+
+
+def _sqs_attributes_size(attributes: object) -> int:
+    if not isinstance(attributes, Mapping):
+        return 0
+    size = 0
+    for name, value in attributes.items():
+        size += _length(name)
+        if isinstance(value, Mapping):
+            size += sum(
+                _length(value.get(key)) for key in ("DataType", "StringValue", "BinaryValue")
+            )
+    return size
+
+
+def _length(value: object) -> int:
+    """Bytes of *value*: UTF-8 for a str, its length for bytes; 0 for anything else."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    return 0

@@ -150,3 +150,22 @@ def test_message_trace_context_reads_only_the_trace_attributes() -> None:
 )
 def test_message_trace_context_never_raises(message: object) -> None:
     assert message_trace_context(message) == {}  # type: ignore[arg-type]
+
+
+def test_oversized_trace_attributes_are_ignored() -> None:
+    attributes = {
+        "traceparent": {"DataType": "String", "StringValue": "0" * 257},
+        "tracestate": {"DataType": "String", "StringValue": "v=" + "1" * 510},
+    }
+    assert message_trace_context({"Body": "{}", "MessageAttributes": attributes}) == {
+        "tracestate": "v=" + "1" * 510
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [{"Body": 42}, {"Body": None}, {"data": "", "attributes": ["ce-type"]}, {"data": 7}],
+)
+def test_wrongly_typed_messages_are_decode_errors(message: dict[str, Any]) -> None:
+    with pytest.raises(MessageDecodeError):
+        decode_message(message)

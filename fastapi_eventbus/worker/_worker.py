@@ -13,7 +13,7 @@ from typing import Any, Literal, Self, TypeAlias, get_args
 from fastapi_eventbus._bus import STATE_ATTR, EventBus
 from fastapi_eventbus._tracing import Consumed, Tracing
 from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
-from fastapi_eventbus.wire import decode_message
+from fastapi_eventbus.wire import decode_message, message_size
 
 from ._source import Backoff, ReceivedMessage, Source
 
@@ -26,6 +26,9 @@ _RECEIVE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 """Waits between failed receive calls (jittered)."""
 _GIVE_BACK_TIMEOUT = 5.0
 """Seconds allowed, at shutdown, for giving an unfinished message back to the broker."""
+_MAX_MESSAGE_BYTES = 10_000_000
+"""The default ``max_message_bytes``: the larger of the brokers' own limits (Pub/Sub 10 MB,
+SQS 1 MiB), so that a worker takes every message a forwarder can send by default."""
 
 
 @dataclass(slots=True)
@@ -39,7 +42,7 @@ class WorkerStats:
     failed: int = 0
     """Messages a handler failed on (given back for redelivery)."""
     undecodable: int = 0
-    """Messages that were not events (handled per ``on_undecodable``)."""
+    """Messages that were not events, or too large to decode (handled per ``on_undecodable``)."""
     unfinished: int = 0
     """Messages still running when ``shutdown_timeout`` ran out (given back)."""
     settle_errors: int = 0
@@ -70,6 +73,11 @@ class Worker:
             then, with ``"retry"`` (the default), given back like a failure, so
             that it reaches the broker's dead-letter queue; with ``"delete"``,
             acknowledged and dropped.
+        max_message_bytes: The largest message decoded, counted as
+            `fastapi_eventbus.wire.message_size` counts it (body plus attributes).
+            A larger one is never decoded: it is logged and handled like a message
+            that is not an event (``on_undecodable``). The default, 10,000,000, takes
+            anything the brokers deliver; lower it to what your events need.
 
     Use ``await worker.run()`` (until `stop`) or ``async with worker:`` (runs in
     the background inside the block, stops gracefully at its end).
@@ -83,6 +91,7 @@ class Worker:
         concurrency: int = 10,
         shutdown_timeout: float = 30.0,
         on_undecodable: OnUndecodable = "retry",
+        max_message_bytes: int = _MAX_MESSAGE_BYTES,
     ) -> None:
         self.bus, self.app = _resolve(app)
         if not isinstance(source, Source):
@@ -97,10 +106,19 @@ class Worker:
             raise ConfigurationError(
                 f"on_undecodable must be 'retry' or 'delete', got {on_undecodable!r}"
             )
+        if (
+            isinstance(max_message_bytes, bool)
+            or not isinstance(max_message_bytes, int)
+            or max_message_bytes < 1
+        ):
+            raise ConfigurationError(
+                f"max_message_bytes must be an int >= 1, got {max_message_bytes!r}"
+            )
         self.source = source
         self.concurrency = concurrency
         self.shutdown_timeout = float(shutdown_timeout)
         self.on_undecodable: OnUndecodable = on_undecodable
+        self.max_message_bytes = max_message_bytes
         self.stats = WorkerStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -287,21 +305,16 @@ class Worker:
 
     async def _handle(self, message: ReceivedMessage, consumed: Consumed | None) -> bool:
         """Decode and handle *message*; whether to acknowledge it."""
+        size = message_size(message.body)
+        if size > self.max_message_bytes:
+            error = MessageDecodeError(
+                f"{size} bytes, over max_message_bytes={self.max_message_bytes}"
+            )
+            return self._undecodable(message, consumed, "too large to decode", error)
         try:
             event = decode_message(message.body)
         except MessageDecodeError as exc:
-            self.stats.undecodable += 1
-            delete = self.on_undecodable == "delete"
-            logger.error(
-                "message %s from %s is not an event (%s); %s",
-                message.message_id,
-                self.source.name,
-                exc,
-                "deleting it" if delete else "giving it back: the dead-letter queue will take it",
-            )
-            if consumed is not None:
-                consumed.failure, consumed.error = "not an event", exc
-            return delete
+            return self._undecodable(message, consumed, "not an event", exc)
         if consumed is not None:
             consumed.event = event
         try:
@@ -329,6 +342,28 @@ class Worker:
             if failures:
                 consumed.error = failures[0].exception
         return False
+
+    def _undecodable(
+        self,
+        message: ReceivedMessage,
+        consumed: Consumed | None,
+        failure: str,
+        error: MessageDecodeError,
+    ) -> bool:
+        """Log *message*, which will not be handled; whether to acknowledge it (the policy)."""
+        self.stats.undecodable += 1
+        delete = self.on_undecodable == "delete"
+        logger.error(
+            "message %s from %s is %s (%s); %s",
+            message.message_id,
+            self.source.name,
+            failure,
+            error,
+            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+        )
+        if consumed is not None:
+            consumed.failure, consumed.error = failure, error
+        return delete
 
     async def _settle(
         self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None

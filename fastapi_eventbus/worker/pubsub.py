@@ -180,6 +180,11 @@ class PubSubSource(Source):
             raise
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise SourceError(f"{context}: {_describe(exc)}", transient=True) from exc
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] != "jwt":
+                raise
+            # The service account's key cannot sign a token: no retry fixes that.
+            raise SourceError(f"{context}: invalid credentials ({type(exc).__name__})") from exc
 
 
 def _received(message: SubscriberMessage) -> ReceivedMessage:

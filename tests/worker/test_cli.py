@@ -1,11 +1,14 @@
 """The ``fastapi-eventbus`` command line: ``handlers``, and the ``worker`` command's errors.
 
 The worker command's normal runs (signals, exit codes) are in `test_sqs_process` and
-`test_pubsub_worker`, where it runs in another process.
+`test_pubsub_worker`, where it runs in another process; so does one run here, for
+``--max-message-bytes``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +16,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from fastapi_eventbus import Event
 from fastapi_eventbus.cli import main
+from fastapi_eventbus.wire import sqs_body
+from fastapi_eventbus.worker import Worker
 from tests.forwarders._moto import REGION, Moto
-from tests.worker._helpers import AWS_ENV
+from tests.worker._helpers import (
+    AWS_ENV,
+    counts,
+    create_queue,
+    send_raw,
+    sqs_options,
+    wait_for,
+    worker_process,
+)
+from tests.worker.shop import execute
 
 HANDLERS_OF_TARGETS_APP = """\
 Handlers
@@ -127,6 +142,37 @@ def test_the_worker_reports_bad_settings() -> None:
     code, output = invoke("worker", "tests.worker.targets:app", "--pubsub", "orders")
     assert code == 1
     assert "Error: subscription must be a full path" in output
+
+
+def test_max_message_bytes_must_be_at_least_1() -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--max-message-bytes", "0"]
+    code, output = invoke("worker", "tests.worker.targets:app", *options)
+    assert code == 2
+    assert "Invalid value for '--max-message-bytes'" in output
+
+
+def test_max_message_bytes_defaults_to_the_workers_default() -> None:
+    worker = main.commands["worker"]
+    (option,) = [param for param in worker.params if param.name == "max_message_bytes"]
+    assert option.default == inspect.signature(Worker).parameters["max_message_bytes"].default
+
+
+@pytest.mark.slow
+def test_max_message_bytes_reaches_the_worker(moto: Moto, db: Path, tmp_path: Path) -> None:
+    queue_url = asyncio.run(create_queue(moto, "limits"))
+    options = [*sqs_options(moto, queue_url), "--max-message-bytes", "300"]
+    options += ["--on-undecodable", "delete"]
+    body = sqs_body(Event(name="order.placed", payload={"item": "x" * 400}))
+    with worker_process("tests.worker.shop:worker_app", *options, log=tmp_path / "w.log") as worker:
+        raw_id = asyncio.run(send_raw(moto, queue_url, body))
+        wait_for(lambda: raw_id in worker.output(), what="the too-large message's log line")
+        wait_for(lambda: asyncio.run(counts(moto, queue_url)) == (0, 0), what="an empty queue")
+        assert worker.terminate() == 0, worker.output()
+    line = next(line for line in worker.output().splitlines() if raw_id in line)
+    assert "ERROR" in line
+    assert f"is too large to decode ({len(body)} bytes, over max_message_bytes=300)" in line
+    assert line.endswith("deleting it")
+    assert execute(db, "SELECT * FROM handled") == []
 
 
 def test_the_worker_exits_1_when_its_queue_does_not_exist(

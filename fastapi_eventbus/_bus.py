@@ -310,8 +310,7 @@ class EventBus:
         if not deliver:
             return event_obj
         core = self._core
-        scope = self._batch.scope if self._batch is not None else core.base_scope()
-        batch = Batch(scope, depth, loop=asyncio.get_running_loop())
+        batch = core.batch(self._batch, depth)
         batch.events.append(event_obj)
         batch.accepted = 1
         core.pending += 1
@@ -332,8 +331,7 @@ class EventBus:
             raise InvalidEventError(f"handle() takes an Event, got {type(event).__name__}")
         core = self._core
         depth = self._batch.depth if self._batch is not None else 0
-        scope = self._batch.scope if self._batch is not None else core.base_scope()
-        batch = Batch(scope, depth, loop=asyncio.get_running_loop())
+        batch = core.batch(self._batch, depth)
         batch.state = FLUSHING
         batch.current = event
         core.active.add(batch)
@@ -366,7 +364,7 @@ class EventBus:
         forwarders = core.forwarders.match(name)
         for forwarder in forwarders:
             forwarder.check(event_obj)
-        deliver = not (core.disabled or _muted(core))
+        deliver = not (core.disabled or (core.observers and _muted(core)))
         if deliver:
             core.admit(batch)
             if core.tracing is not None:
@@ -571,3 +569,6 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
             "before serving requests"
         )
     return bus._new_view(connection, background_tasks)
+
+
+_di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))

@@ -68,6 +68,7 @@ class Batch:
         "depth",
         "events",
         "loop",
+        "make_scope",
         "provider",
         "scope",
         "sends",
@@ -77,13 +78,16 @@ class Batch:
 
     def __init__(
         self,
-        scope: MutableMapping[str, Any],
+        scope: MutableMapping[str, Any] | None,
         depth: int,
         state: int = COLLECTING,
         loop: asyncio.AbstractEventLoop | None = None,
         provider: object | None = _FROM_SCOPE,
+        make_scope: Callable[[], MutableMapping[str, Any]] | None = None,
     ) -> None:
         self.scope = scope
+        """The request's ASGI scope; None until `get_scope` builds one (publish, handle)."""
+        self.make_scope = make_scope
         self.depth = depth
         self.state = state
         self.loop = loop
@@ -96,13 +100,21 @@ class Batch:
         self.background: BackgroundTasks | None = None
         """The request's background tasks, until the first event adds the flush to them."""
         if provider is _FROM_SCOPE:
-            app = scope.get("app")
+            app = scope.get("app") if scope is not None else None
             provider = app if hasattr(app, "dependency_overrides") else None
         self.provider = provider
 
+    def get_scope(self) -> MutableMapping[str, Any]:
+        """The scope handler calls copy: the request's, or one built when first needed."""
+        scope = self.scope
+        if scope is None:
+            assert self.make_scope is not None
+            scope = self.scope = self.make_scope()
+        return scope
+
     def child(self) -> Batch:
         """A batch for the events a handler emits (one level deeper in the chain)."""
-        return Batch(self.scope, self.depth + 1, COLLECTING, self.loop, self.provider)
+        return Batch(self.get_scope(), self.depth + 1, COLLECTING, self.loop, self.provider)
 
     def unfinished(self) -> list[Event]:
         """The event being handled, those still waiting, and those still being forwarded."""
@@ -158,6 +170,15 @@ class Core:
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
         request; the worker sets it after entering the lifespan."""
 
+    def batch(self, parent: Batch | None, depth: int) -> Batch:
+        """A batch for `publish`/`handle`: in *parent*'s scope, or one built when needed."""
+        loop = asyncio.get_running_loop()
+        if parent is not None:
+            return Batch(parent.get_scope(), depth, loop=loop, provider=parent.provider)
+        app = self.app
+        provider = app if hasattr(app, "dependency_overrides") else None
+        return Batch(None, depth, loop=loop, provider=provider, make_scope=self.base_scope)
+
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
         template = self._scope_template
@@ -194,7 +215,8 @@ class Core:
         try:
             while batch.events:
                 round_ = list(batch.events)
-                self._forward(round_, batch)
+                if self.forwarders:
+                    self._forward(round_, batch)
                 for _ in round_:
                     event = batch.current = batch.events.popleft()
                     await self.dispatch(event, batch)
@@ -327,14 +349,18 @@ class Core:
 
     async def _abandon(self, batch: Batch) -> None:
         """After a cancelled flush: stop its sends and report what was not handled."""
+        if not batch.sends and not batch.events:
+            return
         unsent = [event for task, events in batch.sends if not task.done() for event in events]
         for task, _ in batch.sends:
             task.cancel()
         batch.sends.clear()
-        if unsent:
-            batch.events.extend(unsent)
+        waiting = {event.id for event in batch.events}
+        batch.events.extend(event for event in unsent if event.id not in waiting)
         if batch.events:
-            await self.discard(batch, "the flush was cancelled")
+            spooled = "; those for forwarders stay in the spool" if self.spool else ""
+            # Not forgotten by the spool: these were accepted, and are sent again later.
+            await self.discard(batch, f"the flush was cancelled{spooled}", forget=False)
 
     async def dispatch(
         self, event: Event, batch: Batch, local: bool = True
@@ -348,7 +374,7 @@ class Core:
         """
         failures: list[HandlerFailure] = []
         for handler in self.handlers.match(event.name):
-            child = batch.child() if handler.plan.uses_solver else None
+            child = batch.child() if _di.may_emit(handler.plan, batch.provider) else None
             error = await self._run(handler, event, batch, child, local)
             for observer in self.observers:
                 observer.on_handled(event, handler.name, error)
@@ -390,7 +416,7 @@ class Core:
                 arg = payload_as(event, plan.event_model)
             scope: dict[str, Any] = {}
             if child is not None:
-                scope = dict(batch.scope)
+                scope = dict(batch.get_scope())
                 scope[SCOPE_KEY] = self.make_view(self, child)
             await _di.run_handler(plan, handler.func, arg, scope, batch.provider)
         except Exception as exc:
@@ -405,8 +431,14 @@ class Core:
             return exc
         return None
 
-    async def discard(self, batch: Batch, reason: str, exc: BaseException | None = None) -> None:
-        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook."""
+    async def discard(
+        self, batch: Batch, reason: str, exc: BaseException | None = None, *, forget: bool = True
+    ) -> None:
+        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook.
+
+        With *forget* (the endpoint or handler raised: the events must never be
+        sent), they leave the spool too; otherwise the spool sends them later.
+        """
         events = tuple(batch.events)
         batch.events.clear()
         batch.state = CLOSED
@@ -414,7 +446,7 @@ class Core:
         self._finished(batch)
         if not events:
             return
-        if self.spool is not None:
+        if forget and self.spool is not None:
             try:
                 self.spool.forget(events)
             except SpoolError as error:

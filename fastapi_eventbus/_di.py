@@ -53,10 +53,52 @@ class HandlerPlan:
     uses_solver: bool
     simple: bool
     """The graph has only plain functions and classes: `_solve_simple` gives the solver's result."""
+    steps: tuple[Step, ...] = ()
+    """The graph compiled for `_solve_simple` (when *simple*): what to call, in order."""
+    may_emit: bool = True
+    """Whether the handler may get a bus (``Depends(get_bus)``) to emit chained events.
+    False only for simple graphs that do not ask for one (overrides aside: see `run_handler`)."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
         return [qualified_name(d.call) for d in self.dependant.dependencies]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One dependency of a simple graph, with what `_solve_simple` needs to know, precomputed."""
+
+    call: Callable[..., Any]
+    is_async: bool
+    use_cache: bool
+    name: str | None
+    needs: tuple[Step, ...]
+
+
+BUS_DEPENDENCIES: set[Callable[..., Any]] = set()
+"""The dependencies that give a bus (`get_bus`, `EventBus.dependency`), registered by _bus."""
+
+
+def _asks_for_bus(steps: tuple[Step, ...]) -> bool:
+    return any(
+        step.call in BUS_DEPENDENCIES
+        or getattr(step.call, "__func__", None) in BUS_DEPENDENCIES
+        or _asks_for_bus(step.needs)
+        for step in steps
+    )
+
+
+def _steps(dependant: Dependant) -> tuple[Step, ...]:
+    return tuple(
+        Step(
+            sub.call,  # type: ignore[arg-type]  # a simple graph's calls are never None
+            inspect.iscoroutinefunction(sub.call),
+            sub.use_cache,
+            sub.name,
+            _steps(sub),
+        )
+        for sub in dependant.dependencies
+    )
 
 
 def qualified_name(call: object) -> str:
@@ -278,7 +320,11 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     simple = not _special_params(dependant) and all(
         _is_simple(sub) for sub in _walk(dependant) if sub is not dependant
     )
-    return HandlerPlan(dependant, event_param, event_model, _is_async(func), uses_solver, simple)
+    steps = _steps(dependant) if simple else ()
+    may_emit = not simple or _asks_for_bus(steps)
+    return HandlerPlan(
+        dependant, event_param, event_model, _is_async(func), uses_solver, simple, steps, may_emit
+    )
 
 
 def request_exit_stack(connection: HTTPConnection) -> AsyncExitStack | None:
@@ -301,7 +347,7 @@ async def run_handler(
     and never touch the request's stacks.
     """
     if not plan.uses_solver or (plan.simple and not _has_overrides(overrides_provider)):
-        values = await _solve_simple(plan.dependant, {}) if plan.uses_solver else {}
+        values = await _solve_simple(plan.steps, {}) if plan.steps else {}
         if plan.event_param is not None:
             values[plan.event_param] = event_arg
         await _call(plan, func, values)
@@ -330,24 +376,29 @@ async def run_handler(
             await solved.background_tasks()
 
 
+def may_emit(plan: HandlerPlan, overrides_provider: object | None) -> bool:
+    """Whether a call of the handler may ask for a bus, so needs a batch for chained events."""
+    return plan.uses_solver and (plan.may_emit or _has_overrides(overrides_provider))
+
+
 def _has_overrides(provider: object | None) -> bool:
     return bool(getattr(provider, "dependency_overrides", None))
 
 
-async def _solve_simple(dependant: Dependant, cache: dict[Any, Any]) -> dict[str, Any]:
+async def _solve_simple(steps: tuple[Step, ...], cache: dict[Any, Any]) -> dict[str, Any]:
     """`solve_dependencies` for graphs `_is_simple` accepted: same calls, order and cache."""
     values: dict[str, Any] = {}
-    for sub in dependant.dependencies:
-        sub_values = await _solve_simple(sub, cache)
-        call = sub.call
-        if sub.use_cache and call in cache:
+    for step in steps:
+        sub_values = await _solve_simple(step.needs, cache) if step.needs else {}
+        call = step.call
+        if step.use_cache and call in cache:
             solved = cache[call]
-        elif inspect.iscoroutinefunction(call):
+        elif step.is_async:
             solved = await call(**sub_values)
         else:
-            solved = await run_in_threadpool(call, **sub_values)  # type: ignore[arg-type]
-        if sub.name is not None:
-            values[sub.name] = solved
+            solved = await run_in_threadpool(call, **sub_values)
+        if step.name is not None:
+            values[step.name] = solved
         cache.setdefault(call, solved)
     return values
 

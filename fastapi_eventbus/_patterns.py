@@ -51,6 +51,9 @@ class PatternIndex(Generic[T]):
         self._patterns.append(names)
         self._cache.clear()
 
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
     def match(self, name: str) -> tuple[T, ...]:
         """Every item whose patterns match *name*, each once, in registration order."""
         try:

@@ -143,7 +143,7 @@ class Spool:
         self.max_retry_delay = float(max_retry_delay)
         self.max_attempts = max_attempts
         self.busy_timeout = float(busy_timeout)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = _owner(os.getpid())
         """This process's mark on the rows it is sending."""
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -160,7 +160,7 @@ class Spool:
             return self._db
         if self._pid != os.getpid():  # forked (uvicorn --workers): a connection of our own
             self._pid = os.getpid()
-            self.owner = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:8]}"
+            self.owner = _owner(self._pid)
             self._lock = threading.Lock()
         try:
             db = sqlite3.connect(
@@ -340,10 +340,10 @@ class Spool:
             (self.owner,),
         ).fetchall()
         for (owner,) in owners:
-            owner_host, _, rest = str(owner).rpartition(":")[0].rpartition(":")
-            if owner_host != host or not rest.isdigit():
+            parts = str(owner).rsplit(":", 3)
+            if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
                 continue
-            if not _alive(int(rest)):
+            if not _alive(int(parts[1]), parts[2]):
                 db.execute("UPDATE pending SET lease_until = 0 WHERE owner = ?", (owner,))
 
     # -- what people call ---------------------------------------------------------
@@ -439,11 +439,27 @@ def _filtered(
     return sql, params
 
 
-def _alive(pid: int) -> bool:
+def _owner(pid: int) -> str:
+    """``host:pid:start:random``: a process, told apart from a later one with its pid."""
+    return f"{socket.gethostname()}:{pid}:{_started(pid)}:{uuid.uuid4().hex[:8]}"
+
+
+def _started(pid: int) -> str:
+    """When process *pid* started (clock ticks since boot, Linux), or "" if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _alive(pid: int, started: str) -> bool:
+    """Whether *pid* runs and is the process that started at *started* (not a reuse)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not started or _started(pid) in ("", started)

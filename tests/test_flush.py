@@ -3,6 +3,7 @@
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 import anyio
 import pytest
@@ -401,3 +402,40 @@ async def test_handle_runs_local_handlers_of_an_existing_event_and_reports_failu
     assert log == ["order.placed", "order.reserved"]
     assert [e.name for e in recorder.events] == ["order.reserved"]  # not the handled event
     assert await bus.handle(Event(name="nobody.listens")) == []
+
+
+def emitting_dependency(events: Annotated[EventBus, Depends(get_bus)]) -> EventBus:
+    return events
+
+
+def plain_dependency() -> None:
+    return None
+
+
+def test_a_bus_asked_for_deep_in_the_graph_or_by_an_override_still_chains(
+    app: FastAPI, bus: EventBus
+) -> None:
+    chained: list[str] = []
+
+    @bus.on("deep")
+    async def deep(event: Event, events: Annotated[EventBus, Depends(emitting_dependency)]) -> None:
+        events.emit("chained.deep")
+
+    @bus.on("overridden")
+    async def overridden(event: Event, events: Annotated[Any, Depends(plain_dependency)]) -> None:
+        events.emit("chained.overridden")
+
+    @bus.on("chained.*")
+    async def record(event: Event) -> None:
+        chained.append(event.name)
+
+    app.dependency_overrides[plain_dependency] = emitting_dependency
+
+    @app.post("/")
+    async def endpoint(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        events.emit("deep")
+        events.emit("overridden")
+
+    with TestClient(app) as client:
+        client.post("/")
+    assert chained == ["chained.deep", "chained.overridden"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import sys
 import threading
@@ -199,8 +198,7 @@ async def test_the_lifespan_sends_what_a_dead_process_left(path: Path) -> None:
 
 
 async def test_a_live_process_keeps_its_events_until_its_lease_runs_out(path: Path) -> None:
-    mine, theirs = Spool(path), Spool(path, lease=0.05)
-    theirs.owner = f"{theirs.owner.rsplit(':', 2)[0]}:{os.getpid()}:other"  # alive: this pid
+    mine, theirs = Spool(path), Spool(path, lease=0.05)  # both of this (live) process
     theirs.add([("broker", Event(name="order.placed", id="busy"))])
     assert mine.claim() == []  # being sent by a live process
     await asyncio.sleep(0.06)
@@ -373,3 +371,12 @@ def test_an_unreadable_row_is_set_aside_not_retried_forever(path: Path) -> None:
     assert "is unreadable" in str(dead[1])
     with pytest.raises(SpoolError, match="spooled event bad for broker is unreadable"):
         spool.dead()
+
+
+def test_a_new_process_with_a_dead_ones_pid_takes_its_events_over(path: Path) -> None:
+    # A container restarted: same host, same pid (often 1), but another process.
+    old = Spool(path)
+    host, pid, _, tag = old.owner.rsplit(":", 3)
+    old.owner = f"{host}:{pid}:1:{tag}"  # started at another time than this process
+    old.add([("broker", Event(name="order.placed", id="from-before"))])
+    assert [c.event.id for c in Spool(path).claim()] == ["from-before"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
-from starlette.background import BackgroundTasks
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import HTTPConnection
 
 from . import _di
@@ -286,7 +286,7 @@ class EventBus:
         if not batch.events:
             core.active.add(batch)
             if batch.background is not None:  # first event of the request: flush after it
-                batch.background.add_task(self._flush)
+                batch.background.tasks.append(_FlushTask(self._flush))
                 batch.background = None
         batch.events.append(event_obj)
         if batch.state == CLOSED:
@@ -361,12 +361,13 @@ class EventBus:
                 f"{core.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
         event_obj = make_event(name, data, core.source)
-        forwarders = core.forwarders.match(name)
+        forwarders = core.forwarders.match(name) if core.forwarders else ()
         for forwarder in forwarders:
             forwarder.check(event_obj)
         deliver = not (core.disabled or (core.observers and _muted(core)))
         if deliver:
-            core.admit(batch)
+            if core.max_pending_events is not None or core.max_batch_events is not None:
+                core.admit(batch)
             if core.tracing is not None:
                 core.tracing.emitted(event_obj)
             if forwarders and core.spool is not None:  # with its trace context
@@ -404,7 +405,7 @@ class EventBus:
         batch = Batch(connection.scope, 0, loop=loop)
         batch.background = background_tasks
         view = self._bind(connection, batch)
-        stack.push_async_exit(view._after_request)
+        stack.push_async_exit(_RequestEnd(view))  # type: ignore[type-var]  # duck-typed
         return view
 
     def _bind(self, connection: HTTPConnection, batch: Batch) -> EventBus:
@@ -495,6 +496,49 @@ class EventBus:
         await self._core.close_forwarders()
         logger.debug("fastapi_eventbus closed")
         return unfinished
+
+
+class _RequestEnd:
+    """On FastAPI's request exit stack: `EventBus._after_request` when the request ends.
+
+    An object with ``__aexit__`` (not a bare callable), which `AsyncExitStack`
+    takes without a failed attribute lookup.
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: EventBus) -> None:
+        self.view = view
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        batch = self.view._batch
+        assert batch is not None
+        if batch.state == COLLECTING:  # usually the flush ran already, as a background task
+            if not batch.events:
+                batch.state = CLOSED
+            else:
+                await self.view._after_request(exc_type, exc, tb)
+        return False
+
+
+class _FlushTask(BackgroundTask):
+    """The request's flush, as one of its background tasks.
+
+    What ``BackgroundTasks.add_task(flush)`` adds, without its per-call check of
+    whether the function is async (it is).
+    """
+
+    def __init__(self, flush: Callable[[], Awaitable[None]]) -> None:
+        # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
+        self.func = flush  # type: ignore[assignment]
+        self.args = ()  # type: ignore[assignment]
+        self.kwargs = {}  # type: ignore[assignment]
+        self.is_async = True
 
 
 def _muted(core: Core) -> bool:

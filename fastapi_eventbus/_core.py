@@ -373,9 +373,15 @@ class Core:
         *local* is False for an event that came from a broker (for tracing).
         """
         failures: list[HandlerFailure] = []
+        overrides = _di.has_overrides(batch.provider)  # read once per event, at call time
         for handler in self.handlers.match(event.name):
-            child = batch.child() if _di.may_emit(handler.plan, batch.provider) else None
-            error = await self._run(handler, event, batch, child, local)
+            plan = handler.plan
+            emits = plan.uses_solver and (plan.may_emit or overrides)
+            child = batch.child() if emits else None
+            if self.tracing is None:  # one coroutine less per call: this is the hot path
+                error = await self._call(handler, event, batch, child, overrides)
+            else:
+                error = await self._run(handler, event, batch, child, local, overrides)
             for observer in self.observers:
                 observer.on_handled(event, handler.name, error)
             if error is not None:
@@ -389,16 +395,21 @@ class Core:
                 await self.flush(child)
         return failures
 
-    async def _run(
-        self, handler: Handler, event: Event, batch: Batch, child: Batch | None, local: bool
+    async def _run(  # with tracing
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch | None,
+        local: bool,
+        overrides: bool,
     ) -> BaseException | None:
         tracing = self.tracing
-        if tracing is None:
-            return await self._call(handler, event, batch, child)
+        assert tracing is not None
         span = tracing.start_handler(event, handler.name, local)
         error: BaseException | None = None
         try:
-            error = await self._call(handler, event, batch, child)
+            error = await self._call(handler, event, batch, child, overrides)
         except BaseException as exc:  # cancelled: the span says so, then it propagates
             error = exc
             raise
@@ -407,7 +418,7 @@ class Core:
         return error
 
     async def _call(
-        self, handler: Handler, event: Event, batch: Batch, child: Batch | None
+        self, handler: Handler, event: Event, batch: Batch, child: Batch | None, overrides: bool
     ) -> BaseException | None:
         plan = handler.plan
         try:
@@ -418,7 +429,7 @@ class Core:
             if child is not None:
                 scope = dict(batch.get_scope())
                 scope[SCOPE_KEY] = self.make_view(self, child)
-            await _di.run_handler(plan, handler.func, arg, scope, batch.provider)
+            await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
         except Exception as exc:
             logger.error(
                 "handler %s failed for event %r (id=%s)",

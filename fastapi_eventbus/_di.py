@@ -339,6 +339,7 @@ async def run_handler(
     event_arg: object,
     scope: MutableMapping[str, Any],
     overrides_provider: object | None,
+    overrides: bool | None = None,
 ) -> None:
     """Resolve *func*'s dependencies with FastAPI's solver and call it once.
 
@@ -346,11 +347,30 @@ async def run_handler(
     are stored in it, so ``yield`` dependencies open and close around this call
     and never touch the request's stacks.
     """
-    if not plan.uses_solver or (plan.simple and not _has_overrides(overrides_provider)):
-        values = await _solve_simple(plan.steps, {}) if plan.steps else {}
+    if overrides is None:
+        overrides = has_overrides(overrides_provider)
+    if not plan.uses_solver or (plan.simple and not overrides):
+        values: dict[str, Any] = {}
+        if plan.steps:  # `_solve_simple`, its first level inlined: one coroutine less
+            cache: dict[Any, Any] = {}
+            for step in plan.steps:
+                sub_values = await _solve_simple(step.needs, cache) if step.needs else {}
+                call = step.call
+                if step.use_cache and call in cache:
+                    solved = cache[call]
+                elif step.is_async:
+                    solved = await call(**sub_values)
+                else:
+                    solved = await run_in_threadpool(call, **sub_values)
+                if step.name is not None:
+                    values[step.name] = solved
+                cache.setdefault(call, solved)
         if plan.event_param is not None:
             values[plan.event_param] = event_arg
-        await _call(plan, func, values)
+        if plan.is_async:
+            await func(**values)
+        else:
+            await run_in_threadpool(func, **values)
         return
     async with AsyncExitStack() as request_stack:
         async with AsyncExitStack() as function_stack:
@@ -376,12 +396,8 @@ async def run_handler(
             await solved.background_tasks()
 
 
-def may_emit(plan: HandlerPlan, overrides_provider: object | None) -> bool:
-    """Whether a call of the handler may ask for a bus, so needs a batch for chained events."""
-    return plan.uses_solver and (plan.may_emit or _has_overrides(overrides_provider))
-
-
-def _has_overrides(provider: object | None) -> bool:
+def has_overrides(provider: object | None) -> bool:
+    """Whether the app (the overrides provider) has any ``dependency_overrides`` now."""
     return bool(getattr(provider, "dependency_overrides", None))
 
 

@@ -126,7 +126,14 @@ def _check_json(value: Any, name: str) -> None:
         for key, item in value.items():
             if type(key) is str and not key.isascii():
                 _check_text(key, name)
-            _check_item(item, name)
+            kind = type(item)  # the common cases inline: most payloads are flat
+            if kind is str:
+                if not item.isascii():
+                    _check_text(item, name)
+            elif kind is bool or item is None or (kind is int and item.bit_length() < 64):
+                pass
+            else:
+                _check_item(item, name)
     elif kind is list:
         for item in value:
             _check_item(item, name)
@@ -204,6 +211,11 @@ class SchemaRegistry:
         """The schema registered for *name*, if any."""
         return self._schemas.get(name)
 
+    @property
+    def empty(self) -> bool:
+        """Whether no schema is registered."""
+        return not self._schemas
+
     def validate(self, name: str, payload: Any) -> Any:
         """Validate *payload* against the schema of *name* and return JSON data."""
         schema = self._schemas.get(name)
@@ -244,6 +256,8 @@ def resolve_emit_args(
             f"emit() got the class {first.__qualname__}, not an instance of it; {_EMIT_USAGE}"
         )
     name = check_name(first)
+    if registry.empty:  # the common case, one call less
+        return name, to_json_data(payload, name)
     return name, registry.validate(name, payload)
 
 

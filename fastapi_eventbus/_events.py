@@ -262,6 +262,7 @@ def resolve_emit_args(
 
 
 _ALL_FIELDS = frozenset(Event.model_fields)
+_FIELDS_SET = set(_ALL_FIELDS)
 _set = object.__setattr__
 
 
@@ -284,7 +285,8 @@ def make_event(name: str, payload: Any, source: str | None) -> Event:
             "trace_context": {},
         },
     )
-    _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
+    # One set for all events: pydantic only reads it (``model_copy`` copies it first).
+    _set(event, "__pydantic_fields_set__", _FIELDS_SET)
     _set(event, "__pydantic_extra__", None)
     _set(event, "__pydantic_private__", None)
     return event

@@ -14,7 +14,8 @@ T = TypeVar("T")
 _WILDCARDS = frozenset("*?[")
 _CACHE_LIMIT = 4096
 
-Matcher = Callable[[str], bool]
+Matcher = Callable[[str], object]
+"""Truthy when the name matches."""
 
 
 def compile_pattern(pattern: object) -> Matcher:
@@ -23,8 +24,7 @@ def compile_pattern(pattern: object) -> Matcher:
         raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
     if _WILDCARDS.isdisjoint(pattern):
         return pattern.__eq__
-    regex = re.compile(fnmatch.translate(pattern))
-    return lambda name: regex.match(name) is not None
+    return re.compile(fnmatch.translate(pattern)).match  # a match, or None
 
 
 class PatternIndex(Generic[T]):
@@ -60,11 +60,17 @@ class PatternIndex(Generic[T]):
             return self._cache[name]
         except KeyError:
             pass
-        found = tuple(item for matchers, item in self._entries if any(m(name) for m in matchers))
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[name] = found
-        return found
+        found: list[T] = []
+        for matchers, item in self._entries:
+            for matcher in matchers:
+                if matcher(name):
+                    found.append(item)
+                    break
+        cache = self._cache
+        if len(cache) >= _CACHE_LIMIT:  # forget the oldest name, not all of them
+            del cache[next(iter(cache))]
+        result = cache[name] = tuple(found)
+        return result
 
     def items(self) -> list[T]:
         """Every registered item, in registration order."""

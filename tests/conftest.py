@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 import uvicorn
@@ -15,6 +16,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import DiscardedEvents, EventBus, HandlerFailure
+
+if TYPE_CHECKING:
+    from tests._pubsub import Emulator
 
 
 @pytest.fixture
@@ -77,3 +81,12 @@ def missing_peer(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"required test peer missing in CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[Emulator]:
+    """Google's Pub/Sub emulator, started once for the whole run (forwarder and worker tests)."""
+    from tests._pubsub import running_emulator
+
+    with running_emulator() as emulator:
+        yield emulator

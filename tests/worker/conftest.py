@@ -1,7 +1,6 @@
 """Fixtures of the worker tests: one moto SQS server for all of them, a database file.
 
-``pubsub_emulator`` is the forwarder tests' fixture (Google's Pub/Sub emulator, started
-once per session), made available here.
+``pubsub_emulator`` (Google's Pub/Sub emulator, started once per run) is the root conftest's.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.forwarders._moto import Moto, running_moto
-from tests.forwarders.test_pubsub import pubsub_emulator as pubsub_emulator
 from tests.worker.shop import DB_ENV
 
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from fastapi_eventbus import ConfigurationError, Event, EventBus, MissingExtraError, SourceError
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.worker import PubSubSource, Worker, WorkerStats
-from tests.forwarders.test_pubsub import PROJECT, Channel, Emulator
+from tests._pubsub import PROJECT, Channel, Emulator
 from tests.worker._helpers import until, wait_for, worker_process
 from tests.worker.shop import execute, web_app
 

@@ -34,8 +34,8 @@ from fastapi_eventbus.worker import (
     Worker,
 )
 from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
+from tests._pubsub import PROJECT, Emulator
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
-from tests.forwarders.test_pubsub import PROJECT, Emulator
 from tests.worker._helpers import create_queue, until
 
 pytestmark = pytest.mark.slow

@@ -199,6 +199,12 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
     help="SQS: the longest visibility timeout after a failure.",
 )
 @click.option(
+    "--visibility-timeout",
+    type=click.IntRange(1, 43_200),
+    metavar="SECONDS",
+    help="SQS: receive with this visibility timeout, extended while handlers run.",
+)
+@click.option(
     "--pubsub",
     "subscription",
     metavar="SUBSCRIPTION",
@@ -208,6 +214,12 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
     "--emulator-host",
     metavar="HOST:PORT",
     help="Pub/Sub emulator (default: $PUBSUB_EMULATOR_HOST).",
+)
+@click.option(
+    "--ack-deadline",
+    type=click.IntRange(10, 600),
+    metavar="SECONDS",
+    help="Pub/Sub: give pulled messages this ack deadline, extended while handlers run.",
 )
 @click.option(
     "--concurrency",
@@ -253,8 +265,10 @@ def worker(
     wait_time: int,
     retry_delay: float,
     max_retry_delay: float,
+    visibility_timeout: int | None,
     subscription: str | None,
     emulator_host: str | None,
+    ack_deadline: int | None,
     concurrency: int,
     shutdown_timeout: float,
     on_undecodable: str,
@@ -281,10 +295,13 @@ def worker(
                 region_name=region,
                 wait_time_seconds=wait_time,
                 visibility_backoff=backoff,
+                visibility_timeout=visibility_timeout,
             )
         else:
             assert subscription is not None
-            source = PubSubSource(subscription, emulator_host=emulator_host)
+            source = PubSubSource(
+                subscription, emulator_host=emulator_host, ack_deadline=ack_deadline
+            )
         runner = Worker(
             target,
             source,

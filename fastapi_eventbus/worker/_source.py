@@ -65,7 +65,9 @@ class Source(ABC):
     A source is an async context manager: `start` opens its client, `close`
     settles what is pending and closes it. The worker calls `receive` for at
     most `max_messages` messages at a time, then `ack` for each message whose
-    handlers all succeeded and `nack` for the others. Raise `SourceError`
+    handlers all succeeded and `nack` for the others. While a message's handlers
+    run, it calls `extend` every `extend_interval` seconds (if not None), so that
+    the broker does not deliver the message again meanwhile. Raise `SourceError`
     (``transient=True`` when a retry may help) for the SDK's errors.
     """
 
@@ -78,6 +80,8 @@ class Source(ABC):
     (``messaging.destination.subscription.name``)."""
     max_messages: int = 10
     """The most messages one `receive` call returns."""
+    extend_interval: float | None = None
+    """Seconds between `extend` calls while a message's handlers run (None: no calls)."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open clients; called once before the first `receive`."""
@@ -96,6 +100,15 @@ class Source(ABC):
     @abstractmethod
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
         """Give *message* back for redelivery, after *delay* seconds (None: the source's policy)."""
+
+    async def extend(  # noqa: B027 - optional hook
+        self, message: ReceivedMessage, seconds: float | None = None
+    ) -> None:
+        """Keep *message* from redelivery for *seconds* more (None: the source's setting).
+
+        The worker calls it every `extend_interval` seconds while the message's
+        handlers run. The default does nothing.
+        """
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -59,7 +59,10 @@ class Worker:
     otherwise it is given back (SQS: its visibility timeout set by backoff;
     Pub/Sub: nacked), and the broker delivers it again, or moves it to its
     dead-letter queue after its maximum number of deliveries. Delivery is
-    at-least-once: use ``event.id`` to deduplicate.
+    at-least-once: use ``event.id`` to deduplicate. While the handlers run, the
+    worker calls `Source.extend` every `Source.extend_interval` seconds (SQS:
+    ``visibility_timeout``, Pub/Sub: ``ack_deadline``), so that the broker does
+    not deliver the message again meanwhile; a failed extension is logged at WARNING.
 
     Args:
         app: A FastAPI app with an installed bus (``bus.install(app)``), or an
@@ -295,13 +298,43 @@ class Worker:
         self, message: ReceivedMessage, consumed: Consumed | None
     ) -> bool:
         try:
-            return await self._handle(message, consumed)
+            async with self._heartbeat(message):
+                return await self._handle(message, consumed)
         except asyncio.CancelledError as exc:
             tracing = self.bus._core.tracing if consumed is not None else None
             if consumed is not None:
                 consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
             await self._give_back(message, tracing)
             raise
+
+    @asynccontextmanager
+    async def _heartbeat(self, message: ReceivedMessage) -> AsyncIterator[None]:
+        """Extend *message*'s visibility (ack deadline) in the background inside the block."""
+        interval = self.source.extend_interval
+        if interval is None:
+            yield
+            return
+        beats = asyncio.create_task(self._keep_invisible(message, interval))
+        try:
+            yield
+        finally:
+            beats.cancel()
+            await asyncio.wait({beats})
+
+    async def _keep_invisible(self, message: ReceivedMessage, interval: float) -> None:
+        """Call `Source.extend` every *interval* seconds; a failure is logged, then retried."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.source.extend(message)
+            except Exception as exc:
+                logger.warning(
+                    "could not extend the visibility of message %s on %s (%s); "
+                    "it may be delivered again while its handlers run",
+                    message.message_id,
+                    self.source.name,
+                    exc,
+                )
 
     async def _handle(self, message: ReceivedMessage, consumed: Consumed | None) -> bool:
         """Decode and handle *message*; whether to acknowledge it."""

@@ -9,11 +9,14 @@ worker = Worker(app, PubSubSource("projects/my-project/subscriptions/orders-work
 Pull requests through gcloud-aio-pubsub; a message is acknowledged only once its
 handlers all succeeded, and nacked (``modifyAckDeadline`` 0) otherwise, so that
 the subscription's retry policy and dead-letter topic decide what happens next.
+With ``ack_deadline``, pulled messages get that ack deadline, and the worker
+extends it (``modifyAckDeadline``) every half of it while their handlers run.
 The SDK is imported when the source starts, never before.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +43,10 @@ __all__ = ["PubSubSource"]
 _SUBSCRIPTION = re.compile(r"projects/[^/\s]+/subscriptions/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
 _MAX_ACK_IDS = 500
 """Ack ids per ``acknowledge`` request (the request must stay under 512 KB)."""
+_MIN_ACK_DEADLINE = 10
 _MAX_ACK_DEADLINE = 600
+
+logger = logging.getLogger("fastapi_eventbus.worker")
 
 
 class PubSubSource(Source):
@@ -57,6 +63,11 @@ class PubSubSource(Source):
         max_messages: The most messages one pull returns.
         pull_timeout: Seconds one pull may wait for messages before it is
             abandoned and another one starts.
+        ack_deadline: Seconds (10 to 600) a pulled message may stay unacknowledged
+            before Pub/Sub delivers it again; pulled messages get it at once, and
+            the worker extends it again every half of it while their handlers
+            run (a heartbeat). Default: the subscription's ``ackDeadlineSeconds``,
+            and no heartbeat.
         name: A name for logs (default: the subscription's name).
     """
 
@@ -72,6 +83,7 @@ class PubSubSource(Source):
         service_file: str | None = None,
         max_messages: int = 10,
         pull_timeout: float = 30.0,
+        ack_deadline: int | None = None,
         name: str | None = None,
     ) -> None:
         _require_sdk()
@@ -84,7 +96,18 @@ class PubSubSource(Source):
             raise ConfigurationError(f"max_messages must be an int >= 1, got {max_messages!r}")
         if not pull_timeout > 0:
             raise ConfigurationError(f"pull_timeout must be > 0 seconds, got {pull_timeout!r}")
+        if ack_deadline is not None and (
+            isinstance(ack_deadline, bool)
+            or not isinstance(ack_deadline, int)
+            or not _MIN_ACK_DEADLINE <= ack_deadline <= _MAX_ACK_DEADLINE
+        ):
+            raise ConfigurationError(
+                f"ack_deadline must be an int from {_MIN_ACK_DEADLINE} to {_MAX_ACK_DEADLINE}, "
+                f"got {ack_deadline!r}"
+            )
         self.subscription = subscription
+        self.ack_deadline = ack_deadline
+        self.extend_interval = None if ack_deadline is None else ack_deadline / 2
         self.api_root, self.emulated = _endpoint(api_root, emulator_host)
         self.max_messages = max_messages
         self.pull_timeout = pull_timeout
@@ -146,7 +169,10 @@ class PubSubSource(Source):
                 )
         except TimeoutError:  # nothing arrived: pull again
             return []
-        return [_received(message) for message in pulled]
+        received = [_received(message) for message in pulled]
+        if received and self.ack_deadline is not None:
+            await self._set_deadlines(received, self.ack_deadline)
+        return received
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Acknowledge *message* (in one request with others acknowledged meanwhile)."""
@@ -157,6 +183,29 @@ class PubSubSource(Source):
         seconds = max(0, min(_MAX_ACK_DEADLINE, round(delay or 0)))
         with self._translated(f"nack message {message.message_id}"):
             await self.client.modify_ack_deadline(self.subscription, [message.receipt], seconds)
+
+    async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
+        """Set *message*'s ack deadline to *seconds* from now (default: ``ack_deadline``)."""
+        if seconds is None:
+            if self.ack_deadline is None:
+                raise ConfigurationError(
+                    f"Pub/Sub source {self.name}: no ack_deadline to extend to"
+                )
+            seconds = self.ack_deadline
+        deadline = max(0, min(_MAX_ACK_DEADLINE, round(seconds)))
+        with self._translated(f"extend the ack deadline of message {message.message_id}"):
+            await self.client.modify_ack_deadline(self.subscription, [message.receipt], deadline)
+
+    async def _set_deadlines(self, messages: list[ReceivedMessage], seconds: int) -> None:
+        """Give just-pulled *messages* ``ack_deadline`` (the subscription's may be shorter)."""
+        try:
+            with self._translated("set the ack deadline of pulled messages"):
+                receipts = [message.receipt for message in messages]
+                await self.client.modify_ack_deadline(self.subscription, receipts, seconds)
+        except (SourceError, TimeoutError) as exc:
+            logger.warning(
+                "%s; they keep the subscription's ack deadline until extended", exc or "timed out"
+            )
 
     async def _acknowledge(self, messages: list[ReceivedMessage]) -> list[str | None]:
         with self._translated("acknowledge messages"):

@@ -10,8 +10,10 @@ Long polling (``WaitTimeSeconds``), up to 10 messages per ``ReceiveMessage``;
 a message is deleted (``DeleteMessageBatch``) only once its handlers all
 succeeded; otherwise its visibility timeout is set by `Backoff` on its
 ``ApproximateReceiveCount``, so that the queue's redrive policy moves a message
-that keeps failing to its dead-letter queue. aiobotocore is imported when the
-source starts, never before.
+that keeps failing to its dead-letter queue. With ``visibility_timeout``, messages
+are received with that visibility timeout, and the worker extends it
+(``ChangeMessageVisibility``) every half of it while their handlers run.
+aiobotocore is imported when the source starts, never before.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import (
         DeleteMessageBatchRequestEntryTypeDef,
         MessageTypeDef,
+        ReceiveMessageRequestTypeDef,
     )
 
 __all__ = ["MAX_WAIT_TIME_SECONDS", "SQSSource"]
@@ -60,6 +63,11 @@ class SQSSource(Source):
             handlers failed, by its receive count: 5 s, 10 s, 20 s... up to 15
             minutes by default. The queue's redrive policy decides when it
             goes to the dead-letter queue.
+        visibility_timeout: Seconds (1 to 43200) a received message stays
+            invisible to other consumers; the worker extends it to that again
+            every half of it while the message's handlers run (a heartbeat), so
+            a slow handler does not get its message delivered twice. Default:
+            the queue's ``VisibilityTimeout``, and no heartbeat.
         name: A name for logs (default: the queue's name).
     """
 
@@ -77,6 +85,7 @@ class SQSSource(Source):
         wait_time_seconds: int = MAX_WAIT_TIME_SECONDS,
         max_messages: int = _MAX_MESSAGES,
         visibility_backoff: Backoff | None = None,
+        visibility_timeout: int | None = None,
         name: str | None = None,
     ) -> None:
         if importlib.util.find_spec("aiobotocore") is None:
@@ -85,6 +94,8 @@ class SQSSource(Source):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
         _check_int("wait_time_seconds", wait_time_seconds, 0, MAX_WAIT_TIME_SECONDS)
         _check_int("max_messages", max_messages, 1, _MAX_MESSAGES)
+        if visibility_timeout is not None:
+            _check_int("visibility_timeout", visibility_timeout, 1, _MAX_VISIBILITY)
         if (aws_access_key_id is None) != (aws_secret_access_key is None):
             raise ConfigurationError(
                 "pass both aws_access_key_id and aws_secret_access_key, or neither"
@@ -93,6 +104,8 @@ class SQSSource(Source):
         self.wait_time_seconds = wait_time_seconds
         self.max_messages = max_messages
         self.visibility_backoff = visibility_backoff or Backoff()
+        self.visibility_timeout = visibility_timeout
+        self.extend_interval = None if visibility_timeout is None else visibility_timeout / 2
         self.name = name or queue_url.rstrip("/").rsplit("/", 1)[-1]
         self._settings = _ClientSettings(
             region_name or _region_of(queue_url),
@@ -138,14 +151,17 @@ class SQSSource(Source):
 
     async def receive(self, max_messages: int) -> list[ReceivedMessage]:
         """One ``ReceiveMessage`` call, long polling for up to ``wait_time_seconds``."""
+        request: ReceiveMessageRequestTypeDef = {
+            "QueueUrl": self.queue_url,
+            "MaxNumberOfMessages": max(1, min(max_messages, self.max_messages)),
+            "WaitTimeSeconds": self.wait_time_seconds,
+            "MessageAttributeNames": ["All"],  # trace context travels there
+            "AttributeNames": ["All"],  # ApproximateReceiveCount, on every botocore version
+        }
+        if self.visibility_timeout is not None:
+            request["VisibilityTimeout"] = self.visibility_timeout
         with self._translated("receive"):
-            response = await self.client.receive_message(
-                QueueUrl=self.queue_url,
-                MaxNumberOfMessages=max(1, min(max_messages, self.max_messages)),
-                WaitTimeSeconds=self.wait_time_seconds,
-                MessageAttributeNames=["All"],  # trace context travels there
-                AttributeNames=["All"],  # ApproximateReceiveCount, on every botocore version
-            )
+            response = await self.client.receive_message(**request)
         return [_received(message) for message in response.get("Messages", [])]
 
     async def ack(self, message: ReceivedMessage) -> None:
@@ -156,11 +172,24 @@ class SQSSource(Source):
         """Make *message* visible again after *delay* seconds (default: `visibility_backoff`)."""
         if delay is None:
             delay = self.visibility_backoff.delay(message.receive_count or 1)
-        with self._translated(f"change the visibility of message {message.message_id}"):
+        await self._change_visibility(message, delay, "change")
+
+    async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
+        """Keep *message* invisible for *seconds* more (default: ``visibility_timeout``)."""
+        if seconds is None:
+            if self.visibility_timeout is None:
+                raise ConfigurationError(
+                    f"SQS source {self.name}: no visibility_timeout to extend to"
+                )
+            seconds = self.visibility_timeout
+        await self._change_visibility(message, seconds, "extend")
+
+    async def _change_visibility(self, message: ReceivedMessage, seconds: float, what: str) -> None:
+        with self._translated(f"{what} the visibility of message {message.message_id}"):
             await self.client.change_message_visibility(
                 QueueUrl=self.queue_url,
                 ReceiptHandle=message.receipt,
-                VisibilityTimeout=max(0, min(_MAX_VISIBILITY, math.ceil(delay))),
+                VisibilityTimeout=max(0, min(_MAX_VISIBILITY, math.ceil(seconds))),
             )
 
     async def _delete_batch(self, messages: list[ReceivedMessage]) -> list[str | None]:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from fastapi_eventbus import Event
 from fastapi_eventbus.cli import main
 from fastapi_eventbus.wire import sqs_body
-from fastapi_eventbus.worker import Worker
+from fastapi_eventbus.worker import PubSubSource, SQSSource, Worker
 from tests.forwarders._moto import REGION, Moto
 from tests.worker._helpers import (
     AWS_ENV,
@@ -173,6 +173,56 @@ def test_max_message_bytes_reaches_the_worker(moto: Moto, db: Path, tmp_path: Pa
     assert f"is too large to decode ({len(body)} bytes, over max_message_bytes=300)" in line
     assert line.endswith("deleting it")
     assert execute(db, "SELECT * FROM handled") == []
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[Worker]:
+    """The workers the ``worker`` command builds, which it then does not run."""
+    workers: list[Worker] = []
+
+    async def serve(runner: Worker) -> bool:
+        workers.append(runner)
+        return True
+
+    monkeypatch.setattr("fastapi_eventbus.cli._serve", serve)
+    return workers
+
+
+def test_visibility_timeout_reaches_the_sqs_source(served: list[Worker]) -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--visibility-timeout", "60"]
+    assert invoke("worker", "tests.worker.targets:app", *options) == (0, "")
+    (runner,) = served
+    assert isinstance(runner.source, SQSSource)
+    assert (runner.source.visibility_timeout, runner.source.extend_interval) == (60, 30.0)
+
+
+def test_ack_deadline_reaches_the_pubsub_source(served: list[Worker]) -> None:
+    options = ["--pubsub", "projects/p/subscriptions/orders", "--ack-deadline", "120"]
+    assert invoke("worker", "tests.worker.targets:app", *options) == (0, "")
+    (runner,) = served
+    assert isinstance(runner.source, PubSubSource)
+    assert (runner.source.ack_deadline, runner.source.extend_interval) == (120, 60.0)
+
+
+def test_without_the_options_there_is_no_heartbeat(served: list[Worker]) -> None:
+    for source in (
+        ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"],
+        ["--pubsub", "projects/p/subscriptions/orders"],
+    ):
+        assert invoke("worker", "tests.worker.targets:app", *source) == (0, "")
+    assert [runner.source.extend_interval for runner in served] == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--visibility-timeout", "0"), ("--visibility-timeout", "43201"), ("--ack-deadline", "9")],
+)
+def test_heartbeat_options_out_of_range_are_usage_errors(option: str, value: str) -> None:
+    source = ["--pubsub", "projects/p/subscriptions/orders"] if option == "--ack-deadline" else []
+    source = source or ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"]
+    code, output = invoke("worker", "tests.worker.targets:app", *source, option, value)
+    assert code == 2
+    assert f"Invalid value for '{option}'" in output
 
 
 def test_the_worker_exits_1_when_its_queue_does_not_exist(

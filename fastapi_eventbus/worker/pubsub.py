@@ -32,7 +32,7 @@ from fastapi_eventbus.forwarders.pubsub import (
     _require_sdk,
 )
 
-from ._source import Coalescer, ReceivedMessage, Source
+from ._source import Backoff, Coalescer, ReceivedMessage, Source
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,6 +45,10 @@ _MAX_ACK_IDS = 500
 """Ack ids per ``acknowledge`` request (the request must stay under 512 KB)."""
 _MIN_ACK_DEADLINE = 10
 _MAX_ACK_DEADLINE = 600
+_NACK_BACKOFF = Backoff(initial=1.0, maximum=60.0)
+"""Default wait before a failed message comes back: 1 s, 2 s, 4 s... up to a minute."""
+_TRACKED_FAILURES = 10_000
+"""Message ids whose failed deliveries a source remembers (the oldest are forgotten)."""
 
 logger = logging.getLogger("fastapi_eventbus.worker")
 
@@ -68,6 +72,9 @@ class PubSubSource(Source):
             the worker extends it again every half of it while their handlers
             run (a heartbeat). Default: the subscription's ``ackDeadlineSeconds``,
             and no heartbeat.
+        nack_backoff: How long a message whose handlers failed stays away, by its
+            failed deliveries: 1 s, 2 s, 4 s... up to 60 s by default (Pub/Sub caps
+            it at 600 s). A subscription's own retry policy applies on top of it.
         name: A name for logs (default: the subscription's name).
     """
 
@@ -84,6 +91,7 @@ class PubSubSource(Source):
         max_messages: int = 10,
         pull_timeout: float = 30.0,
         ack_deadline: int | None = None,
+        nack_backoff: Backoff | None = None,
         name: str | None = None,
     ) -> None:
         _require_sdk()
@@ -107,6 +115,9 @@ class PubSubSource(Source):
             )
         self.subscription = subscription
         self.ack_deadline = ack_deadline
+        self.nack_backoff = nack_backoff or _NACK_BACKOFF
+        self._failures: dict[str, int] = {}
+        """Failed deliveries by message id, for the backoff when Pub/Sub does not count them."""
         self.extend_interval = None if ack_deadline is None else ack_deadline / 2
         self.api_root, self.emulated = _endpoint(api_root, emulator_host)
         self.max_messages = max_messages
@@ -176,11 +187,26 @@ class PubSubSource(Source):
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Acknowledge *message* (in one request with others acknowledged meanwhile)."""
+        self._failures.pop(message.message_id, None)
         await self._acks.submit(message)
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        """Set *message*'s ack deadline to *delay* seconds (default 0: redeliver now)."""
-        seconds = max(0, min(_MAX_ACK_DEADLINE, round(delay or 0)))
+        """Give *message* back: its ack deadline becomes *delay* seconds from now.
+
+        The default follows `nack_backoff` by the message's failed deliveries (Pub/Sub's
+        ``deliveryAttempt`` when the subscription has a dead-letter policy, else counted
+        here): 1 s, 2 s, 4 s... up to a minute, so that a failing message does not come
+        back in a tight loop when the subscription has no retry policy of its own.
+        """
+        if delay is None:
+            failures = self._failures
+            attempt = message.receive_count or failures.get(message.message_id, 0) + 1
+            failures.pop(message.message_id, None)
+            failures[message.message_id] = attempt
+            if len(failures) > _TRACKED_FAILURES:  # forget the oldest
+                del failures[next(iter(failures))]
+            delay = self.nack_backoff.delay(attempt)
+        seconds = max(0, min(_MAX_ACK_DEADLINE, round(delay)))
         with self._translated(f"nack message {message.message_id}"):
             await self.client.modify_ack_deadline(self.subscription, [message.receipt], seconds)
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, MissingExtraError, SourceError
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
-from fastapi_eventbus.worker import PubSubSource, Worker, WorkerStats
+from fastapi_eventbus.worker import Backoff, PubSubSource, ReceivedMessage, Worker, WorkerStats
 from tests._pubsub import PROJECT, Channel, Emulator
 from tests.worker._helpers import until, wait_for, worker_process
 from tests.worker.shop import execute, web_app
@@ -87,6 +88,63 @@ async def test_failures_are_nacked_and_redelivered_in_process(pubsub_emulator: E
     assert worker.stats == WorkerStats(received=6, handled=3, failed=3)
     assert attempts == dict.fromkeys(ids, 2)
     assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_failing_message_comes_back_with_backoff_not_in_a_tight_loop(
+    pubsub_emulator: Emulator,
+) -> None:
+    channel = pubsub_emulator.channel()  # no retry policy on the subscription
+    bus = EventBus()
+    deliveries: list[float] = []
+
+    @bus.on("order.*")
+    async def broken(event: Event) -> None:
+        deliveries.append(time.monotonic())
+        raise RuntimeError("always fails")
+
+    publisher = EventBus()
+    publisher.forward("order.*", PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host))
+    await publisher.publish("order.placed")
+    await publisher.close()
+    source = PubSubSource(
+        subscription_path(channel),
+        emulator_host=pubsub_emulator.host,
+        pull_timeout=1,
+        nack_backoff=Backoff(initial=1.0, maximum=60.0),
+    )
+    async with Worker(bus, source):
+        await until(lambda: len(deliveries) >= 1, timeout=10)
+        await asyncio.sleep(6)
+    # Backoff: at most after 1 s, 2 s (and 4 s) in those 6 s. Given back at once, the message
+    # would come back dozens of times. (The emulator's redelivery timing varies: it is only
+    # trusted to hold the message back, not to the second.)
+    assert 1 <= len(deliveries) <= 4, len(deliveries)
+
+
+class DeadlineRecorder:
+    """Stands in for the SDK client: records each ``modify_ack_deadline``."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[tuple[str, int]] = []
+
+    async def modify_ack_deadline(
+        self, subscription: str, ack_ids: list[str], seconds: int
+    ) -> None:
+        self.deadlines += [(ack_id, seconds) for ack_id in ack_ids]
+
+
+@pytest.mark.anyio
+async def test_nack_backoff_counts_failures_per_message() -> None:
+    source = PubSubSource("projects/shop/subscriptions/orders", emulator_host="127.0.0.1:1")
+    recorder = source._client = DeadlineRecorder()  # type: ignore[assignment]
+    first = ReceivedMessage(body={}, message_id="m1", receipt="a1")
+    other = ReceivedMessage(body={}, message_id="m2", receipt="a2")
+    counted = ReceivedMessage(body={}, message_id="m3", receipt="a3", receive_count=5)
+    for message in (first, first, other, first, counted):
+        await source.nack(message)
+    await source.nack(first, delay=0)  # an explicit delay wins (shutdown gives back at once)
+    assert recorder.deadlines == [("a1", 1), ("a1", 2), ("a2", 1), ("a1", 4), ("a3", 16), ("a1", 0)]
 
 
 @pytest.mark.anyio

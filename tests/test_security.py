@@ -48,7 +48,7 @@ from fastapi_eventbus.wire import (
 from fastapi_eventbus.worker import Backoff, PubSubSource, SQSSource, Worker
 from tests._otel import Spans
 from tests.conftest import serve
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
+from tests.forwarders._moto import REGION, Moto, running_moto
 from tests.worker._helpers import counts, create_queue, send_raw, until
 
 PACKAGE = Path(fastapi_eventbus.__file__).parent
@@ -219,15 +219,7 @@ def recorded(bus: EventBus) -> list[Event]:
 
 def sqs_source(moto: Moto, queue_url: str, **options: Any) -> SQSSource:
     options.setdefault("visibility_backoff", Backoff(initial=60))
-    return SQSSource(
-        queue_url,
-        endpoint_url=moto.endpoint,
-        region_name=REGION,
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-        wait_time_seconds=1,
-        **options,
-    )
+    return moto.source(queue_url, **options)
 
 
 @pytest.mark.anyio

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
+    from fastapi_eventbus.worker import SQSSource
+
 REGION = "us-east-1"
 KEY_ID = SECRET = "testing"
 """Moto accepts any credentials; these keep botocore from looking for real ones."""
@@ -72,6 +74,20 @@ class Moto:
     def forwarder(self, queue_url: str, **options: Any) -> SQSForwarder:
         """An `SQSForwarder` for *queue_url* on this server."""
         return SQSForwarder(
+            queue_url,
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=KEY_ID,
+            aws_secret_access_key=SECRET,
+            **options,
+        )
+
+    def source(self, queue_url: str, **options: Any) -> SQSSource:
+        """A worker's `SQSSource` for *queue_url* on this server, polling for 1 s at a time."""
+        from fastapi_eventbus.worker import SQSSource
+
+        options.setdefault("wait_time_seconds", 1)
+        return SQSSource(
             queue_url,
             endpoint_url=self.endpoint,
             region_name=REGION,

@@ -19,7 +19,7 @@ from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.wire import sqs_body
 from fastapi_eventbus.worker import PubSubSource, ReceivedMessage, Source, SQSSource, Worker
 from tests._pubsub import PROJECT, Channel, Emulator
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
+from tests.forwarders._moto import Moto
 from tests.worker._helpers import counts, create_queue, until
 
 pytestmark = pytest.mark.anyio
@@ -29,15 +29,7 @@ SLOW_HANDLER_SECONDS = 5.0
 
 
 def sqs_source(moto: Moto, queue_url: str, **options: Any) -> SQSSource:
-    return SQSSource(
-        queue_url,
-        endpoint_url=moto.endpoint,
-        region_name=REGION,
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-        wait_time_seconds=1,
-        **options,
-    )
+    return moto.source(queue_url, **options)
 
 
 def slow_bus(calls: list[str], seconds: float = SLOW_HANDLER_SECONDS) -> EventBus:

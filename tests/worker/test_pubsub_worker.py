@@ -52,7 +52,8 @@ def test_a_worker_process_handles_what_the_web_app_published(
                 for order in ({"item": "book"}, {"item": "kettle", "fail_times": 1})
             ]
         raw_id = publish_raw(channel, b"not json")
-        wait_for(lambda: len(execute(db, "SELECT * FROM handled")) == 2, what="2 handled")
+        # A nacked message may come back only at the emulator's 10 s ack deadline.
+        wait_for(lambda: len(execute(db, "SELECT * FROM handled")) == 2, 40, "2 handled")
         wait_for(lambda: raw_id in worker.output(), what="the undecodable message's log line")
         assert worker.terminate() == 0, worker.output()
     rows = execute(db, "SELECT event_id, pid FROM handled")
@@ -83,7 +84,7 @@ async def test_failures_are_nacked_and_redelivered_in_process(pubsub_emulator: E
         subscription_path(channel), emulator_host=pubsub_emulator.host, pull_timeout=1
     )
     async with Worker(bus, source, concurrency=2) as worker:
-        await until(lambda: worker.stats.handled == 3, timeout=15)
+        await until(lambda: worker.stats.handled == 3, timeout=40)  # see above: up to ~11 s
         await asyncio.sleep(1.2)  # a pull that times out is not an error
     assert worker.stats == WorkerStats(received=6, handled=3, failed=3)
     assert attempts == dict.fromkeys(ids, 2)

@@ -30,12 +30,11 @@ from fastapi_eventbus.worker import (
     PubSubSource,
     ReceivedMessage,
     Source,
-    SQSSource,
     Worker,
 )
 from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
 from tests._pubsub import PROJECT, Emulator
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
+from tests.forwarders._moto import Moto
 from tests.worker._helpers import create_queue, until
 
 pytestmark = pytest.mark.slow
@@ -67,15 +66,7 @@ def broker(request: pytest.FixtureRequest) -> Broker:
             name,
             "messaging.destination.name",
             lambda: moto.forwarder(queue_url),
-            lambda: SQSSource(
-                queue_url,
-                endpoint_url=moto.endpoint,
-                region_name=REGION,
-                aws_access_key_id=KEY_ID,
-                aws_secret_access_key=SECRET,
-                wait_time_seconds=1,
-                visibility_backoff=Backoff(initial=0),
-            ),
+            lambda: moto.source(queue_url, visibility_backoff=Backoff(initial=0)),
         )
     emulator: Emulator = request.getfixturevalue("pubsub_emulator")
     channel = emulator.channel()
@@ -146,7 +137,7 @@ def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Brok
 
     async def consume() -> None:
         async with Worker(worker_bus(spans), broker.source()) as worker:
-            await until(lambda: worker.stats.handled == 2, timeout=20)
+            await until(lambda: worker.stats.handled == 2, timeout=40)  # a nack: up to ~11 s
             await until(lambda: len(spans.named(f"ack {broker.source_name}")) == 2)
 
     asyncio.run(consume())

@@ -26,7 +26,7 @@ from fastapi_eventbus.worker import (
     WorkerStats,
 )
 from fastapi_eventbus.worker._source import Coalescer
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, start_moto, stop_moto
+from tests.forwarders._moto import Moto, start_moto, stop_moto
 from tests.worker._helpers import counts, create_queue, peek, send_raw, until
 from tests.worker.shop import execute, label, worker_app
 
@@ -36,15 +36,7 @@ pytestmark = pytest.mark.anyio
 def source(moto: Moto, queue_url: str, **options: Any) -> SQSSource:
     """An `SQSSource` on moto with short polls and, unless told, immediate retries."""
     options.setdefault("visibility_backoff", Backoff(initial=0))
-    return SQSSource(
-        queue_url,
-        endpoint_url=moto.endpoint,
-        region_name=REGION,
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-        wait_time_seconds=1,
-        **options,
-    )
+    return moto.source(queue_url, **options)
 
 
 async def publish(moto: Moto, queue_url: str, *payloads: dict[str, Any]) -> list[str]:

@@ -366,8 +366,7 @@ class EventBus:
             forwarder.check(event_obj)
         deliver = not (core.disabled or (core.observers and _muted(core)))
         if deliver:
-            if core.max_pending_events is not None or core.max_batch_events is not None:
-                core.admit(batch)
+            core.admit(batch)
             if core.tracing is not None:
                 core.tracing.emitted(event_obj)
             if forwarders and core.spool is not None:  # with its trace context
@@ -416,26 +415,6 @@ class EventBus:
     async def _flush(self) -> None:
         assert self._batch is not None
         await self._core.flush(self._batch)
-
-    async def _after_request(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        batch = self._batch
-        assert batch is not None
-        if batch.state != COLLECTING:
-            return False
-        if exc is None:  # the endpoint returned a Response with its own background=
-            await self._flush()
-        elif self._core.keep_events_on_error:
-            batch.state = CLOSED
-            if batch.events:
-                self._schedule(batch)
-        else:
-            await self._core.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
-        return False
 
     def _schedule(self, batch: Batch) -> None:
         """Start a tracked task that flushes *batch* (late emits, WebSockets)."""
@@ -499,7 +478,10 @@ class EventBus:
 
 
 class _RequestEnd:
-    """On FastAPI's request exit stack: `EventBus._after_request` when the request ends.
+    """On FastAPI's request exit stack: what happens to the request's events when it ends.
+
+    Flushed (a Response with its own ``background=`` skipped the bus's flush
+    task), discarded if the endpoint raised, or kept with ``keep_events_on_error``.
 
     An object with ``__aexit__`` (not a bare callable), which `AsyncExitStack`
     takes without a failed attribute lookup.
@@ -516,13 +498,20 @@ class _RequestEnd:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        batch = self.view._batch
+        view = self.view
+        batch = view._batch
         assert batch is not None
-        if batch.state == COLLECTING:  # usually the flush ran already, as a background task
-            if not batch.events:
-                batch.state = CLOSED
-            else:
-                await self.view._after_request(exc_type, exc, tb)
+        if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
+            return False
+        if not batch.events:
+            batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
+        elif exc is None:  # the endpoint returned a Response with its own background=
+            await view._flush()
+        elif view._core.keep_events_on_error:
+            batch.state = CLOSED
+            view._schedule(batch)
+        else:
+            await view._core.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
         return False
 
 

@@ -88,14 +88,22 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name must be non-empty and have no surrounding whitespace, got {name!r}"
         )
-    if not name.isascii():
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidEventError(
-                f"event name {name!r} contains text UTF-8 cannot encode ({exc.reason})"
-            ) from exc
+    if (error := _unencodable(name)) is not None:
+        raise InvalidEventError(
+            f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
+        ) from error
     return name
+
+
+def _unencodable(text: str) -> UnicodeEncodeError | None:
+    """Why UTF-8 cannot encode *text* (lone surrogates), or None: no broker could carry it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc
+    return None
 
 
 _LONG_INT_BITS = 13_000
@@ -104,15 +112,12 @@ default) Python refuses to write them as text, and so as JSON."""
 
 
 def _check_text(text: str, name: str) -> None:
-    """Refuse text that UTF-8 cannot encode (lone surrogates): no broker could carry it."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidEventError(
-                f"payload of event {name!r} contains text UTF-8 cannot encode "
-                f"({exc.reason} at position {exc.start})"
-            ) from exc
+    """Refuse payload text that UTF-8 cannot encode (see `_unencodable`)."""
+    if (error := _unencodable(text)) is not None:
+        raise InvalidEventError(
+            f"payload of event {name!r} contains text UTF-8 cannot encode "
+            f"({error.reason} at position {error.start})"
+        ) from error
 
 
 def _check_json(value: Any, name: str) -> None:

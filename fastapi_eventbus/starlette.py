@@ -1,0 +1,173 @@
+"""The bus in a plain Starlette app, without FastAPI's dependency injection.
+
+Starlette endpoints take the request and nothing else, so `get_bus` has nothing
+to resolve it. Decorate the endpoint with `with_bus` instead: it receives the
+request-scoped bus as its last argument, and the request's events are handled
+after the response is sent, with the same rules as in FastAPI (discarded if
+the endpoint raises, ``keep_events_on_error`` to keep them).
+
+```python
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from fastapi_eventbus import Event, EventBus
+from fastapi_eventbus.starlette import with_bus
+
+bus = EventBus()
+
+@bus.on("cat.*")
+async def welcome(event: Event) -> None:
+    print("welcome, cat", event.payload["id"])
+
+@with_bus
+async def create_cat(request: Request, bus: EventBus) -> JSONResponse:
+    bus.emit("cat.created", {"id": 1})
+    return JSONResponse({"ok": True})
+
+app = Starlette(routes=[Route("/cats", create_cat, methods=["POST"])])
+bus.install(app)
+```
+
+Handlers are unchanged: they still declare ``Depends()`` parameters, resolved by
+FastAPI's solver (FastAPI is installed with this library either way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar, TypeVarTuple, overload
+
+from starlette.background import BackgroundTasks
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from ._bus import STATE_ATTR, EventBus, _FlushTask, _RequestEnd
+from ._core import CLOSED, COLLECTING, SCOPE_KEY, Batch
+from .exceptions import BusNotInstalledError, ConfigurationError
+
+__all__ = ["request_bus", "with_bus"]
+
+Ts = TypeVarTuple("Ts")
+R = TypeVar("R")
+
+
+@overload
+def with_bus(
+    endpoint: Callable[[*Ts, EventBus], Awaitable[R]], /
+) -> Callable[[*Ts], Coroutine[Any, Any, R]]: ...
+
+
+@overload
+def with_bus(
+    endpoint: Callable[[*Ts, EventBus], R], /
+) -> Callable[[*Ts], Coroutine[Any, Any, R]]: ...
+
+
+def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """Give a Starlette endpoint the request's bus as its last argument.
+
+    Works on function endpoints (``async def endpoint(request, bus)``), on the
+    methods of an ``HTTPEndpoint`` (``async def post(self, request, bus)``), on
+    sync endpoints (run in the thread pool, like Starlette does) and on WebSocket
+    endpoints (``async def ws(websocket, bus)``, where each event is handled as
+    soon as it is emitted). The bus is the one installed on the app with
+    `EventBus.install`.
+
+    Events emitted in an HTTP endpoint are handled after its response is sent,
+    after the response's own ``background`` tasks. If the endpoint raises,
+    ``HTTPException`` included, they are discarded (logged and reported to
+    ``on_discard``) unless the bus has ``keep_events_on_error=True``.
+    """
+    if not callable(endpoint):
+        raise ConfigurationError(f"with_bus decorates an endpoint function, got {endpoint!r}")
+    is_async = inspect.iscoroutinefunction(endpoint)
+
+    async def call(*args: Any) -> Any:
+        if not args or not isinstance(args[-1], HTTPConnection):
+            raise ConfigurationError(
+                f"{_name(endpoint)} is decorated with with_bus but was not called with a "
+                "Starlette Request or WebSocket as its last argument"
+            )
+        connection: HTTPConnection = args[-1]
+        existing = connection.scope.get(SCOPE_KEY)
+        if isinstance(existing, EventBus):  # an outer with_bus owns the request's events
+            return await _call(endpoint, is_async, *args, existing)
+        view = _new_view(connection)
+        try:
+            result = await _call(endpoint, is_async, *args, view)
+            if connection.scope["type"] == "http" and not isinstance(result, Response):
+                raise ConfigurationError(
+                    f"{_name(endpoint)} returned {type(result).__name__}, not a Starlette Response"
+                )
+        except BaseException as exc:
+            await _RequestEnd(view).__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        if isinstance(result, Response):
+            _handle_after(result, view)
+        return result
+
+    for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
+        if hasattr(endpoint, attribute):
+            setattr(call, attribute, getattr(endpoint, attribute))
+    return call
+
+
+def request_bus(connection: HTTPConnection) -> EventBus:
+    """The request-scoped bus of *connection*, for code that has the request but not the bus.
+
+    The bus exists once the endpoint decorated with `with_bus` is running (or,
+    in FastAPI, once `get_bus` has been resolved for the request).
+    """
+    view = connection.scope.get(SCOPE_KEY)
+    if not isinstance(view, EventBus):
+        raise ConfigurationError(
+            "this request has no bus yet: decorate its Starlette endpoint with "
+            "`fastapi_eventbus.starlette.with_bus` (in FastAPI, use `Depends(get_bus)`)"
+        )
+    return view
+
+
+async def _call(endpoint: Callable[..., Any], is_async: bool, *args: Any) -> Any:
+    if is_async:
+        return await endpoint(*args)
+    return await run_in_threadpool(endpoint, *args)
+
+
+def _new_view(connection: HTTPConnection) -> EventBus:
+    bus = getattr(connection.app.state, STATE_ATTR, None)
+    if not isinstance(bus, EventBus):
+        raise BusNotInstalledError(
+            "no EventBus is installed on this app: create one and call `bus.install(app)` "
+            "before serving requests"
+        )
+    # A WebSocket session has no response to wait for: each event is handled as emitted.
+    state = CLOSED if connection.scope["type"] == "websocket" else COLLECTING
+    return bus._bind(connection, Batch(connection.scope, 0, state, asyncio.get_running_loop()))
+
+
+def _handle_after(response: Response, view: EventBus) -> None:
+    """The endpoint returned *response*: its events run as the response's last background task."""
+    batch = view._batch
+    assert batch is not None
+    if batch.state != COLLECTING:
+        return
+    if not batch.events:
+        batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
+        return
+    flush = _FlushTask(view._flush)
+    background = response.background
+    if background is None:
+        response.background = flush
+    elif isinstance(background, BackgroundTasks):
+        background.tasks.append(flush)
+    else:
+        response.background = BackgroundTasks([background, flush])
+
+
+def _name(endpoint: Callable[..., Any]) -> str:
+    return getattr(endpoint, "__qualname__", repr(endpoint))

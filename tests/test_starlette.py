@@ -8,18 +8,19 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, assert_type
 
 import pytest
 from fastapi import Depends
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.endpoints import HTTPEndpoint
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
@@ -417,3 +418,35 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.005)
+
+
+# -- typing (checked by mypy --strict: an assert_type that no longer holds, or a type: ignore
+# -- that is no longer needed, fails the type check) --------------------------------------------
+
+
+def test_with_bus_types_the_endpoint_starlette_calls() -> None:
+    @with_bus
+    async def endpoint(request: Request, bus: EventBus) -> JSONResponse:
+        return JSONResponse({})
+
+    @with_bus
+    def sync_endpoint(request: Request, bus: EventBus) -> PlainTextResponse:
+        return PlainTextResponse("")
+
+    class Cat(HTTPEndpoint):
+        @with_bus
+        async def get(self, request: Request, bus: EventBus) -> Response:
+            return PlainTextResponse("")
+
+    assert_type(endpoint, Callable[[Request], Coroutine[Any, Any, JSONResponse]])
+    assert_type(sync_endpoint, Callable[[Request], Coroutine[Any, Any, PlainTextResponse]])
+    assert_type(Cat.get, Callable[[Cat, Request], Coroutine[Any, Any, Response]])
+
+
+def test_with_bus_needs_the_bus_as_the_last_parameter() -> None:
+    async def no_bus(request: Request) -> Response:
+        return PlainTextResponse("")
+
+    wrapped = with_bus(no_bus)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="last argument"):
+        asyncio.run(wrapped())

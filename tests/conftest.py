@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -15,10 +17,30 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+import fastapi_eventbus
 from fastapi_eventbus import DiscardedEvents, EventBus, HandlerFailure
 
 if TYPE_CHECKING:
     from tests._pubsub import Emulator
+
+
+# CI's run against the built wheel: .ci/run installs the wheel and runs this suite from the
+# unpacked sdist, without its fastapi_eventbus/ directory, with
+# FASTAPI_EVENTBUS_EXPECT_INSTALLED=1. The package under test must then be the installed
+# wheel, never a source tree.
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("FASTAPI_EVENTBUS_EXPECT_INSTALLED") != "1":
+        return
+    package = Path(fastapi_eventbus.__file__).resolve()
+    site_packages = Path(sysconfig.get_paths()["purelib"]).resolve()
+    if not package.is_relative_to(site_packages):
+        pytest.exit(
+            f"FASTAPI_EVENTBUS_EXPECT_INSTALLED=1 but fastapi_eventbus was imported from "
+            f"{package}, not from {site_packages}",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from .forwarders._base import Forwarder
 from .spool import Spool
 
 F = TypeVar("F", bound=Callable[..., Any])
+FwdT = TypeVar("FwdT", bound=Forwarder)
 
 STATE_ATTR = "fastapi_eventbus"
 """Attribute of ``app.state`` that holds the installed bus."""
@@ -158,6 +159,10 @@ class EventBus:
         shutdown drains in-flight events (up to ``shutdown_timeout``) and closes
         the forwarders. Nothing has to start first: a bare ``TestClient(app)``
         without ``with`` works too (forwarders then start at their first send).
+
+        Raises:
+            ConfigurationError: *app* already has a bus, this bus is installed on
+                another app, or this is a request's bus (from `get_bus`).
         """
         if self._batch is not None:
             raise ConfigurationError(
@@ -181,7 +186,14 @@ class EventBus:
         event model may be given instead of a pattern to match its
         ``__event_name__`` exactly. The handler may declare ``Depends()``
         parameters exactly like an endpoint; they are resolved by FastAPI's
-        solver for every call, after the response has been sent.
+        solver for every call, after the response has been sent. With no pattern,
+        a handler whose event parameter is a typed event model handles that model.
+
+        Raises:
+            ConfigurationError: At decoration time: a pattern is empty, not a string
+                or a model without ``__event_name__``; the handler has no pattern; its
+                typed event never matches its patterns; or a parameter could only come
+                from an HTTP request.
         """
         names = [_pattern_of(p) for p in patterns]
 
@@ -210,13 +222,17 @@ class EventBus:
                 self._core.schemas.register(model_name, plan.event_model)
         self._core.handlers.add(patterns, handler)
 
-    def forward(self, patterns: str | Sequence[str], forwarder: Forwarder) -> Forwarder:
+    def forward(self, patterns: str | Sequence[str], forwarder: FwdT) -> FwdT:
         """Send events matching *patterns* to *forwarder*, on the same flush as handlers.
 
         ``bus.forward("order.*", SQSForwarder(queue_url=...))``. The forwarder
         gets each flush's matching events in one `Forwarder.send` call, after the
-        response, concurrently with the local handlers; `await bus.publish()`
+        response, concurrently with the local handlers; ``await bus.publish()``
         waits for it. Returns *forwarder*.
+
+        Raises:
+            ConfigurationError: *forwarder* is not a `Forwarder`, a pattern is empty,
+                or (with a spool) another forwarder has the same name.
         """
         if not isinstance(forwarder, Forwarder):
             raise ConfigurationError(f"forward() needs a Forwarder instance, got {forwarder!r}")
@@ -238,6 +254,11 @@ class EventBus:
         ``bus.register(CatCreated)`` registers a typed event model under its
         ``__event_name__``; ``bus.register("cat.created", CatPayload)`` registers
         any pydantic model for a name.
+
+        Raises:
+            ConfigurationError: The arguments are neither form, or the name already
+                has another schema.
+            InvalidEventError: The name is not a usable event name.
         """
         if isinstance(event, str):
             if schema is None:
@@ -266,9 +287,18 @@ class EventBus:
         """Collect an event; it is handled after the response is sent.
 
         ``emit(name, payload)`` or ``emit(model)`` for a model with
-        ``__event_name__``. Returns the `Event` at once. A bad name, a payload
-        that fails its schema or cannot be serialised to JSON raises
-        `InvalidEventError` here, in the caller.
+        ``__event_name__``. Returns the `Event` at once. Every check runs here, in
+        the caller; with a spool, an event for a forwarder is in it before this returns.
+
+        Raises:
+            OutsideRequestError: This is the application bus: emit on the bus
+                ``Depends(get_bus)`` gives, or use `publish`.
+            InvalidEventError: A bad name, a payload that fails its schema or cannot
+                be serialised to JSON, or a message a forwarder could never send.
+            EventChainError: Handlers emitting events went deeper than
+                ``max_chain_depth``.
+            CapacityError: ``max_batch_events`` or ``max_pending_events`` is reached.
+            SpoolError: The spool could not be written.
         """
         batch = self._batch
         if batch is None:
@@ -303,7 +333,14 @@ class EventBus:
         """Handle an event now and wait for its handlers (and their chained events).
 
         Same arguments as `emit`. Works with no request at all: in scripts, at
-        startup, in tests and in workers.
+        startup, in tests and in workers. A handler that fails is logged and given
+        to ``on_error``, not raised; the forwarders' sends are awaited too.
+
+        Raises:
+            InvalidEventError: As for `emit`.
+            EventChainError: As for `emit`.
+            CapacityError: ``max_pending_events`` is reached.
+            SpoolError: The spool could not be written.
         """
         depth = self._batch.depth if self._batch is not None else 0
         event_obj, deliver = self._accept(event, payload, depth, None)
@@ -326,6 +363,9 @@ class EventBus:
         dependency injection as in-process; events they chain are handled and
         forwarded as usual. Returns the failures (each already logged and given
         to ``on_error``): an empty list means every matching handler succeeded.
+
+        Raises:
+            InvalidEventError: *event* is not an `Event`.
         """
         if not isinstance(event, Event):
             raise InvalidEventError(f"handle() takes an Event, got {type(event).__name__}")
@@ -385,6 +425,9 @@ class EventBus:
         `get_bus` calls this on the installed bus. Use it directly to override
         `get_bus` in tests (``app.dependency_overrides[get_bus] = other.dependency``)
         or to use a bus that is not installed on the app.
+
+        Raises:
+            ConfigurationError: It was not resolved by FastAPI's dependency injection.
         """
         existing = connection.scope.get(SCOPE_KEY)
         if isinstance(existing, EventBus):
@@ -451,8 +494,8 @@ class EventBus:
         """Send again the spooled events that are due; returns how many were tried.
 
         The installed lifespan does this at startup and then every
-        ``resend_interval`` seconds; call it yourself where no lifespan runs (a
-        script that only publishes). Without a spool, returns 0.
+        ``resend_interval`` seconds (a `Spool` setting); call it yourself where no
+        lifespan runs (a script that only publishes). Without a spool, returns 0.
         """
         total = 0
         while (count := await self._core.resend()) > 0:
@@ -542,7 +585,7 @@ def _pattern_of(pattern: object) -> str:
         return glob.escape(check_name(name))
     if not isinstance(pattern, str) or not pattern:
         raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
-    return pattern
+    return pattern if type(pattern) is str else str.__str__(pattern)  # a StrEnum: its value
 
 
 def _draining_lifespan(
@@ -591,6 +634,10 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
     ``bus: EventBus = Depends(get_bus)`` in an endpoint, a dependency or a
     handler. Events emitted through it are handled after the response is sent
     (or, in a handler, after that handler returns).
+
+    Raises:
+        BusNotInstalledError: No bus is installed on the app (`EventBus.install`).
+        ConfigurationError: It was not resolved by FastAPI's dependency injection.
     """
     existing = connection.scope.get(SCOPE_KEY)
     if isinstance(existing, EventBus):

@@ -81,7 +81,11 @@ def is_event_model(obj: object) -> bool:
 
 
 def check_name(name: object) -> str:
-    """Return *name* if it is a usable event name, else raise `InvalidEventError`."""
+    """Return *name*, as a plain str, if it is a usable event name; else raise `InvalidEventError`.
+
+    A str subclass (a ``StrEnum`` member) becomes its plain value, so that events,
+    log lines and messages carry ``"user.signed_up"``, not the enum member.
+    """
     if not isinstance(name, str):
         raise InvalidEventError(f"event name must be a str, got {type(name).__name__}: {name!r}")
     if not name or name.strip() != name:
@@ -92,7 +96,7 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
-    return name
+    return name if type(name) is str else str.__str__(name)
 
 
 def _unencodable(text: str) -> UnicodeEncodeError | None:
@@ -199,7 +203,7 @@ class SchemaRegistry:
 
     def register(self, name: str, schema: type[BaseModel]) -> None:
         """Use *schema* to validate every payload emitted as *name*."""
-        check_name(name)
+        name = check_name(name)
         if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
             raise ConfigurationError(
                 f"schema for {name!r} must be a pydantic model class, got {schema!r}"
@@ -255,7 +259,8 @@ def resolve_emit_args(
                 f"{type(first).__qualname__} has no __event_name__; add "
                 f'`__event_name__: ClassVar[str] = "..."` to the class, or {_EMIT_USAGE}'
             )
-        return name, registry.validate(check_name(name), first)
+        name = check_name(name)
+        return name, registry.validate(name, first)
     if isinstance(first, type) and issubclass(first, BaseModel):
         raise InvalidEventError(
             f"emit() got the class {first.__qualname__}, not an instance of it; {_EMIT_USAGE}"

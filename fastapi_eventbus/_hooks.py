@@ -29,10 +29,11 @@ class HandlerFailure:
 
 @dataclass(frozen=True, slots=True)
 class DiscardedEvents:
-    """Events that were accepted by ``emit`` but will not be handled.
+    """Events that were accepted by `EventBus.emit` but will not be handled.
 
     Passed to the ``on_discard`` hook. *reason* says why: the endpoint raised,
-    the handler that emitted them failed, or shutdown timed out.
+    the handler that emitted them failed, shutdown timed out, or their flush was
+    cancelled.
     """
 
     events: tuple[Event, ...]

@@ -47,7 +47,16 @@ from .forwarders._base import Forwarder
 from .spool import Spool, SpooledEvent
 from .worker import Backoff, PubSubSource, Source, SQSSource, Worker
 
-__all__ = ["main"]
+__all__ = [
+    "count",
+    "handlers",
+    "list_events",
+    "main",
+    "purge",
+    "replay",
+    "spool_group",
+    "worker",
+]
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

@@ -1,23 +1,23 @@
 """Exceptions raised by fastapi_eventbus.
 
 Every error the library raises on purpose derives from `EventBusError`, so one
-``except EventBusError`` catches them all::
+``except EventBusError`` catches them all:
 
     EventBusError
-    ├── ConfigurationError        a handler, pattern, schema or install call is wrong
-    │   └── BusNotInstalledError  get_bus used in an app where no bus was installed
-    ├── InvalidEventError         emit/publish got a bad name or payload (also a ValueError)
-    ├── OutsideRequestError       emit on the application bus, which has no request batch
-    ├── EventChainError           chained events went deeper than ``max_chain_depth``
-    ├── CapacityError             emit/publish refused: too many events pending (bounded memory)
+    ├── ConfigurationError        a handler, pattern, schema or setting is wrong
+    │   └── BusNotInstalledError  get_bus used in an app with no bus installed
+    ├── InvalidEventError         a bad event name or payload (also a ValueError)
+    ├── OutsideRequestError       emit on the application bus (it has no request)
+    ├── EventChainError           events chained deeper than max_chain_depth
+    ├── CapacityError             too many events pending (bounded memory)
     ├── SpoolError                the spool file cannot be read or written
-    ├── MessageDecodeError        a received queue message is not a valid event (a ValueError)
-    ├── ForwarderError            a forwarder failed; ``transient`` says whether a retry may help
-    │   └── MissingExtraError     an optional SDK is not installed (names the extra to install)
-    └── SourceError               a worker's queue or subscription failed; ``transient`` as above
+    ├── MessageDecodeError        a received message is not an event (a ValueError)
+    ├── ForwarderError            a forwarder failed (transient: a retry may help)
+    │   └── MissingExtraError     an optional SDK is not installed (names the extra)
+    └── SourceError               a worker's queue or subscription failed (transient)
 
 Errors are raised where the mistake was made: at decoration time for handlers, in
-the constructor for settings, in the caller of ``emit`` for events. Nothing is
+the constructor for settings, in the caller of `EventBus.emit` for events. Nothing is
 deferred to the background.
 """
 
@@ -52,23 +52,30 @@ class BusNotInstalledError(ConfigurationError):
 
 
 class InvalidEventError(EventBusError, ValueError):
-    """An event name or payload was rejected at the `emit`/`publish` call site."""
+    """An event name or payload was rejected where `EventBus.emit` or `EventBus.publish` ran.
+
+    Also a `ValueError`.
+    """
 
 
 class OutsideRequestError(EventBusError):
-    """`emit` was called on the application bus, which has no request to attach events to."""
+    """`EventBus.emit` was called on the application bus, which has no request for the events.
+
+    In an endpoint, a dependency or a handler, emit on the bus ``Depends(get_bus)`` gives;
+    elsewhere, ``await bus.publish(...)``.
+    """
 
 
 class EventChainError(EventBusError):
-    """A handler emitted an event deeper in a chain than `max_chain_depth` allows."""
+    """A handler emitted an event deeper in a chain than the bus's ``max_chain_depth`` allows."""
 
 
 class CapacityError(EventBusError):
-    """`emit`/`publish` refused an event: a batch or the bus holds as many as allowed.
+    """`EventBus.emit` or `EventBus.publish` refused an event: there are as many as allowed.
 
-    Raised in the caller, with a WARNING log line, instead of letting memory grow
-    without bound (``max_batch_events``, ``max_pending_events`` of `EventBus`).
-    An endpoint may turn it into a 503.
+    Raised in the caller, with a WARNING log line (at most one a second), instead of
+    letting memory grow without bound (``max_batch_events``, ``max_pending_events`` of
+    `EventBus`). An endpoint may turn it into a 503.
     """
 
 
@@ -77,7 +84,11 @@ class SpoolError(EventBusError):
 
 
 class MessageDecodeError(EventBusError, ValueError):
-    """A message received from a queue is not a CloudEvent this library can decode."""
+    """A message received from a queue is not a CloudEvent this library can decode.
+
+    Also a `ValueError`. Raised by `fastapi_eventbus.wire.decode_message` and
+    `fastapi_eventbus.wire.from_cloudevent`.
+    """
 
 
 class ForwarderError(EventBusError):
@@ -90,10 +101,14 @@ class ForwarderError(EventBusError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        """Whether a retry may help (throttling, a 5xx, an unreachable broker)."""
 
 
 class MissingExtraError(ForwarderError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
+    """An optional dependency is missing; the message names the extra to install.
+
+    Also an `ImportError`. Never transient.
+    """
 
     def __init__(self, extra: str, package: str) -> None:
         super().__init__(
@@ -101,6 +116,7 @@ class MissingExtraError(ForwarderError, ImportError):
             transient=False,
         )
         self.extra = extra
+        """The extra to install: ``aws``, ``gcp`` or ``otel``."""
 
 
 class SourceError(EventBusError):
@@ -115,3 +131,4 @@ class SourceError(EventBusError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        """Whether a retry may help: the worker then backs off and receives again."""

@@ -1,7 +1,9 @@
 """A durable spool for forwarded events: one SQLite file, from the standard library.
 
 ```python
-bus = EventBus(spool="/var/lib/myapp/events.sqlite3")
+from fastapi_eventbus import EventBus
+
+bus = EventBus(spool="events.sqlite3")  # a path on a persistent volume
 ```
 
 With a spool, every event that matches a forwarder is written to the spool
@@ -137,12 +139,19 @@ class Spool:
         if not isinstance(path, str | os.PathLike) or not str(path):
             raise ConfigurationError(f"Spool path must be a file path, got {path!r}")
         self.path = Path(path)
+        """The SQLite file."""
         self.lease = float(lease)
+        """Seconds a process may keep rows it is sending before another takes them over."""
         self.resend_interval = float(resend_interval)
+        """Seconds between looks for events to send again."""
         self.retry_delay = float(retry_delay)
+        """The wait after a first failed round, doubled per failed round."""
         self.max_retry_delay = float(max_retry_delay)
+        """The longest wait between rounds."""
         self.max_attempts = max_attempts
+        """Failed rounds before an event is dead-lettered."""
         self.busy_timeout = float(busy_timeout)
+        """Seconds to wait for another process's write lock."""
         self.owner = _owner(os.getpid())
         """This process's mark on the rows it is sending."""
         self._lock = threading.Lock()

@@ -12,7 +12,7 @@ def test_create_cat(client):
 
 ``capture(bus, handle=False)`` records what is emitted but runs no handler,
 for testing an endpoint on its own. To swap the bus an endpoint receives,
-override `get_bus` with another bus's `EventBus.dependency`::
+override `get_bus` with another bus's `EventBus.dependency`:
 
     app.dependency_overrides[get_bus] = EventBus(disabled=True).dependency
 """
@@ -35,8 +35,11 @@ class HandledEvent:
     """One handler call: the event, the handler's qualified name, and what it raised."""
 
     event: Event
+    """The event the handler was called with."""
     handler: str
+    """The handler's qualified name (``module.function``)."""
     error: BaseException | None
+    """What the handler raised, or None if it returned."""
 
 
 @dataclass(slots=True)
@@ -93,13 +96,16 @@ class RecordingForwarder(Forwarder):
     """A forwarder that keeps what it is sent, for tests: ``bus.forward("*", recorder)``."""
 
     loop_bound = False  # nothing tied to an event loop: fine with a bare TestClient
+    """Nothing here is tied to an event loop: it works with a bare ``TestClient(app)``."""
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name=name)
         self.batches: list[list[Event]] = []
         """Every `send` call's events, one list per call."""
         self.started = 0
+        """How many times `start` ran."""
         self.closed = 0
+        """How many times `close` ran."""
 
     @property
     def events(self) -> list[Event]:

@@ -26,7 +26,9 @@ from ._events import Event
 from .exceptions import MessageDecodeError
 
 __all__ = [
+    "CONTENT_TYPE",
     "DEFAULT_SOURCE",
+    "SPECVERSION",
     "TRACE_ATTRIBUTES",
     "decode_message",
     "from_cloudevent",
@@ -40,7 +42,9 @@ __all__ = [
 ]
 
 SPECVERSION = "1.0"
+"""The CloudEvents version written and the only one read."""
 CONTENT_TYPE = "application/json"
+"""The ``datacontenttype`` written (the payload is JSON), and the only one read."""
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 """Message attributes that carry W3C trace context."""
 
@@ -99,7 +103,11 @@ def trace_attributes(event: Event) -> dict[str, str]:
 def from_cloudevent(
     cloudevent: Mapping[str, Any], trace_context: Mapping[str, str] | None = None
 ) -> Event:
-    """Build an `Event` from a structured CloudEvent; `MessageDecodeError` if it is not one."""
+    """Build an `Event` from a structured CloudEvent; `MessageDecodeError` if it is not one.
+
+    *trace_context* (``traceparent``/``tracestate`` from the message's attributes)
+    becomes the event's ``trace_context``.
+    """
     if not isinstance(cloudevent, Mapping):
         raise MessageDecodeError(
             f"a CloudEvent must be a JSON object, got {type(cloudevent).__name__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -228,3 +229,29 @@ async def test_emitted_events_are_complete_envelopes(bus: EventBus) -> None:
         assert uuid.UUID(event.id).version == 4
         assert Event.model_validate_json(event.model_dump_json()) == event
         assert event.model_fields_set == set(Event.model_fields)
+
+
+class UserEvents(enum.StrEnum):
+    SIGNED_UP = "user.signed_up"
+
+
+@pytest.mark.anyio
+async def test_a_str_enum_name_becomes_its_plain_value(bus: EventBus) -> None:
+    # Log lines, spans and messages carry "user.signed_up", not <UserEvents.SIGNED_UP: ...>.
+    handled: list[Event] = []
+
+    @bus.on(UserEvents.SIGNED_UP)
+    def record(event: Event) -> None:
+        handled.append(event)
+
+    bus.register(UserEvents.SIGNED_UP, Signup)
+    event = await bus.publish(UserEvents.SIGNED_UP, {"email": "ada@example.com"})
+    assert type(event.name) is str
+    assert event.name == "user.signed_up"
+    assert [type(e.name) for e in handled] == [str]
+    with pytest.raises(InvalidEventError, match="does not match its schema"):
+        await bus.publish(UserEvents.SIGNED_UP, {"email": 1})
+
+
+class Signup(BaseModel):
+    email: str

@@ -3,7 +3,7 @@
 ```python
 from fastapi_eventbus.forwarders.sqs import SQSForwarder
 
-bus.forward("order.*", SQSForwarder(queue_url=...))
+bus.forward("order.*", SQSForwarder(queue_url))
 ```
 
 `Forwarder` is the base class for your own. `SQSForwarder` (extra ``aws``) and

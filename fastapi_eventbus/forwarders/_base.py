@@ -27,9 +27,13 @@ class Retry:
     """
 
     attempts: int = 5
+    """The most tries of one batch, the first included."""
     initial_delay: float = 0.1
+    """The wait after the first failed try, in seconds, before jitter."""
     max_delay: float = 5.0
+    """The longest wait between two tries, in seconds, before jitter."""
     total_timeout: float = 30.0
+    """Seconds from the first try after which no further try starts."""
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -60,9 +64,13 @@ class DeadLetter:
     """Events a forwarder could not deliver. Passed to its ``dead_letter`` callback."""
 
     forwarder: str
+    """The name of the forwarder that gave up on them."""
     events: tuple[Event, ...]
+    """The events, in emission order."""
     reason: str
+    """Why: what the broker said, or the last failure when the retries ran out."""
     exception: BaseException | None = None
+    """The exception behind *reason*, when there is one."""
 
     @property
     def ids(self) -> list[str]:
@@ -154,9 +162,13 @@ class Forwarder:
         if max_message_bytes is not None and max_message_bytes < 1:
             raise ConfigurationError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
         self.retry = retry or Retry()
+        """The retry policy for transient failures."""
         self.dead_letter = dead_letter
+        """Called with a `DeadLetter` for events that could not be delivered, if set."""
         self.max_message_bytes = max_message_bytes
+        """The largest message accepted at emit time, in bytes (None: no limit)."""
         self.name = name or type(self).__name__
+        """The forwarder's name, for logs (and, with a spool, the key of its events)."""
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop `start` last succeeded on."""
@@ -209,7 +221,11 @@ class Forwarder:
         return len(sqs_body(event).encode())
 
     def is_transient(self, exc: BaseException) -> bool:
-        """Whether a retry may fix *exc* (connection errors, timeouts, transient errors)."""
+        """Whether a retry may fix *exc*, which `send` raised.
+
+        A `ForwarderError` says so itself (``transient``); any `OSError`, connection
+        errors and timeouts included, is transient; anything else is not.
+        """
         return _is_transient(exc)
 
     # -- what the bus calls -------------------------------------------------------
@@ -387,9 +403,17 @@ class Forwarder:
 
 
 class EchoForwarder(Forwarder):
-    """Prints every forwarded event as its SQS CloudEvent JSON, one per line. For debugging."""
+    """Prints every forwarded event as its SQS CloudEvent JSON, one per line. For debugging.
+
+    Args:
+        stream: Where to write (default: standard output, looked up at each send).
+        retry: The retry policy for transient failures.
+        dead_letter: Called with a `DeadLetter` for events that could not be delivered.
+        name: A name for logs (default: the class name).
+    """
 
     loop_bound = False
+    """Nothing here is tied to an event loop."""
 
     def __init__(
         self,
@@ -401,6 +425,7 @@ class EchoForwarder(Forwarder):
     ) -> None:
         super().__init__(retry=retry, dead_letter=dead_letter, name=name)
         self.stream = stream
+        """Where events are written (None: standard output)."""
 
     async def send(self, events: Sequence[Event]) -> None:
         """Write each event to the stream (standard output by default)."""

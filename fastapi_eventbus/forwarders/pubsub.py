@@ -39,9 +39,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_API_ROOT",
+    "MAX_ATTRIBUTE_VALUE_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_ORDERING_KEY_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_REQUEST_MESSAGES",
+    "OrderingKey",
     "PubSubForwarder",
 ]
 
@@ -54,7 +57,9 @@ MAX_REQUEST_MESSAGES = 1_000
 MAX_REQUEST_BYTES = 10_000_000
 """Pub/Sub's limit on one publish request, counted here as its JSON body (data in base64)."""
 MAX_ORDERING_KEY_BYTES = 1_024
+"""Pub/Sub's limit on an ordering key."""
 MAX_ATTRIBUTE_VALUE_BYTES = 1_024
+"""Pub/Sub's limit on one attribute value (a ``ce-*`` attribute, ``traceparent``...)."""
 
 _TOPIC = re.compile(r"projects/[^/\s]+/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
 _REQUEST_OVERHEAD = len('{"messages": []}')
@@ -62,6 +67,7 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429, 499})
 _MAX_ERROR_TEXT = 500
 
 OrderingKey = Callable[[Event], str]
+"""What ``ordering_key`` is: a function giving an event its ordering key (``""``: none)."""
 
 
 class PubSubForwarder(Forwarder):
@@ -94,9 +100,15 @@ class PubSubForwarder(Forwarder):
         retry: The retry policy for transient failures.
         dead_letter: Called with a `DeadLetter` for events that could not be delivered.
         name: A name for logs (default: the class name).
+
+    Raises:
+        MissingExtraError: gcloud-aio-pubsub (the ``gcp`` extra) is not installed.
+        ConfigurationError: An argument is invalid, e.g. a topic that is not a full
+            path, or both *api_root* and *emulator_host*.
     """
 
     messaging_system: ClassVar[str] = "gcp_pubsub"
+    """The OpenTelemetry ``messaging.system`` of send spans."""
 
     def __init__(
         self,
@@ -116,6 +128,7 @@ class PubSubForwarder(Forwarder):
         super().__init__(
             retry=retry, dead_letter=dead_letter, max_message_bytes=max_message_bytes, name=name
         )
+        _require_sdk()  # first, like the other SDK classes: a missing extra is the real problem
         if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
             raise ConfigurationError(
                 f"topic must be a full topic path 'projects/PROJECT/topics/TOPIC', got {topic!r}"
@@ -125,15 +138,17 @@ class PubSubForwarder(Forwarder):
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.topic = topic
+        """The full topic path."""
         self.api_root, self.emulated = _endpoint(api_root, emulator_host)
         self.ordering_key = ordering_key
+        """Returns the ordering key for an event, if set."""
         self.timeout = timeout
+        """Seconds allowed for one publish request."""
         self._service_file = service_file
         self._given_session = session
         self._session: aiohttp.ClientSession | None = None
         self._client: PublisherClient | None = None
         self._in_order: asyncio.Lock | None = None
-        _require_sdk()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} topic={self.topic!r}>"

@@ -246,9 +246,15 @@ class SQSForwarder(Forwarder):
         retry: The retry policy for transient failures.
         dead_letter: Called with a `DeadLetter` for events that could not be delivered.
         name: A name for logs (default: ``SQSForwarder``).
+
+    Raises:
+        MissingExtraError: aiobotocore (the ``aws`` extra) is not installed.
+        ConfigurationError: An argument is invalid, e.g. a FIFO queue without
+            *message_group_id*, or only one of the two credentials.
     """
 
     messaging_system: ClassVar[str] = "aws_sqs"
+    """The OpenTelemetry ``messaging.system`` of send spans."""
 
     def __init__(
         self,
@@ -277,7 +283,9 @@ class SQSForwarder(Forwarder):
         if message_group_id is not None and not callable(message_group_id):
             raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
         self.queue_url = queue_url
+        """The queue's URL."""
         self.fifo = queue_url.endswith(".fifo")
+        """Whether the queue is a FIFO queue (its URL ends with ``.fifo``)."""
         if self.fifo and message_group_id is None:
             raise ConfigurationError(
                 f"{queue_url} is a FIFO queue: pass message_group_id=, a function giving "
@@ -288,6 +296,7 @@ class SQSForwarder(Forwarder):
                 "pass both aws_access_key_id and aws_secret_access_key, or neither"
             )
         self.message_group_id = message_group_id
+        """Gives each event its ``MessageGroupId``, if set."""
         self._settings = _ClientSettings(
             region_name or _region_of(queue_url),
             endpoint_url,

@@ -5,10 +5,11 @@ from fastapi_eventbus.worker import SQSSource, Worker
 
 from myapp.main import app
 
-async def main() -> None:
-    async with Worker(app, SQSSource(queue_url), concurrency=10):
-        ...  # runs in the background; stops gracefully at the end of the block
+worker = Worker(app, SQSSource(queue_url), concurrency=10)
 ```
+
+``async with worker:`` runs it in the background and stops it gracefully at the
+end of the block; ``await worker.run()`` runs it until `Worker.stop` is called.
 
 Or from the command line: ``fastapi-eventbus worker myapp.main:app --sqs QUEUE_URL``.
 `SQSSource` (extra ``aws``) and `PubSubSource` (extra ``gcp``) import their SDK

@@ -39,8 +39,11 @@ class Backoff:
     """
 
     initial: float = 5.0
+    """The first wait, in seconds."""
     maximum: float = 900.0
+    """The longest wait, in seconds."""
     multiplier: float = 2.0
+    """What each wait is multiplied by to give the next one (at least 1)."""
 
     def __post_init__(self) -> None:
         if min(self.initial, self.maximum) < 0 or self.multiplier < 1:

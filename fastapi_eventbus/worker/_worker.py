@@ -118,11 +118,17 @@ class Worker:
                 f"max_message_bytes must be an int >= 1, got {max_message_bytes!r}"
             )
         self.source = source
+        """Where messages come from."""
         self.concurrency = concurrency
+        """The most messages handled at once."""
         self.shutdown_timeout = float(shutdown_timeout)
+        """Seconds `stop` waits for messages in flight."""
         self.on_undecodable: OnUndecodable = on_undecodable
+        """What happens to a message that is not an event: ``"retry"`` or ``"delete"``."""
         self.max_message_bytes = max_message_bytes
+        """The largest message decoded."""
         self.stats = WorkerStats()
+        """What the worker has done so far."""
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()

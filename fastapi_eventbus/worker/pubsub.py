@@ -76,10 +76,16 @@ class PubSubSource(Source):
             failed deliveries: 1 s, 2 s, 4 s... up to 60 s by default (Pub/Sub caps
             it at 600 s). A subscription's own retry policy applies on top of it.
         name: A name for logs (default: the subscription's name).
+
+    Raises:
+        MissingExtraError: gcloud-aio-pubsub (the ``gcp`` extra) is not installed.
+        ConfigurationError: An argument is invalid or out of range.
     """
 
     messaging_system = "gcp_pubsub"
+    """The OpenTelemetry ``messaging.system`` of the worker's spans."""
     destination_attribute = "messaging.destination.subscription.name"
+    """The span attribute holding `name`: a subscription's."""
 
     def __init__(
         self,
@@ -114,15 +120,22 @@ class PubSubSource(Source):
                 f"got {ack_deadline!r}"
             )
         self.subscription = subscription
+        """The full subscription path."""
         self.ack_deadline = ack_deadline
+        """Seconds a pulled message may stay unacknowledged (None: the subscription's)."""
         self.nack_backoff = nack_backoff or _NACK_BACKOFF
+        """How long a message whose handlers failed stays away, by its failed deliveries."""
         self._failures: dict[str, int] = {}
         """Failed deliveries by message id, for the backoff when Pub/Sub does not count them."""
         self.extend_interval = None if ack_deadline is None else ack_deadline / 2
+        """Half of ``ack_deadline``: how often the worker extends it (None: never)."""
         self.api_root, self.emulated = _endpoint(api_root, emulator_host)
         self.max_messages = max_messages
+        """The most messages one pull returns."""
         self.pull_timeout = pull_timeout
+        """Seconds one pull may wait for messages."""
         self.name = name or subscription.rsplit("/", 1)[-1]
+        """A name for logs: the subscription's name unless given."""
         self._service_file = service_file
         self._session: aiohttp.ClientSession | None = None
         self._client: SubscriberClient | None = None

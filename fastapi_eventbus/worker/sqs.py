@@ -69,9 +69,15 @@ class SQSSource(Source):
             a slow handler does not get its message delivered twice. Default:
             the queue's ``VisibilityTimeout``, and no heartbeat.
         name: A name for logs (default: the queue's name).
+
+    Raises:
+        MissingExtraError: aiobotocore (the ``aws`` extra) is not installed.
+        ConfigurationError: An argument is out of range or only one of the two
+            credentials is given.
     """
 
     messaging_system = "aws_sqs"
+    """The OpenTelemetry ``messaging.system`` of the worker's spans."""
 
     def __init__(
         self,
@@ -101,12 +107,19 @@ class SQSSource(Source):
                 "pass both aws_access_key_id and aws_secret_access_key, or neither"
             )
         self.queue_url = queue_url
+        """The queue's URL."""
         self.wait_time_seconds = wait_time_seconds
+        """How long one ``ReceiveMessage`` waits for messages."""
         self.max_messages = max_messages
+        """The most messages one ``ReceiveMessage`` returns."""
         self.visibility_backoff = visibility_backoff or Backoff()
+        """The visibility timeout of a message whose handlers failed, by its receive count."""
         self.visibility_timeout = visibility_timeout
+        """Seconds a received message stays invisible (None: the queue's setting)."""
         self.extend_interval = None if visibility_timeout is None else visibility_timeout / 2
+        """Half of ``visibility_timeout``: how often the worker extends it (None: never)."""
         self.name = name or queue_url.rstrip("/").rsplit("/", 1)[-1]
+        """A name for logs: the queue's name unless given."""
         self._settings = _ClientSettings(
             region_name or _region_of(queue_url),
             endpoint_url,

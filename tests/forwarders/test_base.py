@@ -267,7 +267,7 @@ async def test_echo_forwarder_prints_cloudevents() -> None:
 def test_bad_forwarder_configuration() -> None:
     bus = EventBus()
     with pytest.raises(ConfigurationError, match="needs a Forwarder"):
-        bus.forward("*", object())  # type: ignore[arg-type]
+        bus.forward("*", object())  # type: ignore[type-var]
     with pytest.raises(ConfigurationError, match="non-empty str"):
         bus.forward("", RecordingForwarder())
     with pytest.raises(ConfigurationError, match="attempts"):

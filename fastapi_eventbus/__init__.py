@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._bus import EventBus, get_bus
 from ._events import Event
-from ._hooks import DiscardedEvents, HandlerFailure
+from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError
 from .exceptions import (
     BusNotInstalledError,
     CapacityError,
@@ -59,6 +59,8 @@ __all__ = [
     "InvalidEventError",
     "MessageDecodeError",
     "MissingExtraError",
+    "OnDiscard",
+    "OnError",
     "OutsideRequestError",
     "SourceError",
     "SpoolError",

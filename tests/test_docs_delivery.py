@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,19 +15,13 @@ from fastapi.testclient import TestClient
 from fastapi_eventbus import Event
 from fastapi_eventbus.forwarders import Delivery, Forwarder
 from fastapi_eventbus.spool import Spool, SpoolCounts
+from tests._support import ROOT, load_module
 from tests.conftest import serve
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def load() -> ModuleType:
-    path = ROOT / "docs/examples/delivery.py"
-    spec = importlib.util.spec_from_file_location("docs_delivery", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return load_module(ROOT / "docs/examples/delivery.py", monkeypatch, "docs_delivery")
 
 
 class Orders(Forwarder):
@@ -51,9 +44,11 @@ class Orders(Forwarder):
         return None
 
 
-def test_an_emitted_event_is_delivered_and_leaves_the_spool(tmp_path: Path) -> None:
+def test_an_emitted_event_is_delivered_and_leaves_the_spool(
+    example: ModuleType, tmp_path: Path
+) -> None:
     orders = Orders()
-    app = load().create_app(tmp_path / "spool.sqlite3", orders)
+    app = example.create_app(tmp_path / "spool.sqlite3", orders)
     with TestClient(app) as client:
         event_id = client.post("/orders").json()["event"]
     assert orders.received == [event_id]
@@ -61,9 +56,9 @@ def test_an_emitted_event_is_delivered_and_leaves_the_spool(tmp_path: Path) -> N
 
 
 def test_dead_letters_are_listed_and_replayed(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    example: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    example, orders, path = load(), Orders(), tmp_path / "spool.sqlite3"
+    orders, path = Orders(), tmp_path / "spool.sqlite3"
     orders.refusing = True
     with TestClient(example.create_app(path, orders)) as client:
         event_id = client.post("/orders").json()["event"]
@@ -81,9 +76,9 @@ def test_dead_letters_are_listed_and_replayed(
 
 
 @pytest.mark.slow
-def test_a_full_bus_answers_503_with_retry_after(tmp_path: Path) -> None:
+def test_a_full_bus_answers_503_with_retry_after(example: ModuleType, tmp_path: Path) -> None:
     orders = Orders()
-    app = load().create_app(tmp_path / "spool.sqlite3", orders)
+    app = example.create_app(tmp_path / "spool.sqlite3", orders)
     app.state.fastapi_eventbus._core.max_pending_events = 2  # small, to get there quickly
     orders.gate.clear()  # the broker stalls: sends wait, events stay pending
     with serve(app) as url:

@@ -6,11 +6,8 @@ module-level apps, buses and stand-in lists start empty every time.
 
 import asyncio
 import contextvars
-import importlib.util
 import logging
 import sqlite3
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
@@ -38,8 +35,8 @@ from fastapi_eventbus import (
     get_bus,
 )
 from fastapi_eventbus.testing import capture
+from tests._support import ROOT, load_module, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 Loader = Callable[[str], ModuleType]
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,26 +50,9 @@ def load(monkeypatch: pytest.MonkeyPatch) -> Loader:
     """Import the example at *relative* (to the repository root) afresh, named after its file."""
 
     def _load(relative: str) -> ModuleType:
-        path = ROOT / relative
-        name = path.stem
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, module)
-        spec.loader.exec_module(module)
-        return module
+        return load_module(ROOT / relative, monkeypatch)
 
     return _load
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll *condition* until it holds: for events handled by the bus's own tasks."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 def recording_sends(app: Any, timeline: list[str]) -> ASGIApp:

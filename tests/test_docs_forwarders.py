@@ -1,8 +1,5 @@
 """The custom-forwarder recipe of docs/forwarders.md, against a real ASGI receiver."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -12,19 +9,13 @@ from fastapi import FastAPI, Request, Response
 
 from fastapi_eventbus import Event
 from fastapi_eventbus.forwarders import DeadLetter
+from tests._support import ROOT, load_module
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def load_example() -> ModuleType:
+@pytest.fixture
+def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     path = ROOT / "docs/examples/custom_forwarder.py"
-    spec = importlib.util.spec_from_file_location("docs_custom_forwarder", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, monkeypatch, "docs_custom_forwarder")
 
 
 def receiver(statuses: list[int]) -> tuple[FastAPI, list[Any]]:
@@ -43,8 +34,7 @@ def receiver(statuses: list[int]) -> tuple[FastAPI, list[Any]]:
 
 
 @pytest.mark.anyio
-async def test_the_webhook_forwarder_sends_cloudevents_batches() -> None:
-    example = load_example()
+async def test_the_webhook_forwarder_sends_cloudevents_batches(example: ModuleType) -> None:
     app, received = receiver([503])  # first try fails: retried
     bus = example.create_bus("http://hooks/hooks/events", httpx.ASGITransport(app=app))
     event = await bus.publish("order.placed", {"id": 1})
@@ -66,8 +56,7 @@ async def test_the_webhook_forwarder_sends_cloudevents_batches() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_refusing_webhook_dead_letters_at_once() -> None:
-    example = load_example()
+async def test_a_refusing_webhook_dead_letters_at_once(example: ModuleType) -> None:
     app, received = receiver([400])
     forwarder = example.WebhookForwarder(
         "http://hooks/hooks/events", transport=httpx.ASGITransport(app=app)

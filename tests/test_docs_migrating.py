@@ -14,7 +14,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
@@ -45,9 +44,9 @@ from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import PubSubSource, Worker, WorkerStats
 from tests._pubsub import PROJECT, Emulator
+from tests._support import ROOT, load_module, until, wait_for
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "docs/examples/migrating"
 Loader = Callable[[str], ModuleType]
 Scope = MutableMapping[str, Any]
@@ -62,32 +61,9 @@ def load(monkeypatch: pytest.MonkeyPatch) -> Loader:
     """Import ``docs/examples/migrating/<stem>.py`` afresh, so its module state starts empty."""
 
     def _load(stem: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(stem, EXAMPLES / f"{stem}.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, stem, module)
-        spec.loader.exec_module(module)
-        return module
+        return load_module(EXAMPLES / f"{stem}.py", monkeypatch)
 
     return _load
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll *condition* until it holds (fastapi-events' tasks that nothing awaits)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
-
-
-async def until(probe: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Await until *probe* holds (a worker in this process)."""
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s"
-        await asyncio.sleep(0.02)
 
 
 def noting_at_response(app: Any, probe: Callable[[], object]) -> tuple[ASGIApp, list[object]]:
@@ -431,7 +407,7 @@ def test_eventbus_worker_handles_what_the_app_forwarded(
 
     async def work() -> WorkerStats:
         async with Worker(mod.worker_app, moto.source(sqs_queue)) as worker:
-            await until(lambda: worker.stats.handled == 1)
+            await until(lambda: worker.stats.handled == 1, timeout=20)
         return worker.stats
 
     assert asyncio.run(work()).handled == 1
@@ -481,8 +457,8 @@ def test_eventbus_pubsub_forwards_and_the_worker_handles(
 
     async def work() -> WorkerStats:
         subscription = f"projects/{PROJECT}/subscriptions/{channel.subscription}"
-        async with Worker(mod.worker_app, PubSubSource(subscription, pull_timeout=1)) as worker:
-            await until(lambda: worker.stats.handled == 1)
+        async with Worker(mod.worker_app, PubSubSource(subscription)) as worker:
+            await until(lambda: worker.stats.handled == 1, timeout=20)
         return worker.stats
 
     assert asyncio.run(work()).handled == 1
@@ -589,7 +565,7 @@ def test_the_page_says_setting_the_env_var_after_the_bus_is_created_is_too_late(
 def test_fastapi_events_dispatches_at_startup_in_a_task(load: Loader) -> None:
     mod = load("outside_fastapi_events")
     with TestClient(mod.app):
-        wait_for(lambda: mod.STARTS == [{"version": "1.0"}])
+        wait_for(lambda: mod.STARTS == [{"version": "1.0"}], timeout=10)
 
 
 def test_the_page_says_fastapi_events_needs_the_middleware_id_outside_requests() -> None:

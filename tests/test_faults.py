@@ -35,6 +35,7 @@ import pytest
 from fastapi_eventbus.spool import Spool
 from fastapi_eventbus.wire import decode_message
 from tests._proxy import Proxy
+from tests._support import ROOT
 from tests.faults_app import (
     ENDPOINT_ENV,
     HANDLED_ENV,
@@ -44,7 +45,7 @@ from tests.faults_app import (
     SPOOL_ENV,
 )
 from tests.forwarders._moto import Moto, running_moto
-from tests.worker._helpers import AWS_ENV, ROOT, wait_for
+from tests.worker._helpers import AWS_ENV, wait_for
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -47,9 +47,10 @@ from fastapi_eventbus.wire import (
 )
 from fastapi_eventbus.worker import Backoff, PubSubSource, SQSSource, Worker
 from tests._otel import Spans
+from tests._support import until
 from tests.conftest import serve
 from tests.forwarders._moto import REGION, Moto, running_moto
-from tests.worker._helpers import counts, create_queue, send_raw, until
+from tests.worker._helpers import counts, create_queue, send_raw
 
 PACKAGE = Path(fastapi_eventbus.__file__).parent
 UNSAFE_MODULES = frozenset(

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
-import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
-from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, assert_type
 
@@ -35,8 +31,8 @@ from fastapi_eventbus import (
 )
 from fastapi_eventbus.starlette import request_bus, with_bus
 from fastapi_eventbus.testing import capture
+from tests._support import ROOT, load_module, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 Message = MutableMapping[str, Any]
 
 
@@ -68,14 +64,7 @@ def seen(bus: EventBus) -> list[str]:
 
 @pytest.fixture
 def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    path = ROOT / "docs/examples/starlette_app.py"
-    spec = importlib.util.spec_from_file_location("starlette_app", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "starlette_app", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "docs/examples/starlette_app.py", monkeypatch)
 
 
 def test_the_example_handles_events_with_dependencies(example: ModuleType) -> None:
@@ -409,15 +398,6 @@ async def call_endpoint(
     app = make_app(bus)
     scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "app": app}
     return await endpoint(Request(scope))
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll *condition* until it holds: for events handled by the bus's own tasks."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 # -- typing (checked by mypy --strict: an assert_type that no longer holds, or a type: ignore

@@ -38,7 +38,7 @@ def create_pubsub_worker() -> Worker:
     source = PubSubSource(
         "projects/my-shop/subscriptions/orders-worker",
         max_messages=10,  # per pull
-        pull_timeout=30,  # seconds one pull may wait for messages
+        ack_deadline=60,  # seconds; extended while handlers run
     )
     return Worker(create_worker_app(), source, concurrency=10)
 

@@ -66,7 +66,10 @@ class PubSubSource(Source):
             Credentials are used.
         max_messages: The most messages one pull returns.
         pull_timeout: Seconds one pull may wait for messages before it is
-            abandoned and another one starts.
+            abandoned and another one starts. Keep it longer than the server holds
+            an empty pull open (the emulator: 90 s): the server may still hand
+            messages to an abandoned pull, and they then come back only when their
+            ack deadline runs out. Stopping the worker does not wait for it.
         ack_deadline: Seconds (10 to 600) a pulled message may stay unacknowledged
             before Pub/Sub delivers it again; pulled messages get it at once, and
             the worker extends it again every half of it while their handlers
@@ -95,7 +98,7 @@ class PubSubSource(Source):
         emulator_host: str | None = None,
         service_file: str | None = None,
         max_messages: int = 10,
-        pull_timeout: float = 30.0,
+        pull_timeout: float = 120.0,
         ack_deadline: int | None = None,
         nack_backoff: Backoff | None = None,
         name: str | None = None,

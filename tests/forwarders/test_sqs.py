@@ -38,6 +38,7 @@ from fastapi_eventbus.forwarders import DeadLetter, Retry
 from fastapi_eventbus.forwarders.sqs import MAX_MESSAGE_BYTES, SQSForwarder, _translate
 from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message
+from tests._support import wait_for
 from tests.conftest import serve
 from tests.forwarders._moto import Moto, running_moto, start_moto, stop_moto
 
@@ -138,13 +139,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def decoded(messages: Sequence[MessageTypeDef]) -> dict[str, Event]:
@@ -313,7 +307,7 @@ def test_broker_stopped_mid_run_then_restarted_gets_everything(
             assert set(decoded(moto.receive(url, 2))) == set(before)
             stop_moto(broker)
             during = client.post("/orders/3").json() + client.post("/orders/1").json()
-            wait_for(lambda: "retrying in" in caplog.text)
+            wait_for(lambda: "retrying in" in caplog.text, timeout=10)
             broker = start_moto(port)
             assert set(decoded(moto.receive(url, 4))) == set(during)
     finally:
@@ -344,7 +338,7 @@ def test_broker_gone_for_good_dead_letters_exactly_the_undelivered_ids(
             started = time.perf_counter()
             sent.append(client.post(f"/orders/{count}").json())
             assert time.perf_counter() - started < 0.5  # the response does not wait
-        wait_for(lambda: len(letters) == 2)
+        wait_for(lambda: len(letters) == 2, timeout=10)
     assert sorted(letter.ids for letter in letters) == sorted(sent)
     for letter in letters:
         assert letter.forwarder == "SQSForwarder"

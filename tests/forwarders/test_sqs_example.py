@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,9 +14,8 @@ from fastapi.testclient import TestClient
 from examples.forward_sqs import create_app, log_undelivered, receive_events
 from fastapi_eventbus import Event
 from fastapi_eventbus.forwarders import DeadLetter
+from tests._support import ROOT, load_module
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +90,8 @@ def test_the_example_runs_as_a_script() -> None:
     assert all("from //shop.example.com/orders" in line for line in received)
 
 
-def _load(relative: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_docs_options_build_the_forwarders_they_describe() -> None:
-    options = _load("docs/examples/sqs_options.py")
+def test_docs_options_build_the_forwarders_they_describe(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = load_module(ROOT / "docs/examples/sqs_options.py", monkeypatch)
     assert options.fifo.fifo
     assert options.customer_of(Event(name="order.placed", payload={"customer": 7})) == "7"
     assert options.local.queue_url.startswith("http://localhost:4566/")

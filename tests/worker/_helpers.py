@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from tests._support import ROOT
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs.literals import QueueAttributeNameType
     from types_aiobotocore_sqs.type_defs import MessageTypeDef
 
-ROOT = Path(__file__).resolve().parents[2]
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": KEY_ID,
     "AWS_SECRET_ACCESS_KEY": SECRET,
@@ -43,14 +42,6 @@ def wait_for(probe: Callable[[], T], timeout: float = 15.0, what: str = "conditi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-async def until(probe: Callable[[], object], timeout: float = 10.0) -> None:
-    """Await until *probe* returns something truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s"
-        await asyncio.sleep(0.02)
 
 
 @dataclass

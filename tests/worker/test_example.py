@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sqlite3
 import subprocess
@@ -17,8 +16,9 @@ from fastapi.testclient import TestClient
 from examples.worker.app import OrderPlaced, create_app, create_worker_app
 from fastapi_eventbus import Event, EventBus
 from fastapi_eventbus.worker import Backoff, PubSubSource, SQSSource, Worker, WorkerStats
+from tests._support import ROOT, load_module
 from tests.forwarders._moto import Moto
-from tests.worker._helpers import AWS_ENV, ROOT, create_queue, wait_for, worker_process
+from tests.worker._helpers import AWS_ENV, create_queue, wait_for, worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -89,34 +89,32 @@ def test_the_demo_runs() -> None:
 # -- docs/examples/worker_python.py ----------------------------------------------------------
 
 
-def docs_example() -> ModuleType:
+@pytest.fixture
+def docs_example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """A fresh copy of ``docs/examples/worker_python.py`` (``docs/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "docs_worker_python", ROOT / "docs/examples/worker_python.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    path = ROOT / "docs/examples/worker_python.py"
+    return load_module(path, monkeypatch, "docs_worker_python")
 
 
-def test_the_documented_workers_are_configured_as_shown(shop: Path) -> None:
-    example = docs_example()
-    worker: Worker = example.create_worker(os.environ["ORDERS_QUEUE_URL"])
+def test_the_documented_workers_are_configured_as_shown(
+    docs_example: ModuleType, shop: Path
+) -> None:
+    worker: Worker = docs_example.create_worker(os.environ["ORDERS_QUEUE_URL"])
     assert (worker.concurrency, worker.shutdown_timeout, worker.on_undecodable) == (10, 30, "retry")
     assert isinstance(worker.source, SQSSource)
     assert worker.source.visibility_backoff == Backoff(initial=5, maximum=900)
-    pubsub: Worker = example.create_pubsub_worker()
+    pubsub: Worker = docs_example.create_pubsub_worker()
     assert isinstance(pubsub.source, PubSubSource)
     assert pubsub.source.subscription == "projects/my-shop/subscriptions/orders-worker"
 
 
 @pytest.mark.anyio
-async def test_the_documented_test_helper_handles_queued_orders(moto: Moto, shop: Path) -> None:
+async def test_the_documented_test_helper_handles_queued_orders(
+    docs_example: ModuleType, moto: Moto, shop: Path
+) -> None:
     with TestClient(create_app()) as client:
         client.post("/orders", json={"item": "book", "email": "ada@example.com"})
     queue_url = os.environ["ORDERS_QUEUE_URL"]
-    stats: WorkerStats = await docs_example().handle_queued(queue_url, moto.endpoint, count=1)
+    stats: WorkerStats = await docs_example.handle_queued(queue_url, moto.endpoint, count=1)
     assert stats.handled == 1
     assert [row[:2] for row in receipts(shop)] == [(1, "ada@example.com")]

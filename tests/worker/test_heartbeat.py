@@ -19,8 +19,9 @@ from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.wire import sqs_body
 from fastapi_eventbus.worker import PubSubSource, ReceivedMessage, Source, SQSSource, Worker
 from tests._pubsub import PROJECT, Channel, Emulator
+from tests._support import until
 from tests.forwarders._moto import Moto
-from tests.worker._helpers import counts, create_queue, until
+from tests.worker._helpers import counts, create_queue
 
 pytestmark = pytest.mark.anyio
 
@@ -219,7 +220,7 @@ async def pulled(emulator: Emulator, **options: Any) -> tuple[Channel, PubSubSou
     await publisher.publish("order.placed", {"n": 1})
     await publisher.close()
     path = f"projects/{PROJECT}/subscriptions/{channel.subscription}"
-    source = PubSubSource(path, emulator_host=emulator.host, pull_timeout=5, **options)
+    source = PubSubSource(path, emulator_host=emulator.host, **options)
     await source.start()
     (message,) = await source.receive(1)
     return channel, source, message.receipt

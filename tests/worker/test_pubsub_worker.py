@@ -18,7 +18,8 @@ from fastapi_eventbus import ConfigurationError, Event, EventBus, MissingExtraEr
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.worker import Backoff, PubSubSource, ReceivedMessage, Worker, WorkerStats
 from tests._pubsub import PROJECT, Channel, Emulator
-from tests.worker._helpers import until, wait_for, worker_process
+from tests._support import until
+from tests.worker._helpers import wait_for, worker_process
 from tests.worker.shop import execute, web_app
 
 pytestmark = pytest.mark.slow
@@ -52,8 +53,8 @@ def test_a_worker_process_handles_what_the_web_app_published(
                 for order in ({"item": "book"}, {"item": "kettle", "fail_times": 1})
             ]
         raw_id = publish_raw(channel, b"not json")
-        # A nacked message may come back only at the emulator's 10 s ack deadline.
-        wait_for(lambda: len(execute(db, "SELECT * FROM handled")) == 2, 40, "2 handled")
+        # Nacked, the failing one comes back after nack_backoff's first delay (1 s).
+        wait_for(lambda: len(execute(db, "SELECT * FROM handled")) == 2, 20, "2 handled")
         wait_for(lambda: raw_id in worker.output(), what="the undecodable message's log line")
         assert worker.terminate() == 0, worker.output()
     rows = execute(db, "SELECT event_id, pid FROM handled")
@@ -80,15 +81,24 @@ async def test_failures_are_nacked_and_redelivered_in_process(pubsub_emulator: E
     publisher.forward("order.*", PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host))
     ids = [(await publisher.publish("order.placed", {"n": n})).id for n in range(3)]
     await publisher.close()
-    source = PubSubSource(
-        subscription_path(channel), emulator_host=pubsub_emulator.host, pull_timeout=1
-    )
+    source = PubSubSource(subscription_path(channel), emulator_host=pubsub_emulator.host)
     async with Worker(bus, source, concurrency=2) as worker:
-        await until(lambda: worker.stats.handled == 3, timeout=40)  # see above: up to ~11 s
-        await asyncio.sleep(1.2)  # a pull that times out is not an error
+        await until(lambda: worker.stats.handled == 3, timeout=20)  # back after about 1 s
     assert worker.stats == WorkerStats(received=6, handled=3, failed=3)
     assert attempts == dict.fromkeys(ids, 2)
     assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_pull_that_times_out_is_an_empty_receive(pubsub_emulator: Emulator) -> None:
+    channel = pubsub_emulator.channel()
+    source = PubSubSource(
+        subscription_path(channel), emulator_host=pubsub_emulator.host, pull_timeout=0.5
+    )
+    async with source:
+        started = time.monotonic()
+        assert await source.receive(1) == []
+        assert time.monotonic() - started < 5
 
 
 @pytest.mark.anyio
@@ -111,7 +121,6 @@ async def test_a_failing_message_comes_back_with_backoff_not_in_a_tight_loop(
     source = PubSubSource(
         subscription_path(channel),
         emulator_host=pubsub_emulator.host,
-        pull_timeout=1,
         nack_backoff=Backoff(initial=1.0, maximum=60.0),
     )
     async with Worker(bus, source):

@@ -34,8 +34,9 @@ from fastapi_eventbus.worker import (
 )
 from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
 from tests._pubsub import PROJECT, Emulator
+from tests._support import until
 from tests.forwarders._moto import Moto
-from tests.worker._helpers import create_queue, until
+from tests.worker._helpers import create_queue
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +80,6 @@ def broker(request: pytest.FixtureRequest) -> Broker:
         lambda: PubSubSource(
             f"projects/{PROJECT}/subscriptions/{channel.subscription}",
             emulator_host=emulator.host,
-            pull_timeout=1,
         ),
     )
 

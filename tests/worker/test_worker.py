@@ -26,8 +26,9 @@ from fastapi_eventbus.worker import (
     WorkerStats,
 )
 from fastapi_eventbus.worker._source import Coalescer
+from tests._support import until
 from tests.forwarders._moto import Moto, start_moto, stop_moto
-from tests.worker._helpers import counts, create_queue, peek, send_raw, until
+from tests.worker._helpers import counts, create_queue, peek, send_raw
 from tests.worker.shop import execute, label, worker_app
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,15 @@ from starlette.requests import HTTPConnection
 
 from . import _di
 from ._core import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, Core, Handler, disabled_by_env
-from ._events import Event, check_name, event_name_of, is_event_model, make_event, resolve_emit_args
+from ._events import (
+    Event,
+    check_name,
+    event_name_of,
+    is_event_model,
+    make_event,
+    plain_str,
+    resolve_emit_args,
+)
 from ._hooks import HandlerFailure, OnDiscard, OnError, logger
 from ._patterns import compile_pattern
 from .exceptions import (
@@ -585,7 +593,7 @@ def _pattern_of(pattern: object) -> str:
         return glob.escape(check_name(name))
     if not isinstance(pattern, str) or not pattern:
         raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
-    return pattern if type(pattern) is str else str.__str__(pattern)  # a StrEnum: its value
+    return plain_str(pattern)
 
 
 def _draining_lifespan(
@@ -642,13 +650,18 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
     existing = connection.scope.get(SCOPE_KEY)
     if isinstance(existing, EventBus):
         return existing
+    return installed_bus(connection)._new_view(connection, background_tasks)
+
+
+def installed_bus(connection: HTTPConnection) -> EventBus:
+    """The bus `EventBus.install` put on *connection*'s app, or `BusNotInstalledError`."""
     bus = getattr(connection.app.state, STATE_ATTR, None)
     if not isinstance(bus, EventBus):
         raise BusNotInstalledError(
             "no EventBus is installed on this app: create one and call `bus.install(app)` "
             "before serving requests"
         )
-    return bus._new_view(connection, background_tasks)
+    return bus
 
 
 _di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))

@@ -96,7 +96,12 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
-    return name if type(name) is str else str.__str__(name)
+    return plain_str(name)
+
+
+def plain_str(text: str) -> str:
+    """*text* as a plain str: a str subclass (a ``StrEnum`` member) becomes its value."""
+    return text if type(text) is str else str.__str__(text)
 
 
 def _unencodable(text: str) -> UnicodeEncodeError | None:

@@ -46,9 +46,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from ._bus import STATE_ATTR, EventBus, _FlushTask, _RequestEnd
+from ._bus import EventBus, _FlushTask, _RequestEnd, installed_bus
 from ._core import CLOSED, COLLECTING, SCOPE_KEY, Batch
-from .exceptions import BusNotInstalledError, ConfigurationError
+from .exceptions import ConfigurationError
 
 __all__ = ["request_bus", "with_bus"]
 
@@ -111,6 +111,8 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
             _handle_after(result, view)
         return result
 
+    # Not functools.wraps: its __wrapped__ would make inspect.signature report the
+    # endpoint's (request, bus) instead of what Starlette calls, (request).
     for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
         if hasattr(endpoint, attribute):
             setattr(call, attribute, getattr(endpoint, attribute))
@@ -139,12 +141,7 @@ async def _call(endpoint: Callable[..., Any], is_async: bool, *args: Any) -> Any
 
 
 def _new_view(connection: HTTPConnection) -> EventBus:
-    bus = getattr(connection.app.state, STATE_ATTR, None)
-    if not isinstance(bus, EventBus):
-        raise BusNotInstalledError(
-            "no EventBus is installed on this app: create one and call `bus.install(app)` "
-            "before serving requests"
-        )
+    bus = installed_bus(connection)
     # A WebSocket session has no response to wait for: each event is handled as emitted.
     state = CLOSED if connection.scope["type"] == "websocket" else COLLECTING
     return bus._bind(connection, Batch(connection.scope, 0, state, asyncio.get_running_loop()))

@@ -1,4 +1,5 @@
-"""Helpers shared by test modules: loading a file afresh as a module, polling until done."""
+"""Helpers shared by test modules: loading a file afresh as a module, polling until done,
+noting when a response has been sent."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import asyncio
 import importlib.util
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root (in CI's run from the sdist: the unpacked sdist)."""
@@ -48,3 +55,21 @@ async def until(probe: Callable[[], object], timeout: float = 10.0) -> None:
     while not probe():
         assert time.monotonic() < deadline, f"timed out after {timeout}s"
         await asyncio.sleep(0.02)
+
+
+def on_response_sent(app: Any, note: Callable[[], object]) -> ASGIApp:
+    """Wrap the ASGI *app*: call *note* the moment a response's last body chunk has been sent.
+
+    What "handled after the response" is checked against: whatever *note* records then
+    happened before the background tasks (and the bus's handlers) ran.
+    """
+
+    async def wrapped(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        async def send_and_note(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                note()
+
+        await app(scope, receive, send_and_note)
+
+    return wrapped

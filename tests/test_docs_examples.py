@@ -8,7 +8,7 @@ import asyncio
 import contextvars
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -35,14 +35,10 @@ from fastapi_eventbus import (
     get_bus,
 )
 from fastapi_eventbus.testing import capture
-from tests._support import ROOT, load_module, wait_for
+from tests._support import ROOT, ASGIApp, load_module, on_response_sent, wait_for
 
 Loader = Callable[[str], ModuleType]
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[
-    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
-]
 
 
 @pytest.fixture
@@ -55,22 +51,9 @@ def load(monkeypatch: pytest.MonkeyPatch) -> Loader:
     return _load
 
 
-def recording_sends(app: Any, timeline: list[str]) -> ASGIApp:
-    """Wrap *app* so that *timeline* notes the moment a response's last body chunk is sent."""
-
-    async def wrapped(
-        scope: Scope,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
-        async def send_and_note(message: Message) -> None:
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                timeline.append("response sent")
-
-        await app(scope, receive, send_and_note)
-
-    return wrapped
+def sent_then(mod: ModuleType) -> ASGIApp:
+    """*mod*'s app, noting "response sent" in its TIMELINE when the response has gone out."""
+    return on_response_sent(mod.app, lambda: mod.TIMELINE.append("response sent"))
 
 
 # -- index.md -----------------------------------------------------------------------------------
@@ -424,7 +407,7 @@ def test_startup_publish_runs_in_the_lifespan(load: Loader) -> None:
 
 def test_events_are_handled_after_the_response_in_order(load: Loader) -> None:
     mod = load("docs/examples/semantics_timing.py")
-    with TestClient(recording_sends(mod.app, mod.TIMELINE)) as client:
+    with TestClient(sent_then(mod)) as client:
         mod.TIMELINE.clear()
         client.post("/orders")
     assert mod.TIMELINE == [
@@ -437,7 +420,7 @@ def test_events_are_handled_after_the_response_in_order(load: Loader) -> None:
 
 def test_response_with_its_own_background(load: Loader) -> None:
     mod = load("docs/examples/semantics_timing.py")
-    with TestClient(recording_sends(mod.app, mod.TIMELINE)) as client:
+    with TestClient(sent_then(mod)) as client:
         mod.TIMELINE.clear()
         client.post("/reports")
     assert mod.TIMELINE == [
@@ -449,7 +432,7 @@ def test_response_with_its_own_background(load: Loader) -> None:
 
 def test_streaming_response(load: Loader) -> None:
     mod = load("docs/examples/semantics_timing.py")
-    with TestClient(recording_sends(mod.app, mod.TIMELINE)) as client:
+    with TestClient(sent_then(mod)) as client:
         mod.TIMELINE.clear()
         assert client.get("/export").text == "a\nb\n"
     assert mod.TIMELINE == [

@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -44,16 +44,11 @@ from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import PubSubSource, Worker, WorkerStats
 from tests._pubsub import PROJECT, Emulator
-from tests._support import ROOT, load_module, until, wait_for
+from tests._support import ROOT, ASGIApp, load_module, on_response_sent, until, wait_for
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
 
 EXAMPLES = ROOT / "docs/examples/migrating"
 Loader = Callable[[str], ModuleType]
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @pytest.fixture
@@ -69,16 +64,7 @@ def load(monkeypatch: pytest.MonkeyPatch) -> Loader:
 def noting_at_response(app: Any, probe: Callable[[], object]) -> tuple[ASGIApp, list[object]]:
     """Wrap *app*: note ``probe()`` at the moment a response's last body chunk is sent."""
     noted: list[object] = []
-
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_and_note(message: Message) -> None:
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                noted.append(probe())
-
-        await app(scope, receive, send_and_note)
-
-    return wrapped, noted
+    return on_response_sent(app, lambda: noted.append(probe())), noted
 
 
 # -- the middleware -> bus.install(app) ------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import ModuleType
 from typing import Annotated, Any, assert_type
 
@@ -31,9 +31,7 @@ from fastapi_eventbus import (
 )
 from fastapi_eventbus.starlette import request_bus, with_bus
 from fastapi_eventbus.testing import capture
-from tests._support import ROOT, load_module, wait_for
-
-Message = MutableMapping[str, Any]
+from tests._support import ROOT, load_module, on_response_sent, wait_for
 
 
 def make_app(bus: EventBus, *routes: Route | WebSocketRoute) -> Starlette:
@@ -85,31 +83,9 @@ def test_the_example_runs_handlers_after_the_response_is_sent(example: ModuleTyp
     def note(event: Event) -> None:
         timeline.append("handled")
 
-    async def scenario() -> list[Message]:
-        body = b'{"name": "Tom"}'
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": "/cats",
-            "headers": [(b"content-type", b"application/json")],
-            "query_string": b"",
-        }
-        messages = iter([{"type": "http.request", "body": body}])
-        sent: list[Message] = []
-
-        async def receive() -> Message:
-            return next(messages, {"type": "http.disconnect"})
-
-        async def send(message: Message) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                timeline.append("response sent")
-
-        await example.app(scope, receive, send)
-        return sent
-
-    sent = asyncio.run(scenario())
-    assert sent[0]["status"] == 201
+    app = on_response_sent(example.app, lambda: timeline.append("response sent"))
+    with TestClient(app) as client:
+        assert client.post("/cats", json={"name": "Tom"}).status_code == 201
     assert timeline == ["response sent", "handled"]
 
 

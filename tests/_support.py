@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import pkgutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+import fastapi_eventbus
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -21,6 +25,18 @@ ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root (in CI's run from the sdist: the unpacked sdist)."""
+
+
+def _raise(name: str) -> None:
+    raise  # pkgutil.walk_packages would otherwise skip a subpackage that fails to import
+
+
+@cache
+def public_modules() -> tuple[str, ...]:
+    """The package and every module below it with no ``_``-prefixed part in its name, sorted."""
+    below = pkgutil.walk_packages(fastapi_eventbus.__path__, "fastapi_eventbus.", onerror=_raise)
+    public = (m.name for m in below if not any(p.startswith("_") for p in m.name.split(".")))
+    return ("fastapi_eventbus", *sorted(public))
 
 
 def load_module(path: Path, monkeypatch: pytest.MonkeyPatch, name: str | None = None) -> ModuleType:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import fastapi_eventbus
+from tests._support import public_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference"
@@ -70,19 +71,6 @@ def _parse(page: Path) -> list[Directive]:
 @cache
 def directives() -> tuple[Directive, ...]:
     return tuple(d for page in sorted(REFERENCE.glob("*.md")) for d in _parse(page))
-
-
-@cache
-def public_modules() -> tuple[str, ...]:
-    """Every module of the package whose dotted path has no part starting with ``_``."""
-    names = set()
-    for path in PACKAGE_DIR.rglob("*.py"):
-        parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if not any(part.startswith("_") for part in parts):
-            names.add(".".join(parts))
-    return tuple(sorted(names))
 
 
 def documented_modules() -> tuple[str, ...]:

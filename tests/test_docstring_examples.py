@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-import pkgutil
 import re
 import sys
 from collections.abc import Iterator
@@ -24,17 +23,10 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-import fastapi_eventbus
 from fastapi_eventbus import EventBus, get_bus
+from tests._support import public_modules
 
 _BLOCK = re.compile(r"```python\n(.*?)```", re.S)
-
-
-def _public_modules() -> Iterator[ModuleType]:
-    yield fastapi_eventbus
-    for info in pkgutil.walk_packages(fastapi_eventbus.__path__, "fastapi_eventbus."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            yield importlib.import_module(info.name)
 
 
 def _docstrings(module: ModuleType) -> Iterator[tuple[str, str]]:
@@ -48,7 +40,7 @@ def _docstrings(module: ModuleType) -> Iterator[tuple[str, str]]:
 def _examples() -> list[tuple[str, str]]:
     return [
         (where, code)
-        for module in _public_modules()
+        for module in map(importlib.import_module, public_modules())
         for where, doc in _docstrings(module)
         for code in _BLOCK.findall(doc)
     ]

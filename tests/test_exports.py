@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import pkgutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,20 +18,9 @@ import pytest
 
 import fastapi_eventbus
 import fastapi_eventbus.exceptions
+from tests._support import public_modules
 
-
-def _raise(name: str) -> None:
-    raise  # pkgutil.walk_packages would otherwise skip a subpackage that fails to import
-
-
-def _public_modules() -> list[str]:
-    """The package and every module below it with no ``_``-prefixed part in its name."""
-    below = pkgutil.walk_packages(fastapi_eventbus.__path__, "fastapi_eventbus.", onerror=_raise)
-    public = (m.name for m in below if not any(p.startswith("_") for p in m.name.split(".")))
-    return ["fastapi_eventbus", *sorted(public)]
-
-
-PUBLIC_MODULES = _public_modules()
+PUBLIC_MODULES = list(public_modules())
 
 
 def _top_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:

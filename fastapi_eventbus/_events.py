@@ -96,7 +96,7 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
-    return plain_str(name)
+    return name if type(name) is str else plain_str(name)  # the common case without a call
 
 
 def plain_str(text: str) -> str:

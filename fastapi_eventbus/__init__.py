@@ -22,8 +22,10 @@ async def create_cat(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
 from importlib.metadata import PackageNotFoundError, version
 
 from ._bus import EventBus, get_bus
+from ._core import current_event
 from ._events import Event
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError
+from ._retry import Retry
 from .exceptions import (
     BusNotInstalledError,
     CapacityError,
@@ -31,6 +33,7 @@ from .exceptions import (
     EventBusError,
     EventChainError,
     ForwarderError,
+    HandlerFailuresError,
     InvalidEventError,
     MessageDecodeError,
     MissingExtraError,
@@ -56,14 +59,17 @@ __all__ = [
     "EventChainError",
     "ForwarderError",
     "HandlerFailure",
+    "HandlerFailuresError",
     "InvalidEventError",
     "MessageDecodeError",
     "MissingExtraError",
     "OnDiscard",
     "OnError",
     "OutsideRequestError",
+    "Retry",
     "SourceError",
     "SpoolError",
     "__version__",
+    "current_event",
     "get_bus",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -26,7 +27,8 @@ from ._events import (
     resolve_emit_args,
 )
 from ._hooks import HandlerFailure, OnDiscard, OnError, logger
-from ._patterns import compile_pattern
+from ._patterns import compile_pattern, example_name
+from ._retry import Retry
 from .exceptions import (
     BusNotInstalledError,
     ConfigurationError,
@@ -74,6 +76,12 @@ class EventBus:
             forwarded, across all requests; more raise `CapacityError` at
             ``emit``/``publish``. Bounds memory when handlers or brokers fall
             behind. None: no limit.
+        handler_timeout: Seconds one handler call (its dependencies, its body
+            and its ``yield`` exits) may take, unless the handler sets its own
+            ``timeout``. A call still running then fails with `TimeoutError`
+            (logged, ``on_error``; the event's other handlers still run). The
+            default, 60 s, keeps a hung handler from holding a flush, a
+            shutdown or a worker's slot forever. None: no limit.
     """
 
     __slots__ = ("_batch", "_core")
@@ -94,6 +102,7 @@ class EventBus:
         spool: Spool | str | os.PathLike[str] | None = None,
         max_batch_events: int | None = 10_000,
         max_pending_events: int | None = 50_000,
+        handler_timeout: float | None = 60.0,
     ) -> None:
         if (
             isinstance(max_chain_depth, bool)
@@ -138,6 +147,7 @@ class EventBus:
             spool=spool,
             max_batch_events=max_batch_events,
             max_pending_events=max_pending_events,
+            handler_timeout=_check_timeout("handler_timeout", handler_timeout),
         )
         self._batch = None
 
@@ -168,9 +178,13 @@ class EventBus:
         the forwarders. Nothing has to start first: a bare ``TestClient(app)``
         without ``with`` works too (forwarders then start at their first send).
 
+        One bus may be installed on several apps (an app factory, one app per
+        test): requests use their own app's ``dependency_overrides``; `publish`
+        and `handle`, which have no request, use the app installed last.
+
         Raises:
-            ConfigurationError: *app* already has a bus, this bus is installed on
-                another app, or this is a request's bus (from `get_bus`).
+            ConfigurationError: *app* already has a bus, or this is a request's bus
+                (from `get_bus`).
         """
         if self._batch is not None:
             raise ConfigurationError(
@@ -180,14 +194,32 @@ class EventBus:
             raise ConfigurationError(
                 "an EventBus is already installed on this app; call install() once"
             )
-        if self._core.app is not None:
-            raise ConfigurationError("this EventBus is already installed on another app")
         setattr(app.state, STATE_ATTR, self)
         self._core.app = app
         router = app.router
         router.lifespan_context = _draining_lifespan(router.lifespan_context, self)
 
-    def on(self, *patterns: str | type[BaseModel]) -> Callable[[F], F]:
+    @classmethod
+    def of(cls, app: Any) -> EventBus:
+        """The bus `install` put on *app*: for code that has the app, not a request.
+
+        Raises:
+            BusNotInstalledError: No bus is installed on *app*.
+        """
+        bus = getattr(getattr(app, "state", None), STATE_ATTR, None)
+        if not isinstance(bus, EventBus):
+            raise BusNotInstalledError(
+                "no EventBus is installed on this app: create one and call `bus.install(app)` "
+                "before serving requests"
+            )
+        return bus
+
+    def on(
+        self,
+        *patterns: str | type[BaseModel],
+        timeout: float | None = None,
+        retry: Retry | None = None,
+    ) -> Callable[[F], F]:
         """Register the decorated function as a handler for events matching *patterns*.
 
         Patterns use `fnmatch` rules (``"cat*"``, ``"order.*"``, ``"*"``); a typed
@@ -197,26 +229,48 @@ class EventBus:
         solver for every call, after the response has been sent. With no pattern,
         a handler whose event parameter is a typed event model handles that model.
 
+        Args:
+            patterns: What event names the handler is for.
+            timeout: Seconds one call may take (dependencies included); a call
+                still running then fails with `TimeoutError`. None: the bus's
+                ``handler_timeout``; ``math.inf``: no limit.
+            retry: Try a failed call again, per this `Retry` policy (each failed
+                try logged at WARNING, the last at ERROR and passed to
+                ``on_error``). In-process only: in a worker, the broker's
+                redelivery is the retry. None: no retry.
+
         Raises:
-            ConfigurationError: At decoration time: a pattern is empty, not a string
-                or a model without ``__event_name__``; the handler has no pattern; its
-                typed event never matches its patterns; or a parameter could only come
-                from an HTTP request.
+            ConfigurationError: At decoration time: a pattern is empty, not a string,
+                can never match an event name, or is a model without
+                ``__event_name__``; the handler has no pattern; its typed event never
+                matches its patterns; a parameter could only come from an HTTP
+                request; or *timeout* or *retry* is not valid.
         """
         names = [_pattern_of(p) for p in patterns]
+        timeout = _check_timeout("timeout", timeout)
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigurationError(f"retry must be a Retry, got {retry!r}")
 
         def decorator(func: F) -> F:
-            self._add_handler(func, names)
+            self._add_handler(func, names, timeout, retry)
             return func
 
         return decorator
 
-    def _add_handler(self, func: Callable[..., Any], patterns: list[str]) -> None:
-        plan = _di.analyse_handler(func)
+    def _add_handler(
+        self,
+        func: Callable[..., Any],
+        patterns: list[str],
+        timeout: float | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        if timeout is None:
+            timeout = self._core.handler_timeout
+        plan = _di.analyse_handler(func, None if timeout == math.inf else timeout)
         model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
         if not patterns and model_name is not None:
             patterns = [glob.escape(model_name)]
-        handler = Handler(func, plan, tuple(patterns), _di.qualified_name(func))
+        handler = Handler(func, plan, tuple(patterns), _di.qualified_name(func), retry)
         if not patterns:
             raise ConfigurationError(f"handler {handler.name} needs at least one event pattern")
         matchers = [compile_pattern(p) for p in patterns]
@@ -591,9 +645,27 @@ def _pattern_of(pattern: object) -> str:
         if name is None:
             raise ConfigurationError(f"{pattern.__qualname__} has no __event_name__ to match on")
         return glob.escape(check_name(name))
+    if callable(pattern):  # @bus.on without parentheses: the handler came as the pattern
+        raise ConfigurationError(
+            f"an event pattern must be a str, got the callable {pattern!r}: write "
+            '@bus.on("pattern") with parentheses (or @bus.on() for a typed event)'
+        )
     if not isinstance(pattern, str) or not pattern:
         raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
+    try:
+        check_name(example_name(pattern))
+    except InvalidEventError as exc:  # emit refuses every name it could match
+        raise ConfigurationError(f"the pattern {pattern!r} can never match: {exc}") from None
     return plain_str(pattern)
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    """*value* as a timeout in seconds (> 0, ``math.inf`` for none), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)
 
 
 def _draining_lifespan(
@@ -620,6 +692,8 @@ def _draining_lifespan(
     async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
         async with original(app) as state:
             resender: asyncio.Task[None] | None = None
+            bus._core.app = app  # publish() and handle() use it: the app running now
+            bus._core.lifespan_state = dict(state or {})
             try:
                 forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
                 await asyncio.gather(*(start(f) for f in forwarders.values()))
@@ -655,13 +729,7 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
 
 def installed_bus(connection: HTTPConnection) -> EventBus:
     """The bus `EventBus.install` put on *connection*'s app, or `BusNotInstalledError`."""
-    bus = getattr(connection.app.state, STATE_ATTR, None)
-    if not isinstance(bus, EventBus):
-        raise BusNotInstalledError(
-            "no EventBus is installed on this app: create one and call `bus.install(app)` "
-            "before serving requests"
-        )
-    return bus
+    return EventBus.of(connection.scope["app"])
 
 
 _di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))

@@ -8,6 +8,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, MutableMapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,8 +18,9 @@ from . import _di
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
 from ._patterns import PatternIndex
+from ._retry import Retry
 from ._tracing import Tracing
-from .exceptions import CapacityError, SpoolError
+from .exceptions import CapacityError, ConfigurationError, SpoolError
 from .forwarders._base import DeliveryOutcome, Forwarder
 from .spool import Spool
 
@@ -38,6 +40,35 @@ def disabled_by_env() -> bool:
     return os.environ.get("FASTAPI_EVENTBUS_DISABLED", "").strip().lower() in _DISABLED_VALUES
 
 
+_CURRENT_EVENT: ContextVar[Event] = ContextVar("fastapi_eventbus.current_event")
+
+unmatched_logger = logging.getLogger("fastapi_eventbus.unmatched")
+"""Where the "matches no handler and no forwarder" warning goes (silence it by its name)."""
+
+_UNMATCHED_NAMES_LIMIT = 1024
+"""How many distinct unmatched names are remembered (each is warned about once)."""
+
+
+async def current_event() -> Event:
+    """FastAPI dependency: the `Event` being handled, in a handler or its dependencies.
+
+    For handlers that take a typed model but still need the envelope (its
+    ``id`` to deduplicate, ``time``, ``source``, trace context):
+    ``event: Event = Depends(current_event)``. Works for events emitted in a
+    request, published, and handled by a worker.
+
+    Raises:
+        ConfigurationError: Resolved outside a handler call (in an endpoint).
+    """
+    try:
+        return _CURRENT_EVENT.get()
+    except LookupError:
+        raise ConfigurationError(
+            "current_event is only available while a handler runs (in the handler "
+            "and its dependencies), not in an endpoint"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Handler:
     """A registered handler and its analysed dependency plan."""
@@ -46,6 +77,8 @@ class Handler:
     plan: _di.HandlerPlan
     patterns: tuple[str, ...]
     name: str
+    retry: Retry | None = None
+    """How often an in-process call is tried again after it failed (not in workers)."""
 
 
 class Observer(Protocol):
@@ -140,6 +173,7 @@ class Core:
         spool: Spool | None = None,
         max_batch_events: int | None = None,
         max_pending_events: int | None = None,
+        handler_timeout: float | None = None,
     ) -> None:
         self.make_view = make_view
         """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
@@ -161,10 +195,13 @@ class Core:
         self.spool = spool
         self.max_batch_events = max_batch_events
         self.max_pending_events = max_pending_events
+        self.handler_timeout = handler_timeout
+        """The timeout of handlers that do not set their own (seconds; None: none)."""
         self.pending = 0
         """Events accepted and not yet finished (handled and forwarded), all batches."""
         self._refused = 0
         self._refused_logged = 0.0
+        self._unmatched: set[str] = set()
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
@@ -370,30 +407,93 @@ class Core:
         Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
         handled right after that handler returns, or discarded if it raised.
         Returns the failures (already logged and passed to ``on_error``).
-        *local* is False for an event that came from a broker (for tracing).
+        *local* is False for an event that came from a broker: for tracing, and
+        its handlers are not retried here (the broker's redelivery is the retry).
         """
         failures: list[HandlerFailure] = []
-        overrides = _di.has_overrides(batch.provider)  # read once per event, at call time
-        for handler in self.handlers.match(event.name):
+        handlers = self.handlers.match(event.name)
+        if not handlers and (not local or not self.forwarders.match(event.name)):
+            self._no_match(event, local)
+        token = _CURRENT_EVENT.set(event)
+        try:
+            for handler in handlers:
+                error = await self._attempts(handler, event, batch, local)
+                if error is not None:
+                    failures.append(HandlerFailure(event, handler.name, error))
+        finally:
+            _CURRENT_EVENT.reset(token)
+        return failures
+
+    def _no_match(self, event: Event, local: bool) -> None:
+        """Warn, once per name, about an event that nothing handles (or forwards)."""
+        seen = self._unmatched
+        if event.name in seen or len(seen) >= _UNMATCHED_NAMES_LIMIT:
+            return
+        seen.add(event.name)
+        unmatched_logger.warning(
+            "event %r (id=%s) matches no handler%s: check the patterns given to %s "
+            "(warned once per event name)",
+            event.name,
+            event.id,
+            " and no forwarder" if local else "",
+            "@bus.on and bus.forward" if local else "@bus.on",
+        )
+
+    async def _attempts(
+        self, handler: Handler, event: Event, batch: Batch, local: bool
+    ) -> BaseException | None:
+        """Call *handler* until it succeeds or its retry policy gives up; the last error."""
+        retry = handler.retry if local else None
+        attempt, started = 1, 0.0 if retry is None else time.monotonic()
+        while True:
+            # Read at every call, as FastAPI reads them at every request.
+            overrides = _di.has_overrides(batch.provider)
             plan = handler.plan
-            emits = plan.uses_solver and (plan.may_emit or overrides)
-            child = batch.child() if emits else None
+            child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
             if self.tracing is None:  # one coroutine less per call: this is the hot path
                 error = await self._call(handler, event, batch, child, overrides)
             else:
                 error = await self._run(handler, event, batch, child, local, overrides)
-            for observer in self.observers:
-                observer.on_handled(event, handler.name, error)
-            if error is not None:
-                failures.append(HandlerFailure(event, handler.name, error))
-            if child is None or not child.events:
-                continue
+            if error is None or retry is None or not _retrying(retry, attempt, started):
+                break
+            if child is not None and child.events:
+                reason = f"handler {handler.name} failed (attempt {attempt})"
+                await self.discard(child, reason, error)
+            delay = retry.delay(attempt)
+            logger.warning(
+                "handler %s failed for event %r (id=%s), attempt %d of %d (%r); "
+                "trying again in %.2fs",
+                handler.name,
+                event.name,
+                event.id,
+                attempt,
+                retry.attempts,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+        if error is not None:
+            await self._failed(handler, event, error)
+        for observer in self.observers:
+            observer.on_handled(event, handler.name, error)
+        if child is not None and child.events:
             if error is not None:
                 await self.discard(child, f"handler {handler.name} failed", error)
             else:
                 self.active.add(child)
                 await self.flush(child)
-        return failures
+        return error
+
+    async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
+        logger.error(
+            "handler %s failed for event %r (id=%s)",
+            handler.name,
+            event.name,
+            event.id,
+            exc_info=error,
+        )
+        await call_hook(self.on_error, HandlerFailure(event, handler.name, error))
 
     async def _run(  # with tracing
         self,
@@ -420,6 +520,7 @@ class Core:
     async def _call(
         self, handler: Handler, event: Event, batch: Batch, child: Batch | None, overrides: bool
     ) -> BaseException | None:
+        """One call of *handler*; what it raised (not yet logged), or None."""
         plan = handler.plan
         try:
             arg: object = event
@@ -431,14 +532,6 @@ class Core:
                 scope[SCOPE_KEY] = self.make_view(self, child)
             await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
         except Exception as exc:
-            logger.error(
-                "handler %s failed for event %r (id=%s)",
-                handler.name,
-                event.name,
-                event.id,
-                exc_info=exc,
-            )
-            await call_hook(self.on_error, HandlerFailure(event, handler.name, exc))
             return exc
         return None
 
@@ -503,3 +596,8 @@ class Core:
                 await forwarder.aclose()
             except Exception:
                 logger.exception("closing forwarder %s failed", forwarder.name)
+
+
+def _retrying(retry: Retry, attempt: int, started: float) -> bool:
+    """Whether *retry* allows another try after failed attempt number *attempt*."""
+    return attempt < retry.attempts and time.monotonic() - started < retry.total_timeout

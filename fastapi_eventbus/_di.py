@@ -13,17 +13,18 @@ solver for every call, on exit stacks that belong to that call alone.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Annotated, Any, ForwardRef, get_args, get_origin
 
 from fastapi import params
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature, solve_dependencies
 from pydantic import BaseModel
-from starlette.background import BackgroundTasks as StarletteBackgroundTasks
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 
@@ -42,6 +43,43 @@ _HTTP_INPUTS = (
 )
 
 
+try:  # newer FastAPI: predicates that see through functools.partial and functools.wraps
+    from fastapi.dependencies.models import (
+        _is_async_gen_callable,
+        _is_coroutine_callable,
+        _is_gen_callable,
+    )
+except ImportError:  # older FastAPI: the same predicates are properties of a Dependant
+
+    def _is_coroutine_callable(call: Callable[..., Any] | None) -> bool:
+        dependant: Any = Dependant(call=call)
+        return bool(dependant.is_coroutine_callable)
+
+    def _is_gen_callable(call: Callable[..., Any] | None) -> bool:
+        dependant: Any = Dependant(call=call)
+        return bool(dependant.is_gen_callable)
+
+    def _is_async_gen_callable(call: Callable[..., Any] | None) -> bool:
+        dependant: Any = Dependant(call=call)
+        return bool(dependant.is_async_gen_callable)
+
+
+def is_coroutine_callable(call: Callable[..., Any]) -> bool:
+    """Whether FastAPI awaits *call* (rather than running it in the threadpool).
+
+    FastAPI's own predicate, so that a handler or dependency is classified as
+    an endpoint would be: asyncio's legacy ``_is_coroutine`` marker, and on
+    newer FastAPI, ``functools.partial`` and ``functools.wraps`` wrappers of
+    async functions and of instances with ``async def __call__``.
+    """
+    return bool(_is_coroutine_callable(call))
+
+
+def is_generator_callable(call: Callable[..., Any]) -> bool:
+    """Whether FastAPI treats *call* as a ``yield`` (sync or async generator) dependency."""
+    return bool(_is_gen_callable(call) or _is_async_gen_callable(call))
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerPlan:
     """What `analyse_handler` learnt about a handler, reused for every call."""
@@ -58,6 +96,8 @@ class HandlerPlan:
     may_emit: bool = True
     """Whether the handler may get a bus (``Depends(get_bus)``) to emit chained events.
     False only for simple graphs that do not ask for one (overrides aside: see `run_handler`)."""
+    timeout: float | None = None
+    """Seconds one call (dependencies, body, ``yield`` exits) may take; None: no limit."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
@@ -92,7 +132,7 @@ def _steps(dependant: Dependant) -> tuple[Step, ...]:
     return tuple(
         Step(
             sub.call,  # type: ignore[arg-type]  # a simple graph's calls are never None
-            inspect.iscoroutinefunction(sub.call),
+            is_coroutine_callable(sub.call),  # type: ignore[arg-type]
             sub.use_cache,
             sub.name,
             _steps(sub),
@@ -165,28 +205,24 @@ def _check_kinds(func: Callable[..., Any], signature: inspect.Signature) -> None
             )
 
 
-_SPECIAL_TYPES = (
-    (HTTPConnection, "Request"),
-    (StarletteBackgroundTasks, "BackgroundTasks"),
-)
-
-
-def _reject_repeated_specials(
-    func: Callable[..., Any], parameters: list[inspect.Parameter]
+def _reject_unserved(
+    func: Callable[..., Any], signature: inspect.Signature, root: Dependant
 ) -> None:
-    """FastAPI fills only the last of two ``Request`` (or ``BackgroundTasks``) parameters."""
-    for kind, label in _SPECIAL_TYPES:
-        names = [
-            param.name
-            for param in parameters
-            if not _is_dependency(param)
-            and isinstance(annotation := _unwrapped(param.annotation), type)
-            and issubclass(annotation, kind)
-        ]
-        if len(names) > 1:
+    """Refuse a parameter FastAPI would leave empty: the handler could never be called.
+
+    FastAPI gives each of ``Request``, ``WebSocket``, ``HTTPConnection``,
+    ``Response``, ``BackgroundTasks`` and ``SecurityScopes`` to one parameter
+    (the last that asks); an earlier parameter of the same kind gets nothing.
+    ``Request`` and ``HTTPConnection`` are different kinds: both are served.
+    """
+    served = {sub.name for sub in root.dependencies}
+    served.update(getattr(root, attr) for attr in _SPECIAL_PARAMS)
+    for param in signature.parameters.values():
+        if param.name not in served and param.default is inspect.Parameter.empty:
             raise ConfigurationError(
-                f"handler {qualified_name(func)} asks for {label} more than once "
-                f"({', '.join(map(repr, names))}); FastAPI would fill only one of them"
+                f"handler {qualified_name(func)}: FastAPI would never fill parameter "
+                f"{param.name!r}: it gives each of Request, HTTPConnection, WebSocket, Response, "
+                "BackgroundTasks and SecurityScopes to one parameter only"
             )
 
 
@@ -275,13 +311,7 @@ def _is_simple(dependant: Dependant) -> bool:
     )
 
 
-def _is_async(func: Callable[..., Any]) -> bool:
-    if inspect.iscoroutinefunction(func):
-        return True
-    return inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004
-
-
-def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
+def analyse_handler(func: Callable[..., Any], timeout: float | None = None) -> HandlerPlan:
     """Analyse *func* once: its event parameter and its dependency graph.
 
     Raises `ConfigurationError` naming the handler and the parameter for
@@ -289,7 +319,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     """
     if not callable(func):
         raise ConfigurationError(f"a handler must be callable, got {func!r}")
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+    if is_generator_callable(func):
         raise ConfigurationError(
             f"handler {qualified_name(func)} is a generator; handlers must return None"
         )
@@ -303,12 +333,12 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     _check_kinds(func, signature)
     event_param, event_model = _find_event_param(func, signature)
     others = [p for name, p in signature.parameters.items() if name != event_param]
-    _reject_repeated_specials(func, others)
 
     def shim() -> None:  # carries the signature FastAPI analyses, minus the event
         """Placeholder whose signature is the handler's, without its event parameter."""
 
-    shim.__signature__ = signature.replace(parameters=others)  # type: ignore[attr-defined]
+    shim_signature = signature.replace(parameters=others)
+    shim.__signature__ = shim_signature  # type: ignore[attr-defined]
     try:
         dependant = get_dependant(path="", call=shim)
     except (AssertionError, ValueError, TypeError) as exc:  # FastAPI's own checks
@@ -316,6 +346,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
             f"handler {qualified_name(func)}: FastAPI cannot use its parameters: {exc}"
         ) from exc
     _reject_http_inputs(func, dependant)
+    _reject_unserved(func, shim_signature, dependant)
     uses_solver = bool(dependant.dependencies) or _special_params(dependant)
     simple = not _special_params(dependant) and all(
         _is_simple(sub) for sub in _walk(dependant) if sub is not dependant
@@ -323,7 +354,15 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     steps = _steps(dependant) if simple else ()
     may_emit = not simple or _asks_for_bus(steps)
     return HandlerPlan(
-        dependant, event_param, event_model, _is_async(func), uses_solver, simple, steps, may_emit
+        dependant,
+        event_param,
+        event_model,
+        is_coroutine_callable(func),
+        uses_solver,
+        simple,
+        steps,
+        may_emit,
+        timeout,
     )
 
 
@@ -345,11 +384,16 @@ async def run_handler(
 
     *scope* is a fresh dict owned by this call; the handler's own exit stacks
     are stored in it, so ``yield`` dependencies open and close around this call
-    and never touch the request's stacks.
+    and never touch the request's stacks. With a ``plan.timeout``, the whole
+    call (dependencies, body, ``yield`` exits) is cancelled at the deadline and
+    raises `TimeoutError`.
     """
     if overrides is None:
         overrides = has_overrides(overrides_provider)
-    if not plan.uses_solver or (plan.simple and not overrides):
+    with _NO_DEADLINE if plan.timeout is None else Deadline(plan.timeout, func):
+        if plan.uses_solver and (not plan.simple or overrides):
+            await _run_solved(plan, func, event_arg, scope, overrides_provider)
+            return
         values: dict[str, Any] = {}
         if plan.steps:  # `_solve_simple`, its first level inlined: one coroutine less
             cache: dict[Any, Any] = {}
@@ -370,8 +414,18 @@ async def run_handler(
         if plan.is_async:
             await func(**values)
         else:
-            await run_in_threadpool(func, **values)
-        return
+            await _call_sync(func, values)
+
+
+async def _run_solved(
+    plan: HandlerPlan,
+    func: Callable[..., Any],
+    event_arg: object,
+    scope: MutableMapping[str, Any],
+    overrides_provider: object | None,
+) -> None:
+    """The handler, its graph solved by `solve_dependencies` on exit stacks of its own."""
+    raised: BaseException | None = None
     async with AsyncExitStack() as request_stack:
         async with AsyncExitStack() as function_stack:
             scope[INNER_ASTACK] = request_stack
@@ -391,9 +445,21 @@ async def run_handler(
             values = solved.values
             if plan.event_param is not None:
                 values[plan.event_param] = event_arg
-            await _call(plan, func, values)
+            try:
+                if plan.is_async:
+                    await func(**values)
+                else:
+                    await _call_sync(func, values)
+            except Exception as exc:
+                raised = exc
+                raise
         if solved.background_tasks is not None:
             await solved.background_tasks()
+    if raised is not None:  # FastAPI fails the request here too ("no response")
+        raised.add_note(
+            "a yield dependency of the handler caught this exception and did not re-raise it"
+        )
+        raise raised
 
 
 def has_overrides(provider: object | None) -> bool:
@@ -419,8 +485,70 @@ async def _solve_simple(steps: tuple[Step, ...], cache: dict[Any, Any]) -> dict[
     return values
 
 
-async def _call(plan: HandlerPlan, func: Callable[..., Any], values: dict[str, Any]) -> None:
-    if plan.is_async:
-        await func(**values)
-    else:
-        await run_in_threadpool(func, **values)
+async def _call_sync(func: Callable[..., Any], values: dict[str, Any]) -> None:
+    """A sync handler, in the threadpool; an awaitable it returns is awaited, not dropped.
+
+    FastAPI's predicate decides what is async; where it cannot see an async body
+    (older FastAPI and a ``functools.wraps`` or ``partial`` wrapper), the call
+    returns a coroutine, and skipping it would skip the handler's body.
+    """
+    result = await run_in_threadpool(func, **values)
+    if inspect.isawaitable(result):
+        await result
+
+
+class _NoDeadline:
+    """`Deadline`'s stand-in for handlers without a time limit."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
+
+
+class Deadline:
+    """Cancel the running task after *seconds*, and raise `TimeoutError` in its place.
+
+    `asyncio.timeout` with less bookkeeping, as a plain (not async) context
+    manager: one timer per handler call. Code waiting on a thread (sync handlers
+    and dependencies) stops waiting at the deadline; the thread itself cannot
+    be stopped and runs to its end.
+    """
+
+    __slots__ = ("_func", "_seconds", "_task", "_timer", "expired")
+
+    def __init__(self, seconds: float, func: Callable[..., Any]) -> None:
+        self._seconds = seconds
+        self._func = func
+        self.expired = False
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        if not self.expired or self._task.uncancel() > 0:  # > 0: cancelled from outside too
+            return
+        if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
+            # None: the handler caught the cancellation and returned; it did not finish either.
+            raise TimeoutError(
+                f"handler {qualified_name(self._func)} did not finish within {self._seconds}s"
+            ) from exc

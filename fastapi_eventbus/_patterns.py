@@ -27,6 +27,28 @@ def compile_pattern(pattern: object) -> Matcher:
     return re.compile(fnmatch.translate(pattern)).match  # a match, or None
 
 
+_CLASS = re.compile(r"\[(!?)(\]?[^\]]*)\]")
+"""A character class of a pattern: ``[abc]``, ``[!abc]``, ``[]a]``."""
+
+
+def example_name(pattern: str) -> str:
+    """A name *pattern* matches, as ordinary as its literal text allows.
+
+    Each wildcard becomes a plain letter (a class, one of its members that is
+    not whitespace), so that if this name is refused at ``emit`` (whitespace
+    around it, text UTF-8 cannot encode), every name the pattern matches is:
+    the pattern can never match an event.
+    """
+
+    def member(match: re.Match[str]) -> str:
+        negated, members = match.groups()
+        if negated:
+            return next(c for c in "ax_0" if c not in members)
+        return next((c for c in members if not c.isspace() and c != "-"), members[:1] or "a")
+
+    return _CLASS.sub(member, pattern).replace("*", "a").replace("?", "a")
+
+
 class PatternIndex(Generic[T]):
     """Items registered under patterns, looked up by event name in registration order.
 

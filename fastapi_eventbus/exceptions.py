@@ -14,7 +14,8 @@ Every error the library raises on purpose derives from `EventBusError`, so one
     ├── MessageDecodeError        a received message is not an event (a ValueError)
     ├── ForwarderError            a forwarder failed (transient: a retry may help)
     │   └── MissingExtraError     an optional SDK is not installed (names the extra)
-    └── SourceError               a worker's queue or subscription failed (transient)
+    ├── SourceError               a worker's queue or subscription failed (transient)
+    └── HandlerFailuresError      handlers failed inside a `capture` block (tests)
 
 Errors are raised where the mistake was made: at decoration time for handlers, in
 the constructor for settings, in the caller of `EventBus.emit` for events. Nothing is
@@ -23,6 +24,8 @@ deferred to the background.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "BusNotInstalledError",
     "CapacityError",
@@ -30,6 +33,7 @@ __all__ = [
     "EventBusError",
     "EventChainError",
     "ForwarderError",
+    "HandlerFailuresError",
     "InvalidEventError",
     "MessageDecodeError",
     "MissingExtraError",
@@ -132,3 +136,17 @@ class SourceError(EventBusError):
         super().__init__(message)
         self.transient = transient
         """Whether a retry may help: the worker then backs off and receives again."""
+
+
+class HandlerFailuresError(EventBusError):
+    """Handlers failed inside a ``with capture(bus):`` block; raised when the block ends.
+
+    So that a test with a broken handler fails without asserting on it. The
+    message lists every failed call; the first failure's exception is the
+    ``__cause__``. ``capture(bus, raise_failures=False)`` does not raise it.
+    """
+
+    def __init__(self, message: str, failures: Sequence[object]) -> None:
+        super().__init__(message)
+        self.failures = tuple(failures)
+        """The failed handler calls (`fastapi_eventbus.testing.HandledEvent`), in order."""

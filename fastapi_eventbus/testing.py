@@ -7,8 +7,12 @@ def test_create_cat(client):
     with capture(bus) as events:
         client.post("/cats")
     assert events.names == ["cat.created"]
-    assert events.failures == []
 ```
+
+If a handler fails inside the block, leaving it raises `HandlerFailuresError`
+listing the failed calls: a broken handler turns the test red without an
+assertion. ``capture(bus, raise_failures=False)`` records failures in
+`Capture.failures` instead, for tests about failures.
 
 ``capture(bus, handle=False)`` records what is emitted but runs no handler,
 for testing an endpoint on its own. To swap the bus an endpoint receives,
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 from ._bus import EventBus
 from ._events import Event
+from .exceptions import HandlerFailuresError
 from .forwarders import Forwarder
 
 __all__ = ["Capture", "HandledEvent", "RecordingForwarder", "capture"]
@@ -77,11 +82,17 @@ class Capture:
 
 
 @contextmanager
-def capture(bus: EventBus, *, handle: bool = True) -> Iterator[Capture]:
+def capture(
+    bus: EventBus, *, handle: bool = True, raise_failures: bool = True
+) -> Iterator[Capture]:
     """Record what *bus* emits and handles inside the ``with`` block.
 
     With ``handle=False``, events are validated and recorded but no handler
     runs (and nothing is forwarded).
+
+    Raises:
+        HandlerFailuresError: On leaving the block, if a handler failed inside it
+            (unless *raise_failures* is false, or the block raised already).
     """
     recorder = Capture(mute=not handle)
     observers = bus._core.observers
@@ -90,6 +101,20 @@ def capture(bus: EventBus, *, handle: bool = True) -> Iterator[Capture]:
         yield recorder
     finally:
         observers.remove(recorder)
+    if raise_failures and (failures := recorder.failures):
+        raise HandlerFailuresError(_describe(failures), failures) from failures[0].error
+
+
+def _describe(failures: list[HandledEvent]) -> str:
+    lines = [
+        f"- {call.handler} failed for event {call.event.name!r} (id={call.event.id}): "
+        f"{type(call.error).__name__}: {call.error}"
+        for call in failures
+    ]
+    return (
+        f"{len(failures)} handler call(s) failed inside capture(); pass "
+        "raise_failures=False to assert on Capture.failures instead:\n" + "\n".join(lines)
+    )
 
 
 class RecordingForwarder(Forwarder):

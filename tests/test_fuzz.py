@@ -43,6 +43,7 @@ from fastapi_eventbus import (
     InvalidEventError,
     get_bus,
 )
+from fastapi_eventbus._patterns import example_name
 from fastapi_eventbus.testing import RecordingForwarder
 from fastapi_eventbus.wire import decode_message, pubsub_data, sqs_body
 
@@ -427,7 +428,8 @@ def matches(pattern: object, name: str) -> bool:
 def valid_pattern(pattern: object) -> bool:
     if isinstance(pattern, type) and issubclass(pattern, BaseModel):
         return valid_name(getattr(pattern, "__event_name__", None))
-    return isinstance(pattern, str) and bool(pattern)
+    # A pattern whose every match emit would refuse (" user.*") can never match: refused too.
+    return isinstance(pattern, str) and bool(pattern) and valid_name(example_name(pattern))
 
 
 @FUZZ

@@ -12,6 +12,8 @@ bus.forward("order.*", SQSForwarder(queue_url))
 
 from typing import TYPE_CHECKING, Any
 
+from fastapi_eventbus._retry import Retry
+
 from ._base import (
     DeadLetter,
     Delivery,
@@ -19,7 +21,6 @@ from ._base import (
     EchoForwarder,
     Forwarder,
     OnDeadLetter,
-    Retry,
 )
 
 if TYPE_CHECKING:

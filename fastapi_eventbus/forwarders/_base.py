@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -13,38 +12,9 @@ from typing import IO, ClassVar, Self, TypeAlias
 
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._hooks import call_hook, logger
+from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
 from fastapi_eventbus.wire import sqs_body
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """How a forwarder retries transient failures: exponential backoff with jitter.
-
-    A batch is tried at most *attempts* times and for at most *total_timeout*
-    seconds; the n-th wait is ``min(max_delay, initial_delay * 2**(n-1))``,
-    jittered to between half and all of that.
-    """
-
-    attempts: int = 5
-    """The most tries of one batch, the first included."""
-    initial_delay: float = 0.1
-    """The wait after the first failed try, in seconds, before jitter."""
-    max_delay: float = 5.0
-    """The longest wait between two tries, in seconds, before jitter."""
-    total_timeout: float = 30.0
-    """Seconds from the first try after which no further try starts."""
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError(f"Retry.attempts must be >= 1, got {self.attempts}")
-        if min(self.initial_delay, self.max_delay, self.total_timeout) < 0:
-            raise ConfigurationError("Retry delays and total_timeout must be >= 0")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number *attempt* (1-based)."""
-        ceiling = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
     InvalidEventError,
     MissingExtraError,
 )
-from fastapi_eventbus.forwarders._base import Delivery, Forwarder, OnDeadLetter, Retry
+from fastapi_eventbus.forwarders._base import Delivery, Forwarder, OnDeadLetter
 from fastapi_eventbus.wire import pubsub_attributes, pubsub_data
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeAlias
 from urllib.parse import urlsplit
 
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
@@ -31,7 +32,7 @@ from fastapi_eventbus.exceptions import (
 )
 from fastapi_eventbus.wire import sqs_body, trace_attributes
 
-from ._base import Delivery, Forwarder, OnDeadLetter, Retry
+from ._base import Delivery, Forwarder, OnDeadLetter
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -207,8 +207,8 @@ class Worker:
             if self.app is None:
                 stack.push_async_callback(self.bus.close)
             else:
-                state = await stack.enter_async_context(self.app.router.lifespan_context(self.app))
-                self.bus._core.lifespan_state = dict(state or {})
+                # The installed lifespan gives its state to handler calls (EventBus.install).
+                await stack.enter_async_context(self.app.router.lifespan_context(self.app))
             await stack.enter_async_context(self.source)
             yield
 

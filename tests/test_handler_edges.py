@@ -1,0 +1,599 @@
+"""Handlers at the edges: never silently skipped, failures never recorded as success, bounded
+in time, retried when asked, loud in tests, visible mistakes, the envelope, lifespan state and
+app factories.
+
+Each test of a finding names it ("finding N" of the handlers issue) and failed on the code
+before the fix. No ``from __future__ import annotations``: FastAPI resolves the annotations of
+handlers defined inside tests against module globals.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, ClassVar
+
+import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+from starlette.requests import HTTPConnection
+
+from fastapi_eventbus import (
+    ConfigurationError,
+    Event,
+    EventBus,
+    HandlerFailuresError,
+    Retry,
+    current_event,
+    get_bus,
+)
+from fastapi_eventbus.testing import capture
+from tests.conftest import Hooks
+
+pytestmark = pytest.mark.anyio
+
+
+def portal(client: TestClient) -> Any:
+    """The running ``with TestClient(app)`` block's portal: code on the app's event loop."""
+    assert client.portal is not None
+    return client.portal
+
+
+def post_emitting(app: FastAPI, *names: str) -> TestClient:
+    """Add ``POST /`` emitting *names* (payload ``{"id": 1}``) and return a client."""
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        for name in names:
+            bus.emit(name, {"id": 1})
+
+    return TestClient(app)
+
+
+# -- finding 1: bodies that never ran, recorded as success --------------------------------
+
+
+def sync_wrapper(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A decorator written the usual way: a sync ``functools.wraps`` wrapper."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+class AsyncCallable:
+    def __init__(self, ran: list[Any]) -> None:
+        self.ran = ran
+
+    async def __call__(self, event: Event) -> None:
+        self.ran.append(event.name)
+
+
+def marked(ran: list[Any]) -> Callable[..., Any]:
+    """A sync def returning a coroutine, with asyncio's legacy ``_is_coroutine`` marker."""
+
+    async def body(event: Event) -> None:
+        ran.append(event.name)
+
+    def handler(event: Event) -> Awaitable[None]:
+        return body(event)
+
+    handler._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return handler
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # "coroutine ... was never awaited"
+@pytest.mark.parametrize("kind", ["functools.wraps", "partial of async __call__", "_is_coroutine"])
+def test_finding_1_async_bodies_behind_wrappers_run(
+    app: FastAPI, bus: EventBus, hooks: Hooks, kind: str
+) -> None:
+    ran: list[Any] = []
+    handler: Callable[..., Any]
+    if kind == "functools.wraps":
+
+        async def wrapped(event: Event) -> None:
+            ran.append(event.name)
+
+        handler = sync_wrapper(wrapped)
+    elif kind == "partial of async __call__":
+        handler = functools.partial(AsyncCallable(ran))
+    else:
+        handler = marked(ran)
+    bus.on("cat.*")(handler)
+    with capture(bus) as seen:
+        post_emitting(app, "cat.created").post("/")
+    assert ran == ["cat.created"]
+    assert len(seen.handled) == 1
+    assert hooks.failures == []
+
+
+def test_finding_1_a_failing_wrapped_body_is_a_failure(bus: EventBus, hooks: Hooks) -> None:
+    async def broken(event: Event) -> None:
+        raise LookupError("in the body")
+
+    bus.on("x")(sync_wrapper(broken))
+    with capture(bus, raise_failures=False) as seen:
+        asyncio.run(bus.publish("x"))
+    assert [type(call.error) for call in seen.handled] == [LookupError]
+    assert [type(f.exception) for f in hooks.failures] == [LookupError]
+
+
+def test_finding_1_a_marked_dependency_in_a_simple_graph_gives_its_value(bus: EventBus) -> None:
+    async def value() -> int:
+        return 42
+
+    def dependency() -> Awaitable[int]:
+        return value()
+
+    dependency._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    got: list[object] = []
+
+    @bus.on("x")
+    async def handler(event: Event, v: int = Depends(dependency)) -> None:
+        got.append(v)
+
+    with capture(bus):
+        asyncio.run(bus.publish("x"))
+    assert got == [42]
+
+
+# -- finding 2: a yield dependency that swallows the handler's exception -------------------
+
+
+@pytest.mark.parametrize("scope", [None, "function"])
+def test_finding_2_a_swallowed_exception_is_still_a_failure(
+    bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture, scope: Any
+) -> None:
+    def swallowing() -> Iterator[str]:
+        with contextlib.suppress(RuntimeError):  # "handled", not re-raised: FastAPI fails here
+            yield "session"
+
+    dependency = Depends(swallowing) if scope is None else Depends(swallowing, scope=scope)
+
+    @bus.on("x")
+    async def handler(event: Event, session: str = dependency) -> None:
+        raise RuntimeError("lost?")
+
+    with capture(bus, raise_failures=False) as seen:
+        asyncio.run(bus.publish("x"))
+    [call] = seen.handled
+    assert isinstance(call.error, RuntimeError)
+    assert [type(f.exception) for f in hooks.failures] == [RuntimeError]
+    assert "did not re-raise" in str(call.error.__notes__)
+    assert any(
+        r.levelno == logging.ERROR and "failed for event" in r.message for r in caplog.records
+    )
+
+
+# -- finding 3: Request and HTTPConnection together ----------------------------------------
+
+
+def test_finding_3_request_and_http_connection_are_both_given(bus: EventBus) -> None:
+    got: list[object] = []
+
+    @bus.on("x")
+    def handler(event: Event, request: Request, conn: HTTPConnection) -> None:
+        got.extend([request, conn])
+
+    with capture(bus):
+        asyncio.run(bus.publish("x"))
+    request, conn = got
+    assert isinstance(request, Request)
+    assert isinstance(conn, HTTPConnection)
+
+
+def test_finding_3_what_fastapi_cannot_fill_is_still_refused(bus: EventBus) -> None:
+    def handler(event: Event, first: Request, second: Request) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="would never fill parameter 'first'"):
+        bus.on("x")(handler)
+
+
+# -- finding 4: overrides are read at each handler call ------------------------------------
+
+
+def real_mailer() -> str:
+    return "real"
+
+
+def test_finding_4_overrides_are_read_at_each_handler_call(app: FastAPI, bus: EventBus) -> None:
+    seen: list[str] = []
+
+    @bus.on("x")
+    async def first(event: Event) -> None:
+        app.dependency_overrides[real_mailer] = lambda: "fake"
+
+    @bus.on("x")
+    async def second(event: Event, mailer: str = Depends(real_mailer)) -> None:
+        seen.append(mailer)
+
+    with capture(bus):
+        asyncio.run(bus.publish("x"))
+    assert seen == ["fake"]
+
+
+# -- finding 5: silent no-ops ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", [" user.*", "user.* ", "[ ]user", "user\ud800*"])
+def test_finding_5_a_pattern_that_can_never_match_is_refused(bus: EventBus, pattern: str) -> None:
+    with pytest.raises(ConfigurationError, match="can never match"):
+        bus.on(pattern)
+    with pytest.raises(ConfigurationError, match="can never match"):
+        bus.forward(pattern, bus_forwarder())
+
+
+def bus_forwarder() -> Any:
+    from fastapi_eventbus.testing import RecordingForwarder
+
+    return RecordingForwarder()
+
+
+@pytest.mark.parametrize("pattern", ["*", "user.*", "[ u]ser", "[!x]*", "?"])
+def test_patterns_that_can_match_are_accepted(bus: EventBus, pattern: str) -> None:
+    @bus.on(pattern)
+    async def handler(event: Event) -> None: ...
+
+
+def test_finding_5_an_event_nothing_handles_is_warned_about_once_per_name(
+    app: FastAPI, bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    @bus.on("user.*")
+    async def handler(event: Event) -> None: ...
+
+    client = post_emitting(app, "usr.created", "usr.created", "user.created", "usr.deleted")
+    client.post("/")
+    client.post("/")
+    warnings = [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"]
+    assert [r.levelno for r in warnings] == [logging.WARNING] * 2
+    assert "'usr.created'" in warnings[0].getMessage()
+    assert "'usr.deleted'" in warnings[1].getMessage()
+    assert "matches no handler and no forwarder" in warnings[0].getMessage()
+
+
+def test_an_event_only_forwarded_is_not_warned_about(
+    app: FastAPI, bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus.forward("audit.*", bus_forwarder())
+    post_emitting(app, "audit.login").post("/")
+    assert [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"] == []
+
+
+def test_finding_5_on_without_parentheses_says_so(bus: EventBus) -> None:
+    with pytest.raises(ConfigurationError, match=r"@bus.on\(\"pattern\"\) with parentheses"):
+
+        @bus.on  # type: ignore[arg-type]
+        async def handler(event: Event) -> None: ...
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+async def test_a_hung_async_handler_times_out_and_the_others_still_run(
+    bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    @bus.on("x", timeout=0.2)
+    async def hung(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    @bus.on("x")
+    async def after(event: Event) -> None:
+        ran.append("after")
+
+    started = time.monotonic()
+    with capture(bus, raise_failures=False) as seen:
+        await bus.publish("x")
+    assert 0.2 <= time.monotonic() - started < 2
+    assert ran == ["after"]
+    [failure] = seen.failures
+    assert isinstance(failure.error, TimeoutError)
+    assert "did not finish within 0.2s" in str(failure.error)
+    assert [type(f.exception) for f in hooks.failures] == [TimeoutError]
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def test_the_timeout_covers_dependency_resolution(bus: EventBus) -> None:
+    async def slow_pool() -> AsyncIterator[str]:
+        await asyncio.sleep(30)
+        yield "pool"
+
+    @bus.on("x", timeout=0.1)
+    async def handler(event: Event, pool: str = Depends(slow_pool)) -> None: ...
+
+    with capture(bus, raise_failures=False) as seen:
+        await bus.publish("x")
+    assert [type(call.error) for call in seen.handled] == [TimeoutError]
+
+
+async def test_a_blocked_sync_handler_is_reported_at_the_deadline(bus: EventBus) -> None:
+    release = threading.Event()
+
+    @bus.on("x", timeout=0.2)
+    def blocked(event: Event) -> None:
+        release.wait(10)  # a thread cannot be cancelled: it runs on, unwaited for
+
+    started = time.monotonic()
+    try:
+        with capture(bus, raise_failures=False) as seen:
+            await bus.publish("x")
+        assert time.monotonic() - started < 2
+        assert [type(call.error) for call in seen.handled] == [TimeoutError]
+    finally:
+        release.set()
+
+
+async def test_the_bus_wide_default_and_no_limit() -> None:
+    bus = EventBus(handler_timeout=0.1)
+    finished: list[str] = []
+
+    @bus.on("x")
+    async def bounded(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("bounded")
+
+    @bus.on("x", timeout=math.inf)
+    async def unbounded(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("unbounded")
+
+    with capture(bus, raise_failures=False) as seen:
+        await bus.publish("x")
+    assert finished == ["unbounded"]
+    assert [type(call.error) for call in seen.handled] == [TimeoutError, type(None)]
+
+
+def test_the_default_handler_timeout_is_sixty_seconds() -> None:
+    assert EventBus()._core.handler_timeout == 60.0
+
+
+async def test_an_outside_cancellation_is_not_turned_into_a_timeout(bus: EventBus) -> None:
+    @bus.on("x", timeout=0.05)
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(1)
+
+    task = asyncio.create_task(bus.publish("x"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "1", float("nan")])
+def test_a_bad_timeout_is_refused_where_it_is_given(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        EventBus(handler_timeout=bad)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        EventBus().on("x", timeout=bad)
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+QUICK = Retry(attempts=3, initial_delay=0.01, max_delay=0.02)
+
+
+async def test_a_retried_handler_that_recovers_is_a_success(
+    bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    @bus.on("x", retry=QUICK)
+    async def flaky(event: Event) -> None:
+        calls.append(len(calls))
+        if len(calls) < 3:
+            raise ConnectionError("try again")
+
+    with capture(bus) as seen:
+        await bus.publish("x")
+    assert calls == [0, 1, 2]
+    assert [call.error for call in seen.handled] == [None]
+    assert hooks.failures == []
+    levels = [r.levelno for r in caplog.records if r.name == "fastapi_eventbus"]
+    assert levels == [logging.WARNING, logging.WARNING]
+    assert "attempt 1 of 3" in caplog.records[0].getMessage()
+
+
+async def test_a_handler_that_keeps_failing_is_reported_once_after_its_last_attempt(
+    bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    @bus.on("x", retry=QUICK)
+    async def broken(event: Event, chained: EventBus = Depends(get_bus)) -> None:
+        calls.append(1)
+        chained.emit("x.follow-up")  # discarded with each failed attempt
+        raise ValueError("still broken")
+
+    followed: list[str] = []
+
+    @bus.on("x.follow-up")
+    async def follow_up(event: Event) -> None:
+        followed.append(event.id)
+
+    with capture(bus, raise_failures=False) as seen:
+        await bus.publish("x")
+    assert len(calls) == 3
+    assert followed == []
+    assert [type(call.error) for call in seen.handled] == [ValueError]
+    assert [type(f.exception) for f in hooks.failures] == [ValueError]
+    levels = [r.levelno for r in caplog.records if r.name == "fastapi_eventbus"]
+    assert levels.count(logging.ERROR) == 1
+    assert levels.count(logging.WARNING) >= 2
+    assert len(hooks.discards) == 3
+
+
+async def test_handle_does_not_retry_the_broker_redelivers(bus: EventBus) -> None:
+    calls: list[int] = []
+
+    @bus.on("x", retry=QUICK)
+    async def broken(event: Event) -> None:
+        calls.append(1)
+        raise ValueError("broken")
+
+    failures = await bus.handle(Event(name="x"))
+    assert len(calls) == 1
+    assert len(failures) == 1
+
+
+def test_retry_must_be_a_retry(bus: EventBus) -> None:
+    with pytest.raises(ConfigurationError, match="retry must be a Retry"):
+        bus.on("x", retry=3)  # type: ignore[arg-type]
+
+
+# -- loud in tests ---------------------------------------------------------------------------
+
+
+def test_capture_raises_when_a_handler_failed(app: FastAPI, bus: EventBus) -> None:
+    @bus.on("cat.*")
+    async def broken(event: Event) -> None:
+        raise LookupError("no such shelter")
+
+    client = post_emitting(app, "cat.created")
+    with pytest.raises(HandlerFailuresError, match="no such shelter") as raised, capture(bus):
+        assert client.post("/").status_code == 200
+    assert isinstance(raised.value.__cause__, LookupError)
+    assert len(raised.value.failures) == 1
+    assert "broken failed for event 'cat.created'" in str(raised.value)
+
+
+def test_capture_does_not_hide_the_blocks_own_exception(bus: EventBus) -> None:
+    @bus.on("x")
+    async def broken(event: Event) -> None:
+        raise LookupError("handler")
+
+    def the_tests_own_failure() -> None:
+        asyncio.run(bus.publish("x"))
+        raise KeyError("the test's own")
+
+    with pytest.raises(KeyError), capture(bus):
+        the_tests_own_failure()
+
+
+# -- the envelope in typed handlers ----------------------------------------------------------
+
+
+class OrderPlaced(BaseModel):
+    __event_name__: ClassVar[str] = "order.placed"
+    id: int
+
+
+async def test_current_event_gives_the_envelope_to_a_typed_handler(
+    app: FastAPI, bus: EventBus
+) -> None:
+    got: list[tuple[int, str]] = []
+
+    @bus.on()
+    async def typed(order: OrderPlaced, event: Event = Depends(current_event)) -> None:
+        got.append((order.id, event.id))
+
+    @bus.on("order.*")
+    def sync_typed(
+        order: OrderPlaced, event: Annotated[Event, Depends(current_event)], request: Request
+    ) -> None:
+        got.append((order.id, event.id))
+
+    published = await bus.publish(OrderPlaced(id=1))
+    handled = Event(name="order.placed", payload={"id": 2})
+    assert await bus.handle(handled) == []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> str:
+        return bus.emit(OrderPlaced(id=3)).id
+
+    emitted = await asyncio.to_thread(lambda: TestClient(app).post("/").json())
+    assert got == [
+        (1, published.id),
+        (1, published.id),
+        (2, handled.id),
+        (2, handled.id),
+        (3, emitted),
+        (3, emitted),
+    ]
+
+
+def test_current_event_outside_a_handler_says_where_it_works(app: FastAPI) -> None:
+    @app.get("/")
+    async def endpoint(event: Event = Depends(current_event)) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="only available while a handler runs"):
+        TestClient(app).get("/")
+
+
+# -- lifespan state everywhere -----------------------------------------------------------------
+
+
+def test_publish_and_handle_see_the_lifespan_state() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"sessionmaker": "the pool"}
+
+    app = FastAPI(lifespan=lifespan)
+    bus = EventBus()
+    bus.install(app)
+    seen: list[str] = []
+
+    def get_session(request: Request) -> str:
+        return str(request.state.sessionmaker)
+
+    @bus.on("x")
+    async def handler(event: Event, session: str = Depends(get_session)) -> None:
+        seen.append(session)
+
+    with TestClient(app) as client, capture(bus):
+        portal(client).call(bus.publish, "x")
+        portal(client).call(bus.handle, Event(name="x"))
+    assert seen == ["the pool", "the pool"]
+
+
+# -- app factories -------------------------------------------------------------------------------
+
+FACTORY_BUS = EventBus()
+FACTORY_LOG: list[tuple[str, str]] = []
+
+
+def factory_greeting() -> str:
+    return "hello"
+
+
+@FACTORY_BUS.on("user.*")
+async def factory_handler(event: Event, greeting: str = Depends(factory_greeting)) -> None:
+    FACTORY_LOG.append((event.name, greeting))
+
+
+def create_app() -> FastAPI:
+    app = FastAPI()
+    FACTORY_BUS.install(app)
+
+    @app.post("/users")
+    async def create(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("user.created")
+
+    return app
+
+
+@pytest.mark.parametrize("greeting", ["first app", "second app", "third app"])
+def test_one_module_level_bus_serves_an_app_per_test(greeting: str) -> None:
+    app = create_app()
+    assert EventBus.of(app) is FACTORY_BUS
+    app.dependency_overrides[factory_greeting] = lambda: greeting
+    FACTORY_LOG.clear()
+    with TestClient(app) as client, capture(FACTORY_BUS):
+        client.post("/users")
+        portal(client).call(FACTORY_BUS.publish, "user.published")
+    assert [("user.created", greeting), ("user.published", greeting)] == FACTORY_LOG
+
+
+def test_of_an_app_without_a_bus_says_what_to_call() -> None:
+    from fastapi_eventbus import BusNotInstalledError
+
+    with pytest.raises(BusNotInstalledError, match=r"bus.install\(app\)"):
+        EventBus.of(FastAPI())

@@ -266,11 +266,14 @@ class EventBus:
     ) -> None:
         if timeout is None:
             timeout = self._core.handler_timeout
-        plan = _di.analyse_handler(func, None if timeout == math.inf else timeout)
+        plan = _di.analyse_handler(func)
         model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
         if not patterns and model_name is not None:
             patterns = [glob.escape(model_name)]
-        handler = Handler(func, plan, tuple(patterns), _di.qualified_name(func), retry)
+        name = _di.qualified_name(func)
+        handler = Handler(
+            func, plan, tuple(patterns), name, None if timeout == math.inf else timeout, retry
+        )
         if not patterns:
             raise ConfigurationError(f"handler {handler.name} needs at least one event pattern")
         matchers = [compile_pattern(p) for p in patterns]

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from starlette.background import BackgroundTasks
 
 from . import _di
+from ._deadline import Limit, Watchdog
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
 from ._patterns import PatternIndex
@@ -77,6 +78,8 @@ class Handler:
     plan: _di.HandlerPlan
     patterns: tuple[str, ...]
     name: str
+    timeout: float | None = None
+    """Seconds one call (dependencies, body, ``yield`` exits) may take; None: no limit."""
     retry: Retry | None = None
     """How often an in-process call is tried again after it failed (not in workers)."""
 
@@ -202,6 +205,7 @@ class Core:
         self._refused = 0
         self._refused_logged = 0.0
         self._unmatched: set[str] = set()
+        self._watchdog: Watchdog | None = None
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
@@ -417,9 +421,28 @@ class Core:
         token = _CURRENT_EVENT.set(event)
         try:
             for handler in handlers:
-                error = await self._attempts(handler, event, batch, local)
+                plan = handler.plan
+                # Read at every call, as FastAPI reads them at every request.
+                overrides = _di.has_overrides(batch.provider)
+                child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
+                if self.tracing is None:  # one coroutine less per call: this is the hot path
+                    error = await self._call(handler, event, batch, child, overrides)
+                else:
+                    error = await self._run(handler, event, batch, child, local, overrides)
+                if error is not None and handler.retry is not None and local:
+                    error, child = await self._retry(handler, event, batch, child, error)
                 if error is not None:
+                    await self._failed(handler, event, error)
                     failures.append(HandlerFailure(event, handler.name, error))
+                for observer in self.observers:
+                    observer.on_handled(event, handler.name, error)
+                if child is None or not child.events:
+                    continue
+                if error is not None:
+                    await self.discard(child, f"handler {handler.name} failed", error)
+                else:
+                    self.active.add(child)
+                    await self.flush(child)
         finally:
             _CURRENT_EVENT.reset(token)
         return failures
@@ -439,26 +462,29 @@ class Core:
             "@bus.on and bus.forward" if local else "@bus.on",
         )
 
-    async def _attempts(
-        self, handler: Handler, event: Event, batch: Batch, local: bool
-    ) -> BaseException | None:
-        """Call *handler* until it succeeds or its retry policy gives up; the last error."""
-        retry = handler.retry if local else None
-        attempt, started = 1, 0.0 if retry is None else time.monotonic()
-        while True:
-            # Read at every call, as FastAPI reads them at every request.
-            overrides = _di.has_overrides(batch.provider)
-            plan = handler.plan
-            child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
-            if self.tracing is None:  # one coroutine less per call: this is the hot path
-                error = await self._call(handler, event, batch, child, overrides)
-            else:
-                error = await self._run(handler, event, batch, child, local, overrides)
-            if error is None or retry is None or not _retrying(retry, attempt, started):
-                break
+    async def _retry(
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch | None,
+        failed: BaseException,
+    ) -> tuple[BaseException | None, Batch | None]:
+        """Call *handler* again, per its `Retry`, after it failed with *failed*.
+
+        Each failed attempt is logged at WARNING and the events it emitted are
+        discarded; returns the last attempt's error (None: it succeeded) and
+        the child batch of its chained events.
+        """
+        retry = handler.retry
+        assert retry is not None
+        attempt, started = 1, time.monotonic()
+        error: BaseException | None = failed
+        while error is not None and _retrying(retry, attempt, started):
             if child is not None and child.events:
-                reason = f"handler {handler.name} failed (attempt {attempt})"
-                await self.discard(child, reason, error)
+                await self.discard(
+                    child, f"handler {handler.name} failed (attempt {attempt})", error
+                )
             delay = retry.delay(attempt)
             logger.warning(
                 "handler %s failed for event %r (id=%s), attempt %d of %d (%r); "
@@ -473,17 +499,22 @@ class Core:
             )
             await asyncio.sleep(delay)
             attempt += 1
-        if error is not None:
-            await self._failed(handler, event, error)
-        for observer in self.observers:
-            observer.on_handled(event, handler.name, error)
-        if child is not None and child.events:
-            if error is not None:
-                await self.discard(child, f"handler {handler.name} failed", error)
+            plan = handler.plan
+            overrides = _di.has_overrides(batch.provider)
+            child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
+            if self.tracing is None:
+                error = await self._call(handler, event, batch, child, overrides)
             else:
-                self.active.add(child)
-                await self.flush(child)
-        return error
+                error = await self._run(handler, event, batch, child, True, overrides)
+        return error, child
+
+    def _limit(self, seconds: float, handler: Handler) -> Limit:
+        """*handler*'s time limit, watched by this event loop's watchdog."""
+        loop = asyncio.get_running_loop()
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.loop is not loop:  # a bare TestClient: a loop a request
+            watchdog = self._watchdog = Watchdog(loop)
+        return Limit(watchdog, seconds, handler.name)
 
     async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
         logger.error(
@@ -530,7 +561,11 @@ class Core:
             if child is not None:
                 scope = dict(batch.get_scope())
                 scope[SCOPE_KEY] = self.make_view(self, child)
-            await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
+            if (timeout := handler.timeout) is None:
+                await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
+            else:
+                with self._limit(timeout, handler):
+                    await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
         except Exception as exc:
             return exc
         return None

@@ -13,12 +13,10 @@ solver for every call, on exit stacks that belong to that call alone.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Annotated, Any, ForwardRef, get_args, get_origin
 
 from fastapi import params
@@ -96,8 +94,6 @@ class HandlerPlan:
     may_emit: bool = True
     """Whether the handler may get a bus (``Depends(get_bus)``) to emit chained events.
     False only for simple graphs that do not ask for one (overrides aside: see `run_handler`)."""
-    timeout: float | None = None
-    """Seconds one call (dependencies, body, ``yield`` exits) may take; None: no limit."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
@@ -311,7 +307,7 @@ def _is_simple(dependant: Dependant) -> bool:
     )
 
 
-def analyse_handler(func: Callable[..., Any], timeout: float | None = None) -> HandlerPlan:
+def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     """Analyse *func* once: its event parameter and its dependency graph.
 
     Raises `ConfigurationError` naming the handler and the parameter for
@@ -362,7 +358,6 @@ def analyse_handler(func: Callable[..., Any], timeout: float | None = None) -> H
         simple,
         steps,
         may_emit,
-        timeout,
     )
 
 
@@ -384,37 +379,34 @@ async def run_handler(
 
     *scope* is a fresh dict owned by this call; the handler's own exit stacks
     are stored in it, so ``yield`` dependencies open and close around this call
-    and never touch the request's stacks. With a ``plan.timeout``, the whole
-    call (dependencies, body, ``yield`` exits) is cancelled at the deadline and
-    raises `TimeoutError`.
+    and never touch the request's stacks.
     """
     if overrides is None:
         overrides = has_overrides(overrides_provider)
-    with _NO_DEADLINE if plan.timeout is None else Deadline(plan.timeout, func):
-        if plan.uses_solver and (not plan.simple or overrides):
-            await _run_solved(plan, func, event_arg, scope, overrides_provider)
-            return
-        values: dict[str, Any] = {}
-        if plan.steps:  # `_solve_simple`, its first level inlined: one coroutine less
-            cache: dict[Any, Any] = {}
-            for step in plan.steps:
-                sub_values = await _solve_simple(step.needs, cache) if step.needs else {}
-                call = step.call
-                if step.use_cache and call in cache:
-                    solved = cache[call]
-                elif step.is_async:
-                    solved = await call(**sub_values)
-                else:
-                    solved = await run_in_threadpool(call, **sub_values)
-                if step.name is not None:
-                    values[step.name] = solved
-                cache.setdefault(call, solved)
-        if plan.event_param is not None:
-            values[plan.event_param] = event_arg
-        if plan.is_async:
-            await func(**values)
-        else:
-            await _call_sync(func, values)
+    if plan.uses_solver and (not plan.simple or overrides):
+        await _run_solved(plan, func, event_arg, scope, overrides_provider)
+        return
+    values: dict[str, Any] = {}
+    if plan.steps:  # `_solve_simple`, its first level inlined: one coroutine less
+        cache: dict[Any, Any] = {}
+        for step in plan.steps:
+            sub_values = await _solve_simple(step.needs, cache) if step.needs else {}
+            call = step.call
+            if step.use_cache and call in cache:
+                solved = cache[call]
+            elif step.is_async:
+                solved = await call(**sub_values)
+            else:
+                solved = await run_in_threadpool(call, **sub_values)
+            if step.name is not None:
+                values[step.name] = solved
+            cache.setdefault(call, solved)
+    if plan.event_param is not None:
+        values[plan.event_param] = event_arg
+    if plan.is_async:
+        await func(**values)
+    else:
+        await _call_sync(func, values)
 
 
 async def _run_solved(
@@ -495,60 +487,3 @@ async def _call_sync(func: Callable[..., Any], values: dict[str, Any]) -> None:
     result = await run_in_threadpool(func, **values)
     if inspect.isawaitable(result):
         await result
-
-
-class _NoDeadline:
-    """`Deadline`'s stand-in for handlers without a time limit."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
-_NO_DEADLINE = _NoDeadline()
-
-
-class Deadline:
-    """Cancel the running task after *seconds*, and raise `TimeoutError` in its place.
-
-    `asyncio.timeout` with less bookkeeping, as a plain (not async) context
-    manager: one timer per handler call. Code waiting on a thread (sync handlers
-    and dependencies) stops waiting at the deadline; the thread itself cannot
-    be stopped and runs to its end.
-    """
-
-    __slots__ = ("_func", "_seconds", "_task", "_timer", "expired")
-
-    def __init__(self, seconds: float, func: Callable[..., Any]) -> None:
-        self._seconds = seconds
-        self._func = func
-        self.expired = False
-
-    def __enter__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
-
-    def _expire(self) -> None:
-        self.expired = True
-        self._task.cancel()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._timer.cancel()
-        if not self.expired or self._task.uncancel() > 0:  # > 0: cancelled from outside too
-            return
-        if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
-            # None: the handler caught the cancellation and returned; it did not finish either.
-            raise TimeoutError(
-                f"handler {qualified_name(self._func)} did not finish within {self._seconds}s"
-            ) from exc

@@ -155,6 +155,25 @@ async def test_undecodable_messages_follow_the_policy(
     assert "is not an event" in record.getMessage()
 
 
+async def test_a_timed_out_handler_fails_its_message_and_frees_the_slot(moto: Moto) -> None:
+    queue_url = await create_queue(moto, "orders")
+    bus = EventBus(handler_timeout=0.2)
+    hung: list[str] = []
+
+    @bus.on("order.*")
+    async def hangs_once(event: Event) -> None:
+        if event.id not in hung:
+            hung.append(event.id)
+            await asyncio.Event().wait()  # hung: only the timeout ends this call
+
+    ids = await publish(moto, queue_url, {"n": 1}, {"n": 2})
+    async with Worker(bus, source(moto, queue_url), concurrency=1) as worker:
+        await until(lambda: worker.stats.handled == 2)
+    assert worker.stats.failed == 2  # each timed out once, then came back and succeeded
+    assert sorted(hung) == sorted(ids)
+    assert await counts(moto, queue_url) == (0, 0)
+
+
 async def test_stop_gives_unfinished_messages_back(moto: Moto) -> None:
     queue_url = await create_queue(moto, "orders", {"VisibilityTimeout": "60"})
     bus = EventBus()

@@ -6,21 +6,36 @@ module-level apps, buses and stand-in lists start empty every time.
 
 import asyncio
 import contextvars
+import functools
+import inspect
 import logging
+import math
+import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import (
+    Depends,
+    FastAPI,
+    HTTPException,
+    Request,
+    Response,
+    WebSocket,
+    WebSocketDisconnect,
+)
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from fastapi_eventbus import (
     BusNotInstalledError,
@@ -30,11 +45,15 @@ from fastapi_eventbus import (
     EventBus,
     EventChainError,
     HandlerFailure,
+    HandlerFailuresError,
     InvalidEventError,
     OutsideRequestError,
+    Retry,
+    current_event,
+    exceptions,
     get_bus,
 )
-from fastapi_eventbus.testing import capture
+from fastapi_eventbus.testing import HandledEvent, RecordingForwarder, capture
 from tests._support import ROOT, ASGIApp, load_module, on_response_sent, wait_for
 
 Loader = Callable[[str], ModuleType]
@@ -252,6 +271,365 @@ def test_event_parameter_rules() -> None:
         async def two(first: Event, second: Event) -> None: ...
 
 
+# -- handlers.md: time limits, retries, the envelope, endpoints and handlers --------------------
+
+
+def test_a_stuck_handler_times_out_and_the_others_still_run(
+    load: Loader, caplog: pytest.LogCaptureFixture
+) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    mod.STOCK_CACHE.stuck = True
+    started = time.monotonic()
+    with TestClient(mod.app) as client, capture(mod.bus, raise_failures=False) as events:
+        assert client.post("/orders/1/pay", params={"amount": 30}).status_code == 200
+    assert 0.5 <= time.monotonic() - started < 5
+    [failure] = events.failures
+    assert failure.handler == "handlers_limits.refresh_stock_cache"
+    assert isinstance(failure.error, TimeoutError)
+    assert str(failure.error) == (
+        "handler handlers_limits.refresh_stock_cache did not finish within 0.5s"
+    )
+    assert mod.CARRIER.booked == [1]  # the event's other handlers still ran
+    assert list(mod.RECEIPTS.values()) == [1]
+    assert any(
+        r.levelno == logging.ERROR
+        and r.getMessage().startswith(
+            "handler handlers_limits.refresh_stock_cache failed for event 'order.paid'"
+        )
+        for r in caplog.records
+    )
+
+
+def test_the_long_job_of_the_example_runs(load: Loader) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    with capture(mod.bus):
+        asyncio.run(mod.bus.publish("report.requested", {"month": "2026-11"}))
+    assert mod.REPORTS == ["2026-11"]
+
+
+def test_the_bus_default_none_and_no_limit() -> None:
+    assert inspect.signature(EventBus).parameters["handler_timeout"].default == 60.0
+    failures: list[HandlerFailure] = []
+    bus = EventBus(handler_timeout=0.1, on_error=failures.append)
+    finished: list[str] = []
+
+    @bus.on("job")
+    async def bounded(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("bounded")
+
+    @bus.on("job", timeout=None)  # the same: the bus's handler_timeout
+    async def also_bounded(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("also_bounded")
+
+    @bus.on("job", timeout=math.inf)
+    async def unbounded(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("unbounded")
+
+    asyncio.run(bus.publish("job"))
+    assert finished == ["unbounded"]
+    assert [f.handler.rsplit(".", 1)[-1] for f in failures] == ["bounded", "also_bounded"]
+    assert all(isinstance(f.exception, TimeoutError) for f in failures)
+
+    no_default = EventBus(handler_timeout=None)
+
+    @no_default.on("job")
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.3)
+        finished.append("slow")
+
+    with capture(no_default):
+        asyncio.run(no_default.publish("job"))
+    assert finished[-1] == "slow"
+
+
+@pytest.mark.parametrize("slow_part", ["dependency", "body", "yield exit"])
+def test_the_time_limit_covers_the_whole_call(slow_part: str) -> None:
+    bus = EventBus()
+
+    async def resource() -> AsyncIterator[None]:
+        if slow_part == "dependency":
+            await asyncio.sleep(5)
+        yield
+        if slow_part == "yield exit":
+            await asyncio.sleep(5)
+
+    @bus.on("x", timeout=0.1)
+    async def handler(event: Event, _: Annotated[None, Depends(resource)]) -> None:
+        if slow_part == "body":
+            await asyncio.sleep(5)
+
+    started = time.monotonic()
+    with capture(bus, raise_failures=False) as events:
+        asyncio.run(bus.publish("x"))
+    assert time.monotonic() - started < 2
+    assert [type(call.error) for call in events.handled] == [TimeoutError]
+
+
+def test_a_sync_handler_is_reported_at_the_deadline_and_its_thread_runs_on() -> None:
+    bus = EventBus()
+    release, finished = threading.Event(), threading.Event()
+
+    @bus.on("x", timeout=0.1)
+    def blocking(event: Event) -> None:
+        release.wait(5)  # a thread cannot be stopped
+        finished.set()
+
+    started = time.monotonic()
+    try:
+        with capture(bus, raise_failures=False) as events:
+            asyncio.run(bus.publish("x"))
+        assert time.monotonic() - started < 2  # the bus stopped waiting at the deadline
+        assert [type(call.error) for call in events.handled] == [TimeoutError]
+        assert not finished.is_set()
+    finally:
+        release.set()
+    assert finished.wait(5)  # the thread ran on to its end
+
+
+def test_a_handler_that_swallows_the_cancellation_is_not_bounded() -> None:
+    bus = EventBus()
+
+    @bus.on("x", timeout=0.1)
+    async def stubborn(event: Event) -> None:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # keeps going: the bus can only wait
+
+    started = time.monotonic()
+    with capture(bus, raise_failures=False) as events:
+        asyncio.run(bus.publish("x"))
+    assert time.monotonic() - started >= 0.4
+    assert [type(call.error) for call in events.handled] == [TimeoutError]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "5", float("nan")])
+def test_bad_time_limits_are_refused_where_they_are_given(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="handler_timeout must be a number of seconds"):
+        EventBus(handler_timeout=bad)
+    with pytest.raises(ConfigurationError, match="timeout must be a number of seconds"):
+        EventBus().on("x", timeout=bad)
+
+
+def _retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "fastapi_eventbus" and r.levelno == logging.WARNING
+    ]
+
+
+def test_a_flaky_handler_is_retried(load: Loader, caplog: pytest.LogCaptureFixture) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    mod.CARRIER.outages = 2
+    with capture(mod.bus) as events:  # strict: a failure would raise here
+        asyncio.run(mod.bus.publish(mod.OrderPaid(id=1, amount=30)))
+    assert mod.CARRIER.calls == 3
+    assert mod.CARRIER.booked == [1]
+    assert events.handlers_for("order.paid").count("handlers_limits.book_shipment") == 1
+    first, second = _retry_warnings(caplog)
+    assert first.startswith("handler handlers_limits.book_shipment failed for event 'order.paid'")
+    assert "attempt 1 of 3 (ConnectionError('carrier API unavailable')); trying again in" in first
+    assert "attempt 2 of 3" in second
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_handler_that_keeps_failing_is_reported_once(
+    load: Loader, caplog: pytest.LogCaptureFixture
+) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    mod.CARRIER.outages = 10
+    with capture(mod.bus, raise_failures=False) as events:
+        asyncio.run(mod.bus.publish(mod.OrderPaid(id=1, amount=30)))
+    assert mod.CARRIER.calls == 3
+    [failure] = events.failures
+    assert failure.handler == "handlers_limits.book_shipment"
+    assert isinstance(failure.error, ConnectionError)
+    assert len(_retry_warnings(caplog)) == 2
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage().startswith("handler handlers_limits.book_shipment failed")
+    assert list(mod.RECEIPTS.values()) == [1]  # the other handlers are not retried
+
+
+@pytest.mark.parametrize("recovers", [True, False])
+def test_a_failed_attempts_events_are_discarded(recovers: bool) -> None:
+    failures: list[HandlerFailure] = []
+    discarded: list[DiscardedEvents] = []
+    bus = EventBus(on_error=failures.append, on_discard=discarded.append)
+    tries: list[int] = []
+    booked: list[str] = []
+
+    @bus.on("order.paid", retry=Retry(attempts=3, initial_delay=0.01, max_delay=0.01))
+    async def book(event: Event, chained: Annotated[EventBus, Depends(get_bus)]) -> None:
+        tries.append(1)
+        chained.emit("shipment.booked")
+        if not recovers or len(tries) < 3:
+            raise ConnectionError("carrier API unavailable")
+
+    @bus.on("shipment.booked")
+    async def on_booked(event: Event) -> None:
+        booked.append(event.id)
+
+    asyncio.run(bus.publish("order.paid"))
+    assert len(tries) == 3
+    assert len(booked) == (1 if recovers else 0)  # only a successful attempt's events
+    assert len(discarded) == (2 if recovers else 3)
+    assert discarded[0].reason.endswith(".book failed (attempt 1)")
+    assert [type(f.exception) for f in failures] == ([] if recovers else [ConnectionError])
+
+
+def test_each_try_has_its_own_time_limit_and_total_timeout_stops_retries() -> None:
+    bus = EventBus()
+    tries: list[int] = []
+    stopped: list[int] = []
+
+    @bus.on("x", timeout=0.1, retry=Retry(attempts=2, initial_delay=0.01, max_delay=0.01))
+    async def hangs_once(event: Event) -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            await asyncio.Event().wait()
+
+    @bus.on("y", retry=Retry(attempts=100, initial_delay=0.05, max_delay=0.05, total_timeout=0.2))
+    async def always_fails(event: Event) -> None:
+        stopped.append(1)
+        raise ConnectionError("down")
+
+    with capture(bus):  # strict: the second try of hangs_once succeeded
+        asyncio.run(bus.publish("x"))
+    assert len(tries) == 2
+    with capture(bus, raise_failures=False) as events:
+        asyncio.run(bus.publish("y"))
+    assert 2 <= len(stopped) < 20
+    assert [type(call.error) for call in events.failures] == [ConnectionError]
+
+
+def test_a_worker_does_not_retry_the_redelivery_does(load: Loader) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    mod.CARRIER.outages = 1
+    event = Event(name="order.paid", payload={"id": 1, "amount": 30})
+    with capture(mod.bus, raise_failures=False):
+        failures = asyncio.run(mod.bus.handle(event))  # what the worker calls
+    assert mod.CARRIER.calls == 1  # no retry in process
+    assert [f.handler for f in failures] == ["handlers_limits.book_shipment"]
+    with capture(mod.bus):  # the broker delivers the same event again
+        assert asyncio.run(mod.bus.handle(event)) == []
+    assert mod.CARRIER.booked == [1]
+    receipts: dict[str, int] = mod.RECEIPTS
+    assert receipts == {event.id: 1}  # one receipt per event id
+
+
+def test_typed_handlers_get_the_envelope(load: Loader) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    with TestClient(mod.app) as client, capture(mod.bus) as events:
+        emitted = client.post("/orders/1/pay", params={"amount": 30}).json()["event_id"]
+    published = asyncio.run(mod.bus.publish(mod.OrderPaid(id=2, amount=5)))
+    assert events.emitted[0].id == emitted
+    receipts: dict[str, int] = mod.RECEIPTS
+    assert receipts == {emitted: 1, published.id: 2}
+
+
+def test_current_event_in_dependencies_and_both_spellings() -> None:
+    bus = EventBus()
+    seen: list[str] = []
+
+    def event_id(event: Annotated[Event, Depends(current_event)]) -> str:
+        return event.id  # a sync dependency, in the threadpool
+
+    @bus.on("x")
+    async def handler(
+        from_dependency: Annotated[str, Depends(event_id)],
+        event: Event = Depends(current_event),
+    ) -> None:
+        seen.extend([from_dependency, event.id])
+
+    published = asyncio.run(bus.publish("x"))
+    assert seen == [published.id, published.id]
+
+
+def test_current_event_in_an_endpoint_is_a_configuration_error(load: Loader) -> None:
+    mod = load("docs/examples/handlers_limits.py")
+    app: FastAPI = mod.app
+
+    @app.get("/envelope")
+    async def envelope(event: Annotated[Event, Depends(current_event)]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="only available while a handler runs"):
+        TestClient(app).get("/envelope")
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # "coroutine ... was never awaited"
+def test_wrapped_partial_and_awaitable_returning_handlers_run() -> None:
+    bus = EventBus()
+    ran: list[str] = []
+
+    def logged(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    async def wrapped(event: Event) -> None:
+        ran.append("wrapped")
+
+    async def notify(channel: str, event: Event) -> None:
+        ran.append(channel)
+
+    def returns_awaitable(event: Event) -> Awaitable[None]:
+        return notify("awaitable", event)
+
+    bus.on("x")(logged(wrapped))
+    bus.on("x")(functools.partial(notify, "partial"))
+    bus.on("x")(returns_awaitable)
+    with capture(bus):
+        asyncio.run(bus.publish("x"))
+    assert ran == ["wrapped", "partial", "awaitable"]
+
+
+def test_request_and_http_connection_and_the_lifespan_state() -> None:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"pool": "the pool"}
+
+    app = FastAPI(lifespan=lifespan)
+    bus = EventBus()
+    bus.install(app)
+    seen: list[tuple[str, str, str, str, int]] = []
+
+    @bus.on("x")
+    async def handler(event: Event, request: Request, connection: HTTPConnection) -> None:
+        state = (request.state.pool, connection.state.pool)
+        seen.append((request.method, request.url.path, *state, len(request.headers)))
+
+    with TestClient(app) as client:
+        assert client.portal is not None
+        with capture(bus):
+            client.portal.call(bus.publish, "x")
+            client.portal.call(bus.handle, Event(name="x"))
+    assert seen == [("POST", "/", "the pool", "the pool", 0)] * 2
+
+
+def test_parameters_fastapi_would_not_fill_are_refused() -> None:
+    bus = EventBus()
+    with pytest.raises(ConfigurationError, match="would never fill parameter 'first'"):
+
+        @bus.on("x")
+        def two_requests(event: Event, first: Request, second: Request) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="asks for a Response"):
+
+        @bus.on("x")
+        def response(event: Event, response: Response) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="asks for a WebSocket"):
+
+        @bus.on("x")
+        def websocket(event: Event, websocket: WebSocket) -> None: ...
+
+
 # -- typed-events.md ----------------------------------------------------------------------------
 
 
@@ -337,14 +715,16 @@ def test_capture_examples(load: Loader) -> None:
     mod = load("docs/examples/testing_capture.py")
     mod.test_adopting_a_cat_notifies_the_shelter()
     mod.test_adopt_emits_without_running_handlers()
-    assert mod.SHELTER_NOTES == [7]
+    mod.test_a_shelter_outage_is_a_handler_failure()
+    assert mod.SHELTER.notes == [7]
+    assert mod.app.dependency_overrides == {}
 
 
 @pytest.mark.anyio
 async def test_capture_publish_example(load: Loader) -> None:
     mod = load("docs/examples/testing_capture.py")
     await mod.test_notify_shelter_on_its_own()
-    assert mod.SHELTER_NOTES == [9]
+    assert mod.SHELTER.notes == [9]
 
 
 def test_capture_sees_handler_failures(load: Loader) -> None:
@@ -361,7 +741,72 @@ def test_capture_sees_handler_failures(load: Loader) -> None:
     [failure] = events.failures
     assert failure.handler.endswith("broken")
     assert isinstance(failure.error, LookupError)
-    assert mod.SHELTER_NOTES == [1]
+    assert mod.SHELTER.notes == [1]
+
+
+def test_capture_raises_when_a_handler_failed(load: Loader) -> None:
+    mod = load("docs/examples/testing_capture.py")
+    mod.app.dependency_overrides[mod.get_shelter] = mod.ClosedShelter
+    with TestClient(mod.app) as client:
+        with pytest.raises(HandlerFailuresError) as raised, capture(mod.bus):
+            assert client.post("/cats/10/adopt").status_code == 200
+        error = raised.value
+        [call] = error.failures
+        assert isinstance(call, HandledEvent)
+        assert str(error).splitlines() == [
+            "1 handler call(s) failed inside capture(); pass raise_failures=False to assert on "
+            "Capture.failures instead:",
+            f"- testing_capture.notify_shelter failed for event 'cat.adopted' "
+            f"(id={call.event.id}): ConnectionError: the shelter's API is down",
+        ]
+        assert error.__cause__ is call.error
+        assert isinstance(call.error, ConnectionError)
+        assert HandlerFailuresError is exceptions.HandlerFailuresError
+
+        def the_tests_own_failure() -> None:
+            client.post("/cats/11/adopt")  # the handler fails here too
+            raise KeyError("the test's own")
+
+        with pytest.raises(KeyError, match="the test's own"), capture(mod.bus):
+            the_tests_own_failure()  # goes through instead of HandlerFailuresError
+
+
+def test_app_factory_examples(load: Loader) -> None:
+    mod = load("docs/examples/app_factory.py")
+    mod.test_a_new_user_is_welcomed()
+    mod.test_each_app_has_overrides_of_its_own()
+
+
+def test_one_bus_on_several_apps(load: Loader) -> None:
+    mod = load("docs/examples/app_factory.py")
+    first, second = mod.create_app(), mod.create_app()
+    assert EventBus.of(first) is EventBus.of(second) is mod.bus
+    first_mailer, second_mailer = mod.Mailer(), mod.Mailer()
+    first.dependency_overrides[mod.get_mailer] = lambda: first_mailer
+    second.dependency_overrides[mod.get_mailer] = lambda: second_mailer
+
+    # Requests use their own app's overrides.
+    for app, email in ((first, "ada@example.com"), (second, "bob@example.com")):
+        with TestClient(app) as client:
+            client.post("/users", params={"email": email})
+    assert first_mailer.sent == ["ada@example.com"]
+    assert second_mailer.sent == ["bob@example.com"]
+
+    # publish() uses the app whose lifespan started last, or else the app installed last.
+    with TestClient(first) as client:
+        assert client.portal is not None
+        client.portal.call(mod.bus.publish, "user.created", {"email": "lifespan@example.com"})
+    assert first_mailer.sent[-1] == "lifespan@example.com"
+    third = mod.create_app()
+    third_mailer = mod.Mailer()
+    third.dependency_overrides[mod.get_mailer] = lambda: third_mailer
+    asyncio.run(mod.bus.publish("user.created", {"email": "installed@example.com"}))
+    assert third_mailer.sent == ["installed@example.com"]
+
+
+def test_of_an_app_without_a_bus() -> None:
+    with pytest.raises(BusNotInstalledError, match=r"bus\.install\(app\)"):
+        EventBus.of(FastAPI())
 
 
 def test_disabled_by_environment(load: Loader, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,7 +817,7 @@ def test_disabled_by_environment(load: Loader, monkeypatch: pytest.MonkeyPatch) 
         assert client.post("/cats/1/adopt").status_code == 200
     assert events.names == ["cat.adopted"]  # still validated and recorded
     assert events.handled == []
-    assert mod.SHELTER_NOTES == []
+    assert mod.SHELTER.notes == []
 
 
 def test_disabled_bus_still_validates() -> None:
@@ -668,6 +1113,73 @@ def test_a_chain_loop_stops_at_max_chain_depth(load: Loader) -> None:
     assert failure is events.handled[-1]
     assert isinstance(failure.error, EventChainError)
     assert isinstance(mod.FAILURES[0].exception, EventChainError)
+
+
+def test_a_swallowed_handler_exception_is_still_a_failure(load: Loader) -> None:
+    mod = load("docs/examples/semantics_errors.py")
+    asyncio.run(mod.bus.publish("refund.requested", {"amount": 500}))
+    assert mod.ROLLED_BACK == [500]  # the dependency caught the exception
+    [failure] = mod.FAILURES  # and the call failed all the same
+    assert failure.handler == "semantics_errors.refund"
+    assert isinstance(failure.exception, ValueError)
+    assert failure.exception.__notes__ == [
+        "a yield dependency of the handler caught this exception and did not re-raise it"
+    ]
+    asyncio.run(mod.bus.publish("refund.requested", {"amount": 20}))
+    assert len(mod.FAILURES) == 1
+
+
+def test_an_event_nothing_handles_is_warned_about_once(
+    load: Loader, caplog: pytest.LogCaptureFixture
+) -> None:
+    mod = load("docs/examples/semantics_errors.py")
+    with TestClient(mod.app) as client:
+        client.post("/payments", json={"amount": 10, "card": "ok"})
+    assert [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"] == []
+
+    async def publish_twice() -> str:
+        first: Event = await mod.bus.publish("payment.recieved")  # a typo
+        await mod.bus.publish("payment.recieved")
+        return first.id
+
+    event_id = asyncio.run(publish_twice())
+    [record] = [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"event 'payment.recieved' (id={event_id}) matches no handler and no forwarder: "
+        "check the patterns given to @bus.on and bus.forward (warned once per event name)"
+    )
+
+
+def test_silencing_the_unmatched_warning(load: Loader, caplog: pytest.LogCaptureFixture) -> None:
+    mod = load("docs/examples/semantics_errors.py")
+    unmatched = logging.getLogger("fastapi_eventbus.unmatched")
+    level = unmatched.level
+    try:
+        mod.silence_unmatched_warnings()
+        asyncio.run(mod.bus.publish("audit.login"))
+    finally:
+        unmatched.setLevel(level)
+    assert [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"] == []
+
+
+@pytest.mark.parametrize("pattern", [" user.*", "user.* "])
+def test_a_pattern_that_can_never_match_is_refused(pattern: str) -> None:
+    bus = EventBus()
+    with pytest.raises(
+        ConfigurationError, match=re.escape(f"the pattern {pattern!r} can never match")
+    ):
+        bus.on(pattern)
+    with pytest.raises(ConfigurationError, match="can never match"):
+        bus.forward(pattern, RecordingForwarder())
+
+
+def test_on_without_parentheses_says_what_to_write() -> None:
+    bus = EventBus()
+    with pytest.raises(ConfigurationError, match=r'write @bus.on\("pattern"\) with parentheses'):
+
+        @bus.on  # type: ignore[arg-type]
+        async def handler(event: Event) -> None: ...
 
 
 def test_emit_on_the_application_bus(load: Loader) -> None:

@@ -1,5 +1,7 @@
 """What happens when an endpoint or a handler fails."""
 
+import logging
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException
@@ -11,6 +13,7 @@ FAILURES: list[HandlerFailure] = []  # stands in for an error tracker
 DISCARDED: list[DiscardedEvents] = []  # stands in for a metrics counter
 LEDGER: list[int] = []  # amounts booked by update_ledger
 INVOICES: list[int] = []  # amounts invoiced by mail_invoice
+ROLLED_BACK: list[int] = []  # refunds whose session was rolled back
 
 
 # --8<-- [start:hooks]
@@ -74,3 +77,34 @@ async def meow_back(event: Event, bus: Bus) -> None:
 async def meow(bus: Bus) -> None:
     bus.emit("cat.meow")
     # --8<-- [end:loop]
+
+
+# --8<-- [start:swallowed]
+class Session:
+    """Stands in for a database session."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+
+def get_session() -> Iterator[Session]:
+    session = Session()
+    try:
+        yield session
+    except ValueError:
+        ROLLED_BACK.extend(session.rows)  # rolled back, and not raised again
+
+
+@bus.on("refund.requested")
+async def refund(event: Event, session: Annotated[Session, Depends(get_session)]) -> None:
+    session.rows.append(event.payload["amount"])
+    if event.payload["amount"] > 100:
+        raise ValueError("refunds over 100 need an approval")  # still a failure
+    # --8<-- [end:swallowed]
+
+
+# --8<-- [start:silence]
+def silence_unmatched_warnings() -> None:
+    """For a bus that emits events no handler or forwarder in this process takes, on purpose."""
+    logging.getLogger("fastapi_eventbus.unmatched").setLevel(logging.ERROR)
+    # --8<-- [end:silence]

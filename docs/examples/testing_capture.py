@@ -17,12 +17,27 @@ bus = EventBus()
 app = FastAPI()
 bus.install(app)
 
-SHELTER_NOTES: list[int] = []  # stands in for the shelter's API
+
+class Shelter:
+    """Stands in for the shelter's API client."""
+
+    def __init__(self) -> None:
+        self.notes: list[int] = []
+
+    def note_adoption(self, cat_id: int) -> None:
+        self.notes.append(cat_id)
+
+
+SHELTER = Shelter()
+
+
+def get_shelter() -> Shelter:
+    return SHELTER
 
 
 @bus.on("cat.adopted")
-async def notify_shelter(event: Event) -> None:
-    SHELTER_NOTES.append(event.payload["id"])
+async def notify_shelter(event: Event, shelter: Annotated[Shelter, Depends(get_shelter)]) -> None:
+    shelter.note_adoption(event.payload["id"])
 
 
 @app.post("/cats/{cat_id}/adopt")
@@ -41,8 +56,7 @@ def test_adopting_a_cat_notifies_the_shelter() -> None:
     assert events.names == ["cat.adopted"]
     assert events.emitted[0].payload == {"id": 7}
     assert events.handlers_for("cat.adopted") == [f"{__name__}.notify_shelter"]
-    assert events.failures == []
-    assert SHELTER_NOTES == [7]
+    assert SHELTER.notes == [7]
     # --8<-- [end:capture]
 
 
@@ -53,7 +67,7 @@ def test_adopt_emits_without_running_handlers() -> None:
 
     assert events.names == ["cat.adopted"]
     assert events.handled == []
-    assert 8 not in SHELTER_NOTES
+    assert 8 not in SHELTER.notes
     # --8<-- [end:no-handlers]
 
 
@@ -64,5 +78,26 @@ async def test_notify_shelter_on_its_own() -> None:
         await bus.publish("cat.adopted", {"id": 9})  # returns once the handlers are done
 
     assert [call.handler for call in events.handled] == [f"{__name__}.notify_shelter"]
-    assert SHELTER_NOTES[-1] == 9
+    assert SHELTER.notes[-1] == 9
     # --8<-- [end:publish]
+
+
+# --8<-- [start:failures]
+class ClosedShelter(Shelter):
+    def note_adoption(self, cat_id: int) -> None:
+        raise ConnectionError("the shelter's API is down")
+
+
+def test_a_shelter_outage_is_a_handler_failure() -> None:
+    app.dependency_overrides[get_shelter] = ClosedShelter
+    try:
+        with TestClient(app) as client, capture(bus, raise_failures=False) as events:
+            response = client.post("/cats/10/adopt")
+    finally:
+        app.dependency_overrides.clear()
+
+    assert response.status_code == 200  # sent before the handler ran
+    [failure] = events.failures
+    assert failure.handler == f"{__name__}.notify_shelter"
+    assert isinstance(failure.error, ConnectionError)
+    # --8<-- [end:failures]

@@ -169,7 +169,9 @@ def _by_pattern(
 
 def _handler_lines(handler: Handler) -> Iterator[str]:
     kind = "async" if handler.plan.is_async else "sync, in the threadpool"
-    yield f"    {handler.name}  ({kind})"
+    limit = "no time limit" if handler.timeout is None else f"timeout {handler.timeout:g}s"
+    tries = "" if handler.retry is None else f", up to {handler.retry.attempts} tries"
+    yield f"    {handler.name}  ({kind}, {limit}{tries})"
     for dependency in handler.plan.describe_dependencies():
         yield f"      depends on {dependency}"
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI
 
-from fastapi_eventbus import Event, EventBus
+from fastapi_eventbus import Event, EventBus, Retry
 from fastapi_eventbus.forwarders import EchoForwarder
 
 
@@ -30,7 +30,7 @@ async def audit(event: Event, config: Annotated[dict[str, str], Depends(settings
     """Registered under two patterns."""
 
 
-@bus.on("order.placed")
+@bus.on("order.placed", timeout=2.5, retry=Retry(attempts=3))
 def send_mail(event: Event, mailer: Annotated[Mailer, Depends()]) -> None:
     """A sync handler."""
 

@@ -35,13 +35,13 @@ from tests.worker.shop import execute
 HANDLERS_OF_TARGETS_APP = """\
 Handlers
   order.*
-    tests.worker.targets.audit  (async)
+    tests.worker.targets.audit  (async, timeout 60s)
       depends on tests.worker.targets.settings
   cat.*
-    tests.worker.targets.audit  (async)
+    tests.worker.targets.audit  (async, timeout 60s)
       depends on tests.worker.targets.settings
   order.placed
-    tests.worker.targets.send_mail  (sync, in the threadpool)
+    tests.worker.targets.send_mail  (sync, in the threadpool, timeout 2.5s, up to 3 tries)
       depends on tests.worker.targets.Mailer
 
 Forwarders
@@ -78,7 +78,7 @@ def test_handlers_takes_an_app_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     code, output = invoke("handlers", "targets:app", "--app-dir", "tests/worker")
     monkeypatch.delitem(sys.modules, "targets")  # imported under that name by the command
     assert code == 0
-    assert "    targets.send_mail  (sync, in the threadpool)" in output
+    assert "    targets.send_mail  (sync, in the threadpool, timeout 2.5s, up to 3 tries)" in output
 
 
 def test_handlers_of_the_example_apps(monkeypatch: pytest.MonkeyPatch) -> None:

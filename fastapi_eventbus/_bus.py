@@ -26,9 +26,10 @@ from ._events import (
     plain_str,
     resolve_emit_args,
 )
-from ._hooks import HandlerFailure, OnDiscard, OnError, logger
+from ._hooks import HandlerFailure, OnDiscard, OnError, ensure_readable_logs, logger
 from ._patterns import compile_pattern, example_name
 from ._retry import Retry
+from ._signals import on_stop_signal
 from .exceptions import (
     BusNotInstalledError,
     ConfigurationError,
@@ -522,7 +523,7 @@ class EventBus:
 
     async def _flush(self) -> None:
         assert self._batch is not None
-        await self._core.flush(self._batch)
+        await self._core.flush(self._batch, stoppable=True)
 
     def _schedule(self, batch: Batch) -> None:
         """Start a tracked task that flushes *batch* (late emits, WebSockets)."""
@@ -681,6 +682,9 @@ def _draining_lifespan(
     """
 
     async def start(forwarder: Forwarder) -> None:
+        if forwarder.verify_on_start:  # its failure stops the application's startup
+            await forwarder.start_checked()
+            return
         try:
             await forwarder.ensure_started()
         except Exception as exc:
@@ -697,6 +701,8 @@ def _draining_lifespan(
             resender: asyncio.Task[None] | None = None
             bus._core.app = app  # publish() and handle() use it: the app running now
             bus._core.lifespan_state = dict(state or {})
+            ensure_readable_logs()
+            stop_watching = on_stop_signal(bus._core.begin_shutdown)
             try:
                 forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
                 await asyncio.gather(*(start(f) for f in forwarders.values()))
@@ -704,6 +710,7 @@ def _draining_lifespan(
                     resender = asyncio.create_task(bus._core.resend_forever())
                 yield state
             finally:
+                stop_watching()
                 if resender is not None:
                     resender.cancel()
                     with suppress(asyncio.CancelledError):

@@ -106,9 +106,11 @@ class Batch:
         "loop",
         "make_scope",
         "provider",
+        "runner",
         "scope",
         "sends",
         "state",
+        "stopped",
         "task",
     )
 
@@ -135,6 +137,10 @@ class Batch:
         self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []
         self.background: BackgroundTasks | None = None
         """The request's background tasks, until the first event adds the flush to them."""
+        self.runner: asyncio.Task[Any] | None = None
+        """The task running a request's flush, which shutdown may stop (`Core.stop_flushes`)."""
+        self.stopped = False
+        """Whether shutdown cancelled `runner`: its flush then reports and returns."""
         if provider is _FROM_SCOPE:
             app = scope.get("app") if scope is not None else None
             provider = app if hasattr(app, "dependency_overrides") else None
@@ -206,6 +212,7 @@ class Core:
         self._refused_logged = 0.0
         self._unmatched: set[str] = set()
         self._watchdog: Watchdog | None = None
+        self._stopping: asyncio.TimerHandle | None = None
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
@@ -243,31 +250,43 @@ class Core:
 
     # -- flushing ---------------------------------------------------------------
 
-    async def flush(self, batch: Batch) -> None:
+    async def flush(self, batch: Batch, stoppable: bool = False) -> None:
         """Forward and handle *batch*'s events, in emission order, until it is empty.
 
         Each round hands the pending events to their forwarders (concurrent
         tasks), then runs the local handlers event by event; the flush ends when
-        the forwarders have finished too.
+        the forwarders have finished too. If it is cancelled, what it did not
+        finish (the event being handled included) is reported. A *stoppable*
+        flush (a request's) is stopped by `stop_flushes` at shutdown's deadline.
         """
         if batch.state == FLUSHING:
             return
         batch.state = FLUSHING
+        if stoppable:
+            batch.runner = asyncio.current_task()
         try:
             while batch.events:
                 round_ = list(batch.events)
                 if self.forwarders:
                     self._forward(round_, batch)
                 for _ in round_:
+                    if not batch.events:  # reported and cleared by drain meanwhile
+                        break
                     event = batch.current = batch.events.popleft()
                     await self.dispatch(event, batch)
                 batch.current = None
             if batch.sends:  # cancelled sends (by drain) were reported there: no raise here
                 await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
                 batch.sends.clear()  # a WebSocket session's batch is flushed many times
+        except asyncio.CancelledError:
+            if not batch.stopped or _uncancel() > 0:
+                raise  # not (only) shutdown's own cancellation: it goes on up
         finally:
-            batch.current = None
+            if batch.current is not None:  # its handlers were running: it did not finish
+                batch.events.appendleft(batch.current)
+                batch.current = None
             batch.state = CLOSED
+            batch.runner = None
             await self._abandon(batch)
             self.active.discard(batch)
             self._finished(batch)
@@ -400,8 +419,28 @@ class Core:
         batch.events.extend(event for event in unsent if event.id not in waiting)
         if batch.events:
             spooled = "; those for forwarders stay in the spool" if self.spool else ""
+            why = "shutdown stopped the flush" if batch.stopped else "the flush was cancelled"
             # Not forgotten by the spool: these were accepted, and are sent again later.
-            await self.discard(batch, f"the flush was cancelled{spooled}", forget=False)
+            await self.discard(batch, f"{why}{spooled}", forget=False, level=logging.ERROR)
+
+    def begin_shutdown(self) -> None:
+        """The server was told to stop: `stop_flushes` in ``shutdown_timeout`` seconds."""
+        if self._stopping is None:
+            loop = asyncio.get_running_loop()
+            self._stopping = loop.call_later(self.shutdown_timeout, self.stop_flushes)
+
+    def stop_flushes(self) -> None:
+        """Cancel the requests' flushes still running: each reports its unfinished events.
+
+        Called ``shutdown_timeout`` seconds after the server was told to stop, so
+        that neither a server waiting for background tasks (uvicorn without
+        ``--timeout-graceful-shutdown``) nor a hung handler holds the process.
+        """
+        for batch in list(self.active):
+            runner = batch.runner
+            if runner is not None and not runner.done() and not batch.stopped:
+                batch.stopped = True
+                runner.cancel()
 
     async def dispatch(
         self, event: Event, batch: Batch, local: bool = True
@@ -425,12 +464,18 @@ class Core:
                 # Read at every call, as FastAPI reads them at every request.
                 overrides = _di.has_overrides(batch.provider)
                 child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
-                if self.tracing is None:  # one coroutine less per call: this is the hot path
-                    error = await self._call(handler, event, batch, child, overrides)
-                else:
-                    error = await self._run(handler, event, batch, child, local, overrides)
-                if error is not None and handler.retry is not None and local:
-                    error, child = await self._retry(handler, event, batch, child, error)
+                try:
+                    if self.tracing is None:  # one coroutine less per call: the hot path
+                        error = await self._call(handler, event, batch, child, overrides)
+                    else:
+                        error = await self._run(handler, event, batch, child, local, overrides)
+                    if error is not None and handler.retry is not None and local:
+                        error, child = await self._retry(handler, event, batch, child, error)
+                except asyncio.CancelledError:  # what the handler emitted is reported too
+                    if child is not None and child.events:
+                        reason = f"handler {handler.name} was cancelled"
+                        await self.discard(child, reason, forget=False, level=logging.ERROR)
+                    raise
                 if error is not None:
                     await self._failed(handler, event, error)
                     failures.append(HandlerFailure(event, handler.name, error))
@@ -571,7 +616,13 @@ class Core:
         return None
 
     async def discard(
-        self, batch: Batch, reason: str, exc: BaseException | None = None, *, forget: bool = True
+        self,
+        batch: Batch,
+        reason: str,
+        exc: BaseException | None = None,
+        *,
+        forget: bool = True,
+        level: int | None = None,
     ) -> None:
         """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook.
 
@@ -591,7 +642,8 @@ class Core:
             except SpoolError as error:
                 logger.error("discarded events stay in the spool: %s", error)
         ids = ", ".join(e.id for e in events)
-        level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
+        if level is None:
+            level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
         logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
         await call_hook(self.on_discard, DiscardedEvents(events, reason, exc))
 
@@ -606,11 +658,15 @@ class Core:
         unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
         for batch in self.active:  # reported here, so not again if their task is cancelled
             batch.events.clear()
+            batch.current = None
             for task, _ in batch.sends:
                 task.cancel()
             batch.sends.clear()
             self._finished(batch)
         self.active.clear()
+        if self._stopping is not None:  # the bus may serve again (another app, a new lifespan)
+            self._stopping.cancel()
+            self._stopping = None
         if unfinished:
             spooled = "; those for forwarders stay in the spool" if self.spool else ""
             logger.error(
@@ -636,3 +692,10 @@ class Core:
 def _retrying(retry: Retry, attempt: int, started: float) -> bool:
     """Whether *retry* allows another try after failed attempt number *attempt*."""
     return attempt < retry.attempts and time.monotonic() - started < retry.total_timeout
+
+
+def _uncancel() -> int:
+    """Withdraw one cancellation of the current task; how many are still requested."""
+    task = asyncio.current_task()
+    assert task is not None
+    return task.uncancel()

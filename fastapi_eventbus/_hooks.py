@@ -12,6 +12,34 @@ from ._events import Event
 
 logger = logging.getLogger("fastapi_eventbus")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""How the library's lines look when the application configured no logging of its own."""
+
+
+class _FallbackHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the library's lines to stderr with level, logger and time, while nothing else would.
+
+    Python's last-resort handler prints a bare message: under plain uvicorn,
+    whose logging config covers only its own loggers, an ERROR line about a lost
+    event would say neither ERROR nor when. This handler steps aside as soon as
+    the root logger has a handler (the application configured logging), so no
+    line is printed twice.
+    """
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().handlers:
+            return False
+        return super().handle(record)
+
+
+def ensure_readable_logs() -> None:
+    """Give the library's logger `_FallbackHandler` if its lines would reach no handler."""
+    if not logger.hasHandlers():
+        handler = _FallbackHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+
+
 T = TypeVar("T")
 
 

@@ -107,10 +107,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(env: Mapping[str, str], log: Path, *options: str) -> Iterator[Server]:
-    """Start the app's server with *env* (and uvicorn *options*); kill it when the block ends."""
+def running_server(
+    env: Mapping[str, str], log: Path, *options: str, app: str = APP
+) -> Iterator[Server]:
+    """Start *app*'s server with *env* (and uvicorn *options*); kill it when the block ends."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", APP, "--factory", "--no-access-log"]
+    command = [sys.executable, "-m", "uvicorn", app, "--factory", "--no-access-log"]
     command += ["--host", "127.0.0.1", "--port", str(port), *options]
     with log.open("wb") as out:
         process = subprocess.Popen(

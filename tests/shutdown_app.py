@@ -1,0 +1,79 @@
+"""The application of the shutdown tests (`tests/test_shutdown.py`), served by uvicorn.
+
+```
+python -m uvicorn tests.shutdown_app:create_app --factory --port 8000
+```
+
+``POST /orders?n=20`` emits *n* ``order.placed`` events, each handled by a slow
+handler: async (``asyncio.sleep``), sync (``time.sleep`` in the threadpool) or
+hung (never returns), per `KIND_ENV`. Every id the handler finished is appended
+to the file `HANDLED_ENV` names; every id the bus reported through its hooks
+(``on_discard``, ``on_error``) to the file `REPORTED_ENV` names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI
+
+from fastapi_eventbus import DiscardedEvents, Event, EventBus, HandlerFailure, get_bus
+
+KIND_ENV = "SHUTDOWN_HANDLER_KIND"
+HANDLED_ENV = "SHUTDOWN_HANDLED"
+REPORTED_ENV = "SHUTDOWN_REPORTED"
+SHUTDOWN_TIMEOUT = 2.0
+HANDLER_SECONDS = 0.2
+
+
+def create_app() -> FastAPI:
+    handled, reported = Path(os.environ[HANDLED_ENV]), Path(os.environ[REPORTED_ENV])
+
+    def on_discard(discarded: DiscardedEvents) -> None:
+        _append(reported, *discarded.ids)
+
+    def on_error(failure: HandlerFailure) -> None:
+        _append(reported, failure.event.id)
+
+    bus = EventBus(shutdown_timeout=SHUTDOWN_TIMEOUT, on_discard=on_discard, on_error=on_error)
+    kind = os.environ[KIND_ENV]
+    if kind == "async":
+
+        @bus.on("order.placed")
+        async def record(event: Event) -> None:
+            await asyncio.sleep(HANDLER_SECONDS)
+            _append(handled, event.id)
+
+    elif kind == "sync":
+
+        @bus.on("order.placed")
+        def record_sync(event: Event) -> None:
+            time.sleep(HANDLER_SECONDS)
+            _append(handled, event.id)
+
+    else:
+
+        @bus.on("order.placed", timeout=math.inf)
+        async def hang(event: Event) -> None:
+            await asyncio.Event().wait()
+
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place_orders(
+        bus: Annotated[EventBus, Depends(get_bus)], n: int = 10
+    ) -> dict[str, list[str]]:
+        return {"ids": [bus.emit("order.placed", {"line": line}).id for line in range(n)]}
+
+    return app
+
+
+def _append(path: Path, *ids: str) -> None:
+    with path.open("a") as file:
+        file.writelines(f"{event_id}\n" for event_id in ids)

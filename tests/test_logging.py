@@ -7,8 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import httpx
 
 from tests._support import ROOT
+from tests.shutdown_app import HANDLED_ENV, KIND_ENV, REPORTED_ENV, SHUTDOWN_TIMEOUT
+from tests.test_faults import running_server, stop
 
 SCRIPT = textwrap.dedent(
     """
@@ -50,3 +55,24 @@ def test_without_logging_config_lines_carry_level_logger_and_time() -> None:
 def test_with_the_apps_logging_config_each_line_is_printed_once() -> None:
     [line] = run("configured")
     assert line.startswith("APP ERROR fastapi_eventbus handler __main__.broken failed")
+
+
+def test_the_documented_uvicorn_log_config_shows_level_logger_and_time(tmp_path: Path) -> None:
+    """docs/delivery.md, "Logging": ``uvicorn --log-config docs/examples/uvicorn_log_config.json``
+    (a hung handler, reported by id at shutdown)."""
+    handled, reported = tmp_path / "handled", tmp_path / "reported"
+    env = {KIND_ENV: "hung", HANDLED_ENV: str(handled), REPORTED_ENV: str(reported)}
+    config = str(ROOT / "docs/examples/uvicorn_log_config.json")
+    log = tmp_path / "server.log"
+    with running_server(
+        env, log, "--log-config", config, app="tests.shutdown_app:create_app"
+    ) as server:
+        with httpx.Client(base_url=server.url) as client:
+            [event_id] = client.post("/orders", params={"n": 1}).json()["ids"]
+        stop(server, within=SHUTDOWN_TIMEOUT + 10)
+        lines = [line for line in server.output().splitlines() if event_id in line]
+    [line] = lines
+    date, clock, level, name, *_ = line.split()
+    assert (level, name) == ("ERROR:", "fastapi_eventbus:")
+    assert len(date) == 10
+    assert clock.count(":") == 2

@@ -96,8 +96,9 @@ def production_forwarder() -> PubSubForwarder:
         service_file="/run/secrets/pubsub-publisher.json",
         ordering_key=lambda event: event.payload["customer"],
         timeout=5.0,  # per publish request
-        retry=Retry(attempts=6, initial_delay=0.2, max_delay=5.0, total_timeout=60.0),
+        retry=Retry(initial_delay=0.2, max_delay=5.0, total_timeout=60.0),  # tries for 60 s
         dead_letter=keep_undelivered,
+        verify_on_start=True,  # a missing topic or bad credentials stop the app's startup
     )
 
 

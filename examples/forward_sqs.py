@@ -73,8 +73,9 @@ def create_app(queue_url: str | None = None, *, endpoint_url: str | None = None)
         SQSForwarder(
             queue_url or os.environ["ORDERS_QUEUE_URL"],
             endpoint_url=endpoint_url,  # None: AWS, or AWS_ENDPOINT_URL_SQS if set
-            retry=Retry(attempts=5, initial_delay=0.2, total_timeout=30),
+            retry=Retry(initial_delay=0.2, total_timeout=30),  # tries for 30 s
             dead_letter=log_undelivered,
+            verify_on_start=True,  # a wrong queue, region or credentials stop the startup
         ),
     )
     order_ids = itertools.count(1)

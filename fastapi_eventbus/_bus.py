@@ -448,6 +448,29 @@ class EventBus:
             batch.state = CLOSED
             core.active.discard(batch)
 
+    def handles(self, name: str | None = None) -> bool:
+        """Whether a handler registered with `on` matches the event name *name*.
+
+        With no name: whether the bus has any handler at all. `handle` returns no
+        failures both when every matching handler succeeded and when none
+        matched; a consumer (the worker) asks this to tell the two apart.
+        """
+        handlers = self._core.handlers
+        return bool(handlers) if name is None else bool(handlers.match(name))
+
+    def time_limit(self, name: str) -> float | None:
+        """Seconds the handlers of event *name* may take together; None if one has no limit.
+
+        The sum of their time limits (they run one after the other); 0.0 if no
+        handler matches. The events they emit are not counted.
+        """
+        total = 0.0
+        for handler in self._core.handlers.match(name):
+            if handler.timeout is None:
+                return None
+            total += handler.timeout
+        return total
+
     def _accept(
         self, event: object, payload: Any, depth: int, batch: Batch | None
     ) -> tuple[Event, bool]:
@@ -678,7 +701,8 @@ def _draining_lifespan(
     """Wrap *original*: after its startup, start the forwarders; at shutdown, `bus.close`.
 
     A forwarder that fails to start is logged at WARNING, not raised: the app
-    serves anyway, and the forwarder is started again before its first send.
+    serves anyway, and the forwarder is started again before its first send;
+    unless it has ``verify_on_start``, whose failure stops the startup.
     """
 
     async def start(forwarder: Forwarder) -> None:
@@ -705,7 +729,14 @@ def _draining_lifespan(
             stop_watching = on_stop_signal(bus._core.begin_shutdown)
             try:
                 forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
-                await asyncio.gather(*(start(f) for f in forwarders.values()))
+                # Every start runs to its end (so that close() finds them all settled)
+                # before a failed start-up check stops the startup.
+                started = await asyncio.gather(
+                    *(start(f) for f in forwarders.values()), return_exceptions=True
+                )
+                for outcome in started:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
                 if bus._core.spool is not None:  # what a previous run left is sent first
                     resender = asyncio.create_task(bus._core.resend_forever())
                 yield state

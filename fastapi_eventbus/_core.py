@@ -22,8 +22,8 @@ from ._patterns import PatternIndex
 from ._retry import Retry
 from ._tracing import Tracing
 from .exceptions import CapacityError, ConfigurationError, SpoolError
-from .forwarders._base import DeliveryOutcome, Forwarder
-from .spool import Spool
+from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
+from .spool import Spool, SpooledEvent
 
 SCOPE_KEY = "fastapi_eventbus.bus"
 """ASGI scope key holding the request's (or handler call's) scoped bus."""
@@ -345,10 +345,15 @@ class Core:
         spool = self.spool
         if spool is None:
             return 0
-        due = spool.claim(limit)
-        if not due:
-            return 0
+        unreadable: list[SpooledEvent] = []  # dead-lettered and logged by claim
+        due = spool.claim(limit, unreadable=unreadable)
         by_name = {forwarder.name: forwarder for forwarder in self.forwarders.items()}
+        for item in unreadable:  # the app hears of it as of any dead letter of the spool
+            if (owner := by_name.get(item.forwarder)) is not None:
+                report = DeadLetter(owner.name, (item.event,), item.error or "unreadable")
+                await call_hook(owner.dead_letter, report)
+        if not due:
+            return len(unreadable)
         groups: dict[str, list[Event]] = {}
         for item in due:
             groups.setdefault(item.forwarder, []).append(item.event)
@@ -368,7 +373,7 @@ class Core:
             logger.info("spool: sending %d event(s) again through %s", len(events), name)
             sends.append(self.send(forwarder, events))
         await asyncio.gather(*sends)
-        return len(due)
+        return len(due) + len(unreadable)
 
     async def resend_forever(self) -> None:
         """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""
@@ -525,20 +530,26 @@ class Core:
         assert retry is not None
         attempt, started = 1, time.monotonic()
         error: BaseException | None = failed
-        while error is not None and _retrying(retry, attempt, started):
+        while error is not None:
+            delay = retry.next_delay(attempt, time.monotonic() - started)
+            if delay is None:
+                break
             if child is not None and child.events:
                 await self.discard(
                     child, f"handler {handler.name} failed (attempt {attempt})", error
                 )
-            delay = retry.delay(attempt)
+            limit = (
+                f" of {retry.attempts}"
+                if retry.attempts is not None
+                else f" (trying for up to {retry.total_timeout:g}s)"
+            )
             logger.warning(
-                "handler %s failed for event %r (id=%s), attempt %d of %d (%r); "
-                "trying again in %.2fs",
+                "handler %s failed for event %r (id=%s), attempt %d%s (%r); trying again in %.2fs",
                 handler.name,
                 event.name,
                 event.id,
                 attempt,
-                retry.attempts,
+                limit,
                 error,
                 delay,
             )
@@ -687,11 +698,6 @@ class Core:
                 await forwarder.aclose()
             except Exception:
                 logger.exception("closing forwarder %s failed", forwarder.name)
-
-
-def _retrying(retry: Retry, attempt: int, started: float) -> bool:
-    """Whether *retry* allows another try after failed attempt number *attempt*."""
-    return attempt < retry.attempts and time.monotonic() - started < retry.total_timeout
 
 
 def _uncancel() -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,23 +81,58 @@ def is_event_model(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseModel) and event_name_of(obj) is not None
 
 
+MAX_NAME_LENGTH = 256
+"""The longest event name, in characters. In UTF-8 that is at most 1,024 bytes, which
+fits every carrier of the name: a Pub/Sub attribute value (1,024 bytes), an SQS message
+attribute, a CloudEvents ``type``. It also bounds what a name costs in memory, in logs
+and in the caches keyed by name."""
+
+_LINE_BREAKS = frozenset("\u2028\u2029")
+"""Unicode's line and paragraph separators: not control characters, but line breaks."""
+
+
 def check_name(name: object) -> str:
     """Return *name*, as a plain str, if it is a usable event name; else raise `InvalidEventError`.
 
-    A str subclass (a ``StrEnum`` member) becomes its plain value, so that events,
-    log lines and messages carry ``"user.signed_up"``, not the enum member.
+    A usable name is a non-empty str of at most `MAX_NAME_LENGTH` characters, without
+    whitespace around it, without control characters (C0, DEL, C1) or line
+    separators, that UTF-8 can encode. A str subclass (a ``StrEnum`` member) becomes
+    its plain value, so that events, log lines and messages carry
+    ``"user.signed_up"``, not the enum member.
     """
     if not isinstance(name, str):
         raise InvalidEventError(f"event name must be a str, got {type(name).__name__}: {name!r}")
+    if len(name) > MAX_NAME_LENGTH:  # first: the other checks read the whole name
+        raise InvalidEventError(
+            f"event name {name[:40]!r}... is {len(name):,} characters long; "
+            f"the longest allowed is {MAX_NAME_LENGTH}"
+        )
     if not name or name.strip() != name:
         raise InvalidEventError(
             f"event name must be non-empty and have no surrounding whitespace, got {name!r}"
+        )
+    if not name.isprintable() and (bad := _control_character(name)) is not None:
+        raise InvalidEventError(
+            f"event name {name!r} contains the control character {bad!r} at position "
+            f"{name.index(bad)}: names are printed in logs and terminals"
         )
     if (error := _unencodable(name)) is not None:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
     return name if type(name) is str else plain_str(name)  # the common case without a call
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character (C0, DEL, C1) or line separator in *text*, if any.
+
+    Only called for text that is not printable (rare), which also covers letters
+    `str.isprintable` refuses but names may hold (other spaces, format characters).
+    """
+    for char in text:
+        if char < " " or "\x7f" <= char <= "\x9f" or char in _LINE_BREAKS:
+            return char
+    return None
 
 
 def plain_str(text: str) -> str:
@@ -129,13 +165,15 @@ def _check_text(text: str, name: str) -> None:
         ) from error
 
 
-def _check_json(value: Any, name: str) -> None:
+def _check_json(value: Any, name: str) -> bool:
     """Refuse what the converted payload holds that JSON or UTF-8 cannot carry.
 
     *value* comes from ``to_jsonable_python``: only dicts, lists, str, int, float,
     bool and None, so exact type checks suffice (a fast path for flat payloads).
+    Returns whether *value* is a dict holding dicts or lists, or a list.
     """
     kind = type(value)
+    nested = False
     if kind is dict:
         for key, item in value.items():
             if type(key) is str and not key.isascii():
@@ -147,12 +185,15 @@ def _check_json(value: Any, name: str) -> None:
             elif kind is bool or item is None or (kind is int and item.bit_length() < 64):
                 pass
             else:
+                nested = nested or kind is dict or kind is list
                 _check_item(item, name)
     elif kind is list:
+        nested = True
         for item in value:
             _check_item(item, name)
     else:
         _check_item(value, name)
+    return nested
 
 
 def _check_item(value: Any, name: str) -> None:
@@ -194,8 +235,72 @@ def to_json_data(payload: Any, name: str) -> Any:
         raise InvalidEventError(
             f"payload of event {name!r} cannot be serialised to JSON: {exc}"
         ) from exc
-    _check_json(data, name)
+    nested = _check_json(data, name)
+    if nested or type(payload) is not dict or len(payload) != len(data):  # flat dict: by size
+        _check_merged_keys(payload, data, name)
     return data
+
+
+def _check_merged_keys(source: Any, data: Any, name: str) -> None:
+    """Raise `InvalidEventError` if converting *source* to the JSON data *data* merged
+    two keys of a dict into one (``{1: "a", "1": "b"}`` becomes ``{"1": "b"}``): JSON
+    keys are strings, and one of the values would be lost without a word.
+
+    Walks *source* and *data* side by side through dicts, lists, tuples, pydantic
+    models and dataclasses; a dict whose converted form has fewer keys is then
+    searched for the two keys, by pydantic's own conversion of each.
+    """
+    kind = type(data)
+    if kind is dict:
+        if type(source) is not dict and not isinstance(source, Mapping):
+            for part, converted in _field_pairs(source, data):
+                _check_merged_keys(part, converted, name)
+            return
+        if len(source) != len(data):
+            _refuse_merged_keys(source, name)
+        pairs = zip(source.values(), data.values())  # noqa: B905 (same length)
+    elif kind is list and isinstance(source, _SEQUENCES):
+        pairs = zip(source, data)  # noqa: B905 (same length)
+    else:
+        return
+    for part, converted in pairs:
+        kind = type(converted)
+        if kind is dict or kind is list:
+            _check_merged_keys(part, converted, name)
+
+
+_SEQUENCES = (list, tuple)
+"""What pydantic turns into a list in the same order."""
+
+
+def _field_pairs(source: Any, data: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """The fields of a pydantic model or dataclass *source*, each with its converted
+    value in *data* (found by field name, or by alias: pydantic writes either)."""
+    if isinstance(source, BaseModel):
+        for field_name, info in type(source).model_fields.items():
+            key = field_name if field_name in data else info.serialization_alias
+            if key in data:
+                yield getattr(source, field_name, None), data[key]
+    elif dataclasses.is_dataclass(source) and not isinstance(source, type):
+        for field in dataclasses.fields(source):
+            if field.name in data:
+                yield getattr(source, field.name, None), data[field.name]
+
+
+def _refuse_merged_keys(source: Mapping[Any, Any], name: str) -> None:
+    """Raise naming two keys of *source* that become the same JSON key, if there are."""
+    seen: dict[str, Any] = {}
+    for key in source:
+        try:
+            text = next(iter(to_jsonable_python({key: None})))
+        except (PydanticSerializationError, ValueError, TypeError, StopIteration):
+            continue
+        if text in seen:
+            raise InvalidEventError(
+                f"payload of event {name!r} has the keys {seen[text]!r} and {key!r}, which "
+                f"are both {text!r} in JSON: one value would be lost; make the keys distinct"
+            )
+        seen[text] = key
 
 
 class SchemaRegistry:
@@ -243,7 +348,9 @@ class SchemaRegistry:
                     f"payload of event {name!r} does not match its schema "
                     f"{schema.__qualname__}:\n{exc}"
                 ) from exc
-        return to_json_data(payload.model_dump(mode="json"), name)
+        data = to_json_data(payload.model_dump(mode="json"), name)
+        _check_merged_keys(payload, data, name)  # model_dump already merged them
+        return data
 
 
 _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets __event_name__"

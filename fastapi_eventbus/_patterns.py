@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -13,6 +15,13 @@ T = TypeVar("T")
 
 _WILDCARDS = frozenset("*?[")
 _CACHE_LIMIT = 4096
+"""Event names whose lookups are cached, at most."""
+_CACHE_BYTES = 1024 * 1024
+"""Memory the cached names and results may take, at most. The name count alone let
+names of a megabyte each (from a broker: names decoded by a worker are not limited to
+the length `emit` allows) keep gigabytes."""
+_ENTRY_OVERHEAD = 120
+"""Bytes of one cache entry besides its name: its dict slot and the result tuple."""
 
 Matcher = Callable[[str], object]
 """Truthy when the name matches."""
@@ -31,37 +40,57 @@ _CLASS = re.compile(r"\[(!?)(\]?[^\]]*)\]")
 """A character class of a pattern: ``[abc]``, ``[!abc]``, ``[]a]``."""
 
 
-def example_name(pattern: str) -> str:
-    """A name *pattern* matches, as ordinary as its literal text allows.
+_WILDCARD = re.compile(_CLASS.pattern + r"|\*+|\?")
+"""A wildcard of a pattern: a character class, a run of stars, or a question mark."""
 
-    Each wildcard becomes a plain letter (a class, one of its members that is
-    not whitespace), so that if this name is refused at ``emit`` (whitespace
-    around it, text UTF-8 cannot encode), every name the pattern matches is:
-    the pattern can never match an event.
+
+def example_name(pattern: str) -> str:
+    """A name *pattern* matches, as ordinary and as short as its literal text allows.
+
+    ``?`` becomes a plain letter, a class one of its members that is printable and
+    not whitespace, and ``*`` nothing, except a letter at either end where the
+    name would otherwise begin or end with whitespace (or be empty). So if this
+    name is refused at ``emit`` (whitespace around it, a control character, text
+    UTF-8 cannot encode, too long), every name the pattern matches is: the
+    pattern can never match an event.
     """
 
-    def member(match: re.Match[str]) -> str:
+    def ordinary(match: re.Match[str]) -> str:
+        text = match[0]
+        if text[0] == "*":
+            return ""
+        if text == "?":
+            return "a"
         negated, members = match.groups()
         if negated:
             return next(c for c in "ax_0" if c not in members)
-        return next((c for c in members if not c.isspace() and c != "-"), members[:1] or "a")
+        usable = (c for c in members if c.isprintable() and not c.isspace() and c != "-")
+        return next(usable, members[:1] or "a")
 
-    return _CLASS.sub(member, pattern).replace("*", "a").replace("?", "a")
+    name = _WILDCARD.sub(ordinary, pattern)
+    if pattern[:1] == "*" and (not name or name[0].isspace()):
+        name = "a" + name
+    if pattern[-1:] == "*" and name[-1:].isspace():  # a final "*" is never in a class
+        name += "a"
+    return name
 
 
 class PatternIndex(Generic[T]):
     """Items registered under patterns, looked up by event name in registration order.
 
-    Lookups are cached per event name (bounded), so the cost of hundreds of
-    patterns is paid once per distinct name.
+    Lookups are cached per event name, so the cost of hundreds of patterns is paid
+    once per distinct name. The cache is bounded in names and in bytes: the oldest
+    names are forgotten first.
     """
 
-    __slots__ = ("_cache", "_entries", "_patterns")
+    __slots__ = ("_cache", "_cache_bytes", "_entries", "_lock", "_patterns")
 
     def __init__(self) -> None:
         self._entries: list[tuple[tuple[Matcher, ...], T]] = []
         self._patterns: list[tuple[str, ...]] = []
         self._cache: dict[str, tuple[T, ...]] = {}
+        self._cache_bytes = 0
+        self._lock = threading.Lock()  # misses only: emits from sync handlers run in threads
 
     def add(self, patterns: Iterable[str], item: T) -> None:
         """Register *item* under every pattern in *patterns*."""
@@ -71,7 +100,9 @@ class PatternIndex(Generic[T]):
             raise ConfigurationError("at least one event pattern is required")
         self._entries.append((matchers, item))
         self._patterns.append(names)
-        self._cache.clear()
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -88,11 +119,29 @@ class PatternIndex(Generic[T]):
                 if matcher(name):
                     found.append(item)
                     break
-        cache = self._cache
-        if len(cache) >= _CACHE_LIMIT:  # forget the oldest name, not all of them
-            del cache[next(iter(cache))]
-        result = cache[name] = tuple(found)
+        result = tuple(found)
+        self._remember(name, result)
         return result
+
+    def _remember(self, name: str, result: tuple[T, ...]) -> None:
+        """Cache *result* for *name*, forgetting the oldest names to stay within bounds."""
+        size = _entry_size(name, result)
+        if size > _CACHE_BYTES // 64:  # a huge name: matched again if it comes back
+            return
+        with self._lock:
+            cache = self._cache
+            if name in cache:  # another thread was first
+                return
+            while cache and (len(cache) >= _CACHE_LIMIT or self._cache_bytes + size > _CACHE_BYTES):
+                oldest = next(iter(cache))
+                self._cache_bytes -= _entry_size(oldest, cache.pop(oldest))
+            cache[name] = result
+            self._cache_bytes += size
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the cache's names and results take (an estimate, in bytes)."""
+        return self._cache_bytes
 
     def items(self) -> list[T]:
         """Every registered item, in registration order."""
@@ -104,3 +153,8 @@ class PatternIndex(Generic[T]):
             (patterns, item)
             for patterns, (_, item) in zip(self._patterns, self._entries, strict=True)
         ]
+
+
+def _entry_size(name: str, result: tuple[object, ...]) -> int:
+    """What caching *result* under *name* costs in memory (the items are shared)."""
+    return sys.getsizeof(name) + 8 * len(result) + _ENTRY_OVERHEAD

@@ -27,21 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from ._bus import STATE_ATTR, EventBus
 from ._core import Handler
+from ._hooks import LOG_FORMAT
 from .exceptions import EventBusError
 from .forwarders._base import Forwarder
 from .spool import Spool, SpooledEvent
@@ -74,7 +81,9 @@ def _load(target: str, *, factory: bool = False, app_dir: str = ".") -> Any:
     """Import ``module:attribute`` (the attribute may be dotted), like uvicorn does.
 
     With *factory*, the attribute is called without arguments and its result
-    is used. *app_dir* is put first on ``sys.path``.
+    is used. *app_dir* is put first on ``sys.path``. Whatever keeps APP from
+    loading is a usage error (exit code 2); when the module's own code or the
+    factory raised, its traceback is printed first.
     """
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
@@ -87,17 +96,37 @@ def _load(target: str, *, factory: bool = False, app_dir: str = ".") -> Any:
         value: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is None or not module_name.startswith(exc.name):
-            raise  # the module exists but imports something missing: show that
+            _not_loaded(f"importing module {module_name!r} failed", exc)  # a missing import
         raise click.BadParameter(
             f"could not import module {module_name!r}", param_hint="APP"
         ) from exc
+    except Exception as exc:
+        _not_loaded(f"importing module {module_name!r} failed", exc)
     for part in attribute.split("."):
         try:
             value = getattr(value, part)
         except AttributeError as exc:
             message = f"module {module_name!r} has no attribute {attribute!r}"
             raise click.BadParameter(message, param_hint="APP") from exc
-    return value() if factory else value
+    if not factory:
+        if inspect.isroutine(value) or inspect.isclass(value):
+            kind = "a class" if inspect.isclass(value) else "a function"
+            message = f"APP is {kind} ({target}): pass --factory if it builds the app"
+            raise click.BadParameter(message, param_hint="APP")
+        return value
+    if not callable(value):
+        raise click.BadParameter(f"--factory: {value!r} is not callable", param_hint="APP")
+    try:
+        return value()
+    except Exception as exc:
+        _not_loaded(f"the factory {target} failed", exc)
+
+
+def _not_loaded(what: str, exc: Exception) -> NoReturn:
+    """Print *exc*'s traceback, then fail as a usage error (exit code 2) that says *what*."""
+    click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+    message = f"{what}: {type(exc).__name__}: {exc} (traceback above)"
+    raise click.BadParameter(message, param_hint="APP") from exc
 
 
 def _bus_of(target: Any) -> EventBus:
@@ -170,7 +199,13 @@ def _by_pattern(
 def _handler_lines(handler: Handler) -> Iterator[str]:
     kind = "async" if handler.plan.is_async else "sync, in the threadpool"
     limit = "no time limit" if handler.timeout is None else f"timeout {handler.timeout:g}s"
-    tries = "" if handler.retry is None else f", up to {handler.retry.attempts} tries"
+    retry = handler.retry
+    if retry is None:
+        tries = ""
+    elif retry.attempts is None:
+        tries = f", retried for up to {retry.total_timeout:g}s"
+    else:
+        tries = f", up to {retry.attempts} tries"
     yield f"    {handler.name}  ({kind}, {limit}{tries})"
     for dependency in handler.plan.describe_dependencies():
         yield f"      depends on {dependency}"
@@ -181,6 +216,11 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
 
 
 # -- fastapi-eventbus worker ----------------------------------------------------------------
+
+
+_EXIT_GRACE = 3.0
+"""Seconds the worker command waits, once the worker has stopped, for the tasks and threads
+it leaves (handlers that ignore their time limit) before it exits without them."""
 
 
 @main.command(short_help="Consume SQS or Pub/Sub and run APP's handlers.")
@@ -254,6 +294,13 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
     help="A message that is not an event: give it back (to reach the DLQ), or delete it.",
 )
 @click.option(
+    "--on-unhandled",
+    type=click.Choice(["retry", "delete"]),
+    default="retry",
+    show_default=True,
+    help="An event no handler of APP matches: give it back (to reach the DLQ), or delete it.",
+)
+@click.option(
     "--max-message-bytes",
     type=click.IntRange(min=1),
     default=10_000_000,
@@ -265,6 +312,7 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
     type=click.Choice(_LOG_LEVELS),
     default="info",
     show_default=True,
+    help="The least level logged (to stderr, each line with time, level and logger).",
 )
 def worker(
     app: str,
@@ -283,19 +331,22 @@ def worker(
     concurrency: int,
     shutdown_timeout: float,
     on_undecodable: str,
+    on_unhandled: str,
     max_message_bytes: int,
     log_level: str,
 ) -> None:
     """Receive the events forwarded to an SQS queue (--sqs) or a Pub/Sub subscription
     (--pubsub) and run APP's handlers on them. SIGTERM or SIGINT stops receiving,
-    finishes the messages in flight (up to --shutdown-timeout) and exits 0."""
+    finishes the messages in flight (up to --shutdown-timeout), gives back the rest and
+    exits 0; if a handler still runs a few seconds later (it ignores cancellation, or
+    blocks its thread), it is reported and left behind, and the exit status is 1."""
     if (queue_url is None) == (subscription is None):
         raise click.UsageError("pass exactly one of --sqs QUEUE_URL and --pubsub SUBSCRIPTION")
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)  # time, level, logger
     target = _load(app, factory=factory, app_dir=app_dir)
     _bus_of(target)
+    _enable_library_loggers()
+    threads = set(threading.enumerate())
     try:
         source: Source
         if queue_url is not None:
@@ -319,11 +370,13 @@ def worker(
             concurrency=concurrency,
             shutdown_timeout=shutdown_timeout,
             on_undecodable="delete" if on_undecodable == "delete" else "retry",
+            on_unhandled="delete" if on_unhandled == "delete" else "retry",
             max_message_bytes=max_message_bytes,
         )
         finished = asyncio.run(_serve(runner))
     except EventBusError as exc:
         raise click.ClickException(str(exc)) from exc
+    _leave_no_thread_behind(threads)
     if not finished:
         raise click.ClickException(
             "stopped by a second signal; unfinished messages were given back"
@@ -349,6 +402,7 @@ async def _serve(runner: Worker) -> bool:
         )
         stopping.append(asyncio.create_task(runner.stop()))
 
+    asyncio.get_running_loop().set_default_executor(_UnjoinedExecutor())
     restore = _on_signals(on_signal)
     try:
         await runner.run()
@@ -358,7 +412,84 @@ async def _serve(runner: Worker) -> bool:
         return False
     finally:
         restore()
+        await _leave_no_task_behind()
     return True
+
+
+def _enable_library_loggers() -> None:
+    """Enable this library's loggers again if APP's logging configuration disabled them.
+
+    ``logging.config.dictConfig`` disables every existing logger that its
+    configuration does not name, unless ``disable_existing_loggers`` is false; APP
+    is imported after this package, so that would silence the worker's reports.
+    """
+    disabled = sorted(
+        name
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+        and logger.disabled
+        and (name == "fastapi_eventbus" or name.startswith("fastapi_eventbus."))
+    )
+    for name in disabled:
+        logging.getLogger(name).disabled = False
+    if disabled:
+        logging.getLogger("fastapi_eventbus.worker").warning(
+            "APP's logging configuration disabled %s (disable_existing_loggers); "
+            "enabled again: the worker reports through them",
+            ", ".join(disabled),
+        )
+
+
+class _UnjoinedExecutor(ThreadPoolExecutor):
+    """The event loop's default executor (``asyncio.to_thread``): ``asyncio.run`` does not wait
+    for its threads at exit; `_leave_no_thread_behind` reports those still running."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+
+
+async def _leave_no_task_behind() -> None:
+    """Cancel the tasks left when the worker has stopped; exit at once if some ignore that,
+    rather than wait for them forever (as ``asyncio.run`` would)."""
+    current = asyncio.current_task()
+    tasks = {task for task in asyncio.all_tasks() if task is not current}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, running = await asyncio.wait(tasks, timeout=_EXIT_GRACE)
+        if running:
+            _exit_now(
+                f"{len(running)} task(s) still running after the worker stopped, ignoring "
+                "cancellation (a handler that catches asyncio.CancelledError): exiting "
+                "without them"
+            )
+
+
+def _leave_no_thread_behind(before: set[threading.Thread]) -> None:
+    """Exit at once if threads started since *before* still run (a sync handler that does not
+    return), rather than wait for them forever (as the interpreter would at exit)."""
+    deadline = time.monotonic() + _EXIT_GRACE
+    running = 0
+    for thread in threading.enumerate():
+        if thread in before or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        running += thread.is_alive()
+    if running:
+        _exit_now(
+            f"{running} thread(s) still running after the worker stopped (a sync handler "
+            "or dependency that has not returned): exiting without them"
+        )
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Log *message* at ERROR and exit with status 1 now, without waiting for anything."""
+    logging.getLogger("fastapi_eventbus.worker").error("%s", message)
+    click.echo(f"Error: {message}", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _on_signals(callback: Callable[[int], None]) -> Callable[[], None]:
@@ -464,7 +595,7 @@ def count(path: Path, as_json: bool) -> None:
     "--json",
     "as_json",
     is_flag=True,
-    help="One JSON object per line: event, forwarder, attempts, created, error.",
+    help="One JSON object per line: event, forwarder, attempts, created, error, readable.",
 )
 def list_events(
     path: Path, dead: bool, forwarder: str | None, limit: int | None, as_json: bool
@@ -472,7 +603,9 @@ def list_events(
     """List the pending events of the spool at PATH, or with --dead the dead-lettered
     ones, oldest first: one line per event with its id, forwarder, name, failed
     attempts, when it was spooled (UTC) and its last error (pending) or why it was
-    dead-lettered (dead)."""
+    dead-lettered (dead). Characters that are not printable (newlines, escape
+    sequences) and backslashes are shown as Python escapes. A row that is not an
+    event (damaged) is listed too, with what can be read of it and why."""
     with _opened(path) as spool:
         if dead:
             events = spool.dead(forwarder=forwarder, limit=limit)
@@ -489,10 +622,23 @@ def _iso(timestamp: float) -> str:
 def _text_line(spooled: SpooledEvent) -> str:
     event = spooled.event
     created = _iso(int(spooled.created))
-    line = f"{event.id}  {spooled.forwarder}  {event.name}  attempts={spooled.attempts}  {created}"
+    fields = (event.id, spooled.forwarder, event.name)
+    line = "  ".join(map(_shown, fields)) + f"  attempts={spooled.attempts}  {created}"
     if spooled.error:
-        line += "  " + " ".join(spooled.error.split())  # one line per event
+        line += "  " + _shown(" ".join(spooled.error.split()))  # one line per event
     return line
+
+
+def _shown(text: str) -> str:
+    """*text* safe to print on a terminal: what is not printable (newlines, ESC and the
+    other C0 and C1 controls, line separators, bidi controls) and backslashes are
+    written as Python escapes, so a spooled name cannot forge rows or colours."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
 
 
 def _json_line(spooled: SpooledEvent) -> str:
@@ -503,6 +649,7 @@ def _json_line(spooled: SpooledEvent) -> str:
             "attempts": spooled.attempts,
             "created": _iso(spooled.created),
             "error": spooled.error,
+            "readable": spooled.readable,
         }
     )
 
@@ -515,7 +662,7 @@ def replay(path: Path, forwarder: str | None, ids: tuple[str, ...]) -> None:
     """Move the dead-lettered events of the spool at PATH (all, or those chosen with
     --forwarder and --id) back to the pending ones, with their attempts reset, and
     print how many. A running application sends them within its resend interval
-    (EventBus resend_interval, 1 s by default); otherwise the next one to start does."""
+    (Spool(resend_interval=...), 1 s by default); otherwise the next one to start does."""
     with _opened(path) as spool:
         moved = spool.replay(forwarder=forwarder, ids=ids or None)
     click.echo(f"replayed {moved} event(s)")

@@ -22,26 +22,40 @@ says which process is sending it. A row whose process died (on this host) is
 sent again at once; otherwise when its lease runs out.
 
 Events are stored as JSON (the `Event` model's own serialisation): no pickle.
+The file, and SQLite's ``-wal`` and ``-shm`` files beside it, are created
+readable by their owner only (mode 0600): they hold payloads in clear. SQLite's
+write-ahead log is checkpointed often and kept small, so that a spool on a small
+volume does not fill it, and emits work again once space returns.
+
+A row that cannot be read back as an `Event` (damaged, or written by another
+version) never holds up the others: it is moved to the dead-lettered events,
+logged at ERROR with its id, and shown by `Spool.dead` with ``readable=False``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from ._events import Event
+from ._hooks import logger
 from .exceptions import ConfigurationError, SpoolError
 
 __all__ = ["Spool", "SpoolCounts", "SpooledEvent"]
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -68,6 +82,19 @@ CREATE TABLE IF NOT EXISTS dead (
 );
 """
 
+_WAL_CHECKPOINT_PAGES = 100
+"""Pages (4 KiB each) in the write-ahead log before SQLite copies them into the database
+and starts the log over. SQLite's default, 1,000 pages (4 MB), filled a small volume
+before the first checkpoint, and then every write failed for good."""
+_WAL_SIZE_LIMIT = 512 * 1024
+"""Bytes SQLite leaves the write-ahead log file at when it starts it over (it is never
+shrunk otherwise: one large transaction would keep its size)."""
+_DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+"""Primary SQLite result codes of a write that found no room (``ENOSPC`` may surface as
+an I/O error)."""
+_UNREADABLE_NAME = "(unreadable)"
+"""The name of the stand-in `Event` of a row whose own name cannot be read."""
+
 
 @dataclass(frozen=True, slots=True)
 class SpooledEvent:
@@ -83,6 +110,11 @@ class SpooledEvent:
     """Failed delivery rounds so far."""
     error: str | None = None
     """The last failure (pending), or why it was dead-lettered (dead)."""
+    readable: bool = True
+    """False for a row that does not hold an `Event` (damaged, or written by another
+    version): *event* is then a stand-in with the row's id, its time and, if it can
+    be read, its name, but no payload; *error* says what is wrong. Such a row is
+    never sent: `Spool.claim` dead-letters it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +131,9 @@ class Spool:
     """Forwarded events on disk until their broker has them (see the module docs).
 
     Args:
-        path: The SQLite file (created if missing, with its directory's permissions).
+        path: The SQLite file, created if missing (readable by its owner only, 0600,
+            like the ``-wal`` and ``-shm`` files SQLite makes beside it). Its
+            directory must exist.
         lease: Seconds a process may keep rows it is sending before another
             process takes them over (when the owner's death cannot be seen:
             another host). Longer than a forwarder's ``Retry.total_timeout``.
@@ -171,6 +205,7 @@ class Spool:
             self._pid = os.getpid()
             self.owner = _owner(self._pid)
             self._lock = threading.Lock()
+        _create_private(self.path)
         try:
             db = sqlite3.connect(
                 self.path,
@@ -182,9 +217,12 @@ class Spool:
             # WAL + NORMAL: a commit survives the process being killed (SIGKILL, OOM);
             # only an OS crash or power loss may lose the last commits.
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
+        _warn_if_public(self.path)
         self._db = db
         return db
 
@@ -205,8 +243,21 @@ class Spool:
                     with suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
+                    if _disk_full(exc):
+                        self._shrink_wal(db)
                     raise SpoolError(f"spool {self.path}: cannot {what}: {exc}") from exc
                 raise
+
+    def _shrink_wal(self, db: sqlite3.Connection) -> None:
+        """After a write found the volume full, copy the write-ahead log into the database
+        and truncate it, so that the space it held is free for the next write. Without
+        waiting: if another process is using the log, the next failure tries again."""
+        with suppress(sqlite3.Error):
+            db.execute("PRAGMA busy_timeout = 0")
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -299,13 +350,22 @@ class Spool:
                     (forwarder, event.id),
                 )
 
-    def claim(self, limit: int = 500) -> list[SpooledEvent]:
+    def claim(
+        self, limit: int = 500, *, unreadable: list[SpooledEvent] | None = None
+    ) -> list[SpooledEvent]:
         """Lease up to *limit* events that are due to be sent again, oldest first.
 
         Due: their lease ran out (their round failed and its wait is over, or
         their process stopped answering), or their process died on this host.
+
+        A due row that does not hold an `Event` (whatever fails in reading it,
+        JSON nested too deep included) is never sendable: it is moved to the
+        dead-lettered events in the same transaction, logged at ERROR with its
+        id, and appended to *unreadable* (``readable=False``), so that the
+        caller can report it too. The other rows are claimed as usual.
         """
         now = time.time()
+        bad: list[SpooledEvent] = []
         with self._transaction("claim events") as db:
             self._free_dead_owners(db)
             rows = db.execute(
@@ -315,24 +375,35 @@ class Spool:
             ).fetchall()
             claimed: list[SpooledEvent] = []
             for row in rows:
-                try:
-                    claimed.append(_spooled(row))
-                except SpoolError as exc:  # never sendable: set aside, not retried forever
-                    db.execute(
-                        "INSERT OR REPLACE INTO dead"
-                        " (forwarder, event_id, event, created, attempts, reason, failed_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (row[0], row[1], row[2], row[3], row[4], str(exc), now),
-                    )
-                    db.execute(
-                        "DELETE FROM pending WHERE forwarder = ? AND event_id = ?",
-                        (row[0], row[1]),
-                    )
+                item = _spooled_or_stand_in(row)
+                if item.readable:
+                    claimed.append(item)
+                    continue
+                bad.append(item)  # never sendable: set aside, not retried forever
+                db.execute(
+                    "INSERT OR REPLACE INTO dead"
+                    " (forwarder, event_id, event, created, attempts, reason, failed_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (row[0], row[1], row[2], row[3], row[4], item.error, now),
+                )
+                db.execute(
+                    "DELETE FROM pending WHERE forwarder = ? AND event_id = ?", (row[0], row[1])
+                )
             db.executemany(
                 "UPDATE pending SET owner = ?, lease_until = ?"
                 " WHERE forwarder = ? AND event_id = ?",
                 [(self.owner, now + self.lease, c.forwarder, c.event.id) for c in claimed],
             )
+        for item in bad:  # once committed: the row is in the dead-lettered events now
+            logger.error(
+                "spool %s: event %s for forwarder %s dead-lettered, it cannot be sent: %s",
+                self.path,
+                item.event.id,
+                item.forwarder,
+                item.error,
+            )
+        if unreadable is not None:
+            unreadable.extend(bad)
         return claimed
 
     def release(self) -> int:
@@ -370,9 +441,11 @@ class Spool:
         limit: int | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[SpooledEvent]:
-        """The events waiting to be sent, oldest first."""
+        """The events waiting to be sent, oldest first (rows that cannot be read as
+        events included, with ``readable=False``)."""
         sql = "SELECT forwarder, event_id, event, created, attempts, last_error FROM pending"
-        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, ids, limit))]
+        rows = self._read(*_filtered(sql, forwarder, ids, limit))
+        return [_spooled_or_stand_in(row) for row in rows]
 
     def dead(
         self,
@@ -380,9 +453,11 @@ class Spool:
         limit: int | None = None,
         ids: Sequence[str] | None = None,
     ) -> list[SpooledEvent]:
-        """The dead-lettered events, oldest first."""
+        """The dead-lettered events, oldest first (rows that cannot be read as events
+        included, with ``readable=False``)."""
         sql = "SELECT forwarder, event_id, event, created, attempts, reason FROM dead"
-        return [_spooled(row) for row in self._read(*_filtered(sql, forwarder, ids, limit))]
+        rows = self._read(*_filtered(sql, forwarder, ids, limit))
+        return [_spooled_or_stand_in(row) for row in rows]
 
     def replay(self, forwarder: str | None = None, ids: Sequence[str] | None = None) -> int:
         """Put dead-lettered events back in line (all, or those of *forwarder* / *ids*).
@@ -410,8 +485,10 @@ class Spool:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount
 
 
-def _spooled(row: tuple[object, ...]) -> SpooledEvent:
-    """A row as a `SpooledEvent`; `SpoolError` if it does not hold an `Event`."""
+def _spooled_or_stand_in(row: tuple[object, ...]) -> SpooledEvent:
+    """A row as a `SpooledEvent`; with a stand-in event (``readable=False``) if whatever
+    reading it raises: a bad row must not stop the others (JSON nested deeper than
+    Python's recursion limit raises `RecursionError`, not a `ValueError`)."""
     forwarder, event_id, event, created, attempts, error = row
     try:
         return SpooledEvent(
@@ -421,8 +498,50 @@ def _spooled(row: tuple[object, ...]) -> SpooledEvent:
             attempts=int(str(attempts)),
             error=None if error is None else str(error),
         )
-    except ValueError as exc:  # pydantic's ValidationError and json's errors are ValueErrors
-        raise SpoolError(f"spooled event {event_id} for {forwarder} is unreadable: {exc}") from exc
+    except MemoryError:  # this process's trouble, not the row's
+        raise
+    except Exception as exc:
+        reason = f"spooled event {event_id} for {forwarder} is unreadable: {_describe(exc)}"
+    return SpooledEvent(
+        forwarder=str(forwarder),
+        event=_stand_in(str(event_id), event, created),
+        created=_or(float, created, 0.0),
+        attempts=_or(int, attempts, 0),
+        error=reason,
+        readable=False,
+    )
+
+
+def _describe(exc: Exception) -> str:
+    """*exc* in a line: its type, and its message cut short (a row may be megabytes)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,1000}")')
+"""The ``name`` of a JSON envelope, where the spool writes it: first."""
+
+
+def _stand_in(event_id: str, raw: object, created: object) -> Event:
+    """What can be told of an unreadable row's event: its id, time, and name if found."""
+    match = _NAME.match(raw) if isinstance(raw, str) else None
+    try:
+        name = json.loads(match[1]) if match else _UNREADABLE_NAME
+    except ValueError:
+        name = _UNREADABLE_NAME
+    try:
+        when = datetime.fromtimestamp(_or(float, created, 0.0), UTC)
+    except (OverflowError, OSError, ValueError):
+        when = datetime.fromtimestamp(0, UTC)
+    return Event(name=name, id=event_id, time=when)
+
+
+def _or(kind: Callable[[str], T], value: object, default: T) -> T:
+    """*value* (a column of a row) converted by *kind*, or *default* if it cannot be."""
+    try:
+        return kind(str(value))
+    except ValueError:
+        return default
 
 
 def _where(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
@@ -446,6 +565,36 @@ def _filtered(
         sql += " LIMIT ?"
         params.append(limit)
     return sql, params
+
+
+def _create_private(path: Path) -> None:
+    """Create the spool file empty (SQLite takes it as a new database), readable by its
+    owner only: SQLite gives its ``-wal`` and ``-shm`` files the same mode. An existing
+    file keeps its mode; a missing directory is left for SQLite to report."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+
+
+def _warn_if_public(path: Path) -> None:
+    """Log a WARNING if every user of the host may read or write the spool file."""
+    with suppress(OSError):
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o007:
+            logger.warning(
+                "spool %s can be read or written by every user (mode %s) and holds event "
+                "payloads in clear: chmod 600 it (and its -wal and -shm files)",
+                path,
+                oct(mode),
+            )
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    """Whether *exc* says a write found no room on the volume."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _DISK_FULL_CODES
 
 
 def _owner(pid: int) -> str:

@@ -135,6 +135,8 @@ def from_cloudevent(
         return Event.model_validate(fields)
     except ValidationError as exc:
         raise MessageDecodeError(f"invalid CloudEvent: {exc}") from exc
+    except RecursionError as exc:
+        raise MessageDecodeError("invalid CloudEvent: nested too deeply") from exc
 
 
 def _json(text: object, what: str) -> Any:
@@ -144,6 +146,8 @@ def _json(text: object, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # arrays or objects nested deeper than the parser recurses
+        raise MessageDecodeError(f"{what} is JSON nested too deeply to decode") from exc
 
 
 _TRACE_LIMITS = {"traceparent": 256, "tracestate": 512}
@@ -209,7 +213,8 @@ def decode_message(message: Mapping[str, Any]) -> Event:
     Accepts an SQS message as ``ReceiveMessage`` returns it (``Body`` and
     ``MessageAttributes``), and a Pub/Sub message as a pull returns it, either the
     ``{"ackId": ..., "message": {...}}`` item or the inner message (``data``, base64
-    or bytes, and ``attributes``). Raises `MessageDecodeError` for anything else.
+    or bytes, and ``attributes``). Raises `MessageDecodeError` for anything else,
+    JSON nested too deeply to decode (Python's recursion limit) included.
     """
     if not isinstance(message, Mapping):
         raise MessageDecodeError(f"a message must be a mapping, got {type(message).__name__}")
@@ -233,12 +238,15 @@ def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     attributes, gives ``{}``. Only these two attributes are read, and only for
     tracing.
     """
-    if not isinstance(message, Mapping):
+    try:
+        if not isinstance(message, Mapping):
+            return {}
+        if "Body" in message:
+            return _sqs_trace(message)
+        inner = message.get("message")
+        return _pubsub_trace(inner if isinstance(inner, Mapping) else message)
+    except Exception:  # a mapping that fails when read: the message is decoded (and refused) later
         return {}
-    if "Body" in message:
-        return _sqs_trace(message)
-    inner = message.get("message")
-    return _pubsub_trace(inner if isinstance(inner, Mapping) else message)
 
 
 def message_size(message: Mapping[str, Any]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -59,6 +60,12 @@ def emit_endpoint(app: FastAPI, *args: Any) -> None:
         ((NoName(id=1),), "NoName has no __event_name__"),
         ((CatCreated(id=1), {"id": 2}), "model and a payload"),
         ((CatCreated,), "the class CatCreated, not an instance"),
+        (("x" * 257,), "is 257 characters long; the longest allowed is 256"),
+        (("order.placed\nfake.row",), "control character '\\n' at position 12"),
+        (("order.\x1b[31mplaced",), "control character '\\x1b' at position 6"),
+        (("order.\x9bplaced",), "control character '\\x9b'"),
+        (("order\u2028placed",), "'\\u2028'"),
+        (("cat.created", {1: "a", "1": "b"}), "the keys 1 and '1', which are both '1' in JSON"),
     ],
 )
 def test_bad_emit_raises_in_the_endpoint(
@@ -256,3 +263,72 @@ async def test_a_str_enum_name_becomes_its_plain_value(bus: EventBus) -> None:
 
 class Signup(BaseModel):
     email: str
+
+
+# -- limits: names, and keys that JSON would merge ------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_names_up_to_the_documented_length_and_printable_text_are_accepted(
+    bus: EventBus,
+) -> None:
+    for name in ("x" * 256, "é" * 256, "order placed", "caf\u00e9.créé", "emoji.\U0001f408\u200d"):
+        assert (await bus.publish(name)).name == name
+
+
+@pytest.mark.anyio
+async def test_a_megabyte_name_is_refused_without_being_echoed(bus: EventBus) -> None:
+    with pytest.raises(InvalidEventError) as caught:
+        await bus.publish("x" * 1_000_000)
+    assert "1,000,000 characters long" in str(caught.value)
+    assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("pattern", ["order.\n*", "*\x1b*", "x" * 257])
+def test_a_pattern_no_name_could_match_is_refused(bus: EventBus, pattern: str) -> None:
+    with pytest.raises(ConfigurationError, match="can never match"):
+        bus.on(pattern)
+
+
+def test_a_long_pattern_that_can_match_is_accepted(bus: EventBus) -> None:
+    bus.on("x" * 250 + "*" * 20)  # matches "x" * 250, within the limit
+    bus.on("*" + "x" * 255)
+
+
+@pytest.mark.parametrize(
+    ("payload", "keys"),
+    [
+        ({1: "a", "1": "b"}, "1 and '1'"),
+        ({"items": [{"n": 1}, {True: 1, "true": 2}]}, "True and 'true'"),
+        ({"by_id": {None: 0, "None": 1}}, "None and 'None'"),
+        ((({2.5: 1, "2.5": 2},),), "2.5 and '2.5'"),
+        (CatCreated(id=1), None),
+        ({"1": "a", 2: "b"}, None),
+        ({"deep": [[{"a": {"b": {1: 1, 2: 2}}}]]}, None),
+    ],
+)
+@pytest.mark.anyio
+async def test_keys_that_json_would_merge_are_refused_at_emit(
+    bus: EventBus, payload: Any, keys: str | None
+) -> None:
+    if keys is None:
+        await bus.publish("x", payload)  # distinct keys, however deep: accepted
+        return
+    with pytest.raises(InvalidEventError, match=f"has the keys {re.escape(keys)}, which are"):
+        await bus.publish("x", payload)
+
+
+class Inventory(BaseModel):
+    __event_name__: ClassVar[str] = "inventory.counted"
+    counts: dict[Any, int]
+
+
+@pytest.mark.anyio
+async def test_keys_merged_inside_a_typed_event_are_refused_too(bus: EventBus) -> None:
+    with pytest.raises(InvalidEventError, match="has the keys 7 and '7'"):
+        await bus.publish(Inventory(counts={7: 1, "7": 2}))
+    bus.register(Inventory)  # validated against its schema: model_dump would merge them
+    with pytest.raises(InvalidEventError, match="has the keys 7 and '7'"):
+        await bus.publish("inventory.counted", Inventory(counts={7: 1, "7": 2}))
+    event = await bus.publish(Inventory(counts={7: 1, "8": 2}))
+    assert event.payload == {"counts": {"7": 1, "8": 2}}

@@ -126,9 +126,16 @@ _UNCONVERTIBLE = object()
 
 
 def valid_name(name: object) -> bool:
-    """``check_name``'s documented rule: a non-empty str without surrounding whitespace,
-    that UTF-8 can encode (no lone surrogates: no broker could carry it)."""
-    return isinstance(name, str) and bool(name) and name.strip() == name and utf8(name)
+    """``check_name``'s documented rule: a non-empty str of at most 256 characters, without
+    surrounding whitespace, control characters (C0, DEL, C1) or line separators (U+2028,
+    U+2029), that UTF-8 can encode (no lone surrogates: no broker could carry it)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 256
+        and name.strip() == name
+        and not any(c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029" for c in name)
+        and utf8(name)
+    )
 
 
 def utf8(text: str) -> bool:
@@ -142,13 +149,28 @@ def utf8(text: str) -> bool:
 def json_data(payload: object) -> object:
     """The documented conversion (pydantic's ``to_jsonable_python``), or ``_UNCONVERTIBLE``
     when its result is not JSON a broker can carry (it raised, it holds NaN or an infinity,
-    an int too long to write, or text UTF-8 cannot encode)."""
+    an int too long to write, or text UTF-8 cannot encode) or lost a value (two keys of a
+    dict became one JSON key)."""
     try:
         data = to_jsonable_python(payload)
         json.dumps(data, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except Exception:
         return _UNCONVERTIBLE
-    return data
+    return _UNCONVERTIBLE if merges_keys(payload) else data
+
+
+def merges_keys(value: object) -> bool:
+    """Whether a dict in *value* (no cycles: it converted) has two keys JSON writes alike."""
+    if isinstance(value, dict):
+        keys = [next(iter(to_jsonable_python({key: None}))) for key in value]
+        return len(set(keys)) < len(keys) or any(merges_keys(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(merges_keys(item) for item in value)
+    if isinstance(value, Box):
+        return merges_keys(value.value)
+    if isinstance(value, Pair):
+        return merges_keys(value.left) or merges_keys(value.right)
+    return False
 
 
 def event_model(event_name: object) -> type[BaseModel]:
@@ -415,7 +437,9 @@ PATTERN_OBJECTS: st.SearchStrategy[object] = st.one_of(
     st.sampled_from([BaseModel, Event, object]),
     st.one_of(NAME_TEXT, st.integers(), st.none()).map(event_model),
 )
-PATTERN_NAMES = st.one_of(GLOB_TEXT, WILDCARD_TEXT, st.text(max_size=6)).map(str.strip).filter(bool)
+PATTERN_NAMES = (
+    st.one_of(GLOB_TEXT, WILDCARD_TEXT, st.text(max_size=6)).map(str.strip).filter(valid_name)
+)
 
 
 def matches(pattern: object, name: str) -> bool:

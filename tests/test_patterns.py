@@ -1,5 +1,7 @@
 """Wildcard patterns: fnmatch semantics, several per handler, registration order."""
 
+import sys
+
 import pytest
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus
@@ -53,6 +55,33 @@ def test_hundreds_of_patterns_and_a_bounded_cache() -> None:
     for i in range(10_000):
         index.match(f"unknown.{i}")
     assert len(index._cache) <= 4096
+
+
+def test_the_cache_is_bounded_in_bytes_too() -> None:
+    # Names decoded by a worker are not limited to what emit allows: 200 names of a
+    # megabyte each once stayed cached (188 MB).
+    index: PatternIndex[str] = PatternIndex()
+    index.add(["big.*"], "h")
+    for i in range(200):
+        assert index.match(f"big.{i}." + "x" * 1_000_000) == ("h",)
+    assert sum(sys.getsizeof(name) for name in index._cache) <= 1024 * 1024
+    for i in range(5000):
+        assert index.match(f"big.{i}." + "y" * 1000) == ("h",)
+    cached = sum(sys.getsizeof(name) for name in index._cache)
+    assert cached <= 1024 * 1024
+    assert cached <= index.cache_bytes <= 1024 * 1024  # its own count is not an underestimate
+    assert 0 < len(index._cache) < 1024 * 1024 // 1000
+    assert index.match("big.last") == ("h",)  # still caching: the newest names stay
+    assert "big.last" in index._cache
+
+
+def test_registering_empties_the_cache_and_its_byte_count() -> None:
+    index: PatternIndex[str] = PatternIndex()
+    index.add(["a*"], "first")
+    index.match("abc")
+    assert index.cache_bytes > 0
+    index.add(["b*"], "second")
+    assert (len(index._cache), index.cache_bytes) == (0, 0)
 
 
 @pytest.mark.parametrize("pattern", ["", 3, None])

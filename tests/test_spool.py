@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
+import stat
+import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +35,7 @@ from fastapi_eventbus import (
 from fastapi_eventbus.exceptions import ForwarderError
 from fastapi_eventbus.forwarders import DeadLetter, Delivery, Forwarder, Retry
 from fastapi_eventbus.spool import Spool
+from tests.conftest import missing_peer
 
 pytestmark = pytest.mark.anyio
 
@@ -355,7 +359,9 @@ async def test_unfinished_spooled_events_are_reported_and_released_at_shutdown(
         assert db.execute("SELECT lease_until FROM pending").fetchall() == [(0,)]  # due now
 
 
-def test_an_unreadable_row_is_set_aside_not_retried_forever(path: Path) -> None:
+def test_an_unreadable_row_is_set_aside_not_retried_forever(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spool = Spool(path)
     spool.add(
         [("broker", Event(name="order.placed", id="fine")), ("broker", Event(name="x", id="bad"))]
@@ -366,11 +372,206 @@ def test_an_unreadable_row_is_set_aside_not_retried_forever(path: Path) -> None:
         )
     spool.release()
     assert [c.event.id for c in spool.claim()] == ["fine"]
-    (dead,) = Spool(path)._read("SELECT event_id, reason FROM dead")
-    assert dead[0] == "bad"
-    assert "is unreadable" in str(dead[1])
-    with pytest.raises(SpoolError, match="spooled event bad for broker is unreadable"):
-        spool.dead()
+    (dead,) = spool.dead()  # listed, not an error that hides the other dead rows
+    assert (dead.event.id, dead.event.name, dead.readable) == ("bad", "x", False)
+    assert dead.error is not None
+    assert "spooled event bad for broker is unreadable: ValidationError" in dead.error
+    assert "event bad for forwarder broker dead-lettered" in caplog.text
+
+
+def poison_row(path: Path, event_id: str, depth: int = 100_000) -> None:
+    """Write, by hand, a due row whose JSON nests deeper than Python's recursion limit
+    (json.loads raises RecursionError, not a ValueError), older than every other row."""
+    nested = "[" * depth + "]" * depth
+    raw = f'{{"name": "order.placed", "payload": {nested}, "id": "{event_id}"}}'
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO pending (forwarder, event_id, event, created, attempts, owner,"
+            " lease_until) VALUES ('broker', ?, ?, 0, 0, '', 0)",
+            (event_id, raw),
+        )
+
+
+async def test_a_poison_row_does_not_hold_up_the_good_rows_behind_it(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another process spooled five events and died before sending them.
+    good = [Event(name="order.placed", id=f"good-{n}", payload={"n": n}) for n in range(5)]
+    left = Spool(path)
+    left.add([("broker", event) for event in good])
+    left.release()
+    poison_row(path, "poison")
+    broker = Broker()
+    bus = spooled_bus(path, broker)
+    app = FastAPI()
+    bus.install(app)
+    with TestClient(app):  # the lifespan's resend loop: the real path
+        for _ in range(300):
+            if len(broker.received) == 5 and broker.dead:
+                break
+            await asyncio.sleep(0.01)
+    assert sorted(broker.received) == [event.id for event in good]
+    (report,) = broker.dead  # the app hears of it through the forwarder's dead_letter
+    assert report.ids == ["poison"]
+    assert "RecursionError" in report.reason
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "poison" in r.message]
+    assert len(errors) == 1  # once, not a traceback every second
+    spool = Spool(path)
+    assert spool.count().pending == 0
+    (dead,) = spool.dead()
+    assert (dead.event.id, dead.event.name, dead.readable) == ("poison", "order.placed", False)
+
+
+# -- the file on disk -------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)  # the usual default: files world-readable
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_spool_files_are_readable_by_their_owner_only(path: Path) -> None:
+    spool = Spool(path)
+    spool.add([("broker", Event(name="order.placed", payload={"card": "4111..."}))])
+    modes = {
+        suffix: stat.S_IMODE(Path(f"{path}{suffix}").stat().st_mode)
+        for suffix in ("", "-wal", "-shm")
+    }
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600}
+
+
+def test_a_spool_file_every_user_can_read_is_warned_about(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Spool(path).close()
+    path.chmod(0o644)  # made by an older version, or by hand
+    Spool(path)
+    assert "can be read or written by every user (mode 0o644)" in caplog.text
+    assert "chmod 600" in caplog.text
+
+
+def _wal_size(path: Path) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_the_write_ahead_log_stays_small(path: Path) -> None:
+    spool = Spool(path)
+    biggest = 0
+    for n in range(1500):  # each event written, then removed: what a running app does
+        event = Event(name="order.placed", payload={"n": n, "text": "x" * 1000})
+        spool.add([("broker", event)])
+        spool.sent("broker", [event])
+        biggest = max(biggest, _wal_size(path))
+    assert biggest < 1024 * 1024  # SQLite's default let it reach 4 MB and stay there
+
+
+def test_a_write_that_finds_the_disk_full_empties_the_write_ahead_log(path: Path) -> None:
+    spool = Spool(path)
+    spool.add([("broker", Event(name="order.placed", payload="x" * 1000)) for _ in range(50)])
+    assert _wal_size(path) > 0
+    db = spool._connect()
+    ((pages,),) = db.execute("PRAGMA page_count").fetchall()
+    db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL, simulated
+    with pytest.raises(SpoolError, match="database or disk is full"):
+        spool.add([("broker", Event(name="order.placed", payload="x" * 100_000))])
+    assert _wal_size(path) == 0  # what the log held is in the database: its space is free
+    db.execute("PRAGMA max_page_count = 1073741823")  # space returns
+    spool.add([("broker", Event(name="order.placed", id="after"))])
+    assert spool.count().pending == 51
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB file system of its own (tmpfs: needs root, as in CI)."""
+    mountpoint = tmp_path / "volume"
+    mountpoint.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        failure = mounted.stderr.strip() if mounted.returncode != 0 else None
+    except OSError as exc:  # no mount command
+        failure = str(exc)
+    if failure is not None:
+        missing_peer(f"cannot mount a small tmpfs: {failure}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free byte of *directory*'s volume with one file."""
+    ballast = directory / "ballast"
+    with ballast.open("wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        except OSError:
+            pass
+    return ballast
+
+
+async def test_a_spool_on_a_small_volume_does_not_fill_it(small_volume: Path) -> None:
+    broker = Broker()
+    bus = spooled_bus(small_volume / "spool.sqlite3", broker)
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place(events: Bus) -> str:
+        return events.emit("order.placed", {"text": "x" * 1000}).id
+
+    with TestClient(app) as client:  # each event written, sent, removed: the log is reused
+        sent = [client.post("/orders").json() for _ in range(1500)]
+    assert sorted(broker.received) == sorted(sent)
+    assert _wal_size(small_volume / "spool.sqlite3") < 1024 * 1024
+
+
+async def test_emits_refused_on_a_full_volume_work_again_once_space_returns(
+    small_volume: Path,
+) -> None:
+    path = small_volume / "spool.sqlite3"
+    broker = Broker()
+    broker.up = False  # events pile up in the spool
+    bus = spooled_bus(path, broker, lease=0.2)
+    accepted: list[str] = []
+    refused: list[str] = []
+
+    async def emit() -> None:
+        try:
+            accepted.append((await bus.publish("order.placed", {"text": "x" * 1000})).id)
+        except SpoolError as exc:  # refused where it was made: the caller knows
+            refused.append(str(exc))
+
+    ballast = _fill(small_volume)  # something else takes the space
+    for _ in range(3000):
+        await emit()
+        if refused:
+            break
+    assert "disk is full" in refused[0]
+    ballast.unlink()  # space returns
+    broker.up = True
+    for _ in range(50):
+        await emit()
+    assert len(refused) == 1  # every emit after the space returned was accepted
+    for _ in range(100):  # what piled up is sent too
+        await asyncio.sleep(0.05)
+        await bus.resend()
+        if len(broker.received) == len(accepted):
+            break
+    assert sorted(broker.received) == sorted(accepted)
+    assert Spool(path).count().pending == 0
 
 
 def test_a_new_process_with_a_dead_ones_pid_takes_its_events_over(path: Path) -> None:

@@ -169,3 +169,23 @@ def test_oversized_trace_attributes_are_ignored() -> None:
 def test_wrongly_typed_messages_are_decode_errors(message: dict[str, Any]) -> None:
     with pytest.raises(MessageDecodeError):
         decode_message(message)
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+"""Valid JSON nested deeper than Python's parser recurses (a queue message can carry it)."""
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"Body": NESTED},
+        {"Body": '{"specversion":"1.0","id":"1","source":"s","type":"x","data":' + NESTED + "}"},
+        {"data": NESTED.encode(), "attributes": pubsub_attributes(EVENT)},
+        {"data": base64.b64encode(NESTED.encode()).decode(), "attributes": {}},
+    ],
+    ids=["sqs-body", "sqs-data", "pubsub-bytes", "pubsub-base64"],
+)
+def test_json_nested_too_deeply_is_a_decode_error(message: dict[str, Any]) -> None:
+    """Not a `RecursionError`: the worker handles it per ``on_undecodable``, as any bad message."""
+    with pytest.raises(MessageDecodeError, match="nested too deeply"):
+        decode_message(message)

@@ -30,7 +30,7 @@ local = SQSForwarder(
 # --8<-- [start:retry]
 patient = SQSForwarder(
     "https://sqs.eu-west-1.amazonaws.com/123456789012/orders",
-    retry=Retry(attempts=8, initial_delay=0.5, max_delay=10, total_timeout=120),
+    retry=Retry(initial_delay=0.5, max_delay=10, total_timeout=120),  # tries for 2 minutes
     max_message_bytes=1_048_576,  # the queue's MaximumMessageSize is 1 MiB
     name="orders-queue",  # in log lines and DeadLetter.forwarder
 )

@@ -21,6 +21,7 @@ def create_worker(queue_url: str) -> Worker:
         concurrency=10,
         shutdown_timeout=30,
         on_undecodable="retry",
+        on_unhandled="retry",  # an event no handler matches: back to the queue, then its DLQ
     )
 
 

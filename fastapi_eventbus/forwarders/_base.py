@@ -86,6 +86,67 @@ def _is_transient_start_failure(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError | TimeoutError)
 
 
+class _RetryLog:
+    """The WARNING lines of one forwarder's retries: a few per outage, not one per batch.
+
+    During an outage every flush is a batch of its own that fails and is retried:
+    logging each batch's attempts would print a line per retry per request. A
+    line is logged only for an attempt number no batch has reached yet in the
+    current run of retries (from the first failure until no batch is being
+    retried any more), and it says how many events of other batches wait too.
+    """
+
+    def __init__(self) -> None:
+        self.batches = 0
+        """Batches being retried now (between their first failure and their end)."""
+        self.waiting = 0
+        """Events of batches sleeping before their next attempt."""
+        self.logged = 0
+        """The highest attempt number logged in the current run of retries."""
+        self.failures = 0
+        """Failed attempts in the current run of retries, logged or not."""
+        self.since = 0.0
+        """When the current run of retries began (``time.monotonic``)."""
+
+    def begin(self) -> None:
+        """A batch failed for the first time: it is being retried now."""
+        if self.batches == 0:
+            self.logged = self.failures = 0
+            self.since = time.monotonic()
+        self.batches += 1
+
+    def failed(
+        self, name: str, attempt: int, count: int, error: BaseException | None, wait: float | None
+    ) -> None:
+        """Attempt *attempt* failed for *count* events: log it if no batch got that far yet."""
+        self.failures += 1
+        if attempt <= self.logged:
+            return
+        self.logged = attempt
+        then = "the spool sends them again later" if wait is None else f"retrying in {wait:.2f}s"
+        others = f"; {self.waiting} event(s) of other batches wait too" if self.waiting else ""
+        logger.warning(
+            "forwarder %s: attempt %d failed for %d event(s) (%r); %s%s",
+            name,
+            attempt,
+            count,
+            error,
+            then,
+            others,
+        )
+
+    def end(self, name: str, *, delivered: bool) -> None:
+        """A batch that was retried is done; the last one ends the run of retries."""
+        self.batches -= 1
+        if self.batches == 0 and delivered and self.logged:
+            logger.info(
+                "forwarder %s: sending again after %.1fs of failures (%d failed attempt(s))",
+                name,
+                time.monotonic() - self.since,
+                self.failures,
+            )
+
+
 class Forwarder:
     """Base class for forwarders: what sends events to a remote broker.
 
@@ -104,11 +165,18 @@ class Forwarder:
     `abandon` and runs `start` again on the new loop. A forwarder is also an
     async context manager doing `start` and `close`.
 
+    With *verify_on_start*, `verify` follows `start` and asks the broker
+    whether sends can succeed (the queue or topic exists, the region and
+    credentials are right); at application startup a failure then stops the
+    app with a `ForwarderError`, instead of being found at the first send.
+
     Args:
         retry: The retry policy for transient failures.
         dead_letter: Called with a `DeadLetter` for events that could not be delivered.
         max_message_bytes: Reject, at emit time, events whose encoded message is larger.
         name: A name for logs (default: the class name).
+        verify_on_start: Run `verify` after `start`, and fail the application's
+            startup if the forwarder cannot send (recommended in production).
     """
 
     messaging_system: ClassVar[str] = "fastapi_eventbus"
@@ -126,6 +194,7 @@ class Forwarder:
         dead_letter: OnDeadLetter | None = None,
         max_message_bytes: int | None = None,
         name: str | None = None,
+        verify_on_start: bool = False,
     ) -> None:
         if dead_letter is not None and not callable(dead_letter):
             raise ConfigurationError(f"dead_letter must be callable, got {dead_letter!r}")
@@ -139,6 +208,11 @@ class Forwarder:
         """The largest message accepted at emit time, in bytes (None: no limit)."""
         self.name = name or type(self).__name__
         """The forwarder's name, for logs (and, with a spool, the key of its events)."""
+        if not isinstance(verify_on_start, bool):
+            raise ConfigurationError(f"verify_on_start must be a bool, got {verify_on_start!r}")
+        self.verify_on_start = verify_on_start
+        """Whether `start` is followed by `verify`, and a failure stops the app's startup."""
+        self._retries = _RetryLog()
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop `start` last succeeded on."""
@@ -171,6 +245,16 @@ class Forwarder:
         event loop. An exception here is retried only if it is a
         `ForwarderError` with ``transient=True``, a `ConnectionError` or a
         `TimeoutError`; anything else dead-letters the batch at once.
+        """
+
+    async def verify(self) -> None:
+        """Ask the broker whether sends can succeed; raise `ForwarderError` if not.
+
+        Called after `start` when *verify_on_start* is set: one cheap call that
+        needs the same region, credentials and destination as a send (SQS:
+        ``GetQueueAttributes`` on the queue; Pub/Sub: get the topic). Raise
+        with ``transient=True`` when a retry may help (the broker is
+        unreachable). The default does nothing.
         """
 
     async def close(self) -> None:
@@ -236,8 +320,59 @@ class Forwarder:
             if self._started:
                 self._abandon_other_loop()
             await self.start()
+            if self.verify_on_start:
+                await self._verify_or_close()
             self._started = True
             self._loop = loop
+
+    async def _verify_or_close(self) -> None:
+        """`verify`; if it fails, `close` what `start` opened (the next try starts again)."""
+        try:
+            await self.verify()
+        except BaseException:
+            try:
+                await self.close()
+            except Exception:
+                logger.exception("forwarder %s: closing after a failed verify failed", self.name)
+            raise
+
+    async def start_checked(self) -> None:
+        """Start and `verify`; raise `ForwarderError` naming the forwarder if that fails.
+
+        What the lifespan of ``bus.install`` runs at application startup for a
+        forwarder with *verify_on_start*, so that a missing queue or topic,
+        region or credentials stop the app at once. Failures a retry may fix
+        (an unreachable broker) are retried per *retry* first, each logged at
+        WARNING.
+        """
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.ensure_started()
+            except Exception as exc:
+                transient = _is_transient_start_failure(exc)
+                elapsed = time.monotonic() - started
+                wait = self.retry.next_delay(attempt, elapsed) if transient else None
+                if wait is None:
+                    tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    what = str(exc).removeprefix(f"{self.name}: ") or repr(exc)
+                    raise ForwarderError(
+                        f"forwarder {self.name} failed its start-up check "
+                        f"(verify_on_start=True){tries}: {what}",
+                        transient=transient,
+                    ) from exc
+                logger.warning(
+                    "forwarder %s: start-up check failed (attempt %d: %s); trying again in %.2fs",
+                    self.name,
+                    attempt,
+                    exc,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+            else:
+                return
 
     def _abandon_other_loop(self) -> None:
         logger.warning(
@@ -273,6 +408,11 @@ class Forwarder:
     ) -> DeliveryOutcome:
         """Send *events* with retries; dead-letter what still fails. Never raises.
 
+        Transient failures are retried per *retry*. The log gets at most one
+        WARNING per attempt number while the forwarder's batches are being
+        retried, however many batches fail together (one per request during an
+        outage), and one ERROR line per dead-lettered batch, listing its ids.
+
         With *keep_unsent* (the bus's spool), events that still fail for a
         transient reason when the retries run out are returned in
         ``outcome.unsent`` instead of being dead-lettered: the spool sends them
@@ -280,40 +420,49 @@ class Forwarder:
         """
         pending = list(events)
         outcome = DeliveryOutcome()
-        deadline = time.monotonic() + self.retry.total_timeout
+        started = time.monotonic()
         attempt = 0
-        error: BaseException | None = None
-        while pending:
-            attempt += 1
-            pending, error = await self._attempt(pending, outcome)
-            if not pending:
-                return outcome
-            wait = self.retry.delay(attempt)
-            if attempt >= self.retry.attempts or time.monotonic() + wait > deadline:
-                reason = f"gave up after {attempt} attempt(s): {error!r}"
-                if keep_unsent:
-                    logger.warning(
-                        "forwarder %s: %d event(s) not delivered yet (%s); the spool sends "
-                        "them again later",
-                        self.name,
-                        len(pending),
-                        reason,
-                    )
-                    outcome.unsent.extend(pending)
-                    outcome.error = repr(error)
-                else:
-                    await self._dead_letter(pending, reason, error, outcome)
-                return outcome
-            logger.warning(
-                "forwarder %s: attempt %d failed for %d event(s) (%r); retrying in %.2fs",
-                self.name,
-                attempt,
-                len(pending),
-                error,
-                wait,
-            )
-            await asyncio.sleep(wait)
-        return outcome
+        retrying = sent = False
+        try:
+            while True:
+                attempt += 1
+                pending, error = await self._attempt(pending, outcome)
+                if not pending:
+                    sent = error is None
+                    return outcome
+                wait = self.retry.next_delay(attempt, time.monotonic() - started)
+                if not retrying:
+                    retrying = True
+                    self._retries.begin()
+                if wait is None:
+                    await self._give_up(pending, attempt, error, outcome, keep_unsent)
+                    return outcome
+                self._retries.failed(self.name, attempt, len(pending), error, wait)
+                self._retries.waiting += len(pending)
+                try:
+                    await asyncio.sleep(wait)
+                finally:
+                    self._retries.waiting -= len(pending)
+        finally:
+            if retrying:
+                self._retries.end(self.name, delivered=sent)
+
+    async def _give_up(
+        self,
+        pending: list[Event],
+        attempt: int,
+        error: BaseException | None,
+        outcome: DeliveryOutcome,
+        keep_unsent: bool,
+    ) -> None:
+        """The retries ran out: leave *pending* to the spool, or dead-letter it."""
+        reason = f"gave up after {attempt} attempt(s): {error!r}"
+        if keep_unsent:
+            self._retries.failed(self.name, attempt, len(pending), error, None)
+            outcome.unsent.extend(pending)
+            outcome.error = repr(error)
+        else:
+            await self._dead_letter(pending, reason, error, outcome)
 
     async def _attempt(
         self, pending: list[Event], outcome: DeliveryOutcome

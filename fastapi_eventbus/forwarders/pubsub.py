@@ -21,6 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from fastapi_eventbus._events import Event
@@ -66,6 +67,12 @@ _TOPIC = re.compile(r"projects/[^/\s]+/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
 _REQUEST_OVERHEAD = len('{"messages": []}')
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 499})
 _MAX_ERROR_TEXT = 500
+_VERIFY_HINTS = {
+    404: "the topic does not exist (check the project and topic id)",
+    403: "the credentials may not read the topic (pubsub.topics.get is needed to verify it)",
+    401: "the credentials were refused",
+}
+"""What an HTTP status of `PubSubForwarder.verify` most likely means."""
 
 OrderingKey = Callable[[Event], str]
 """What ``ordering_key`` is: a function giving an event its ordering key (``""``: none)."""
@@ -101,6 +108,9 @@ class PubSubForwarder(Forwarder):
         retry: The retry policy for transient failures.
         dead_letter: Called with a `DeadLetter` for events that could not be delivered.
         name: A name for logs (default: the class name).
+        verify_on_start: At startup, get the topic (see `verify`) and fail the
+            application's startup if the credentials or the topic are wrong.
+            Recommended in production; needs ``pubsub.topics.get``.
 
     Raises:
         MissingExtraError: gcloud-aio-pubsub (the ``gcp`` extra) is not installed.
@@ -125,9 +135,14 @@ class PubSubForwarder(Forwarder):
         retry: Retry | None = None,
         dead_letter: OnDeadLetter | None = None,
         name: str | None = None,
+        verify_on_start: bool = False,
     ) -> None:
         super().__init__(
-            retry=retry, dead_letter=dead_letter, max_message_bytes=max_message_bytes, name=name
+            retry=retry,
+            dead_letter=dead_letter,
+            max_message_bytes=max_message_bytes,
+            name=name,
+            verify_on_start=verify_on_start,
         )
         _require_sdk()  # first, like the other SDK classes: a missing extra is the real problem
         if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
@@ -201,6 +216,27 @@ class PubSubForwarder(Forwarder):
     def abandon(self) -> None:
         """Forget the session and client of another event loop (they cannot be closed here)."""
         self._client = self._session = self._in_order = None
+
+    async def verify(self) -> None:
+        """Get the topic (with *verify_on_start*): it must exist and be readable.
+
+        Fails if the credentials cannot be loaded or are refused, or if the
+        topic does not exist. Needs the ``pubsub.topics.get`` permission
+        (``roles/pubsub.viewer`` on the topic), besides ``roles/pubsub.publisher``.
+        """
+        client = self._current_client()
+        try:
+            with _translated(f"get topic {self.topic}"):
+                token = None if self.emulated else await client.token.get()
+                headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+                url = f"{self.api_root}/{self.topic}"
+                response = await client.session.get(url, headers=headers, timeout=self.timeout)
+                response.release()
+        except ForwarderError as exc:
+            hint = _VERIFY_HINTS.get(getattr(exc.__cause__, "status", 0))
+            if hint is None:
+                raise
+            raise ForwarderError(f"{exc}: {hint}", transient=exc.transient) from exc.__cause__
 
     # -- sending --------------------------------------------------------------------
 
@@ -292,23 +328,9 @@ class PubSubForwarder(Forwarder):
 
     async def _publish(self, client: PublisherClient, messages: list[PubsubMessage]) -> None:
         """One publish request; SDK and HTTP errors become `ForwarderError`."""
-        import aiohttp
-
-        try:
+        with _translated(f"publish to {self.topic}"):
             # AioSession.post takes float seconds; PublisherClient.publish annotates int.
             response = await client.publish(self.topic, messages, timeout=self.timeout)  # type: ignore[arg-type]
-        except aiohttp.ClientResponseError as exc:
-            transient = exc.status < 400 or exc.status >= 500 or exc.status in _RETRYABLE_STATUS
-            raise ForwarderError(
-                f"publish to {self.topic} failed: HTTP {exc.status} {_clip(exc.message)}",
-                transient=transient,
-            ) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            raise ForwarderError(
-                f"publish to {self.topic} failed: {_describe(exc)}", transient=True
-            ) from exc
-        except Exception as exc:  # e.g. fetching an access token failed
-            raise ForwarderError(f"publish to {self.topic} failed: {_describe(exc)}") from exc
         ids = response.get("messageIds")
         if not isinstance(ids, list) or len(ids) != len(messages):
             raise ForwarderError(
@@ -316,6 +338,24 @@ class PubSubForwarder(Forwarder):
                 f"{len(ids) if isinstance(ids, list) else 'no'} message id(s)",
                 transient=True,
             )
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    """Raise the `ForwarderError` for an SDK or HTTP error raised in the block."""
+    import aiohttp
+
+    try:
+        yield
+    except aiohttp.ClientResponseError as exc:
+        transient = exc.status < 400 or exc.status >= 500 or exc.status in _RETRYABLE_STATUS
+        raise ForwarderError(
+            f"{action} failed: HTTP {exc.status} {_clip(exc.message)}", transient=transient
+        ) from exc
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        raise ForwarderError(f"{action} failed: {_describe(exc)}", transient=True) from exc
+    except Exception as exc:  # e.g. fetching an access token failed
+        raise ForwarderError(f"{action} failed: {_describe(exc)}") from exc
 
 
 class _NoToken:

@@ -17,7 +17,7 @@ import asyncio
 import importlib.util
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 from urllib.parse import urlsplit
@@ -164,6 +164,8 @@ def _describe_botocore_error(exc: Exception) -> tuple[str, bool] | None:
         ClientError,
         ConnectionError,
         HTTPClientError,
+        NoCredentialsError,
+        NoRegionError,
         SSLError,
     )
 
@@ -175,6 +177,13 @@ def _describe_botocore_error(exc: Exception) -> tuple[str, bool] | None:
         return f"{code} (HTTP {status}): {error.get('Message', '')}", transient
     if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
         return f"cannot reach SQS: {exc}", True
+    if isinstance(exc, NoRegionError):
+        return "no AWS region: pass region_name=, or set AWS_DEFAULT_REGION", False
+    if isinstance(exc, NoCredentialsError):
+        return (
+            "no AWS credentials found (environment, ~/.aws, container or instance role)",
+            False,
+        )
     if isinstance(exc, BotoCoreError):
         return str(exc), False
     return None
@@ -187,6 +196,18 @@ def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
         return None
     message, transient = described
     return ForwarderError(f"{forwarder}: {message}", transient=transient)
+
+
+@contextmanager
+def _translated(forwarder: str) -> Iterator[None]:
+    """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
+    try:
+        yield
+    except Exception as exc:
+        error = _translate(exc, forwarder)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _failed_entries(
@@ -247,6 +268,10 @@ class SQSForwarder(Forwarder):
         retry: The retry policy for transient failures.
         dead_letter: Called with a `DeadLetter` for events that could not be delivered.
         name: A name for logs (default: ``SQSForwarder``).
+        verify_on_start: At startup, check the queue with ``GetQueueAttributes``
+            (see `verify`) and fail the application's startup if the region,
+            the credentials or the queue are wrong. Recommended in production;
+            needs the ``sqs:GetQueueAttributes`` permission.
 
     Raises:
         MissingExtraError: aiobotocore (the ``aws`` extra) is not installed.
@@ -271,13 +296,18 @@ class SQSForwarder(Forwarder):
         retry: Retry | None = None,
         dead_letter: OnDeadLetter | None = None,
         name: str | None = None,
+        verify_on_start: bool = False,
     ) -> None:
         if importlib.util.find_spec("aiobotocore") is None:
             raise MissingExtraError("aws", "aiobotocore")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
             raise ConfigurationError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
         super().__init__(
-            retry=retry, dead_letter=dead_letter, max_message_bytes=max_message_bytes, name=name
+            retry=retry,
+            dead_letter=dead_letter,
+            max_message_bytes=max_message_bytes,
+            name=name,
+            verify_on_start=verify_on_start,
         )
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
@@ -335,14 +365,33 @@ class SQSForwarder(Forwarder):
             return
         stack = AsyncExitStack()
         try:
-            self._client = await self._settings.open_client(stack, read_timeout=30)
-        except Exception as exc:
+            with _translated(self.name):
+                self._client = await self._settings.open_client(stack, read_timeout=30)
+        except BaseException:
             await stack.aclose()
-            error = _translate(exc, self.name)
-            if error is None:
-                raise
-            raise error from exc
+            raise
         self._stack = stack
+
+    async def verify(self) -> None:
+        """Check the queue with ``GetQueueAttributes`` (with *verify_on_start*).
+
+        Fails if the region or credentials are missing or wrong, if the queue
+        does not exist, or if the queue's ``MaximumMessageSize`` is below
+        *max_message_bytes* (SQS would refuse events that passed the emit-time
+        check). Needs the ``sqs:GetQueueAttributes`` permission on the queue.
+        """
+        with _translated(f"{self.name}: GetQueueAttributes on {self.queue_url}"):
+            response = await self.client.get_queue_attributes(
+                QueueUrl=self.queue_url, AttributeNames=["MaximumMessageSize"]
+            )
+        size = response.get("Attributes", {}).get("MaximumMessageSize")
+        limit = self.max_message_bytes
+        if size is not None and limit is not None and int(size) < limit:
+            raise ForwarderError(
+                f"{self.name}: {self.queue_url} takes messages of up to {size} bytes (its "
+                f"MaximumMessageSize), less than max_message_bytes={limit}: pass "
+                f"max_message_bytes={size}, or raise the queue's MaximumMessageSize"
+            )
 
     async def close(self) -> None:
         """Close the client."""
@@ -475,15 +524,10 @@ class SQSForwarder(Forwarder):
     async def _send_chunk(
         self, client: SQSClient, chunk: list[tuple[_Entry, Event]]
     ) -> Delivery | None:
-        try:
+        with _translated(self.name):
             response = await client.send_message_batch(
                 QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
             )
-        except Exception as exc:
-            error = _translate(exc, self.name)
-            if error is None:
-                raise
-            raise error from exc
         return _failed_entries(response, chunk)
 
 

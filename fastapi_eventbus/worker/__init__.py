@@ -17,13 +17,14 @@ only when the worker starts them.
 """
 
 from ._source import Backoff, ReceivedMessage, Source
-from ._worker import OnUndecodable, Worker, WorkerStats
+from ._worker import OnUndecodable, OnUnhandled, Worker, WorkerStats
 from .pubsub import PubSubSource
 from .sqs import SQSSource
 
 __all__ = [
     "Backoff",
     "OnUndecodable",
+    "OnUnhandled",
     "PubSubSource",
     "ReceivedMessage",
     "SQSSource",

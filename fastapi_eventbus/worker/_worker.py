@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias, get_args
 
 from fastapi_eventbus._bus import STATE_ATTR, EventBus
+from fastapi_eventbus._events import Event
 from fastapi_eventbus._tracing import Consumed, Tracing
 from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
 from fastapi_eventbus.wire import decode_message, message_size
@@ -21,11 +22,18 @@ logger = logging.getLogger("fastapi_eventbus.worker")
 
 OnUndecodable: TypeAlias = Literal["retry", "delete"]
 """What a worker does with a message it cannot decode (see `Worker`)."""
+OnUnhandled: TypeAlias = Literal["retry", "delete"]
+"""What a worker does with an event that no handler of its bus matches (see `Worker`)."""
 
 _RECEIVE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 """Waits between failed receive calls (jittered)."""
 _GIVE_BACK_TIMEOUT = 5.0
-"""Seconds allowed, at shutdown, for giving an unfinished message back to the broker."""
+"""Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""
+_CANCEL_GRACE = _GIVE_BACK_TIMEOUT + 1.0
+"""Seconds a message cancelled at shutdown has to stop (and give itself back) before it is
+reported as still running and left behind."""
+_MIN_OVERTIME = 5.0
+"""The least time a message gets past its handlers' time limit (see `_hold`)."""
 _MAX_MESSAGE_BYTES = 10_000_000
 """The default ``max_message_bytes``: the larger of the brokers' own limits (Pub/Sub 10 MB,
 SQS 1 MiB), so that a worker takes every message a forwarder can send by default."""
@@ -44,9 +52,32 @@ class WorkerStats:
     undecodable: int = 0
     """Messages that were not events, or too large to decode (handled per ``on_undecodable``)."""
     unfinished: int = 0
-    """Messages still running when ``shutdown_timeout`` ran out (given back)."""
+    """Messages still running when ``shutdown_timeout`` ran out (cancelled and given back)."""
     settle_errors: int = 0
     """Acknowledgements (or give-backs) the broker did not take: those messages come again."""
+    unhandled: int = 0
+    """Messages whose event no handler of the bus matches (handled per ``on_unhandled``)."""
+    abandoned: int = 0
+    """Messages whose handlers were still running past their time limit, or after being
+    cancelled at shutdown: given back, reported at ERROR, and left running."""
+
+
+@dataclass(eq=False, slots=True)
+class _Delivery:
+    """A message the worker holds, from its receipt until it is settled or given up."""
+
+    message: ReceivedMessage
+    event: Event | None = None
+    """The decoded event, once decoded (for reports)."""
+    abandoned: bool = False
+    """Given back while its task still ran: the task settles nothing any more."""
+    timer: asyncio.TimerHandle | None = None
+    """Fires when the handlers have had their time (`Worker._overdue`)."""
+
+    def __str__(self) -> str:
+        event = self.event
+        name = self.message.message_id
+        return name if event is None else f"{name} (event {event.name!r} id={event.id})"
 
 
 class Worker:
@@ -59,10 +90,20 @@ class Worker:
     otherwise it is given back (SQS: its visibility timeout set by backoff;
     Pub/Sub: nacked), and the broker delivers it again, or moves it to its
     dead-letter queue after its maximum number of deliveries. Delivery is
-    at-least-once: use ``event.id`` to deduplicate. While the handlers run, the
-    worker calls `Source.extend` every `Source.extend_interval` seconds (SQS:
-    ``visibility_timeout``, Pub/Sub: ``ack_deadline``), so that the broker does
-    not deliver the message again meanwhile; a failed extension is logged at WARNING.
+    at-least-once: use ``event.id`` to deduplicate.
+
+    While the handlers run, the worker calls `Source.extend` every
+    `Source.extend_interval` seconds (SQS: ``visibility_timeout``, Pub/Sub:
+    ``ack_deadline``), so that the broker does not deliver the message again
+    meanwhile; a failed extension is logged at WARNING. That heartbeat lasts as
+    long as the handlers may: the sum of the time limits of the handlers the
+    event matches (they run one after the other; see ``EventBus(handler_timeout=)``)
+    plus as much again, at least 5 s more, for the events they emit. A message
+    still running then is *abandoned*: logged at ERROR with its ids, given back
+    like a failure (so that a hung message reaches the dead-letter queue), and its
+    slot freed; its handlers, which ignored their time limit, are left running.
+    With a handler that has no time limit (``timeout=math.inf``, or
+    ``handler_timeout=None``), the heartbeat lasts until the handlers return.
 
     Args:
         app: A FastAPI app with an installed bus (``bus.install(app)``), or an
@@ -71,11 +112,19 @@ class Worker:
         source: Where messages come from: `SQSSource`, `PubSubSource`, your own.
         concurrency: The most messages handled at once (and received ahead).
         shutdown_timeout: Seconds `stop` waits for messages in flight; those
-            still running then are cancelled and given back for redelivery.
+            still running then are cancelled and given back for redelivery. One
+            that does not stop within a few seconds more is reported at ERROR and
+            left running: `stop` does not wait for it.
         on_undecodable: A message that is not an event is logged at ERROR and
             then, with ``"retry"`` (the default), given back like a failure, so
             that it reaches the broker's dead-letter queue; with ``"delete"``,
             acknowledged and dropped.
+        on_unhandled: An event that no handler of the bus matches (a forward-only
+            app passed by mistake, a pattern with a typo) is never acknowledged as
+            if it had been handled: with ``"retry"`` (the default), it is logged at
+            ERROR (event name and id) and given back like a failure, so that it
+            reaches the dead-letter queue; with ``"delete"``, logged at WARNING and
+            acknowledged. Both count in ``stats.unhandled``.
         max_message_bytes: The largest message decoded, counted as
             `fastapi_eventbus.wire.message_size` counts it (body plus attributes).
             A larger one is never decoded: it is logged and handled like a message
@@ -94,6 +143,7 @@ class Worker:
         concurrency: int = 10,
         shutdown_timeout: float = 30.0,
         on_undecodable: OnUndecodable = "retry",
+        on_unhandled: OnUnhandled = "retry",
         max_message_bytes: int = _MAX_MESSAGE_BYTES,
     ) -> None:
         self.bus, self.app = _resolve(app)
@@ -105,10 +155,9 @@ class Worker:
             raise ConfigurationError(f"shutdown_timeout must be a number, got {shutdown_timeout!r}")
         if shutdown_timeout < 0:
             raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
-        if on_undecodable not in get_args(OnUndecodable):
-            raise ConfigurationError(
-                f"on_undecodable must be 'retry' or 'delete', got {on_undecodable!r}"
-            )
+        for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
+            if policy not in get_args(OnUndecodable):
+                raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
         if (
             isinstance(max_message_bytes, bool)
             or not isinstance(max_message_bytes, int)
@@ -125,12 +174,17 @@ class Worker:
         """Seconds `stop` waits for messages in flight."""
         self.on_undecodable: OnUndecodable = on_undecodable
         """What happens to a message that is not an event: ``"retry"`` or ``"delete"``."""
+        self.on_unhandled: OnUnhandled = on_unhandled
+        """What happens to an event no handler matches: ``"retry"`` or ``"delete"``."""
         self.max_message_bytes = max_message_bytes
         """The largest message decoded."""
         self.stats = WorkerStats()
         """What the worker has done so far."""
         self._slots = asyncio.Semaphore(concurrency)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], _Delivery] = {}
+        self._abandoned: dict[asyncio.Task[None], _Delivery] = {}
+        """Abandoned messages whose tasks still run: their slots are free already."""
+        self._giving_back: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
@@ -160,10 +214,21 @@ class Worker:
                 logger.info(
                     "worker started: receiving from %s, %d at a time", self.source, self.concurrency
                 )
+                self._warn_if_no_handlers()
                 await self._consume()
         finally:
             self._done.set()
         logger.info("worker stopped: %s", self.stats)
+
+    def _warn_if_no_handlers(self) -> None:
+        if self.bus.handles():
+            return
+        logger.warning(
+            "the bus has no handlers: no message can be handled; each one is %s "
+            "(on_unhandled=%r). Is APP the worker's app, with its handlers registered?",
+            "deleted" if self.on_unhandled == "delete" else "given back (dead-letter queue)",
+            self.on_unhandled,
+        )
 
     async def stop(self) -> None:
         """Stop receiving, finish the messages in flight, and wait until `run` has returned."""
@@ -281,88 +346,79 @@ class Worker:
 
     def _spawn(self, message: ReceivedMessage) -> None:
         self.stats.received += 1
-        task = asyncio.create_task(self._process(message))
-        self._in_flight.add(task)
+        delivery = _Delivery(message)
+        task = asyncio.create_task(self._process(delivery))
+        self._in_flight[task] = delivery
         task.add_done_callback(self._processed)
 
     def _processed(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._slots.release()
+        delivery = self._in_flight.pop(task, None)
+        if delivery is None:  # abandoned earlier: its slot is free already
+            delivery = self._abandoned.pop(task)
+        else:
+            if delivery.timer is not None:
+                delivery.timer.cancel()
+            self._slots.release()
         if not task.cancelled() and (error := task.exception()) is not None:
-            logger.error("processing a message failed unexpectedly", exc_info=error)
+            logger.error(
+                "processing message %s failed unexpectedly; it comes again when its "
+                "visibility timeout (ack deadline) ends",
+                delivery,
+                exc_info=error,
+            )
 
-    async def _process(self, message: ReceivedMessage) -> None:
+    async def _process(self, delivery: _Delivery) -> None:
+        message = delivery.message
         tracing = self.bus._core.tracing
         if tracing is None:
-            await self._settle(message, await self._given_back_if_cancelled(message, None))
+            handled = await self._given_back_if_cancelled(delivery, None)
+            if not delivery.abandoned:
+                await self._settle(message, handled)
             return
         with tracing.consuming(self.source, message) as consumed:
-            handled = await self._given_back_if_cancelled(message, consumed)
-            await self._settle(message, handled, tracing)
+            handled = await self._given_back_if_cancelled(delivery, consumed)
+            if not delivery.abandoned:
+                await self._settle(message, handled, tracing)
 
     async def _given_back_if_cancelled(
-        self, message: ReceivedMessage, consumed: Consumed | None
+        self, delivery: _Delivery, consumed: Consumed | None
     ) -> bool:
         try:
-            async with self._heartbeat(message):
-                return await self._handle(message, consumed)
+            return await self._handle(delivery, consumed)
         except asyncio.CancelledError as exc:
             tracing = self.bus._core.tracing if consumed is not None else None
             if consumed is not None:
                 consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
-            await self._give_back(message, tracing)
+            if not delivery.abandoned:
+                await self._give_back(delivery.message, tracing)
             raise
 
-    @asynccontextmanager
-    async def _heartbeat(self, message: ReceivedMessage) -> AsyncIterator[None]:
-        """Extend *message*'s visibility (ack deadline) in the background inside the block."""
-        interval = self.source.extend_interval
-        if interval is None:
-            yield
-            return
-        beats = asyncio.create_task(self._keep_invisible(message, interval))
-        try:
-            yield
-        finally:
-            beats.cancel()
-            await asyncio.wait({beats})
-
-    async def _keep_invisible(self, message: ReceivedMessage, interval: float) -> None:
-        """Call `Source.extend` every *interval* seconds; a failure is logged, then retried."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.source.extend(message)
-            except Exception as exc:
-                logger.warning(
-                    "could not extend the visibility of message %s on %s (%s); "
-                    "it may be delivered again while its handlers run",
-                    message.message_id,
-                    self.source.name,
-                    exc,
-                )
-
-    async def _handle(self, message: ReceivedMessage, consumed: Consumed | None) -> bool:
-        """Decode and handle *message*; whether to acknowledge it."""
-        size = message_size(message.body)
-        if size > self.max_message_bytes:
-            error = MessageDecodeError(
-                f"{size} bytes, over max_message_bytes={self.max_message_bytes}"
-            )
-            return self._undecodable(message, consumed, "too large to decode", error)
-        try:
-            event = decode_message(message.body)
-        except MessageDecodeError as exc:
-            return self._undecodable(message, consumed, "not an event", exc)
+    async def _handle(self, delivery: _Delivery, consumed: Consumed | None) -> bool:
+        """Decode and handle *delivery*'s message; whether to acknowledge it."""
+        message = delivery.message
+        decoded = self._decode(message)
+        if not isinstance(decoded, Event):
+            return self._undecodable(message, consumed, *decoded)
+        event = delivery.event = decoded
         if consumed is not None:
             consumed.event = event
+        if not self.bus.handles(event.name):
+            return self._unhandled(delivery, consumed)
+        hold = _hold(self.bus.time_limit(event.name))
+        self._watch(delivery, hold)
         try:
-            failures = await self.bus.handle(event)
+            async with self._heartbeat(message, hold):
+                failures = await self.bus.handle(event)
         except Exception as exc:
             logger.exception("handling event %r (id=%s) failed", event.name, event.id)
             failures = None
             if consumed is not None:
                 consumed.error = exc
+        if delivery.abandoned:
+            logger.warning(
+                "message %s finished after it was given back: not acknowledged", delivery
+            )
+            return False
         if failures == []:
             self.stats.handled += 1
             return True
@@ -382,27 +438,165 @@ class Worker:
                 consumed.error = failures[0].exception
         return False
 
+    def _decode(self, message: ReceivedMessage) -> Event | tuple[str, Exception]:
+        """*message*'s event, or why there is none: what it is, and the error.
+
+        Nothing raised while reading one message may affect another: an exception
+        other than `MessageDecodeError` (a bug in a decoder or a source) makes the
+        message undecodable too, never a failure of the worker.
+        """
+        try:
+            size = message_size(message.body)
+            if size > self.max_message_bytes:
+                return "too large to decode", MessageDecodeError(
+                    f"{size} bytes, over max_message_bytes={self.max_message_bytes}"
+                )
+            return decode_message(message.body)
+        except MessageDecodeError as exc:
+            return "not an event", exc
+        except Exception as exc:
+            return "not decodable", exc
+
     def _undecodable(
         self,
         message: ReceivedMessage,
         consumed: Consumed | None,
         failure: str,
-        error: MessageDecodeError,
+        error: Exception,
     ) -> bool:
         """Log *message*, which will not be handled; whether to acknowledge it (the policy)."""
         self.stats.undecodable += 1
         delete = self.on_undecodable == "delete"
+        expected = isinstance(error, MessageDecodeError)
         logger.error(
             "message %s from %s is %s (%s); %s",
             message.message_id,
             self.source.name,
             failure,
-            error,
+            error if expected else f"{type(error).__name__}: {error}",
             "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+            exc_info=None if expected else error,
         )
         if consumed is not None:
             consumed.failure, consumed.error = failure, error
         return delete
+
+    def _unhandled(self, delivery: _Delivery, consumed: Consumed | None) -> bool:
+        """Log *delivery*'s event, which no handler matches; whether to acknowledge it."""
+        self.stats.unhandled += 1
+        delete = self.on_unhandled == "delete"
+        logger.log(
+            logging.WARNING if delete else logging.ERROR,
+            "message %s from %s matches no handler of the bus; %s (on_unhandled=%r)",
+            delivery,
+            self.source.name,
+            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+            self.on_unhandled,
+        )
+        if consumed is not None:
+            consumed.failure = "no handler matches the event"
+        return delete
+
+    # -- time limits ----------------------------------------------------------------
+
+    def _watch(self, delivery: _Delivery, hold: float | None) -> None:
+        """Abandon *delivery* if its task still runs *hold* seconds from now."""
+        task = asyncio.current_task()
+        if hold is None or task is None:
+            return
+        loop = asyncio.get_running_loop()
+        delivery.timer = loop.call_later(hold, self._overdue, task, hold)
+
+    def _overdue(self, task: asyncio.Task[None], hold: float) -> None:
+        delivery = self._in_flight.get(task)
+        if delivery is None or task.done():
+            return
+        why = f"is still running {hold:g}s after its handlers started"
+        cause = "a handler ignores its time limit, or the events they emitted take that long"
+        self._abandon(task, delivery, why, cause, None)
+
+    def _abandon(
+        self,
+        task: asyncio.Task[None],
+        delivery: _Delivery,
+        why: str,
+        cause: str,
+        delay: float | None,
+    ) -> None:
+        """Give *delivery* back while *task* runs on; free its slot; report it at ERROR."""
+        self._abandoned[task] = self._in_flight.pop(task)
+        self._slots.release()
+        delivery.abandoned = True
+        self.stats.abandoned += 1
+        logger.error(
+            "message %s from %s %s; giving it back and leaving it running (%s)",
+            delivery,
+            self.source.name,
+            why,
+            cause,
+        )
+        giving_back = asyncio.create_task(self._hand_back(delivery.message, delay))
+        self._giving_back.add(giving_back)
+        giving_back.add_done_callback(self._giving_back.discard)
+
+    async def _hand_back(self, message: ReceivedMessage, delay: float | None) -> None:
+        """Give *message* back after *delay* seconds (None: like a failure), bounded in time."""
+        try:
+            async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
+                await self.source.nack(message, delay)
+        except Exception as exc:
+            self.stats.settle_errors += 1
+            logger.warning(
+                "could not give back message %s on %s (%s); it comes again when its "
+                "visibility timeout (ack deadline) ends",
+                message.message_id,
+                self.source.name,
+                str(exc) or type(exc).__name__,
+            )
+
+    @asynccontextmanager
+    async def _heartbeat(self, message: ReceivedMessage, hold: float | None) -> AsyncIterator[None]:
+        """Extend *message*'s visibility (ack deadline) in the background inside the block,
+        for up to *hold* seconds (None: as long as the block lasts)."""
+        interval = self.source.extend_interval
+        if interval is None:
+            yield
+            return
+        until = None if hold is None else asyncio.get_running_loop().time() + hold
+        beats = asyncio.create_task(self._keep_invisible(message, interval, until))
+        try:
+            yield
+        finally:
+            beats.cancel()
+            await asyncio.wait({beats})
+
+    async def _keep_invisible(
+        self, message: ReceivedMessage, interval: float, until: float | None
+    ) -> None:
+        """Call `Source.extend` every *interval* seconds until *until* (loop time; None:
+        until cancelled); the last call extends to *until* exactly. A failure is logged,
+        then retried at the next beat."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            seconds = None if until is None else until - loop.time()
+            if seconds is not None and seconds <= 0:
+                return
+            last = seconds is not None and seconds <= interval
+            try:
+                await self.source.extend(message, seconds if last else None)
+            except Exception as exc:
+                logger.warning(
+                    "could not extend the visibility of message %s on %s (%s); "
+                    "it may be delivered again while its handlers run",
+                    message.message_id,
+                    self.source.name,
+                    exc,
+                )
+            if last:
+                return
+
+    # -- settling -------------------------------------------------------------------
 
     async def _settle(
         self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
@@ -427,39 +621,79 @@ class Worker:
 
     async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
         """At shutdown: make an unfinished message available again at once (best effort)."""
-        with suppress(Exception):
-            async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
-                if tracing is None:
-                    await self.source.nack(message, delay=0)
-                else:
-                    with tracing.settling(self.source, message, "nack"):
-                        await self.source.nack(message, delay=0)
+        if tracing is None:
+            await self._hand_back(message, 0)
+            return
+        with tracing.settling(self.source, message, "nack"):
+            await self._hand_back(message, 0)
+
+    # -- shutdown -------------------------------------------------------------------
 
     async def _finish(self, timeout: float) -> None:
-        """Wait up to *timeout* seconds for messages in flight; cancel (give back) the rest."""
-        tasks = set(self._in_flight)
-        if not tasks:
-            return
-        logger.info("waiting up to %.1fs for %d message(s) in flight", timeout, len(tasks))
-        try:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-        except asyncio.CancelledError:  # stopped at once: do not leave them running
-            await self._abandon(tasks)
-            raise
-        if pending:
-            logger.warning("%d message(s) did not finish within %.1fs", len(pending), timeout)
-            await self._abandon(pending)
+        """Wait up to *timeout* seconds for messages in flight; cancel (give back) the rest.
 
-    async def _abandon(self, tasks: set[asyncio.Task[None]]) -> None:
-        """Cancel *tasks*: each gives its message back for redelivery."""
-        pending = {task for task in tasks if not task.done()}
+        Bounded: a message that does not stop within `_CANCEL_GRACE` seconds of being
+        cancelled is reported at ERROR and left running.
+        """
+        tasks = set(self._in_flight)
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:
+            logger.info("waiting up to %.1fs for %d message(s) in flight", timeout, len(tasks))
+            try:
+                _, pending = await asyncio.wait(tasks, timeout=timeout)
+            except asyncio.CancelledError:  # stopped at once: do not leave them running
+                await self._cancel(tasks)
+                raise
+            if pending:
+                logger.warning("%d message(s) did not finish within %.1fs", len(pending), timeout)
+        await self._cancel(pending)
+        if self._giving_back:
+            await asyncio.wait(set(self._giving_back))  # each bounded by _GIVE_BACK_TIMEOUT
+
+    async def _cancel(self, tasks: Iterable[asyncio.Task[None]]) -> None:
+        """Cancel *tasks*, each of which gives its message back; abandon those still running
+        `_CANCEL_GRACE` seconds later. Cancel the abandoned ones too, without waiting."""
+        left = {task: delivery for task, delivery in self._abandoned.items() if not task.done()}
+        for task in left:
+            task.cancel()
+        if left:
+            logger.warning(
+                "cancelling %d abandoned message(s), without waiting for them: %s",
+                len(left),
+                _listed(left.values()),
+            )
+        pending = {task for task in tasks if not task.done() and task in self._in_flight}
         if not pending:
             return
         self.stats.unfinished += len(pending)
-        logger.warning("cancelling %d message(s); they go back for redelivery", len(pending))
+        logger.warning(
+            "cancelling %d message(s); they go back for redelivery: %s",
+            len(pending),
+            _listed(self._in_flight[task] for task in pending),
+        )
         for task in pending:
             task.cancel()
-        await asyncio.wait(pending)
+        _, running = await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+        why = f"did not stop within {_CANCEL_GRACE:g}s of being cancelled at shutdown"
+        cause = "a handler ignores cancellation"
+        for task in running:
+            if (delivery := self._in_flight.get(task)) is not None:
+                self._abandon(task, delivery, why, cause, 0)
+
+
+def _hold(limit: float | None) -> float | None:
+    """How long a message may keep its slot and heartbeat, its handlers' *limit* given.
+
+    The handlers' time limit (`EventBus.time_limit`), plus as much again and at
+    least `_MIN_OVERTIME` seconds, for the events they emit (handled and
+    forwarded before the message is acknowledged) and for unwinding. None when
+    one of them has no time limit.
+    """
+    return None if limit is None else limit + max(limit, _MIN_OVERTIME)
+
+
+def _listed(deliveries: Iterable[_Delivery]) -> str:
+    return ", ".join(str(delivery) for delivery in deliveries)
 
 
 def _resolve(target: object) -> tuple[EventBus, Any]:

@@ -17,6 +17,7 @@ The SDK is imported when the source starts, never before.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,7 +235,8 @@ class PubSubSource(Source):
                     f"Pub/Sub source {self.name}: no ack_deadline to extend to"
                 )
             seconds = self.ack_deadline
-        deadline = max(0, min(_MAX_ACK_DEADLINE, round(seconds)))
+        # Rounded up, as SQS's are: the worker's last extension must not end before its time.
+        deadline = max(0, min(_MAX_ACK_DEADLINE, math.ceil(seconds)))
         with self._translated(f"extend the ack deadline of message {message.message_id}"):
             await self.client.modify_ack_deadline(self.subscription, [message.receipt], deadline)
 

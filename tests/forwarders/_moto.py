@@ -13,12 +13,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi_eventbus.forwarders.sqs import SQSForwarder
+from fastapi_eventbus.wire import decode_message
 from tests.conftest import missing_peer
 
 if TYPE_CHECKING:
@@ -108,18 +110,48 @@ class Moto:
             aws_secret_access_key=SECRET,
         )
 
-    def queue(self, prefix: str = "events", *, fifo: bool = False) -> str:
-        """Create a queue with a unique name; return its URL."""
-        return asyncio.run(self.create_queue(prefix, fifo=fifo))
+    def queue(
+        self,
+        prefix: str = "events",
+        *,
+        fifo: bool = False,
+        attributes: dict[str, str] | None = None,
+    ) -> str:
+        """Create a queue with a unique name (and these attributes); return its URL."""
+        return asyncio.run(self.create_queue(prefix, fifo=fifo, attributes=attributes))
 
-    async def create_queue(self, prefix: str = "events", *, fifo: bool = False) -> str:
-        """Create a queue with a unique name; return its URL."""
+    async def create_queue(
+        self,
+        prefix: str = "events",
+        *,
+        fifo: bool = False,
+        attributes: dict[str, str] | None = None,
+    ) -> str:
+        """Create a queue with a unique name (and these attributes); return its URL."""
         name = f"{prefix}-{uuid.uuid4().hex[:12]}" + (".fifo" if fifo else "")
+        settings: dict[str, str] = {"FifoQueue": "true"} if fifo else {}
+        settings.update(attributes or {})
         async with self.client() as sqs:
-            response = await sqs.create_queue(
-                QueueName=name, Attributes={"FifoQueue": "true"} if fifo else {}
-            )
+            response = await sqs.create_queue(QueueName=name, Attributes=settings)  # type: ignore[arg-type]
         return response["QueueUrl"]
+
+    async def collect_ids(
+        self, queue_url: str, done: Callable[[Counter[str]], bool], timeout: float
+    ) -> Counter[str]:
+        """Receive (and delete) messages until *done* says so, or *timeout*: ids, with counts.
+
+        A last round after that catches late duplicates.
+        """
+        received: Counter[str] = Counter()
+        deadline = time.monotonic() + timeout
+        async with self.client() as sqs:
+            while not done(received) and time.monotonic() < deadline:
+                messages = await _receive(sqs, queue_url)
+                received.update(decode_message(message).id for message in messages)
+                if not messages:
+                    await asyncio.sleep(0.1)
+            received.update(decode_message(m).id for m in await _receive(sqs, queue_url))
+        return received
 
     def receive(self, queue_url: str, count: int, timeout: float = 10.0) -> list[MessageTypeDef]:
         """Receive and delete *count* messages, then check that no more are waiting."""

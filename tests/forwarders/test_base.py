@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from fastapi import Depends, FastAPI
@@ -557,3 +558,159 @@ def test_forwarders_without_loop_bound_clients_start_once(
     assert recorder.started == 1
     assert len(recorder.batches) == 2
     assert "another event loop" not in caplog.text
+
+
+# -- the retry policy -------------------------------------------------------------------------
+
+
+def test_the_default_retry_keeps_trying_until_its_total_timeout() -> None:
+    retry = Retry()
+    assert retry.attempts is None
+    elapsed, attempt = 0.0, 1
+    while (wait := retry.next_delay(attempt, elapsed)) is not None:
+        elapsed += wait
+        attempt += 1
+    assert elapsed == pytest.approx(retry.total_timeout)  # the last try starts at 30 s
+    assert 10 <= attempt <= 20
+
+
+def test_attempts_still_bounds_the_tries() -> None:
+    retry = Retry(attempts=3, initial_delay=0.01)
+    assert retry.next_delay(2, 0.0) is not None
+    assert retry.next_delay(3, 0.0) is None
+    assert Retry(attempts=100).next_delay(1, 30.0) is None
+    assert Retry(attempts=3, initial_delay=0, max_delay=0).next_delay(1, 0.0) == 0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"attempts": 0},
+        {"attempts": True},
+        {"attempts": 2.5},
+        {"initial_delay": -1},
+        {"max_delay": float("nan")},
+        {"total_timeout": "30"},
+        {"total_timeout": float("inf")},  # with attempts=None: never gives up
+        {"initial_delay": 0},  # with attempts=None: a busy loop for total_timeout
+        {"max_delay": 0},
+    ],
+)
+def test_bad_retry_settings_fail_in_the_constructor(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match=r"Retry"):
+        Retry(**options)
+
+
+# -- start-up checks (verify_on_start) --------------------------------------------------------
+
+
+class Checked(Forwarder):
+    """Its `verify` raises the *errors*, one per call, then passes; logs what runs."""
+
+    def __init__(
+        self,
+        errors: list[Exception],
+        *,
+        verify_on_start: bool = True,
+        dead: list[DeadLetter] | None = None,
+    ) -> None:
+        super().__init__(
+            retry=FAST,
+            name="checked",
+            verify_on_start=verify_on_start,
+            dead_letter=None if dead is None else dead.append,
+        )
+        self.errors = list(errors)
+        self.log: list[str] = []
+
+    async def start(self) -> None:
+        self.log.append("start")
+
+    async def verify(self) -> None:
+        self.log.append("verify")
+        if self.errors:
+            raise self.errors.pop(0)
+
+    async def close(self) -> None:
+        self.log.append("close")
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.log.extend(f"send {event.name}" for event in events)
+
+
+def test_a_failed_start_up_check_stops_the_app() -> None:
+    checked = Checked([ForwarderError("checked: the queue does not exist")])
+    bus = EventBus()
+    bus.forward("*", checked)
+    with (
+        pytest.raises(ForwarderError) as caught,
+        emitting_app(bus, "a"),
+    ):
+        pytest.fail("the app started")
+    assert str(caught.value) == (
+        "forwarder checked failed its start-up check (verify_on_start=True): "
+        "the queue does not exist"
+    )
+    assert not caught.value.transient
+    assert checked.log == ["start", "verify", "close"]  # what start opened is closed
+
+
+def test_a_start_up_check_that_cannot_reach_the_broker_is_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unreachable = ForwarderError("broker unreachable", transient=True)
+    checked = Checked([unreachable, ConnectionRefusedError(111, "Connection refused")])
+    bus = EventBus()
+    bus.forward("*", checked)
+    with emitting_app(bus, "a") as client:
+        client.post("/")
+    assert checked.log == ["start", "verify", "close"] * 2 + ["start", "verify", "send a", "close"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(
+        "forwarder checked: start-up check failed (attempt 1: broker unreachable); trying again"
+    )
+
+
+def test_a_broker_unreachable_for_the_whole_retry_stops_the_app() -> None:
+    checked = Checked([ForwarderError("broker unreachable", transient=True)] * 10)
+    bus = EventBus()
+    bus.forward("*", checked)
+    with (
+        pytest.raises(ForwarderError, match="after 4 attempts: broker unreachable") as caught,
+        emitting_app(bus, "a"),
+    ):
+        pytest.fail("the app started")
+    assert caught.value.transient
+    assert checked.log.count("verify") == FAST.attempts
+
+
+def test_without_verify_on_start_nothing_is_checked() -> None:
+    checked = Checked([ForwarderError("never raised")], verify_on_start=False)
+    bus = EventBus()
+    bus.forward("*", checked)
+    with emitting_app(bus, "a") as client:
+        client.post("/")
+    assert checked.log == ["start", "send a", "close"]
+
+
+@pytest.mark.anyio
+async def test_without_the_lifespan_a_failed_check_dead_letters_the_batch() -> None:
+    dead: list[DeadLetter] = []
+    checked = Checked([ForwarderError("the queue does not exist")], dead=dead)
+    bus = EventBus()
+    bus.forward("*", checked)
+    first = await bus.publish("a")
+    await bus.publish("b")  # checked again: it passes now
+    await bus.close()
+    [letter] = dead
+    assert letter.ids == [first.id]
+    assert letter.reason == (
+        "permanent failure: start failed: ForwarderError('the queue does not exist')"
+    )
+    assert checked.log == ["start", "verify", "close", "start", "verify", "send b", "close"]
+
+
+def test_verify_on_start_must_be_a_bool() -> None:
+    with pytest.raises(ConfigurationError, match="verify_on_start must be a bool"):
+        Forwarder(verify_on_start="yes")  # type: ignore[arg-type]

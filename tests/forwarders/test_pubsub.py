@@ -703,3 +703,82 @@ async def test_sending_before_start_is_an_error() -> None:
     forwarder = PubSubForwarder("projects/my-project/topics/orders", emulator_host="h:1")
     with pytest.raises(ForwarderError, match="not started"):
         await forwarder.send([Event(name="order.placed")])
+
+
+# -- start-up checks (verify_on_start) ------------------------------------------------------
+
+CHECK_FAILED = "forwarder PubSubForwarder failed its start-up check (verify_on_start=True): "
+
+
+def startup_error(bus: EventBus) -> ForwarderError:
+    """The `ForwarderError` that stops the startup of the shop app on *bus*."""
+    with pytest.raises(ForwarderError) as caught, TestClient(shop(bus)):
+        pytest.fail("the app started")
+    return caught.value
+
+
+@pytest.mark.slow
+def test_a_missing_topic_stops_the_app_at_startup(pubsub_emulator: Emulator) -> None:
+    topic = f"projects/{PROJECT}/topics/no-such-topic"
+    bus = EventBus()
+    bus.forward(
+        "order.*",
+        PubSubForwarder(topic, emulator_host=pubsub_emulator.host, verify_on_start=True),
+    )
+    error = startup_error(bus)
+    assert str(error).startswith(f"{CHECK_FAILED}get topic {topic} failed: HTTP 404 ")
+    assert str(error).endswith(": the topic does not exist (check the project and topic id)")
+    assert not error.transient
+    assert isinstance(error.__cause__, ForwarderError)  # what verify raised
+    assert isinstance(error.__cause__.__cause__, aiohttp.ClientResponseError)
+
+
+@pytest.mark.slow
+def test_a_topic_the_credentials_may_not_read_stops_the_app_at_startup(
+    pubsub_emulator: Emulator, channel: Channel
+) -> None:
+    statuses: list[int] = []
+    with serve(flaky_proxy(pubsub_emulator.host, [403], statuses)) as proxy:
+        bus = EventBus()
+        forwarder = PubSubForwarder(
+            channel.topic, emulator_host=proxy.removeprefix("http://"), verify_on_start=True
+        )
+        bus.forward("order.*", forwarder)
+        error = startup_error(bus)
+    assert statuses == [403]
+    assert str(error).startswith(f"{CHECK_FAILED}get topic {channel.topic} failed: HTTP 403 ")
+    assert str(error).endswith(
+        ": the credentials may not read the topic (pubsub.topics.get is needed to verify it)"
+    )
+
+
+def test_an_unreadable_credentials_file_stops_the_app_at_startup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    bus = EventBus()
+    forwarder = PubSubForwarder(
+        "projects/my-project/topics/orders",
+        service_file="/nonexistent/credentials.json",
+        verify_on_start=True,
+    )
+    bus.forward("order.*", forwarder)
+    message = str(startup_error(bus))
+    assert message.startswith(f"{CHECK_FAILED}could not create the Pub/Sub client: ")
+    assert "FileNotFoundError" in message
+
+
+@pytest.mark.slow
+def test_a_verified_forwarder_starts_and_publishes(
+    pubsub_emulator: Emulator, channel: Channel
+) -> None:
+    statuses: list[int] = []
+    with serve(flaky_proxy(pubsub_emulator.host, [], statuses)) as proxy:
+        bus = EventBus()
+        forwarder = PubSubForwarder(
+            channel.topic, emulator_host=proxy.removeprefix("http://"), verify_on_start=True
+        )
+        bus.forward("order.*", forwarder)
+        with TestClient(shop(bus)) as client:
+            client.post("/orders", json={"count": 2})
+    assert sorted(p["n"] for p in payloads(channel.pull(2))) == [0, 1]

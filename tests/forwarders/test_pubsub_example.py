@@ -92,6 +92,8 @@ async def test_the_production_settings() -> None:
     assert forwarder.ordering_key is not None
     assert forwarder.ordering_key(event) == "ada"
     assert forwarder.dead_letter is forward_pubsub.keep_undelivered
+    assert forwarder.verify_on_start
+    assert forwarder.retry.attempts is None  # tries for its whole total_timeout
     await forward_pubsub.keep_undelivered(DeadLetter(forwarder.name, (event,), "test"))
     undelivered = forward_pubsub.UNDELIVERED
     assert undelivered == [event]

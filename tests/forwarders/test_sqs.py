@@ -519,6 +519,102 @@ async def test_a_client_that_cannot_be_created_dead_letters_without_retrying(
     assert type(letter.exception.__cause__).__name__ == "NoRegionError"
 
 
+# -- start-up checks (verify_on_start) --------------------------------------------------
+
+
+def startup_error(app: FastAPI) -> str:
+    """The message of the `ForwarderError` that stops *app*'s startup."""
+    with pytest.raises(ForwarderError) as caught, TestClient(app):
+        pytest.fail("the app started")
+    return str(caught.value)
+
+
+CHECK_FAILED = "forwarder SQSForwarder failed its start-up check (verify_on_start=True): "
+
+
+def test_a_missing_queue_stops_the_app_at_startup(moto: Moto) -> None:
+    url = moto.endpoint + "/123456789012/no-such-queue"
+    app, _ = orders_app(moto.forwarder(url, verify_on_start=True))
+    message = startup_error(app)
+    assert message.startswith(f"{CHECK_FAILED}GetQueueAttributes on {url}: ")
+    assert "NonExistentQueue (HTTP 400)" in message
+
+
+def test_without_verify_on_start_a_missing_queue_is_found_at_the_first_send(moto: Moto) -> None:
+    letters: list[DeadLetter] = []
+    url = moto.endpoint + "/123456789012/no-such-queue"
+    app, _ = orders_app(moto.forwarder(url, dead_letter=letters.append))
+    with TestClient(app) as client:
+        ids = client.post("/orders/2").json()
+    [letter] = letters
+    assert letter.ids == ids
+    assert "NonExistentQueue" in letter.reason
+
+
+def test_a_forwarder_without_a_region_stops_the_app_at_startup(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for variable in ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    forwarder = SQSForwarder(
+        "http://127.0.0.1:1/123456789012/orders",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+        verify_on_start=True,
+    )
+    app, _ = orders_app(forwarder)
+    assert startup_error(app) == (
+        f"{CHECK_FAILED}no AWS region: pass region_name=, or set AWS_DEFAULT_REGION"
+    )
+
+
+def test_missing_credentials_stop_the_app_at_startup(
+    moto: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable in ("AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask
+    url = moto.queue()
+    forwarder = SQSForwarder(
+        url, endpoint_url=moto.endpoint, region_name="us-east-1", verify_on_start=True
+    )
+    app, _ = orders_app(forwarder)
+    assert startup_error(app) == (
+        f"{CHECK_FAILED}GetQueueAttributes on {url}: no AWS credentials found "
+        "(environment, ~/.aws, container or instance role)"
+    )
+
+
+def test_a_queue_taking_smaller_messages_than_max_message_bytes_stops_the_app(
+    moto: Moto,
+) -> None:
+    url = moto.queue(attributes={"MaximumMessageSize": "1024"})
+    app, _ = orders_app(moto.forwarder(url, verify_on_start=True))
+    assert startup_error(app) == (
+        f"{CHECK_FAILED}{url} takes messages of up to 1024 bytes (its MaximumMessageSize), "
+        "less than max_message_bytes=262144: pass max_message_bytes=1024, or raise the "
+        "queue's MaximumMessageSize"
+    )
+    app, _ = orders_app(moto.forwarder(url, verify_on_start=True, max_message_bytes=1024))
+    with TestClient(app) as client:
+        ids = client.post("/orders/2").json()
+    assert set(decoded(moto.receive(url, 2))) == set(ids)
+
+
+def test_a_verified_forwarder_starts_and_sends(moto: Moto) -> None:
+    url = moto.queue()
+    app, _ = orders_app(moto.forwarder(url, verify_on_start=True))
+    with TestClient(app) as client:
+        ids = client.post("/orders/3").json()
+    assert set(decoded(moto.receive(url, 3))) == set(ids)
+
+
 @pytest.mark.parametrize(
     ("status", "code", "transient"),
     [

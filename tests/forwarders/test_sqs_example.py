@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from examples.forward_sqs import create_app, log_undelivered, receive_events
-from fastapi_eventbus import Event
-from fastapi_eventbus.forwarders import DeadLetter
+from fastapi_eventbus import Event, ForwarderError
+from fastapi_eventbus.forwarders import DeadLetter, Retry
 from tests._support import ROOT, load_module
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
 
@@ -46,6 +46,13 @@ def test_placed_orders_arrive_as_events(moto: Moto) -> None:
         ("order.placed", "//shop.example.com/orders", "lamp"),
     ]
     assert sorted(e.payload["order_id"] for e in events) == [1, 2]
+
+
+def test_the_app_does_not_start_with_a_queue_that_does_not_exist(moto: Moto) -> None:
+    queue_url = moto.endpoint + "/123456789012/no-such-queue"
+    app = create_app(queue_url, endpoint_url=moto.endpoint)  # verify_on_start=True
+    with pytest.raises(ForwarderError, match="NonExistentQueue"), TestClient(app):
+        pytest.fail("the app started")
 
 
 def test_the_queue_and_endpoint_can_come_from_the_environment(
@@ -95,7 +102,7 @@ def test_docs_options_build_the_forwarders_they_describe(monkeypatch: pytest.Mon
     assert options.fifo.fifo
     assert options.customer_of(Event(name="order.placed", payload={"customer": 7})) == "7"
     assert options.local.queue_url.startswith("http://localhost:4566/")
-    assert options.patient.retry.attempts == 8
+    assert options.patient.retry == Retry(initial_delay=0.5, max_delay=10, total_timeout=120)
     assert options.patient.max_message_bytes == 1_048_576
     assert options.patient.name == "orders-queue"
     assert "test" not in repr(options.local).replace("localhost", "")

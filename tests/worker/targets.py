@@ -37,3 +37,13 @@ def send_mail(event: Event, mailer: Annotated[Mailer, Depends()]) -> None:
 
 empty = EventBus()
 nothing = 42
+
+
+def create_app() -> FastAPI:
+    """A factory: ``--factory`` calls it."""
+    return app
+
+
+def failing_factory() -> FastAPI:
+    """A factory that cannot build its app."""
+    raise RuntimeError("no settings")

@@ -114,9 +114,48 @@ def test_a_bad_app_is_a_usage_error(target: str, message: str, command: str) -> 
     assert message in output
 
 
-def test_a_module_with_a_broken_import_shows_its_error() -> None:
-    with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
-        invoke("handlers", "tests.worker.broken:app")
+@pytest.mark.parametrize("command", ["handlers", "worker"])
+def test_a_module_that_fails_to_import_is_a_usage_error_with_its_traceback(command: str) -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"] if command == "worker" else []
+    code, output = invoke(command, "tests.worker.broken:app", *options)
+    assert code == 2  # as documented for "an APP that cannot be loaded", not 1
+    assert 'tests/worker/broken.py", line 5' in output  # the traceback, where it failed
+    assert (
+        "Invalid value for APP: importing module 'tests.worker.broken' failed: "
+        "ModuleNotFoundError: No module named 'no_such_dependency' (traceback above)"
+    ) in output
+
+
+@pytest.mark.parametrize("command", ["handlers", "worker"])
+def test_a_factory_without_factory_says_to_pass_it(command: str) -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"] if command == "worker" else []
+    code, output = invoke(command, "tests.worker.targets:create_app", *options)
+    assert code == 2
+    assert (
+        "APP is a function (tests.worker.targets:create_app): pass --factory if it builds the app"
+    ) in output
+
+
+def test_a_factory_with_factory_loads() -> None:
+    assert invoke("handlers", "tests.worker.targets:create_app", "--factory") == (
+        0,
+        HANDLERS_OF_TARGETS_APP,
+    )
+
+
+def test_a_factory_that_fails_is_a_usage_error_with_its_traceback() -> None:
+    code, output = invoke("handlers", "tests.worker.targets:failing_factory", "--factory")
+    assert code == 2
+    assert 'raise RuntimeError("no settings")' in output
+    assert (
+        "the factory tests.worker.targets:failing_factory failed: RuntimeError: no settings"
+    ) in output
+
+
+def test_factory_needs_something_to_call() -> None:
+    code, output = invoke("handlers", "tests.worker.targets:nothing", "--factory")
+    assert code == 2
+    assert "--factory: 42 is not callable" in output
 
 
 @pytest.mark.parametrize(
@@ -202,6 +241,19 @@ def test_ack_deadline_reaches_the_pubsub_source(served: list[Worker]) -> None:
     (runner,) = served
     assert isinstance(runner.source, PubSubSource)
     assert (runner.source.ack_deadline, runner.source.extend_interval) == (120, 60.0)
+
+
+@pytest.mark.parametrize("policy", ["retry", "delete"])
+def test_on_unhandled_reaches_the_worker(served: list[Worker], policy: str) -> None:
+    options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--on-unhandled", policy]
+    assert invoke("worker", "tests.worker.targets:app", *options) == (0, "")
+    assert [runner.on_unhandled for runner in served] == [policy]
+
+
+def test_on_unhandled_defaults_to_the_workers_default() -> None:
+    worker = main.commands["worker"]
+    (option,) = [param for param in worker.params if param.name == "on_unhandled"]
+    assert option.default == inspect.signature(Worker).parameters["on_unhandled"].default
 
 
 def test_without_the_options_there_is_no_heartbeat(served: list[Worker]) -> None:

@@ -100,7 +100,8 @@ def test_the_documented_workers_are_configured_as_shown(
     docs_example: ModuleType, shop: Path
 ) -> None:
     worker: Worker = docs_example.create_worker(os.environ["ORDERS_QUEUE_URL"])
-    assert (worker.concurrency, worker.shutdown_timeout, worker.on_undecodable) == (10, 30, "retry")
+    assert (worker.concurrency, worker.shutdown_timeout) == (10, 30)
+    assert (worker.on_undecodable, worker.on_unhandled) == ("retry", "retry")
     assert isinstance(worker.source, SQSSource)
     assert worker.source.visibility_backoff == Backoff(initial=5, maximum=900)
     pubsub: Worker = docs_example.create_pubsub_worker()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -165,6 +166,52 @@ async def test_a_failing_extension_is_logged_and_retried_and_the_message_handled
         "it may be delivered again while its handlers run"
     )
     assert worker.stats.handled == 1
+
+
+@pytest.mark.slow
+async def test_the_heartbeat_stops_at_the_time_limit_and_a_hung_message_is_given_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler that ignores its 0.1 s limit: the worker holds its message 0.1 s + 5 s."""
+    bus = EventBus()
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    @bus.on("order.*", timeout=0.1)
+    async def stubborn(event: Event) -> None:
+        while not release.is_set():
+            with suppress(asyncio.CancelledError):
+                await release.wait()
+
+    bus.on("invoice.*")(lambda event: handled.append(event.id))
+    source = OneMessageSource(extend_interval=0.5)
+    async with Worker(bus, source, concurrency=1) as worker:
+        try:
+            await until(lambda: "nack" in source.calls, timeout=10)
+            given_up = list(source.calls)
+            # Its slot is free again: with concurrency=1, the next message is handled.
+            invoice = Event(name="invoice.sent")
+            body = {"Body": sqs_body(invoice), "MessageAttributes": {}}
+            source._pending.append(ReceivedMessage(body=body, message_id="m-2", receipt="r-2"))
+            await until(lambda: handled == [invoice.id])
+            await asyncio.sleep(0.6)  # longer than the heartbeat's interval
+        finally:
+            release.set()  # the hung handler ends; its message is not acknowledged
+    extensions, last, nack = given_up[:-2], given_up[-2], given_up[-1]
+    assert set(extensions) == {"extend m-1 None"}
+    assert len(extensions) == 9  # every 0.5 s while 0.5 s or more is left of the 5.1 s
+    assert last.startswith("extend m-1 0.")  # then up to the end of the 5.1 s exactly
+    assert nack == "nack"
+    assert source.calls == [*given_up, "ack"]  # m-2's ack; nothing more for m-1
+    assert worker.stats.abandoned == 1
+    assert worker.stats.handled == 1
+    (error,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and r.name == "fastapi_eventbus.worker"
+    ]
+    assert "message m-1 (event 'order.placed' id=" in error
+    assert "is still running 5.1s after its handlers started; giving it back" in error
 
 
 async def test_no_heartbeat_without_an_extend_interval() -> None:

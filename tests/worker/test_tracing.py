@@ -277,6 +277,7 @@ async def test_an_undecodable_message_has_a_failed_span_of_its_own() -> None:
 async def test_a_failed_acknowledgement_fails_the_settle_span() -> None:
     spans = Spans()
     bus = EventBus()
+    bus.on("order.placed")(lambda event: None)  # handled: the message is acknowledged
     instrument_bus(bus, tracer_provider=spans.provider)
     emitted = EventBus()
     instrument_bus(emitted, tracer_provider=spans.provider)

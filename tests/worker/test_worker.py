@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -253,6 +254,7 @@ class NullSource(Source):
         ({"shutdown_timeout": -1}, "shutdown_timeout must be >= 0"),
         ({"shutdown_timeout": "1"}, "shutdown_timeout must be a number"),
         ({"on_undecodable": "drop"}, "on_undecodable must be 'retry' or 'delete'"),
+        ({"on_unhandled": "ack"}, "on_unhandled must be 'retry' or 'delete'"),
     ],
 )
 async def test_bad_settings_fail_in_the_constructor(options: Any, message: str) -> None:
@@ -442,3 +444,138 @@ async def test_the_coalescer_reports_each_items_outcome() -> None:
     with pytest.raises(SourceError, match="the whole call failed"):
         await coalescer.submit(99)
     await coalescer.wait()
+
+
+# -- events no handler matches ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "acked", "nacked", "level"),
+    [("retry", [], [("m0", None)], logging.ERROR), ("delete", ["m0"], [], logging.WARNING)],
+)
+async def test_an_event_no_handler_matches_follows_on_unhandled(
+    policy: Any,
+    acked: list[str],
+    nacked: list[tuple[str, float | None]],
+    level: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    event = Event(name="invoice.sent")
+    source = ListSource(event)
+    async with Worker(bus, source, on_unhandled=policy) as worker:
+        await until(lambda: source.acked or source.nacked)
+    assert worker.stats == WorkerStats(received=1, unhandled=1)  # never "handled"
+    assert (source.acked, source.nacked) == (acked, nacked)
+    (record,) = [r for r in caplog.records if event.id in r.getMessage()]
+    assert record.levelno == level
+    assert record.name == "fastapi_eventbus.worker"
+    what = (
+        "deleting it"
+        if policy == "delete"
+        else "giving it back: the dead-letter queue will take it"
+    )
+    assert record.getMessage() == (
+        f"message m0 (event 'invoice.sent' id={event.id}) from source matches no handler "
+        f"of the bus; {what} (on_unhandled={policy!r})"
+    )
+
+
+async def test_a_bus_without_handlers_is_a_warning_at_startup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+    bus.forward("order.*", RecordingForwarder())  # a web app's bus, passed by mistake
+    async with Worker(bus, ListSource()):
+        pass
+    (record,) = [r for r in caplog.records if "no handlers" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "the bus has no handlers: no message can be handled; each one is given back "
+        "(dead-letter queue) (on_unhandled='retry')"
+    )
+
+
+# -- messages that break the decoder -------------------------------------------------------------
+
+
+class Unreadable(Mapping[str, Any]):
+    """A message body that fails when read (a source with a bug)."""
+
+    def __getitem__(self, key: str) -> Any:
+        raise RuntimeError("a broken source")
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("a broken source")
+
+    def __len__(self) -> int:
+        return 1
+
+
+async def test_a_message_that_breaks_the_decoder_affects_that_message_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = ListSource()
+    source.pending = [
+        ReceivedMessage({"Body": "[" * 100_000 + "]" * 100_000}, "deep", "r0"),
+        ReceivedMessage(Unreadable(), "unreadable", "r1"),
+        ReceivedMessage({"Body": sqs_body(Event(name="order.placed"))}, "good", "r2"),
+    ]
+    async with Worker(bus, source, on_undecodable="delete") as worker:
+        await until(lambda: len(source.acked) == 3)
+    assert worker.stats == WorkerStats(received=3, handled=1, undecodable=2)
+    assert sorted(source.acked) == ["deep", "good", "unreadable"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        "message deep from source is not an event "
+        "(SQS message body is JSON nested too deeply to decode); deleting it",
+        "message unreadable from source is not decodable (RuntimeError: a broken source); "
+        "deleting it",
+    ]
+
+
+# -- handlers that ignore their time limit, at shutdown -------------------------------------------
+
+
+@pytest.mark.slow
+async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No time limit: only shutdown cancels it. At exit, the bus waits 1 s for its event.
+    bus = EventBus(handler_timeout=None, shutdown_timeout=1)
+    release = asyncio.Event()
+
+    @bus.on("order.*")
+    async def stubborn(event: Event) -> None:
+        while not release.is_set():
+            with suppress(asyncio.CancelledError):
+                await release.wait()
+
+    event = Event(name="order.placed")
+    source = ListSource(event)
+    worker = Worker(bus, source, shutdown_timeout=0.1)
+    asyncio.get_running_loop().call_later(20, release.set)  # in case stop() is not bounded
+    async with worker:
+        await until(lambda: bool(bus._core.active))  # the handler runs
+        started = time.monotonic()
+        await worker.stop()
+        stopped_in = time.monotonic() - started
+        release.set()  # let the abandoned handler end, as the test's event loop closes
+    # The worker's shutdown_timeout, 6 s after cancelling, the bus's shutdown_timeout, a margin
+    assert stopped_in < 0.1 + 6 + 1 + 1
+    assert worker.stats == WorkerStats(received=1, unfinished=1, abandoned=1)
+    assert source.nacked == [("m0", 0)]  # given back at once
+    assert source.acked == []
+    errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == [
+        (
+            "fastapi_eventbus.worker",
+            f"message m0 (event 'order.placed' id={event.id}) from source did not stop within "
+            "6s of being cancelled at shutdown; giving it back and leaving it running "
+            "(a handler ignores cancellation)",
+        ),
+        ("fastapi_eventbus", f"shutdown: 1 event(s) did not finish within 1.0s: {event.id}"),
+    ]

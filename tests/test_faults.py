@@ -106,11 +106,8 @@ def free_port() -> int:
         return port
 
 
-@contextmanager
-def running_server(
-    env: Mapping[str, str], log: Path, *options: str, app: str = APP
-) -> Iterator[Server]:
-    """Start *app*'s server with *env* (and uvicorn *options*); kill it when the block ends."""
+def start_server(env: Mapping[str, str], log: Path, *options: str, app: str = APP) -> Server:
+    """Start *app*'s server in ``python -m uvicorn`` with *env* (and uvicorn *options*)."""
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", app, "--factory", "--no-access-log"]
     command += ["--host", "127.0.0.1", "--port", str(port), *options]
@@ -122,14 +119,22 @@ def running_server(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(process, log, f"http://127.0.0.1:{port}")
+    return Server(process, log, f"http://127.0.0.1:{port}")
+
+
+@contextmanager
+def running_server(
+    env: Mapping[str, str], log: Path, *options: str, app: str = APP
+) -> Iterator[Server]:
+    """`start_server`, and wait for its startup; kill it when the block ends."""
+    server = start_server(env, log, *options, app=app)
     try:
         wait_for(server.started, 30, "the server to start")
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait()
 
 
 def stop(server: Server, within: float) -> tuple[int, float]:

@@ -21,15 +21,10 @@ import asyncio
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -42,8 +37,10 @@ from fastapi_eventbus import EventBus, get_bus
 from fastapi_eventbus.forwarders import DeadLetter
 from fastapi_eventbus.forwarders.sqs import SQSForwarder
 from tests._proxy import Proxy
-from tests._support import ROOT
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
+from tests.forwarders._moto import Moto
+from tests.test_faults import moto, proxy, running_server, start_server
+
+__all__ = ["moto", "proxy"]  # the fault tests' fixtures: a moto server and a proxy in front of it
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +48,7 @@ QUEUE_ENV = "OUTAGE_QUEUE_URL"
 ENDPOINT_ENV = "OUTAGE_SQS_ENDPOINT"
 DEAD_ENV = "OUTAGE_DEAD_LETTERS"
 VERIFY_ENV = "OUTAGE_VERIFY_ON_START"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": KEY_ID,
-    "AWS_SECRET_ACCESS_KEY": SECRET,
-    "AWS_DEFAULT_REGION": REGION,
-}
+APP = "tests.test_outage:create_app"
 RATE = 20
 """Requests a second, one event each."""
 Record = Callable[[str, object], None]
@@ -94,71 +87,6 @@ def create_app() -> FastAPI:
 
 
 # -- the test side ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    with running_moto() as server:
-        yield server
-
-
-@pytest.fixture
-def proxy(moto: Moto) -> Iterator[Proxy]:
-    proxy = Proxy(moto.port)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    """The app in ``python -m uvicorn``; its output goes to *log*."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def start_server(env: Mapping[str, str], log: Path) -> Server:
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "tests.test_outage:create_app", "--factory"]
-    command += ["--no-access-log", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env={**os.environ, **AWS_ENV, **env}, stdout=out, stderr=out
-        )
-    return Server(process, log, f"http://127.0.0.1:{port}")
-
-
-@contextmanager
-def running_server(env: Mapping[str, str], log: Path) -> Iterator[Server]:
-    """Start the server and wait for its startup; SIGTERM it (then kill) when the block ends."""
-    server = start_server(env, log)
-    try:
-        deadline = time.monotonic() + 30
-        while "Application startup complete" not in server.output():
-            if server.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start:\n{server.output()}")
-            time.sleep(0.05)
-        yield server
-    finally:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
 
 
 @dataclass
@@ -210,7 +138,7 @@ def test_a_broker_outage_loses_nothing_with_default_settings(
     queue_url = moto.queue("outage")
     dead_file = tmp_path / "dead-letters"
     env = {QUEUE_ENV: queue_url, ENDPOINT_ENV: proxy.endpoint, DEAD_ENV: str(dead_file)}
-    with running_server(env, tmp_path / "server.log") as server:
+    with running_server(env, tmp_path / "server.log", app=APP) as server:
         load = Load(server.url)
         time.sleep(1.0)
         proxy.down()
@@ -257,7 +185,7 @@ def test_a_missing_queue_stops_uvicorn_with_verify_on_start(moto: Moto, tmp_path
         DEAD_ENV: str(tmp_path / "dead-letters"),
         VERIFY_ENV: "1",
     }
-    server = start_server(env, tmp_path / "server.log")
+    server = start_server(env, tmp_path / "server.log", app=APP)
     try:
         code = server.process.wait(timeout=30)
     finally:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,24 +20,12 @@ from fastapi_eventbus.forwarders import DeadLetter, DeliveryOutcome, Retry
 from fastapi_eventbus.forwarders.sqs import SQSForwarder
 from fastapi_eventbus.wire import decode_message
 from tests._proxy import Proxy
-from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto
+from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
+from tests.test_faults import moto, proxy
+
+__all__ = ["moto", "proxy"]  # the fault tests' fixtures: a moto server and a proxy in front of it
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    with running_moto() as server:
-        yield server
-
-
-@pytest.fixture
-def proxy(moto: Moto) -> Iterator[Proxy]:
-    proxy = Proxy(moto.port)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def through(

@@ -6,17 +6,25 @@ import asyncio
 import glob
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
-from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.background import BackgroundTasks
 from starlette.requests import HTTPConnection
+from starlette.responses import Response
 
 from . import _di
-from ._core import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, Core, Handler, disabled_by_env
+from ._core import (
+    SCOPE_KEY,
+    Batch,
+    Core,
+    Handler,
+    Observer,
+    disabled_by_env,
+)
 from ._events import (
     Event,
     check_name,
@@ -30,6 +38,7 @@ from ._hooks import HandlerFailure, OnDiscard, OnError, ensure_readable_logs, lo
 from ._patterns import compile_pattern, example_name
 from ._retry import Retry
 from ._signals import on_stop_signal
+from ._tracing import Tracing
 from .exceptions import (
     BusNotInstalledError,
     ConfigurationError,
@@ -376,17 +385,7 @@ class EventBus:
         event_obj, deliver = self._accept(event, payload, batch.depth, batch)
         if not deliver:
             return event_obj
-        core = self._core
-        batch.accepted += 1
-        core.pending += 1
-        if not batch.events:
-            core.active.add(batch)
-            if batch.background is not None:  # first event of the request: flush after it
-                batch.background.tasks.append(_FlushTask(self._flush))
-                batch.background = None
-        batch.events.append(event_obj)
-        if batch.state == CLOSED:
-            self._schedule(batch)
+        self._core.accept(batch, event_obj)
         return event_obj
 
     @overload
@@ -412,13 +411,7 @@ class EventBus:
         event_obj, deliver = self._accept(event, payload, depth, None)
         if not deliver:
             return event_obj
-        core = self._core
-        batch = core.batch(self._batch, depth)
-        batch.events.append(event_obj)
-        batch.accepted = 1
-        core.pending += 1
-        core.active.add(batch)
-        await core.flush(batch)
+        await self._core.publish(event_obj, self._batch, depth)
         return event_obj
 
     async def handle(self, event: Event) -> list[HandlerFailure]:
@@ -435,18 +428,8 @@ class EventBus:
         """
         if not isinstance(event, Event):
             raise InvalidEventError(f"handle() takes an Event, got {type(event).__name__}")
-        core = self._core
         depth = self._batch.depth if self._batch is not None else 0
-        batch = core.batch(self._batch, depth)
-        batch.state = FLUSHING
-        batch.current = event
-        core.active.add(batch)
-        try:
-            return await core.dispatch(event, batch, local=False)
-        finally:
-            batch.current = None
-            batch.state = CLOSED
-            core.active.discard(batch)
+        return await self._core.handle(event, self._batch, depth)
 
     def handles(self, name: str | None = None) -> bool:
         """Whether a handler registered with `on` matches the event name *name*.
@@ -524,44 +507,17 @@ class EventBus:
         return self._new_view(connection, background_tasks)
 
     def _new_view(self, connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
-        loop = asyncio.get_running_loop()
         if connection.scope["type"] == "websocket":
-            return self._bind(connection, Batch(connection.scope, 0, CLOSED, loop))
+            return open_request(self, connection, websocket=True)
         stack = _di.request_exit_stack(connection)
         if stack is None:
             raise ConfigurationError(
                 "get_bus must be resolved by FastAPI's dependency injection in a route "
                 "(Depends(get_bus)); this request has no FastAPI dependency scope"
             )
-        batch = Batch(connection.scope, 0, loop=loop)
-        batch.background = background_tasks
-        view = self._bind(connection, batch)
+        view = open_request(self, connection, background_tasks)
         stack.push_async_exit(_RequestEnd(view))  # type: ignore[type-var]  # duck-typed
         return view
-
-    def _bind(self, connection: HTTPConnection, batch: Batch) -> EventBus:
-        view = EventBus._view(self._core, batch)
-        connection.scope[SCOPE_KEY] = view
-        return view
-
-    async def _flush(self) -> None:
-        assert self._batch is not None
-        await self._core.flush(self._batch, stoppable=True)
-
-    def _schedule(self, batch: Batch) -> None:
-        """Start a tracked task that flushes *batch* (late emits, WebSockets)."""
-        if batch.task is not None and not batch.task.done():
-            return
-        loop = batch.loop
-        assert loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            batch.task = loop.create_task(self._flush())
-        else:
-            loop.call_soon_threadsafe(self._schedule, batch)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -610,10 +566,7 @@ class EventBus:
 
 
 class _RequestEnd:
-    """On FastAPI's request exit stack: what happens to the request's events when it ends.
-
-    Flushed (a Response with its own ``background=`` skipped the bus's flush
-    task), discarded if the endpoint raised, or kept with ``keep_events_on_error``.
+    """On FastAPI's request exit stack: `end_request` when the request ends.
 
     An object with ``__aexit__`` (not a bare callable), which `AsyncExitStack`
     takes without a failed attribute lookup.
@@ -630,36 +583,8 @@ class _RequestEnd:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        view = self.view
-        batch = view._batch
-        assert batch is not None
-        if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
-            return False
-        if not batch.events:
-            batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
-        elif exc is None:  # the endpoint returned a Response with its own background=
-            await view._flush()
-        elif view._core.keep_events_on_error:
-            batch.state = CLOSED
-            view._schedule(batch)
-        else:
-            await view._core.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
+        await end_request(self.view, exc)
         return False
-
-
-class _FlushTask(BackgroundTask):
-    """The request's flush, as one of its background tasks.
-
-    What ``BackgroundTasks.add_task(flush)`` adds, without its per-call check of
-    whether the function is async (it is).
-    """
-
-    def __init__(self, flush: Callable[[], Awaitable[None]]) -> None:
-        # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
-        self.func = flush  # type: ignore[assignment]
-        self.args = ()  # type: ignore[assignment]
-        self.kwargs = {}  # type: ignore[assignment]
-        self.is_async = True
 
 
 def _muted(core: Core) -> bool:
@@ -774,3 +699,67 @@ def installed_bus(connection: HTTPConnection) -> EventBus:
 
 
 _di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))
+
+
+# -- the internal API other modules of the package use (never a bus's underscored names) ------
+
+
+def is_request_bus(bus: EventBus) -> bool:
+    """Whether *bus* is a request's (or handler call's) view, not the application bus."""
+    return bus._batch is not None
+
+
+def tracing_of(bus: EventBus) -> Tracing | None:
+    """The span hooks `fastapi_eventbus.otel` set on *bus*, or None: tracing is off."""
+    return bus._core.tracing
+
+
+def set_tracing(bus: EventBus, tracing: Tracing | None) -> None:
+    """Turn tracing on (*tracing*: the span hooks) or off (None) for *bus* and its views."""
+    bus._core.tracing = tracing
+
+
+def observers_of(bus: EventBus) -> list[Observer]:
+    """The observers (`fastapi_eventbus.testing.capture`) that see what *bus* emits and handles."""
+    return bus._core.observers
+
+
+def registered_handlers(bus: EventBus) -> list[Handler]:
+    """*bus*'s handlers, in registration order (each with its patterns and plan)."""
+    return bus._core.handlers.items()
+
+
+def registered_forwarders(bus: EventBus) -> list[tuple[tuple[str, ...], Forwarder]]:
+    """*bus*'s forwarders, each with the patterns it was attached under, in order."""
+    return bus._core.forwarders.entries()
+
+
+def open_request(
+    bus: EventBus,
+    connection: HTTPConnection,
+    background: BackgroundTasks | None = None,
+    *,
+    websocket: bool = False,
+) -> EventBus:
+    """A view of *bus* owning *connection*'s events, put in its scope for `get_bus`.
+
+    With *background* (FastAPI), the first event adds the flush to those tasks;
+    without (Starlette), `flush_after` attaches it to the returned response.
+    """
+    view = EventBus._view(
+        bus._core, bus._core.open_request(connection.scope, background, websocket)
+    )
+    connection.scope[SCOPE_KEY] = view
+    return view
+
+
+async def end_request(view: EventBus, exc: BaseException | None) -> None:
+    """*view*'s request is over (*exc*: what its endpoint raised): see `Core.end_request`."""
+    assert view._batch is not None
+    await view._core.end_request(view._batch, exc)
+
+
+def flush_after(view: EventBus, response: Response) -> None:
+    """Handle *view*'s events after *response* is sent, as its last background task."""
+    assert view._batch is not None
+    view._core.flush_after(view._batch, response)

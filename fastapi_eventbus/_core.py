@@ -12,7 +12,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from starlette.background import BackgroundTasks
+from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.responses import Response
 
 from . import _di
 from ._deadline import Limit, Watchdog
@@ -227,6 +228,28 @@ class Core:
         provider = app if hasattr(app, "dependency_overrides") else None
         return Batch(None, depth, loop=loop, provider=provider, make_scope=self.base_scope)
 
+    async def publish(self, event: Event, parent: Batch | None, depth: int) -> None:
+        """Handle and forward *event* now, in a batch of its own (`EventBus.publish`)."""
+        batch = self.batch(parent, depth)
+        batch.events.append(event)
+        batch.accepted = 1
+        self.pending += 1
+        self.active.add(batch)
+        await self.flush(batch)
+
+    async def handle(self, event: Event, parent: Batch | None, depth: int) -> list[HandlerFailure]:
+        """Run *event*'s local handlers now, forwarding nothing (`EventBus.handle`)."""
+        batch = self.batch(parent, depth)
+        batch.state = FLUSHING
+        batch.current = event
+        self.active.add(batch)
+        try:
+            return await self.dispatch(event, batch, local=False)
+        finally:
+            batch.current = None
+            batch.state = CLOSED
+            self.active.discard(batch)
+
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
         template = self._scope_template
@@ -247,6 +270,90 @@ class Core:
                 "app": self.app,
             }
         return {**template, "state": dict(self.lifespan_state)}
+
+    # -- a request's events: the one place their batch's lifecycle is decided -------
+
+    def open_request(
+        self,
+        scope: MutableMapping[str, Any],
+        background: BackgroundTasks | None,
+        websocket: bool = False,
+    ) -> Batch:
+        """The batch of a new request: flushed after the response as one of *background*'s
+        tasks (FastAPI), or by `flush_after` (Starlette). A WebSocket session's batch is
+        flushed as its events come: it has no response to wait for."""
+        loop = asyncio.get_running_loop()
+        batch = Batch(scope, 0, CLOSED if websocket else COLLECTING, loop)
+        batch.background = background
+        return batch
+
+    def accept(self, batch: Batch, event: Event) -> None:
+        """Add an emitted *event* to *batch*, and see that it will be flushed.
+
+        The request's first event adds the flush to its background tasks; an
+        event emitted once the batch is closed (from a task the endpoint started,
+        in a WebSocket session) gets a flush task of its own.
+        """
+        batch.accepted += 1
+        self.pending += 1
+        if not batch.events:
+            self.active.add(batch)
+            if batch.background is not None:  # first event of the request: flush after it
+                batch.background.tasks.append(FlushTask(self, batch))
+                batch.background = None
+        batch.events.append(event)
+        if batch.state == CLOSED:
+            self.schedule(batch)
+
+    def flush_after(self, batch: Batch, response: Response) -> None:
+        """The endpoint returned *response*: the events run as its last background task."""
+        if batch.state != COLLECTING:
+            return
+        if not batch.events:
+            batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
+            return
+        flush = FlushTask(self, batch)
+        background = response.background
+        if background is None:
+            response.background = flush
+        elif isinstance(background, BackgroundTasks):
+            background.tasks.append(flush)
+        else:
+            response.background = BackgroundTasks([background, flush])
+
+    async def end_request(self, batch: Batch, exc: BaseException | None) -> None:
+        """The request is over (*exc*: what its endpoint raised): what happens to its events.
+
+        Nothing, when the flush ran already (as a background task); flushed now
+        (a response with its own ``background=`` skipped the flush task);
+        discarded if the endpoint raised; kept with ``keep_events_on_error``.
+        """
+        if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
+            return
+        if not batch.events:
+            batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
+        elif exc is None:  # the endpoint returned a Response with its own background=
+            await self.flush(batch, stoppable=True)
+        elif self.keep_events_on_error:
+            batch.state = CLOSED
+            self.schedule(batch)
+        else:
+            await self.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
+
+    def schedule(self, batch: Batch) -> None:
+        """Start a tracked task that flushes *batch* (late emits, WebSockets), on its loop."""
+        if batch.task is not None and not batch.task.done():
+            return
+        loop = batch.loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            batch.task = loop.create_task(self.flush(batch, stoppable=True))
+        else:
+            loop.call_soon_threadsafe(self.schedule, batch)
 
     # -- flushing ---------------------------------------------------------------
 
@@ -705,3 +812,18 @@ def _uncancel() -> int:
     task = asyncio.current_task()
     assert task is not None
     return task.uncancel()
+
+
+class FlushTask(BackgroundTask):
+    """A request's flush, as one of its background tasks.
+
+    What ``BackgroundTasks.add_task(core.flush, batch, True)`` adds, without its
+    per-call check of whether the function is async (it is).
+    """
+
+    def __init__(self, core: Core, batch: Batch) -> None:
+        # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
+        self.func = core.flush  # type: ignore[assignment]
+        self.args = (batch, True)  # type: ignore[assignment]
+        self.kwargs = {}  # type: ignore[assignment]
+        self.is_async = True

@@ -46,10 +46,10 @@ from typing import Any, NoReturn
 
 import click
 
-from ._bus import STATE_ATTR, EventBus
+from ._bus import EventBus, registered_forwarders, registered_handlers
 from ._core import Handler
 from ._hooks import LOG_FORMAT
-from .exceptions import EventBusError
+from .exceptions import BusNotInstalledError, EventBusError
 from .forwarders._base import Forwarder
 from .spool import Spool, SpooledEvent
 from .worker import Backoff, PubSubSource, Source, SQSSource, Worker
@@ -133,13 +133,13 @@ def _bus_of(target: Any) -> EventBus:
     """The `EventBus` of an app (installed with ``bus.install(app)``), or *target* itself."""
     if isinstance(target, EventBus):
         return target
-    bus = getattr(getattr(target, "state", None), STATE_ATTR, None)
-    if not isinstance(bus, EventBus):
+    try:
+        return EventBus.of(target)
+    except BusNotInstalledError:
         raise click.BadParameter(
             f"{target!r} is neither an EventBus nor an app with one installed (bus.install(app))",
             param_hint="APP",
-        )
-    return bus
+        ) from None
 
 
 def _app_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -171,14 +171,13 @@ def handlers(app: str, factory: bool, app_dir: str) -> None:
 
 def _describe(bus: EventBus) -> Iterator[str]:
     """The lines ``fastapi-eventbus handlers`` prints for *bus*."""
-    core = bus._core
     yield "Handlers"
     yield from _by_pattern(
-        [(handler.patterns, handler) for handler in core.handlers.items()], _handler_lines
+        [(handler.patterns, handler) for handler in registered_handlers(bus)], _handler_lines
     )
     yield ""
     yield "Forwarders"
-    yield from _by_pattern(core.forwarders.entries(), _forwarder_lines)
+    yield from _by_pattern(registered_forwarders(bus), _forwarder_lines)
 
 
 def _by_pattern(

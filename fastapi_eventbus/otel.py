@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._bus import EventBus
+from ._bus import EventBus, is_request_bus, set_tracing, tracing_of
 from ._tracing import Consumed
 from .exceptions import ConfigurationError, MissingExtraError
 from .wire import message_trace_context
@@ -85,24 +85,24 @@ def instrument_bus(bus: EventBus, *, tracer_provider: trace.TracerProvider | Non
     """
     if not isinstance(bus, EventBus):
         raise ConfigurationError(f"instrument_bus() takes an EventBus, got {bus!r}")
-    if bus._batch is not None:
+    if is_request_bus(bus):
         raise ConfigurationError(
             "instrument_bus() needs the application bus, not a request's (from get_bus)"
         )
     from . import __version__
 
     tracer = trace.get_tracer("fastapi_eventbus", __version__, tracer_provider)
-    bus._core.tracing = _BusTracing(tracer)
+    set_tracing(bus, _BusTracing(tracer))
 
 
 def uninstrument_bus(bus: EventBus) -> None:
     """Stop tracing *bus* (no-op if it was not instrumented)."""
-    bus._core.tracing = None
+    set_tracing(bus, None)
 
 
 def is_instrumented(bus: EventBus) -> bool:
     """Whether `instrument_bus` is in effect for *bus*."""
-    return isinstance(bus._core.tracing, _BusTracing)
+    return isinstance(tracing_of(bus), _BusTracing)
 
 
 def _creation_context(trace_context: Mapping[str, str], *, remote: bool) -> SpanContext | None:

@@ -36,18 +36,16 @@ FastAPI's solver (FastAPI is installed with this library either way).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, TypeVarTuple, overload
 
-from starlette.background import BackgroundTasks
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from ._bus import EventBus, _FlushTask, _RequestEnd, installed_bus
-from ._core import CLOSED, COLLECTING, SCOPE_KEY, Batch
+from ._bus import EventBus, end_request, flush_after, installed_bus, open_request
+from ._core import SCOPE_KEY
 from .exceptions import ConfigurationError
 
 __all__ = ["request_bus", "with_bus"]
@@ -105,10 +103,10 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
                     f"{_name(endpoint)} returned {type(result).__name__}, not a Starlette Response"
                 )
         except BaseException as exc:
-            await _RequestEnd(view).__aexit__(type(exc), exc, exc.__traceback__)
+            await end_request(view, exc)
             raise
         if isinstance(result, Response):
-            _handle_after(result, view)
+            flush_after(view, result)
         return result
 
     # Not functools.wraps: its __wrapped__ would make inspect.signature report the
@@ -141,29 +139,9 @@ async def _call(endpoint: Callable[..., Any], is_async: bool, *args: Any) -> Any
 
 
 def _new_view(connection: HTTPConnection) -> EventBus:
-    bus = installed_bus(connection)
     # A WebSocket session has no response to wait for: each event is handled as emitted.
-    state = CLOSED if connection.scope["type"] == "websocket" else COLLECTING
-    return bus._bind(connection, Batch(connection.scope, 0, state, asyncio.get_running_loop()))
-
-
-def _handle_after(response: Response, view: EventBus) -> None:
-    """The endpoint returned *response*: its events run as the response's last background task."""
-    batch = view._batch
-    assert batch is not None
-    if batch.state != COLLECTING:
-        return
-    if not batch.events:
-        batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
-        return
-    flush = _FlushTask(view._flush)
-    background = response.background
-    if background is None:
-        response.background = flush
-    elif isinstance(background, BackgroundTasks):
-        background.tasks.append(flush)
-    else:
-        response.background = BackgroundTasks([background, flush])
+    websocket = connection.scope["type"] == "websocket"
+    return open_request(installed_bus(connection), connection, websocket=websocket)
 
 
 def _name(endpoint: Callable[..., Any]) -> str:

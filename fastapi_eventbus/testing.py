@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ._bus import EventBus
+from ._bus import EventBus, observers_of
 from ._events import Event
 from .exceptions import HandlerFailuresError
 from .forwarders import Forwarder
@@ -95,7 +95,7 @@ def capture(
             (unless *raise_failures* is false, or the block raised already).
     """
     recorder = Capture(mute=not handle)
-    observers = bus._core.observers
+    observers = observers_of(bus)
     observers.append(recorder)
     try:
         yield recorder

@@ -10,10 +10,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias, get_args
 
-from fastapi_eventbus._bus import STATE_ATTR, EventBus
+from fastapi_eventbus._bus import EventBus, is_request_bus, tracing_of
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._tracing import Consumed, Tracing
-from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
+from fastapi_eventbus.exceptions import (
+    BusNotInstalledError,
+    ConfigurationError,
+    MessageDecodeError,
+    SourceError,
+)
 from fastapi_eventbus.wire import decode_message, message_size
 
 from ._source import Backoff, ReceivedMessage, Source
@@ -369,7 +374,7 @@ class Worker:
 
     async def _process(self, delivery: _Delivery) -> None:
         message = delivery.message
-        tracing = self.bus._core.tracing
+        tracing = tracing_of(self.bus)
         if tracing is None:
             handled = await self._given_back_if_cancelled(delivery, None)
             if not delivery.abandoned:
@@ -386,7 +391,7 @@ class Worker:
         try:
             return await self._handle(delivery, consumed)
         except asyncio.CancelledError as exc:
-            tracing = self.bus._core.tracing if consumed is not None else None
+            tracing = tracing_of(self.bus) if consumed is not None else None
             if consumed is not None:
                 consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
             if not delivery.abandoned:
@@ -699,11 +704,14 @@ def _listed(deliveries: Iterable[_Delivery]) -> str:
 def _resolve(target: object) -> tuple[EventBus, Any]:
     """The bus to run, and the app whose lifespan to enter (None for a bare bus)."""
     if isinstance(target, EventBus):
-        if target._batch is not None:
+        if is_request_bus(target):
             raise ConfigurationError("a Worker needs the application bus, not a request's bus")
         return target, None
-    bus = getattr(getattr(target, "state", None), STATE_ATTR, None)
-    if not isinstance(bus, EventBus) or not hasattr(getattr(target, "router", None), "routes"):
+    try:
+        bus = EventBus.of(target)
+    except BusNotInstalledError:
+        bus = None
+    if bus is None or not hasattr(getattr(target, "router", None), "routes"):
         raise ConfigurationError(
             f"a Worker needs an EventBus or an app with one installed (bus.install(app)); "
             f"got {target!r}"

@@ -533,7 +533,8 @@ class EventBus:
     @property
     def spool(self) -> Spool | None:
         """The bus's spool, if it has one (to list, count, replay or purge events)."""
-        return self._core.spool
+        storage = self._core.spool
+        return storage if isinstance(storage, Spool) else None
 
     async def resend(self) -> int:
         """Send again the spooled events that are due; returns how many were tried.

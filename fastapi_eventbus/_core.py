@@ -24,7 +24,7 @@ from ._retry import Retry
 from ._tracing import Tracing
 from .exceptions import CapacityError, ConfigurationError, SpoolError
 from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
-from .spool import Spool, SpooledEvent
+from .storage import SpooledEvent, Storage
 
 SCOPE_KEY = "fastapi_eventbus.bus"
 """ASGI scope key holding the request's (or handler call's) scoped bus."""
@@ -180,7 +180,7 @@ class Core:
         on_discard: OnDiscard | None,
         source: str | None,
         make_view: Callable[[Core, Batch], object],
-        spool: Spool | None = None,
+        spool: Storage | None = None,
         max_batch_events: int | None = None,
         max_pending_events: int | None = None,
         handler_timeout: float | None = None,
@@ -430,22 +430,15 @@ class Core:
         return outcome
 
     async def _settle_spool(
-        self, spool: Spool, forwarder: Forwarder, events: Sequence[Event], outcome: DeliveryOutcome
+        self,
+        spool: Storage,
+        forwarder: Forwarder,
+        events: Sequence[Event],
+        outcome: DeliveryOutcome,
     ) -> None:
-        name = forwarder.name
-        not_sent = {event.id for event, _ in outcome.dead} | {e.id for e in outcome.unsent}
-        spool.sent(name, [event for event in events if event.id not in not_sent])
-        by_reason: dict[str, list[Event]] = {}
-        for event, reason in outcome.dead:
-            by_reason.setdefault(reason, []).append(event)
-        for reason, dead in by_reason.items():
-            spool.bury(name, dead, reason)
-        if outcome.unsent:
-            spent = spool.failed(name, outcome.unsent, outcome.error)
-            if spent:
-                reason = f"gave up after {spool.max_attempts} rounds: {outcome.error}"
-                await forwarder._dead_letter(spent, reason, None)
-                spool.bury(name, spent, reason)
+        settled = spool.settle(forwarder.name, events, outcome.dead, outcome.unsent, outcome.error)
+        if settled.spent:
+            await forwarder.give_up(settled.spent, settled.reason)
 
     async def resend(self, limit: int = 500) -> int:
         """Send again the spooled events that are due (see `Spool.claim`); how many."""
@@ -471,11 +464,11 @@ class Core:
                 logger.warning(
                     "spool %s: %d event(s) for forwarder %r, which this bus does not have; "
                     "they wait for an application that does",
-                    spool.path,
+                    spool.name,
                     len(events),
                     name,
                 )
-                spool.failed(name, events, f"no forwarder named {name!r} here")
+                spool.settle(name, events, unsent=events, error=f"no forwarder named {name!r} here")
                 continue
             logger.info("spool: sending %d event(s) again through %s", len(events), name)
             sends.append(self.send(forwarder, events))

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -49,7 +48,7 @@ import click
 from ._bus import EventBus, registered_forwarders, registered_handlers
 from ._core import Handler
 from ._hooks import LOG_FORMAT
-from .exceptions import BusNotInstalledError, EventBusError
+from .exceptions import BusNotInstalledError, ConfigurationError, EventBusError, SpoolError
 from .forwarders._base import Forwarder
 from .spool import Spool, SpooledEvent
 from .worker import Backoff, PubSubSource, Source, SQSSource, Worker
@@ -543,24 +542,13 @@ def _opened(path: Path) -> Iterator[Spool]:
 
 
 def _check_spool_file(path: Path) -> None:
-    """Raise a usage error unless *path* is a spool, before `Spool` (which would make one
-    of any SQLite file, and switch it to WAL) touches it. Reading changes nothing."""
+    """Raise a usage error unless *path* is a spool, before `Spool` touches it."""
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
-    except sqlite3.Error as exc:
-        raise click.BadParameter(f"cannot open {path}: {exc}", param_hint="PATH") from exc
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-    except sqlite3.OperationalError as exc:  # locked, unreadable: a spool, maybe
-        raise click.ClickException(f"cannot read {path}: {exc}") from exc
-    except sqlite3.DatabaseError as exc:  # "file is not a database"
-        message = f"{path} is not a spool: not an SQLite database ({exc})"
-        raise click.BadParameter(message, param_hint="PATH") from exc
-    finally:
-        db.close()
-    if not {"pending", "dead"} <= tables:
-        message = f"{path} is not a spool: an SQLite database without the spool's tables"
-        raise click.BadParameter(message, param_hint="PATH")
+        Spool.check_file(path)
+    except ConfigurationError as exc:  # not a spool: a usage error (exit code 2)
+        raise click.BadParameter(str(exc), param_hint="PATH") from exc
+    except SpoolError as exc:  # locked, unreadable: a spool, maybe
+        raise click.ClickException(str(exc)) from exc
 
 
 def _forwarder_option(text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -52,6 +52,7 @@ from typing import TypeVar
 from ._events import Event
 from ._hooks import logger
 from .exceptions import ConfigurationError, SpoolError
+from .storage import Settled, SpooledEvent
 
 __all__ = ["Spool", "SpoolCounts", "SpooledEvent"]
 
@@ -94,27 +95,6 @@ _DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
 an I/O error)."""
 _UNREADABLE_NAME = "(unreadable)"
 """The name of the stand-in `Event` of a row whose own name cannot be read."""
-
-
-@dataclass(frozen=True, slots=True)
-class SpooledEvent:
-    """An event in the spool, waiting for its forwarder or dead-lettered."""
-
-    forwarder: str
-    """The name of the forwarder it goes through."""
-    event: Event
-    """The event, as emitted."""
-    created: float
-    """When it was spooled (Unix time)."""
-    attempts: int
-    """Failed delivery rounds so far."""
-    error: str | None = None
-    """The last failure (pending), or why it was dead-lettered (dead)."""
-    readable: bool = True
-    """False for a row that does not hold an `Event` (damaged, or written by another
-    version): *event* is then a stand-in with the row's id, its time and, if it can
-    be read, its name, but no payload; *error* says what is wrong. Such a row is
-    never sent: `Spool.claim` dead-letters it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +278,74 @@ class Spool:
         if ids:
             with self._transaction("remove sent events") as db:
                 db.executemany("DELETE FROM pending WHERE forwarder = ? AND event_id = ?", ids)
+
+    @staticmethod
+    def check_file(path: str | os.PathLike[str]) -> None:
+        """Check that the file at *path* is a spool, without changing it.
+
+        `Spool` makes a spool of any SQLite file it opens (and switches it to
+        WAL); tools that only read, such as ``fastapi-eventbus spool``, check first.
+
+        Raises:
+            ConfigurationError: The file cannot be opened, is not an SQLite
+                database, or lacks the spool's tables.
+            SpoolError: It cannot be read now (locked, unreadable).
+        """
+        location = Path(path)
+        try:
+            db = sqlite3.connect(f"{location.resolve().as_uri()}?mode=rw", uri=True)
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open {location}: {exc}") from exc
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.OperationalError as exc:
+            raise SpoolError(f"cannot read {location}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # "file is not a database"
+            raise ConfigurationError(
+                f"{location} is not a spool: not an SQLite database ({exc})"
+            ) from exc
+        finally:
+            db.close()
+        if not {"pending", "dead"} <= tables:
+            raise ConfigurationError(
+                f"{location} is not a spool: an SQLite database without the spool's tables"
+            )
+
+    @property
+    def name(self) -> str:
+        """The file's path, for log lines."""
+        return str(self.path)
+
+    def settle(
+        self,
+        forwarder: str,
+        events: Sequence[Event],
+        dead: Sequence[tuple[Event, str]] = (),
+        unsent: Sequence[Event] = (),
+        error: str = "",
+    ) -> Settled:
+        """Record how a send of *events* through *forwarder* went (see `Storage.settle`).
+
+        *dead* leave for the dead-letter table with their reasons; *unsent* count
+        a failed round, and those that used up ``max_attempts`` are moved to the
+        dead-letter table too, and returned (the caller reports them); the rest
+        were sent and leave the spool.
+        """
+        not_sent = {event.id for event, _ in dead} | {event.id for event in unsent}
+        self.sent(forwarder, [event for event in events if event.id not in not_sent])
+        by_reason: dict[str, list[Event]] = {}
+        for event, reason in dead:
+            by_reason.setdefault(reason, []).append(event)
+        for reason, buried in by_reason.items():
+            self.bury(forwarder, buried, reason)
+        if not unsent:
+            return Settled()
+        spent = self.failed(forwarder, unsent, error)
+        if not spent:
+            return Settled()
+        reason = f"gave up after {self.max_attempts} rounds: {error}"
+        self.bury(forwarder, spent, reason)
+        return Settled(tuple(spent), reason)
 
     def forget(self, events: Iterable[Event]) -> None:
         """Remove *events* for every forwarder: they were discarded, never to be sent."""

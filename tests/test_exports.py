@@ -88,6 +88,7 @@ def test_every_public_module_is_checked() -> None:
         "fastapi_eventbus.forwarders.sqs",
         "fastapi_eventbus.otel",
         "fastapi_eventbus.spool",
+        "fastapi_eventbus.storage",
         "fastapi_eventbus.testing",
         "fastapi_eventbus.wire",
         "fastapi_eventbus.worker",

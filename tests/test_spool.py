@@ -35,6 +35,7 @@ from fastapi_eventbus import (
 from fastapi_eventbus.exceptions import ForwarderError
 from fastapi_eventbus.forwarders import DeadLetter, Delivery, Forwarder, Retry
 from fastapi_eventbus.spool import Spool
+from fastapi_eventbus.storage import Storage
 from tests.conftest import missing_peer
 
 pytestmark = pytest.mark.anyio
@@ -581,3 +582,34 @@ def test_a_new_process_with_a_dead_ones_pid_takes_its_events_over(path: Path) ->
     old.owner = f"{host}:{pid}:1:{tag}"  # started at another time than this process
     old.add([("broker", Event(name="order.placed", id="from-before"))])
     assert [c.event.id for c in Spool(path).claim()] == ["from-before"]
+
+
+def test_the_spool_implements_the_storage_contract(path: Path) -> None:
+    """`fastapi_eventbus.storage.Storage` is what the bus needs of a spool (issue 15, item 3)."""
+    spool = Spool(path)
+    try:
+        assert isinstance(spool, Storage)
+        assert spool.name == str(path)
+    finally:
+        spool.close()
+
+
+def test_settle_sends_buries_and_counts_rounds(path: Path) -> None:
+    sent, refused, failing = (Event(name="x") for _ in range(3))
+    spool = Spool(path, max_attempts=1)
+    try:
+        spool.add([("f", sent), ("f", refused), ("f", failing)])
+        settled = spool.settle(
+            "f",
+            [sent, refused, failing],
+            dead=[(refused, "refused")],
+            unsent=[failing],
+            error="down",
+        )
+        assert settled.spent == (failing,)
+        assert settled.reason == "gave up after 1 rounds: down"
+        assert spool.pending() == []
+        buried = {item.event.id: item.error for item in spool.dead()}
+        assert buried == {refused.id: "refused", failing.id: settled.reason}
+    finally:
+        spool.close()

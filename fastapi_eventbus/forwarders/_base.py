@@ -497,9 +497,15 @@ class Forwarder:
         exc: BaseException | None,
         outcome: DeliveryOutcome | None = None,
     ) -> None:
-        """Log *events* at ERROR and give them to the ``dead_letter`` callback."""
         if outcome is not None:
             outcome.dead.extend((event, reason) for event in events)
+        await self.give_up(events, reason, exc)
+
+    async def give_up(
+        self, events: Sequence[Event], reason: str, exc: BaseException | None = None
+    ) -> None:
+        """Report *events* as not delivered: one ERROR line with their ids, and the
+        ``dead_letter`` callback. The bus calls it for spooled events whose rounds ran out."""
         ids = ", ".join(event.id for event in events)
         logger.error(
             "forwarder %s: %d event(s) not delivered (%s): %s", self.name, len(events), reason, ids

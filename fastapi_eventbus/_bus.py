@@ -37,6 +37,7 @@ from ._events import (
 from ._hooks import HandlerFailure, OnDiscard, OnError, ensure_readable_logs, logger
 from ._patterns import compile_pattern, example_name
 from ._retry import Retry
+from ._settings import Settings, check_seconds
 from ._signals import on_stop_signal
 from ._tracing import Tracing
 from .exceptions import (
@@ -114,51 +115,21 @@ class EventBus:
         max_pending_events: int | None = 50_000,
         handler_timeout: float | None = 60.0,
     ) -> None:
-        if (
-            isinstance(max_chain_depth, bool)
-            or not isinstance(max_chain_depth, int)
-            or max_chain_depth < 1
-        ):
-            raise ConfigurationError(
-                f"max_chain_depth must be an int >= 1, got {max_chain_depth!r}"
-            )
-        if (
-            isinstance(shutdown_timeout, bool)
-            or not isinstance(shutdown_timeout, int | float)
-            or shutdown_timeout < 0
-        ):
-            raise ConfigurationError(
-                f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}"
-            )
-        for hook_name, hook in (("on_error", on_error), ("on_discard", on_discard)):
-            if hook is not None and not callable(hook):
-                raise ConfigurationError(f"{hook_name} must be callable, got {hook!r}")
-        if source is not None and (not isinstance(source, str) or not source):
-            raise ConfigurationError(f"source must be a non-empty str, got {source!r}")
-        for limit_name, limit in (
-            ("max_batch_events", max_batch_events),
-            ("max_pending_events", max_pending_events),
-        ):
-            if limit is not None and (
-                isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-            ):
-                raise ConfigurationError(f"{limit_name} must be an int >= 1 or None, got {limit!r}")
-        if spool is not None and not isinstance(spool, Spool):
-            spool = Spool(spool)
-        self._core = Core(
+        settings = Settings(
             disabled=disabled_by_env() if disabled is None else disabled,
             max_chain_depth=max_chain_depth,
-            shutdown_timeout=float(shutdown_timeout),
+            shutdown_timeout=shutdown_timeout,
             keep_events_on_error=keep_events_on_error,
             on_error=on_error,
             on_discard=on_discard,
             source=source,
-            make_view=EventBus._view,
-            spool=spool,
             max_batch_events=max_batch_events,
             max_pending_events=max_pending_events,
-            handler_timeout=_check_timeout("handler_timeout", handler_timeout),
+            handler_timeout=handler_timeout,
         )
+        if spool is not None and not isinstance(spool, Spool):
+            spool = Spool(spool)
+        self._core = Core(settings, EventBus._view, spool)
         self._batch = None
 
     @classmethod
@@ -177,7 +148,7 @@ class EventBus:
     @property
     def disabled(self) -> bool:
         """Whether events are validated but not delivered."""
-        return self._core.disabled
+        return self._core.settings.disabled
 
     def install(self, app: Any) -> None:
         """Bind this bus to *app* and wrap its lifespan.
@@ -257,7 +228,7 @@ class EventBus:
                 request; or *timeout* or *retry* is not valid.
         """
         names = [_pattern_of(p) for p in patterns]
-        timeout = _check_timeout("timeout", timeout)
+        timeout = check_seconds("timeout", timeout, positive=True, optional=True)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be a Retry, got {retry!r}")
 
@@ -275,7 +246,7 @@ class EventBus:
         retry: Retry | None = None,
     ) -> None:
         if timeout is None:
-            timeout = self._core.handler_timeout
+            timeout = self._core.settings.handler_timeout
         plan = _di.analyse_handler(func)
         model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
         if not patterns and model_name is not None:
@@ -467,16 +438,17 @@ class EventBus:
         name, data = resolve_emit_args(
             core.schemas, event, payload if has_payload else None, has_payload
         )
-        if depth > core.max_chain_depth:
+        settings = core.settings
+        if depth > settings.max_chain_depth:
             raise EventChainError(
                 f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
-                f"{core.max_chain_depth}: a handler keeps emitting events that lead to itself"
+                f"{settings.max_chain_depth}: a handler keeps emitting events that lead to itself"
             )
-        event_obj = make_event(name, data, core.source)
+        event_obj = make_event(name, data, settings.source)
         forwarders = core.forwarders.match(name) if core.forwarders else ()
         for forwarder in forwarders:
             forwarder.check(event_obj)
-        deliver = not (core.disabled or (core.observers and _muted(core)))
+        deliver = not (settings.disabled or (core.observers and _muted(core)))
         if deliver:
             core.admit(batch)
             if core.tracing is not None:
@@ -528,7 +500,8 @@ class EventBus:
         passing them to ``on_discard``. The installed lifespan calls this on
         shutdown.
         """
-        return await self._core.drain(self._core.shutdown_timeout if timeout is None else timeout)
+        default = self._core.settings.shutdown_timeout
+        return await self._core.drain(default if timeout is None else timeout)
 
     @property
     def spool(self) -> Spool | None:
@@ -610,15 +583,6 @@ def _pattern_of(pattern: object) -> str:
     except InvalidEventError as exc:  # emit refuses every name it could match
         raise ConfigurationError(f"the pattern {pattern!r} can never match: {exc}") from None
     return plain_str(pattern)
-
-
-def _check_timeout(name: str, value: object) -> float | None:
-    """*value* as a timeout in seconds (> 0, ``math.inf`` for none), or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
-    return float(value)
 
 
 def _draining_lifespan(

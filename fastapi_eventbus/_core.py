@@ -18,9 +18,10 @@ from starlette.responses import Response
 from . import _di
 from ._deadline import Limit, Watchdog
 from ._events import Event, SchemaRegistry, payload_as
-from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError, call_hook, logger
+from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._retry import Retry
+from ._settings import Settings
 from ._tracing import Tracing
 from .exceptions import CapacityError, ConfigurationError, SpoolError
 from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
@@ -171,29 +172,13 @@ class Core:
 
     def __init__(
         self,
-        *,
-        disabled: bool,
-        max_chain_depth: int,
-        shutdown_timeout: float,
-        keep_events_on_error: bool,
-        on_error: OnError | None,
-        on_discard: OnDiscard | None,
-        source: str | None,
+        settings: Settings,
         make_view: Callable[[Core, Batch], object],
         spool: Storage | None = None,
-        max_batch_events: int | None = None,
-        max_pending_events: int | None = None,
-        handler_timeout: float | None = None,
     ) -> None:
+        self.settings = settings
         self.make_view = make_view
         """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
-        self.disabled = disabled
-        self.max_chain_depth = max_chain_depth
-        self.shutdown_timeout = shutdown_timeout
-        self.keep_events_on_error = keep_events_on_error
-        self.on_error = on_error
-        self.on_discard = on_discard
-        self.source = source
         self.handlers: PatternIndex[Handler] = PatternIndex()
         self.forwarders: PatternIndex[Forwarder] = PatternIndex()
         self.schemas = SchemaRegistry()
@@ -203,10 +188,6 @@ class Core:
         self.tracing: Tracing | None = None
         """Span hooks, set by `fastapi_eventbus.otel.instrument_bus`; None: tracing off."""
         self.spool = spool
-        self.max_batch_events = max_batch_events
-        self.max_pending_events = max_pending_events
-        self.handler_timeout = handler_timeout
-        """The timeout of handlers that do not set their own (seconds; None: none)."""
         self.pending = 0
         """Events accepted and not yet finished (handled and forwarded), all batches."""
         self._refused = 0
@@ -334,7 +315,7 @@ class Core:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
         elif exc is None:  # the endpoint returned a Response with its own background=
             await self.flush(batch, stoppable=True)
-        elif self.keep_events_on_error:
+        elif self.settings.keep_events_on_error:
             batch.state = CLOSED
             self.schedule(batch)
         else:
@@ -491,13 +472,13 @@ class Core:
 
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
-        limit = self.max_batch_events
+        limit = self.settings.max_batch_events
         if batch is not None and limit is not None and batch.accepted >= limit:
             self._refuse(
                 f"this request (or handler call) already emitted {batch.accepted} events, "
                 f"the max_batch_events limit"
             )
-        limit = self.max_pending_events
+        limit = self.settings.max_pending_events
         if limit is not None and self.pending >= limit:
             self._refuse(
                 f"{self.pending} events are pending (not yet handled and forwarded), the "
@@ -532,7 +513,7 @@ class Core:
         """The server was told to stop: `stop_flushes` in ``shutdown_timeout`` seconds."""
         if self._stopping is None:
             loop = asyncio.get_running_loop()
-            self._stopping = loop.call_later(self.shutdown_timeout, self.stop_flushes)
+            self._stopping = loop.call_later(self.settings.shutdown_timeout, self.stop_flushes)
 
     def stop_flushes(self) -> None:
         """Cancel the requests' flushes still running: each reports its unfinished events.
@@ -680,7 +661,7 @@ class Core:
             event.id,
             exc_info=error,
         )
-        await call_hook(self.on_error, HandlerFailure(event, handler.name, error))
+        await call_hook(self.settings.on_error, HandlerFailure(event, handler.name, error))
 
     async def _run(  # with tracing
         self,
@@ -756,7 +737,7 @@ class Core:
         if level is None:
             level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
         logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
-        await call_hook(self.on_discard, DiscardedEvents(events, reason, exc))
+        await call_hook(self.settings.on_discard, DiscardedEvents(events, reason, exc))
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -788,7 +769,7 @@ class Core:
                 ", ".join(e.id for e in unfinished),
             )
             reason = f"shutdown did not finish within {timeout}s{spooled}"
-            await call_hook(self.on_discard, DiscardedEvents(tuple(unfinished), reason))
+            await call_hook(self.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
 
     async def close_forwarders(self) -> None:

@@ -353,7 +353,12 @@ async def test_the_bus_wide_default_and_no_limit() -> None:
 
 
 def test_the_default_handler_timeout_is_sixty_seconds() -> None:
-    assert EventBus()._core.handler_timeout == 60.0
+    bus = EventBus()
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    assert bus.time_limit("x") == 60.0
 
 
 async def test_an_outside_cancellation_is_not_turned_into_a_timeout(bus: EventBus) -> None:

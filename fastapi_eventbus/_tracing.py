@@ -63,6 +63,7 @@ class Tracing(Protocol):
     ) -> AbstractContextManager[Consumed]:
         """The span of a worker processing one received message (current inside).
 
+        Its parent is the trace context the source reads, ``source.trace_context(message)``.
         The worker fills in the yielded `Consumed`; the span reports it at exit.
         """
 

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from ._bus import EventBus, is_request_bus, set_tracing, tracing_of
 from ._tracing import Consumed
 from .exceptions import ConfigurationError, MissingExtraError
-from .wire import message_trace_context
 
 try:
     from opentelemetry import context as otel_context
@@ -267,7 +266,7 @@ class _BusTracing:
 
     @contextmanager
     def consuming(self, source: Source, message: ReceivedMessage) -> Iterator[Consumed]:
-        creation = _creation_context(message_trace_context(message.body), remote=True)
+        creation = _creation_context(source.trace_context(message), remote=True)
         attributes: dict[str, AttributeValue] = {
             "messaging.system": source.messaging_system,
             "messaging.operation.name": "process",

@@ -7,13 +7,13 @@
 W3C trace context (``traceparent``, ``tracestate``) travels in message
 attributes, never inside the payload. `decode_message` turns a received SQS or
 Pub/Sub message back into an `Event`; `message_size` measures one before that,
-so that a worker can refuse to decode what is too large.
+so that a worker can refuse to decode what is too large. These guess the
+message's shape; a worker's source knows it, and reads its messages itself
+(`fastapi_eventbus.worker.Source.decode`).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import socket
 from collections.abc import Mapping
@@ -139,74 +139,6 @@ def from_cloudevent(
         raise MessageDecodeError("invalid CloudEvent: nested too deeply") from exc
 
 
-def _json(text: object, what: str) -> Any:
-    if not isinstance(text, str | bytes | bytearray):
-        raise MessageDecodeError(f"{what} must be text or bytes, got {type(text).__name__}")
-    try:
-        return json.loads(text)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
-    except RecursionError as exc:  # arrays or objects nested deeper than the parser recurses
-        raise MessageDecodeError(f"{what} is JSON nested too deeply to decode") from exc
-
-
-_TRACE_LIMITS = {"traceparent": 256, "tracestate": 512}
-"""Longest values kept (W3C: a version-00 traceparent is 55 characters, a tracestate at
-most 512): longer ones are ignored, so a forged attribute cannot grow every event."""
-
-
-def _trace_value(key: str, value: object) -> bool:
-    return isinstance(value, str) and len(value) <= _TRACE_LIMITS[key]
-
-
-def _sqs_trace(message: Mapping[str, Any]) -> dict[str, str]:
-    attributes = message.get("MessageAttributes") or {}
-    if not isinstance(attributes, Mapping):
-        return {}
-    return {
-        key: value["StringValue"]
-        for key, value in attributes.items()
-        if key in TRACE_ATTRIBUTES
-        and isinstance(value, Mapping)
-        and _trace_value(key, value.get("StringValue"))
-    }
-
-
-def _pubsub_trace(message: Mapping[str, Any]) -> dict[str, str]:
-    attributes = message.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        return {}
-    return {
-        key: attributes[key] for key in TRACE_ATTRIBUTES if _trace_value(key, attributes.get(key))
-    }
-
-
-def _decode_sqs(message: Mapping[str, Any]) -> Event:
-    return from_cloudevent(_json(message["Body"], "SQS message body"), _sqs_trace(message))
-
-
-def _decode_pubsub(message: Mapping[str, Any]) -> Event:
-    attributes = message.get("attributes") or {}
-    if not isinstance(attributes, Mapping):
-        raise MessageDecodeError(
-            f"Pub/Sub attributes must be a mapping, got {type(attributes).__name__}"
-        )
-    data = message.get("data") or b""
-    if isinstance(data, str):
-        try:
-            data = base64.b64decode(data, validate=True)
-        except binascii.Error as exc:
-            raise MessageDecodeError(f"Pub/Sub data is not base64: {exc}") from exc
-    cloudevent: dict[str, Any] = {
-        key[3:]: value
-        for key, value in attributes.items()
-        if isinstance(key, str) and key.startswith("ce-")
-    }
-    cloudevent["datacontenttype"] = attributes.get("content-type", CONTENT_TYPE)
-    cloudevent["data"] = _json(data, "Pub/Sub message data") if data else None
-    return from_cloudevent(cloudevent, _pubsub_trace(message))
-
-
 def decode_message(message: Mapping[str, Any]) -> Event:
     """Turn a received SQS or Pub/Sub message back into the `Event` that was forwarded.
 
@@ -218,13 +150,15 @@ def decode_message(message: Mapping[str, Any]) -> Event:
     """
     if not isinstance(message, Mapping):
         raise MessageDecodeError(f"a message must be a mapping, got {type(message).__name__}")
+    from ._brokers import aws, gcp  # they read this module's names: imported once it is loaded
+
     if "Body" in message:
-        return _decode_sqs(message)
+        return aws.decode(message)
     inner = message.get("message")
     if isinstance(inner, Mapping):
         message = inner
     if "attributes" in message or "data" in message:
-        return _decode_pubsub(message)
+        return gcp.decode(message)
     raise MessageDecodeError(
         "neither an SQS message (Body) nor a Pub/Sub message (data, attributes)"
     )
@@ -238,13 +172,15 @@ def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     attributes, gives ``{}``. Only these two attributes are read, and only for
     tracing.
     """
+    from ._brokers import aws, gcp
+
     try:
         if not isinstance(message, Mapping):
             return {}
         if "Body" in message:
-            return _sqs_trace(message)
+            return aws.trace_context(message)
         inner = message.get("message")
-        return _pubsub_trace(inner if isinstance(inner, Mapping) else message)
+        return gcp.trace_context(inner if isinstance(inner, Mapping) else message)
     except Exception:  # a mapping that fails when read: the message is decoded (and refused) later
         return {}
 
@@ -259,41 +195,11 @@ def message_size(message: Mapping[str, Any]) -> int:
     is neither text nor bytes counts 0, and so does a message that is not a
     mapping. A `Worker` refuses messages over its ``max_message_bytes``.
     """
+    from ._brokers import aws, gcp
+
     if not isinstance(message, Mapping):
         return 0
     if "Body" in message:
-        return _length(message["Body"]) + _sqs_attributes_size(message.get("MessageAttributes"))
+        return aws.size(message)
     inner = message.get("message")
-    return _pubsub_size(inner if isinstance(inner, Mapping) else message)
-
-
-def _pubsub_size(message: Mapping[str, Any]) -> int:
-    data = message.get("data")
-    # base64 text: 4 characters for 3 bytes, less one byte per "=" of padding
-    size = len(data.rstrip("=")) * 3 // 4 if isinstance(data, str) else _length(data)
-    attributes = message.get("attributes")
-    if isinstance(attributes, Mapping):
-        size += sum(_length(key) + _length(value) for key, value in attributes.items())
-    return size
-
-
-def _sqs_attributes_size(attributes: object) -> int:
-    if not isinstance(attributes, Mapping):
-        return 0
-    size = 0
-    for name, value in attributes.items():
-        size += _length(name)
-        if isinstance(value, Mapping):
-            size += sum(
-                _length(value.get(key)) for key in ("DataType", "StringValue", "BinaryValue")
-            )
-    return size
-
-
-def _length(value: object) -> int:
-    """Bytes of *value*: UTF-8 for a str, its length for bytes; 0 for anything else."""
-    if isinstance(value, str):
-        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, bytes | bytearray):
-        return len(value)
-    return 0
+    return gcp.size(inner if isinstance(inner, Mapping) else message)

@@ -332,7 +332,14 @@ def test_bad_limits_fail_in_the_constructor(limit: object) -> None:
 
 def test_no_limits_at_all() -> None:
     bus = EventBus(max_batch_events=None, max_pending_events=None)
-    assert bus._core.max_batch_events is None
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> int:
+        return len([bus.emit("many") for _ in range(10_001)])  # over both defaults' first
+
+    assert TestClient(app).post("/").json() == 10_001
 
 
 async def test_unfinished_spooled_events_are_reported_and_released_at_shutdown(

@@ -16,21 +16,19 @@ imported when the forwarder starts, never when this module is imported.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar
 
+from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
     InvalidEventError,
-    MissingExtraError,
 )
 from fastapi_eventbus.forwarders._base import Delivery, Forwarder, OnDeadLetter
 from fastapi_eventbus.wire import pubsub_attributes, pubsub_data
@@ -50,7 +48,7 @@ __all__ = [
     "PubSubForwarder",
 ]
 
-DEFAULT_API_ROOT = "https://pubsub.googleapis.com/v1"
+DEFAULT_API_ROOT = gcp.DEFAULT_API_ROOT
 """The Pub/Sub REST endpoint used when neither ``api_root`` nor an emulator is given."""
 MAX_MESSAGE_BYTES = 10_000_000
 """Pub/Sub's limit on one message (data plus attributes)."""
@@ -65,8 +63,6 @@ MAX_ATTRIBUTE_VALUE_BYTES = 1_024
 
 _TOPIC = re.compile(r"projects/[^/\s]+/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
 _REQUEST_OVERHEAD = len('{"messages": []}')
-_RETRYABLE_STATUS = frozenset({408, 409, 429, 499})
-_MAX_ERROR_TEXT = 500
 _VERIFY_HINTS = {
     404: "the topic does not exist (check the project and topic id)",
     403: "the credentials may not read the topic (pubsub.topics.get is needed to verify it)",
@@ -144,7 +140,7 @@ class PubSubForwarder(Forwarder):
             name=name,
             verify_on_start=verify_on_start,
         )
-        _require_sdk()  # first, like the other SDK classes: a missing extra is the real problem
+        gcp.require_sdk()  # first, like the other SDK classes: a missing extra is the real problem
         if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
             raise ConfigurationError(
                 f"topic must be a full topic path 'projects/PROJECT/topics/TOPIC', got {topic!r}"
@@ -155,7 +151,7 @@ class PubSubForwarder(Forwarder):
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.topic = topic
         """The full topic path."""
-        self.api_root, self.emulated = _endpoint(api_root, emulator_host)
+        self.api_root, self.emulated = gcp.endpoint(api_root, emulator_host)
         self.ordering_key = ordering_key
         """Returns the ordering key for an event, if set."""
         self.timeout = timeout
@@ -185,20 +181,13 @@ class PubSubForwarder(Forwarder):
         session = aiohttp.ClientSession() if given is None else given
         try:
             client = PublisherClient(
-                # typed as requests.Session: gcloud-aio's types follow its sync twin
-                session=cast(Any, session),
-                api_root=self.api_root,
-                api_is_dev=self.emulated,
-                service_file=self._service_file,
-                # With an emulator, no credentials file is even read (a stale
-                # GOOGLE_APPLICATION_CREDENTIALS must not break local runs).
-                token=cast(Any, _NoToken()) if self.emulated else None,
+                **gcp.client_options(session, self.api_root, self.emulated, self._service_file)
             )
         except Exception as exc:  # unreadable or invalid credentials file
             if given is None:
                 await session.close()
             raise ForwarderError(
-                f"{self.name}: could not create the Pub/Sub client: {_describe(exc)}"
+                f"{self.name}: could not create the Pub/Sub client: {gcp.describe(exc)}"
             ) from exc
         self._session = session if given is None else None
         self._client = client
@@ -348,59 +337,11 @@ def _translated(action: str) -> Iterator[None]:
     try:
         yield
     except aiohttp.ClientResponseError as exc:
-        transient = exc.status < 400 or exc.status >= 500 or exc.status in _RETRYABLE_STATUS
+        transient = exc.status < 400 or exc.status >= 500 or exc.status in gcp.RETRYABLE_STATUS
         raise ForwarderError(
-            f"{action} failed: HTTP {exc.status} {_clip(exc.message)}", transient=transient
+            f"{action} failed: HTTP {exc.status} {gcp.clip(exc.message)}", transient=transient
         ) from exc
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-        raise ForwarderError(f"{action} failed: {_describe(exc)}", transient=True) from exc
+        raise ForwarderError(f"{action} failed: {gcp.describe(exc)}", transient=True) from exc
     except Exception as exc:  # e.g. fetching an access token failed
-        raise ForwarderError(f"{action} failed: {_describe(exc)}") from exc
-
-
-class _NoToken:
-    """Stands in for gcloud-aio's `Token` with an emulator, where none is ever asked for."""
-
-    async def get(self) -> str:
-        raise ForwarderError("an access token was requested for a Pub/Sub emulator")
-
-    async def close(self) -> None:
-        pass
-
-
-def _endpoint(api_root: str | None, emulator_host: str | None) -> tuple[str, bool]:
-    """The REST root to use and whether it is an emulator (no credentials)."""
-    if api_root is not None and emulator_host is not None:
-        raise ConfigurationError("pass api_root or emulator_host, not both")
-    if api_root is not None:
-        if not api_root.startswith(("https://", "http://")):
-            raise ConfigurationError(f"api_root must be an http(s) URL, got {api_root!r}")
-        return api_root.rstrip("/"), api_root.startswith("http://")
-    host = emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
-    if host:
-        if "/" in host or not host.strip():
-            raise ConfigurationError(
-                "emulator_host must be 'host:port' without a scheme, e.g. 'localhost:8085'; "
-                f"got {host!r}"
-            )
-        return f"http://{host}/v1", True
-    return DEFAULT_API_ROOT, False
-
-
-def _require_sdk() -> None:
-    try:
-        found = importlib.util.find_spec("gcloud.aio.pubsub") is not None
-    except (ImportError, ValueError):  # a parent package is missing or broken
-        found = False
-    if not found:
-        raise MissingExtraError("gcp", "gcloud-aio-pubsub")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return _clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-
-
-def _clip(value: object) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "..."
+        raise ForwarderError(f"{action} failed: {gcp.describe(exc)}") from exc

@@ -14,21 +14,18 @@ aiobotocore is imported when the forwarder starts, never before.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
-from urllib.parse import urlsplit
 
+from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
     InvalidEventError,
-    MissingExtraError,
 )
 from fastapi_eventbus.wire import sqs_body, trace_attributes
 
@@ -50,75 +47,10 @@ MAX_BATCH_ENTRIES = 10
 """SQS's limit on the entries of one ``SendMessageBatch`` call."""
 _CONCURRENT_CALLS = 10
 """``SendMessageBatch`` calls in flight at once for one send to a standard queue."""
-_TRANSIENT_CODES = frozenset(
-    {
-        "BandwidthLimitExceeded",
-        "KmsThrottled",
-        "LimitExceededException",
-        "PriorRequestNotComplete",
-        "ProvisionedThroughputExceededException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequestsException",
-    }
-)
-"""Error codes a retry may fix (botocore's throttling and transient codes, plus SQS's own)."""
-_AWS_HOST = re.compile(
-    r"(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?"
-)
 _NOT_IN_SQS = re.compile("[\ud800-\udfff\ufffe\uffff]")
 """Characters SQS refuses in a message that JSON encoding leaves as they are."""
 
 _Entry: TypeAlias = "SendMessageBatchRequestEntryTypeDef"
-
-
-@dataclass(frozen=True, slots=True)
-class _ClientSettings:
-    """What `SQSForwarder` passes to ``create_client``; the secrets stay out of its repr."""
-
-    region_name: str | None
-    endpoint_url: str | None
-    aws_access_key_id: str | None = field(repr=False)
-    aws_secret_access_key: str | None = field(repr=False)
-    aws_session_token: str | None = field(repr=False)
-
-    async def open_client(self, stack: AsyncExitStack, read_timeout: float) -> SQSClient:
-        """Create an aiobotocore SQS client on *stack* (no network call).
-
-        botocore's own retries are off: the forwarder and the worker retry
-        themselves, and botocore's retries would multiply attempts or hide outages.
-        """
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import AioSession
-
-        config = AioConfig(
-            retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=read_timeout
-        )
-        return await stack.enter_async_context(
-            AioSession().create_client(
-                "sqs",
-                region_name=self.region_name,
-                endpoint_url=self.endpoint_url,
-                aws_access_key_id=self.aws_access_key_id,
-                aws_secret_access_key=self.aws_secret_access_key,
-                aws_session_token=self.aws_session_token,
-                config=config,
-            )
-        )
-
-
-def _region_of(queue_url: str) -> str | None:
-    """The AWS region in an SQS queue URL (``https://sqs.REGION.amazonaws.com/...``), if any."""
-    match = _AWS_HOST.fullmatch(urlsplit(queue_url).hostname or "")
-    if match is None:
-        return None
-    return match["region"] or match["legacy"]
 
 
 def _attributes(event: Event) -> dict[str, MessageAttributeValueTypeDef]:
@@ -153,61 +85,9 @@ def _chunks(
         yield chunk
 
 
-def _describe_botocore_error(exc: Exception) -> tuple[str, bool] | None:
-    """What an aiobotocore/botocore error means, and whether a retry may help.
-
-    ``None`` if *exc* is not a botocore error. Shared by the forwarder and the
-    worker's SQS source, which wrap it in their own exception types.
-    """
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionError,
-        HTTPClientError,
-        NoCredentialsError,
-        NoRegionError,
-        SSLError,
-    )
-
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = error.get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        transient = code in _TRANSIENT_CODES or status == 429 or status >= 500
-        return f"{code} (HTTP {status}): {error.get('Message', '')}", transient
-    if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
-        return f"cannot reach SQS: {exc}", True
-    if isinstance(exc, NoRegionError):
-        return "no AWS region: pass region_name=, or set AWS_DEFAULT_REGION", False
-    if isinstance(exc, NoCredentialsError):
-        return (
-            "no AWS credentials found (environment, ~/.aws, container or instance role)",
-            False,
-        )
-    if isinstance(exc, BotoCoreError):
-        return str(exc), False
-    return None
-
-
-def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
-    """The `ForwarderError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
-    described = _describe_botocore_error(exc)
-    if described is None:
-        return None
-    message, transient = described
-    return ForwarderError(f"{forwarder}: {message}", transient=transient)
-
-
-@contextmanager
-def _translated(forwarder: str) -> Iterator[None]:
+def _translated(context: str) -> AbstractContextManager[None]:
     """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
-    try:
-        yield
-    except Exception as exc:
-        error = _translate(exc, forwarder)
-        if error is None:
-            raise
-        raise error from exc
+    return aws.translated(context, ForwarderError)
 
 
 def _failed_entries(
@@ -298,8 +178,7 @@ class SQSForwarder(Forwarder):
         name: str | None = None,
         verify_on_start: bool = False,
     ) -> None:
-        if importlib.util.find_spec("aiobotocore") is None:
-            raise MissingExtraError("aws", "aiobotocore")
+        aws.require_sdk()
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
             raise ConfigurationError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
         super().__init__(
@@ -328,8 +207,8 @@ class SQSForwarder(Forwarder):
             )
         self.message_group_id = message_group_id
         """Gives each event its ``MessageGroupId``, if set."""
-        self._settings = _ClientSettings(
-            region_name or _region_of(queue_url),
+        self._settings = aws.ClientSettings(
+            region_name or aws.region_of(queue_url),
             endpoint_url,
             aws_access_key_id,
             aws_secret_access_key,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
+from fastapi_eventbus import wire
+from fastapi_eventbus._events import Event
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
 T = TypeVar("T")
@@ -20,7 +22,8 @@ class ReceivedMessage:
     """One message a `Source` received, not yet acknowledged."""
 
     body: Mapping[str, Any]
-    """The message as `fastapi_eventbus.wire.decode_message` takes it."""
+    """The message as received, for its source's `Source.decode` (the built-in sources:
+    as `fastapi_eventbus.wire.decode_message` takes it)."""
     message_id: str
     """The broker's id of the message (not the event id), for logs."""
     receipt: str
@@ -72,6 +75,14 @@ class Source(ABC):
     run, it calls `extend` every `extend_interval` seconds (if not None), so that
     the broker does not deliver the message again meanwhile. Raise `SourceError`
     (``transient=True`` when a retry may help) for the SDK's errors.
+
+    A source also reads what it received, since it knows the format: for each
+    message the worker asks `trace_context` (for the span, before anything else),
+    then `message_size` (a message over the worker's ``max_message_bytes`` is not
+    decoded), then `decode` for the event. The defaults read the SQS and Pub/Sub
+    shapes `fastapi_eventbus.wire.decode_message` takes; override them for
+    another format. An exception from `message_size` or `decode` makes that one
+    message undecodable (the worker's ``on_undecodable``), nothing more.
     """
 
     name: str = "source"
@@ -112,6 +123,29 @@ class Source(ABC):
         The worker calls it every `extend_interval` seconds while the message's
         handlers run. The default does nothing.
         """
+
+    def decode(self, message: ReceivedMessage) -> Event:
+        """The event *message* carries, with its trace context; `MessageDecodeError` if none.
+
+        The default is `fastapi_eventbus.wire.decode_message` on ``message.body``.
+        """
+        return wire.decode_message(message.body)
+
+    def message_size(self, message: ReceivedMessage) -> int:
+        """The bytes of *message* as its broker counts them (body plus attributes), undecoded.
+
+        The default is `fastapi_eventbus.wire.message_size` on ``message.body``.
+        """
+        return wire.message_size(message.body)
+
+    def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
+        """The W3C trace context (``traceparent``/``tracestate``) *message* carries; never raises.
+
+        Read before *message* is decoded, to parent the worker's span; ``{}`` if
+        there is none. The default is `fastapi_eventbus.wire.message_trace_context`
+        on ``message.body``.
+        """
+        return wire.message_trace_context(message.body)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -19,7 +19,6 @@ from fastapi_eventbus.exceptions import (
     MessageDecodeError,
     SourceError,
 )
-from fastapi_eventbus.wire import decode_message, message_size
 
 from ._source import Backoff, ReceivedMessage, Source
 
@@ -88,7 +87,7 @@ class _Delivery:
 class Worker:
     """Receives forwarded events from a `Source` and runs the bus's local handlers on them.
 
-    Each message is decoded (`fastapi_eventbus.wire.decode_message`) and handed to
+    Each message is decoded by its source (`Source.decode`) and handed to
     `EventBus.handle`: the handlers get the same dependency injection as in the
     web app, the app's ``dependency_overrides`` included. The message is
     acknowledged (SQS: deleted) only when every matching handler succeeded;
@@ -130,8 +129,8 @@ class Worker:
             ERROR (event name and id) and given back like a failure, so that it
             reaches the dead-letter queue; with ``"delete"``, logged at WARNING and
             acknowledged. Both count in ``stats.unhandled``.
-        max_message_bytes: The largest message decoded, counted as
-            `fastapi_eventbus.wire.message_size` counts it (body plus attributes).
+        max_message_bytes: The largest message decoded, counted as its source's
+            `Source.message_size` counts it (body plus attributes).
             A larger one is never decoded: it is logged and handled like a message
             that is not an event (``on_undecodable``). The default, 10,000,000, takes
             anything the brokers deliver; lower it to what your events need.
@@ -451,12 +450,12 @@ class Worker:
         message undecodable too, never a failure of the worker.
         """
         try:
-            size = message_size(message.body)
+            size = self.source.message_size(message)
             if size > self.max_message_bytes:
                 return "too large to decode", MessageDecodeError(
                     f"{size} bytes, over max_message_bytes={self.max_message_bytes}"
                 )
-            return decode_message(message.body)
+            return self.source.decode(message)
         except MessageDecodeError as exc:
             return "not an event", exc
         except Exception as exc:

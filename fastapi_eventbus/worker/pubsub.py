@@ -21,17 +21,11 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
+from fastapi_eventbus._brokers import gcp
+from fastapi_eventbus._events import Event
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
-from fastapi_eventbus.forwarders.pubsub import (
-    _RETRYABLE_STATUS,
-    _clip,
-    _describe,
-    _endpoint,
-    _NoToken,
-    _require_sdk,
-)
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
 
@@ -104,7 +98,7 @@ class PubSubSource(Source):
         nack_backoff: Backoff | None = None,
         name: str | None = None,
     ) -> None:
-        _require_sdk()
+        gcp.require_sdk()
         if not isinstance(subscription, str) or not _SUBSCRIPTION.fullmatch(subscription):
             raise ConfigurationError(
                 "subscription must be a full path 'projects/PROJECT/subscriptions/NAME', "
@@ -133,7 +127,7 @@ class PubSubSource(Source):
         """Failed deliveries by message id, for the backoff when Pub/Sub does not count them."""
         self.extend_interval = None if ack_deadline is None else ack_deadline / 2
         """Half of ``ack_deadline``: how often the worker extends it (None: never)."""
-        self.api_root, self.emulated = _endpoint(api_root, emulator_host)
+        self.api_root, self.emulated = gcp.endpoint(api_root, emulator_host)
         self.max_messages = max_messages
         """The most messages one pull returns."""
         self.pull_timeout = pull_timeout
@@ -163,16 +157,12 @@ class PubSubSource(Source):
         session = aiohttp.ClientSession()
         try:
             self._client = SubscriberClient(
-                session=cast(Any, session),  # typed as requests.Session by gcloud-aio
-                api_root=self.api_root,
-                api_is_dev=self.emulated,
-                service_file=self._service_file,
-                token=cast(Any, _NoToken()) if self.emulated else None,
+                **gcp.client_options(session, self.api_root, self.emulated, self._service_file)
             )
         except Exception as exc:  # an unreadable or invalid credentials file
             await session.close()
             raise SourceError(
-                f"Pub/Sub source {self.name}: cannot create the client: {_describe(exc)}"
+                f"Pub/Sub source {self.name}: cannot create the client: {gcp.describe(exc)}"
             ) from exc
         self._session = session
 
@@ -266,18 +256,32 @@ class PubSubSource(Source):
             yield
         except aiohttp.ClientResponseError as exc:
             status = exc.status
-            transient = status >= 500 or status in _RETRYABLE_STATUS
-            message = f"{context}: HTTP {status} {_clip(exc.message)}"
+            transient = status >= 500 or status in gcp.RETRYABLE_STATUS
+            message = f"{context}: HTTP {status} {gcp.clip(exc.message)}"
             raise SourceError(message, transient=transient) from exc
         except TimeoutError:
             raise
         except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise SourceError(f"{context}: {_describe(exc)}", transient=True) from exc
+            raise SourceError(f"{context}: {gcp.describe(exc)}", transient=True) from exc
         except Exception as exc:
             if type(exc).__module__.split(".")[0] != "jwt":
                 raise
             # The service account's key cannot sign a token: no retry fixes that.
             raise SourceError(f"{context}: invalid credentials ({type(exc).__name__})") from exc
+
+    # -- reading a received message (a pull's data and attributes) --------------------
+
+    def decode(self, message: ReceivedMessage) -> Event:
+        """The event in *message* (CloudEvents binary mode: ``ce-*`` attributes, JSON data)."""
+        return gcp.decode(message.body)
+
+    def message_size(self, message: ReceivedMessage) -> int:
+        """Bytes Pub/Sub counts for *message*: the data, and each attribute's name and value."""
+        return gcp.size(message.body)
+
+    def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
+        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes."""
+        return gcp.trace_context(message.body)
 
 
 def _received(message: SubscriberMessage) -> ReceivedMessage:

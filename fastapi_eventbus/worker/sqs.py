@@ -18,14 +18,13 @@ aiobotocore is imported when the source starts, never before.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING
 
-from fastapi_eventbus.exceptions import ConfigurationError, MissingExtraError, SourceError
-from fastapi_eventbus.forwarders.sqs import _ClientSettings, _describe_botocore_error, _region_of
+from fastapi_eventbus._brokers import aws
+from fastapi_eventbus._events import Event
+from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
 
@@ -94,8 +93,7 @@ class SQSSource(Source):
         visibility_timeout: int | None = None,
         name: str | None = None,
     ) -> None:
-        if importlib.util.find_spec("aiobotocore") is None:
-            raise MissingExtraError("aws", "aiobotocore")
+        aws.require_sdk()
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
         _check_int("wait_time_seconds", wait_time_seconds, 0, MAX_WAIT_TIME_SECONDS)
@@ -120,8 +118,8 @@ class SQSSource(Source):
         """Half of ``visibility_timeout``: how often the worker extends it (None: never)."""
         self.name = name or queue_url.rstrip("/").rsplit("/", 1)[-1]
         """A name for logs: the queue's name unless given."""
-        self._settings = _ClientSettings(
-            region_name or _region_of(queue_url),
+        self._settings = aws.ClientSettings(
+            region_name or aws.region_of(queue_url),
             endpoint_url,
             aws_access_key_id,
             aws_secret_access_key,
@@ -219,16 +217,23 @@ class SQSSource(Source):
         }
         return [failed.get(str(i)) for i in range(len(messages))]
 
-    @contextmanager
-    def _translated(self, action: str) -> Iterator[None]:
+    def _translated(self, action: str) -> AbstractContextManager[None]:
         """Raise botocore's errors in the block as `SourceError`; others as they are."""
-        try:
-            yield
-        except Exception as exc:
-            error = _translate(exc, f"SQS source {self.name}: cannot {action}")
-            if error is None:
-                raise
-            raise error from exc
+        return aws.translated(f"SQS source {self.name}: cannot {action}", SourceError)
+
+    # -- reading a received message (ReceiveMessage's shape) --------------------------
+
+    def decode(self, message: ReceivedMessage) -> Event:
+        """The event in *message*'s body (a structured CloudEvent), with its trace context."""
+        return aws.decode(message.body)
+
+    def message_size(self, message: ReceivedMessage) -> int:
+        """Bytes SQS counts for *message*: the body, and each attribute's name, type and value."""
+        return aws.size(message.body)
+
+    def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
+        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes."""
+        return aws.trace_context(message.body)
 
 
 def _received(message: MessageTypeDef) -> ReceivedMessage:
@@ -239,15 +244,6 @@ def _received(message: MessageTypeDef) -> ReceivedMessage:
         receipt=message.get("ReceiptHandle", ""),
         receive_count=int(count) if count else None,
     )
-
-
-def _translate(exc: Exception, context: str) -> SourceError | None:
-    """The `SourceError` for an aiobotocore/botocore error, or ``None`` if it is not one."""
-    described = _describe_botocore_error(exc)
-    if described is None:
-        return None
-    message, transient = described
-    return SourceError(f"{context}: {message}", transient=transient)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -34,8 +34,9 @@ from fastapi_eventbus import (
     MissingExtraError,
     get_bus,
 )
+from fastapi_eventbus._brokers import aws
 from fastapi_eventbus.forwarders import DeadLetter, Retry
-from fastapi_eventbus.forwarders.sqs import MAX_MESSAGE_BYTES, SQSForwarder, _translate
+from fastapi_eventbus.forwarders.sqs import MAX_MESSAGE_BYTES, SQSForwarder
 from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message
 from tests._support import wait_for
@@ -613,6 +614,18 @@ def test_a_verified_forwarder_starts_and_sends(moto: Moto) -> None:
     with TestClient(app) as client:
         ids = client.post("/orders/3").json()
     assert set(decoded(moto.receive(url, 3))) == set(ids)
+
+
+def _translate(exc: Exception, forwarder: str) -> ForwarderError | None:
+    """The `ForwarderError` the forwarder raises for *exc*, or None if *exc* passes through."""
+    with pytest.raises(Exception) as raised, aws.translated(forwarder, ForwarderError):
+        raise exc
+    if not isinstance(raised.value, ForwarderError):
+        assert raised.value is exc
+        return None
+    assert raised.value.__cause__ is exc
+    assert str(raised.value).startswith(f"{forwarder}: ")
+    return raised.value
 
 
 @pytest.mark.parametrize(

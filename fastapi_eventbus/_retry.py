@@ -64,8 +64,7 @@ class Retry:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number *attempt* (1-based), jittered."""
-        ceiling = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return jittered(exponential(attempt, self.initial_delay, self.max_delay))
 
     def next_delay(self, attempt: int, elapsed: float) -> float | None:
         """Seconds to wait before trying again, or None when no further try may start.
@@ -80,3 +79,19 @@ class Retry:
         if left <= 0:
             return None
         return min(self.delay(attempt), left)
+
+
+def exponential(attempt: int, initial: float, maximum: float, multiplier: float = 2.0) -> float:
+    """The wait after failed attempt number *attempt* (1-based), before jitter:
+    ``min(maximum, initial * multiplier**(attempt - 1))``.
+
+    The one exponential backoff of the package: `Retry`, the worker's `Backoff`
+    and the spool's rounds use it.
+    """
+    exponent = min(max(attempt, 1) - 1, 64)  # 2**64 already exceeds any maximum
+    return min(maximum, initial * multiplier**exponent)
+
+
+def jittered(ceiling: float) -> float:
+    """A wait between half and all of *ceiling*, at random: clients do not retry in step."""
+    return ceiling / 2 + random.uniform(0, ceiling / 2)

@@ -51,6 +51,7 @@ from typing import TypeVar
 
 from ._events import Event
 from ._hooks import logger
+from ._retry import exponential
 from .exceptions import ConfigurationError, SpoolError
 from .storage import Settled, SpooledEvent
 
@@ -373,7 +374,7 @@ class Spool:
                 attempts = int(row[0]) + 1
                 if attempts >= self.max_attempts:
                     spent.append(event)
-                delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(attempts - 1, 32))
+                delay = exponential(attempts, self.retry_delay, self.max_retry_delay)
                 db.execute(
                     "UPDATE pending SET attempts = ?, lease_until = ?, last_error = ?"
                     " WHERE forwarder = ? AND event_id = ?",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any, Generic, Self, TypeVar
 
 from fastapi_eventbus import wire
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._retry import exponential, jittered
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
 T = TypeVar("T")
@@ -56,13 +56,11 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number *attempt* (1-based)."""
-        exponent = min(max(attempt, 1) - 1, 64)  # 2**64 already exceeds any maximum
-        return min(self.maximum, self.initial * self.multiplier**exponent)
+        return exponential(attempt, self.initial, self.maximum, self.multiplier)
 
     def jittered(self, attempt: int) -> float:
         """`delay`, jittered to between half and all of it."""
-        ceiling = self.delay(attempt)
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return jittered(self.delay(attempt))
 
 
 class Source(ABC):

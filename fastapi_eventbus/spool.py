@@ -52,6 +52,7 @@ from typing import TypeVar
 from ._events import Event
 from ._hooks import logger
 from ._retry import exponential
+from ._settings import check_int, check_seconds
 from .exceptions import ConfigurationError, SpoolError
 from .storage import Settled, SpooledEvent
 
@@ -145,12 +146,8 @@ class Spool:
             ("max_retry_delay", max_retry_delay),
             ("busy_timeout", busy_timeout),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"Spool {name} must be a number > 0, got {value!r}")
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ConfigurationError(
-                f"Spool max_attempts must be an int >= 1, got {max_attempts!r}"
-            )
+            check_seconds(f"Spool {name}", value, positive=True)
+        check_int("Spool max_attempts", max_attempts, 1)
         if not isinstance(path, str | os.PathLike) or not str(path):
             raise ConfigurationError(f"Spool path must be a file path, got {path!r}")
         self.path = Path(path)

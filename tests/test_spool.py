@@ -251,9 +251,9 @@ def test_forwarders_sharing_a_spool_need_distinct_names(path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"lease": 0}, "lease must be a number > 0"),
+        ({"lease": 0}, "lease must be a number of seconds > 0"),
         ({"max_attempts": 0}, "max_attempts must be an int >= 1"),
-        ({"resend_interval": "1"}, "resend_interval must be a number > 0"),
+        ({"resend_interval": "1"}, "resend_interval must be a number of seconds > 0"),
     ],
 )
 def test_bad_spool_settings_fail_in_the_constructor(

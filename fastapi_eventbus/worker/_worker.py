@@ -12,6 +12,7 @@ from typing import Any, Literal, Self, TypeAlias, get_args
 
 from fastapi_eventbus._bus import EventBus, is_request_bus, tracing_of
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._settings import check_int, check_seconds
 from fastapi_eventbus._tracing import Consumed, Tracing
 from fastapi_eventbus.exceptions import (
     BusNotInstalledError,
@@ -153,23 +154,12 @@ class Worker:
         self.bus, self.app = _resolve(app)
         if not isinstance(source, Source):
             raise ConfigurationError(f"source must be a Source, got {source!r}")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if isinstance(shutdown_timeout, bool) or not isinstance(shutdown_timeout, int | float):
-            raise ConfigurationError(f"shutdown_timeout must be a number, got {shutdown_timeout!r}")
-        if shutdown_timeout < 0:
-            raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+        check_int("concurrency", concurrency, 1)
+        check_seconds("shutdown_timeout", shutdown_timeout)
         for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
             if policy not in get_args(OnUndecodable):
                 raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
-        if (
-            isinstance(max_message_bytes, bool)
-            or not isinstance(max_message_bytes, int)
-            or max_message_bytes < 1
-        ):
-            raise ConfigurationError(
-                f"max_message_bytes must be an int >= 1, got {max_message_bytes!r}"
-            )
+        check_int("max_message_bytes", max_message_bytes, 1)
         self.source = source
         """Where messages come from."""
         self.concurrency = concurrency

@@ -251,8 +251,8 @@ class NullSource(Source):
     [
         ({"concurrency": 0}, "concurrency must be an int >= 1"),
         ({"concurrency": True}, "concurrency must be an int >= 1"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must be >= 0"),
-        ({"shutdown_timeout": "1"}, "shutdown_timeout must be a number"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be a number of seconds >= 0"),
+        ({"shutdown_timeout": "1"}, "shutdown_timeout must be a number of seconds >= 0"),
         ({"on_undecodable": "drop"}, "on_undecodable must be 'retry' or 'delete'"),
         ({"on_unhandled": "ack"}, "on_unhandled must be 'retry' or 'delete'"),
     ],

@@ -41,8 +41,9 @@ from fastapi import Depends
 
 from fastapi_eventbus import Event, EventBus
 from fastapi_eventbus._events import make_event
+from fastapi_eventbus.testing import MemorySource
 from fastapi_eventbus.wire import sqs_body
-from fastapi_eventbus.worker import ReceivedMessage, Source, SQSSource, Worker
+from fastapi_eventbus.worker import Source, SQSSource, Worker
 
 if TYPE_CHECKING:
     from aiobotocore.session import ClientCreatorContext
@@ -189,36 +190,17 @@ async def sqs_round(endpoint: str, count: int, concurrency: int | None) -> float
     return elapsed
 
 
-class MemorySource(Source):
-    """Pre-encoded SQS messages in a list, acknowledged by counting: the worker's own cost."""
-
-    def __init__(self, count: int) -> None:
-        self.messages = [
-            ReceivedMessage({"Body": sqs_body(make_event("order.placed", {"n": n}, None))}, "", "")
-            for n in range(count)
-        ]
-        self.acked = 0
-
-    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
-        batch, self.messages = self.messages[:max_messages], self.messages[max_messages:]
-        if not batch:
-            await asyncio.sleep(1)
-        return batch
-
-    async def ack(self, message: ReceivedMessage) -> None:
-        self.acked += 1
-
-    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        raise RuntimeError("nothing fails here")
-
-
 async def memory_round(count: int, concurrency: int) -> float:
-    source = MemorySource(count)
+    """Seconds to drain *count* events put in a `MemorySource`: the worker's own cost."""
+    events = (make_event("order.placed", {"n": n}, None) for n in range(count))
+    source = MemorySource(*events)
     start = time.perf_counter()
     await drain(source, count, concurrency)
     elapsed = time.perf_counter() - start
-    if source.acked != count:
-        raise RuntimeError(f"acknowledged {source.acked} of {count}")
+    if len(source.acked) != count or source.nacked:
+        raise RuntimeError(
+            f"acknowledged {len(source.acked)} of {count}, gave back {source.nacked}"
+        )
     return elapsed
 
 

@@ -708,6 +708,16 @@ def test_event_envelope(load: Loader) -> None:
         first.name = "other"
 
 
+# -- brokers.md ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_worker_without_a_broker_example(load: Loader) -> None:
+    mod = load("docs/examples/testing_worker.py")
+    await mod.test_book_payment()
+    assert len(mod.PAID) == 1
+
+
 # -- testing.md ---------------------------------------------------------------------------------
 
 

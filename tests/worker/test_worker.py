@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, SourceError, get_bus
 from fastapi_eventbus.exceptions import MissingExtraError
-from fastapi_eventbus.testing import RecordingForwarder
+from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.wire import decode_message, sqs_body
 from fastapi_eventbus.worker import (
     Backoff,
@@ -232,20 +232,6 @@ async def test_the_body_of_async_with_may_fail_alone(moto: Moto) -> None:
 # -- configuration -------------------------------------------------------------------------
 
 
-class NullSource(Source):
-    """A source that never has messages."""
-
-    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
-        await asyncio.sleep(3600)
-        return []
-
-    async def ack(self, message: ReceivedMessage) -> None:
-        pass
-
-    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        pass
-
-
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -259,21 +245,21 @@ class NullSource(Source):
 )
 async def test_bad_settings_fail_in_the_constructor(options: Any, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
-        Worker(EventBus(), NullSource(), **options)
+        Worker(EventBus(), MemorySource(), **options)
 
 
 async def test_the_worker_needs_a_bus_and_a_source() -> None:
     with pytest.raises(ConfigurationError, match=r"bus\.install"):
-        Worker(FastAPI(), NullSource())
+        Worker(FastAPI(), MemorySource())
     with pytest.raises(ConfigurationError, match="must be a Source"):
         Worker(EventBus(), object())  # type: ignore[arg-type]
 
 
-async def test_an_app_without_startup_runs_a_null_source_until_stopped() -> None:
+async def test_an_app_without_startup_runs_an_empty_source_until_stopped() -> None:
     bus = EventBus()
     app = FastAPI()
     bus.install(app)
-    worker = Worker(app, NullSource())
+    worker = Worker(app, MemorySource())
     assert worker.bus is bus
     assert worker.app is app
     async with worker:

@@ -10,6 +10,7 @@ This module holds what the brokers' message readers have in common.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi_eventbus.exceptions import MessageDecodeError
@@ -43,3 +44,14 @@ def byte_length(value: object) -> int:
     if isinstance(value, bytes | bytearray):
         return len(value)
     return 0
+
+
+def trace_or_nothing(
+    read: Callable[[Mapping[str, Any]], dict[str, str]], message: Mapping[str, Any]
+) -> dict[str, str]:
+    """The trace context *read* finds in *message*; ``{}`` if reading it raises (a mapping
+    that fails when read: the message is decoded, and refused, later)."""
+    try:
+        return read(message)
+    except Exception:
+        return {}

@@ -21,7 +21,7 @@ from fastapi_eventbus._events import Event
 from fastapi_eventbus.exceptions import ForwarderError, MissingExtraError, SourceError
 from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
 
-from . import byte_length, is_trace_value, parse_json
+from . import byte_length, is_trace_value, parse_json, trace_or_nothing
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -163,10 +163,7 @@ def decode(message: Mapping[str, Any]) -> Event:
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     """The W3C trace context in an SQS message's attributes; ``{}`` if none (never raises)."""
-    try:
-        return _trace(message)
-    except Exception:  # a mapping that fails when read: the message is decoded (and refused) later
-        return {}
+    return trace_or_nothing(_trace, message)
 
 
 def _trace(message: Mapping[str, Any]) -> dict[str, str]:

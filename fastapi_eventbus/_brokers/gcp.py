@@ -25,7 +25,7 @@ from fastapi_eventbus.exceptions import (
 )
 from fastapi_eventbus.wire import CONTENT_TYPE, TRACE_ATTRIBUTES, from_cloudevent
 
-from . import byte_length, is_trace_value, parse_json
+from . import byte_length, is_trace_value, parse_json, trace_or_nothing
 
 if TYPE_CHECKING:
     import aiohttp
@@ -137,10 +137,7 @@ def decode(message: Mapping[str, Any]) -> Event:
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     """The W3C trace context in a Pub/Sub message's attributes; ``{}`` if none (never raises)."""
-    try:
-        return _trace(message)
-    except Exception:  # a mapping that fails when read: the message is decoded (and refused) later
-        return {}
+    return trace_or_nothing(_trace, message)
 
 
 def _trace(message: Mapping[str, Any]) -> dict[str, str]:

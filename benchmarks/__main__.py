@@ -17,6 +17,7 @@ SCRIPTS = (
     ("benchmarks.bench_dispatch", "publish with 0/1/3 dependencies; 500 patterns; memory"),
     ("benchmarks.bench_server", "through a real uvicorn server: throughput, p50/p99"),
     ("benchmarks.bench_sqs", "SQS forwarding to moto: batched vs one call per event"),
+    ("benchmarks.bench_worker", "the worker: SQS (moto) and in-memory sources, by concurrency"),
 )
 
 

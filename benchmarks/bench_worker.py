@@ -258,6 +258,9 @@ def report(results: dict[str, list[float]], chosen: list[Variant], rounds: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer, smaller rounds")
+    parser.add_argument(
+        "--check", action="store_true", help="accepted for `python -m benchmarks`: no targets here"
+    )
     args = parser.parse_args()
     rounds = 2 if args.quick else 3
     chosen = variants(args.quick)

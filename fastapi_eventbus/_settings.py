@@ -10,13 +10,27 @@ from ._hooks import OnDiscard, OnError
 from .exceptions import ConfigurationError
 
 
-def check_int(name: str, value: object, minimum: int, *, optional: bool = False) -> int | None:
-    """*value* if it is an int (not a bool) >= *minimum* (or None, if *optional*)."""
+def check_int(
+    name: str,
+    value: object,
+    minimum: int,
+    *,
+    optional: bool = False,
+    maximum: int | None = None,
+) -> int | None:
+    """*value* if it is an int (not a bool) >= *minimum* (and <= *maximum*, if given), or
+    None if *optional*."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         either = " or None" if optional else ""
-        raise ConfigurationError(f"{name} must be an int >= {minimum}{either}, got {value!r}")
+        bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ConfigurationError(f"{name} must be an int {bound}{either}, got {value!r}")
     return value
 
 

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import fastapi_eventbus
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "fastapi_eventbus"
+PACKAGE = Path(fastapi_eventbus.__file__).resolve().parent
+"""The package under test: the source tree, or in CI's run against the wheel, the installed one."""
 PAGE = ROOT / "docs" / "architecture.md"
 ROOT_NAME = "fastapi_eventbus"
 """How the page names the package's ``__init__.py``; other modules are named relative to it."""

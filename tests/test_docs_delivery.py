@@ -79,8 +79,7 @@ def test_dead_letters_are_listed_and_replayed(
 @pytest.mark.slow
 def test_a_full_bus_answers_503_with_retry_after(example: ModuleType, tmp_path: Path) -> None:
     orders = Orders()
-    app = example.create_app(tmp_path / "spool.sqlite3", orders)
-    app.state.fastapi_eventbus._core.max_pending_events = 2  # small, to get there quickly
+    app = example.create_app(tmp_path / "spool.sqlite3", orders, max_pending=2)  # reached quickly
     orders.gate.clear()  # the broker stalls: sends wait, events stay pending
     with serve(app) as url:
         statuses = [httpx.post(f"{url}/orders").status_code for _ in range(3)]

@@ -11,11 +11,11 @@ from fastapi_eventbus.spool import Spool
 
 
 # --8<-- [start:spool]
-def create_app(spool_path: Path, orders: Forwarder) -> FastAPI:
+def create_app(spool_path: Path, orders: Forwarder, max_pending: int = 50_000) -> FastAPI:
     bus = EventBus(
         spool=Spool(spool_path, max_attempts=20),  # or just spool=spool_path
         max_batch_events=1_000,  # per request; more raise CapacityError at emit
-        max_pending_events=50_000,  # across requests; bounds memory if brokers stall
+        max_pending_events=max_pending,  # across requests; bounds memory if brokers stall
     )
     bus.forward("order.*", orders)
     app = FastAPI()

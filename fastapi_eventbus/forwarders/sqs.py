@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeAlias
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
+from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
@@ -179,8 +180,7 @@ class SQSForwarder(Forwarder):
         verify_on_start: bool = False,
     ) -> None:
         aws.require_sdk()
-        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
-            raise ConfigurationError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
+        check_int("max_message_bytes", max_message_bytes, 1)
         super().__init__(
             retry=retry,
             dead_letter=dead_letter,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
@@ -104,19 +105,11 @@ class PubSubSource(Source):
                 "subscription must be a full path 'projects/PROJECT/subscriptions/NAME', "
                 f"got {subscription!r}"
             )
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise ConfigurationError(f"max_messages must be an int >= 1, got {max_messages!r}")
+        check_int("max_messages", max_messages, 1)
         if not pull_timeout > 0:
             raise ConfigurationError(f"pull_timeout must be > 0 seconds, got {pull_timeout!r}")
-        if ack_deadline is not None and (
-            isinstance(ack_deadline, bool)
-            or not isinstance(ack_deadline, int)
-            or not _MIN_ACK_DEADLINE <= ack_deadline <= _MAX_ACK_DEADLINE
-        ):
-            raise ConfigurationError(
-                f"ack_deadline must be an int from {_MIN_ACK_DEADLINE} to {_MAX_ACK_DEADLINE}, "
-                f"got {ack_deadline!r}"
-            )
+        if ack_deadline is not None:
+            check_int("ack_deadline", ack_deadline, _MIN_ACK_DEADLINE, maximum=_MAX_ACK_DEADLINE)
         self.subscription = subscription
         """The full subscription path."""
         self.ack_deadline = ack_deadline

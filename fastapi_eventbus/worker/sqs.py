@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source
@@ -96,10 +97,10 @@ class SQSSource(Source):
         aws.require_sdk()
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
-        _check_int("wait_time_seconds", wait_time_seconds, 0, MAX_WAIT_TIME_SECONDS)
-        _check_int("max_messages", max_messages, 1, _MAX_MESSAGES)
+        check_int("wait_time_seconds", wait_time_seconds, 0, maximum=MAX_WAIT_TIME_SECONDS)
+        check_int("max_messages", max_messages, 1, maximum=_MAX_MESSAGES)
         if visibility_timeout is not None:
-            _check_int("visibility_timeout", visibility_timeout, 1, _MAX_VISIBILITY)
+            check_int("visibility_timeout", visibility_timeout, 1, maximum=_MAX_VISIBILITY)
         if (aws_access_key_id is None) != (aws_secret_access_key is None):
             raise ConfigurationError(
                 "pass both aws_access_key_id and aws_secret_access_key, or neither"
@@ -244,8 +245,3 @@ def _received(message: MessageTypeDef) -> ReceivedMessage:
         receipt=message.get("ReceiptHandle", ""),
         receive_count=int(count) if count else None,
     )
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigurationError(f"{name} must be an int from {low} to {high}, got {value!r}")

@@ -17,7 +17,7 @@ import pytest
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, SourceError
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
-from fastapi_eventbus.wire import sqs_body
+from fastapi_eventbus.testing import MemorySource
 from fastapi_eventbus.worker import PubSubSource, ReceivedMessage, Source, SQSSource, Worker
 from tests._pubsub import PROJECT, Channel, Emulator
 from tests._support import until
@@ -101,39 +101,29 @@ async def test_sqs_extend_needs_seconds_without_a_visibility_timeout() -> None:
 # -- the worker's heartbeat, with a source of its own ----------------------------------------
 
 
-class OneMessageSource(Source):
-    """Delivers one message, then nothing; records the calls the worker makes."""
-
-    name = "one"
+class OneMessageSource(MemorySource):
+    """A `MemorySource` holding one message that records the worker's calls in order, and
+    whose extensions fail if told; a message given back is dead, not delivered again."""
 
     def __init__(self, *, extend_interval: float | None, extend_fails: bool = False) -> None:
-        self.extend_interval = extend_interval
+        super().__init__(name="one", max_deliveries=1, extend_interval=extend_interval)
         self.extend_fails = extend_fails
         self.calls: list[str] = []
-        self._pending = [
-            ReceivedMessage(body=_sqs_body(), message_id="m-1", receipt="r-1", receive_count=1)
-        ]
-
-    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
-        pending, self._pending = self._pending, []
-        if not pending:
-            await asyncio.sleep(0.05)
-        return pending
+        self.put(Event(name="order.placed", payload={}), message_id="m-1")
 
     async def ack(self, message: ReceivedMessage) -> None:
         self.calls.append("ack")
+        await super().ack(message)
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
         self.calls.append("nack")
+        await super().nack(message, delay)
 
     async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
         self.calls.append(f"extend {message.message_id} {seconds}")
         if self.extend_fails:
             raise SourceError("receipt handle expired")
-
-
-def _sqs_body() -> dict[str, Any]:
-    return {"Body": sqs_body(Event(name="order.placed", payload={})), "MessageAttributes": {}}
+        await super().extend(message, seconds)
 
 
 async def test_the_heartbeat_extends_while_handlers_run_and_stops_before_the_ack() -> None:
@@ -191,8 +181,7 @@ async def test_the_heartbeat_stops_at_the_time_limit_and_a_hung_message_is_given
             given_up = list(source.calls)
             # Its slot is free again: with concurrency=1, the next message is handled.
             invoice = Event(name="invoice.sent")
-            body = {"Body": sqs_body(invoice), "MessageAttributes": {}}
-            source._pending.append(ReceivedMessage(body=body, message_id="m-2", receipt="r-2"))
+            source.put(invoice, message_id="m-2")
             await until(lambda: handled == [invoice.id])
             await asyncio.sleep(0.6)  # longer than the heartbeat's interval
         finally:

@@ -23,8 +23,7 @@ from fastapi_eventbus import Event, EventBus, SourceError, get_bus
 from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.otel import MESSAGING_SYSTEM, instrument_bus
-from fastapi_eventbus.testing import RecordingForwarder
-from fastapi_eventbus.wire import sqs_body, trace_attributes
+from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.worker import (
     Backoff,
     PubSubSource,
@@ -212,42 +211,22 @@ def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Brok
 # -- the worker's spans for messages that do not go well, with an in-memory source ---------
 
 
-class ListSource(Source):
-    """Hands out the messages it was given once, then waits; records what was settled."""
-
-    messaging_system = "memory"
-    name = "inbox"
-
-    def __init__(self, *messages: ReceivedMessage, ack_fails: bool = False) -> None:
-        self.waiting = list(messages)
-        self.settled: list[tuple[str, str]] = []
-        self.ack_fails = ack_fails
-
-    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
-        if not self.waiting:
-            await asyncio.sleep(3600)
-        taken, self.waiting = self.waiting[:max_messages], self.waiting[max_messages:]
-        return taken
+class AckFails(MemorySource):
+    """A `MemorySource` whose acknowledgements fail."""
 
     async def ack(self, message: ReceivedMessage) -> None:
-        if self.ack_fails:
-            raise SourceError("receipt handle expired")
-        self.settled.append(("ack", message.message_id))
-
-    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        self.settled.append(("nack", message.message_id))
+        raise SourceError("receipt handle expired")
 
 
-def sqs_message(event: Event, message_id: str) -> ReceivedMessage:
-    attributes = {
-        name: {"DataType": "String", "StringValue": value}
-        for name, value in trace_attributes(event).items()
-    }
-    body = {"Body": sqs_body(event), "MessageAttributes": attributes}
-    return ReceivedMessage(body=body, message_id=message_id, receipt=message_id, receive_count=3)
+def settled(source: MemorySource) -> tuple[list[str], list[str]]:
+    """The ids of the messages *source* had acknowledged, and given back."""
+    return (
+        [message.message_id for message in source.acked],
+        [message.message_id for message, _ in source.nacked],
+    )
 
 
-async def run_until_processed(bus: EventBus, source: ListSource, spans: Spans) -> None:
+async def run_until_processed(bus: EventBus, source: MemorySource, spans: Spans) -> None:
     """Run a worker until its one message's span has ended (after settling it)."""
     async with Worker(bus, source):
         await until(lambda: spans.named("process inbox"))
@@ -258,10 +237,10 @@ async def test_an_undecodable_message_has_a_failed_span_of_its_own() -> None:
     spans = Spans()
     bus = EventBus()
     instrument_bus(bus, tracer_provider=spans.provider)
-    garbage = ReceivedMessage(body={"Body": "not json"}, message_id="m-1", receipt="r-1")
-    source = ListSource(garbage)
+    source = MemorySource(name="inbox", max_deliveries=1)  # given back: dead, not redelivered
+    source.put({"Body": "not json"}, message_id="m-1")
     await run_until_processed(bus, source, spans)
-    assert source.settled == [("nack", "m-1")]
+    assert settled(source) == ([], ["m-1"])
     process = spans.one("process inbox")
     assert process.parent is None  # no trace context to continue: a trace of its own
     assert is_error(process)
@@ -284,7 +263,11 @@ async def test_a_failed_acknowledgement_fails_the_settle_span() -> None:
     recorder = RecordingForwarder()
     emitted.forward("*", recorder)
     event = await emitted.publish("order.placed")
-    source = ListSource(sqs_message(recorder.events[0], "m-2"), ack_fails=True)
+    source = AckFails(name="inbox")
+    source.put(recorder.events[0], message_id="m-2")
+    for _ in range(2):  # two deliveries given back: the worker gets the third
+        (delivery,) = await source.receive(1)
+        await source.nack(delivery)
     await run_until_processed(bus, source, spans)
     process, ack = spans.one("process inbox"), spans.one("ack inbox")
     assert parent_id(process) == sid(spans.one("emit order.placed"))
@@ -309,13 +292,11 @@ async def test_a_message_cancelled_at_shutdown_has_a_failed_span_and_a_give_back
         started.set()
         await asyncio.sleep(3600)
 
-    message = ReceivedMessage(
-        body={"Body": sqs_body(Event(name="order.placed"))}, message_id="m-3", receipt="r-3"
-    )
-    source = ListSource(message)
+    source = MemorySource(name="inbox", max_deliveries=1)  # given back: dead, not redelivered
+    source.put(Event(name="order.placed"), message_id="m-3")
     async with Worker(bus, source, shutdown_timeout=0.05):
         await started.wait()
-    assert source.settled == [("nack", "m-3")]
+    assert settled(source) == ([], ["m-3"])
     process = spans.one("process inbox")
     assert is_error(process)
     assert process.status.description == "cancelled at shutdown; given back"

@@ -17,11 +17,10 @@ from fastapi import Depends, FastAPI
 from fastapi_eventbus import ConfigurationError, Event, EventBus, SourceError, get_bus
 from fastapi_eventbus.exceptions import MissingExtraError
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
-from fastapi_eventbus.wire import decode_message, sqs_body
+from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import (
     Backoff,
     ReceivedMessage,
-    Source,
     SQSSource,
     Worker,
     WorkerStats,
@@ -317,31 +316,15 @@ def test_sqs_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> 
 # -- sources that misbehave ----------------------------------------------------------------
 
 
-class ListSource(Source):
-    """Hands out forwarded events from a list; records what was acknowledged or given back."""
-
-    def __init__(self, *events: Event, ack_error: Exception | None = None) -> None:
-        self.pending = [
-            ReceivedMessage({"Body": sqs_body(event)}, f"m{n}", f"r{n}")
-            for n, event in enumerate(events)
-        ]
-        self.ack_error = ack_error
-        self.acked: list[str] = []
-        self.nacked: list[tuple[str, float | None]] = []
-
-    async def receive(self, max_messages: int) -> list[ReceivedMessage]:
-        batch, self.pending = self.pending[:max_messages], self.pending[max_messages:]
-        if not batch:
-            await asyncio.sleep(0.05)
-        return batch
+class AckFails(MemorySource):
+    """A `MemorySource` whose acknowledgements fail."""
 
     async def ack(self, message: ReceivedMessage) -> None:
-        if self.ack_error is not None:
-            raise self.ack_error
-        self.acked.append(message.message_id)
+        raise SourceError("ReceiptHandleIsInvalid")
 
-    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        self.nacked.append((message.message_id, delay))
+
+def ids(messages: list[ReceivedMessage]) -> list[str]:
+    return [message.message_id for message in messages]
 
 
 async def test_a_failed_acknowledgement_is_logged_and_the_worker_goes_on(
@@ -349,7 +332,8 @@ async def test_a_failed_acknowledgement_is_logged_and_the_worker_goes_on(
 ) -> None:
     bus = EventBus()
     bus.on("order.*")(lambda event: None)
-    source = ListSource(Event(name="order.placed"), ack_error=SourceError("ReceiptHandleIsInvalid"))
+    source = AckFails(name="source")
+    source.put(Event(name="order.placed"), message_id="m0")
     async with Worker(bus, source) as worker:
         await until(lambda: worker.stats.settle_errors == 1)
     assert worker.stats.handled == 1
@@ -360,7 +344,7 @@ async def test_a_failed_acknowledgement_is_logged_and_the_worker_goes_on(
 async def test_a_source_that_fails_unexpectedly_is_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Flaky(ListSource):
+    class Flaky(MemorySource):
         calls = 0
 
         async def receive(self, max_messages: int) -> list[ReceivedMessage]:
@@ -371,10 +355,11 @@ async def test_a_source_that_fails_unexpectedly_is_retried(
 
     bus = EventBus()
     bus.on("order.*")(lambda event: None)
-    source = Flaky(Event(name="order.placed"))
+    source = Flaky()
+    source.put(Event(name="order.placed"), message_id="m0")
     async with Worker(bus, source) as worker:
         await until(lambda: worker.stats.handled == 1)
-    assert source.acked == ["m0"]
+    assert ids(source.acked) == ["m0"]
     assert "a bug, or an error the source does not translate" in caplog.text
 
 
@@ -388,7 +373,7 @@ async def test_a_failing_startup_raises_from_async_with() -> None:
     app = FastAPI(lifespan=lifespan)
     bus.install(app)
     with pytest.raises(RuntimeError, match="no database"):
-        async with Worker(app, ListSource()):
+        async with Worker(app, MemorySource()):
             pass
 
 
@@ -449,11 +434,13 @@ async def test_an_event_no_handler_matches_follows_on_unhandled(
     bus = EventBus()
     bus.on("order.*")(lambda event: None)
     event = Event(name="invoice.sent")
-    source = ListSource(event)
+    source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
+    source.put(event, message_id="m0")
     async with Worker(bus, source, on_unhandled=policy) as worker:
         await until(lambda: source.acked or source.nacked)
     assert worker.stats == WorkerStats(received=1, unhandled=1)  # never "handled"
-    assert (source.acked, source.nacked) == (acked, nacked)
+    given_back = [(message.message_id, delay) for message, delay in source.nacked]
+    assert (ids(source.acked), given_back) == (acked, nacked)
     (record,) = [r for r in caplog.records if event.id in r.getMessage()]
     assert record.levelno == level
     assert record.name == "fastapi_eventbus.worker"
@@ -473,7 +460,7 @@ async def test_a_bus_without_handlers_is_a_warning_at_startup(
 ) -> None:
     bus = EventBus()
     bus.forward("order.*", RecordingForwarder())  # a web app's bus, passed by mistake
-    async with Worker(bus, ListSource()):
+    async with Worker(bus, MemorySource()):
         pass
     (record,) = [r for r in caplog.records if "no handlers" in r.getMessage()]
     assert record.levelno == logging.WARNING
@@ -504,16 +491,14 @@ async def test_a_message_that_breaks_the_decoder_affects_that_message_only(
 ) -> None:
     bus = EventBus()
     bus.on("order.*")(lambda event: None)
-    source = ListSource()
-    source.pending = [
-        ReceivedMessage({"Body": "[" * 100_000 + "]" * 100_000}, "deep", "r0"),
-        ReceivedMessage(Unreadable(), "unreadable", "r1"),
-        ReceivedMessage({"Body": sqs_body(Event(name="order.placed"))}, "good", "r2"),
-    ]
+    source = MemorySource(name="source")
+    source.put({"Body": "[" * 100_000 + "]" * 100_000}, message_id="deep")
+    source.put(Unreadable(), message_id="unreadable")
+    source.put(Event(name="order.placed"), message_id="good")
     async with Worker(bus, source, on_undecodable="delete") as worker:
         await until(lambda: len(source.acked) == 3)
     assert worker.stats == WorkerStats(received=3, handled=1, undecodable=2)
-    assert sorted(source.acked) == ["deep", "good", "unreadable"]
+    assert sorted(ids(source.acked)) == ["deep", "good", "unreadable"]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [
         "message deep from source is not an event "
@@ -541,7 +526,8 @@ async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
                 await release.wait()
 
     event = Event(name="order.placed")
-    source = ListSource(event)
+    source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
+    source.put(event, message_id="m0")
     worker = Worker(bus, source, shutdown_timeout=0.1)
     asyncio.get_running_loop().call_later(20, release.set)  # in case stop() is not bounded
     async with worker:
@@ -553,7 +539,8 @@ async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
     # The worker's shutdown_timeout, 6 s after cancelling, the bus's shutdown_timeout, a margin
     assert stopped_in < 0.1 + 6 + 1 + 1
     assert worker.stats == WorkerStats(received=1, unfinished=1, abandoned=1)
-    assert source.nacked == [("m0", 0)]  # given back at once
+    given_back = [(message.message_id, delay) for message, delay in source.nacked]
+    assert given_back == [("m0", 0)]  # given back at once
     assert source.acked == []
     errors = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == [

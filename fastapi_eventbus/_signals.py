@@ -14,6 +14,7 @@ import asyncio
 import signal
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from types import FrameType
 from typing import Any
 
@@ -33,7 +34,8 @@ def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:
     previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(callback)
+        with suppress(RuntimeError):  # the loop is closed already: nothing left to stop
+            loop.call_soon_threadsafe(callback)
         before = previous.get(signum)
         if callable(before):
             before(signum, frame)

@@ -119,7 +119,7 @@ def imports(module: str) -> tuple[Import, ...]:
     path = modules()[module]
     found: list[Import] = []
     for node, lazy in _statements(ast.parse(path.read_text(), str(path))):
-        where = f"{path.relative_to(ROOT)}:{node.lineno}"
+        where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
         if isinstance(node, ast.Import):
             for alias in node.names:
                 target = _absolute(alias.name)
@@ -286,7 +286,7 @@ def test_no_module_reads_another_modules_underscored_attributes(module: str) -> 
             continue
         batch = node.attr in BATCH_ATTRIBUTES and module != BATCH_OWNER
         if batch or node.attr not in bound:
-            reached.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+            reached.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert not reached, f"{module} reads another module's underscored attributes: {reached}"
 
 

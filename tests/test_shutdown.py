@@ -14,16 +14,12 @@ import httpx
 import pytest
 
 from tests.shutdown_app import HANDLED_ENV, KIND_ENV, REPORTED_ENV, SHUTDOWN_TIMEOUT
-from tests.test_faults import Server, running_server, stop
+from tests.test_faults import Server, handled_ids, running_server, stop
 
 pytestmark = pytest.mark.slow
 
 APP = "tests.shutdown_app:create_app"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def ids_in(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
 
 
 def backlog(server: Server, requests: int, per_request: int) -> set[str]:
@@ -51,7 +47,7 @@ def test_sigterm_with_a_backlog_reports_every_unfinished_event(
         emitted = backlog(server, requests=12, per_request=50)  # 10 s of work per request
         code, seconds = stop(server, within=SHUTDOWN_TIMEOUT + 15)
         output = server.output()
-    done, told = set(ids_in(handled)), ids_in(reported)
+    done, told = set(handled_ids(handled)), handled_ids(reported)
     unaccounted = emitted - done - set(told)
     logged = set(UUID.findall("\n".join(line for line in output.splitlines() if "ERROR" in line)))
     print(

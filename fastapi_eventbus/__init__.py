@@ -22,7 +22,7 @@ async def create_cat(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
 from importlib.metadata import PackageNotFoundError, version
 
 from ._bus import EventBus, get_bus
-from ._core import current_event
+from ._di import current_event
 from ._events import Event
 from ._hooks import DiscardedEvents, HandlerFailure, OnDiscard, OnError
 from ._retry import Retry

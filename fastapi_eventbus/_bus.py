@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import glob
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from types import TracebackType
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
@@ -17,28 +13,21 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from . import _di
-from ._core import (
-    SCOPE_KEY,
-    Batch,
-    Core,
-    Handler,
-    Observer,
-    disabled_by_env,
-)
+from ._batch import SCOPE_KEY, Batch, RequestEnd
+from ._core import Core, Observer
+from ._di import Handler
 from ._events import (
     Event,
-    check_name,
     event_name_of,
     is_event_model,
     make_event,
-    plain_str,
     resolve_emit_args,
 )
-from ._hooks import HandlerFailure, OnDiscard, OnError, ensure_readable_logs, logger
-from ._patterns import compile_pattern, example_name
+from ._hooks import HandlerFailure, OnDiscard, OnError, logger
+from ._lifespan import draining_lifespan
+from ._patterns import pattern_of
 from ._retry import Retry
-from ._settings import Settings, check_seconds
-from ._signals import on_stop_signal
+from ._settings import Settings, check_seconds, disabled_by_env
 from ._tracing import Tracing
 from .exceptions import (
     BusNotInstalledError,
@@ -178,7 +167,7 @@ class EventBus:
         setattr(app.state, STATE_ATTR, self)
         self._core.app = app
         router = app.router
-        router.lifespan_context = _draining_lifespan(router.lifespan_context, self)
+        router.lifespan_context = draining_lifespan(router.lifespan_context, self._core, self.close)
 
     @classmethod
     def of(cls, app: Any) -> EventBus:
@@ -227,7 +216,7 @@ class EventBus:
                 matches its patterns; a parameter could only come from an HTTP
                 request; or *timeout* or *retry* is not valid.
         """
-        names = [_pattern_of(p) for p in patterns]
+        names = [pattern_of(p) for p in patterns]
         timeout = check_seconds("timeout", timeout, positive=True, optional=True)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be a Retry, got {retry!r}")
@@ -245,28 +234,15 @@ class EventBus:
         timeout: float | None = None,
         retry: Retry | None = None,
     ) -> None:
+        core = self._core
         if timeout is None:
-            timeout = self._core.settings.handler_timeout
-        plan = _di.analyse_handler(func)
-        model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
-        if not patterns and model_name is not None:
-            patterns = [glob.escape(model_name)]
-        name = _di.qualified_name(func)
-        handler = Handler(
-            func, plan, tuple(patterns), name, None if timeout == math.inf else timeout, retry
-        )
-        if not patterns:
-            raise ConfigurationError(f"handler {handler.name} needs at least one event pattern")
-        matchers = [compile_pattern(p) for p in patterns]
-        if plan.event_model is not None and model_name is not None:
-            if not any(match(model_name) for match in matchers):
-                raise ConfigurationError(
-                    f"handler {handler.name} takes {plan.event_model.__qualname__} "
-                    f"(event {model_name!r}) but its patterns {patterns} never match that name"
-                )
-            if self._core.schemas.get(model_name) is None:
-                self._core.schemas.register(model_name, plan.event_model)
-        self._core.handlers.add(patterns, handler)
+            timeout = core.settings.handler_timeout
+        handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
+        model = handler.plan.event_model
+        name = event_name_of(model) if model is not None else None
+        if model is not None and name is not None and core.schemas.get(name) is None:
+            core.schemas.register(name, model)
+        core.handlers.add(handler.patterns, handler)
 
     def forward(self, patterns: str | Sequence[str], forwarder: FwdT) -> FwdT:
         """Send events matching *patterns* to *forwarder*, on the same flush as handlers.
@@ -291,7 +267,7 @@ class EventBus:
                         f"are filed under"
                     )
         names = [patterns] if isinstance(patterns, str) else list(patterns)
-        self._core.forwarders.add([_pattern_of(p) for p in names], forwarder)
+        self._core.forwarders.add([pattern_of(p) for p in names], forwarder)
         return forwarder
 
     def register(self, event: str | type[BaseModel], schema: type[BaseModel] | None = None) -> None:
@@ -448,7 +424,8 @@ class EventBus:
         forwarders = core.forwarders.match(name) if core.forwarders else ()
         for forwarder in forwarders:
             forwarder.check(event_obj)
-        deliver = not (settings.disabled or (core.observers and _muted(core)))
+        muted = core.observers and any(observer.mute for observer in core.observers)
+        deliver = not (settings.disabled or muted)
         if deliver:
             core.admit(batch)
             if core.tracing is not None:
@@ -488,7 +465,9 @@ class EventBus:
                 "(Depends(get_bus)); this request has no FastAPI dependency scope"
             )
         view = open_request(self, connection, background_tasks)
-        stack.push_async_exit(_RequestEnd(view))  # type: ignore[type-var]  # duck-typed
+        batch = view._batch
+        assert batch is not None
+        stack.push_async_exit(RequestEnd(self._core.end_request, batch))  # type: ignore[type-var]  # duck-typed
         return view
 
     # -- shutdown ---------------------------------------------------------------
@@ -517,7 +496,7 @@ class EventBus:
         lifespan runs (a script that only publishes). Without a spool, returns 0.
         """
         total = 0
-        while (count := await self._core.resend()) > 0:
+        while (count := await self._core.sender.resend()) > 0:
             total += count
         return total
 
@@ -534,111 +513,9 @@ class EventBus:
                 spool.release()
             except SpoolError as exc:
                 logger.error("%s", exc)
-        await self._core.close_forwarders()
+        await self._core.sender.close()
         logger.debug("fastapi_eventbus closed")
         return unfinished
-
-
-class _RequestEnd:
-    """On FastAPI's request exit stack: `end_request` when the request ends.
-
-    An object with ``__aexit__`` (not a bare callable), which `AsyncExitStack`
-    takes without a failed attribute lookup.
-    """
-
-    __slots__ = ("view",)
-
-    def __init__(self, view: EventBus) -> None:
-        self.view = view
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        await end_request(self.view, exc)
-        return False
-
-
-def _muted(core: Core) -> bool:
-    return any(observer.mute for observer in core.observers)
-
-
-def _pattern_of(pattern: object) -> str:
-    if isinstance(pattern, type) and issubclass(pattern, BaseModel):
-        name = event_name_of(pattern)
-        if name is None:
-            raise ConfigurationError(f"{pattern.__qualname__} has no __event_name__ to match on")
-        return glob.escape(check_name(name))
-    if callable(pattern):  # @bus.on without parentheses: the handler came as the pattern
-        raise ConfigurationError(
-            f"an event pattern must be a str, got the callable {pattern!r}: write "
-            '@bus.on("pattern") with parentheses (or @bus.on() for a typed event)'
-        )
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
-    try:
-        check_name(example_name(pattern))
-    except InvalidEventError as exc:  # emit refuses every name it could match
-        raise ConfigurationError(f"the pattern {pattern!r} can never match: {exc}") from None
-    return plain_str(pattern)
-
-
-def _draining_lifespan(
-    original: Callable[[Any], AbstractAsyncContextManager[Any]], bus: EventBus
-) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
-    """Wrap *original*: after its startup, start the forwarders; at shutdown, `bus.close`.
-
-    A forwarder that fails to start is logged at WARNING, not raised: the app
-    serves anyway, and the forwarder is started again before its first send;
-    unless it has ``verify_on_start``, whose failure stops the startup.
-    """
-
-    async def start(forwarder: Forwarder) -> None:
-        if forwarder.verify_on_start:  # its failure stops the application's startup
-            await forwarder.start_checked()
-            return
-        try:
-            await forwarder.ensure_started()
-        except Exception as exc:
-            logger.warning(
-                "forwarder %s failed to start at application startup (%r); it will be "
-                "started again before its first send",
-                forwarder.name,
-                exc,
-            )
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
-        async with original(app) as state:
-            resender: asyncio.Task[None] | None = None
-            bus._core.app = app  # publish() and handle() use it: the app running now
-            bus._core.lifespan_state = dict(state or {})
-            ensure_readable_logs()
-            stop_watching = on_stop_signal(bus._core.begin_shutdown)
-            try:
-                forwarders = {id(f): f for f in bus._core.forwarders.items()}  # each once
-                # Every start runs to its end (so that close() finds them all settled)
-                # before a failed start-up check stops the startup.
-                started = await asyncio.gather(
-                    *(start(f) for f in forwarders.values()), return_exceptions=True
-                )
-                for outcome in started:
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                if bus._core.spool is not None:  # what a previous run left is sent first
-                    resender = asyncio.create_task(bus._core.resend_forever())
-                yield state
-            finally:
-                stop_watching()
-                if resender is not None:
-                    resender.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await resender
-                await bus.close()
-
-    return lifespan
 
 
 async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
@@ -655,12 +532,7 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
     existing = connection.scope.get(SCOPE_KEY)
     if isinstance(existing, EventBus):
         return existing
-    return installed_bus(connection)._new_view(connection, background_tasks)
-
-
-def installed_bus(connection: HTTPConnection) -> EventBus:
-    """The bus `EventBus.install` put on *connection*'s app, or `BusNotInstalledError`."""
-    return EventBus.of(connection.scope["app"])
+    return EventBus.of(connection.scope["app"])._new_view(connection, background_tasks)
 
 
 _di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))
@@ -681,7 +553,7 @@ def tracing_of(bus: EventBus) -> Tracing | None:
 
 def set_tracing(bus: EventBus, tracing: Tracing | None) -> None:
     """Turn tracing on (*tracing*: the span hooks) or off (None) for *bus* and its views."""
-    bus._core.tracing = tracing
+    bus._core.set_tracing(tracing)
 
 
 def observers_of(bus: EventBus) -> list[Observer]:
@@ -720,11 +592,9 @@ def open_request(
 
 async def end_request(view: EventBus, exc: BaseException | None) -> None:
     """*view*'s request is over (*exc*: what its endpoint raised): see `Core.end_request`."""
-    assert view._batch is not None
-    await view._core.end_request(view._batch, exc)
+    await view._core.end_request(view._batch, exc)  # type: ignore[arg-type]  # a view's
 
 
 def flush_after(view: EventBus, response: Response) -> None:
     """Handle *view*'s events after *response* is sent, as its last background task."""
-    assert view._batch is not None
-    view._core.flush_after(view._batch, response)
+    view._core.flush_after(view._batch, response)  # type: ignore[arg-type]  # a view's

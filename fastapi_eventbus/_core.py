@@ -4,86 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, MutableMapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
-from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
 from . import _di
+from ._batch import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, FlushTask
 from ._deadline import Limit, Watchdog
+from ._di import Handler
 from ._events import Event, SchemaRegistry, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
-from ._retry import Retry
+from ._sending import Sender
 from ._settings import Settings
 from ._tracing import Tracing
-from .exceptions import CapacityError, ConfigurationError, SpoolError
-from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
-from .storage import SpooledEvent, Storage
-
-SCOPE_KEY = "fastapi_eventbus.bus"
-"""ASGI scope key holding the request's (or handler call's) scoped bus."""
-
-COLLECTING, FLUSHING, CLOSED = 0, 1, 2
-"""Batch states: collecting until its flush starts; closed once flushed or discarded."""
-
-_FROM_SCOPE: Any = object()
-
-_DISABLED_VALUES = frozenset({"1", "true", "yes", "on"})
-
-
-def disabled_by_env() -> bool:
-    """Whether ``FASTAPI_EVENTBUS_DISABLED`` asks for a no-op bus."""
-    return os.environ.get("FASTAPI_EVENTBUS_DISABLED", "").strip().lower() in _DISABLED_VALUES
-
-
-_CURRENT_EVENT: ContextVar[Event] = ContextVar("fastapi_eventbus.current_event")
+from .exceptions import CapacityError, SpoolError
+from .forwarders._base import Forwarder
+from .storage import Storage
 
 unmatched_logger = logging.getLogger("fastapi_eventbus.unmatched")
 """Where the "matches no handler and no forwarder" warning goes (silence it by its name)."""
 
 _UNMATCHED_NAMES_LIMIT = 1024
 """How many distinct unmatched names are remembered (each is warned about once)."""
-
-
-async def current_event() -> Event:
-    """FastAPI dependency: the `Event` being handled, in a handler or its dependencies.
-
-    For handlers that take a typed model but still need the envelope (its
-    ``id`` to deduplicate, ``time``, ``source``, trace context):
-    ``event: Event = Depends(current_event)``. Works for events emitted in a
-    request, published, and handled by a worker.
-
-    Raises:
-        ConfigurationError: Resolved outside a handler call (in an endpoint).
-    """
-    try:
-        return _CURRENT_EVENT.get()
-    except LookupError:
-        raise ConfigurationError(
-            "current_event is only available while a handler runs (in the handler "
-            "and its dependencies), not in an endpoint"
-        ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class Handler:
-    """A registered handler and its analysed dependency plan."""
-
-    func: Callable[..., Any]
-    plan: _di.HandlerPlan
-    patterns: tuple[str, ...]
-    name: str
-    timeout: float | None = None
-    """Seconds one call (dependencies, body, ``yield`` exits) may take; None: no limit."""
-    retry: Retry | None = None
-    """How often an in-process call is tried again after it failed (not in workers)."""
 
 
 class Observer(Protocol):
@@ -94,77 +40,6 @@ class Observer(Protocol):
     def on_emit(self, event: Event) -> None: ...
 
     def on_handled(self, event: Event, handler: str, error: BaseException | None) -> None: ...
-
-
-class Batch:
-    """The events of one request, handler call, WebSocket session or publish call."""
-
-    __slots__ = (
-        "accepted",
-        "background",
-        "current",
-        "depth",
-        "events",
-        "loop",
-        "make_scope",
-        "provider",
-        "runner",
-        "scope",
-        "sends",
-        "state",
-        "stopped",
-        "task",
-    )
-
-    def __init__(
-        self,
-        scope: MutableMapping[str, Any] | None,
-        depth: int,
-        state: int = COLLECTING,
-        loop: asyncio.AbstractEventLoop | None = None,
-        provider: object | None = _FROM_SCOPE,
-        make_scope: Callable[[], MutableMapping[str, Any]] | None = None,
-    ) -> None:
-        self.scope = scope
-        """The request's ASGI scope; None until `get_scope` builds one (publish, handle)."""
-        self.make_scope = make_scope
-        self.depth = depth
-        self.state = state
-        self.loop = loop
-        self.events: deque[Event] = deque()
-        self.accepted = 0
-        """Events added since the batch last finished (counted in `Core.pending`)."""
-        self.current: Event | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []
-        self.background: BackgroundTasks | None = None
-        """The request's background tasks, until the first event adds the flush to them."""
-        self.runner: asyncio.Task[Any] | None = None
-        """The task running a request's flush, which shutdown may stop (`Core.stop_flushes`)."""
-        self.stopped = False
-        """Whether shutdown cancelled `runner`: its flush then reports and returns."""
-        if provider is _FROM_SCOPE:
-            app = scope.get("app") if scope is not None else None
-            provider = app if hasattr(app, "dependency_overrides") else None
-        self.provider = provider
-
-    def get_scope(self) -> MutableMapping[str, Any]:
-        """The scope handler calls copy: the request's, or one built when first needed."""
-        scope = self.scope
-        if scope is None:
-            assert self.make_scope is not None
-            scope = self.scope = self.make_scope()
-        return scope
-
-    def child(self) -> Batch:
-        """A batch for the events a handler emits (one level deeper in the chain)."""
-        return Batch(self.get_scope(), self.depth + 1, COLLECTING, self.loop, self.provider)
-
-    def unfinished(self) -> list[Event]:
-        """The event being handled, those still waiting, and those still being forwarded."""
-        head = [self.current] if self.current is not None else []
-        sending = [e for task, events in self.sends if not task.done() for e in events]
-        return head + list(self.events) + [e for e in sending if e not in head]
 
 
 class Core:
@@ -180,13 +55,15 @@ class Core:
         self.make_view = make_view
         """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
         self.handlers: PatternIndex[Handler] = PatternIndex()
-        self.forwarders: PatternIndex[Forwarder] = PatternIndex()
+        self.sender = Sender(spool)
+        """The forwarders, and the storage their events wait in."""
+        self.forwarders: PatternIndex[Forwarder] = self.sender.forwarders
         self.schemas = SchemaRegistry()
         self.app: Any = None
         self.active: set[Batch] = set()
         self.observers: list[Observer] = []
         self.tracing: Tracing | None = None
-        """Span hooks, set by `fastapi_eventbus.otel.instrument_bus`; None: tracing off."""
+        """Span hooks, set by `set_tracing`; None: tracing off."""
         self.spool = spool
         self.pending = 0
         """Events accepted and not yet finished (handled and forwarded), all batches."""
@@ -199,6 +76,10 @@ class Core:
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
         request; the worker sets it after entering the lifespan."""
+
+    def set_tracing(self, tracing: Tracing | None) -> None:
+        """Turn tracing on (`fastapi_eventbus.otel.instrument_bus`) or off (None)."""
+        self.tracing = self.sender.tracing = tracing
 
     def batch(self, parent: Batch | None, depth: int) -> Batch:
         """A batch for `publish`/`handle`: in *parent*'s scope, or one built when needed."""
@@ -280,7 +161,7 @@ class Core:
         if not batch.events:
             self.active.add(batch)
             if batch.background is not None:  # first event of the request: flush after it
-                batch.background.tasks.append(FlushTask(self, batch))
+                batch.background.tasks.append(FlushTask(self.flush, batch))
                 batch.background = None
         batch.events.append(event)
         if batch.state == CLOSED:
@@ -293,7 +174,7 @@ class Core:
         if not batch.events:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return
-        flush = FlushTask(self, batch)
+        flush = FlushTask(self.flush, batch)
         background = response.background
         if background is None:
             response.background = flush
@@ -356,7 +237,7 @@ class Core:
             while batch.events:
                 round_ = list(batch.events)
                 if self.forwarders:
-                    self._forward(round_, batch)
+                    batch.sends += self.sender.start(round_)
                 for _ in round_:
                     if not batch.events:  # reported and cleared by drain meanwhile
                         break
@@ -382,93 +263,6 @@ class Core:
     def _finished(self, batch: Batch) -> None:
         self.pending -= batch.accepted
         batch.accepted = 0
-
-    def _forward(self, events: list[Event], batch: Batch) -> None:
-        """Start one send per forwarder, with the events of *events* that it matches."""
-        selected: dict[Forwarder, list[Event]] = {}
-        for event in events:
-            for forwarder in self.forwarders.match(event.name):
-                selected.setdefault(forwarder, []).append(event)
-        for forwarder, chosen in selected.items():
-            batch.sends.append((asyncio.ensure_future(self.send(forwarder, chosen)), chosen))
-
-    def send(self, forwarder: Forwarder, events: list[Event]) -> Coroutine[Any, Any, object]:
-        """Deliver *events* through *forwarder* (traced, if tracing is on)."""
-        if self.tracing is None:
-            return self._deliver(forwarder, events)
-        return self.tracing.deliver(forwarder, events, self._deliver)
-
-    async def _deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
-        """`Forwarder.deliver`, and with a spool, the spool's bookkeeping of the outcome."""
-        spool = self.spool
-        if spool is None:
-            return await forwarder.deliver(events)
-        outcome = await forwarder.deliver(events, keep_unsent=True)
-        try:
-            await self._settle_spool(spool, forwarder, events, outcome)
-        except SpoolError as exc:  # the rows stay: sent again later, duplicates at worst
-            logger.error("forwarder %s: %s", forwarder.name, exc)
-        return outcome
-
-    async def _settle_spool(
-        self,
-        spool: Storage,
-        forwarder: Forwarder,
-        events: Sequence[Event],
-        outcome: DeliveryOutcome,
-    ) -> None:
-        settled = spool.settle(forwarder.name, events, outcome.dead, outcome.unsent, outcome.error)
-        if settled.spent:
-            await forwarder.give_up(settled.spent, settled.reason)
-
-    async def resend(self, limit: int = 500) -> int:
-        """Send again the spooled events that are due (see `Spool.claim`); how many."""
-        spool = self.spool
-        if spool is None:
-            return 0
-        unreadable: list[SpooledEvent] = []  # dead-lettered and logged by claim
-        due = spool.claim(limit, unreadable=unreadable)
-        by_name = {forwarder.name: forwarder for forwarder in self.forwarders.items()}
-        for item in unreadable:  # the app hears of it as of any dead letter of the spool
-            if (owner := by_name.get(item.forwarder)) is not None:
-                report = DeadLetter(owner.name, (item.event,), item.error or "unreadable")
-                await call_hook(owner.dead_letter, report)
-        if not due:
-            return len(unreadable)
-        groups: dict[str, list[Event]] = {}
-        for item in due:
-            groups.setdefault(item.forwarder, []).append(item.event)
-        sends = []
-        for name, events in groups.items():
-            forwarder = by_name.get(name)
-            if forwarder is None:
-                logger.warning(
-                    "spool %s: %d event(s) for forwarder %r, which this bus does not have; "
-                    "they wait for an application that does",
-                    spool.name,
-                    len(events),
-                    name,
-                )
-                spool.settle(name, events, unsent=events, error=f"no forwarder named {name!r} here")
-                continue
-            logger.info("spool: sending %d event(s) again through %s", len(events), name)
-            sends.append(self.send(forwarder, events))
-        await asyncio.gather(*sends)
-        return len(due) + len(unreadable)
-
-    async def resend_forever(self) -> None:
-        """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""
-        spool = self.spool
-        assert spool is not None
-        while True:
-            try:
-                while await self.resend() > 0:
-                    pass
-            except SpoolError as exc:
-                logger.error("%s", exc)
-            except Exception:
-                logger.exception("resending spooled events failed")
-            await asyncio.sleep(spool.resend_interval)
 
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
@@ -543,7 +337,7 @@ class Core:
         handlers = self.handlers.match(event.name)
         if not handlers and (not local or not self.forwarders.match(event.name)):
             self._no_match(event, local)
-        token = _CURRENT_EVENT.set(event)
+        token = _di.CURRENT_EVENT.set(event)
         try:
             for handler in handlers:
                 plan = handler.plan
@@ -575,7 +369,7 @@ class Core:
                     self.active.add(child)
                     await self.flush(child)
         finally:
-            _CURRENT_EVENT.reset(token)
+            _di.CURRENT_EVENT.reset(token)
         return failures
 
     def _no_match(self, event: Event, local: bool) -> None:
@@ -772,32 +566,9 @@ class Core:
             await call_hook(self.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
 
-    async def close_forwarders(self) -> None:
-        """Close every forwarder's clients; a failing close is logged, not raised."""
-        for forwarder in self.forwarders.items():
-            try:
-                await forwarder.aclose()
-            except Exception:
-                logger.exception("closing forwarder %s failed", forwarder.name)
-
 
 def _uncancel() -> int:
     """Withdraw one cancellation of the current task; how many are still requested."""
     task = asyncio.current_task()
     assert task is not None
     return task.uncancel()
-
-
-class FlushTask(BackgroundTask):
-    """A request's flush, as one of its background tasks.
-
-    What ``BackgroundTasks.add_task(core.flush, batch, True)`` adds, without its
-    per-call check of whether the function is async (it is).
-    """
-
-    def __init__(self, core: Core, batch: Batch) -> None:
-        # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
-        self.func = core.flush  # type: ignore[assignment]
-        self.args = (batch, True)  # type: ignore[assignment]
-        self.kwargs = {}  # type: ignore[assignment]
-        self.is_async = True

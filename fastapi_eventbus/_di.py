@@ -13,11 +13,13 @@ solver for every call, on exit stacks that belong to that call alone.
 
 from __future__ import annotations
 
+import glob
 import inspect
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AsyncExitStack
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Annotated, Any, ForwardRef, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ForwardRef, get_args, get_origin
 
 from fastapi import params
 from fastapi.dependencies.models import Dependant
@@ -26,8 +28,12 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 
-from ._events import Event, is_event_model
+from ._events import Event, event_name_of, is_event_model
+from ._patterns import compile_pattern
 from .exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._retry import Retry
 
 INNER_ASTACK = "fastapi_inner_astack"
 FUNCTION_ASTACK = "fastapi_function_astack"
@@ -487,3 +493,70 @@ async def _call_sync(func: Callable[..., Any], values: dict[str, Any]) -> None:
     result = await run_in_threadpool(func, **values)
     if inspect.isawaitable(result):
         await result
+
+
+CURRENT_EVENT: ContextVar[Event] = ContextVar("fastapi_eventbus.current_event")
+"""The event being handled, set by the dispatch around its handlers' calls."""
+
+
+async def current_event() -> Event:
+    """FastAPI dependency: the `Event` being handled, in a handler or its dependencies.
+
+    For handlers that take a typed model but still need the envelope (its
+    ``id`` to deduplicate, ``time``, ``source``, trace context):
+    ``event: Event = Depends(current_event)``. Works for events emitted in a
+    request, published, and handled by a worker.
+
+    Raises:
+        ConfigurationError: Resolved outside a handler call (in an endpoint).
+    """
+    try:
+        return CURRENT_EVENT.get()
+    except LookupError:
+        raise ConfigurationError(
+            "current_event is only available while a handler runs (in the handler "
+            "and its dependencies), not in an endpoint"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler and its analysed dependency plan."""
+
+    func: Callable[..., Any]
+    plan: HandlerPlan
+    patterns: tuple[str, ...]
+    name: str
+    timeout: float | None = None
+    """Seconds one call (dependencies, body, ``yield`` exits) may take; None: no limit."""
+    retry: Retry | None = None
+    """How often an in-process call is tried again after it failed (not in workers)."""
+
+
+def new_handler(
+    func: Callable[..., Any],
+    patterns: list[str],
+    timeout: float | None,
+    retry: Retry | None,
+) -> Handler:
+    """*func* analysed as a handler of *patterns* (checked, see `pattern_of`); with no
+    pattern, the typed event it takes.
+
+    Raises:
+        ConfigurationError: It has no pattern, or takes a typed event its patterns never
+            match (or `analyse_handler`'s reasons).
+    """
+    plan = analyse_handler(func)
+    model_name = event_name_of(plan.event_model) if plan.event_model is not None else None
+    if not patterns and model_name is not None:
+        patterns = [glob.escape(model_name)]
+    name = qualified_name(func)
+    if not patterns:
+        raise ConfigurationError(f"handler {name} needs at least one event pattern")
+    matched = model_name is None or any(compile_pattern(p)(model_name) for p in patterns)
+    if plan.event_model is not None and not matched:
+        raise ConfigurationError(
+            f"handler {name} takes {plan.event_model.__qualname__} "
+            f"(event {model_name!r}) but its patterns {patterns} never match that name"
+        )
+    return Handler(func, plan, tuple(patterns), name, timeout, retry)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
+import glob
 import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from .exceptions import ConfigurationError
+from pydantic import BaseModel
+
+from ._events import check_name, event_name_of, plain_str
+from .exceptions import ConfigurationError, InvalidEventError
 
 T = TypeVar("T")
 
@@ -158,3 +162,29 @@ class PatternIndex(Generic[T]):
 def _entry_size(name: str, result: tuple[object, ...]) -> int:
     """What caching *result* under *name* costs in memory (the items are shared)."""
     return sys.getsizeof(name) + 8 * len(result) + _ENTRY_OVERHEAD
+
+
+def pattern_of(pattern: object) -> str:
+    """*pattern* as given to `EventBus.on` or `EventBus.forward`, checked: a str pattern
+    that can match some event name, or a typed event model (its name, escaped).
+
+    Raises:
+        ConfigurationError: Anything else, with what to write instead.
+    """
+    if isinstance(pattern, type) and issubclass(pattern, BaseModel):
+        name = event_name_of(pattern)
+        if name is None:
+            raise ConfigurationError(f"{pattern.__qualname__} has no __event_name__ to match on")
+        return glob.escape(check_name(name))
+    if callable(pattern):  # @bus.on without parentheses: the handler came as the pattern
+        raise ConfigurationError(
+            f"an event pattern must be a str, got the callable {pattern!r}: write "
+            '@bus.on("pattern") with parentheses (or @bus.on() for a typed event)'
+        )
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigurationError(f"an event pattern must be a non-empty str, got {pattern!r}")
+    try:
+        check_name(example_name(pattern))
+    except InvalidEventError as exc:  # emit refuses every name it could match
+        raise ConfigurationError(f"the pattern {pattern!r} can never match: {exc}") from None
+    return plain_str(pattern)

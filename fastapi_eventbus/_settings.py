@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,3 +82,11 @@ class Settings:
 
 def _set(settings: Settings, name: str, value: Any) -> None:
     object.__setattr__(settings, name, value)  # frozen: normalised once, in __post_init__
+
+
+_DISABLED_VALUES = frozenset({"1", "true", "yes", "on"})
+
+
+def disabled_by_env() -> bool:
+    """Whether ``FASTAPI_EVENTBUS_DISABLED`` asks for a no-op bus."""
+    return os.environ.get("FASTAPI_EVENTBUS_DISABLED", "").strip().lower() in _DISABLED_VALUES

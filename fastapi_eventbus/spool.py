@@ -34,31 +34,34 @@ logged at ERROR with its id, and shown by `Spool.dead` with ``readable=False``.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import socket
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 from ._events import Event
 from ._hooks import logger
 from ._retry import exponential
 from ._settings import check_int, check_seconds
+from ._spool_io import (
+    create_private,
+    disk_full,
+    filtered_query,
+    new_owner,
+    owner_gone,
+    spooled_or_stand_in,
+    warn_if_public,
+    where_clause,
+)
 from .exceptions import ConfigurationError, SpoolError
 from .storage import Settled, SpooledEvent
 
 __all__ = ["Spool", "SpoolCounts", "SpooledEvent"]
-
-T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -92,11 +95,6 @@ before the first checkpoint, and then every write failed for good."""
 _WAL_SIZE_LIMIT = 512 * 1024
 """Bytes SQLite leaves the write-ahead log file at when it starts it over (it is never
 shrunk otherwise: one large transaction would keep its size)."""
-_DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
-"""Primary SQLite result codes of a write that found no room (``ENOSPC`` may surface as
-an I/O error)."""
-_UNREADABLE_NAME = "(unreadable)"
-"""The name of the stand-in `Event` of a row whose own name cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +162,7 @@ class Spool:
         """Failed rounds before an event is dead-lettered."""
         self.busy_timeout = float(busy_timeout)
         """Seconds to wait for another process's write lock."""
-        self.owner = _owner(os.getpid())
+        self.owner = new_owner(os.getpid())
         """This process's mark on the rows it is sending."""
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
@@ -177,13 +175,15 @@ class Spool:
     # -- connection ---------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        """This process's connection, opened (and the file created, 0600) on first use
+        and again after a fork: a connection must not cross into a child process."""
         if self._db is not None and self._pid == os.getpid():
             return self._db
         if self._pid != os.getpid():  # forked (uvicorn --workers): a connection of our own
             self._pid = os.getpid()
-            self.owner = _owner(self._pid)
+            self.owner = new_owner(self._pid)
             self._lock = threading.Lock()
-        _create_private(self.path)
+        create_private(self.path)
         try:
             db = sqlite3.connect(
                 self.path,
@@ -200,7 +200,7 @@ class Spool:
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise SpoolError(f"cannot open the spool {self.path}: {exc}") from exc
-        _warn_if_public(self.path)
+        warn_if_public(self.path)
         self._db = db
         return db
 
@@ -221,7 +221,7 @@ class Spool:
                     with suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    if _disk_full(exc):
+                    if disk_full(exc):
                         self._shrink_wal(db)
                     raise SpoolError(f"spool {self.path}: cannot {what}: {exc}") from exc
                 raise
@@ -238,6 +238,7 @@ class Spool:
                 db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """The rows *sql* selects, outside a write transaction; as `SpoolError` if it fails."""
         with self._lock:
             try:
                 return self._connect().execute(sql, params).fetchall()
@@ -421,7 +422,7 @@ class Spool:
             ).fetchall()
             claimed: list[SpooledEvent] = []
             for row in rows:
-                item = _spooled_or_stand_in(row)
+                item = spooled_or_stand_in(row)
                 if item.readable:
                     claimed.append(item)
                     continue
@@ -466,10 +467,7 @@ class Spool:
             (self.owner,),
         ).fetchall()
         for (owner,) in owners:
-            parts = str(owner).rsplit(":", 3)
-            if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
-                continue
-            if not _alive(int(parts[1]), parts[2]):
+            if owner_gone(str(owner), host):
                 db.execute("UPDATE pending SET lease_until = 0 WHERE owner = ?", (owner,))
 
     # -- what people call ---------------------------------------------------------
@@ -490,8 +488,8 @@ class Spool:
         """The events waiting to be sent, oldest first (rows that cannot be read as
         events included, with ``readable=False``)."""
         sql = "SELECT forwarder, event_id, event, created, attempts, last_error FROM pending"
-        rows = self._read(*_filtered(sql, forwarder, ids, limit))
-        return [_spooled_or_stand_in(row) for row in rows]
+        rows = self._read(*filtered_query(sql, forwarder, ids, limit))
+        return [spooled_or_stand_in(row) for row in rows]
 
     def dead(
         self,
@@ -502,8 +500,8 @@ class Spool:
         """The dead-lettered events, oldest first (rows that cannot be read as events
         included, with ``readable=False``)."""
         sql = "SELECT forwarder, event_id, event, created, attempts, reason FROM dead"
-        rows = self._read(*_filtered(sql, forwarder, ids, limit))
-        return [_spooled_or_stand_in(row) for row in rows]
+        rows = self._read(*filtered_query(sql, forwarder, ids, limit))
+        return [spooled_or_stand_in(row) for row in rows]
 
     def replay(self, forwarder: str | None = None, ids: Sequence[str] | None = None) -> int:
         """Put dead-lettered events back in line (all, or those of *forwarder* / *ids*).
@@ -511,7 +509,7 @@ class Spool:
         A running application sends them within ``resend_interval``; otherwise the
         next one to start does. Returns how many.
         """
-        where, params = _where(forwarder, ids)
+        where, params = where_clause(forwarder, ids)
         with self._transaction("replay events") as db:
             db.execute(
                 "INSERT OR IGNORE INTO pending"
@@ -525,145 +523,7 @@ class Spool:
         self, *, dead: bool = True, forwarder: str | None = None, ids: Sequence[str] | None = None
     ) -> int:
         """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
-        where, params = _where(forwarder, ids)
+        where, params = where_clause(forwarder, ids)
         table = "dead" if dead else "pending"
         with self._transaction("purge events") as db:
             return db.execute(f"DELETE FROM {table}{where}", params).rowcount
-
-
-def _spooled_or_stand_in(row: tuple[object, ...]) -> SpooledEvent:
-    """A row as a `SpooledEvent`; with a stand-in event (``readable=False``) if whatever
-    reading it raises: a bad row must not stop the others (JSON nested deeper than
-    Python's recursion limit raises `RecursionError`, not a `ValueError`)."""
-    forwarder, event_id, event, created, attempts, error = row
-    try:
-        return SpooledEvent(
-            forwarder=str(forwarder),
-            event=Event.model_validate(json.loads(str(event))),
-            created=float(str(created)),
-            attempts=int(str(attempts)),
-            error=None if error is None else str(error),
-        )
-    except MemoryError:  # this process's trouble, not the row's
-        raise
-    except Exception as exc:
-        reason = f"spooled event {event_id} for {forwarder} is unreadable: {_describe(exc)}"
-    return SpooledEvent(
-        forwarder=str(forwarder),
-        event=_stand_in(str(event_id), event, created),
-        created=_or(float, created, 0.0),
-        attempts=_or(int, attempts, 0),
-        error=reason,
-        readable=False,
-    )
-
-
-def _describe(exc: Exception) -> str:
-    """*exc* in a line: its type, and its message cut short (a row may be megabytes)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
-_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,1000}")')
-"""The ``name`` of a JSON envelope, where the spool writes it: first."""
-
-
-def _stand_in(event_id: str, raw: object, created: object) -> Event:
-    """What can be told of an unreadable row's event: its id, time, and name if found."""
-    match = _NAME.match(raw) if isinstance(raw, str) else None
-    try:
-        name = json.loads(match[1]) if match else _UNREADABLE_NAME
-    except ValueError:
-        name = _UNREADABLE_NAME
-    try:
-        when = datetime.fromtimestamp(_or(float, created, 0.0), UTC)
-    except (OverflowError, OSError, ValueError):
-        when = datetime.fromtimestamp(0, UTC)
-    return Event(name=name, id=event_id, time=when)
-
-
-def _or(kind: Callable[[str], T], value: object, default: T) -> T:
-    """*value* (a column of a row) converted by *kind*, or *default* if it cannot be."""
-    try:
-        return kind(str(value))
-    except ValueError:
-        return default
-
-
-def _where(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
-    clauses: list[str] = []
-    params: list[object] = []
-    if forwarder is not None:
-        clauses.append("forwarder = ?")
-        params.append(forwarder)
-    if ids is not None:
-        clauses.append(f"event_id IN ({', '.join('?' * len(ids)) or 'NULL'})")
-        params.extend(ids)
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
-
-
-def _filtered(
-    sql: str, forwarder: str | None, ids: Sequence[str] | None, limit: int | None
-) -> tuple[str, list[object]]:
-    where, params = _where(forwarder, ids)
-    sql += where + " ORDER BY created"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return sql, params
-
-
-def _create_private(path: Path) -> None:
-    """Create the spool file empty (SQLite takes it as a new database), readable by its
-    owner only: SQLite gives its ``-wal`` and ``-shm`` files the same mode. An existing
-    file keeps its mode; a missing directory is left for SQLite to report."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError:
-        return
-    os.close(fd)
-
-
-def _warn_if_public(path: Path) -> None:
-    """Log a WARNING if every user of the host may read or write the spool file."""
-    with suppress(OSError):
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o007:
-            logger.warning(
-                "spool %s can be read or written by every user (mode %s) and holds event "
-                "payloads in clear: chmod 600 it (and its -wal and -shm files)",
-                path,
-                oct(mode),
-            )
-
-
-def _disk_full(exc: sqlite3.Error) -> bool:
-    """Whether *exc* says a write found no room on the volume."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and (code & 0xFF) in _DISK_FULL_CODES
-
-
-def _owner(pid: int) -> str:
-    """``host:pid:start:random``: a process, told apart from a later one with its pid."""
-    return f"{socket.gethostname()}:{pid}:{_started(pid)}:{uuid.uuid4().hex[:8]}"
-
-
-def _started(pid: int) -> str:
-    """When process *pid* started (clock ticks since boot, Linux), or "" if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
-    return fields[19] if len(fields) > 19 else ""
-
-
-def _alive(pid: int, started: str) -> bool:
-    """Whether *pid* runs and is the process that started at *started* (not a reuse)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not started or _started(pid) in ("", started)

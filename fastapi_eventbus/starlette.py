@@ -44,8 +44,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from ._bus import EventBus, end_request, flush_after, installed_bus, open_request
-from ._core import SCOPE_KEY
+from ._batch import SCOPE_KEY
+from ._bus import EventBus, end_request, flush_after, open_request
 from .exceptions import ConfigurationError
 
 __all__ = ["request_bus", "with_bus"]
@@ -141,7 +141,7 @@ async def _call(endpoint: Callable[..., Any], is_async: bool, *args: Any) -> Any
 def _new_view(connection: HTTPConnection) -> EventBus:
     # A WebSocket session has no response to wait for: each event is handled as emitted.
     websocket = connection.scope["type"] == "websocket"
-    return open_request(installed_bus(connection), connection, websocket=websocket)
+    return open_request(EventBus.of(connection.scope["app"]), connection, websocket=websocket)
 
 
 def _name(endpoint: Callable[..., Any]) -> str:

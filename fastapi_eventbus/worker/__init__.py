@@ -16,8 +16,9 @@ Or from the command line: ``fastapi-eventbus worker myapp.main:app --sqs QUEUE_U
 only when the worker starts them.
 """
 
+from ._delivery import OnUndecodable, OnUnhandled, WorkerStats
 from ._source import Backoff, ReceivedMessage, Source
-from ._worker import OnUndecodable, OnUnhandled, Worker, WorkerStats
+from ._worker import Worker
 from .pubsub import PubSubSource
 from .sqs import SQSSource
 

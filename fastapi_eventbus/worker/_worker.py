@@ -6,83 +6,34 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias, get_args
+from typing import Any, Self, get_args
 
-from fastapi_eventbus._bus import EventBus, is_request_bus, tracing_of
-from fastapi_eventbus._events import Event
+from fastapi_eventbus._bus import EventBus, is_request_bus
 from fastapi_eventbus._settings import check_int, check_seconds
-from fastapi_eventbus._tracing import Consumed, Tracing
-from fastapi_eventbus.exceptions import (
-    BusNotInstalledError,
-    ConfigurationError,
-    MessageDecodeError,
-    SourceError,
-)
+from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError, SourceError
 
+from ._delivery import (
+    GIVE_BACK_TIMEOUT,
+    HeldMessage,
+    OnUndecodable,
+    OnUnhandled,
+    Processor,
+    WorkerStats,
+    listed,
+)
 from ._source import Backoff, ReceivedMessage, Source
 
 logger = logging.getLogger("fastapi_eventbus.worker")
 
-OnUndecodable: TypeAlias = Literal["retry", "delete"]
-"""What a worker does with a message it cannot decode (see `Worker`)."""
-OnUnhandled: TypeAlias = Literal["retry", "delete"]
-"""What a worker does with an event that no handler of its bus matches (see `Worker`)."""
-
 _RECEIVE_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 """Waits between failed receive calls (jittered)."""
-_GIVE_BACK_TIMEOUT = 5.0
-"""Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""
-_CANCEL_GRACE = _GIVE_BACK_TIMEOUT + 1.0
+_CANCEL_GRACE = GIVE_BACK_TIMEOUT + 1.0
 """Seconds a message cancelled at shutdown has to stop (and give itself back) before it is
 reported as still running and left behind."""
-_MIN_OVERTIME = 5.0
-"""The least time a message gets past its handlers' time limit (see `_hold`)."""
 _MAX_MESSAGE_BYTES = 10_000_000
 """The default ``max_message_bytes``: the larger of the brokers' own limits (Pub/Sub 10 MB,
 SQS 1 MiB), so that a worker takes every message a forwarder can send by default."""
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """What a `Worker` has done so far (counters; read them, do not change them)."""
-
-    received: int = 0
-    """Messages received."""
-    handled: int = 0
-    """Messages whose handlers all succeeded (then acknowledged)."""
-    failed: int = 0
-    """Messages a handler failed on (given back for redelivery)."""
-    undecodable: int = 0
-    """Messages that were not events, or too large to decode (handled per ``on_undecodable``)."""
-    unfinished: int = 0
-    """Messages still running when ``shutdown_timeout`` ran out (cancelled and given back)."""
-    settle_errors: int = 0
-    """Acknowledgements (or give-backs) the broker did not take: those messages come again."""
-    unhandled: int = 0
-    """Messages whose event no handler of the bus matches (handled per ``on_unhandled``)."""
-    abandoned: int = 0
-    """Messages whose handlers were still running past their time limit, or after being
-    cancelled at shutdown: given back, reported at ERROR, and left running."""
-
-
-@dataclass(eq=False, slots=True)
-class _Delivery:
-    """A message the worker holds, from its receipt until it is settled or given up."""
-
-    message: ReceivedMessage
-    event: Event | None = None
-    """The decoded event, once decoded (for reports)."""
-    abandoned: bool = False
-    """Given back while its task still ran: the task settles nothing any more."""
-    timer: asyncio.TimerHandle | None = None
-    """Fires when the handlers have had their time (`Worker._overdue`)."""
-
-    def __str__(self) -> str:
-        event = self.event
-        name = self.message.message_id
-        return name if event is None else f"{name} (event {event.name!r} id={event.id})"
 
 
 class Worker:
@@ -174,9 +125,10 @@ class Worker:
         """The largest message decoded."""
         self.stats = WorkerStats()
         """What the worker has done so far."""
+        self._processor = Processor(self, self._watch)
         self._slots = asyncio.Semaphore(concurrency)
-        self._in_flight: dict[asyncio.Task[None], _Delivery] = {}
-        self._abandoned: dict[asyncio.Task[None], _Delivery] = {}
+        self._in_flight: dict[asyncio.Task[None], HeldMessage] = {}
+        self._abandoned: dict[asyncio.Task[None], HeldMessage] = {}
         """Abandoned messages whose tasks still run: their slots are free already."""
         self._giving_back: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -339,287 +291,72 @@ class Worker:
     # -- messages -------------------------------------------------------------------
 
     def _spawn(self, message: ReceivedMessage) -> None:
+        """Process *message* in a task of its own, holding the slot reserved for it."""
         self.stats.received += 1
-        delivery = _Delivery(message)
-        task = asyncio.create_task(self._process(delivery))
-        self._in_flight[task] = delivery
+        held = HeldMessage(message)
+        task = asyncio.create_task(self._processor.process(held))
+        self._in_flight[task] = held
         task.add_done_callback(self._processed)
 
     def _processed(self, task: asyncio.Task[None]) -> None:
-        delivery = self._in_flight.pop(task, None)
-        if delivery is None:  # abandoned earlier: its slot is free already
-            delivery = self._abandoned.pop(task)
+        """*task* is done: free its slot (unless abandoned), report an unexpected failure."""
+        held = self._in_flight.pop(task, None)
+        if held is None:  # abandoned earlier: its slot is free already
+            held = self._abandoned.pop(task)
         else:
-            if delivery.timer is not None:
-                delivery.timer.cancel()
+            if held.timer is not None:
+                held.timer.cancel()
             self._slots.release()
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error(
                 "processing message %s failed unexpectedly; it comes again when its "
                 "visibility timeout (ack deadline) ends",
-                delivery,
+                held,
                 exc_info=error,
             )
 
-    async def _process(self, delivery: _Delivery) -> None:
-        message = delivery.message
-        tracing = tracing_of(self.bus)
-        if tracing is None:
-            handled = await self._given_back_if_cancelled(delivery, None)
-            if not delivery.abandoned:
-                await self._settle(message, handled)
-            return
-        with tracing.consuming(self.source, message) as consumed:
-            handled = await self._given_back_if_cancelled(delivery, consumed)
-            if not delivery.abandoned:
-                await self._settle(message, handled, tracing)
-
-    async def _given_back_if_cancelled(
-        self, delivery: _Delivery, consumed: Consumed | None
-    ) -> bool:
-        try:
-            return await self._handle(delivery, consumed)
-        except asyncio.CancelledError as exc:
-            tracing = tracing_of(self.bus) if consumed is not None else None
-            if consumed is not None:
-                consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
-            if not delivery.abandoned:
-                await self._give_back(delivery.message, tracing)
-            raise
-
-    async def _handle(self, delivery: _Delivery, consumed: Consumed | None) -> bool:
-        """Decode and handle *delivery*'s message; whether to acknowledge it."""
-        message = delivery.message
-        decoded = self._decode(message)
-        if not isinstance(decoded, Event):
-            return self._undecodable(message, consumed, *decoded)
-        event = delivery.event = decoded
-        if consumed is not None:
-            consumed.event = event
-        if not self.bus.handles(event.name):
-            return self._unhandled(delivery, consumed)
-        hold = _hold(self.bus.time_limit(event.name))
-        self._watch(delivery, hold)
-        try:
-            async with self._heartbeat(message, hold):
-                failures = await self.bus.handle(event)
-        except Exception as exc:
-            logger.exception("handling event %r (id=%s) failed", event.name, event.id)
-            failures = None
-            if consumed is not None:
-                consumed.error = exc
-        if delivery.abandoned:
-            logger.warning(
-                "message %s finished after it was given back: not acknowledged", delivery
-            )
-            return False
-        if failures == []:
-            self.stats.handled += 1
-            return True
-        self.stats.failed += 1
-        logger.warning(
-            "event %r (id=%s) failed; message %s goes back to %s (delivery %s)",
-            event.name,
-            event.id,
-            message.message_id,
-            self.source.name,
-            message.receive_count or "?",
-        )
-        if consumed is not None:
-            count = "a handler" if failures is None else f"{len(failures)} handler(s)"
-            consumed.failure = f"{count} failed; the message goes back for redelivery"
-            if failures:
-                consumed.error = failures[0].exception
-        return False
-
-    def _decode(self, message: ReceivedMessage) -> Event | tuple[str, Exception]:
-        """*message*'s event, or why there is none: what it is, and the error.
-
-        Nothing raised while reading one message may affect another: an exception
-        other than `MessageDecodeError` (a bug in a decoder or a source) makes the
-        message undecodable too, never a failure of the worker.
-        """
-        try:
-            size = self.source.message_size(message)
-            if size > self.max_message_bytes:
-                return "too large to decode", MessageDecodeError(
-                    f"{size} bytes, over max_message_bytes={self.max_message_bytes}"
-                )
-            return self.source.decode(message)
-        except MessageDecodeError as exc:
-            return "not an event", exc
-        except Exception as exc:
-            return "not decodable", exc
-
-    def _undecodable(
-        self,
-        message: ReceivedMessage,
-        consumed: Consumed | None,
-        failure: str,
-        error: Exception,
-    ) -> bool:
-        """Log *message*, which will not be handled; whether to acknowledge it (the policy)."""
-        self.stats.undecodable += 1
-        delete = self.on_undecodable == "delete"
-        expected = isinstance(error, MessageDecodeError)
-        logger.error(
-            "message %s from %s is %s (%s); %s",
-            message.message_id,
-            self.source.name,
-            failure,
-            error if expected else f"{type(error).__name__}: {error}",
-            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
-            exc_info=None if expected else error,
-        )
-        if consumed is not None:
-            consumed.failure, consumed.error = failure, error
-        return delete
-
-    def _unhandled(self, delivery: _Delivery, consumed: Consumed | None) -> bool:
-        """Log *delivery*'s event, which no handler matches; whether to acknowledge it."""
-        self.stats.unhandled += 1
-        delete = self.on_unhandled == "delete"
-        logger.log(
-            logging.WARNING if delete else logging.ERROR,
-            "message %s from %s matches no handler of the bus; %s (on_unhandled=%r)",
-            delivery,
-            self.source.name,
-            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
-            self.on_unhandled,
-        )
-        if consumed is not None:
-            consumed.failure = "no handler matches the event"
-        return delete
-
     # -- time limits ----------------------------------------------------------------
 
-    def _watch(self, delivery: _Delivery, hold: float | None) -> None:
-        """Abandon *delivery* if its task still runs *hold* seconds from now."""
+    def _watch(self, held: HeldMessage, hold: float | None) -> None:
+        """Abandon *held* if its task still runs *hold* seconds from now."""
         task = asyncio.current_task()
         if hold is None or task is None:
             return
         loop = asyncio.get_running_loop()
-        delivery.timer = loop.call_later(hold, self._overdue, task, hold)
+        held.timer = loop.call_later(hold, self._overdue, task, hold)
 
     def _overdue(self, task: asyncio.Task[None], hold: float) -> None:
-        delivery = self._in_flight.get(task)
-        if delivery is None or task.done():
+        """*task*'s time is up: abandon its message if it still runs."""
+        held = self._in_flight.get(task)
+        if held is None or task.done():
             return
         why = f"is still running {hold:g}s after its handlers started"
         cause = "a handler ignores its time limit, or the events they emitted take that long"
-        self._abandon(task, delivery, why, cause, None)
+        self._abandon(task, held, why, cause, None)
 
     def _abandon(
         self,
         task: asyncio.Task[None],
-        delivery: _Delivery,
+        held: HeldMessage,
         why: str,
         cause: str,
         delay: float | None,
     ) -> None:
-        """Give *delivery* back while *task* runs on; free its slot; report it at ERROR."""
+        """Give *held* back while *task* runs on; free its slot; report it at ERROR."""
         self._abandoned[task] = self._in_flight.pop(task)
         self._slots.release()
-        delivery.abandoned = True
+        held.abandoned = True
         self.stats.abandoned += 1
         logger.error(
             "message %s from %s %s; giving it back and leaving it running (%s)",
-            delivery,
+            held,
             self.source.name,
             why,
             cause,
         )
-        giving_back = asyncio.create_task(self._hand_back(delivery.message, delay))
+        giving_back = asyncio.create_task(self._processor.hand_back(held.message, delay))
         self._giving_back.add(giving_back)
         giving_back.add_done_callback(self._giving_back.discard)
-
-    async def _hand_back(self, message: ReceivedMessage, delay: float | None) -> None:
-        """Give *message* back after *delay* seconds (None: like a failure), bounded in time."""
-        try:
-            async with asyncio.timeout(_GIVE_BACK_TIMEOUT):
-                await self.source.nack(message, delay)
-        except Exception as exc:
-            self.stats.settle_errors += 1
-            logger.warning(
-                "could not give back message %s on %s (%s); it comes again when its "
-                "visibility timeout (ack deadline) ends",
-                message.message_id,
-                self.source.name,
-                str(exc) or type(exc).__name__,
-            )
-
-    @asynccontextmanager
-    async def _heartbeat(self, message: ReceivedMessage, hold: float | None) -> AsyncIterator[None]:
-        """Extend *message*'s visibility (ack deadline) in the background inside the block,
-        for up to *hold* seconds (None: as long as the block lasts)."""
-        interval = self.source.extend_interval
-        if interval is None:
-            yield
-            return
-        until = None if hold is None else asyncio.get_running_loop().time() + hold
-        beats = asyncio.create_task(self._keep_invisible(message, interval, until))
-        try:
-            yield
-        finally:
-            beats.cancel()
-            await asyncio.wait({beats})
-
-    async def _keep_invisible(
-        self, message: ReceivedMessage, interval: float, until: float | None
-    ) -> None:
-        """Call `Source.extend` every *interval* seconds until *until* (loop time; None:
-        until cancelled); the last call extends to *until* exactly. A failure is logged,
-        then retried at the next beat."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
-            seconds = None if until is None else until - loop.time()
-            if seconds is not None and seconds <= 0:
-                return
-            last = seconds is not None and seconds <= interval
-            try:
-                await self.source.extend(message, seconds if last else None)
-            except Exception as exc:
-                logger.warning(
-                    "could not extend the visibility of message %s on %s (%s); "
-                    "it may be delivered again while its handlers run",
-                    message.message_id,
-                    self.source.name,
-                    exc,
-                )
-            if last:
-                return
-
-    # -- settling -------------------------------------------------------------------
-
-    async def _settle(
-        self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
-    ) -> None:
-        """Acknowledge *message*, or give it back; a failure here means a redelivery."""
-        settle = self.source.ack(message) if handled else self.source.nack(message)
-        try:
-            if tracing is None:
-                await settle
-            else:
-                with tracing.settling(self.source, message, "ack" if handled else "nack"):
-                    await settle
-        except Exception as exc:
-            self.stats.settle_errors += 1
-            logger.warning(
-                "could not %s message %s on %s (%s); it will be delivered again",
-                "acknowledge" if handled else "give back",
-                message.message_id,
-                self.source.name,
-                exc,
-            )
-
-    async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
-        """At shutdown: make an unfinished message available again at once (best effort)."""
-        if tracing is None:
-            await self._hand_back(message, 0)
-            return
-        with tracing.settling(self.source, message, "nack"):
-            await self._hand_back(message, 0)
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -642,19 +379,19 @@ class Worker:
                 logger.warning("%d message(s) did not finish within %.1fs", len(pending), timeout)
         await self._cancel(pending)
         if self._giving_back:
-            await asyncio.wait(set(self._giving_back))  # each bounded by _GIVE_BACK_TIMEOUT
+            await asyncio.wait(set(self._giving_back))  # each bounded by GIVE_BACK_TIMEOUT
 
     async def _cancel(self, tasks: Iterable[asyncio.Task[None]]) -> None:
         """Cancel *tasks*, each of which gives its message back; abandon those still running
         `_CANCEL_GRACE` seconds later. Cancel the abandoned ones too, without waiting."""
-        left = {task: delivery for task, delivery in self._abandoned.items() if not task.done()}
+        left = {task: held for task, held in self._abandoned.items() if not task.done()}
         for task in left:
             task.cancel()
         if left:
             logger.warning(
                 "cancelling %d abandoned message(s), without waiting for them: %s",
                 len(left),
-                _listed(left.values()),
+                listed(left.values()),
             )
         pending = {task for task in tasks if not task.done() and task in self._in_flight}
         if not pending:
@@ -663,7 +400,7 @@ class Worker:
         logger.warning(
             "cancelling %d message(s); they go back for redelivery: %s",
             len(pending),
-            _listed(self._in_flight[task] for task in pending),
+            listed(self._in_flight[task] for task in pending),
         )
         for task in pending:
             task.cancel()
@@ -671,23 +408,8 @@ class Worker:
         why = f"did not stop within {_CANCEL_GRACE:g}s of being cancelled at shutdown"
         cause = "a handler ignores cancellation"
         for task in running:
-            if (delivery := self._in_flight.get(task)) is not None:
-                self._abandon(task, delivery, why, cause, 0)
-
-
-def _hold(limit: float | None) -> float | None:
-    """How long a message may keep its slot and heartbeat, its handlers' *limit* given.
-
-    The handlers' time limit (`EventBus.time_limit`), plus as much again and at
-    least `_MIN_OVERTIME` seconds, for the events they emit (handled and
-    forwarded before the message is acknowledged) and for unwinding. None when
-    one of them has no time limit.
-    """
-    return None if limit is None else limit + max(limit, _MIN_OVERTIME)
-
-
-def _listed(deliveries: Iterable[_Delivery]) -> str:
-    return ", ".join(str(delivery) for delivery in deliveries)
+            if (held := self._in_flight.get(task)) is not None:
+                self._abandon(task, held, why, cause, 0)
 
 
 def _resolve(target: object) -> tuple[EventBus, Any]:

@@ -223,7 +223,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[Worker]:
         workers.append(runner)
         return True
 
-    monkeypatch.setattr("fastapi_eventbus.cli._serve", serve)
+    monkeypatch.setattr("fastapi_eventbus.cli._worker._serve", serve)
     return workers
 
 

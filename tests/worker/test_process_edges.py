@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 LINE_START = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
 """How the worker command starts each log line: the time, then the level and the logger."""
 EXIT_GRACE = 3.0
-"""`fastapi_eventbus.cli._EXIT_GRACE`: the wait for handlers left running, before exiting."""
+"""`fastapi_eventbus.cli._worker._EXIT_GRACE`: the wait for handlers still running, at exit."""
 
 
 async def forward(moto: Moto, queue_url: str, *names: str) -> list[str]:

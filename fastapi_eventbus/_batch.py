@@ -1,0 +1,136 @@
+"""A batch: the events of one request, handler call, WebSocket session or publish call.
+
+Its fields are written by `fastapi_eventbus._core.Core` only, which decides its
+lifecycle (accept, flush, discard, keep); the bus's views hold one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import TracebackType
+from typing import Any
+
+from starlette.background import BackgroundTask, BackgroundTasks
+
+from ._events import Event
+
+SCOPE_KEY = "fastapi_eventbus.bus"
+"""ASGI scope key holding the request's (or handler call's) scoped bus."""
+
+COLLECTING, FLUSHING, CLOSED = 0, 1, 2
+"""Batch states: collecting until its flush starts; closed once flushed or discarded."""
+
+_FROM_SCOPE: Any = object()
+
+
+class Batch:
+    """The events of one request, handler call, WebSocket session or publish call."""
+
+    __slots__ = (
+        "accepted",
+        "background",
+        "current",
+        "depth",
+        "events",
+        "loop",
+        "make_scope",
+        "provider",
+        "runner",
+        "scope",
+        "sends",
+        "state",
+        "stopped",
+        "task",
+    )
+
+    def __init__(
+        self,
+        scope: MutableMapping[str, Any] | None,
+        depth: int,
+        state: int = COLLECTING,
+        loop: asyncio.AbstractEventLoop | None = None,
+        provider: object | None = _FROM_SCOPE,
+        make_scope: Callable[[], MutableMapping[str, Any]] | None = None,
+    ) -> None:
+        self.scope = scope
+        """The request's ASGI scope; None until `get_scope` builds one (publish, handle)."""
+        self.make_scope = make_scope
+        self.depth = depth
+        self.state = state
+        self.loop = loop
+        self.events: deque[Event] = deque()
+        self.accepted = 0
+        """Events added since the batch last finished (counted in `Core.pending`)."""
+        self.current: Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []
+        self.background: BackgroundTasks | None = None
+        """The request's background tasks, until the first event adds the flush to them."""
+        self.runner: asyncio.Task[Any] | None = None
+        """The task running a request's flush, which shutdown may stop (`Core.stop_flushes`)."""
+        self.stopped = False
+        """Whether shutdown cancelled `runner`: its flush then reports and returns."""
+        if provider is _FROM_SCOPE:
+            app = scope.get("app") if scope is not None else None
+            provider = app if hasattr(app, "dependency_overrides") else None
+        self.provider = provider
+
+    def get_scope(self) -> MutableMapping[str, Any]:
+        """The scope handler calls copy: the request's, or one built when first needed."""
+        scope = self.scope
+        if scope is None:
+            assert self.make_scope is not None
+            scope = self.scope = self.make_scope()
+        return scope
+
+    def child(self) -> Batch:
+        """A batch for the events a handler emits (one level deeper in the chain)."""
+        return Batch(self.get_scope(), self.depth + 1, COLLECTING, self.loop, self.provider)
+
+    def unfinished(self) -> list[Event]:
+        """The event being handled, those still waiting, and those still being forwarded."""
+        head = [self.current] if self.current is not None else []
+        sending = [e for task, events in self.sends if not task.done() for e in events]
+        return head + list(self.events) + [e for e in sending if e not in head]
+
+
+class FlushTask(BackgroundTask):
+    """A request's flush, as one of its background tasks.
+
+    What ``BackgroundTasks.add_task(core.flush, batch, True)`` adds, without its
+    per-call check of whether the function is async (it is).
+    """
+
+    def __init__(self, flush: Callable[[Batch, bool], Awaitable[None]], batch: Batch) -> None:
+        # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
+        self.func = flush  # type: ignore[assignment]
+        self.args = (batch, True)  # type: ignore[assignment]
+        self.kwargs = {}  # type: ignore[assignment]
+        self.is_async = True
+
+
+class RequestEnd:
+    """On FastAPI's request exit stack: `Core.end_request` when the request ends.
+
+    An object with ``__aexit__`` (not a bare callable), which `AsyncExitStack`
+    takes without a failed attribute lookup.
+    """
+
+    __slots__ = ("batch", "end")
+
+    def __init__(
+        self, end: Callable[[Batch, BaseException | None], Awaitable[None]], batch: Batch
+    ) -> None:
+        self.end = end
+        self.batch = batch
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        await self.end(self.batch, exc)
+        return False

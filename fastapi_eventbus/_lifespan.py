@@ -1,0 +1,72 @@
+"""The lifespan `EventBus.install` wraps around the application's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
+
+from ._core import Core
+from ._hooks import ensure_readable_logs, logger
+from ._signals import on_stop_signal
+from .forwarders._base import Forwarder
+
+
+def draining_lifespan(
+    original: Callable[[Any], AbstractAsyncContextManager[Any]],
+    core: Core,
+    close: Callable[[], Awaitable[object]],
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """Wrap *original*: after its startup, start the forwarders; at shutdown, *close*
+    (`EventBus.close`: drain the in-flight events, close the forwarders).
+
+    A forwarder that fails to start is logged at WARNING, not raised: the app
+    serves anyway, and the forwarder is started again before its first send;
+    unless it has ``verify_on_start``, whose failure stops the startup.
+    """
+
+    async def start(forwarder: Forwarder) -> None:
+        if forwarder.verify_on_start:  # its failure stops the application's startup
+            await forwarder.start_checked()
+            return
+        try:
+            await forwarder.ensure_started()
+        except Exception as exc:
+            logger.warning(
+                "forwarder %s failed to start at application startup (%r); it will be "
+                "started again before its first send",
+                forwarder.name,
+                exc,
+            )
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
+        async with original(app) as state:
+            resender: asyncio.Task[None] | None = None
+            core.app = app  # publish() and handle() use it: the app running now
+            core.lifespan_state = dict(state or {})
+            ensure_readable_logs()
+            stop_watching = on_stop_signal(core.begin_shutdown)
+            try:
+                forwarders = {id(f): f for f in core.forwarders.items()}  # each once
+                # Every start runs to its end (so that close() finds them all settled)
+                # before a failed start-up check stops the startup.
+                started = await asyncio.gather(
+                    *(start(f) for f in forwarders.values()), return_exceptions=True
+                )
+                for outcome in started:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                if core.spool is not None:  # what a previous run left is sent first
+                    resender = asyncio.create_task(core.sender.resend_forever())
+                yield state
+            finally:
+                stop_watching()
+                if resender is not None:
+                    resender.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await resender
+                await close()
+
+    return lifespan

@@ -1,0 +1,123 @@
+"""The forwarders of one bus, and the storage their events wait in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from ._events import Event
+from ._hooks import call_hook, logger
+from ._patterns import PatternIndex
+from ._tracing import Tracing
+from .exceptions import SpoolError
+from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
+from .storage import SpooledEvent, Storage
+
+
+class Sender:
+    """Sends events through the forwarders that match them, settling them in the storage.
+
+    One per bus (`fastapi_eventbus._core.Core.sender`): the flush loop hands it
+    each round's events, and the installed lifespan has it send again what the
+    storage holds (after a crash or a broker outage).
+    """
+
+    def __init__(self, storage: Storage | None) -> None:
+        self.forwarders: PatternIndex[Forwarder] = PatternIndex()
+        self.storage = storage
+        """Where events for forwarders wait until sent; None: in memory only."""
+        self.tracing: Tracing | None = None
+        """The bus's span hooks (set with the bus's, by `fastapi_eventbus.otel`)."""
+
+    def start(self, events: Sequence[Event]) -> list[tuple[asyncio.Future[Any], list[Event]]]:
+        """Start one send per forwarder with the events it matches; each send and its events."""
+        selected: dict[Forwarder, list[Event]] = {}
+        for event in events:
+            for forwarder in self.forwarders.match(event.name):
+                selected.setdefault(forwarder, []).append(event)
+        return [
+            (asyncio.ensure_future(self.send(forwarder, chosen)), chosen)
+            for forwarder, chosen in selected.items()
+        ]
+
+    def send(self, forwarder: Forwarder, events: list[Event]) -> Coroutine[Any, Any, object]:
+        """Deliver *events* through *forwarder* (traced, if tracing is on)."""
+        if self.tracing is None:
+            return self._deliver(forwarder, events)
+        return self.tracing.deliver(forwarder, events, self._deliver)
+
+    async def _deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
+        """`Forwarder.deliver`, and with a storage, its bookkeeping of the outcome."""
+        storage = self.storage
+        if storage is None:
+            return await forwarder.deliver(events)
+        outcome = await forwarder.deliver(events, keep_unsent=True)
+        try:
+            settled = storage.settle(
+                forwarder.name, events, outcome.dead, outcome.unsent, outcome.error
+            )
+            if settled.spent:
+                await forwarder.give_up(settled.spent, settled.reason)
+        except SpoolError as exc:  # the rows stay: sent again later, duplicates at worst
+            logger.error("forwarder %s: %s", forwarder.name, exc)
+        return outcome
+
+    async def resend(self, limit: int = 500) -> int:
+        """Send again the stored events that are due (see `Storage.claim`); how many."""
+        storage = self.storage
+        if storage is None:
+            return 0
+        unreadable: list[SpooledEvent] = []  # dead-lettered and logged by claim
+        due = storage.claim(limit, unreadable=unreadable)
+        by_name = {forwarder.name: forwarder for forwarder in self.forwarders.items()}
+        for item in unreadable:  # the app hears of it as of any dead letter of the storage
+            if (owner := by_name.get(item.forwarder)) is not None:
+                report = DeadLetter(owner.name, (item.event,), item.error or "unreadable")
+                await call_hook(owner.dead_letter, report)
+        if not due:
+            return len(unreadable)
+        groups: dict[str, list[Event]] = {}
+        for item in due:
+            groups.setdefault(item.forwarder, []).append(item.event)
+        sends = []
+        for name, events in groups.items():
+            forwarder = by_name.get(name)
+            if forwarder is None:
+                logger.warning(
+                    "spool %s: %d event(s) for forwarder %r, which this bus does not have; "
+                    "they wait for an application that does",
+                    storage.name,
+                    len(events),
+                    name,
+                )
+                storage.settle(
+                    name, events, unsent=events, error=f"no forwarder named {name!r} here"
+                )
+                continue
+            logger.info("spool: sending %d event(s) again through %s", len(events), name)
+            sends.append(self.send(forwarder, events))
+        await asyncio.gather(*sends)
+        return len(due) + len(unreadable)
+
+    async def resend_forever(self) -> None:
+        """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""
+        storage = self.storage
+        assert storage is not None
+        while True:
+            try:
+                while await self.resend() > 0:
+                    pass
+            except SpoolError as exc:
+                logger.error("%s", exc)
+            except Exception:
+                logger.exception("resending spooled events failed")
+            await asyncio.sleep(storage.resend_interval)
+
+    async def close(self) -> None:
+        """Close every forwarder's clients; a failing close is logged, not raised."""
+        for forwarder in self.forwarders.items():
+            try:
+                await forwarder.aclose()
+            except Exception:
+                logger.exception("closing forwarder %s failed", forwarder.name)

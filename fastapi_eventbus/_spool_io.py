@@ -1,0 +1,186 @@
+"""What `fastapi_eventbus.spool.Spool` needs beside its tables and transactions: rows read
+back as events, the spool file's mode, a full disk, and which process owns a row.
+
+A row that cannot be read back as an `Event` becomes a `SpooledEvent` with a stand-in
+event (``readable=False``) holding what can still be told of it, so that one bad row never
+stops the others. A row's owner is a mark, ``host:pid:start:random``, written by
+`new_owner` and read by `owner_gone`: a process of this host that no longer runs (told
+apart from a later process with the same pid by its start time) gives its rows up at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from ._events import Event
+from ._hooks import logger
+from .storage import SpooledEvent
+
+T = TypeVar("T")
+
+_DISK_FULL_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+"""Primary SQLite result codes of a write that found no room (``ENOSPC`` may surface as
+an I/O error)."""
+_UNREADABLE_NAME = "(unreadable)"
+"""The name of the stand-in `Event` of a row whose own name cannot be read."""
+
+
+def spooled_or_stand_in(row: tuple[object, ...]) -> SpooledEvent:
+    """A row as a `SpooledEvent`; with a stand-in event (``readable=False``) if whatever
+    reading it raises: a bad row must not stop the others (JSON nested deeper than
+    Python's recursion limit raises `RecursionError`, not a `ValueError`)."""
+    forwarder, event_id, event, created, attempts, error = row
+    try:
+        return SpooledEvent(
+            forwarder=str(forwarder),
+            event=Event.model_validate(json.loads(str(event))),
+            created=float(str(created)),
+            attempts=int(str(attempts)),
+            error=None if error is None else str(error),
+        )
+    except MemoryError:  # this process's trouble, not the row's
+        raise
+    except Exception as exc:
+        reason = f"spooled event {event_id} for {forwarder} is unreadable: {describe_error(exc)}"
+    return SpooledEvent(
+        forwarder=str(forwarder),
+        event=stand_in(str(event_id), event, created),
+        created=converted_or(float, created, 0.0),
+        attempts=converted_or(int, attempts, 0),
+        error=reason,
+        readable=False,
+    )
+
+
+def describe_error(exc: Exception) -> str:
+    """*exc* in a line: its type, and its message cut short (a row may be megabytes)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,1000}")')
+"""The ``name`` of a JSON envelope, where the spool writes it: first."""
+
+
+def stand_in(event_id: str, raw: object, created: object) -> Event:
+    """What can be told of an unreadable row's event: its id, time, and name if found."""
+    match = _NAME.match(raw) if isinstance(raw, str) else None
+    try:
+        name = json.loads(match[1]) if match else _UNREADABLE_NAME
+    except ValueError:
+        name = _UNREADABLE_NAME
+    try:
+        when = datetime.fromtimestamp(converted_or(float, created, 0.0), UTC)
+    except (OverflowError, OSError, ValueError):
+        when = datetime.fromtimestamp(0, UTC)
+    return Event(name=name, id=event_id, time=when)
+
+
+def converted_or(kind: Callable[[str], T], value: object, default: T) -> T:
+    """*value* (a column of a row) converted by *kind*, or *default* if it cannot be."""
+    try:
+        return kind(str(value))
+    except ValueError:
+        return default
+
+
+def where_clause(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
+    """The ``WHERE`` clause (with its leading space, or "" for every row) and its
+    parameters that select the rows of *forwarder* and of the events *ids*; both optional."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if forwarder is not None:
+        clauses.append("forwarder = ?")
+        params.append(forwarder)
+    if ids is not None:
+        clauses.append(f"event_id IN ({', '.join('?' * len(ids)) or 'NULL'})")
+        params.extend(ids)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def filtered_query(
+    sql: str, forwarder: str | None, ids: Sequence[str] | None, limit: int | None
+) -> tuple[str, list[object]]:
+    """*sql* (a ``SELECT``) narrowed by `where_clause`, oldest first, at most *limit* rows;
+    with its parameters."""
+    where, params = where_clause(forwarder, ids)
+    sql += where + " ORDER BY created"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def create_private(path: Path) -> None:
+    """Create the spool file empty (SQLite takes it as a new database), readable by its
+    owner only: SQLite gives its ``-wal`` and ``-shm`` files the same mode. An existing
+    file keeps its mode; a missing directory is left for SQLite to report."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+
+
+def warn_if_public(path: Path) -> None:
+    """Log a WARNING if every user of the host may read or write the spool file."""
+    with suppress(OSError):
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o007:
+            logger.warning(
+                "spool %s can be read or written by every user (mode %s) and holds event "
+                "payloads in clear: chmod 600 it (and its -wal and -shm files)",
+                path,
+                oct(mode),
+            )
+
+
+def disk_full(exc: sqlite3.Error) -> bool:
+    """Whether *exc* says a write found no room on the volume."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _DISK_FULL_CODES
+
+
+def new_owner(pid: int) -> str:
+    """``host:pid:start:random``: a process, told apart from a later one with its pid."""
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_gone(owner: str, host: str) -> bool:
+    """Whether *owner* (a `new_owner` mark) is a process of *host*, this host, that no
+    longer runs. An owner on another host, or a mark of another form, is not known gone."""
+    parts = owner.rsplit(":", 3)
+    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+        return False
+    return not process_alive(int(parts[1]), parts[2])
+
+
+def process_start(pid: int) -> str:
+    """When process *pid* started (clock ticks since boot, Linux), or "" if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_alive(pid: int, started: str) -> bool:
+    """Whether *pid* runs and is the process that started at *started* (not a reuse)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not started or process_start(pid) in ("", started)

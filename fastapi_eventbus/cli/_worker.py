@@ -1,0 +1,330 @@
+"""``fastapi-eventbus worker``: run APP's handlers on what a source receives, in a process
+that stops cleanly.
+
+The command builds an `SQSSource` or a `PubSubSource` and a `Worker` from its options and
+runs it under ``asyncio.run``. The rest is process hygiene: the first SIGTERM or SIGINT
+stops the worker gracefully and a second one at once; the library's loggers are enabled
+again if APP's logging configuration disabled them; and a handler that ignores its time
+limit (a task that swallows cancellation, a thread that does not return) is reported and
+left behind after `_EXIT_GRACE` seconds, with exit status 1, instead of keeping the
+process alive forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import NoReturn
+
+import click
+
+from fastapi_eventbus._hooks import LOG_FORMAT
+from fastapi_eventbus.exceptions import EventBusError
+from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
+
+from ._app import app_options, bus_of, load
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+"""The choices of ``--log-level``, most severe first."""
+_EXIT_GRACE = 3.0
+"""Seconds the worker command waits, once the worker has stopped, for the tasks and threads
+it leaves (handlers that ignore their time limit) before it exits without them."""
+
+
+@click.command(short_help="Consume SQS or Pub/Sub and run APP's handlers.")
+@app_options
+@click.option("--sqs", "queue_url", metavar="QUEUE_URL", help="Receive from this SQS queue.")
+@click.option("--endpoint-url", metavar="URL", help="SQS endpoint (LocalStack, moto).")
+@click.option("--region", metavar="REGION", help="AWS region (default: botocore's).")
+@click.option(
+    "--wait-time",
+    type=click.IntRange(0, 20),
+    default=20,
+    show_default=True,
+    help="SQS long polling: seconds one receive call waits for messages.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="SQS: visibility timeout after a first failure; doubles with each delivery.",
+)
+@click.option(
+    "--max-retry-delay",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="SQS: the longest visibility timeout after a failure.",
+)
+@click.option(
+    "--visibility-timeout",
+    type=click.IntRange(1, 43_200),
+    metavar="SECONDS",
+    help="SQS: receive with this visibility timeout, extended while handlers run.",
+)
+@click.option(
+    "--pubsub",
+    "subscription",
+    metavar="SUBSCRIPTION",
+    help="Pull from this Pub/Sub subscription: projects/PROJECT/subscriptions/NAME.",
+)
+@click.option(
+    "--emulator-host",
+    metavar="HOST:PORT",
+    help="Pub/Sub emulator (default: $PUBSUB_EMULATOR_HOST).",
+)
+@click.option(
+    "--ack-deadline",
+    type=click.IntRange(10, 600),
+    metavar="SECONDS",
+    help="Pub/Sub: give pulled messages this ack deadline, extended while handlers run.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Messages handled at once.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to finish in-flight messages after SIGTERM/SIGINT.",
+)
+@click.option(
+    "--on-undecodable",
+    type=click.Choice(["retry", "delete"]),
+    default="retry",
+    show_default=True,
+    help="A message that is not an event: give it back (to reach the DLQ), or delete it.",
+)
+@click.option(
+    "--on-unhandled",
+    type=click.Choice(["retry", "delete"]),
+    default="retry",
+    show_default=True,
+    help="An event no handler of APP matches: give it back (to reach the DLQ), or delete it.",
+)
+@click.option(
+    "--max-message-bytes",
+    type=click.IntRange(min=1),
+    default=10_000_000,
+    show_default=True,
+    help="Larger messages (body plus attributes) are not decoded: see --on-undecodable.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(_LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="The least level logged (to stderr, each line with time, level and logger).",
+)
+def worker(
+    app: str,
+    factory: bool,
+    app_dir: str,
+    queue_url: str | None,
+    endpoint_url: str | None,
+    region: str | None,
+    wait_time: int,
+    retry_delay: float,
+    max_retry_delay: float,
+    visibility_timeout: int | None,
+    subscription: str | None,
+    emulator_host: str | None,
+    ack_deadline: int | None,
+    concurrency: int,
+    shutdown_timeout: float,
+    on_undecodable: str,
+    on_unhandled: str,
+    max_message_bytes: int,
+    log_level: str,
+) -> None:
+    """Receive the events forwarded to an SQS queue (--sqs) or a Pub/Sub subscription
+    (--pubsub) and run APP's handlers on them. SIGTERM or SIGINT stops receiving,
+    finishes the messages in flight (up to --shutdown-timeout), gives back the rest and
+    exits 0; if a handler still runs a few seconds later (it ignores cancellation, or
+    blocks its thread), it is reported and left behind, and the exit status is 1."""
+    if (queue_url is None) == (subscription is None):
+        raise click.UsageError("pass exactly one of --sqs QUEUE_URL and --pubsub SUBSCRIPTION")
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)  # time, level, logger
+    target = load(app, factory=factory, app_dir=app_dir)
+    bus_of(target)
+    _enable_library_loggers()
+    threads = set(threading.enumerate())
+    try:
+        source: Source
+        if queue_url is not None:
+            backoff = Backoff(initial=retry_delay, maximum=max_retry_delay)
+            source = SQSSource(
+                queue_url,
+                endpoint_url=endpoint_url,
+                region_name=region,
+                wait_time_seconds=wait_time,
+                visibility_backoff=backoff,
+                visibility_timeout=visibility_timeout,
+            )
+        else:
+            assert subscription is not None
+            source = PubSubSource(
+                subscription, emulator_host=emulator_host, ack_deadline=ack_deadline
+            )
+        runner = Worker(
+            target,
+            source,
+            concurrency=concurrency,
+            shutdown_timeout=shutdown_timeout,
+            on_undecodable="delete" if on_undecodable == "delete" else "retry",
+            on_unhandled="delete" if on_unhandled == "delete" else "retry",
+            max_message_bytes=max_message_bytes,
+        )
+        finished = asyncio.run(_serve(runner))
+    except EventBusError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _leave_no_thread_behind(threads)
+    if not finished:
+        raise click.ClickException(
+            "stopped by a second signal; unfinished messages were given back"
+        )
+
+
+async def _serve(runner: Worker) -> bool:
+    """Run *runner*; the first SIGTERM/SIGINT stops it gracefully, a second one at once.
+
+    Returns whether it stopped gracefully.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if stopping:
+            logging.getLogger("fastapi_eventbus.worker").warning("second signal: stopping now")
+            task.cancel()
+            return
+        logging.getLogger("fastapi_eventbus.worker").info(
+            "%s: stopping (finishing in-flight messages)", signal.Signals(signum).name
+        )
+        stopping.append(asyncio.create_task(runner.stop()))
+
+    asyncio.get_running_loop().set_default_executor(_UnjoinedExecutor())
+    restore = _on_signals(on_signal)
+    try:
+        await runner.run()
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return False
+    finally:
+        restore()
+        await _leave_no_task_behind()
+    return True
+
+
+def _enable_library_loggers() -> None:
+    """Enable this library's loggers again if APP's logging configuration disabled them.
+
+    ``logging.config.dictConfig`` disables every existing logger that its
+    configuration does not name, unless ``disable_existing_loggers`` is false; APP
+    is imported after this package, so that would silence the worker's reports.
+    """
+    disabled = sorted(
+        name
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+        and logger.disabled
+        and (name == "fastapi_eventbus" or name.startswith("fastapi_eventbus."))
+    )
+    for name in disabled:
+        logging.getLogger(name).disabled = False
+    if disabled:
+        logging.getLogger("fastapi_eventbus.worker").warning(
+            "APP's logging configuration disabled %s (disable_existing_loggers); "
+            "enabled again: the worker reports through them",
+            ", ".join(disabled),
+        )
+
+
+class _UnjoinedExecutor(ThreadPoolExecutor):
+    """The event loop's default executor (``asyncio.to_thread``): ``asyncio.run`` does not wait
+    for its threads at exit; `_leave_no_thread_behind` reports those still running."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+
+
+async def _leave_no_task_behind() -> None:
+    """Cancel the tasks left when the worker has stopped; exit at once if some ignore that,
+    rather than wait for them forever (as ``asyncio.run`` would)."""
+    current = asyncio.current_task()
+    tasks = {task for task in asyncio.all_tasks() if task is not current}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, running = await asyncio.wait(tasks, timeout=_EXIT_GRACE)
+        if running:
+            _exit_now(
+                f"{len(running)} task(s) still running after the worker stopped, ignoring "
+                "cancellation (a handler that catches asyncio.CancelledError): exiting "
+                "without them"
+            )
+
+
+def _leave_no_thread_behind(before: set[threading.Thread]) -> None:
+    """Exit at once if threads started since *before* still run (a sync handler that does not
+    return), rather than wait for them forever (as the interpreter would at exit)."""
+    deadline = time.monotonic() + _EXIT_GRACE
+    running = 0
+    for thread in threading.enumerate():
+        if thread in before or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        running += thread.is_alive()
+    if running:
+        _exit_now(
+            f"{running} thread(s) still running after the worker stopped (a sync handler "
+            "or dependency that has not returned): exiting without them"
+        )
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Log *message* at ERROR and exit with status 1 now, without waiting for anything."""
+    logging.getLogger("fastapi_eventbus.worker").error("%s", message)
+    click.echo(f"Error: {message}", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _on_signals(callback: Callable[[int], None]) -> Callable[[], None]:
+    """Call *callback* on the event loop for SIGTERM and SIGINT; returns what undoes it."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in signals}
+    try:
+        for signum in signals:
+            loop.add_signal_handler(signum, callback, signum)
+    except NotImplementedError:  # Windows: no event-loop signal handlers
+        for signum in signals:
+            signal.signal(signum, lambda number, _: loop.call_soon_threadsafe(callback, number))
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            with suppress(NotImplementedError):
+                loop.remove_signal_handler(signum)
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    return restore

@@ -1,0 +1,352 @@
+"""What a `Worker` does with one message: decode it, handle it under a heartbeat, settle it.
+
+The `Worker` owns the running: receiving, concurrency slots, time limits and shutdown.
+This module owns one message's way from receipt to acknowledgement: a `Processor`
+decodes it, applies the worker's policies, runs the bus's handlers while keeping the
+message invisible (`Source.extend`), and acknowledges it or gives it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
+
+from fastapi_eventbus._bus import EventBus, tracing_of
+from fastapi_eventbus._events import Event
+from fastapi_eventbus._tracing import Consumed, Tracing
+from fastapi_eventbus.exceptions import MessageDecodeError
+
+from ._source import ReceivedMessage, Source
+
+logger = logging.getLogger("fastapi_eventbus.worker")
+
+OnUndecodable: TypeAlias = Literal["retry", "delete"]
+"""What a worker does with a message it cannot decode (see `Worker`)."""
+OnUnhandled: TypeAlias = Literal["retry", "delete"]
+"""What a worker does with an event that no handler of its bus matches (see `Worker`)."""
+
+GIVE_BACK_TIMEOUT = 5.0
+"""Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""
+MIN_OVERTIME = 5.0
+"""The least time a message gets past its handlers' time limit (see `hold`)."""
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """What a `Worker` has done so far (counters; read them, do not change them)."""
+
+    received: int = 0
+    """Messages received."""
+    handled: int = 0
+    """Messages whose handlers all succeeded (then acknowledged)."""
+    failed: int = 0
+    """Messages a handler failed on (given back for redelivery)."""
+    undecodable: int = 0
+    """Messages that were not events, or too large to decode (handled per ``on_undecodable``)."""
+    unfinished: int = 0
+    """Messages still running when ``shutdown_timeout`` ran out (cancelled and given back)."""
+    settle_errors: int = 0
+    """Acknowledgements (or give-backs) the broker did not take: those messages come again."""
+    unhandled: int = 0
+    """Messages whose event no handler of the bus matches (handled per ``on_unhandled``)."""
+    abandoned: int = 0
+    """Messages whose handlers were still running past their time limit, or after being
+    cancelled at shutdown: given back, reported at ERROR, and left running."""
+
+
+@dataclass(eq=False, slots=True)
+class HeldMessage:
+    """A message the worker holds, from its receipt until it is settled or given up."""
+
+    message: ReceivedMessage
+    """The message as its source received it."""
+    event: Event | None = None
+    """The decoded event, once decoded (for reports)."""
+    abandoned: bool = False
+    """Given back while its task still ran: the task settles nothing any more."""
+    timer: asyncio.TimerHandle | None = None
+    """Fires when the handlers have had their time (the worker's watch)."""
+
+    def __str__(self) -> str:
+        event = self.event
+        name = self.message.message_id
+        return name if event is None else f"{name} (event {event.name!r} id={event.id})"
+
+
+class Owner(Protocol):
+    """What a `Processor` reads from the worker that owns it, when it needs it.
+
+    A `Worker` is one: the processor reads its attributes at each message, never copies
+    them.
+    """
+
+    bus: EventBus
+    source: Source
+    stats: WorkerStats
+    on_undecodable: OnUndecodable
+    on_unhandled: OnUnhandled
+    max_message_bytes: int
+
+
+Watch: TypeAlias = Callable[[HeldMessage, float | None], None]
+"""The worker's timer: abandon a held message still running that many seconds from now
+(None: never). Called from inside the message's task, as its handlers start."""
+
+
+class Processor:
+    """Takes each message a worker received from decoding to its acknowledgement.
+
+    It decodes the message (its source's `Source.decode`, within the worker's
+    ``max_message_bytes``), applies ``on_undecodable`` and ``on_unhandled``,
+    runs the bus's handlers under a heartbeat, and then acknowledges the message
+    or gives it back, counting everything in the worker's `WorkerStats`. Nothing
+    the source raises while settling reaches the worker: it is logged and counted.
+    """
+
+    def __init__(self, owner: Owner, watch: Watch) -> None:
+        self.owner = owner
+        """The worker whose bus, source, stats and policies it uses."""
+        self.watch = watch
+        """Starts the time limit of a held message, as its handlers start."""
+
+    async def process(self, held: HeldMessage) -> None:
+        """Handle *held* and settle it, with a tracing span when tracing is on."""
+        message = held.message
+        tracing = tracing_of(self.owner.bus)
+        if tracing is None:
+            handled = await self._given_back_if_cancelled(held, None)
+            if not held.abandoned:
+                await self._settle(message, handled)
+            return
+        with tracing.consuming(self.owner.source, message) as consumed:
+            handled = await self._given_back_if_cancelled(held, consumed)
+            if not held.abandoned:
+                await self._settle(message, handled, tracing)
+
+    async def _given_back_if_cancelled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
+        """`_handle`; cancelled (at shutdown), give the message back at once first."""
+        try:
+            return await self._handle(held, consumed)
+        except asyncio.CancelledError as exc:
+            tracing = tracing_of(self.owner.bus) if consumed is not None else None
+            if consumed is not None:
+                consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
+            if not held.abandoned:
+                await self._give_back(held.message, tracing)
+            raise
+
+    async def _handle(self, held: HeldMessage, consumed: Consumed | None) -> bool:
+        """Decode and handle *held*'s message; whether to acknowledge it."""
+        owner, message = self.owner, held.message
+        decoded = self._decode(message)
+        if not isinstance(decoded, Event):
+            return self._undecodable(message, consumed, *decoded)
+        event = held.event = decoded
+        if consumed is not None:
+            consumed.event = event
+        if not owner.bus.handles(event.name):
+            return self._unhandled(held, consumed)
+        hold_for = hold(owner.bus.time_limit(event.name))
+        self.watch(held, hold_for)
+        try:
+            async with self._heartbeat(message, hold_for):
+                failures = await owner.bus.handle(event)
+        except Exception as exc:
+            logger.exception("handling event %r (id=%s) failed", event.name, event.id)
+            failures = None
+            if consumed is not None:
+                consumed.error = exc
+        if held.abandoned:
+            logger.warning("message %s finished after it was given back: not acknowledged", held)
+            return False
+        if failures == []:
+            owner.stats.handled += 1
+            return True
+        owner.stats.failed += 1
+        logger.warning(
+            "event %r (id=%s) failed; message %s goes back to %s (delivery %s)",
+            event.name,
+            event.id,
+            message.message_id,
+            owner.source.name,
+            message.receive_count or "?",
+        )
+        if consumed is not None:
+            count = "a handler" if failures is None else f"{len(failures)} handler(s)"
+            consumed.failure = f"{count} failed; the message goes back for redelivery"
+            if failures:
+                consumed.error = failures[0].exception
+        return False
+
+    def _decode(self, message: ReceivedMessage) -> Event | tuple[str, Exception]:
+        """*message*'s event, or why there is none: what it is, and the error.
+
+        Nothing raised while reading one message may affect another: an exception
+        other than `MessageDecodeError` (a bug in a decoder or a source) makes the
+        message undecodable too, never a failure of the worker.
+        """
+        source, limit = self.owner.source, self.owner.max_message_bytes
+        try:
+            size = source.message_size(message)
+            if size > limit:
+                return "too large to decode", MessageDecodeError(
+                    f"{size} bytes, over max_message_bytes={limit}"
+                )
+            return source.decode(message)
+        except MessageDecodeError as exc:
+            return "not an event", exc
+        except Exception as exc:
+            return "not decodable", exc
+
+    def _undecodable(
+        self,
+        message: ReceivedMessage,
+        consumed: Consumed | None,
+        failure: str,
+        error: Exception,
+    ) -> bool:
+        """Log *message*, which will not be handled; whether to acknowledge it (the policy)."""
+        self.owner.stats.undecodable += 1
+        delete = self.owner.on_undecodable == "delete"
+        expected = isinstance(error, MessageDecodeError)
+        logger.error(
+            "message %s from %s is %s (%s); %s",
+            message.message_id,
+            self.owner.source.name,
+            failure,
+            error if expected else f"{type(error).__name__}: {error}",
+            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+            exc_info=None if expected else error,
+        )
+        if consumed is not None:
+            consumed.failure, consumed.error = failure, error
+        return delete
+
+    def _unhandled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
+        """Log *held*'s event, which no handler matches; whether to acknowledge it."""
+        self.owner.stats.unhandled += 1
+        delete = self.owner.on_unhandled == "delete"
+        logger.log(
+            logging.WARNING if delete else logging.ERROR,
+            "message %s from %s matches no handler of the bus; %s (on_unhandled=%r)",
+            held,
+            self.owner.source.name,
+            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+            self.owner.on_unhandled,
+        )
+        if consumed is not None:
+            consumed.failure = "no handler matches the event"
+        return delete
+
+    # -- the heartbeat --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _heartbeat(self, message: ReceivedMessage, hold: float | None) -> AsyncIterator[None]:
+        """Extend *message*'s visibility (ack deadline) in the background inside the block,
+        for up to *hold* seconds (None: as long as the block lasts)."""
+        interval = self.owner.source.extend_interval
+        if interval is None:
+            yield
+            return
+        until = None if hold is None else asyncio.get_running_loop().time() + hold
+        beats = asyncio.create_task(self._keep_invisible(message, interval, until))
+        try:
+            yield
+        finally:
+            beats.cancel()
+            await asyncio.wait({beats})
+
+    async def _keep_invisible(
+        self, message: ReceivedMessage, interval: float, until: float | None
+    ) -> None:
+        """Call `Source.extend` every *interval* seconds until *until* (loop time; None:
+        until cancelled); the last call extends to *until* exactly. A failure is logged,
+        then retried at the next beat."""
+        source = self.owner.source
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            seconds = None if until is None else until - loop.time()
+            if seconds is not None and seconds <= 0:
+                return
+            last = seconds is not None and seconds <= interval
+            try:
+                await source.extend(message, seconds if last else None)
+            except Exception as exc:
+                logger.warning(
+                    "could not extend the visibility of message %s on %s (%s); "
+                    "it may be delivered again while its handlers run",
+                    message.message_id,
+                    source.name,
+                    exc,
+                )
+            if last:
+                return
+
+    # -- settling -------------------------------------------------------------------
+
+    async def _settle(
+        self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
+    ) -> None:
+        """Acknowledge *message*, or give it back; a failure here means a redelivery."""
+        source = self.owner.source
+        settle = source.ack(message) if handled else source.nack(message)
+        try:
+            if tracing is None:
+                await settle
+            else:
+                with tracing.settling(source, message, "ack" if handled else "nack"):
+                    await settle
+        except Exception as exc:
+            self.owner.stats.settle_errors += 1
+            logger.warning(
+                "could not %s message %s on %s (%s); it will be delivered again",
+                "acknowledge" if handled else "give back",
+                message.message_id,
+                source.name,
+                exc,
+            )
+
+    async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
+        """At shutdown: make an unfinished message available again at once (best effort)."""
+        if tracing is None:
+            await self.hand_back(message, 0)
+            return
+        with tracing.settling(self.owner.source, message, "nack"):
+            await self.hand_back(message, 0)
+
+    async def hand_back(self, message: ReceivedMessage, delay: float | None) -> None:
+        """Give *message* back after *delay* seconds (None: like a failure), bounded in time."""
+        source = self.owner.source
+        try:
+            async with asyncio.timeout(GIVE_BACK_TIMEOUT):
+                await source.nack(message, delay)
+        except Exception as exc:
+            self.owner.stats.settle_errors += 1
+            logger.warning(
+                "could not give back message %s on %s (%s); it comes again when its "
+                "visibility timeout (ack deadline) ends",
+                message.message_id,
+                source.name,
+                str(exc) or type(exc).__name__,
+            )
+
+
+def hold(limit: float | None) -> float | None:
+    """How long a message may keep its slot and heartbeat, its handlers' *limit* given.
+
+    The handlers' time limit (`EventBus.time_limit`), plus as much again and at
+    least `MIN_OVERTIME` seconds, for the events they emit (handled and
+    forwarded before the message is acknowledged) and for unwinding. None when
+    one of them has no time limit.
+    """
+    return None if limit is None else limit + max(limit, MIN_OVERTIME)
+
+
+def listed(held: Iterable[HeldMessage]) -> str:
+    """*held* messages for a log line: their ids (and their events', once decoded)."""
+    return ", ".join(str(message) for message in held)

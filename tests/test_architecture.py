@@ -352,3 +352,16 @@ def test_forwarders_and_workers_never_import_each_other() -> None:
             if _is_within(module, mine):
                 crossing = sorted(name for name in allowed if _is_within(name, theirs))
                 assert not crossing, f"{PAGE.name} lets {module} import {crossing} (rule 6)"
+
+
+MAX_MODULE_LINES = 600
+"""The size past which a module is split along a seam (the page's "The rules")."""
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_no_module_is_over_600_lines(module: str) -> None:
+    lines = len(modules()[module].read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, (
+        f"{module} has {lines} lines, more than {MAX_MODULE_LINES}: split it along a seam "
+        f"(a concern of its own, with a row on {PAGE.name})"
+    )

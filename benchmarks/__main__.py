@@ -1,8 +1,8 @@
 """Run every benchmark, one after the other: ``python -m benchmarks [--quick] [--check]``.
 
-Each script measures its variants in one process, interleaved, and prints ratios
+Each script measures its rows with `benchmarks._harness`, interleaved, and prints ratios
 against baselines measured in the same run (see ``benchmarks/README.md``). With
-``--check`` the run fails if any script reports a missed target.
+``--check`` the run fails if any script reports a missed target or a failed check.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 import time
 
 SCRIPTS = (
-    ("benchmarks.bench_core", "per request, in-process ASGI; publish; vs fastapi-events"),
-    ("benchmarks.bench_dispatch", "publish with 0/1/3 dependencies; 500 patterns; memory"),
+    ("benchmarks.bench_core", "per request, in-process: the floor, payload sizes, publish"),
+    ("benchmarks.bench_dispatch", "500 and 10,000 patterns; memory per pending event"),
     ("benchmarks.bench_server", "through a real uvicorn server: throughput, p50/p99"),
     ("benchmarks.bench_sqs", "SQS forwarding to moto: batched vs one call per event"),
     ("benchmarks.bench_worker", "the worker: SQS (moto) and in-memory sources, by concurrency"),
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = [flag for flag, on in (("--quick", args.quick), ("--check", args.check)) if on]
     failed: list[str] = []
+    begun = time.monotonic()
     for module, what in SCRIPTS:
         if args.only and module.rsplit(".", 1)[1] not in args.only:
             continue
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n({module}: {time.monotonic() - started:.0f} s, exit {code})", flush=True)
         if code != 0:
             failed.append(module)
+    print(f"\nall scripts: {time.monotonic() - begun:.0f} s")
     if failed:
-        print(f"\nfailed or missed a target: {', '.join(failed)}")
+        print(f"failed or missed a target: {', '.join(failed)}")
         return 1
     return 0
 

@@ -1,66 +1,35 @@
-"""Throughput of fastapi_eventbus against plain FastAPI, measured in one process.
+"""Per request and per event, in one process: the bus against FastAPI and fastapi-events 0.12.
 
-Run ``python -m benchmarks.bench_core`` (about 75 s) or add ``--quick``
-(about 15 s). Requests are driven by calling each ASGI app directly,
-``await app(scope, receive, send)``, with no sockets and no HTTP client, so
-that what differs between two rows is only what the application does.
+Run ``python -m benchmarks.bench_core`` (about 2 min) or add ``--quick`` (about 40 s).
+HTTP rows call each one-route app directly (``await app(scope, receive, send)``: no
+socket, no client); background tasks and handlers run inside that call (Starlette awaits
+them after the response), so their cost is counted. Rows (CPU time, `benchmarks._harness`):
 
-Rows are measured round-robin: every round times one batch of every variant,
-in a rotating order, and the table reports the best and the median batch of
-each. Ratios are computed from medians, so they compare variants measured in
-the same conditions. Every handler, dependency and background task counts its
-calls; the counts are checked at the end, so no row can be measuring a no-op.
+- **per request**: bare endpoint; the *floor* (the least FastAPI needs for "emit one event
+  -> handler with one Depends": one trivial async ``Depends``, ``BackgroundTasks``, one
+  task awaiting the handler's dependency, then calling the handler); ``Depends(get_bus)``
+  alone; ours emitting 1 and 10 events to a handler with one ``Depends``; fastapi-events
+  doing the same; traced and OTel context rows.
+- **payload sizes**: one event of 100 B, 10 KiB, 1 MiB (an order with line items, or a
+  string), ours against fastapi-events, same app shape.
+- **publish** to handlers with 0, 1 (async or sync) and 3 ``Depends`` (one a ``yield``),
+  each against ``solve_dependencies`` called by hand; 4 handlers on one event against 1.
 
-``--profile VARIANT`` runs one variant under cProfile instead and prints where
-the time goes, in microseconds per operation.
-
-Rows 5 and 6 (keys ``fe1``, ``fe10``) run the same work through fastapi-events
-0.12 when it is installed (``pip install -e '.[bench]'``; otherwise they are
-skipped and said to be): its ``EventHandlerASGIMiddleware``, ``dispatch()`` in
-the endpoint, and a ``LocalHandler`` whose handler takes one async ``Depends``
-(the same ``async_value``) and bumps the same counters as ours. Its middleware
-awaits the handlers after the inner app returns, inside the ASGI call, and
-spawns no task that outlives it (checked: no task is pending after the run), so
-the timed operation includes them. Adaptations, each in fastapi-events' favour
-or needed for it to work at all, none touching its code:
-
-- it reads ``Depends`` only as a parameter default (``value: int =
-  Depends(...)``); an ``Annotated[int, Depends(...)]`` parameter is not
-  resolved and the handler fails after the response, so its handler uses the
-  default form;
-- it re-reads the handler's signature for every event and evaluates string
-  annotations each time; this module has PEP 563 string annotations, so the
-  handler's are resolved once up front (as in a module without
-  ``from __future__ import annotations``), which saves it 15-25 %;
-- a fresh ``LocalHandler()`` instead of the module-level ``local_handler``, so
-  that its registrations cannot leak into other rows or processes;
-- its built-in OpenTelemetry hooks (a span per dispatch and per handled event,
-  traceparent injection and extraction; active whenever opentelemetry-api is
-  importable, even with no SDK) are switched off
-  (``fastapi_events.otel.utils.HAS_OTEL_INSTALLED = False``), as an untraced
-  bus makes no tracing call at all; the ``fe1_otel`` context row has them on.
-
-fastapi-events 0.12.2 works unchanged with FastAPI 0.121-0.165 and Starlette
-0.49-1.10 (a pure ASGI middleware; its ``Depends`` check is a structural
-``Protocol``).
+fastapi-events: its middleware, ``dispatch()`` in the endpoint, a fresh ``LocalHandler``
+with the same handler. In its favour or needed for it to work: ``value: int = Depends()``
+(it resolves no ``Annotated``); annotations resolved up front (it evaluates string
+annotations per event); its OpenTelemetry hooks off (``fe1_otel`` has them on).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import cProfile
-import gc
 import importlib
-import pstats
-import statistics
-import sys
-import time
+import json
 import typing
-from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any
 
@@ -68,106 +37,132 @@ from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature, solve_dependencies
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from benchmarks import _harness as h
+from benchmarks._harness import CALLS, RESPONSES, Op, Variant
 from fastapi_eventbus import Event, EventBus, get_bus
 
-CALLS: Counter[str] = Counter()
-"""How many times each handler, dependency and background task really ran."""
+PAYLOAD = {"id": 1, "name": "cat"}
 
-Op = Callable[[], Awaitable[None]]
-
-# -- what the applications run --------------------------------------------------
+# -- what the applications and the bus run ----------------------------------------------
 
 
 async def async_value() -> int:
-    """An async dependency returning a value."""
     CALLS["dep.async"] += 1
     return 1
 
 
 def sync_value() -> int:
-    """A sync dependency returning a value (FastAPI runs it in the thread pool)."""
+    """FastAPI and the bus run it in the thread pool."""
     CALLS["dep.sync"] += 1
     return 1
 
 
+async def config_value() -> int:
+    CALLS["dep.config"] += 1
+    return 2
+
+
+async def current_user() -> str:
+    CALLS["dep.user"] += 1
+    return "cat"
+
+
+async def open_session() -> AsyncIterator[dict[str, bool]]:
+    """A ``yield`` dependency: entered before the handler, closed after it."""
+    CALLS["dep.session_open"] += 1
+    session = {"open": True}
+    try:
+        yield session
+    finally:
+        session["open"] = False
+        CALLS["dep.session_close"] += 1
+
+
+async def trivial() -> bool:
+    """The floor's one endpoint dependency, standing for ``Depends(get_bus)``."""
+    return True
+
+
 async def noop_task() -> None:
-    """The background task of variant 2."""
     CALLS["task.noop"] += 1
 
 
-async def handle_async_dep(event: Event, value: Annotated[int, Depends(async_value)]) -> None:
-    """Handler with one async ``Depends``: the subject of variants 3 and 4."""
+Value = Annotated[int, Depends(async_value)]
+Config = Annotated[int, Depends(config_value)]
+
+
+async def handle_async_dep(event: Event, value: Value) -> None:
     CALLS["handler.async_dep"] += value
 
 
 async def handle_sync_dep(event: Event, value: Annotated[int, Depends(sync_value)]) -> None:
-    """Handler with one sync ``Depends``."""
     CALLS["handler.sync_dep"] += value
 
 
 async def handle_no_dep(event: Event) -> None:
-    """Handler with no dependencies at all (the bus skips the solver)."""
     CALLS["handler.no_dep"] += 1
 
 
-async def fe_handle_async_dep(event: tuple[str, Any], value: int = Depends(async_value)) -> None:
-    """fastapi-events' counterpart of `handle_async_dep`: same dependency, same counters.
+async def handle_3y(
+    event: Event, value: Value, config: Config, session: Annotated[Any, Depends(open_session)]
+) -> None:
+    if value == 1 and config == 2 and session["open"]:  # closed only after the handler
+        CALLS["handler.3y"] += 1
 
-    fastapi-events gives a local handler the ``(name, payload)`` tuple and
-    resolves ``Depends`` only when it is the parameter's default.
-    """
+
+async def handle_3(
+    event: Event, value: Value, config: Config, user: Annotated[str, Depends(current_user)]
+) -> None:
+    if value == 1 and config == 2 and user == "cat":
+        CALLS["handler.3"] += 1
+
+
+async def fe_handle_async_dep(event: tuple[str, Any], value: int = Depends(async_value)) -> None:
+    """fastapi-events' `handle_async_dep`: it passes ``(name, payload)``, reads Depends defaults."""
     CALLS["handler.async_dep"] += value
 
 
-# fastapi-events evaluates string annotations again for every event; give it real ones.
 fe_handle_async_dep.__annotations__ = typing.get_type_hints(fe_handle_async_dep)
 
+ASYNC_DEP = {"handler.async_dep": 1, "dep.async": 1}
+SYNC_DEP = {"handler.sync_dep": 1, "dep.sync": 1}
+DEPS_3 = {"handler.3": 1, "dep.async": 1, "dep.config": 1, "dep.user": 1}
+DEPS_3Y = {"handler.3y": 1, "dep.async": 1, "dep.config": 1, "dep.session_open": 1}
+DEPS_3Y["dep.session_close"] = 1
 
-# -- fastapi-events 0.12, when installed ------------------------------------------
+
+# -- fastapi-events 0.12, when installed --------------------------------------------------
 
 
 @dataclass(frozen=True)
 class FastAPIEvents:
-    """The pieces of fastapi-events used here, imported at run time (an optional package)."""
+    """Its pieces; ``otel.HAS_OTEL_INSTALLED`` turns its OTel hooks on (*has_otel*: as found)."""
 
     version: str
     middleware: Any
-    """``fastapi_events.middleware.EventHandlerASGIMiddleware``"""
     local_handler: Any
-    """``fastapi_events.handlers.local.LocalHandler``"""
     dispatch: Callable[..., None]
-    otel_utils: Any
-    """``fastapi_events.otel.utils``, whose ``HAS_OTEL_INSTALLED`` turns its OTel hooks on."""
+    otel: Any
     has_otel: bool
-    """Whether its OTel hooks were on at import (opentelemetry-api importable)."""
 
 
 @cache
 def load_fastapi_events() -> FastAPIEvents | None:
-    """fastapi-events if importable, with its OpenTelemetry hooks off; else None."""
+    """fastapi-events if importable, its OpenTelemetry hooks off; else None."""
+    names = ("", ".middleware", ".handlers.local", ".dispatcher", ".otel.utils")
     try:
-        package = importlib.import_module("fastapi_events")
-        middleware = importlib.import_module("fastapi_events.middleware")
-        local = importlib.import_module("fastapi_events.handlers.local")
-        dispatcher = importlib.import_module("fastapi_events.dispatcher")
-        otel_utils: Any = importlib.import_module("fastapi_events.otel.utils")
+        modules: list[Any] = [importlib.import_module(f"fastapi_events{n}") for n in names]
     except ImportError:
         return None
-    has_otel = bool(otel_utils.HAS_OTEL_INSTALLED)
-    otel_utils.HAS_OTEL_INSTALLED = False
-    return FastAPIEvents(
-        version=str(package.__version__),
-        middleware=middleware.EventHandlerASGIMiddleware,
-        local_handler=local.LocalHandler,
-        dispatch=dispatcher.dispatch,
-        otel_utils=otel_utils,
-        has_otel=has_otel,
-    )
+    package, middleware, local, dispatcher, otel = modules
+    has_otel, otel.HAS_OTEL_INSTALLED = bool(otel.HAS_OTEL_INSTALLED), False
+    mw, handler = middleware.EventHandlerASGIMiddleware, local.LocalHandler
+    return FastAPIEvents(package.__version__, mw, handler, dispatcher.dispatch, otel, has_otel)
 
 
-# -- the applications (one route each, so routing costs the same everywhere) ----
+# -- the applications (one route each, so routing costs the same everywhere) --------------
 
 
 def bare_app() -> FastAPI:
@@ -182,11 +177,10 @@ def bare_app() -> FastAPI:
 
 
 def depends_app() -> FastAPI:
-    """Context row: what FastAPI charges for resolving any one sub-dependency."""
     app = FastAPI()
 
     @app.post("/")
-    async def endpoint(value: Annotated[int, Depends(async_value)]) -> dict[str, bool]:
+    async def endpoint(value: Value) -> dict[str, bool]:
         CALLS["endpoint"] += value
         return {"ok": True}
 
@@ -205,12 +199,29 @@ def background_task_app() -> FastAPI:
     return app
 
 
-def emitting_app(events: int) -> tuple[FastAPI, EventBus]:
+def floor_app() -> FastAPI:
+    """The least FastAPI needs to run the handler with its dependency after the response."""
     app = FastAPI()
-    bus = EventBus()
+    event = Event(name="bench.async_dep", payload=PAYLOAD)
+
+    async def run_handler() -> None:
+        await handle_async_dep(event, await async_value())
+
+    @app.post("/")
+    async def endpoint(
+        background_tasks: BackgroundTasks, ready: Annotated[bool, Depends(trivial)]
+    ) -> dict[str, bool]:
+        CALLS["endpoint"] += ready
+        background_tasks.add_task(run_handler)
+        return {"ok": True}
+
+    return app
+
+
+def emitting_app(events: int, payload: Any = PAYLOAD) -> tuple[FastAPI, EventBus]:
+    app, bus = FastAPI(), EventBus()
     bus.install(app)
     bus.on("bench.async_dep")(handle_async_dep)
-    payload = {"id": 1, "name": "cat"}
 
     @app.post("/")
     async def endpoint(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
@@ -222,14 +233,13 @@ def emitting_app(events: int) -> tuple[FastAPI, EventBus]:
     return app, bus
 
 
-def fastapi_events_app(fe: FastAPIEvents, events: int) -> FastAPI:
-    """fastapi-events' way to do what `emitting_app` does: middleware, dispatch, local handler."""
-    handler = fe.local_handler()  # its own registry, not the global `local_handler`
+def fastapi_events_app(fe: FastAPIEvents, events: int, payload: Any = PAYLOAD) -> FastAPI:
+    """`emitting_app` the fastapi-events way: middleware, ``dispatch``, a local handler."""
+    handler = fe.local_handler()  # its own registry, not the module-level `local_handler`
     handler.register(fe_handle_async_dep, event_name="bench.async_dep")
     app = FastAPI()
     app.add_middleware(fe.middleware, handlers=[handler])
     dispatch = fe.dispatch
-    payload = {"id": 1, "name": "cat"}
 
     @app.post("/")
     async def endpoint() -> dict[str, bool]:
@@ -241,78 +251,103 @@ def fastapi_events_app(fe: FastAPIEvents, events: int) -> FastAPI:
     return app
 
 
-def publishing_bus() -> tuple[FastAPI, EventBus]:
-    app = FastAPI()
-    bus = EventBus()
-    bus.install(app)
-    bus.on("bench.no_dep")(handle_no_dep)
-    bus.on("bench.async_dep")(handle_async_dep)
-    bus.on("bench.sync_dep")(handle_sync_dep)
-    return app, bus
+def with_fe_otel(fe: FastAPIEvents, app: ASGIApp) -> ASGIApp:
+    """*app* with fastapi-events' OpenTelemetry hooks on, as installed."""
+
+    async def traced_app(scope: Scope, receive: Receive, send: Send) -> None:
+        fe.otel.HAS_OTEL_INSTALLED = True
+        try:
+            await app(scope, receive, send)
+        finally:
+            fe.otel.HAS_OTEL_INSTALLED = False
+
+    return traced_app
 
 
-# -- driving ASGI apps in-process -------------------------------------------------
+def traced(bus: EventBus) -> bool:
+    """Trace *bus* with the OpenTelemetry SDK (spans made, not exported), if installed."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
 
-BASE_SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "POST",
-    "scheme": "http",
-    "path": "/",
-    "raw_path": b"/",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"bench"), (b"content-length", b"0")],
-    "client": ("127.0.0.1", 40000),
-    "server": ("bench", 80),
-}
-REQUEST_MESSAGE: Message = {"type": "http.request", "body": b"", "more_body": False}
+        from fastapi_eventbus.otel import instrument_bus
+    except ImportError:
+        return False
+    instrument_bus(bus, tracer_provider=TracerProvider())
+    return True
 
 
-def http_op(app: ASGIApp, sent: list[Message]) -> Op:
-    """One request to *app*: a fresh scope (apps and the bus write into it)."""
+# -- payloads -----------------------------------------------------------------------------
 
-    async def receive() -> Message:
-        return REQUEST_MESSAGE
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async def op() -> None:
-        await app(dict(BASE_SCOPE), receive, send)
-
-    return op
+SIZES = {"100": 100, "10k": 10 * 1024, "1m": 1024 * 1024}
 
 
-def check_responses(sent: list[Message], requests: int) -> None:
-    """Every request got a complete 200 response; raise otherwise."""
-    starts = [m for m in sent if m["type"] == "http.response.start"]
-    bodies = [m for m in sent if m["type"] == "http.response.body" and not m.get("more_body")]
-    bad = [m["status"] for m in starts if m["status"] != 200]
-    if len(starts) != requests or len(bodies) != requests or bad:
-        raise AssertionError(
-            f"expected {requests} complete 200 responses, got {len(starts)} starts, "
-            f"{len(bodies)} final bodies, bad statuses {bad[:5]}"
-        )
-    sent.clear()
+def order(items: int) -> dict[str, Any]:
+    return {
+        "order_id": 1234,
+        "customer": "ada",
+        "items": [
+            {
+                "sku": f"SKU-{i:06d}",
+                "name": f"item {i} of the order",
+                "qty": 1 + i % 3,
+                "price": 12.5,
+            }
+            for i in range(items)
+        ],
+    }
 
 
-# -- the solver baseline ----------------------------------------------------------
+def structured(size: int) -> dict[str, Any]:
+    """An order with as many line items as make about *size* bytes of JSON (10 KiB: 127)."""
+    empty, items = len(json.dumps(order(0))), 100
+    for _ in range(2):  # the items' size grows with their number: estimate twice
+        items = max(0, round((size - empty) / ((len(json.dumps(order(items))) - empty) / items)))
+    return order(items)
+
+
+def payload_rows(fe: FastAPIEvents | None) -> tuple[list[Variant], list[EventBus]]:
+    """For each size and shape: ours emitting one event, then fastapi-events doing the same."""
+    rows, buses = [], []
+    section = "Payload sizes: 1 event -> handler w/ 1 Depends, in-process ASGI"
+    for size_key, size in SIZES.items():
+        for shape, payload in (("struct", structured(size)), ("str", "x" * (size - 2))):
+            key = f"{shape}_{size_key}"
+            items = len(payload["items"]) if isinstance(payload, dict) else 0
+            what = f"order, {items:,} item{'s' * (items > 1)}" if items else "str"
+            app, bus = emitting_app(1, payload)
+            label = f"ours, {len(json.dumps(payload)):,} B {what}"
+            expected = {"endpoint": 1, RESPONSES: 1, **ASYNC_DEP}
+            rows.append(
+                Variant(key, label, h.asgi_op(app), "req", 1, expected, f"fe_{key}", section)
+            )
+            buses.append(bus)
+            if fe is not None:
+                op = h.asgi_op(fastapi_events_app(fe, 1, payload))
+                label = f"  fastapi-events, same payload ({shape} {size_key})"
+                rows.append(Variant(f"fe_{key}", label, op, "req", 1, expected, section=section))
+    return rows, buses
+
+
+# -- the solver baseline ------------------------------------------------------------------
 
 
 def solver_op(handler: Callable[..., Awaitable[None]], provider: FastAPI) -> Op:
-    """What a minimal hand-written dispatcher needs to run *handler* via FastAPI's solver.
+    """What a minimal hand-written dispatcher needs to run *handler* with FastAPI's solver.
 
-    Fresh request/function exit stacks per call (``solve_dependencies`` requires
-    them in the scope, and they give ``yield`` dependencies a per-call lifetime),
-    ``Request(scope)``, ``solve_dependencies`` with the app as overrides
-    provider, then the call. The event is built once, outside the loop, and the
-    scope is a request-less one like the bus gives ``publish`` (no headers).
+    Fresh request/function exit stacks per call (``yield`` dependencies get a per-call
+    lifetime), ``Request(scope)``, ``solve_dependencies``, then the call; the event is
+    built once, the scope is a request-less one like the bus gives ``publish``.
     """
-    event = Event(name="bench.baseline", payload={"id": 1, "name": "cat"})
-    dependant = _dependant_without_event(handler)
-    base = {**BASE_SCOPE, "headers": [], "app": provider}
+    event = Event(name="bench.baseline", payload=PAYLOAD)
+    signature = get_typed_signature(handler)
+
+    def shim() -> None:
+        """Carries the handler's signature minus the event."""
+
+    params = [p for name, p in signature.parameters.items() if name != "event"]
+    shim.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    dependant: Dependant = get_dependant(path="", call=shim)
+    base = {**h.BASE_SCOPE, "headers": [], "app": provider}
 
     async def op() -> None:
         async with AsyncExitStack() as request_stack, AsyncExitStack() as function_stack:
@@ -333,474 +368,145 @@ def solver_op(handler: Callable[..., Awaitable[None]], provider: FastAPI) -> Op:
     return op
 
 
-def _dependant_without_event(handler: Callable[..., Any]) -> Dependant:
-    signature = get_typed_signature(handler)
-    params = [p for name, p in signature.parameters.items() if name != "event"]
+def counting_handler(key: str) -> Callable[[Event], Awaitable[None]]:
+    async def handler(event: Event) -> None:
+        CALLS[key] += 1
 
-    def shim() -> None:
-        """Carries the handler's signature minus the event."""
-
-    shim.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    return get_dependant(path="", call=shim)
+    return handler
 
 
-# -- variants -------------------------------------------------------------------
-
-
-@dataclass
-class Variant:
-    key: str
-    label: str
-    op: Op
-    unit: str
-    events_per_op: int = 0
-    expected: dict[str, int] = field(default_factory=dict)
-    """``CALLS`` keys and how much each one operation adds to them."""
-    baseline: str | None = None
-    sent: list[Message] | None = None
-    ops_done: int = 0
-    rates: list[float] = field(default_factory=list)
-
-    async def run(self, n: int) -> float:
-        """Run *n* operations; return the elapsed seconds."""
-        op = self.op
-        gc.collect()
-        start = time.perf_counter()
-        for _ in range(n):
-            await op()
-        elapsed = time.perf_counter() - start
-        self.ops_done += n
-        if self.sent is not None:
-            check_responses(self.sent, n)
-        return elapsed
-
-
-def build_variants() -> tuple[list[Variant], list[EventBus]]:
-    """The variants, and the buses behind them (to check nothing is left in flight)."""
-    variants: list[Variant] = []
-
-    def http(key: str, label: str, app: FastAPI, events: int, expected: dict[str, int]) -> None:
-        sent: list[Message] = []
-        variants.append(
-            Variant(
-                key,
-                label,
-                http_op(app, sent),
-                "req/s",
-                events_per_op=events,
-                expected={"endpoint": 1, **expected},
-                baseline=None if key == "bare" else "bare",
-                sent=sent,
-            )
-        )
-
-    emit1_app, emit1_bus = emitting_app(1)
-    emit10_app, emit10_bus = emitting_app(10)
-    http("bare", "1 bare async endpoint", bare_app(), 0, {})
-    http("depends", "  (context) + one trivial async Depends", depends_app(), 0, {"dep.async": 1})
-    http(
-        "bg_task", "2 + one BackgroundTasks no-op task", background_task_app(), 0, {"task.noop": 1}
+def publish_rows() -> tuple[list[Variant], EventBus]:
+    app, bus = FastAPI(), EventBus()
+    bus.install(app)
+    handlers = (
+        ("0", "handler w/ 0 Depends", handle_no_dep, {"handler.no_dep": 1}),
+        ("1", "handler w/ 1 async Depends", handle_async_dep, ASYNC_DEP),
+        ("sync", "handler w/ 1 sync Depends", handle_sync_dep, SYNC_DEP),
+        ("3y", "3 Depends, one a yield (async gen)", handle_3y, DEPS_3Y),
+        ("3", "3 async Depends, no yield (context)", handle_3, DEPS_3),
     )
-    get_bus_app, get_bus_bus = emitting_app(0)
-    http("get_bus", "  (context) Depends(get_bus), emits nothing", get_bus_app, 0, {})
-    http(
-        "emit1",
-        "3 emit 1 event -> handler w/ 1 async Depends",
-        emit1_app,
-        1,
-        {"handler.async_dep": 1, "dep.async": 1},
-    )
-    http(
-        "emit10",
-        "4 emit 10 events -> same handler",
-        emit10_app,
-        10,
-        {"handler.async_dep": 10, "dep.async": 10},
-    )
+    rows = []
+    for key, label, handler, calls in handlers:
+        bus.on(f"bench.{key}")(handler)
+        op = publish_op(bus, f"bench.{key}")
+        rows.append(Variant(f"publish_{key}", f"publish, {label}", op, "event", 1, calls))
+        rows[-1].baseline = f"solve_{key}"
+        label = "  solve_dependencies + call, same handler"
+        rows.append(Variant(f"solve_{key}", label, solver_op(handler, app), "event", 1, calls))
+    fan = [f"handler.fan{i}" for i in range(4)]
+    for key in fan:
+        bus.on("bench.fan4")(counting_handler(key))
+    label, op = "publish, 4 handlers w/ 0 Depends on one event", publish_op(bus, "bench.fan4")
+    rows.append(Variant("publish_4h", label, op, "event", 1, dict.fromkeys(fan, 1), "publish_0"))
+    for row in rows:
+        row.section = "Direct dispatch: await bus.publish() vs solve_dependencies + call, per event"
+    return rows, bus
 
+
+def publish_op(bus: EventBus, name: str) -> Op:
+    async def op() -> None:
+        await bus.publish(name, PAYLOAD)
+
+    return op
+
+
+# -- rows -----------------------------------------------------------------------------------
+
+TEN = {"handler.async_dep": 10, "dep.async": 10}
+HTTP_ROWS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
+    "bare": ("bare async endpoint", {}, ()),
+    "depends": ("(context) + one trivial async Depends", {"dep.async": 1}, ("bare",)),
+    "bg_task": ("(context) + one BackgroundTasks no-op task", {"task.noop": 1}, ("bare",)),
+    "floor": ("floor: 1 Depends + BackgroundTasks -> dep, handler", ASYNC_DEP, ("bare",)),
+    "get_bus": ("(context) Depends(get_bus), emits nothing", {}, ("bare",)),
+    "emit1": ("emit 1 event -> handler w/ 1 Depends (ours)", ASYNC_DEP, ("bare", "floor", "fe1")),
+    "emit10": ("emit 10 events -> same handler", TEN, ("bare", "fe10")),
+    "fe1": ("fastapi-events: 1 event -> handler w/ 1 Depends", ASYNC_DEP, ("bare",)),
+    "fe10": ("fastapi-events: 10 events -> same handler", TEN, ("bare",)),
+    "fe1_otel": ("(context) fe1 with its OTel hooks on (no SDK)", ASYNC_DEP, ("fe1",)),
+    "emit1_traced": ("(context) emit1, traced (OTel SDK, no exporter)", ASYNC_DEP, ("emit1",)),
+}
+"""Per request rows: label, `CALLS` per request besides the endpoint's, baselines."""
+
+
+def http_app(key: str) -> tuple[Any, EventBus | None]:
+    """The app of the row *key* (None if what it needs is not installed), and its bus."""
     fe = load_fastapi_events()
-    if fe is not None:
-        async_dep = {"handler.async_dep": 1, "dep.async": 1}
-        http(
-            "fe1",
-            "5 fastapi-events: 1 event -> handler w/ 1 Depends",
-            fastapi_events_app(fe, 1),
-            1,
-            async_dep,
-        )
-        http(
-            "fe10",
-            "6 fastapi-events: 10 events -> same handler",
-            fastapi_events_app(fe, 10),
-            10,
-            dict.fromkeys(async_dep, 10),
-        )
-        if fe.has_otel:
-            http(
-                "fe1_otel",
-                "  (context) 5 with its OTel hooks on (no SDK)",
-                fastapi_events_app(fe, 1),
-                1,
-                async_dep,
-            )
-            variants[-1].op = with_fastapi_events_otel(fe, variants[-1].op)
-            variants[-1].baseline = "fe1"
+    if key.startswith("fe"):
+        if fe is None or (key == "fe1_otel" and not fe.has_otel):
+            return None, None
+        app = fastapi_events_app(fe, 10 if key == "fe10" else 1)
+        return (with_fe_otel(fe, app) if key == "fe1_otel" else app), None
+    if key in ("get_bus", "emit1", "emit10", "emit1_traced"):
+        app, bus = emitting_app({"get_bus": 0, "emit10": 10}.get(key, 1))
+        return (None, None) if key == "emit1_traced" and not traced(bus) else (app, bus)
+    apps = {"bare": bare_app, "depends": depends_app, "bg_task": background_task_app}
+    apps["floor"] = floor_app
+    return apps[key](), None
 
-    traced_app, traced_bus = emitting_app(1)
-    if traced(traced_bus):
-        http(
-            "emit1_traced",
-            "  (context) 3, traced (OTel SDK, spans not exported)",
-            traced_app,
-            1,
-            {"handler.async_dep": 1, "dep.async": 1},
-        )
-        variants[-1].baseline = "emit1"
 
-    app, bus = publishing_bus()
-
-    def publish(name: str) -> Op:
-        payload = {"id": 1, "name": "cat"}
-
-        async def op() -> None:
-            await bus.publish(name, payload)
-
-        return op
-
-    variants += [
-        Variant(
-            "publish_no_dep",
-            "publish, handler w/ 0 Depends",
-            publish("bench.no_dep"),
-            "events/s",
-            events_per_op=1,
-            expected={"handler.no_dep": 1},
-        ),
-        Variant(
-            "publish_async",
-            "publish, handler w/ 1 async Depends",
-            publish("bench.async_dep"),
-            "events/s",
-            events_per_op=1,
-            expected={"handler.async_dep": 1, "dep.async": 1},
-            baseline="solve_async",
-        ),
-        Variant(
-            "publish_sync",
-            "publish, handler w/ 1 sync Depends",
-            publish("bench.sync_dep"),
-            "events/s",
-            events_per_op=1,
-            expected={"handler.sync_dep": 1, "dep.sync": 1},
-            baseline="solve_sync",
-        ),
-        Variant(
-            "solve_async",
-            "solve_dependencies + call, 1 async Depends",
-            solver_op(handle_async_dep, app),
-            "events/s",
-            events_per_op=1,
-            expected={"handler.async_dep": 1, "dep.async": 1},
-        ),
-        Variant(
-            "solve_sync",
-            "solve_dependencies + call, 1 sync Depends",
-            solver_op(handle_sync_dep, app),
-            "events/s",
-            events_per_op=1,
-            expected={"handler.sync_dep": 1, "dep.sync": 1},
-        ),
-    ]
-    traced_publisher = publishing_bus()[1]
+def build() -> tuple[list[Variant], list[EventBus]]:
+    rows: list[Variant] = []
+    buses: list[EventBus] = []
+    for key, (label, calls, bases) in HTTP_ROWS.items():
+        app, bus = http_app(key)
+        if app is not None:
+            expected = {"endpoint": 1, RESPONSES: 1, **calls}
+            section = "Per request, in-process ASGI"
+            rows.append(Variant(key, label, h.asgi_op(app), "req", 1, expected, bases, section))
+        buses += [bus] if bus else []
+    payloads, payload_buses = payload_rows(load_fastapi_events())
+    publishes, publisher = publish_rows()
+    traced_publisher = publish_rows()[1]
     if traced(traced_publisher):
-
-        async def traced_publish() -> None:
-            await traced_publisher.publish("bench.async_dep", {"id": 1, "name": "cat"})
-
-        variants.append(
-            Variant(
-                "publish_traced",
-                "  (context) publish w/ 1 async Depends, traced",
-                traced_publish,
-                "events/s",
-                events_per_op=1,
-                expected={"handler.async_dep": 1, "dep.async": 1},
-                baseline="publish_async",
-            )
+        op = publish_op(traced_publisher, "bench.1")
+        label = "(context) publish_1, traced"
+        section = publishes[-1].section
+        publishes.append(
+            Variant("publish_traced", label, op, "event", 1, ASYNC_DEP, "publish_1", section)
         )
-    return variants, [get_bus_bus, emit1_bus, emit10_bus, bus, traced_bus, traced_publisher]
+        buses.append(traced_publisher)
+    return rows + payloads + publishes, [*buses, *payload_buses, publisher]
 
 
-def with_fastapi_events_otel(fe: FastAPIEvents, op: Op) -> Op:
-    """*op* with fastapi-events' OpenTelemetry hooks on (as installed), off again after."""
-    otel_utils = fe.otel_utils
-
-    async def traced_op() -> None:
-        otel_utils.HAS_OTEL_INSTALLED = True
-        try:
-            await op()
-        finally:
-            otel_utils.HAS_OTEL_INSTALLED = False
-
-    return traced_op
-
-
-def traced(bus: EventBus) -> bool:
-    """Trace *bus* with the OpenTelemetry SDK (spans made, not exported), if it is installed."""
-    try:
-        from opentelemetry.sdk.trace import TracerProvider
-
-        from fastapi_eventbus.otel import instrument_bus
-    except ImportError:
-        return False
-    instrument_bus(bus, tracer_provider=TracerProvider())
-    return True
+def results(by_key: dict[str, Variant]) -> dict[str, float | None]:
+    payloads = [h.ratio(by_key, k, f"fe_{k}") for k in by_key if f"fe_{k}" in by_key]
+    extra = None
+    if "publish_4h" in by_key:
+        extra = (by_key["publish_4h"].median - by_key["publish_0"].median) * 1e6 / 3
+    return {
+        "floor": h.ratio(by_key, "emit1", "floor"),
+        "payload_10k": h.ratio(by_key, "struct_10k", "fe_struct_10k"),
+        "payload_all": min((r for r in payloads if r is not None), default=None),
+        "fe10": h.ratio(by_key, "emit10", "fe10"),
+        "vs_solver": h.ratio(by_key, "publish_1", "solve_1"),
+        "per_handler": extra,
+    }
 
 
-# -- measuring ------------------------------------------------------------------
-
-
-async def calibrate(variant: Variant, warmup: float, batch: float) -> int:
-    """Warm *variant* up for about *warmup* seconds; return a batch size of ~*batch* s."""
-    n, spent = 16, 0.0
-    while spent < warmup:
-        elapsed = await variant.run(n)
-        spent += elapsed
-        per_op = elapsed / n
-        n = max(16, min(n * 4, int(warmup / 2 / max(per_op, 1e-9))))
-    return max(32, int(batch / per_op))
-
-
-async def measure(variants: list[Variant], rounds: int, warmup: float, batch: float) -> None:
-    sizes = {v.key: await calibrate(v, warmup, batch) for v in variants}
-    for r in range(rounds):
-        shift = r % len(variants)
-        for v in variants[shift:] + variants[:shift]:
-            n = sizes[v.key]
-            elapsed = await v.run(n)
-            v.rates.append(n / elapsed)
-
-
-def verify_counts(variants: list[Variant]) -> dict[str, int]:
-    expected: Counter[str] = Counter()
-    for v in variants:
-        for key, per_op in v.expected.items():
-            expected[key] += per_op * v.ops_done
-    actual = {key: CALLS[key] for key in expected}
-    if actual != dict(expected):
-        raise AssertionError(f"call counts differ: expected {dict(expected)}, got {actual}")
-    return actual
-
-
-def check_no_pending_tasks() -> None:
-    """No task outlives its operation: whatever a row spawns, it waited for (or it fails here)."""
-    pending = asyncio.all_tasks() - {asyncio.current_task()}
-    if pending:
-        raise AssertionError(f"{len(pending)} task(s) still pending after the run: {pending}")
-
-
-# -- reporting ------------------------------------------------------------------
-
-TARGET_EMIT1_RATIO = 0.75
-TARGET_PUBLISH_RATE = 100_000.0
-TARGET_VS_SOLVER = 2.0
-TARGET_VS_FE1 = 3.0
-TARGET_VS_FE10 = 5.0
-LABEL_WIDTH = 52
-
-
-def median(v: Variant) -> float:
-    return statistics.median(v.rates)
-
-
-def report(variants: list[Variant], rounds: int, elapsed: float, loop_name: str) -> bool:
-    by_key = {v.key: v for v in variants}
-    print(
-        f"fastapi_eventbus benchmark: {rounds} rounds, round-robin, {loop_name} loop, "
-        f"Python {sys.version.split()[0]}, {elapsed:.1f} s"
-    )
-    header = (
-        f"{'variant':<{LABEL_WIDTH}} {'best':>10} {'median':>10} {'µs/op':>8} {'ratio':>7}"
-        "  events/s"
-    )
-    sections = (
-        ("HTTP requests, in-process ASGI (req/s; ratio vs 1 bare)", "req/s"),
-        ("Direct dispatch (events/s; ratio vs solve_dependencies, same signature)", "events/s"),
-    )
-    for title, unit in sections:
-        print()
-        print(title)
-        print(header)
-        print("-" * len(header))
-        for v in variants:
-            if v.unit != unit:
-                continue
-            med = median(v)
-            base = by_key[v.baseline] if v.baseline else None
-            ratio = f"{med / median(base):.2f}x" if base else "-"
-            events = f"{med * v.events_per_op:,.0f}" if v.events_per_op else "-"
-            print(
-                f"{v.label:<{LABEL_WIDTH}} {max(v.rates):>10,.0f} {med:>10,.0f} "
-                f"{1e6 / med:>8.1f} {ratio:>7}  {events}"
-            )
-        if unit == "req/s":
-            fe = load_fastapi_events()
-            if fe is None:
-                print(
-                    "rows 5-6 (fastapi-events) skipped: fastapi-events is not installed "
-                    "(pip install -e '.[bench]')"
-                )
-            else:
-                print(
-                    f"rows 5-6: fastapi-events {fe.version} (middleware + LocalHandler, "
-                    "OTel hooks off; see the module docstring)"
-                )
-
-    print()
-    overhead = 1e6 / median(by_key["publish_async"]) - 1e6 / median(by_key["solve_async"])
-    per_event = (
-        1e6 / median(by_key["emit10"]) - 1e6 / median(by_key["emit1"])
-    ) / 9  # marginal cost of one more emitted event in a request
-    print(f"bus overhead over the solver, publish w/ 1 async Depends: {overhead:+.1f} µs/event")
-    print(f"marginal cost of one more emitted event in a request:     {per_event:.1f} µs/event")
-    if "fe1" in by_key:
-        fe_per_event = (1e6 / median(by_key["fe10"]) - 1e6 / median(by_key["fe1"])) / 9
-        print(
-            f"the same, fastapi-events:                                 {fe_per_event:.1f} µs/event"
-        )
-
-    def versus(key: str, base: str) -> float | None:
-        if key not in by_key or base not in by_key:
-            return None
-        return median(by_key[key]) / median(by_key[base])
-
-    rate = median(by_key["publish_async"])
-    targets: list[tuple[str, str, bool | None]] = [
-        target(
-            f"3 emit 1 event >= {TARGET_EMIT1_RATIO:.2f}x bare",
-            versus("emit1", "bare"),
-            TARGET_EMIT1_RATIO,
-        ),
-        (
-            f"publish w/ 1 Depends >= {TARGET_PUBLISH_RATE:,.0f} events/s",
-            f"{rate:,.0f}",
-            rate >= TARGET_PUBLISH_RATE,
-        ),
-        target(
-            f"publish w/ 1 Depends >= {TARGET_VS_SOLVER:g}x solve_dependencies",
-            versus("publish_async", "solve_async"),
-            TARGET_VS_SOLVER,
-        ),
-        target(
-            f"3 emit 1 event >= {TARGET_VS_FE1:g}x fastapi-events (5)",
-            versus("emit1", "fe1"),
-            TARGET_VS_FE1,
-        ),
-        target(
-            f"4 emit 10 events >= {TARGET_VS_FE10:g}x fastapi-events (6)",
-            versus("emit10", "fe10"),
-            TARGET_VS_FE10,
-        ),
-    ]
-    print()
-    for label, value, ok in targets:
-        verdict = (
-            "SKIPPED (fastapi-events not installed)" if ok is None else ("PASS" if ok else "FAIL")
-        )
-        print(f"target: {label} {'.' * (46 - len(label))} {value:>8}  {verdict}")
-    return all(ok is not False for _, _, ok in targets)
-
-
-def target(label: str, value: float | None, minimum: float) -> tuple[str, str, bool | None]:
-    """A ratio target: its label, the value as printed, whether it is met (None: not measured)."""
-    if value is None:
-        return label, "-", None
-    return label, f"{value:.2f}x", value >= minimum
-
-
-# -- profiling ------------------------------------------------------------------
-
-
-async def profile(variant: Variant, seconds: float, top: int) -> None:
-    n = await calibrate(variant, 0.5, seconds)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    await variant.run(n)
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
-    total = sum(tt for _, _, tt, _, _ in raw.values())
-    print(
-        f"cProfile of {variant.label!r}: {n} ops, {total / n * 1e6:.1f} µs/op profiled "
-        "(cProfile inflates absolute times; compare rows, not with the table)"
-    )
-    for sort, title in (("tottime", "own time"), ("cumtime", "cumulative time")):
-        print()
-        print(f"top {top} by {title}, per operation:")
-        print(f"{'calls/op':>9} {'own µs':>8} {'cum µs':>8}  function")
-        index = 2 if sort == "tottime" else 3
-        rows = sorted(raw.items(), key=lambda item: item[1][index], reverse=True)[:top]
-        for (filename, line, func), (_, calls, tt, ct, _) in rows:
-            where = f"{_short_path(filename)}:{line}({func})"
-            print(f"{calls / n:>9.2f} {tt / n * 1e6:>8.2f} {ct / n * 1e6:>8.2f}  {where}")
-
-
-def _short_path(filename: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python"):
-        if marker in filename:
-            return filename.split(marker, 1)[1]
-    return filename
-
-
-# -- entry point ----------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="about 15 s instead of about 75 s")
-    parser.add_argument("--rounds", type=int, help="rounds of round-robin batches")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--profile", metavar="VARIANT", help="cProfile one variant instead")
-    parser.add_argument("--profile-seconds", type=float, default=3.0)
-    parser.add_argument("--top", type=int, default=30, help="rows per profile listing")
-    return parser.parse_args(argv)
-
-
-async def amain(args: argparse.Namespace, loop_name: str) -> int:
-    variants, buses = build_variants()
-    if args.profile:
-        chosen = [v for v in variants if v.key == args.profile]
-        if not chosen:
-            keys = ", ".join(v.key for v in variants)
-            raise SystemExit(f"unknown variant {args.profile!r}; choose one of: {keys}")
-        await profile(chosen[0], args.profile_seconds, args.top)
-        verify_counts(chosen)
-        check_no_pending_tasks()
-        return 0
-    rounds = args.rounds or (5 if args.quick else 8)
-    warmup, batch = (0.08, 0.14) if args.quick else (0.3, 0.55)
-    start = time.perf_counter()
-    await measure(variants, rounds, warmup, batch)
-    elapsed = time.perf_counter() - start
-    counts = verify_counts(variants)
-    for bus in buses:
-        left = await bus.drain(0)
-        if left:
-            raise AssertionError(f"{len(left)} event(s) still in flight after the run")
-    check_no_pending_tasks()
-    ok = report(variants, rounds, elapsed, loop_name)
-    print(f"verified call counts: {', '.join(f'{k}={v:,}' for k, v in sorted(counts.items()))}")
-    return 0 if ok or not args.check else 1
+async def amain(args: argparse.Namespace) -> bool:
+    rows, buses = build()
+    counts = await h.run_variants(args, rows, buses, batch=(0.12, 0.35))
+    if counts is None:
+        return True
+    fe = load_fastapi_events()
+    extra = f", fastapi-events {fe.version}" if fe else ", fastapi-events not installed"
+    h.header("bench_core", args.rounds, extra=extra)
+    h.tables(rows)
+    by_key = {v.key: v for v in rows}
+    us = {key: v.median * 1e6 for key, v in by_key.items()}
+    print(f"\none more emitted event in a request: {(us['emit10'] - us['emit1']) / 9:.1f} µs")
+    if fe:
+        print(f"the same, fastapi-events: {(us['fe10'] - us['fe1']) / 9:.1f} µs")
+    print(f"publish over the solver, 1 async Depends: {us['publish_1'] - us['solve_1']:+.1f} µs")
+    ok = h.verdict(results(by_key))
+    print(h.counts_line(counts))
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.loop == "uvloop":  # optional, not a dependency of the project
-        uvloop = importlib.import_module("uvloop")
-        return int(uvloop.run(amain(args, "uvloop")))
-    return asyncio.run(amain(args, "asyncio"))
+    return h.main(amain, __doc__, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

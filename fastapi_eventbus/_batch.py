@@ -110,6 +110,10 @@ class FlushTask(BackgroundTask):
         self.kwargs = {}  # type: ignore[assignment]
         self.is_async = True
 
+    def __call__(self) -> Awaitable[None]:  # type: ignore[override]
+        """The flush itself, awaited by Starlette: not a coroutine around it (one level less)."""
+        return self.func(*self.args)  # type: ignore[call-arg, no-any-return]
+
 
 class RequestEnd:
     """On FastAPI's request exit stack: `Core.end_request` when the request ends.
@@ -121,7 +125,7 @@ class RequestEnd:
     __slots__ = ("batch", "end")
 
     def __init__(
-        self, end: Callable[[Batch, BaseException | None], Awaitable[None]], batch: Batch
+        self, end: Callable[[Batch, BaseException | None], Awaitable[None] | None], batch: Batch
     ) -> None:
         self.end = end
         self.batch = batch
@@ -132,5 +136,6 @@ class RequestEnd:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        await self.end(self.batch, exc)
+        if (pending := self.end(self.batch, exc)) is not None:
+            await pending
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -20,8 +21,6 @@ from ._events import (
     Event,
     event_name_of,
     is_event_model,
-    make_event,
-    resolve_emit_args,
 )
 from ._hooks import HandlerFailure, OnDiscard, OnError, logger
 from ._lifespan import draining_lifespan
@@ -32,7 +31,6 @@ from ._tracing import Tracing
 from .exceptions import (
     BusNotInstalledError,
     ConfigurationError,
-    EventChainError,
     InvalidEventError,
     OutsideRequestError,
     SpoolError,
@@ -47,6 +45,9 @@ STATE_ATTR = "fastapi_eventbus"
 """Attribute of ``app.state`` that holds the installed bus."""
 
 _MISSING: Any = object()
+
+_INSTALLED: weakref.WeakKeyDictionary[Any, EventBus] = weakref.WeakKeyDictionary()
+"""The bus `EventBus.install` put on each app (also on ``app.state``, for users to read)."""
 
 
 class EventBus:
@@ -165,6 +166,7 @@ class EventBus:
                 "an EventBus is already installed on this app; call install() once"
             )
         setattr(app.state, STATE_ATTR, self)
+        _INSTALLED[app] = self
         self._core.app = app
         router = app.router
         router.lifespan_context = draining_lifespan(router.lifespan_context, self._core, self.close)
@@ -176,7 +178,10 @@ class EventBus:
         Raises:
             BusNotInstalledError: No bus is installed on *app*.
         """
-        bus = getattr(getattr(app, "state", None), STATE_ATTR, None)
+        try:
+            return _INSTALLED[app]  # per request: not app.state's failing attribute lookup
+        except (KeyError, TypeError):
+            bus = getattr(getattr(app, "state", None), STATE_ATTR, None)
         if not isinstance(bus, EventBus):
             raise BusNotInstalledError(
                 "no EventBus is installed on this app: create one and call `bus.install(app)` "
@@ -329,7 +334,7 @@ class EventBus:
                 "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
                 "(scripts, startup, tests) use `await bus.publish(...)`"
             )
-        event_obj, deliver = self._accept(event, payload, batch.depth, batch)
+        event_obj, deliver = self._core.make(event, payload, payload is not _MISSING, batch)
         if not deliver:
             return event_obj
         self._core.accept(batch, event_obj)
@@ -355,7 +360,7 @@ class EventBus:
             SpoolError: The spool could not be written.
         """
         depth = self._batch.depth if self._batch is not None else 0
-        event_obj, deliver = self._accept(event, payload, depth, None)
+        event_obj, deliver = self._core.make(event, payload, payload is not _MISSING, None, depth)
         if not deliver:
             return event_obj
         await self._core.publish(event_obj, self._batch, depth)
@@ -400,41 +405,6 @@ class EventBus:
                 return None
             total += handler.timeout
         return total
-
-    def _accept(
-        self, event: object, payload: Any, depth: int, batch: Batch | None
-    ) -> tuple[Event, bool]:
-        """Validate and build the event, show it to observers; say whether to deliver it.
-
-        A delivered event is first admitted (capacity limits) and, with a spool,
-        written there for each forwarder it matches: all before the caller returns.
-        """
-        core = self._core
-        has_payload = payload is not _MISSING
-        name, data = resolve_emit_args(
-            core.schemas, event, payload if has_payload else None, has_payload
-        )
-        settings = core.settings
-        if depth > settings.max_chain_depth:
-            raise EventChainError(
-                f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
-                f"{settings.max_chain_depth}: a handler keeps emitting events that lead to itself"
-            )
-        event_obj = make_event(name, data, settings.source)
-        forwarders = core.forwarders.match(name) if core.forwarders else ()
-        for forwarder in forwarders:
-            forwarder.check(event_obj)
-        muted = core.observers and any(observer.mute for observer in core.observers)
-        deliver = not (settings.disabled or muted)
-        if deliver:
-            core.admit(batch)
-            if core.tracing is not None:
-                core.tracing.emitted(event_obj)
-            if forwarders and core.spool is not None:  # with its trace context
-                core.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
-        for observer in core.observers:
-            observer.on_emit(event_obj)
-        return event_obj, deliver
 
     # -- request lifecycle ------------------------------------------------------
 
@@ -592,7 +562,8 @@ def open_request(
 
 async def end_request(view: EventBus, exc: BaseException | None) -> None:
     """*view*'s request is over (*exc*: what its endpoint raised): see `Core.end_request`."""
-    await view._core.end_request(view._batch, exc)  # type: ignore[arg-type]  # a view's
+    if (pending := view._core.end_request(view._batch, exc)) is not None:  # type: ignore[arg-type]
+        await pending
 
 
 def flush_after(view: EventBus, response: Response) -> None:

@@ -5,31 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping
 from typing import Any, Protocol
 
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
-from . import _di
 from ._batch import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, FlushTask
-from ._deadline import Limit, Watchdog
 from ._di import Handler
-from ._events import Event, SchemaRegistry, payload_as
+from ._dispatch import Dispatcher
+from ._events import (
+    Event,
+    SchemaRegistry,
+    check_name,
+    make_event,
+    resolve_emit_args,
+    to_json_data,
+)
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._sending import Sender
 from ._settings import Settings
 from ._tracing import Tracing
-from .exceptions import CapacityError, SpoolError
+from .exceptions import CapacityError, EventChainError, SpoolError
 from .forwarders._base import Forwarder
 from .storage import Storage
-
-unmatched_logger = logging.getLogger("fastapi_eventbus.unmatched")
-"""Where the "matches no handler and no forwarder" warning goes (silence it by its name)."""
-
-_UNMATCHED_NAMES_LIMIT = 1024
-"""How many distinct unmatched names are remembered (each is warned about once)."""
 
 
 class Observer(Protocol):
@@ -54,7 +54,9 @@ class Core:
         self.settings = settings
         self.make_view = make_view
         """Builds the `EventBus` a handler gets from ``Depends(get_bus)`` for a child batch."""
-        self.handlers: PatternIndex[Handler] = PatternIndex()
+        self.dispatcher = Dispatcher(self)
+        """Runs the handlers of each event (`Dispatcher.dispatch`)."""
+        self.handlers: PatternIndex[Handler] = self.dispatcher.handlers
         self.sender = Sender(spool)
         """The forwarders, and the storage their events wait in."""
         self.forwarders: PatternIndex[Forwarder] = self.sender.forwarders
@@ -69,8 +71,6 @@ class Core:
         """Events accepted and not yet finished (handled and forwarded), all batches."""
         self._refused = 0
         self._refused_logged = 0.0
-        self._unmatched: set[str] = set()
-        self._watchdog: Watchdog | None = None
         self._stopping: asyncio.TimerHandle | None = None
         self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
@@ -79,7 +79,7 @@ class Core:
 
     def set_tracing(self, tracing: Tracing | None) -> None:
         """Turn tracing on (`fastapi_eventbus.otel.instrument_bus`) or off (None)."""
-        self.tracing = self.sender.tracing = tracing
+        self.tracing = self.sender.tracing = self.dispatcher.tracing = tracing
 
     def batch(self, parent: Batch | None, depth: int) -> Batch:
         """A batch for `publish`/`handle`: in *parent*'s scope, or one built when needed."""
@@ -106,7 +106,7 @@ class Core:
         batch.current = event
         self.active.add(batch)
         try:
-            return await self.dispatch(event, batch, local=False)
+            return await self.dispatcher.dispatch(event, batch, local=False)
         finally:
             batch.current = None
             batch.state = CLOSED
@@ -183,24 +183,31 @@ class Core:
         else:
             response.background = BackgroundTasks([background, flush])
 
-    async def end_request(self, batch: Batch, exc: BaseException | None) -> None:
+    def end_request(
+        self, batch: Batch, exc: BaseException | None
+    ) -> Coroutine[Any, Any, None] | None:
         """The request is over (*exc*: what its endpoint raised): what happens to its events.
 
         Nothing, when the flush ran already (as a background task); flushed now
         (a response with its own ``background=`` skipped the flush task);
         discarded if the endpoint raised; kept with ``keep_events_on_error``.
+        Returns the flush or the discard for the caller to await, or None (most
+        requests: no coroutine to make and await).
         """
+        if batch.scope is not None:  # the request's bus leaves it: no cycle scope-view-batch
+            batch.scope.pop(SCOPE_KEY, None)  # (so that no request leaves garbage for the GC)
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
-            return
+            return None
         if not batch.events:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
-        elif exc is None:  # the endpoint returned a Response with its own background=
-            await self.flush(batch, stoppable=True)
-        elif self.settings.keep_events_on_error:
+            return None
+        if exc is None:  # the endpoint returned a Response with its own background=
+            return self.flush(batch, stoppable=True)
+        if self.settings.keep_events_on_error:
             batch.state = CLOSED
             self.schedule(batch)
-        else:
-            await self.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
+            return None
+        return self.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
 
     def schedule(self, batch: Batch) -> None:
         """Start a tracked task that flushes *batch* (late emits, WebSockets), on its loop."""
@@ -232,17 +239,18 @@ class Core:
             return
         batch.state = FLUSHING
         if stoppable:
-            batch.runner = asyncio.current_task()
+            batch.runner = asyncio.current_task(batch.loop)
+        dispatch = self.dispatcher.dispatch
         try:
             while batch.events:
                 round_ = list(batch.events)
-                if self.forwarders:
+                if self.forwarders.size:
                     batch.sends += self.sender.start(round_)
                 for _ in round_:
                     if not batch.events:  # reported and cleared by drain meanwhile
                         break
                     event = batch.current = batch.events.popleft()
-                    await self.dispatch(event, batch)
+                    await dispatch(event, batch)
                 batch.current = None
             if batch.sends:  # cancelled sends (by drain) were reported there: no raise here
                 await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
@@ -256,13 +264,61 @@ class Core:
                 batch.current = None
             batch.state = CLOSED
             batch.runner = None
-            await self._abandon(batch)
+            if batch.sends or batch.events:  # cancelled: what it did not finish is reported
+                await self._abandon(batch)
             self.active.discard(batch)
             self._finished(batch)
 
     def _finished(self, batch: Batch) -> None:
         self.pending -= batch.accepted
         batch.accepted = 0
+
+    def make(
+        self,
+        event: object,
+        payload: Any,
+        has_payload: bool,
+        batch: Batch | None,
+        depth: int | None = None,
+    ) -> tuple[Event, bool]:
+        """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at
+        chain *depth*: the batch's by default), shown to the observers; and whether to
+        deliver it.
+
+        A delivered event is first admitted (capacity limits) and, with a spool,
+        written there for each forwarder it matches: all before the caller returns.
+        """
+        if type(event) is str and self.schemas.empty:  # `resolve_emit_args`' common case
+            name = check_name(event)
+            data, text = to_json_data(payload if has_payload else None, name)
+        else:
+            name, data, text = resolve_emit_args(
+                self.schemas, event, payload if has_payload else None, has_payload
+            )
+        if depth is None:
+            depth = batch.depth if batch is not None else 0
+        settings = self.settings
+        if depth > settings.max_chain_depth:
+            raise EventChainError(
+                f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
+                f"{settings.max_chain_depth}: a handler keeps emitting events that lead to itself"
+            )
+        forwarders = self.forwarders.match(name) if self.forwarders.size else ()
+        # The payload's JSON is kept for the forwarders and the spool (made here if not yet).
+        event_obj = make_event(name, data, settings.source, text if forwarders else None)
+        for forwarder in forwarders:
+            forwarder.check(event_obj)
+        muted = self.observers and any(observer.mute for observer in self.observers)
+        deliver = not (settings.disabled or muted)
+        if deliver:
+            self.admit(batch)
+            if self.tracing is not None:
+                self.tracing.emitted(event_obj)
+            if forwarders and self.spool is not None:  # with its trace context
+                self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
+        for observer in self.observers:
+            observer.on_emit(event_obj)
+        return event_obj, deliver
 
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
@@ -289,8 +345,6 @@ class Core:
 
     async def _abandon(self, batch: Batch) -> None:
         """After a cancelled flush: stop its sends and report what was not handled."""
-        if not batch.sends and not batch.events:
-            return
         unsent = [event for task, events in batch.sends if not task.done() for event in events]
         for task, _ in batch.sends:
             task.cancel()
@@ -321,185 +375,6 @@ class Core:
             if runner is not None and not runner.done() and not batch.stopped:
                 batch.stopped = True
                 runner.cancel()
-
-    async def dispatch(
-        self, event: Event, batch: Batch, local: bool = True
-    ) -> list[HandlerFailure]:
-        """Run every handler matching *event*, one after the other, isolating failures.
-
-        Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
-        handled right after that handler returns, or discarded if it raised.
-        Returns the failures (already logged and passed to ``on_error``).
-        *local* is False for an event that came from a broker: for tracing, and
-        its handlers are not retried here (the broker's redelivery is the retry).
-        """
-        failures: list[HandlerFailure] = []
-        handlers = self.handlers.match(event.name)
-        if not handlers and (not local or not self.forwarders.match(event.name)):
-            self._no_match(event, local)
-        token = _di.CURRENT_EVENT.set(event)
-        try:
-            for handler in handlers:
-                plan = handler.plan
-                # Read at every call, as FastAPI reads them at every request.
-                overrides = _di.has_overrides(batch.provider)
-                child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
-                try:
-                    if self.tracing is None:  # one coroutine less per call: the hot path
-                        error = await self._call(handler, event, batch, child, overrides)
-                    else:
-                        error = await self._run(handler, event, batch, child, local, overrides)
-                    if error is not None and handler.retry is not None and local:
-                        error, child = await self._retry(handler, event, batch, child, error)
-                except asyncio.CancelledError:  # what the handler emitted is reported too
-                    if child is not None and child.events:
-                        reason = f"handler {handler.name} was cancelled"
-                        await self.discard(child, reason, forget=False, level=logging.ERROR)
-                    raise
-                if error is not None:
-                    await self._failed(handler, event, error)
-                    failures.append(HandlerFailure(event, handler.name, error))
-                for observer in self.observers:
-                    observer.on_handled(event, handler.name, error)
-                if child is None or not child.events:
-                    continue
-                if error is not None:
-                    await self.discard(child, f"handler {handler.name} failed", error)
-                else:
-                    self.active.add(child)
-                    await self.flush(child)
-        finally:
-            _di.CURRENT_EVENT.reset(token)
-        return failures
-
-    def _no_match(self, event: Event, local: bool) -> None:
-        """Warn, once per name, about an event that nothing handles (or forwards)."""
-        seen = self._unmatched
-        if event.name in seen or len(seen) >= _UNMATCHED_NAMES_LIMIT:
-            return
-        seen.add(event.name)
-        unmatched_logger.warning(
-            "event %r (id=%s) matches no handler%s: check the patterns given to %s "
-            "(warned once per event name)",
-            event.name,
-            event.id,
-            " and no forwarder" if local else "",
-            "@bus.on and bus.forward" if local else "@bus.on",
-        )
-
-    async def _retry(
-        self,
-        handler: Handler,
-        event: Event,
-        batch: Batch,
-        child: Batch | None,
-        failed: BaseException,
-    ) -> tuple[BaseException | None, Batch | None]:
-        """Call *handler* again, per its `Retry`, after it failed with *failed*.
-
-        Each failed attempt is logged at WARNING and the events it emitted are
-        discarded; returns the last attempt's error (None: it succeeded) and
-        the child batch of its chained events.
-        """
-        retry = handler.retry
-        assert retry is not None
-        attempt, started = 1, time.monotonic()
-        error: BaseException | None = failed
-        while error is not None:
-            delay = retry.next_delay(attempt, time.monotonic() - started)
-            if delay is None:
-                break
-            if child is not None and child.events:
-                await self.discard(
-                    child, f"handler {handler.name} failed (attempt {attempt})", error
-                )
-            limit = (
-                f" of {retry.attempts}"
-                if retry.attempts is not None
-                else f" (trying for up to {retry.total_timeout:g}s)"
-            )
-            logger.warning(
-                "handler %s failed for event %r (id=%s), attempt %d%s (%r); trying again in %.2fs",
-                handler.name,
-                event.name,
-                event.id,
-                attempt,
-                limit,
-                error,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            attempt += 1
-            plan = handler.plan
-            overrides = _di.has_overrides(batch.provider)
-            child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
-            if self.tracing is None:
-                error = await self._call(handler, event, batch, child, overrides)
-            else:
-                error = await self._run(handler, event, batch, child, True, overrides)
-        return error, child
-
-    def _limit(self, seconds: float, handler: Handler) -> Limit:
-        """*handler*'s time limit, watched by this event loop's watchdog."""
-        loop = asyncio.get_running_loop()
-        watchdog = self._watchdog
-        if watchdog is None or watchdog.loop is not loop:  # a bare TestClient: a loop a request
-            watchdog = self._watchdog = Watchdog(loop)
-        return Limit(watchdog, seconds, handler.name)
-
-    async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
-        logger.error(
-            "handler %s failed for event %r (id=%s)",
-            handler.name,
-            event.name,
-            event.id,
-            exc_info=error,
-        )
-        await call_hook(self.settings.on_error, HandlerFailure(event, handler.name, error))
-
-    async def _run(  # with tracing
-        self,
-        handler: Handler,
-        event: Event,
-        batch: Batch,
-        child: Batch | None,
-        local: bool,
-        overrides: bool,
-    ) -> BaseException | None:
-        tracing = self.tracing
-        assert tracing is not None
-        span = tracing.start_handler(event, handler.name, local)
-        error: BaseException | None = None
-        try:
-            error = await self._call(handler, event, batch, child, overrides)
-        except BaseException as exc:  # cancelled: the span says so, then it propagates
-            error = exc
-            raise
-        finally:
-            tracing.end_handler(span, error)
-        return error
-
-    async def _call(
-        self, handler: Handler, event: Event, batch: Batch, child: Batch | None, overrides: bool
-    ) -> BaseException | None:
-        """One call of *handler*; what it raised (not yet logged), or None."""
-        plan = handler.plan
-        try:
-            arg: object = event
-            if plan.event_model is not None:
-                arg = payload_as(event, plan.event_model)
-            scope: dict[str, Any] = {}
-            if child is not None:
-                scope = dict(batch.get_scope())
-                scope[SCOPE_KEY] = self.make_view(self, child)
-            if (timeout := handler.timeout) is None:
-                await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
-            else:
-                with self._limit(timeout, handler):
-                    await _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
-        except Exception as exc:
-            return exc
-        return None
 
     async def discard(
         self,

@@ -5,7 +5,8 @@ handle per handler call; when calls complete without the loop running in
 between (``publish`` in a loop, a request's many events), the cancelled
 handles pile up in the loop's heap and each push gets slower. A `Watchdog`
 keeps one timer, armed for the earliest deadline of the calls it watches;
-entering and leaving a `Limit` only adds it to, and removes it from, a set.
+entering and leaving a `Limit` (one per dispatch, entered for each handler call) only
+adds it to, and removes it from, a set.
 """
 
 from __future__ import annotations
@@ -28,14 +29,6 @@ class Watchdog:
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf
 
-    def _watch(self, limit: Limit) -> None:
-        self._running.add(limit)
-        if limit.deadline < self._due:  # rarely: usually an earlier call set the timer already
-            self._arm(limit.deadline)
-
-    def _forget(self, limit: Limit) -> None:
-        self._running.discard(limit)  # the timer stays: when it fires, it finds nothing due
-
     def _arm(self, due: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -56,8 +49,11 @@ class Watchdog:
 
 
 class Limit:
-    """A handler call bounded in time: past its deadline, the task running it is cancelled,
-    and the cancellation leaves the block as `TimeoutError`.
+    """Time limits for the handler calls of one task, made one after another: past a call's
+    deadline, the task is cancelled, and the cancellation leaves the block as `TimeoutError`.
+
+    One per dispatch of an event (not per call: entering and leaving is all a call
+    pays): ``with limit.of(seconds, handler): ...`` for each call.
 
     Code waiting on a thread (sync handlers and dependencies in the threadpool)
     stops waiting at the deadline; the thread cannot be stopped and runs to its
@@ -66,24 +62,33 @@ class Limit:
 
     __slots__ = ("_task", "_watchdog", "deadline", "expired", "handler", "seconds")
 
-    def __init__(self, watchdog: Watchdog, seconds: float, handler: str) -> None:
+    def __init__(self, watchdog: Watchdog) -> None:
         self._watchdog = watchdog
-        self.seconds = seconds
-        """The time allowed."""
-        self.handler = handler
-        """The handler's qualified name, for the `TimeoutError`'s message."""
+        task = asyncio.current_task(watchdog.loop)
+        assert task is not None, "a Limit is used by a task"
+        self._task = task
+        self.seconds = math.inf
+        """The time allowed to the current call."""
+        self.handler = ""
+        """The current call's handler (qualified name), for the `TimeoutError`'s message."""
         self.expired = False
-        """Whether the deadline passed while the block ran."""
+        """Whether the deadline passed while the current call ran."""
         self.deadline = math.inf
-        """`time.monotonic` at the deadline (set on entering the block)."""
+        """`time.monotonic` at the current call's deadline (set on entering the block)."""
+
+    def of(self, seconds: float, handler: str) -> Limit:
+        """Bound the next call (the ``with`` block) to *seconds*, naming *handler*."""
+        self.seconds = seconds
+        self.handler = handler
+        return self
 
     def __enter__(self) -> None:
         watchdog = self._watchdog
-        task = asyncio.current_task(watchdog.loop)
-        assert task is not None, "a Limit is entered by a task"
-        self._task = task
-        self.deadline = time.monotonic() + self.seconds
-        watchdog._watch(self)
+        self.expired = False
+        self.deadline = deadline = time.monotonic() + self.seconds
+        watchdog._running.add(self)  # `_watch`, inlined: this runs for every handler call
+        if deadline < watchdog._due:  # rarely: usually an earlier call set the timer already
+            watchdog._arm(deadline)
 
     def expire(self) -> None:
         """Cancel the task running the block, once (the watchdog calls this at the deadline)."""
@@ -97,7 +102,7 @@ class Limit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._watchdog._forget(self)
+        self._watchdog._running.discard(self)  # the timer stays: it finds nothing due
         if not self.expired or self._task.uncancel() > 0:  # > 0: cancelled from outside too
             return
         if exc_type is None or issubclass(exc_type, asyncio.CancelledError):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from .exceptions import ConfigurationError, InvalidEventError
 
 _ID_POOL: list[str] = []
-"""Random hex strings of 32 digits, made 256 at a time: one system call per 256 ids.
+"""Random UUID4 texts, made 256 at a time: one system call per 256 ids.
 ``list.pop`` and ``extend`` are atomic, so threads need no lock; a forked child empties
 the pool, so that it never hands out its parent's ids."""
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
@@ -23,7 +25,10 @@ _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 def _refill_ids() -> None:
     digits = os.urandom(16 * 256).hex()
-    _ID_POOL.extend(digits[i : i + 32] for i in range(0, len(digits), 32))
+    _ID_POOL.extend(
+        f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+        for h in (digits[i : i + 32] for i in range(0, len(digits), 32))
+    )
 
 
 os.register_at_fork(after_in_child=_ID_POOL.clear)
@@ -32,11 +37,10 @@ os.register_at_fork(after_in_child=_ID_POOL.clear)
 def _new_id() -> str:
     """A random UUID4 as text, like ``str(uuid.uuid4())`` at a fraction of the cost."""
     try:
-        h = _ID_POOL.pop()
+        return _ID_POOL.pop()
     except IndexError:
         _refill_ids()
-        h = _ID_POOL.pop()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+        return _ID_POOL.pop()
 
 
 def _utcnow() -> datetime:
@@ -53,6 +57,7 @@ class Event(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    __slots__ = ("_payload_json",)  # the payload as JSON, once made: see `payload_json`
 
     name: str
     """The event name handlers are matched against, e.g. ``"cat.created"``."""
@@ -225,10 +230,38 @@ def _check_item(value: Any, name: str) -> None:
                 break
 
 
-def to_json_data(payload: Any, name: str) -> Any:
-    """Convert *payload* to plain JSON data, raising `InvalidEventError` if it cannot be."""
+_SCALARS = frozenset({str, int, float, bool})
+
+
+def to_json_data(payload: Any, name: str) -> tuple[Any, str | None]:
+    """Convert *payload* to plain JSON data, raising `InvalidEventError` if it cannot be;
+    with the data's JSON text, when the conversion made it (see `payload_json`).
+
+    Dicts and lists of JSON's own types (the common payload) are serialised once, in C,
+    and read back: a copy equal to the payload proves there was nothing to convert and
+    nothing JSON cannot carry (``NaN`` comes back as ``None``, a tuple as a list, a
+    ``UUID`` as a str, all unequal). Anything else takes pydantic's conversion.
+    """
+    kind = type(payload)
     if payload is None:
-        return None
+        return None, None
+    if kind is dict or kind is list:
+        try:
+            body = orjson.dumps(payload)
+        except TypeError:  # a type orjson does not write, a non-str key, a long int, ...
+            pass
+        else:
+            data = orjson.loads(body)
+            if data == payload:  # decoded: orjson's bytes keep a buffer many times their size
+                return data, body.decode()
+    elif kind in _SCALARS:
+        _check_item(payload, name)
+        return payload, None
+    return _converted(payload, name), None
+
+
+def _converted(payload: Any, name: str) -> Any:
+    """*payload* converted by pydantic to JSON data, each part checked (see `to_json_data`)."""
     try:
         data = to_jsonable_python(payload)
     except (PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
@@ -306,10 +339,12 @@ def _refuse_merged_keys(source: Mapping[Any, Any], name: str) -> None:
 class SchemaRegistry:
     """Payload schemas by event name, checked at emit time."""
 
-    __slots__ = ("_schemas",)
+    __slots__ = ("_schemas", "empty")
 
     def __init__(self) -> None:
         self._schemas: dict[str, type[BaseModel]] = {}
+        self.empty = True
+        """Whether no schema is registered (an attribute: read at every ``emit``)."""
 
     def register(self, name: str, schema: type[BaseModel]) -> None:
         """Use *schema* to validate every payload emitted as *name*."""
@@ -325,18 +360,14 @@ class SchemaRegistry:
                 f"cannot register {schema.__qualname__} too"
             )
         self._schemas[name] = schema
+        self.empty = False
 
     def get(self, name: str) -> type[BaseModel] | None:
         """The schema registered for *name*, if any."""
         return self._schemas.get(name)
 
-    @property
-    def empty(self) -> bool:
-        """Whether no schema is registered."""
-        return not self._schemas
-
-    def validate(self, name: str, payload: Any) -> Any:
-        """Validate *payload* against the schema of *name* and return JSON data."""
+    def validate(self, name: str, payload: Any) -> tuple[Any, str | None]:
+        """Validate *payload* against the schema of *name*; its JSON data (see `to_json_data`)."""
         schema = self._schemas.get(name)
         if schema is None:
             return to_json_data(payload, name)
@@ -348,9 +379,9 @@ class SchemaRegistry:
                     f"payload of event {name!r} does not match its schema "
                     f"{schema.__qualname__}:\n{exc}"
                 ) from exc
-        data = to_json_data(payload.model_dump(mode="json"), name)
+        data, body = to_json_data(payload.model_dump(mode="json"), name)
         _check_merged_keys(payload, data, name)  # model_dump already merged them
-        return data
+        return data, body
 
 
 _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets __event_name__"
@@ -358,8 +389,12 @@ _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets
 
 def resolve_emit_args(
     registry: SchemaRegistry, first: object, payload: Any, has_payload: bool
-) -> tuple[str, Any]:
-    """Turn the arguments of ``emit``/``publish`` into a validated ``(name, json_payload)``."""
+) -> tuple[str, Any, str | None]:
+    """Turn the arguments of ``emit``/``publish`` into a validated name and JSON payload
+    (with its JSON text, when the conversion made it)."""
+    if type(first) is str and registry.empty:  # the common case first: no isinstance of ABCs
+        checked = check_name(first)
+        return (checked, *to_json_data(payload, checked))
     if isinstance(first, BaseModel):
         if has_payload:
             raise InvalidEventError(
@@ -372,15 +407,15 @@ def resolve_emit_args(
                 f'`__event_name__: ClassVar[str] = "..."` to the class, or {_EMIT_USAGE}'
             )
         name = check_name(name)
-        return name, registry.validate(name, first)
+        return (name, *registry.validate(name, first))
     if isinstance(first, type) and issubclass(first, BaseModel):
         raise InvalidEventError(
             f"emit() got the class {first.__qualname__}, not an instance of it; {_EMIT_USAGE}"
         )
     name = check_name(first)
-    if registry.empty:  # the common case, one call less
-        return name, to_json_data(payload, name)
-    return name, registry.validate(name, payload)
+    if registry.empty:
+        return (name, *to_json_data(payload, name))
+    return (name, *registry.validate(name, payload))
 
 
 _ALL_FIELDS = frozenset(Event.model_fields)
@@ -388,11 +423,30 @@ _FIELDS_SET = set(_ALL_FIELDS)
 _set = object.__setattr__
 
 
-def make_event(name: str, payload: Any, source: str | None) -> Event:
+class _NoTraceContext(dict[str, str]):
+    """An empty dict that refuses to change: the one trace context of every untraced event."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("an Event is immutable, its trace_context too")
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+
+_NO_TRACE_CONTEXT: Mapping[str, str] = _NoTraceContext()
+"""The trace context of the events of an untraced bus: one for all (see `set_trace_context`)."""
+
+
+def make_event(
+    name: str, payload: Any, source: str | None, payload_text: str | None = None
+) -> Event:
     """Build an `Event` from already validated parts, without re-validating them.
 
     What `Event.model_construct` does with every field given, minus its
-    per-call bookkeeping: this runs once per emitted event.
+    per-call bookkeeping: this runs once per emitted event. *payload_text* is
+    the payload's JSON, if the conversion made it (see `payload_json`).
     """
     event = Event.__new__(Event)
     _set(
@@ -404,9 +458,11 @@ def make_event(name: str, payload: Any, source: str | None) -> Event:
             "id": _new_id(),
             "time": _utcnow(),
             "source": source,
-            "trace_context": {},
+            "trace_context": _NO_TRACE_CONTEXT,
         },
     )
+    if payload_text is not None:
+        _set(event, "_payload_json", payload_text)
     # One set for all events: pydantic only reads it (``model_copy`` copies it first).
     _set(event, "__pydantic_fields_set__", _FIELDS_SET)
     _set(event, "__pydantic_extra__", None)
@@ -417,3 +473,33 @@ def make_event(name: str, payload: Any, source: str | None) -> Event:
 def payload_as(event: Event, model: type[BaseModel]) -> BaseModel:
     """The event's payload validated as *model* (what a typed handler receives)."""
     return model.model_validate(event.payload)
+
+
+def set_trace_context(event: Event, context: Mapping[str, str]) -> None:
+    """Give a just-made *event* (not yet seen by anyone) the trace context of its emit span."""
+    event.__dict__["trace_context"] = dict(context)
+
+
+def payload_json(event: Event) -> str:
+    """*event*'s payload as compact JSON: made once per event (at ``emit``, for an event a
+    forwarder takes), and shared by the forwarders' checks and messages and the spool."""
+    try:
+        return event._payload_json  # type: ignore[attr-defined, no-any-return]
+    except AttributeError:
+        pass
+    try:
+        text = orjson.dumps(event.payload).decode()
+    except TypeError:  # what orjson does not write, but JSON can: integers past 64 bits
+        text = json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
+    _set(event, "_payload_json", text)
+    return text
+
+
+def event_json(event: Event) -> str:
+    """*event* as JSON, as ``model_dump_json`` writes it, with its payload's JSON reused
+    (`payload_json`) instead of written again: what the spool stores."""
+    envelope = event.model_dump_json(exclude=_PAYLOAD)
+    return f'{envelope[:-1]},"payload":{payload_json(event)}}}'
+
+
+_PAYLOAD = {"payload"}

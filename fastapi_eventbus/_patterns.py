@@ -87,14 +87,35 @@ class PatternIndex(Generic[T]):
     names are forgotten first.
     """
 
-    __slots__ = ("_cache", "_cache_bytes", "_entries", "_lock", "_patterns")
+    __slots__ = (
+        "_anywhere",
+        "_cache",
+        "_cache_bytes",
+        "_entries",
+        "_exact",
+        "_lock",
+        "_patterns",
+        "_prefix_lengths",
+        "_prefixed",
+        "size",
+    )
 
     def __init__(self) -> None:
         self._entries: list[tuple[tuple[Matcher, ...], T]] = []
         self._patterns: list[tuple[str, ...]] = []
+        self._exact: dict[str, list[int]] = {}
+        """Patterns without wildcards: the entries (by position) registered under each."""
+        self._prefixed: dict[str, list[tuple[Matcher, int]]] = {}
+        """Patterns with wildcards, by their literal text before the first one."""
+        self._prefix_lengths: list[int] = []
+        """The lengths of the keys of `_prefixed`, ascending."""
+        self._anywhere: list[tuple[Matcher, int]] = []
+        """Patterns that begin with a wildcard: tried for every name."""
         self._cache: dict[str, tuple[T, ...]] = {}
         self._cache_bytes = 0
         self._lock = threading.Lock()  # misses only: emits from sync handlers run in threads
+        self.size = 0
+        """How many items are registered (an attribute: the hot path reads it, not ``len``)."""
 
     def add(self, patterns: Iterable[str], item: T) -> None:
         """Register *item* under every pattern in *patterns*."""
@@ -102,8 +123,19 @@ class PatternIndex(Generic[T]):
         matchers = tuple(compile_pattern(p) for p in names)
         if not matchers:
             raise ConfigurationError("at least one event pattern is required")
+        position = len(self._entries)
+        for pattern, matcher in zip(names, matchers, strict=True):
+            prefix = _literal_prefix(pattern)
+            if prefix == pattern:
+                self._exact.setdefault(pattern, []).append(position)
+            elif not prefix:
+                self._anywhere.append((matcher, position))
+            else:
+                self._prefixed.setdefault(prefix, []).append((matcher, position))
+        self._prefix_lengths = sorted({len(prefix) for prefix in self._prefixed})
         self._entries.append((matchers, item))
         self._patterns.append(names)
+        self.size = len(self._entries)
         with self._lock:
             self._cache.clear()
             self._cache_bytes = 0
@@ -117,13 +149,18 @@ class PatternIndex(Generic[T]):
             return self._cache[name]
         except KeyError:
             pass
-        found: list[T] = []
-        for matchers, item in self._entries:
-            for matcher in matchers:
-                if matcher(name):
-                    found.append(item)
-                    break
-        result = tuple(found)
+        # Only the patterns that can match: the exact ones equal to the name, those
+        # whose literal prefix the name starts with, and those starting with a wildcard.
+        positions = set(self._exact.get(name, ()))
+        candidates = list(self._anywhere)
+        prefixed = self._prefixed
+        for length in self._prefix_lengths:
+            if length > len(name):
+                break
+            candidates += prefixed.get(name[:length], ())
+        positions.update(position for matcher, position in candidates if matcher(name))
+        entries = self._entries
+        result = tuple(entries[position][1] for position in sorted(positions))
         self._remember(name, result)
         return result
 
@@ -157,6 +194,14 @@ class PatternIndex(Generic[T]):
             (patterns, item)
             for patterns, (_, item) in zip(self._patterns, self._entries, strict=True)
         ]
+
+
+def _literal_prefix(pattern: str) -> str:
+    """*pattern*'s text before its first wildcard: every name it matches starts with it."""
+    for position, char in enumerate(pattern):
+        if char in _WILDCARDS:
+            return pattern[:position]
+    return pattern
 
 
 def _entry_size(name: str, result: tuple[object, ...]) -> int:

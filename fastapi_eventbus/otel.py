@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._bus import EventBus, is_request_bus, set_tracing, tracing_of
+from ._events import set_trace_context
 from ._tracing import Consumed
 from .exceptions import ConfigurationError, MissingExtraError
 
@@ -186,9 +187,8 @@ class _BusTracing:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
         span.end()
-        if carrier:
-            # The event's own fresh dict (see Tracing.emitted): filled before anyone sees it.
-            event.trace_context.update(carrier)  # type: ignore[attr-defined]
+        if carrier:  # before anyone sees the event (see Tracing.emitted)
+            set_trace_context(event, carrier)
 
     def start_handler(self, event: Event, handler: str, local: bool) -> Any:
         creation = _creation_context(event.trace_context, remote=not local)

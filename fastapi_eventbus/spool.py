@@ -44,7 +44,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._events import Event
+from ._events import Event, event_json
 from ._hooks import logger
 from ._retry import exponential
 from ._settings import check_int, check_seconds
@@ -257,8 +257,16 @@ class Spool:
     def add(self, entries: Iterable[tuple[str, Event]]) -> None:
         """Spool *entries* (forwarder name, event), leased to this process. One commit."""
         now = time.time()
+        texts: dict[str, str] = {}  # an event for several forwarders is written once
         rows = [
-            (forwarder, event.id, event.model_dump_json(), now, self.owner, now + self.lease)
+            (
+                forwarder,
+                event.id,
+                texts.get(event.id) or texts.setdefault(event.id, event_json(event)),
+                now,
+                self.owner,
+                now + self.lease,
+            )
             for forwarder, event in entries
         ]
         if not rows:

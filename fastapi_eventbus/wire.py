@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._events import Event
+from ._events import Event, payload_json
 from .exceptions import MessageDecodeError
 
 __all__ = [
@@ -72,13 +72,30 @@ def to_cloudevent(event: Event) -> dict[str, Any]:
 
 
 def sqs_body(event: Event) -> str:
-    """The SQS message body: the structured CloudEvent as compact JSON."""
-    return json.dumps(to_cloudevent(event), separators=(",", ":"), ensure_ascii=False)
+    """The SQS message body: the structured CloudEvent as compact JSON.
+
+    The payload's JSON is the event's own (`payload_json`, made once per event):
+    only the small envelope around it is written here.
+    """
+    context = to_cloudevent(event)
+    del context["data"]
+    envelope = json.dumps(context, separators=(",", ":"), ensure_ascii=False)
+    return f'{envelope[:-1]},"data":{payload_json(event)}}}'
 
 
 def pubsub_data(event: Event) -> bytes:
-    """The Pub/Sub message data (binary mode): the payload as JSON."""
-    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False).encode()
+    """The Pub/Sub message data (binary mode): the payload as JSON (`payload_json`)."""
+    return payload_json(event).encode()
+
+
+def pubsub_data_size(event: Event) -> int:
+    """The bytes of `pubsub_data`, without encoding it."""
+    return utf8_size(payload_json(event))
+
+
+def utf8_size(text: str) -> int:
+    """The bytes of *text* in UTF-8: its length when it is ASCII (known without a scan)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def pubsub_attributes(event: Event) -> dict[str, str]:

@@ -248,7 +248,8 @@ def test_no_module_imports_another_modules_underscored_names(module: str) -> Non
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
-    """Every name *tree* defines: functions, classes, variables, attributes it sets, arguments."""
+    """Every name *tree* defines: functions, classes, variables, attributes it sets or
+    lists in ``__slots__``, arguments."""
     bound: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -257,6 +258,16 @@ def _bound_names(tree: ast.AST) -> set[str]:
             bound.add(node.id if isinstance(node, ast.Name) else node.attr)
         elif isinstance(node, ast.arg):
             bound.add(node.arg)
+        elif (  # a class's __slots__ defines the attributes it names
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets)
+            and isinstance(node.value, ast.Tuple | ast.List)
+        ):
+            bound.update(
+                e.value
+                for e in node.value.elts
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            )
     return bound
 
 

@@ -14,7 +14,7 @@ from fastapi_eventbus._events import Event
 from fastapi_eventbus._hooks import call_hook, logger
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
-from fastapi_eventbus.wire import sqs_body
+from fastapi_eventbus.wire import sqs_body, utf8_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +272,7 @@ class Forwarder:
 
     def encoded_size(self, event: Event) -> int:
         """Bytes of the message this forwarder would send for *event*."""
-        return len(sqs_body(event).encode())
+        return utf8_size(sqs_body(event))
 
     def is_transient(self, exc: BaseException) -> bool:
         """Whether a retry may fix *exc*, which `send` raised.

@@ -31,7 +31,7 @@ from fastapi_eventbus.exceptions import (
     InvalidEventError,
 )
 from fastapi_eventbus.forwarders._base import Delivery, Forwarder, OnDeadLetter
-from fastapi_eventbus.wire import pubsub_attributes, pubsub_data
+from fastapi_eventbus.wire import pubsub_attributes, pubsub_data, pubsub_data_size
 
 if TYPE_CHECKING:
     import aiohttp
@@ -259,7 +259,7 @@ class PubSubForwarder(Forwarder):
 
     def encoded_size(self, event: Event) -> int:
         """Bytes of the Pub/Sub message for *event*: data, attribute keys and values, key."""
-        size = len(pubsub_data(event))
+        size = pubsub_data_size(event)
         size += sum(len(k.encode()) + len(v.encode()) for k, v in pubsub_attributes(event).items())
         return size + len(self._ordering_key(event).encode())
 

@@ -28,7 +28,7 @@ from fastapi_eventbus.exceptions import (
     ForwarderError,
     InvalidEventError,
 )
-from fastapi_eventbus.wire import sqs_body, trace_attributes
+from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
 
 from ._base import Delivery, Forwarder, OnDeadLetter
 
@@ -63,7 +63,7 @@ def _attributes(event: Event) -> dict[str, MessageAttributeValueTypeDef]:
 
 def _size(body: str, attributes: dict[str, MessageAttributeValueTypeDef]) -> int:
     """Bytes SQS counts for a message: the body, and each attribute's name, type and value."""
-    size = len(body.encode())
+    size = utf8_size(body)
     for name, value in attributes.items():
         size += len(name.encode()) + len(value["DataType"])
         size += len(value.get("StringValue", "").encode())
@@ -294,7 +294,7 @@ class SQSForwarder(Forwarder):
         Called at emit time: the message's size, its characters and its group id.
         """
         body = sqs_body(event)
-        if bad := _NOT_IN_SQS.search(body):
+        if not body.isascii() and (bad := _NOT_IN_SQS.search(body)):  # isascii: O(1)
             raise InvalidEventError(
                 f"event {event.name!r} contains {bad.group()!r}, a character SQS refuses"
             )

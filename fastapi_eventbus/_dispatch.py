@@ -1,0 +1,254 @@
+"""Running an event's handlers: each call through FastAPI's solver, within its time limit,
+retried per its `Retry`, its failure logged and reported, the events it emitted handled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from . import _di
+from ._batch import SCOPE_KEY, Batch
+from ._deadline import Limit, Watchdog
+from ._di import Handler
+from ._events import Event, payload_as
+from ._hooks import HandlerFailure, call_hook, logger
+from ._patterns import PatternIndex
+from ._tracing import Tracing
+
+if TYPE_CHECKING:
+    from ._core import Core
+
+unmatched_logger = logging.getLogger("fastapi_eventbus.unmatched")
+"""Where the "matches no handler and no forwarder" warning goes (silence it by its name)."""
+
+_UNMATCHED_NAMES_LIMIT = 1024
+"""How many distinct unmatched names are remembered (each is warned about once)."""
+
+
+class Dispatcher:
+    """The handlers of one bus, and running those of an event (`dispatch`).
+
+    Part of its `Core` (the batches, the flush loop), which it asks to flush or
+    discard the events a handler emitted.
+    """
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.handlers: PatternIndex[Handler] = PatternIndex()
+        self.tracing: Tracing | None = None
+        """The bus's span hooks (set with the core's); None: tracing off."""
+        self._unmatched: set[str] = set()
+        self._watchdog: Watchdog | None = None
+
+    async def dispatch(
+        self, event: Event, batch: Batch, local: bool = True
+    ) -> list[HandlerFailure]:
+        """Run every handler matching *event*, one after the other, isolating failures.
+
+        Events a handler emits (through ``Depends(get_bus)``) go to a child batch,
+        handled right after that handler returns, or discarded if it raised.
+        Returns the failures (already logged and passed to ``on_error``).
+        *local* is False for an event that came from a broker: for tracing, and
+        its handlers are not retried here (the broker's redelivery is the retry).
+        """
+        failures: list[HandlerFailure] = []
+        handlers = self.handlers.match(event.name)
+        if not handlers and (not local or not self.core.forwarders.match(event.name)):
+            self._no_match(event, local)
+        token = _di.CURRENT_EVENT.set(event)
+        limit: Limit | None = None  # made for the first handler with a time limit
+        try:
+            for handler in handlers:
+                plan = handler.plan
+                # Read at every call, as FastAPI reads them at every request.
+                overrides = _di.has_overrides(batch.provider)
+                child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
+                try:
+                    error: BaseException | None = None
+                    if (timeout := handler.timeout) is not None and limit is None:
+                        limit = self._limit(batch)
+                    if self.tracing is None:  # `_call`, inlined: one coroutine less per call
+                        try:
+                            call = self._start(handler, event, batch, child, overrides)
+                            if timeout is None:
+                                await call
+                            else:
+                                with limit.of(timeout, handler.name):  # type: ignore[union-attr]
+                                    await call
+                        except Exception as exc:
+                            error = exc
+                    else:
+                        error = await self._run(
+                            handler, event, batch, child, local, overrides, limit
+                        )
+                    if error is not None and handler.retry is not None and local:
+                        error, child = await self._retry(handler, event, batch, child, error, limit)
+                except asyncio.CancelledError:  # what the handler emitted is reported too
+                    if child is not None and child.events:
+                        reason = f"handler {handler.name} was cancelled"
+                        await self.core.discard(child, reason, forget=False, level=logging.ERROR)
+                    raise
+                if error is not None:
+                    await self._failed(handler, event, error)
+                    failures.append(HandlerFailure(event, handler.name, error))
+                for observer in self.core.observers:
+                    observer.on_handled(event, handler.name, error)
+                if child is None or not child.events:
+                    continue
+                if error is not None:
+                    await self.core.discard(child, f"handler {handler.name} failed", error)
+                else:
+                    self.core.active.add(child)
+                    await self.core.flush(child)
+        finally:
+            _di.CURRENT_EVENT.reset(token)
+        return failures
+
+    def _no_match(self, event: Event, local: bool) -> None:
+        """Warn, once per name, about an event that nothing handles (or forwards)."""
+        seen = self._unmatched
+        if event.name in seen or len(seen) >= _UNMATCHED_NAMES_LIMIT:
+            return
+        seen.add(event.name)
+        unmatched_logger.warning(
+            "event %r (id=%s) matches no handler%s: check the patterns given to %s "
+            "(warned once per event name)",
+            event.name,
+            event.id,
+            " and no forwarder" if local else "",
+            "@bus.on and bus.forward" if local else "@bus.on",
+        )
+
+    async def _retry(
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch | None,
+        failed: BaseException,
+        limit: Limit | None,
+    ) -> tuple[BaseException | None, Batch | None]:
+        """Call *handler* again, per its `Retry`, after it failed with *failed*.
+
+        Each failed attempt is logged at WARNING and the events it emitted are
+        discarded; returns the last attempt's error (None: it succeeded) and
+        the child batch of its chained events.
+        """
+        retry = handler.retry
+        assert retry is not None
+        attempt, started = 1, time.monotonic()
+        error: BaseException | None = failed
+        while error is not None:
+            delay = retry.next_delay(attempt, time.monotonic() - started)
+            if delay is None:
+                break
+            if child is not None and child.events:
+                await self.core.discard(
+                    child, f"handler {handler.name} failed (attempt {attempt})", error
+                )
+            tries = (
+                f" of {retry.attempts}"
+                if retry.attempts is not None
+                else f" (trying for up to {retry.total_timeout:g}s)"
+            )
+            logger.warning(
+                "handler %s failed for event %r (id=%s), attempt %d%s (%r); trying again in %.2fs",
+                handler.name,
+                event.name,
+                event.id,
+                attempt,
+                tries,
+                error,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+            plan = handler.plan
+            overrides = _di.has_overrides(batch.provider)
+            child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
+            if self.tracing is None:
+                error = await self._call(handler, event, batch, child, overrides, limit)
+            else:
+                error = await self._run(handler, event, batch, child, True, overrides, limit)
+        return error, child
+
+    def _limit(self, batch: Batch) -> Limit:
+        """The time limits of this task's handler calls, watched by the watchdog of *batch*'s
+        event loop."""
+        loop = batch.loop or asyncio.get_running_loop()
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.loop is not loop:  # a bare TestClient: a loop a request
+            watchdog = self._watchdog = Watchdog(loop)
+        return Limit(watchdog)
+
+    async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
+        logger.error(
+            "handler %s failed for event %r (id=%s)",
+            handler.name,
+            event.name,
+            event.id,
+            exc_info=error,
+        )
+        await call_hook(self.core.settings.on_error, HandlerFailure(event, handler.name, error))
+
+    async def _run(  # with tracing
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch | None,
+        local: bool,
+        overrides: bool,
+        limit: Limit | None,
+    ) -> BaseException | None:
+        tracing = self.tracing
+        assert tracing is not None
+        span = tracing.start_handler(event, handler.name, local)
+        error: BaseException | None = None
+        try:
+            error = await self._call(handler, event, batch, child, overrides, limit)
+        except BaseException as exc:  # cancelled: the span says so, then it propagates
+            error = exc
+            raise
+        finally:
+            tracing.end_handler(span, error)
+        return error
+
+    async def _call(
+        self,
+        handler: Handler,
+        event: Event,
+        batch: Batch,
+        child: Batch | None,
+        overrides: bool,
+        limit: Limit | None,
+    ) -> BaseException | None:
+        """One call of *handler* (within *limit* if it has a time limit); what it raised
+        (not yet logged), or None."""
+        try:
+            call = self._start(handler, event, batch, child, overrides)
+            if (timeout := handler.timeout) is None:
+                await call
+            else:
+                assert limit is not None
+                with limit.of(timeout, handler.name):
+                    await call
+        except Exception as exc:
+            return exc
+        return None
+
+    def _start(
+        self, handler: Handler, event: Event, batch: Batch, child: Batch | None, overrides: bool
+    ) -> Coroutine[Any, Any, None]:
+        """The coroutine of one call of *handler*: its event argument, its scope (with the
+        bus of *child*, if the handler may emit), solved and called by `_di.run_handler`."""
+        plan = handler.plan
+        arg: object = event if plan.event_model is None else payload_as(event, plan.event_model)
+        scope: dict[str, Any] = {}
+        if child is not None:
+            scope = dict(batch.get_scope())
+            scope[SCOPE_KEY] = self.core.make_view(self.core, child)
+        return _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)

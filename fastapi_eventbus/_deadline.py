@@ -5,8 +5,8 @@ handle per handler call; when calls complete without the loop running in
 between (``publish`` in a loop, a request's many events), the cancelled
 handles pile up in the loop's heap and each push gets slower. A `Watchdog`
 keeps one timer, armed for the earliest deadline of the calls it watches;
-entering and leaving a `Limit` (one per dispatch, entered for each handler call) only
-adds it to, and removes it from, a set.
+starting and stopping a call's `Limit` (one per dispatch, for each of its handler calls)
+only adds it to, and removes it from, a set.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from types import TracebackType
+from typing import overload
 
 
 class Watchdog:
@@ -52,8 +52,8 @@ class Limit:
     """Time limits for the handler calls of one task, made one after another: past a call's
     deadline, the task is cancelled, and the cancellation leaves the block as `TimeoutError`.
 
-    One per dispatch of an event (not per call: entering and leaving is all a call
-    pays): ``with limit.of(seconds, handler): ...`` for each call.
+    One per dispatch of an event, not per call: `start` and `stop` around each call
+    are all a call pays.
 
     Code waiting on a thread (sync handlers and dependencies in the threadpool)
     stops waiting at the deadline; the thread cannot be stopped and runs to its
@@ -74,39 +74,46 @@ class Limit:
         self.expired = False
         """Whether the deadline passed while the current call ran."""
         self.deadline = math.inf
-        """`time.monotonic` at the current call's deadline (set on entering the block)."""
+        """`time.monotonic` at the current call's deadline (set by `start`)."""
 
-    def of(self, seconds: float, handler: str) -> Limit:
-        """Bound the next call (the ``with`` block) to *seconds*, naming *handler*."""
+    def start(self, seconds: float, handler: str) -> None:
+        """A call of *handler* starts, bounded to *seconds*; `stop` when it ends."""
         self.seconds = seconds
         self.handler = handler
-        return self
-
-    def __enter__(self) -> None:
-        watchdog = self._watchdog
         self.expired = False
-        self.deadline = deadline = time.monotonic() + self.seconds
+        self.deadline = deadline = time.monotonic() + seconds
+        watchdog = self._watchdog
         watchdog._running.add(self)  # `_watch`, inlined: this runs for every handler call
         if deadline < watchdog._due:  # rarely: usually an earlier call set the timer already
             watchdog._arm(deadline)
 
+    @overload
+    def stop(self, raised: BaseException) -> BaseException: ...
+
+    @overload
+    def stop(self, raised: None = None) -> BaseException | None: ...
+
+    def stop(self, raised: BaseException | None = None) -> BaseException | None:
+        """The call ended, raising *raised* (None: it returned): what it ended with.
+
+        *raised* itself (None: success), unless the deadline passed: then the
+        cancellation that stopped the call, or its return after catching it, is a
+        `TimeoutError`; unless the task was cancelled from outside too (*raised*).
+        """
+        self._watchdog._running.discard(self)  # the timer stays: it finds nothing due
+        if not self.expired or self._task.uncancel() > 0:  # > 0: cancelled from outside too
+            return raised
+        if raised is None or isinstance(raised, asyncio.CancelledError):
+            # None: the call caught the cancellation and returned; it did not finish either.
+            timeout = TimeoutError(
+                f"handler {self.handler} did not finish within {self.seconds:g}s"
+            )
+            timeout.__cause__ = raised
+            return timeout
+        return raised
+
     def expire(self) -> None:
-        """Cancel the task running the block, once (the watchdog calls this at the deadline)."""
+        """Cancel the task running the call, once (the watchdog calls this at the deadline)."""
         if not self.expired:
             self.expired = True
             self._task.cancel()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._watchdog._running.discard(self)  # the timer stays: it finds nothing due
-        if not self.expired or self._task.uncancel() > 0:  # > 0: cancelled from outside too
-            return
-        if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
-            # None: the block caught the cancellation and returned; it did not finish either.
-            raise TimeoutError(
-                f"handler {self.handler} did not finish within {self.seconds:g}s"
-            ) from exc

@@ -72,12 +72,24 @@ class Dispatcher:
                         limit = self._limit(batch)
                     if self.tracing is None:  # `_call`, inlined: one coroutine less per call
                         try:
-                            call = self._start(handler, event, batch, child, overrides)
-                            if timeout is None:
-                                await call
+                            if child is None and plan.event_model is None:  # `_start`'s usual
+                                call = _di.run_handler(  # case, without a call to get there
+                                    plan, handler.func, event, {}, batch.provider, overrides
+                                )
                             else:
-                                with limit.of(timeout, handler.name):  # type: ignore[union-attr]
+                                call = self._start(handler, event, batch, child, overrides)
+                            if limit is None or timeout is None:
+                                await call
+                            else:  # `Limit.start` and `stop` around it, inlined as in `_call`
+                                limit.start(timeout, handler.name)
+                                try:
                                     await call
+                                except BaseException as exc:
+                                    if (timed_out := limit.stop(exc)) is exc:
+                                        raise
+                                    raise timed_out from exc
+                                if (outcome := limit.stop()) is not None:
+                                    raise outcome
                         except Exception as exc:
                             error = exc
                     else:
@@ -230,12 +242,18 @@ class Dispatcher:
         (not yet logged), or None."""
         try:
             call = self._start(handler, event, batch, child, overrides)
-            if (timeout := handler.timeout) is None:
+            if limit is None or (timeout := handler.timeout) is None:
                 await call
             else:
-                assert limit is not None
-                with limit.of(timeout, handler.name):
+                limit.start(timeout, handler.name)
+                try:
                     await call
+                except BaseException as exc:
+                    if (timed_out := limit.stop(exc)) is exc:
+                        raise
+                    raise timed_out from exc
+                if (outcome := limit.stop()) is not None:
+                    raise outcome
         except Exception as exc:
             return exc
         return None

@@ -105,6 +105,8 @@ def check_name(name: object) -> str:
     its plain value, so that events, log lines and messages carry
     ``"user.signed_up"``, not the enum member.
     """
+    if type(name) is str and name in _CHECKED_NAMES:  # most names come again and again
+        return name
     if not isinstance(name, str):
         raise InvalidEventError(f"event name must be a str, got {type(name).__name__}: {name!r}")
     if len(name) > MAX_NAME_LENGTH:  # first: the other checks read the whole name
@@ -125,7 +127,17 @@ def check_name(name: object) -> str:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
-    return name if type(name) is str else plain_str(name)  # the common case without a call
+    if type(name) is not str:
+        return plain_str(name)
+    if len(_CHECKED_NAMES) < _CHECKED_NAMES_LIMIT:
+        _CHECKED_NAMES.add(name)
+    return name
+
+
+_CHECKED_NAMES: set[str] = set()
+"""Names `check_name` accepted already (plain str only), so that it checks each name once."""
+_CHECKED_NAMES_LIMIT = 4096
+"""How many accepted names are remembered: past that, names are checked at every use."""
 
 
 def _control_character(text: str) -> str | None:
@@ -456,7 +468,7 @@ def make_event(
             "name": name,
             "payload": payload,
             "id": _new_id(),
-            "time": _utcnow(),
+            "time": datetime.now(UTC),
             "source": source,
             "trace_context": _NO_TRACE_CONTEXT,
         },

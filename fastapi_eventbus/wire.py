@@ -36,9 +36,11 @@ __all__ = [
     "message_trace_context",
     "pubsub_attributes",
     "pubsub_data",
+    "pubsub_data_size",
     "sqs_body",
     "to_cloudevent",
     "trace_attributes",
+    "utf8_size",
 ]
 
 SPECVERSION = "1.0"

@@ -169,6 +169,7 @@ class Core:
 
     def flush_after(self, batch: Batch, response: Response) -> None:
         """The endpoint returned *response*: the events run as its last background task."""
+        _without_bus(batch)
         if batch.state != COLLECTING:
             return
         if not batch.events:
@@ -194,8 +195,7 @@ class Core:
         Returns the flush or the discard for the caller to await, or None (most
         requests: no coroutine to make and await).
         """
-        if batch.scope is not None:  # the request's bus leaves it: no cycle scope-view-batch
-            batch.scope.pop(SCOPE_KEY, None)  # (so that no request leaves garbage for the GC)
+        _without_bus(batch)
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
             return None
         if not batch.events:
@@ -440,6 +440,18 @@ class Core:
             reason = f"shutdown did not finish within {timeout}s{spooled}"
             await call_hook(self.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
+
+
+def _without_bus(batch: Batch) -> None:
+    """The request is over: *batch* keeps a copy of its scope without the request's bus.
+
+    The scope keeps the bus (code running after the endpoint still finds it), and the
+    bus its batch: with the batch keeping the scope itself, that would be a cycle, and
+    every request would leave garbage for the collector.
+    """
+    if (scope := batch.scope) is not None and SCOPE_KEY in scope:
+        batch.scope = copy = dict(scope)
+        del copy[SCOPE_KEY]
 
 
 def _uncancel() -> int:

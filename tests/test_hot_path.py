@@ -20,12 +20,15 @@ import orjson
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from starlette.requests import Request
+from starlette.types import ASGIApp
 
 import fastapi_eventbus._events as events_module
 from fastapi_eventbus import Event, EventBus, get_bus
 from fastapi_eventbus._patterns import PatternIndex
 from fastapi_eventbus.forwarders.sqs import SQSForwarder
 from fastapi_eventbus.spool import Spool
+from fastapi_eventbus.starlette import request_bus
 from fastapi_eventbus.testing import RecordingForwarder, capture
 from fastapi_eventbus.wire import pubsub_data, sqs_body
 
@@ -41,7 +44,7 @@ def no_gc() -> Iterator[None]:
         gc.enable()
 
 
-async def _post(app: FastAPI) -> int:
+async def _post(app: ASGIApp) -> int:
     """One ``POST /`` straight through the ASGI app (a test client makes garbage of its own)."""
     scope = {
         "type": "http",
@@ -253,3 +256,66 @@ def test_ten_thousand_patterns_find_the_right_handlers() -> None:
     assert index.match("svc42.event") == ("h42", "any")
     assert index.match("svc4.events") == ("h4",)
     assert index.match("other.event") == ("any",)
+
+
+@pytest.mark.anyio
+async def test_the_requests_bus_is_still_there_for_code_that_runs_after_the_endpoint() -> None:
+    """The request ending no longer leaves a cycle, yet code running after the endpoint (an
+    ASGI middleware, here) still finds the request's bus, and what it emits is handled."""
+    app = FastAPI()
+    bus = EventBus()
+    bus.install(app)
+    handled: list[str] = []
+
+    @bus.on("*")
+    async def record(event: Event) -> None:
+        handled.append(event.name)
+
+    @app.post("/")
+    async def endpoint(b: EventBus = Depends(get_bus)) -> dict[str, int]:
+        b.emit("order.placed")
+        return {"ok": 1}
+
+    class Audit:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+            request_bus(Request(scope)).emit("request.audited", {"path": scope["path"]})
+
+    app.add_middleware(Audit)
+    assert await _post(app) == 200
+    assert await bus.drain(5) == []
+    assert handled == ["order.placed", "request.audited"]
+
+
+@pytest.mark.anyio
+async def test_a_starlette_request_leaves_no_garbage_either(no_gc: None) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from fastapi_eventbus.starlette import with_bus
+
+    handled: list[str] = []
+    bus = EventBus()
+
+    @bus.on("order.*")
+    async def record(event: Event) -> None:
+        handled.append(event.id)
+
+    @with_bus
+    async def endpoint(request: Request, b: EventBus) -> JSONResponse:
+        b.emit("order.placed", {"id": 1})
+        return JSONResponse({"ok": 1})
+
+    app = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
+    bus.install(app)
+    for _ in range(5):
+        assert await _post(app) == 200
+    gc.collect()
+    for _ in range(50):
+        assert await _post(app) == 200
+    assert gc.collect() == 0
+    assert len(handled) == 55

@@ -60,6 +60,7 @@ class Dispatcher:
             self._no_match(event, local)
         token = _di.CURRENT_EVENT.set(event)
         limit: Limit | None = None  # made for the first handler with a time limit
+        observers = self.core.observers  # the list itself: one `capture` adds is seen
         try:
             for handler in handlers:
                 plan = handler.plan
@@ -106,7 +107,7 @@ class Dispatcher:
                 if error is not None:
                     await self._failed(handler, event, error)
                     failures.append(HandlerFailure(event, handler.name, error))
-                for observer in self.core.observers:
+                for observer in observers:
                     observer.on_handled(event, handler.name, error)
                 if child is None or not child.events:
                     continue

@@ -244,28 +244,47 @@ def _check_item(value: Any, name: str) -> None:
 
 _SCALARS = frozenset({str, int, float, bool})
 
+_ONLY_AS_PYDANTIC_WRITES = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+"""With no ``default``, orjson refuses what these name: pydantic writes them otherwise."""
+
+
+def _equal(data: Any, payload: Any) -> bool:
+    """Whether *payload* equals its JSON copy *data* (False if comparing them fails)."""
+    try:
+        return bool(data == payload)
+    except Exception:
+        return False
+
 
 def to_json_data(payload: Any, name: str) -> tuple[Any, str | None]:
     """Convert *payload* to plain JSON data, raising `InvalidEventError` if it cannot be;
     with the data's JSON text, when the conversion made it (see `payload_json`).
 
-    Dicts and lists of JSON's own types (the common payload) are serialised once, in C,
-    and read back: a copy equal to the payload proves there was nothing to convert and
-    nothing JSON cannot carry (``NaN`` comes back as ``None``, a tuple as a list, a
-    ``UUID`` as a str, all unequal). Anything else takes pydantic's conversion.
+    Dicts and lists (the common payload) are serialised once, in C, and read back as the
+    copy handlers get. orjson refuses (and pydantic's conversion then takes) what it would
+    write differently from pydantic: datetimes, dataclasses, subclasses of str, int, dict
+    and list (enums), sets, bytes, decimals, models, non-str keys, integers past 64 bits,
+    text UTF-8 cannot encode. What it writes as pydantic does (tuples as lists, a ``UUID``
+    or an ``Enum`` as its value) is the same data either way. The one thing it changes
+    silently is ``NaN`` or an infinity, written as ``null``: JSON text with no ``null`` in
+    it had none; else the copy equal to the payload proves it (``None != nan``).
     """
     kind = type(payload)
     if payload is None:
         return None, None
     if kind is dict or kind is list:
         try:
-            body = orjson.dumps(payload)
-        except TypeError:  # a type orjson does not write, a non-str key, a long int, ...
+            body = orjson.dumps(payload, option=_ONLY_AS_PYDANTIC_WRITES)
+        except TypeError:  # see above: pydantic's conversion decides
             pass
         else:
             data = orjson.loads(body)
-            if data == payload:  # decoded: orjson's bytes keep a buffer many times their size
-                return data, body.decode()
+            if b"null" not in body or _equal(data, payload):
+                return data, body.decode()  # decoded: orjson's bytes keep a big buffer
     elif kind in _SCALARS:
         _check_item(payload, name)
         return payload, None

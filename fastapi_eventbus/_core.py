@@ -17,10 +17,8 @@ from ._dispatch import Dispatcher
 from ._events import (
     Event,
     SchemaRegistry,
-    check_name,
     make_event,
     resolve_emit_args,
-    to_json_data,
 )
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
@@ -288,13 +286,9 @@ class Core:
         A delivered event is first admitted (capacity limits) and, with a spool,
         written there for each forwarder it matches: all before the caller returns.
         """
-        if type(event) is str and self.schemas.empty:  # `resolve_emit_args`' common case
-            name = check_name(event)
-            data, text = to_json_data(payload if has_payload else None, name)
-        else:
-            name, data, text = resolve_emit_args(
-                self.schemas, event, payload if has_payload else None, has_payload
-            )
+        name, data, text = resolve_emit_args(
+            self.schemas, event, payload if has_payload else None, has_payload
+        )
         if depth is None:
             depth = batch.depth if batch is not None else 0
         settings = self.settings

@@ -141,7 +141,7 @@ class PatternIndex(Generic[T]):
             self._cache_bytes = 0
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        return self.size > 0
 
     def match(self, name: str) -> tuple[T, ...]:
         """Every item whose patterns match *name*, each once, in registration order."""

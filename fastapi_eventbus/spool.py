@@ -257,16 +257,10 @@ class Spool:
     def add(self, entries: Iterable[tuple[str, Event]]) -> None:
         """Spool *entries* (forwarder name, event), leased to this process. One commit."""
         now = time.time()
-        texts: dict[str, str] = {}  # an event for several forwarders is written once
+        entries = list(entries)
+        texts = {event.id: event_json(event) for _, event in entries}  # once per event
         rows = [
-            (
-                forwarder,
-                event.id,
-                texts.get(event.id) or texts.setdefault(event.id, event_json(event)),
-                now,
-                self.owner,
-                now + self.lease,
-            )
+            (forwarder, event.id, texts[event.id], now, self.owner, now + self.lease)
             for forwarder, event in entries
         ]
         if not rows:

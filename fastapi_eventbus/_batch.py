@@ -34,6 +34,7 @@ class Batch:
         "current",
         "depth",
         "events",
+        "jobs",
         "loop",
         "make_scope",
         "provider",
@@ -63,6 +64,9 @@ class Batch:
         self.events: deque[Event] = deque()
         self.accepted = 0
         """Events added since the batch last finished (counted in `Core.pending`)."""
+        self.jobs: list[Callable[[], Awaitable[None]]] = []
+        """Work to run after the response with the events (`Core.after_response`): an
+        outbox's committed events. A job never raises."""
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch, RequestEnd
-from ._core import Core, Observer
+from ._core import Core, Observer, Outbox
 from ._di import Handler
 from ._events import (
     Event,
@@ -77,6 +77,10 @@ class EventBus:
             forwarded, across all requests; more raise `CapacityError` at
             ``emit``/``publish``. Bounds memory when handlers or brokers fall
             behind. None: no limit.
+        outbox: A `fastapi_eventbus.outbox.SQLAlchemyOutbox`: ``emit(...,
+            session=db)`` then writes the event in *db*'s transaction, handled and
+            forwarded once it commits, never if it rolls back, relayed after a
+            crash. None: ``session=`` is refused.
         handler_timeout: Seconds one handler call (its dependencies, its body
             and its ``yield`` exits) may take, unless the handler sets its own
             ``timeout``. A call still running then fails with `TimeoutError`
@@ -104,6 +108,7 @@ class EventBus:
         max_batch_events: int | None = 10_000,
         max_pending_events: int | None = 50_000,
         handler_timeout: float | None = 60.0,
+        outbox: Outbox | None = None,
     ) -> None:
         settings = Settings(
             disabled=disabled_by_env() if disabled is None else disabled,
@@ -121,6 +126,14 @@ class EventBus:
             spool = Spool(spool)
         self._core = Core(settings, EventBus._view, spool)
         self._batch = None
+        if outbox is not None:
+            if not callable(getattr(outbox, "join", None)):
+                raise ConfigurationError(
+                    "outbox= takes a fastapi_eventbus.outbox.SQLAlchemyOutbox, "
+                    f"got {type(outbox).__name__}"
+                )
+            outbox.attach(self._core)
+            self._core.outbox = outbox
 
     @classmethod
     def _view(cls, core: Core, batch: Batch) -> EventBus:
@@ -305,17 +318,25 @@ class EventBus:
     # -- emitting ---------------------------------------------------------------
 
     @overload
-    def emit(self, event: BaseModel, /) -> Event: ...
+    def emit(self, event: BaseModel, /, *, session: object = None) -> Event: ...
 
     @overload
-    def emit(self, name: str, payload: Any = None, /) -> Event: ...
+    def emit(self, name: str, payload: Any = None, /, *, session: object = None) -> Event: ...
 
-    def emit(self, event: str | BaseModel, payload: Any = _MISSING, /) -> Event:
+    def emit(
+        self, event: str | BaseModel, payload: Any = _MISSING, /, *, session: object = None
+    ) -> Event:
         """Collect an event; it is handled after the response is sent.
 
         ``emit(name, payload)`` or ``emit(model)`` for a model with
         ``__event_name__``. Returns the `Event` at once. Every check runs here, in
         the caller; with a spool, an event for a forwarder is in it before this returns.
+
+        With ``session=db`` (a SQLAlchemy ``Session`` or ``AsyncSession``; the bus
+        needs an ``outbox``), the event is written in *db*'s transaction instead:
+        handled and forwarded once it commits (after the response, in a request),
+        never if it rolls back. This works on the application bus too, outside
+        any request: the transaction is the batch.
 
         Raises:
             OutsideRequestError: This is the application bus: emit on the bus
@@ -326,8 +347,13 @@ class EventBus:
                 ``max_chain_depth``.
             CapacityError: ``max_batch_events`` or ``max_pending_events`` is reached.
             SpoolError: The spool could not be written.
+            ConfigurationError: ``session=`` on a bus without an outbox, or a
+                session writing to another database than the outbox's.
+            TypeError: *session* is not a SQLAlchemy session.
         """
         batch = self._batch
+        if session is not None:
+            return self._emit_in(session, event, payload, batch)
         if batch is None:
             raise OutsideRequestError(
                 "emit() on the application bus has no request to attach events to: in an "
@@ -338,6 +364,22 @@ class EventBus:
         if not deliver:
             return event_obj
         self._core.accept(batch, event_obj)
+        return event_obj
+
+    def _emit_in(
+        self, session: object, event: str | BaseModel, payload: Any, batch: Batch | None
+    ) -> Event:
+        outbox = self._core.outbox
+        if outbox is None:
+            raise ConfigurationError(
+                "emit(..., session=) needs a bus with an outbox: "
+                "EventBus(outbox=SQLAlchemyOutbox(engine)) from fastapi_eventbus.outbox"
+            )
+        event_obj, deliver = self._core.make(
+            event, payload, payload is not _MISSING, batch, store=False
+        )
+        if deliver:
+            outbox.join(session, event_obj, batch)
         return event_obj
 
     @overload
@@ -453,6 +495,11 @@ class EventBus:
         return await self._core.drain(default if timeout is None else timeout)
 
     @property
+    def outbox(self) -> Outbox | None:
+        """The bus's outbox (``EventBus(outbox=...)``), if it has one."""
+        return self._core.outbox
+
+    @property
     def spool(self) -> Spool | None:
         """The bus's spool, if it has one (to list, count, replay or purge events)."""
         storage = self._core.spool
@@ -483,6 +530,12 @@ class EventBus:
                 spool.release()
             except SpoolError as exc:
                 logger.error("%s", exc)
+        outbox = self._core.outbox
+        if outbox is not None:
+            try:
+                await outbox.release()
+            except Exception as exc:
+                logger.error("outbox %s: could not release its rows: %r", outbox.name, exc)
         await self._core.sender.close()
         logger.debug("fastapi_eventbus closed")
         return unfinished

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol
 
 from starlette.background import BackgroundTasks
@@ -28,6 +28,29 @@ from ._tracing import Tracing
 from .exceptions import CapacityError, EventChainError, SpoolError
 from .forwarders._base import Forwarder
 from .storage import Storage
+
+LOCAL = ""
+"""The destination of an event's local handlers, beside its forwarders' names."""
+
+
+class Outbox(Protocol):
+    """What ``EventBus(outbox=...)`` takes (`fastapi_eventbus.outbox.SQLAlchemyOutbox`)."""
+
+    @property
+    def name(self) -> str:
+        """What log lines call it."""
+
+    def attach(self, core: Core) -> None:
+        """Become the outbox of the bus behind *core*."""
+
+    def join(self, session: object, event: Event, batch: Batch | None) -> None:
+        """Add *event* to *session*'s transaction (``emit(..., session=)``)."""
+
+    async def relay_forever(self) -> None:
+        """Deliver what is due, forever (the installed lifespan runs it)."""
+
+    async def release(self) -> int:
+        """Make what this process holds due at once (shutdown)."""
 
 
 class Observer(Protocol):
@@ -65,6 +88,10 @@ class Core:
         self.tracing: Tracing | None = None
         """Span hooks, set by `set_tracing`; None: tracing off."""
         self.spool = spool
+        self.outbox: Outbox | None = None
+        """Where events emitted with ``session=`` wait for their transaction (`Outbox`)."""
+        self.jobs: set[asyncio.Future[None]] = set()
+        """`after_response` work running outside a request's flush (`spawn`)."""
         self.pending = 0
         """Events accepted and not yet finished (handled and forwarded), all batches."""
         self._refused = 0
@@ -109,6 +136,46 @@ class Core:
             batch.current = None
             batch.state = CLOSED
             self.active.discard(batch)
+
+    def destinations(self, name: str) -> list[str]:
+        """Where an event called *name* goes, as an outbox records it: ``""`` for the local
+        handlers (also when nothing matches: its dispatch warns), and each forwarder's name."""
+        forwarders = [f.name for f in self.forwarders.match(name)] if self.forwarders.size else []
+        if self.handlers.match(name) or not forwarders:
+            forwarders.insert(0, LOCAL)
+        return forwarders
+
+    async def deliver_to(self, destination: str, events: list[Event]) -> list[tuple[Event, str]]:
+        """Run *events*' local handlers (*destination* ``""``), or send them through the
+        forwarder named *destination*: an outbox's events, once committed or relayed.
+
+        Returns those that must be tried again, each with why: one whose handler
+        failed (already logged and reported), or that the forwarder did not send. An
+        event the forwarder refused for good was dead-lettered and reported: done.
+        """
+        if destination != LOCAL:
+            forwarder = self.sender.named(destination)
+            if forwarder is None:
+                why = f"no forwarder named {destination!r} in this application"
+                return [(event, why) for event in events]
+            outcome = await self.sender.send_kept(forwarder, events)
+            return [(event, outcome.error or "not sent") for event in outcome.unsent]
+        failed: list[tuple[Event, str]] = []
+        batch = self.batch(None, 0)
+        batch.state = FLUSHING
+        self.active.add(batch)
+        try:
+            for event in events:
+                batch.current = event
+                failures = await self.dispatcher.dispatch(event, batch)
+                if failures:
+                    why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
+                    failed.append((event, why))
+        finally:
+            batch.current = None
+            batch.state = CLOSED
+            self.active.discard(batch)
+        return failed
 
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
@@ -165,12 +232,47 @@ class Core:
         if batch.state == CLOSED:
             self.schedule(batch)
 
+    def after_response(self, batch: Batch | None, job: Callable[[], Awaitable[None]]) -> None:
+        """Run *job* (which never raises) after *batch*'s response, in its flush; or at
+        once when there is no response to wait for (no request, or it was sent already).
+
+        Safe to call from another thread (a sync endpoint, a sync database session).
+        """
+        if batch is None or batch.state != COLLECTING:
+            self.spawn(job, batch.loop if batch is not None else None)
+            return
+        if not batch.events and not batch.jobs:
+            self.active.add(batch)
+            if batch.background is not None:  # nothing to flush yet: flush after it
+                batch.background.tasks.append(FlushTask(self.flush, batch))
+                batch.background = None
+        batch.jobs.append(job)
+
+    def spawn(
+        self, job: Callable[[], Awaitable[None]], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        """Run *job* as a task of its own on *loop* (the running one by default), which
+        `drain` waits for at shutdown."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        loop = loop or running
+        if loop is None:
+            raise RuntimeError("no event loop to run the job on")
+        if running is not loop:
+            loop.call_soon_threadsafe(self.spawn, job, loop)
+            return
+        task = asyncio.ensure_future(job())
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
+
     def flush_after(self, batch: Batch, response: Response) -> None:
         """The endpoint returned *response*: the events run as its last background task."""
         _without_bus(batch)
         if batch.state != COLLECTING:
             return
-        if not batch.events:
+        if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return
         flush = FlushTask(self.flush, batch)
@@ -196,7 +298,7 @@ class Core:
         _without_bus(batch)
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
             return None
-        if not batch.events:
+        if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
         if exc is None:  # the endpoint returned a Response with its own background=
@@ -250,6 +352,8 @@ class Core:
                     event = batch.current = batch.events.popleft()
                     await dispatch(event, batch)
                 batch.current = None
+            while batch.jobs:
+                await batch.jobs.pop(0)()
             if batch.sends:  # cancelled sends (by drain) were reported there: no raise here
                 await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
                 batch.sends.clear()  # a WebSocket session's batch is flushed many times
@@ -264,6 +368,9 @@ class Core:
             batch.runner = None
             if batch.sends or batch.events:  # cancelled: what it did not finish is reported
                 await self._abandon(batch)
+            for job in batch.jobs:  # cancelled before its jobs: each runs (or reports) alone
+                self.spawn(job, batch.loop)
+            batch.jobs.clear()
             self.active.discard(batch)
             self._finished(batch)
 
@@ -278,13 +385,15 @@ class Core:
         has_payload: bool,
         batch: Batch | None,
         depth: int | None = None,
+        store: bool = True,
     ) -> tuple[Event, bool]:
         """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at
         chain *depth*: the batch's by default), shown to the observers; and whether to
         deliver it.
 
         A delivered event is first admitted (capacity limits) and, with a spool,
-        written there for each forwarder it matches: all before the caller returns.
+        written there for each forwarder it matches (unless *store* is False: an
+        outbox keeps it instead): all before the caller returns.
         """
         name, data, text = resolve_emit_args(
             self.schemas, event, payload if has_payload else None, has_payload
@@ -308,7 +417,7 @@ class Core:
             self.admit(batch)
             if self.tracing is not None:
                 self.tracing.emitted(event_obj)
-            if forwarders and self.spool is not None:  # with its trace context
+            if forwarders and store and self.spool is not None:  # with its trace context
                 self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
         for observer in self.observers:
             observer.on_emit(event_obj)
@@ -386,6 +495,9 @@ class Core:
         """
         events = tuple(batch.events)
         batch.events.clear()
+        for job in batch.jobs:  # not events of this batch: committed data's, run anyway
+            self.spawn(job, batch.loop)
+        batch.jobs.clear()
         batch.state = CLOSED
         self.active.discard(batch)
         self._finished(batch)
@@ -408,8 +520,12 @@ class Core:
         """Wait up to *timeout* seconds for in-flight batches; report what did not finish."""
         deadline = time.monotonic() + timeout
         # Polling, not an asyncio.Event: a bare TestClient runs each request on its own loop.
-        while self.active and time.monotonic() < deadline:  # noqa: ASYNC110
+        while (self.active or self.jobs) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
+        for job in list(self.jobs):  # each reports what it did not finish
+            job.cancel()
+        if self.jobs:
+            await asyncio.gather(*self.jobs, return_exceptions=True)
         unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
         for batch in self.active:  # reported here, so not again if their task is cancelled
             batch.events.clear()

@@ -44,6 +44,7 @@ def draining_lifespan(
     async def lifespan(app: Any) -> AsyncIterator[Mapping[str, Any] | None]:
         async with original(app) as state:
             resender: asyncio.Task[None] | None = None
+            relay: asyncio.Task[None] | None = None
             core.app = app  # publish() and handle() use it: the app running now
             core.lifespan_state = dict(state or {})
             ensure_readable_logs()
@@ -60,13 +61,16 @@ def draining_lifespan(
                         raise outcome
                 if core.spool is not None:  # what a previous run left is sent first
                     resender = asyncio.create_task(core.sender.resend_forever())
+                if core.outbox is not None:  # what a crash left is relayed first
+                    relay = asyncio.create_task(core.outbox.relay_forever())
                 yield state
             finally:
                 stop_watching()
-                if resender is not None:
-                    resender.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await resender
+                for task in (resender, relay):
+                    if task is not None:
+                        task.cancel()
+                        with suppress(asyncio.CancelledError):
+                            await task
                 await close()
 
     return lifespan

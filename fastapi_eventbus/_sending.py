@@ -47,6 +47,27 @@ class Sender:
             return self._deliver(forwarder, events)
         return self.tracing.deliver(forwarder, events, self._deliver)
 
+    def send_kept(
+        self, forwarder: Forwarder, events: list[Event]
+    ) -> Coroutine[Any, Any, DeliveryOutcome]:
+        """Deliver *events* through *forwarder* (traced, if tracing is on), returning those
+        still unsent when its retries ran out: the caller's storage (an outbox) keeps
+        them. Those refused for good are dead-lettered and reported, as always."""
+        if self.tracing is None:
+            return self._kept(forwarder, events)
+        return self.tracing.deliver(forwarder, events, self._kept)
+
+    @staticmethod
+    async def _kept(forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
+        return await forwarder.deliver(events, keep_unsent=True)
+
+    def named(self, name: str) -> Forwarder | None:
+        """The forwarder called *name*, if this bus has one."""
+        for forwarder in self.forwarders.items():
+            if forwarder.name == name:
+                return forwarder
+        return None
+
     async def _deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
         """`Forwarder.deliver`, and with a storage, its bookkeeping of the outcome."""
         storage = self.storage

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 import uvicorn
@@ -21,6 +21,7 @@ import fastapi_eventbus
 from fastapi_eventbus import DiscardedEvents, EventBus, HandlerFailure
 
 if TYPE_CHECKING:
+    from tests._postgres import Postgres
     from tests._pubsub import Emulator
 
 
@@ -98,7 +99,7 @@ def serve(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=15)
 
 
-def missing_peer(reason: str) -> None:
+def missing_peer(reason: str) -> NoReturn:
     """A real peer (broker, emulator) is unavailable: skip here, fail in CI (``CI=true``)."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"required test peer missing in CI: {reason}")
@@ -112,3 +113,20 @@ def pubsub_emulator() -> Iterator[Emulator]:
 
     with running_emulator() as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster, started once for the whole run (the outbox tests)."""
+    from tests._postgres import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres: Postgres) -> Iterator[str]:
+    """A fresh database for one test, as an asyncpg SQLAlchemy URL; dropped after the test."""
+    database = postgres.create_database()
+    yield postgres.url(database=database)
+    postgres.drop_database(database)

@@ -1,0 +1,544 @@
+"""`SQLAlchemyOutbox`: events written in the application's own transaction, handled and
+forwarded once it commits, relayed from the table after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, Engine, MetaData, Table, delete, insert, select, tuple_, update
+from sqlalchemy import event as sa_event
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session, SessionTransaction, registry
+
+from fastapi_eventbus._events import Event, event_json
+from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
+from fastapi_eventbus._retry import exponential, jittered
+from fastapi_eventbus._settings import check_seconds
+from fastapi_eventbus._spool_io import describe_error, spooled_or_stand_in
+from fastapi_eventbus.exceptions import ConfigurationError
+from fastapi_eventbus.storage import SpooledEvent
+
+from ._db import checked_engine, run, same_database, sync_engine, sync_session
+from ._tables import OutboxTables, outbox_tables
+
+if TYPE_CHECKING:
+    from fastapi_eventbus._batch import Batch
+    from fastapi_eventbus._core import Core
+
+_JOINED = "fastapi_eventbus.outbox"
+"""Key of a session's ``info`` holding the events it carries (`_Joined`)."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    """An event emitted with ``session=``: its rows, and where to hand it after commit."""
+
+    outbox: SQLAlchemyOutbox
+    event: Event
+    rows: list[Any]
+    batch: Batch | None
+    local: bool
+    """Whether this process delivers it once committed (False: the relay does)."""
+
+
+@dataclass(eq=False)
+class _Joined:
+    """The events of one session's current transaction."""
+
+    entries: list[_Entry] = field(default_factory=list)
+
+
+class SQLAlchemyOutbox:
+    """Events stored in the application's database, in the transaction of its data.
+
+    Pass it as ``EventBus(outbox=SQLAlchemyOutbox(engine))`` and emit with
+    ``bus.emit(name, payload, session=db)``: the event's rows are added to *db*'s
+    transaction. When it commits, the event's handlers run and its forwarders
+    send (after the response, in a request), and its rows are removed. When it
+    rolls back, the event never existed (``on_discard`` is told). When the
+    process dies in between, the relay of any process sharing the database (the
+    installed lifespan runs one) handles and forwards it: at-least-once.
+
+    Args:
+        engine: The application's SQLAlchemy 2.0 engine, async or sync.
+        metadata: The `MetaData` to define the tables in (your models', for
+            Alembic); a new one by default. Either way `metadata` holds them.
+        table_prefix: The start of the tables' names.
+        lease: Seconds a row stays with the process that committed (or claimed) it
+            before another relay may take it over; longer than a delivery takes.
+        poll_interval: Seconds between two looks for due rows by an idle relay.
+        max_attempts: Failed deliveries of a row before it is dead-lettered
+            (moved to the ``outbox_dead`` table, logged and reported).
+        retry_initial: Seconds before the first retry of a failed row; doubled
+            per failure up to *retry_max*.
+        retry_max: The longest wait between two retries of a row.
+        batch_size: Rows the relay claims at a time.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine | Engine,
+        *,
+        metadata: MetaData | None = None,
+        table_prefix: str = "eventbus_",
+        lease: float = 60.0,
+        poll_interval: float = 1.0,
+        max_attempts: int = 20,
+        retry_initial: float = 1.0,
+        retry_max: float = 300.0,
+        batch_size: int = 100,
+    ) -> None:
+        self.engine = checked_engine(engine, "SQLAlchemyOutbox")
+        self.lease = check_seconds("lease", lease, positive=True) or 0.0
+        self.poll_interval = check_seconds("poll_interval", poll_interval, positive=True) or 0.0
+        self.retry_initial = check_seconds("retry_initial", retry_initial, positive=True) or 0.0
+        self.retry_max = check_seconds("retry_max", retry_max, positive=True) or 0.0
+        for label, count in (("max_attempts", max_attempts), ("batch_size", batch_size)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigurationError(f"{label} must be an int >= 1, got {count!r}")
+        self.max_attempts = max_attempts
+        self.batch_size = batch_size
+        self.metadata = metadata if metadata is not None else MetaData()
+        """The `MetaData` holding the outbox's tables (give it to Alembic)."""
+        self.tables: OutboxTables = outbox_tables(self.metadata, table_prefix)
+        self.owner = uuid.uuid4().hex
+        """This process's mark on the rows it holds."""
+        self._row = _row_class(self.tables.events)
+        self._sync_engine = sync_engine(self.engine)
+        self._core: Core | None = None
+        self._checked: set[Engine] = set()  # the session binds found to be this database
+
+    def __repr__(self) -> str:
+        return f"<SQLAlchemyOutbox {self.name}>"
+
+    @property
+    def name(self) -> str:
+        """The database's URL, without its password (what log lines call the outbox)."""
+        return self._sync_engine.url.render_as_string(hide_password=True)
+
+    async def create_tables(self) -> None:
+        """Create the outbox's tables if they do not exist (or use `metadata` with Alembic)."""
+        tables = [self.tables.events, self.tables.dead]
+        await run(self.engine, lambda c: self.metadata.create_all(c, tables=tables))
+
+    # -- the bus ----------------------------------------------------------------
+
+    def attach(self, core: Core) -> None:
+        """Become the outbox of the bus behind *core* (`EventBus` calls this)."""
+        if self._core is not None and self._core is not core:
+            raise ConfigurationError("this SQLAlchemyOutbox already belongs to another EventBus")
+        self._core = core
+
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise ConfigurationError("this SQLAlchemyOutbox is not given to an EventBus(outbox=)")
+        return self._core
+
+    def join(self, session: object, event: Event, batch: Batch | None) -> None:
+        """Add *event*'s rows to *session*'s transaction (``emit(..., session=)``).
+
+        Once the transaction commits, the event goes to `Core.after_response`
+        (*batch*'s request, or at once); if it rolls back, it is discarded.
+        """
+        sync = sync_session(session)
+        core = self.core
+        self._check_bind(sync)
+        try:
+            loop: asyncio.AbstractEventLoop | None = (
+                batch.loop if batch is not None else asyncio.get_running_loop()
+            )
+        except RuntimeError:  # a sync script: the relay delivers it
+            loop = None
+        local = loop is not None
+        now = time.time()
+        due = now + self.lease if local else now
+        body = event_json(event)
+        rows = [
+            self._row(
+                event_id=event.id,
+                destination=destination,
+                name=event.name,
+                body=body,
+                created=now,
+                attempts=0,
+                due=due,
+                owner=self.owner if local else None,
+            )
+            for destination in core.destinations(event.name)
+        ]
+        joined = sync.info.get(_JOINED)
+        if joined is None:
+            joined = sync.info[_JOINED] = _Joined()
+            sa_event.listen(sync, "after_commit", _after_commit)
+            sa_event.listen(sync, "after_transaction_end", _after_transaction_end)
+        sync.add_all(rows)
+        joined.entries.append(_Entry(self, event, rows, batch, local))
+
+    def _check_bind(self, session: Session) -> None:
+        mapper: Any = sa_inspect(self._row)
+        bind = session.get_bind(mapper=mapper)
+        if bind.engine in self._checked:
+            return
+        if not same_database(session, mapper, self._sync_engine):
+            raise ConfigurationError(
+                f"the session writes to {bind.engine.url.render_as_string(hide_password=True)}"
+                f", the outbox's engine to {self.name}: an event's rows must be written in "
+                "the database its relay reads"
+            )
+        self._checked.add(bind.engine)
+
+    def committed(self, entries: list[_Entry]) -> None:
+        """*entries*' transaction committed: deliver those this process holds."""
+        mine = [entry for entry in entries if entry.local]
+        if not mine:
+            return
+        by_batch: dict[int, list[_Entry]] = {}
+        for entry in mine:
+            by_batch.setdefault(id(entry.batch), []).append(entry)
+        for group in by_batch.values():
+            events = [entry.event for entry in group]
+
+            async def deliver(events: list[Event] = events) -> None:
+                await self.deliver(events)
+
+            self.core.after_response(group[0].batch, deliver)
+
+    def discarded(self, entries: list[_Entry], reason: str) -> None:
+        """*entries*' rows were rolled back: log it, and tell ``on_discard``."""
+        events = tuple(entry.event for entry in entries)
+        logger.info(
+            "discarded %d event(s) because %s: %s",
+            len(events),
+            reason,
+            ", ".join(event.id for event in events),
+        )
+        hook = self.core.settings.on_discard
+        if hook is None:
+            return
+        loop = next((e.batch.loop for e in entries if e.batch is not None), None)
+
+        async def report() -> None:
+            await call_hook(hook, DiscardedEvents(events, reason))
+
+        try:
+            self.core.spawn(report, loop)
+        except RuntimeError:  # no event loop (a sync script): the hook runs here
+            asyncio.run(report())
+
+    # -- delivering -------------------------------------------------------------
+
+    async def deliver(self, events: Sequence[Event]) -> None:
+        """Handle and forward *events*, committed or claimed, and settle their rows.
+
+        Never raises: a failure is retried later from the table, and a
+        cancellation (shutdown) leaves the rows to the relay, with a log line.
+        """
+        core = self.core
+        await self._deliver([(e, d) for e in events for d in core.destinations(e.name)])
+
+    async def _deliver(self, keys: list[tuple[Event, str]]) -> None:
+        core = self.core
+        groups: dict[str, list[Event]] = {}
+        for event, destination in keys:
+            groups.setdefault(destination, []).append(event)
+        failed: list[tuple[Event, str, str]] = []
+        try:
+            local = groups.pop("", None)
+            if local:
+                failed += [(e, "", why) for e, why in await core.deliver_to("", local)]
+            results = await asyncio.gather(
+                *(core.deliver_to(name, chosen) for name, chosen in groups.items())
+            )
+            for name, outcome in zip(groups, results, strict=True):
+                failed += [(e, name, why) for e, why in outcome]
+        except asyncio.CancelledError:
+            ids = ", ".join(sorted({event.id for event, _ in keys}))
+            logger.warning(
+                "outbox %s: delivery stopped before it finished; its events stay in the "
+                "outbox and are relayed again once their lease ends: %s",
+                self.name,
+                ids,
+            )
+            raise
+        except Exception:
+            logger.exception("outbox %s: delivering %d row(s) failed", self.name, len(keys))
+            return
+        await self._settle(keys, failed)
+
+    async def _settle(
+        self, keys: list[tuple[Event, str]], failed: list[tuple[Event, str, str]]
+    ) -> None:
+        failed_keys = {(event.id, destination) for event, destination, _ in failed}
+        done = [(e.id, d) for e, d in keys if (e.id, d) not in failed_keys]
+        retry = [(e.id, d, why) for e, d, why in failed]
+        try:
+            spent = await run(self.engine, lambda c: self._settle_rows(c, done, retry))
+        except Exception as exc:  # the rows stay: delivered again later, duplicates at worst
+            logger.error(
+                "outbox %s: could not record the outcome of %d row(s) (%s); they are "
+                "delivered again once their lease ends",
+                self.name,
+                len(keys),
+                describe_error(exc),
+            )
+            return
+        if spent:
+            by_id = {event.id: event for event, _ in keys}
+            await self._report_dead([(by_id[i], d, why) for i, d, why in spent if i in by_id])
+
+    def _settle_rows(
+        self,
+        connection: Connection,
+        done: list[tuple[str, str]],
+        failed: list[tuple[str, str, str]],
+    ) -> list[tuple[str, str, str]]:
+        """Remove *done* rows; count a round for *failed* ones, dead-lettering those that
+        used up their attempts (returned)."""
+        events = self.tables.events
+        key = tuple_(events.c.event_id, events.c.destination)
+        if done:
+            connection.execute(delete(events).where(key.in_(done)))
+        spent: list[tuple[str, str, str]] = []
+        if not failed:
+            return spent
+        why = {(i, d): reason for i, d, reason in failed}
+        rows = connection.execute(
+            select(events.c.event_id, events.c.destination, events.c.attempts).where(
+                key.in_(list(why))
+            )
+        ).all()
+        now = time.time()
+        for event_id, destination, attempts in rows:
+            attempts += 1
+            reason = why[(event_id, destination)]
+            where = (events.c.event_id == event_id) & (events.c.destination == destination)
+            if attempts >= self.max_attempts:
+                self._move_to_dead(connection, where, f"{reason} ({attempts} attempts)", now)
+                spent.append((event_id, destination, f"{reason} ({attempts} attempts)"))
+                continue
+            wait = jittered(exponential(attempts, self.retry_initial, self.retry_max))
+            connection.execute(
+                update(events)
+                .where(where)
+                .values(attempts=attempts, due=now + wait, owner=None, error=reason)
+            )
+        return spent
+
+    def _move_to_dead(self, connection: Connection, where: Any, reason: str, now: float) -> None:
+        events, dead = self.tables.events, self.tables.dead
+        columns = ["event_id", "destination", "name", "body", "created"]
+        for row in connection.execute(select(events).where(where)).mappings():
+            values = {c: row[c] for c in columns}
+            values["attempts"] = row["attempts"] + 1
+            connection.execute(insert(dead).values(**values, error=reason, dead_at=now))
+        connection.execute(delete(events).where(where))
+
+    async def _report_dead(self, spent: list[tuple[Event, str, str]]) -> None:
+        for event, destination, reason in spent:
+            where = "its local handlers" if destination == "" else f"forwarder {destination}"
+            logger.error(
+                "outbox %s: event %r (id=%s) dead-lettered for %s: %s",
+                self.name,
+                event.name,
+                event.id,
+                where,
+                reason,
+            )
+            why = f"the outbox gave up on it for {where}: {reason}"
+            await call_hook(self.core.settings.on_discard, DiscardedEvents((event,), why))
+
+    # -- the relay --------------------------------------------------------------
+
+    async def relay_once(self) -> int:
+        """Claim the rows that are due (up to ``batch_size``), deliver and settle them.
+
+        Due: never delivered by the process that committed them (it died, or
+        had no event loop), or failed before and waited its backoff. Returns how
+        many rows were claimed (0: nothing was due).
+        """
+        unreadable: list[SpooledEvent] = []
+        claimed = await run(self.engine, lambda c: self._claim(c, unreadable))
+        for item in unreadable:
+            logger.error("outbox %s: %s; moved to the dead table", self.name, item.error)
+            reason = item.error or "unreadable"
+            await call_hook(self.core.settings.on_discard, DiscardedEvents((item.event,), reason))
+        if claimed:
+            logger.info("outbox %s: relaying %d row(s)", self.name, len(claimed))
+            await self._deliver([(item.event, item.forwarder) for item in claimed])
+        return len(claimed) + len(unreadable)
+
+    def _claim(self, connection: Connection, unreadable: list[SpooledEvent]) -> list[SpooledEvent]:
+        events = self.tables.events
+        now = time.time()
+        query = (
+            select(
+                events.c.destination,
+                events.c.event_id,
+                events.c.body,
+                events.c.created,
+                events.c.attempts,
+                events.c.error,
+                events.c.due,
+            )
+            .where(events.c.due <= now)
+            .order_by(events.c.due)
+            .limit(self.batch_size)
+        )
+        postgres = connection.dialect.name == "postgresql"
+        if postgres:  # rows another relay holds are skipped, not waited for
+            query = query.with_for_update(skip_locked=True)
+        claimed: list[SpooledEvent] = []
+        for *fields, due in connection.execute(query).all():
+            key = (events.c.event_id == fields[1]) & (events.c.destination == fields[0])
+            # On SQLite, another relay may have claimed it since the select: only if unchanged.
+            guard = key if postgres else key & (events.c.due == due)
+            taken = connection.execute(
+                update(events).where(guard).values(due=now + self.lease, owner=self.owner)
+            )
+            if taken.rowcount != 1:
+                continue
+            item = spooled_or_stand_in(tuple(fields))
+            if item.readable:
+                claimed.append(item)
+            else:
+                unreadable.append(item)
+                self._move_to_dead(connection, key, item.error or "unreadable", now)
+        return claimed
+
+    async def relay_forever(self) -> None:
+        """`relay_once` until nothing is due, then wait ``poll_interval``; forever."""
+        while True:
+            try:
+                while await self.relay_once() > 0:
+                    pass
+            except Exception as exc:
+                logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
+            await asyncio.sleep(self.poll_interval)
+
+    async def release(self) -> int:
+        """Make the rows this process holds due at once (shutdown); how many."""
+        events = self.tables.events
+
+        def work(connection: Connection) -> int:
+            result = connection.execute(
+                update(events)
+                .where(events.c.owner == self.owner)
+                .values(owner=None, due=time.time())
+            )
+            return int(result.rowcount)
+
+        return await run(self.engine, work)
+
+    # -- inspecting and repairing -----------------------------------------------
+
+    async def pending(self) -> list[SpooledEvent]:
+        """The rows waiting (not yet delivered), oldest first."""
+        return await self._rows(self.tables.events)
+
+    async def dead(self) -> list[SpooledEvent]:
+        """The dead-lettered rows, oldest first."""
+        return await self._rows(self.tables.dead)
+
+    async def _rows(self, table: Table) -> list[SpooledEvent]:
+        query = select(
+            table.c.destination,
+            table.c.event_id,
+            table.c.body,
+            table.c.created,
+            table.c.attempts,
+            table.c.error,
+        ).order_by(table.c.created)
+        rows = await run(self.engine, lambda c: c.execute(query).all())
+        return [spooled_or_stand_in(tuple(row)) for row in rows]
+
+    async def replay(self, ids: Iterable[str] | None = None) -> int:
+        """Move dead-lettered rows (all, or those of events *ids*) back, due now; how many."""
+        events, dead = self.tables.events, self.tables.dead
+        chosen = None if ids is None else list(ids)
+
+        def work(connection: Connection) -> int:
+            query = select(dead)
+            if chosen is not None:
+                query = query.where(dead.c.event_id.in_(chosen))
+            rows = connection.execute(query).mappings().all()
+            now = time.time()
+            for row in rows:
+                values = {c: row[c] for c in ("event_id", "destination", "name", "body")}
+                connection.execute(
+                    insert(events).values(
+                        **values, created=row["created"], attempts=0, due=now, error=None
+                    )
+                )
+                key = (dead.c.event_id == row["event_id"]) & (
+                    dead.c.destination == row["destination"]
+                )
+                connection.execute(delete(dead).where(key))
+            return len(rows)
+
+        return await run(self.engine, work)
+
+    async def purge(self, ids: Iterable[str] | None = None) -> int:
+        """Delete dead-lettered rows (all, or those of events *ids*); how many."""
+        dead = self.tables.dead
+        statement = delete(dead)
+        if ids is not None:
+            statement = statement.where(dead.c.event_id.in_(list(ids)))
+        return await run(self.engine, lambda c: int(c.execute(statement).rowcount))
+
+
+def _row_class(table: Table) -> type:
+    """A class mapped to *table* (on a registry of its own): `join` adds its instances to
+    the application's session, so that they are written in its unit of work."""
+
+    def __init__(self: Any, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    cls = type("OutboxRow", (), {"__init__": __init__, "__module__": __name__})
+    registry().map_imperatively(cls, table)
+    return cls
+
+
+def _after_commit(session: Session) -> None:
+    """A session's transaction (or one of its savepoints) committed."""
+    if session.in_nested_transaction():  # a savepoint: the transaction goes on
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None or not joined.entries:
+        return
+    entries, joined.entries = joined.entries, []
+    kept = [e for e in entries if all(sa_inspect(row).persistent for row in e.rows)]
+    gone = [e for e in entries if e not in kept]
+    for outbox, group in _by_outbox(kept):
+        try:
+            outbox.committed(group)
+        except Exception:  # the rows are committed: the relay delivers them after the lease
+            logger.exception("outbox %s: handing committed events to the bus failed", outbox.name)
+    for outbox, group in _by_outbox(gone):
+        outbox.discarded(group, "the savepoint that wrote them rolled back")
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """A transaction ended: if it is the outermost and did not commit, it rolled back."""
+    if transaction.parent is not None:
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None or not joined.entries:
+        return
+    entries, joined.entries = joined.entries, []
+    for outbox, group in _by_outbox(entries):
+        outbox.discarded(group, "the transaction that wrote them rolled back")
+
+
+def _by_outbox(entries: list[_Entry]) -> list[tuple[SQLAlchemyOutbox, list[_Entry]]]:
+    groups: dict[int, tuple[SQLAlchemyOutbox, list[_Entry]]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry.outbox), (entry.outbox, []))[1].append(entry)
+    return list(groups.values())

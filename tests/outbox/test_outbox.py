@@ -1,0 +1,260 @@
+"""The outbox: an event exists exactly when the data written with it does.
+
+Each test runs on SQLite (aiosqlite) and on a real PostgreSQL server, through the shop of
+`tests.outbox.shop` as a user would write it, counting events by id in its tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from fastapi_eventbus import DiscardedEvents, Event, EventBus, get_bus
+from fastapi_eventbus.exceptions import ConfigurationError
+from fastapi_eventbus.outbox import SQLAlchemyOutbox
+from tests.outbox.shop import handled, make_shop, metadata, orders
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def rows(url: str, table: Any) -> list[Any]:
+    """Every row of *table* (read with a fresh engine, as another process would)."""
+
+    async def read() -> list[Any]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                return list((await connection.execute(select(table))).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def outbox_rows(url: str, bus: EventBus) -> list[Any]:
+    outbox = bus.outbox
+    assert isinstance(outbox, SQLAlchemyOutbox)
+    return rows(url, outbox.tables.events)
+
+
+@pytest.fixture
+def discards() -> list[DiscardedEvents]:
+    return []
+
+
+def test_committed_events_are_handled_after_commit_and_see_the_data(
+    db_url: str, discards: list[DiscardedEvents]
+) -> None:
+    """Found: a handler ran before the request's session committed (on SQLite it blocked
+    5 s on "database is locked" and did not see the row)."""
+    app, bus, _ = make_shop(db_url, bus_options={"on_discard": discards.append})
+    with TestClient(app) as client:
+        ids = [client.post(f"/orders/{n}").json()["event_id"] for n in range(1, 21)]
+    seen = rows(db_url, handled)
+    assert sorted(row.event_id for row in seen) == sorted(ids)  # each once
+    assert all(row.saw_order for row in seen)
+    assert outbox_rows(db_url, bus) == []  # delivered rows leave the outbox
+    assert discards == []
+
+
+def test_a_rolled_back_event_never_runs_and_on_discard_is_told(
+    db_url: str, discards: list[DiscardedEvents], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: an event was handled although the transaction later rolled back."""
+    app, bus, _ = make_shop(db_url, bus_options={"on_discard": discards.append})
+    with caplog.at_level(logging.INFO, "fastapi_eventbus"), TestClient(app) as client:
+        kept = client.post("/orders/1").json()["event_id"]
+        assert client.post("/orders/2", params={"fail": True}).status_code == 409
+    assert [row.event_id for row in rows(db_url, handled)] == [kept]
+    assert [row.id for row in rows(db_url, orders)] == [1]
+    assert outbox_rows(db_url, bus) == []
+    assert len(discards) == 1
+    assert "rolled back" in discards[0].reason
+    (lost,) = discards[0].events
+    assert lost.name == "order.created"
+    assert lost.payload == {"id": 2, "item": "book"}
+    assert lost.id in caplog.text
+
+
+def test_a_session_closed_without_commit_discards_its_events(
+    db_url: str, discards: list[DiscardedEvents]
+) -> None:
+    app, _, engine = make_shop(db_url, bus_options={"on_discard": discards.append})
+    sessions = async_sessionmaker(engine)
+
+    @app.post("/forgot")
+    async def forgot(bus: EventBus = Depends(get_bus)) -> str:
+        async with sessions() as db:
+            return bus.emit("order.created", {"id": 9, "item": "x"}, session=db).id
+
+    with TestClient(app) as client:
+        event_id = client.post("/forgot").json()
+    assert rows(db_url, handled) == []
+    assert [e.id for d in discards for e in d.events] == [event_id]
+
+
+def test_emit_with_a_session_outside_a_request_handles_it_after_commit(db_url: str) -> None:
+    """The transaction is the batch: a script, a startup task or a handler."""
+    app, bus, engine = make_shop(db_url)
+    sessions = async_sessionmaker(engine)
+
+    async def script() -> list[str]:
+        async with app.router.lifespan_context(app):
+            async with sessions() as db:
+                await db.execute(insert(orders).values(id=7, item="pen"))
+                event = bus.emit("order.created", {"id": 7, "item": "pen"}, session=db)
+                await asyncio.sleep(0.05)
+                async with engine.connect() as other:  # not before the commit
+                    assert (await other.execute(select(handled))).all() == []
+                await db.commit()
+            await bus.drain()
+            return [event.id]
+
+    ids = asyncio.run(script())
+    assert [(r.event_id, r.saw_order) for r in rows(db_url, handled)] == [(ids[0], True)]
+
+
+def test_a_savepoint_rolled_back_drops_only_its_events(
+    db_url: str, discards: list[DiscardedEvents]
+) -> None:
+    app, bus, engine = make_shop(db_url, bus_options={"on_discard": discards.append})
+    sessions = async_sessionmaker(engine)
+
+    async def script() -> tuple[str, str]:
+        async with app.router.lifespan_context(app), sessions() as db:
+            await db.execute(insert(orders).values(id=1, item="a"))
+            kept = bus.emit("order.created", {"id": 1, "item": "a"}, session=db)
+            savepoint = await db.begin_nested()
+            dropped = bus.emit("order.created", {"id": 2, "item": "b"}, session=db)
+            await db.flush()
+            await savepoint.rollback()
+            await db.commit()
+            await bus.drain()
+            return kept.id, dropped.id
+
+    kept, dropped = asyncio.run(script())
+    assert [r.event_id for r in rows(db_url, handled)] == [kept]
+    assert [e.id for d in discards for e in d.events] == [dropped]
+
+
+def test_a_failed_handler_is_retried_from_the_outbox_then_dead_lettered(
+    db_url: str, discards: list[DiscardedEvents], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = create_async_engine(db_url, poolclass=NullPool)  # used from several loops below
+    outbox = SQLAlchemyOutbox(
+        engine, lease=5.0, poll_interval=0.05, retry_initial=0.05, retry_max=0.05, max_attempts=3
+    )
+    bus = EventBus(outbox=outbox, on_discard=discards.append)
+    calls: dict[str, int] = {}
+
+    @bus.on("flaky")
+    async def flaky(event: Event) -> None:
+        calls[event.id] = calls.get(event.id, 0) + 1
+        if event.payload["fails"] >= calls[event.id]:
+            raise RuntimeError(f"failure {calls[event.id]}")
+
+    app = FastAPI()
+    bus.install(app)
+    sessions = async_sessionmaker(engine)
+
+    @app.post("/flaky/{fails}")
+    async def emit(fails: int, bus: EventBus = Depends(get_bus)) -> str:
+        async with sessions() as db:
+            event = bus.emit("flaky", {"fails": fails}, session=db)
+            await db.commit()
+        return event.id
+
+    asyncio.run(outbox.create_tables())
+    with caplog.at_level(logging.INFO, "fastapi_eventbus"), TestClient(app) as client:
+        recovers = client.post("/flaky/1").json()
+        gives_up = client.post("/flaky/5").json()
+        deadline = time.monotonic() + 10  # the relay retries on the app's loop meanwhile
+        while time.monotonic() < deadline:
+            if discards and not asyncio.run(outbox.pending()):  # all settled
+                break
+            time.sleep(0.02)
+    assert calls[recovers] == 2  # failed once, relayed once: handled
+    assert calls[gives_up] == 3  # max_attempts
+    dead = asyncio.run(outbox.dead())
+    assert [item.event.id for item in dead] == [gives_up]
+    assert asyncio.run(outbox.pending()) == []
+    assert [e.id for d in discards for e in d.events] == [gives_up]
+    assert f"id={gives_up}) dead-lettered" in caplog.text
+    assert asyncio.run(outbox.replay()) == 1
+    assert [item.event.id for item in asyncio.run(outbox.pending())] == [gives_up]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_sync_session_and_engine_work_the_same(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'sync.db'}"
+    else:
+        postgres = request.getfixturevalue("postgres")
+        url = postgres.url("psycopg", postgres.create_database())
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    bus = EventBus(outbox=SQLAlchemyOutbox(engine))
+    seen: list[str] = []
+
+    @bus.on("order.created")
+    def on_created(event: Event) -> None:
+        with Session(engine) as db:
+            assert db.scalar(select(func.count()).select_from(orders)) == 1
+        seen.append(event.id)
+
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    def create(bus: EventBus = Depends(get_bus)) -> str:
+        with Session(engine) as db:
+            db.execute(insert(orders).values(id=1, item="sync"))
+            event = bus.emit("order.created", {"id": 1}, session=db)
+            db.commit()
+        return event.id
+
+    asyncio.run(bus.outbox.create_tables())  # type: ignore[union-attr]
+    with TestClient(app) as client:
+        event_id = client.post("/orders").json()
+    assert seen == [event_id], url
+    engine.dispose()
+
+
+def test_bad_outbox_use_fails_at_the_call(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    other = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    bus = EventBus(outbox=SQLAlchemyOutbox(engine))
+    plain = EventBus()
+    with pytest.raises(ConfigurationError, match="needs a bus with an outbox"):
+        plain.emit("x", {}, session=AsyncSession(engine))
+    with pytest.raises(TypeError, match="takes a SQLAlchemy Session or AsyncSession"):
+        bus.emit("x", {}, session="db")
+    with pytest.raises(ConfigurationError, match="the database its relay reads"):
+        bus.emit("x", {}, session=AsyncSession(other))
+    with pytest.raises(ConfigurationError, match="Engine or AsyncEngine"):
+        SQLAlchemyOutbox("sqlite://")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="lease"):
+        SQLAlchemyOutbox(engine, lease=0)
+    with pytest.raises(ConfigurationError, match="another EventBus"):
+        EventBus(outbox=bus.outbox)

@@ -15,8 +15,9 @@ from starlette.responses import Response
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch, RequestEnd
-from ._core import Core, Observer, Outbox
+from ._core import Core, Observer
 from ._di import Handler
+from ._dispatch import Inbox
 from ._events import (
     Event,
     event_name_of,
@@ -33,10 +34,10 @@ from .exceptions import (
     ConfigurationError,
     InvalidEventError,
     OutsideRequestError,
-    SpoolError,
 )
 from .forwarders._base import Forwarder
 from .spool import Spool
+from .storage import Outbox
 
 F = TypeVar("F", bound=Callable[..., Any])
 FwdT = TypeVar("FwdT", bound=Forwarder)
@@ -81,6 +82,9 @@ class EventBus:
             session=db)`` then writes the event in *db*'s transaction, handled and
             forwarded once it commits, never if it rolls back, relayed after a
             crash. None: ``session=`` is refused.
+        inbox: A `fastapi_eventbus.outbox.SQLAlchemyInbox`: an event delivered
+            again (by a worker, the outbox's relay, `handle`) runs only the
+            handlers that have not succeeded for it yet.
         handler_timeout: Seconds one handler call (its dependencies, its body
             and its ``yield`` exits) may take, unless the handler sets its own
             ``timeout``. A call still running then fails with `TimeoutError`
@@ -109,6 +113,7 @@ class EventBus:
         max_pending_events: int | None = 50_000,
         handler_timeout: float | None = 60.0,
         outbox: Outbox | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
         settings = Settings(
             disabled=disabled_by_env() if disabled is None else disabled,
@@ -124,16 +129,8 @@ class EventBus:
         )
         if spool is not None and not isinstance(spool, Spool):
             spool = Spool(spool)
-        self._core = Core(settings, EventBus._view, spool)
+        self._core = Core(settings, EventBus._view, spool, outbox, inbox)
         self._batch = None
-        if outbox is not None:
-            if not callable(getattr(outbox, "join", None)):
-                raise ConfigurationError(
-                    "outbox= takes a fastapi_eventbus.outbox.SQLAlchemyOutbox, "
-                    f"got {type(outbox).__name__}"
-                )
-            outbox.attach(self._core)
-            self._core.outbox = outbox
 
     @classmethod
     def _view(cls, core: Core, batch: Batch) -> EventBus:
@@ -353,7 +350,7 @@ class EventBus:
         """
         batch = self._batch
         if session is not None:
-            return self._emit_in(session, event, payload, batch)
+            return self._core.make_in(session, event, payload, payload is not _MISSING, batch)
         if batch is None:
             raise OutsideRequestError(
                 "emit() on the application bus has no request to attach events to: in an "
@@ -364,22 +361,6 @@ class EventBus:
         if not deliver:
             return event_obj
         self._core.accept(batch, event_obj)
-        return event_obj
-
-    def _emit_in(
-        self, session: object, event: str | BaseModel, payload: Any, batch: Batch | None
-    ) -> Event:
-        outbox = self._core.outbox
-        if outbox is None:
-            raise ConfigurationError(
-                "emit(..., session=) needs a bus with an outbox: "
-                "EventBus(outbox=SQLAlchemyOutbox(engine)) from fastapi_eventbus.outbox"
-            )
-        event_obj, deliver = self._core.make(
-            event, payload, payload is not _MISSING, batch, store=False
-        )
-        if deliver:
-            outbox.join(session, event_obj, batch)
         return event_obj
 
     @overload
@@ -520,22 +501,11 @@ class EventBus:
     async def close(self, timeout: float | None = None) -> list[Event]:
         """`drain`, then close every forwarder's clients. The installed lifespan calls this.
 
-        With a spool, the events this process did not finish sending are left
-        due at once, for the next process (or another one sharing the file).
+        With a spool (or an outbox), the events this process did not finish are
+        left due at once, for the next process (or another one sharing it).
         """
         unfinished = await self.drain(timeout)
-        spool = self._core.spool
-        if spool is not None:
-            try:
-                spool.release()
-            except SpoolError as exc:
-                logger.error("%s", exc)
-        outbox = self._core.outbox
-        if outbox is not None:
-            try:
-                await outbox.release()
-            except Exception as exc:
-                logger.error("outbox %s: could not release its rows: %r", outbox.name, exc)
+        await self._core.release()
         await self._core.sender.close()
         logger.debug("fastapi_eventbus closed")
         return unfinished

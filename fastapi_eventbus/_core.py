@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from ._batch import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, FlushTask
 from ._di import Handler
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, Inbox
 from ._events import (
     Event,
     SchemaRegistry,
@@ -25,32 +25,12 @@ from ._patterns import PatternIndex
 from ._sending import Sender
 from ._settings import Settings
 from ._tracing import Tracing
-from .exceptions import CapacityError, EventChainError, SpoolError
+from .exceptions import CapacityError, ConfigurationError, EventChainError, SpoolError
 from .forwarders._base import Forwarder
-from .storage import Storage
+from .storage import Outbox, Storage
 
 LOCAL = ""
 """The destination of an event's local handlers, beside its forwarders' names."""
-
-
-class Outbox(Protocol):
-    """What ``EventBus(outbox=...)`` takes (`fastapi_eventbus.outbox.SQLAlchemyOutbox`)."""
-
-    @property
-    def name(self) -> str:
-        """What log lines call it."""
-
-    def attach(self, core: Core) -> None:
-        """Become the outbox of the bus behind *core*."""
-
-    def join(self, session: object, event: Event, batch: Batch | None) -> None:
-        """Add *event* to *session*'s transaction (``emit(..., session=)``)."""
-
-    async def relay_forever(self) -> None:
-        """Deliver what is due, forever (the installed lifespan runs it)."""
-
-    async def release(self) -> int:
-        """Make what this process holds due at once (shutdown)."""
 
 
 class Observer(Protocol):
@@ -71,6 +51,8 @@ class Core:
         settings: Settings,
         make_view: Callable[[Core, Batch], object],
         spool: Storage | None = None,
+        outbox: Outbox | None = None,
+        inbox: Inbox | None = None,
     ) -> None:
         self.settings = settings
         self.make_view = make_view
@@ -90,6 +72,21 @@ class Core:
         self.spool = spool
         self.outbox: Outbox | None = None
         """Where events emitted with ``session=`` wait for their transaction (`Outbox`)."""
+        if outbox is not None:
+            if not callable(getattr(outbox, "join", None)):
+                raise ConfigurationError(
+                    "outbox= takes a fastapi_eventbus.outbox.SQLAlchemyOutbox, "
+                    f"got {type(outbox).__name__}"
+                )
+            outbox.attach(self)
+            self.outbox = outbox
+        if inbox is not None:
+            if not callable(getattr(inbox, "handled", None)):
+                raise ConfigurationError(
+                    "inbox= takes a fastapi_eventbus.outbox.SQLAlchemyInbox, "
+                    f"got {type(inbox).__name__}"
+                )
+            self.dispatcher.inbox = inbox
         self.jobs: set[asyncio.Future[None]] = set()
         """`after_response` work running outside a request's flush (`spawn`)."""
         self.pending = 0
@@ -131,7 +128,7 @@ class Core:
         batch.current = event
         self.active.add(batch)
         try:
-            return await self.dispatcher.dispatch(event, batch, local=False)
+            return await self.dispatcher.dispatch(event, batch, local=False, redelivered=True)
         finally:
             batch.current = None
             batch.state = CLOSED
@@ -167,7 +164,7 @@ class Core:
         try:
             for event in events:
                 batch.current = event
-                failures = await self.dispatcher.dispatch(event, batch)
+                failures = await self.dispatcher.dispatch(event, batch, redelivered=True)
                 if failures:
                     why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
                     failed.append((event, why))
@@ -422,6 +419,35 @@ class Core:
         for observer in self.observers:
             observer.on_emit(event_obj)
         return event_obj, deliver
+
+    def make_in(
+        self, session: object, event: object, payload: Any, has_payload: bool, batch: Batch | None
+    ) -> Event:
+        """``emit(..., session=)``: `make` the event, and have the outbox add it to
+        *session*'s transaction instead of *batch*."""
+        outbox = self.outbox
+        if outbox is None:
+            raise ConfigurationError(
+                "emit(..., session=) needs a bus with an outbox: "
+                "EventBus(outbox=SQLAlchemyOutbox(engine)) from fastapi_eventbus.outbox"
+            )
+        event_obj, deliver = self.make(event, payload, has_payload, batch, store=False)
+        if deliver:
+            outbox.join(session, event_obj, batch)
+        return event_obj
+
+    async def release(self) -> None:
+        """Shutdown: what this process holds in its spool and outbox is due again at once."""
+        if self.spool is not None:
+            try:
+                self.spool.release()
+            except SpoolError as exc:
+                logger.error("%s", exc)
+        if self.outbox is not None:
+            try:
+                await self.outbox.release()
+            except Exception as exc:
+                logger.error("outbox %s: could not release its rows: %r", self.outbox.name, exc)
 
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""

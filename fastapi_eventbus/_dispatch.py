@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch
@@ -28,6 +28,20 @@ _UNMATCHED_NAMES_LIMIT = 1024
 """How many distinct unmatched names are remembered (each is warned about once)."""
 
 
+class Inbox(Protocol):
+    """What ``EventBus(inbox=...)`` takes (`fastapi_eventbus.outbox.SQLAlchemyInbox`): the
+    handlers that succeeded for each event, so that a redelivery runs only the others."""
+
+    async def handled(self, event: Event) -> Collection[str]:
+        """The names of the handlers that already succeeded for *event*."""
+
+    def calling(self, handler: str, event: Event) -> None:
+        """*handler* is about to run for *event* (a commit in it may record its success)."""
+
+    async def record(self, handler: str, event: Event) -> None:
+        """*handler* succeeded for *event* (unless its own transaction recorded it)."""
+
+
 class Dispatcher:
     """The handlers of one bus, and running those of an event (`dispatch`).
 
@@ -42,9 +56,11 @@ class Dispatcher:
         """The bus's span hooks (set with the core's); None: tracing off."""
         self._unmatched: set[str] = set()
         self._watchdog: Watchdog | None = None
+        self.inbox: Inbox | None = None
+        """Which handlers already succeeded for an event (``EventBus(inbox=...)``)."""
 
     async def dispatch(
-        self, event: Event, batch: Batch, local: bool = True
+        self, event: Event, batch: Batch, local: bool = True, redelivered: bool = False
     ) -> list[HandlerFailure]:
         """Run every handler matching *event*, one after the other, isolating failures.
 
@@ -53,11 +69,17 @@ class Dispatcher:
         Returns the failures (already logged and passed to ``on_error``).
         *local* is False for an event that came from a broker: for tracing, and
         its handlers are not retried here (the broker's redelivery is the retry).
+        A *redelivered* event (a worker's, an outbox's) may have been handled
+        before: with an inbox, the handlers that succeeded then are skipped, and
+        each success is recorded.
         """
         failures: list[HandlerFailure] = []
         handlers = self.handlers.match(event.name)
         if not handlers and (not local or not self.core.forwarders.match(event.name)):
             self._no_match(event, local)
+        inbox = self.inbox if redelivered and handlers else None
+        if inbox is not None:
+            handlers = await _not_yet_handled(inbox, event, handlers)
         token = _di.CURRENT_EVENT.set(event)
         limit: Limit | None = None  # made for the first handler with a time limit
         observers = self.core.observers  # the list itself: one `capture` adds is seen
@@ -71,6 +93,8 @@ class Dispatcher:
                     error: BaseException | None = None
                     if (timeout := handler.timeout) is not None and limit is None:
                         limit = self._limit(batch)
+                    if inbox is not None:
+                        inbox.calling(handler.name, event)
                     if self.tracing is None:  # `_call`, inlined: one coroutine less per call
                         try:
                             if child is None and plan.event_model is None:  # `_start`'s usual
@@ -109,6 +133,8 @@ class Dispatcher:
                     failures.append(HandlerFailure(event, handler.name, error))
                 for observer in observers:
                     observer.on_handled(event, handler.name, error)
+                if inbox is not None and error is None:
+                    await _record(inbox, handler.name, event)
                 if child is None or not child.events:
                     continue
                 if error is not None:
@@ -271,3 +297,46 @@ class Dispatcher:
             scope = dict(batch.get_scope())
             scope[SCOPE_KEY] = self.core.make_view(self.core, child)
         return _di.run_handler(plan, handler.func, arg, scope, batch.provider, overrides)
+
+
+async def _not_yet_handled(
+    inbox: Inbox, event: Event, handlers: tuple[Handler, ...]
+) -> tuple[Handler, ...]:
+    """*handlers* but those the inbox says already succeeded for *event*; all of them if
+    it cannot tell (they run again: at-least-once, as without an inbox)."""
+    try:
+        done = await inbox.handled(event)
+    except Exception as exc:
+        logger.warning(
+            "inbox: could not read which handlers already handled event %r (id=%s), so all run: %r",
+            event.name,
+            event.id,
+            exc,
+        )
+        return handlers
+    if not done:
+        return handlers
+    skipped = [h.name for h in handlers if h.name in done]
+    if skipped:
+        logger.info(
+            "event %r (id=%s) redelivered: skipping handler(s) that already succeeded: %s",
+            event.name,
+            event.id,
+            ", ".join(skipped),
+        )
+    return tuple(h for h in handlers if h.name not in done)
+
+
+async def _record(inbox: Inbox, handler: str, event: Event) -> None:
+    """Record *handler*'s success; if that fails, a redelivery runs it again (logged)."""
+    try:
+        await inbox.record(handler, event)
+    except Exception as exc:
+        logger.warning(
+            "inbox: could not record that handler %s handled event %r (id=%s); a redelivery "
+            "would run it again: %r",
+            handler,
+            event.name,
+            event.id,
+            exc,
+        )

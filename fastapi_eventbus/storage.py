@@ -22,11 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ._events import Event
 
-__all__ = ["Settled", "SpooledEvent", "Storage"]
+if TYPE_CHECKING:
+    from ._batch import Batch
+    from ._core import Core
+
+__all__ = ["Outbox", "Settled", "SpooledEvent", "Storage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +120,23 @@ class Storage(Protocol):
     def release(self) -> int:
         """Make what this process holds due again at once (shutdown); how many."""
         ...
+
+
+class Outbox(Protocol):
+    """What ``EventBus(outbox=...)`` takes (`fastapi_eventbus.outbox.SQLAlchemyOutbox`)."""
+
+    @property
+    def name(self) -> str:
+        """What log lines call it."""
+
+    def attach(self, core: Core) -> None:
+        """Become the outbox of the bus behind *core*."""
+
+    def join(self, session: object, event: Event, batch: Batch | None) -> None:
+        """Add *event* to *session*'s transaction (``emit(..., session=)``)."""
+
+    async def relay_forever(self) -> None:
+        """Deliver what is due, forever (the installed lifespan runs it)."""
+
+    async def release(self) -> int:
+        """Make what this process holds due at once (shutdown)."""

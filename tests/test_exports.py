@@ -149,7 +149,7 @@ def test_import_does_not_pull_optional_sdks() -> None:
     code = (
         "import sys, fastapi; before = set(sys.modules);"
         "import fastapi_eventbus, fastapi_eventbus.testing;"
-        "sdks = ('aiobotocore', 'botocore', 'gcloud', 'opentelemetry');"
+        "sdks = ('aiobotocore', 'botocore', 'gcloud', 'opentelemetry', 'sqlalchemy');"
         "bad = [m for m in set(sys.modules) - before if m.split('.')[0] in sdks];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -13,6 +13,7 @@ from fastapi_eventbus.exceptions import MissingExtraError
 if importlib.util.find_spec("sqlalchemy") is None:  # pragma: no cover - the extra is missing
     raise MissingExtraError("sqlalchemy", "SQLAlchemy")
 
+from ._inbox import SQLAlchemyInbox
 from ._outbox import SQLAlchemyOutbox
 
-__all__ = ["SQLAlchemyOutbox"]
+__all__ = ["SQLAlchemyInbox", "SQLAlchemyOutbox"]

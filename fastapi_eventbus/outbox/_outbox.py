@@ -111,7 +111,7 @@ class SQLAlchemyOutbox:
         """This process's mark on the rows it holds."""
         self._row = _row_class(self.tables.events)
         self._sync_engine = sync_engine(self.engine)
-        self._core: Core | None = None
+        self._attached: Core | None = None
         self._checked: set[Engine] = set()  # the session binds found to be this database
 
     def __repr__(self) -> str:
@@ -131,15 +131,15 @@ class SQLAlchemyOutbox:
 
     def attach(self, core: Core) -> None:
         """Become the outbox of the bus behind *core* (`EventBus` calls this)."""
-        if self._core is not None and self._core is not core:
+        if self._attached is not None and self._attached is not core:
             raise ConfigurationError("this SQLAlchemyOutbox already belongs to another EventBus")
-        self._core = core
+        self._attached = core
 
     @property
     def core(self) -> Core:
-        if self._core is None:
+        if self._attached is None:
             raise ConfigurationError("this SQLAlchemyOutbox is not given to an EventBus(outbox=)")
-        return self._core
+        return self._attached
 
     def join(self, session: object, event: Event, batch: Batch | None) -> None:
         """Add *event*'s rows to *session*'s transaction (``emit(..., session=)``).

@@ -28,14 +28,6 @@ from tests.outbox.shop import handled, make_shop, metadata, orders
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 def rows(url: str, table: Any) -> list[Any]:
     """Every row of *table* (read with a fresh engine, as another process would)."""
 

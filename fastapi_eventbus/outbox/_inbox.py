@@ -1,0 +1,160 @@
+"""`SQLAlchemyInbox`: which handlers already succeeded for an event, so that a redelivery
+(a worker's, the outbox relay's, ``handle()``) runs only the others."""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, MetaData, delete, insert, select
+from sqlalchemy import event as sa_event
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from fastapi_eventbus._di import CURRENT_EVENT
+from fastapi_eventbus._events import Event
+
+from ._db import checked_engine, run, sync_engine
+from ._tables import inbox_table
+
+
+@dataclass(eq=False)
+class _Call:
+    """The handler call running in this context, whose session's commit records it."""
+
+    inbox: SQLAlchemyInbox
+    handler: str
+    event_id: str
+    recorded: bool = False
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "fastapi_eventbus_inbox_call", default=None
+)
+
+
+class SQLAlchemyInbox:
+    """Records each (handler, event id) that succeeded, in the application's database.
+
+    Pass it as ``EventBus(inbox=SQLAlchemyInbox(engine))``. When an event is
+    delivered again (by a worker after a failure or a lost acknowledgement, by the
+    outbox relay after a crash, or to ``bus.handle()``), the handlers that
+    already succeeded for it are skipped: only those that failed, or never ran,
+    run again.
+
+    When a handler commits a SQLAlchemy session on the inbox's database (one it
+    gets from a dependency, say), its inbox row is written in that same
+    transaction: its database effects and the record of its success commit
+    together, so they happen exactly once. Otherwise the row is written right
+    after the handler returns, in a transaction of its own: a crash between the
+    two runs the handler again (at-least-once). Events emitted in-process
+    without an outbox are never redelivered, so the inbox is not consulted for
+    them.
+
+    Handlers are told apart by their qualified name (``module.function``):
+    renaming one makes it a new handler.
+
+    Args:
+        engine: The application's SQLAlchemy 2.0 engine, async or sync.
+        metadata: The `MetaData` to define the table in (for Alembic); a new one
+            by default.
+        table_prefix: The start of the table's name (``eventbus_inbox``).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine | Engine,
+        *,
+        metadata: MetaData | None = None,
+        table_prefix: str = "eventbus_",
+    ) -> None:
+        self.engine = checked_engine(engine, "SQLAlchemyInbox")
+        self.metadata = metadata if metadata is not None else MetaData()
+        """The `MetaData` holding the inbox's table (give it to Alembic)."""
+        name = f"{table_prefix}inbox"
+        existing = self.metadata.tables.get(name)
+        self.table = existing if existing is not None else inbox_table(self.metadata, table_prefix)
+        self._sync_engine = sync_engine(self.engine)
+        _listen_once()
+
+    def __repr__(self) -> str:
+        return f"<SQLAlchemyInbox {self._sync_engine.url.render_as_string(hide_password=True)}>"
+
+    async def create_tables(self) -> None:
+        """Create the inbox's table if it does not exist (or use `metadata` with Alembic)."""
+        await run(self.engine, lambda c: self.metadata.create_all(c, tables=[self.table]))
+
+    async def handled(self, event: Event) -> Collection[str]:
+        """The names of the handlers that already succeeded for *event*."""
+        query = select(self.table.c.handler).where(self.table.c.event_id == event.id)
+        return set(await run(self.engine, lambda c: c.execute(query).scalars().all()))
+
+    def calling(self, handler: str, event: Event) -> None:
+        """*handler* is about to run for *event*: a commit of its session records it."""
+        _CALL.set(_Call(self, handler, event.id))
+
+    async def record(self, handler: str, event: Event) -> None:
+        """*handler* succeeded for *event*: record it, unless its own commit did."""
+        call = _CALL.get()
+        _CALL.set(None)
+        if call is not None and call.recorded and call.handler == handler:
+            return
+        values = {"handler": handler, "event_id": event.id, "handled_at": time.time()}
+
+        def work(connection: Connection) -> None:
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(self.table).values(**values))
+            except IntegrityError:  # another delivery of the event recorded it first
+                pass
+
+        await run(self.engine, work)
+
+    async def forget(self, older_than: float) -> int:
+        """Delete the records of successes more than *older_than* seconds old; how many.
+
+        An event redelivered after its record is gone runs all its handlers again.
+        """
+        cutoff = time.time() - older_than
+        statement = delete(self.table).where(self.table.c.handled_at < cutoff)
+        return await run(self.engine, lambda c: int(c.execute(statement).rowcount))
+
+    def record_in(self, session: Session, call: _Call) -> None:
+        """Write *call*'s row in *session*'s transaction, if it is on this database."""
+        try:
+            bind: Any = session.get_bind()
+        except Exception:  # no single bind to tell: recorded after the handler returns
+            return
+        if bind.engine.url != self._sync_engine.url:
+            return
+        session.connection().execute(
+            insert(self.table).values(
+                handler=call.handler, event_id=call.event_id, handled_at=time.time()
+            )
+        )
+        call.recorded = True
+
+
+def _before_commit(session: Session) -> None:
+    """Any session commits: inside an inboxed handler call, its success commits with it."""
+    call = _CALL.get()
+    if call is None or call.recorded or session.in_nested_transaction():
+        return
+    event = CURRENT_EVENT.get(None)
+    if event is None or event.id != call.event_id:  # that dispatch is over
+        return
+    call.inbox.record_in(session, call)
+
+
+_listening = False
+
+
+def _listen_once() -> None:
+    global _listening
+    if not _listening:
+        sa_event.listen(Session, "before_commit", _before_commit)
+        _listening = True

@@ -1,0 +1,135 @@
+"""The inbox: a redelivered event runs only the handlers that have not succeeded for it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi import Depends
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from fastapi_eventbus import Event, EventBus
+from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
+
+pytestmark = pytest.mark.slow
+
+metadata = MetaData()
+effects = Table(
+    "effects",
+    metadata,
+    Column("n", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),
+)
+
+
+async def _setup(
+    url: str, inbox: bool, outbox: bool = False
+) -> tuple[EventBus, async_sessionmaker[AsyncSession]]:
+    engine = create_async_engine(url, poolclass=NullPool)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    box = SQLAlchemyInbox(engine) if inbox else None
+    if box is not None:
+        await box.create_tables()
+    out = SQLAlchemyOutbox(engine, lease=0.2, poll_interval=0.05) if outbox else None
+    if out is not None:
+        await out.create_tables()
+    return EventBus(inbox=box, outbox=out), async_sessionmaker(engine)
+
+
+@pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])
+def test_a_redelivery_runs_only_the_handlers_that_failed(db_url: str, inbox: bool) -> None:
+    """Found: a redelivered event re-ran every handler because one of them had failed."""
+
+    async def scenario() -> Counter[str]:
+        bus, _ = await _setup(db_url, inbox)
+        calls: Counter[str] = Counter()
+
+        @bus.on("paid")
+        async def send_receipt(event: Event) -> None:
+            calls["send_receipt"] += 1
+
+        @bus.on("paid")
+        async def ship(event: Event) -> None:
+            calls["ship"] += 1
+            if calls["ship"] == 1:
+                raise RuntimeError("warehouse down")
+
+        delivered = Event(name="paid", payload={"order": 1})  # as a worker decodes it
+        first = await bus.handle(delivered)  # the first delivery: ship fails
+        assert [f.handler.rsplit(".", 1)[-1] for f in first] == ["ship"]
+        assert await bus.handle(delivered) == []  # the redelivery
+        assert await bus.handle(delivered) == []  # and one more: nothing left to run
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert calls["ship"] == (2 if inbox else 3)
+    assert calls["send_receipt"] == (1 if inbox else 3)
+
+
+@pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])
+def test_a_handler_s_own_commit_records_it_so_its_effects_happen_once(
+    db_url: str, inbox: bool
+) -> None:
+    """The handler commits its work, then fails (or its process dies) before returning: with
+    the inbox, its row committed with the work, so the redelivery does not do it again."""
+
+    async def scenario() -> int:
+        bus, sessions = await _setup(db_url, inbox)
+
+        async def get_db() -> AsyncIterator[AsyncSession]:
+            async with sessions() as db:
+                yield db
+
+        @bus.on("paid")
+        async def charge(event: Event, db: AsyncSession = Depends(get_db)) -> None:
+            await db.execute(insert(effects).values(event_id=event.id))
+            await db.commit()
+            if event.payload["crash_after_commit"]:
+                event.payload["crash_after_commit"] = False
+                raise RuntimeError("lost after the commit")
+
+        delivered = Event(name="paid", payload={"crash_after_commit": True})
+        await bus.handle(delivered)
+        await bus.handle(delivered)
+        async with sessions() as db:
+            count = await db.scalar(select(func.count()).select_from(effects))
+        return int(count or 0)
+
+    assert asyncio.run(scenario()) == (1 if inbox else 2)
+
+
+def test_the_outbox_relay_with_an_inbox_reruns_only_the_failed_handler(db_url: str) -> None:
+    async def scenario() -> Counter[str]:
+        bus, sessions = await _setup(db_url, inbox=True, outbox=True)
+        calls: Counter[str] = Counter()
+
+        @bus.on("paid")
+        async def send_receipt(event: Event) -> None:
+            calls["send_receipt"] += 1
+
+        @bus.on("paid")
+        async def ship(event: Event) -> None:
+            calls["ship"] += 1
+            if calls["ship"] == 1:
+                raise RuntimeError("warehouse down")
+
+        outbox = bus.outbox
+        assert isinstance(outbox, SQLAlchemyOutbox)
+        async with sessions() as db:
+            bus.emit("paid", {"order": 1}, session=db)
+            await db.commit()
+        await bus.drain()  # the committed delivery: ship fails, its row is retried
+        for _ in range(200):
+            if calls["ship"] == 2 and not await outbox.pending():
+                break
+            await outbox.relay_once()
+            await asyncio.sleep(0.02)
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert calls == {"send_receipt": 1, "ship": 2}

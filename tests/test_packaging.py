@@ -29,7 +29,12 @@ import fastapi_eventbus
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT: dict[str, Any] = PYPROJECT["project"]
-SDKS = {"aws": {"aiobotocore"}, "gcp": {"gcloud-aio-pubsub"}, "otel": {"opentelemetry-api"}, "sqlalchemy": {"sqlalchemy"}}
+SDKS = {
+    "aws": {"aiobotocore"},
+    "gcp": {"gcloud-aio-pubsub"},
+    "otel": {"opentelemetry-api"},
+    "sqlalchemy": {"sqlalchemy"},
+}
 """The extra of each cloud (and of tracing), and the SDK it installs."""
 
 

@@ -6,11 +6,23 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table, delete, insert, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    MetaData,
+    Table,
+    delete,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -79,6 +91,9 @@ class SQLAlchemyOutbox:
             per failure up to *retry_max*.
         retry_max: The longest wait between two retries of a row.
         batch_size: Rows the relay claims at a time.
+        listen: On PostgreSQL with an asyncpg engine, have the relay ``LISTEN``
+            for the rows committed due at once (by a script without an event
+            loop): it takes them at once instead of at its next poll.
     """
 
     def __init__(
@@ -93,6 +108,7 @@ class SQLAlchemyOutbox:
         retry_initial: float = 1.0,
         retry_max: float = 300.0,
         batch_size: int = 100,
+        listen: bool = True,
     ) -> None:
         self.engine = checked_engine(engine, "SQLAlchemyOutbox")
         self.lease = check_seconds("lease", lease, positive=True) or 0.0
@@ -110,6 +126,9 @@ class SQLAlchemyOutbox:
         self.owner = uuid.uuid4().hex
         """This process's mark on the rows it holds."""
         self._row = _row_class(self.tables.events)
+        self.channel = f"{table_prefix}outbox"
+        """The PostgreSQL channel new rows due at once are announced on (``listen``)."""
+        self.listen = listen
         self._sync_engine = sync_engine(self.engine)
         self._attached: Core | None = None
         self._checked: set[Engine] = set()  # the session binds found to be this database
@@ -176,6 +195,7 @@ class SQLAlchemyOutbox:
         joined = sync.info.get(_JOINED)
         if joined is None:
             joined = sync.info[_JOINED] = _Joined()
+            sa_event.listen(sync, "before_commit", _before_commit)
             sa_event.listen(sync, "after_commit", _after_commit)
             sa_event.listen(sync, "after_transaction_end", _after_transaction_end)
         sync.add_all(rows)
@@ -413,14 +433,63 @@ class SQLAlchemyOutbox:
         return claimed
 
     async def relay_forever(self) -> None:
-        """`relay_once` until nothing is due, then wait ``poll_interval``; forever."""
-        while True:
-            try:
-                while await self.relay_once() > 0:
-                    pass
-            except Exception as exc:
-                logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
-            await asyncio.sleep(self.poll_interval)
+        """`relay_once` until nothing is due, then wait ``poll_interval`` (or, with
+        ``listen``, until a commit announces new rows); forever."""
+        wake = asyncio.Event()
+        stop_listening = await self._listen(wake)
+        try:
+            while True:
+                wake.clear()
+                try:
+                    while await self.relay_once() > 0:
+                        pass
+                except Exception as exc:
+                    logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+        finally:
+            if stop_listening is not None:
+                await stop_listening()
+
+    def notifies(self) -> bool:
+        """Whether commits announce rows due at once to relays (PostgreSQL, ``listen``)."""
+        return self.listen and self._sync_engine.dialect.name == "postgresql"
+
+    async def _listen(self, wake: asyncio.Event) -> Callable[[], Awaitable[None]] | None:
+        """``LISTEN`` on `channel`, setting *wake* at each notification; how to stop.
+
+        None when the engine cannot (not PostgreSQL through asyncpg): the relay polls.
+        """
+        engine = self.engine
+        if not self.listen or not isinstance(engine, AsyncEngine):
+            return None
+        if engine.dialect.name != "postgresql" or engine.dialect.driver != "asyncpg":
+            return None
+        try:
+            connection = await engine.connect()
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+
+            def notified(*_: object) -> None:
+                wake.set()
+
+            await driver.add_listener(self.channel, notified)
+        except Exception as exc:
+            logger.warning(
+                "outbox %s: cannot LISTEN for new rows (%s); polling every %gs",
+                self.name,
+                describe_error(exc),
+                self.poll_interval,
+            )
+            return None
+
+        async def stop() -> None:
+            with suppress(Exception):
+                await driver.remove_listener(self.channel, notified)
+            with suppress(Exception):
+                await connection.close()
+
+        return stop
 
     async def release(self) -> int:
         """Make the rows this process holds due at once (shutdown); how many."""
@@ -504,6 +573,18 @@ def _row_class(table: Table) -> type:
     cls = type("OutboxRow", (), {"__init__": __init__, "__module__": __name__})
     registry().map_imperatively(cls, table)
     return cls
+
+
+def _before_commit(session: Session) -> None:
+    """Announce the rows no process holds (due at once) to the relays listening."""
+    if session.in_nested_transaction():
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None:
+        return
+    for outbox, group in _by_outbox([e for e in joined.entries if not e.local]):
+        if outbox.notifies() and group:
+            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": outbox.channel})
 
 
 def _after_commit(session: Session) -> None:

@@ -250,3 +250,30 @@ def test_bad_outbox_use_fails_at_the_call(tmp_path: Path) -> None:
         SQLAlchemyOutbox(engine, lease=0)
     with pytest.raises(ConfigurationError, match="another EventBus"):
         EventBus(outbox=bus.outbox)
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
+def test_an_idle_relay_takes_rows_a_script_committed(postgres: Any, listen: bool) -> None:
+    """A script without an event loop leaves its rows due at once; the relay of a running
+    app takes them: at once with LISTEN/NOTIFY, at its next poll without."""
+    database = postgres.create_database()
+    async_url, sync_url = postgres.url("asyncpg", database), postgres.url("psycopg", database)
+    app, _, _ = make_shop(async_url, poll_interval=3.0, listen=listen)
+    script_bus = EventBus(outbox=SQLAlchemyOutbox(create_engine(sync_url), metadata=metadata))
+    sync_engine = create_engine(sync_url)
+    with TestClient(app):  # its lifespan creates the tables and starts the relay
+        time.sleep(0.5)  # the relay's first round is over: it is idle
+        latencies = []
+        for n in range(1, 4):
+            with Session(sync_engine) as db:
+                db.execute(insert(orders).values(id=n, item="script"))
+                script_bus.emit("order.created", {"id": n, "item": "script"}, session=db)
+                db.commit()
+            committed = time.monotonic()
+            while len(rows(async_url, handled)) < n and time.monotonic() - committed < 10:
+                time.sleep(0.01)
+            latencies.append(time.monotonic() - committed)
+    sync_engine.dispose()
+    assert len(rows(async_url, handled)) == 3
+    if listen:  # polling (every 3 s here) takes 1.5 s on average
+        assert max(latencies) < 1.0, latencies

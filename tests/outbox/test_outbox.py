@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from fastapi_eventbus import DiscardedEvents, Event, EventBus, get_bus
-from fastapi_eventbus.exceptions import ConfigurationError
+from fastapi_eventbus import DiscardedEvents, Event, EventBus, Retry, get_bus
+from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError
 from fastapi_eventbus.outbox import SQLAlchemyOutbox
+from fastapi_eventbus.testing import RecordingForwarder
 from tests.outbox.shop import handled, make_shop, metadata, orders
 
 pytestmark = pytest.mark.slow
@@ -277,3 +279,59 @@ def test_an_idle_relay_takes_rows_a_script_committed(postgres: Any, listen: bool
     assert len(rows(async_url, handled)) == 3
     if listen:  # polling (every 3 s here) takes 1.5 s on average
         assert max(latencies) < 1.0, latencies
+
+
+class _Outage(RecordingForwarder):
+    """A broker that is down for its first *down* sends (a transient failure)."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__(name="orders-queue")
+        self.retry = Retry(attempts=1)
+        self.down = down
+
+    async def send(self, events: Sequence[Event]) -> None:
+        if self.down > 0:
+            self.down -= 1
+            raise ForwarderError("broker unreachable", transient=True)
+        await super().send(events)
+
+
+def test_a_forwarder_gets_committed_events_and_an_outage_is_retried_from_the_outbox(
+    db_url: str,
+) -> None:
+    """Each destination has its own row: the forwarder's outage retries the send only, the
+    local handler (which succeeded) does not run again."""
+    engine = create_async_engine(db_url, poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine, lease=5.0, poll_interval=0.05, retry_initial=0.05)
+    bus = EventBus(outbox=outbox)
+    queue = bus.forward("order.*", _Outage(down=2))
+    handled_ids: list[str] = []
+
+    @bus.on("order.created")
+    async def on_created(event: Event) -> None:
+        handled_ids.append(event.id)
+
+    async def scenario() -> list[str]:
+        await outbox.create_tables()
+        sessions = async_sessionmaker(engine)
+        ids = []
+        async with sessions() as db:
+            ids = [bus.emit("order.created", {"id": n}, session=db).id for n in range(3)]
+            await db.commit()
+        await bus.drain()  # the committed delivery: handled; the send failed (kept)
+        assert sorted(handled_ids) == sorted(ids)
+        assert queue.events == []
+        pending = await outbox.pending()
+        assert {(p.event.id, p.forwarder, p.attempts) for p in pending} == {
+            (i, "orders-queue", 1) for i in ids
+        }
+        for _ in range(200):  # the relay's rounds: the second fails, the third sends
+            await outbox.relay_once()
+            if not await outbox.pending():
+                break
+            await asyncio.sleep(0.03)
+        return ids
+
+    ids = asyncio.run(scenario())
+    assert sorted(e.id for e in queue.events) == sorted(ids)  # each once
+    assert sorted(handled_ids) == sorted(ids)  # the handler did not run again

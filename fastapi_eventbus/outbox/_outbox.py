@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -19,14 +18,12 @@ from sqlalchemy import (
     delete,
     insert,
     select,
-    text,
     tuple_,
     update,
 )
-from sqlalchemy import event as sa_event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session, SessionTransaction, registry
+from sqlalchemy.orm import Session, registry
 
 from fastapi_eventbus._events import Event, event_json
 from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
@@ -37,33 +34,12 @@ from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
 
 from ._db import checked_engine, run, same_database, sync_engine, sync_session
+from ._session import Entry, joined
 from ._tables import OutboxTables, outbox_tables
 
 if TYPE_CHECKING:
     from fastapi_eventbus._batch import Batch
     from fastapi_eventbus._core import Core
-
-_JOINED = "fastapi_eventbus.outbox"
-"""Key of a session's ``info`` holding the events it carries (`_Joined`)."""
-
-
-@dataclass(eq=False)
-class _Entry:
-    """An event emitted with ``session=``: its rows, and where to hand it after commit."""
-
-    outbox: SQLAlchemyOutbox
-    event: Event
-    rows: list[Any]
-    batch: Batch | None
-    local: bool
-    """Whether this process delivers it once committed (False: the relay does)."""
-
-
-@dataclass(eq=False)
-class _Joined:
-    """The events of one session's current transaction."""
-
-    entries: list[_Entry] = field(default_factory=list)
 
 
 class SQLAlchemyOutbox:
@@ -192,14 +168,8 @@ class SQLAlchemyOutbox:
             )
             for destination in core.destinations(event.name)
         ]
-        joined = sync.info.get(_JOINED)
-        if joined is None:
-            joined = sync.info[_JOINED] = _Joined()
-            sa_event.listen(sync, "before_commit", _before_commit)
-            sa_event.listen(sync, "after_commit", _after_commit)
-            sa_event.listen(sync, "after_transaction_end", _after_transaction_end)
         sync.add_all(rows)
-        joined.entries.append(_Entry(self, event, rows, batch, local))
+        joined(sync).entries.append(Entry(self, event, rows, batch, local))
 
     def _check_bind(self, session: Session) -> None:
         mapper: Any = sa_inspect(self._row)
@@ -214,12 +184,12 @@ class SQLAlchemyOutbox:
             )
         self._checked.add(bind.engine)
 
-    def committed(self, entries: list[_Entry]) -> None:
+    def committed(self, entries: list[Entry]) -> None:
         """*entries*' transaction committed: deliver those this process holds."""
         mine = [entry for entry in entries if entry.local]
         if not mine:
             return
-        by_batch: dict[int, list[_Entry]] = {}
+        by_batch: dict[int, list[Entry]] = {}
         for entry in mine:
             by_batch.setdefault(id(entry.batch), []).append(entry)
         for group in by_batch.values():
@@ -230,7 +200,7 @@ class SQLAlchemyOutbox:
 
             self.core.after_response(group[0].batch, deliver)
 
-    def discarded(self, entries: list[_Entry], reason: str) -> None:
+    def discarded(self, entries: list[Entry], reason: str) -> None:
         """*entries*' rows were rolled back: log it, and tell ``on_discard``."""
         events = tuple(entry.event for entry in entries)
         logger.info(
@@ -573,53 +543,3 @@ def _row_class(table: Table) -> type:
     cls = type("OutboxRow", (), {"__init__": __init__, "__module__": __name__})
     registry().map_imperatively(cls, table)
     return cls
-
-
-def _before_commit(session: Session) -> None:
-    """Announce the rows no process holds (due at once) to the relays listening."""
-    if session.in_nested_transaction():
-        return
-    joined = session.info.get(_JOINED)
-    if joined is None:
-        return
-    for outbox, group in _by_outbox([e for e in joined.entries if not e.local]):
-        if outbox.notifies() and group:
-            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": outbox.channel})
-
-
-def _after_commit(session: Session) -> None:
-    """A session's transaction (or one of its savepoints) committed."""
-    if session.in_nested_transaction():  # a savepoint: the transaction goes on
-        return
-    joined = session.info.get(_JOINED)
-    if joined is None or not joined.entries:
-        return
-    entries, joined.entries = joined.entries, []
-    kept = [e for e in entries if all(sa_inspect(row).persistent for row in e.rows)]
-    gone = [e for e in entries if e not in kept]
-    for outbox, group in _by_outbox(kept):
-        try:
-            outbox.committed(group)
-        except Exception:  # the rows are committed: the relay delivers them after the lease
-            logger.exception("outbox %s: handing committed events to the bus failed", outbox.name)
-    for outbox, group in _by_outbox(gone):
-        outbox.discarded(group, "the savepoint that wrote them rolled back")
-
-
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    """A transaction ended: if it is the outermost and did not commit, it rolled back."""
-    if transaction.parent is not None:
-        return
-    joined = session.info.get(_JOINED)
-    if joined is None or not joined.entries:
-        return
-    entries, joined.entries = joined.entries, []
-    for outbox, group in _by_outbox(entries):
-        outbox.discarded(group, "the transaction that wrote them rolled back")
-
-
-def _by_outbox(entries: list[_Entry]) -> list[tuple[SQLAlchemyOutbox, list[_Entry]]]:
-    groups: dict[int, tuple[SQLAlchemyOutbox, list[_Entry]]] = {}
-    for entry in entries:
-        groups.setdefault(id(entry.outbox), (entry.outbox, []))[1].append(entry)
-    return list(groups.values())

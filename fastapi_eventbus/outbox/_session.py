@@ -1,0 +1,103 @@
+"""Joining a SQLAlchemy session's transaction: the events each carries, and what its
+commit, rollback or close does with them (the session's own events)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
+from sqlalchemy.orm import Session, SessionTransaction
+
+from fastapi_eventbus._events import Event
+from fastapi_eventbus._hooks import logger
+
+if TYPE_CHECKING:
+    from fastapi_eventbus._batch import Batch
+
+    from ._outbox import SQLAlchemyOutbox
+
+_JOINED = "fastapi_eventbus.outbox"
+"""Key of a session's ``info`` holding the events it carries (`Joined`)."""
+
+
+@dataclass(eq=False)
+class Entry:
+    """An event emitted with ``session=``: its rows, and where to hand it after commit."""
+
+    outbox: SQLAlchemyOutbox
+    event: Event
+    rows: list[Any]
+    batch: Batch | None
+    local: bool
+    """Whether this process delivers it once committed (False: the relay does)."""
+
+
+@dataclass(eq=False)
+class Joined:
+    """The events of one session's current transaction."""
+
+    entries: list[Entry] = field(default_factory=list)
+
+
+def joined(session: Session) -> Joined:
+    """The events of *session*'s transaction; its listeners set up the first time."""
+    found: Joined | None = session.info.get(_JOINED)
+    if found is None:
+        found = session.info[_JOINED] = Joined()
+        sa_event.listen(session, "before_commit", _before_commit)
+        sa_event.listen(session, "after_commit", _after_commit)
+        sa_event.listen(session, "after_transaction_end", _after_transaction_end)
+    return found
+
+
+def _before_commit(session: Session) -> None:
+    """Announce the rows no process holds (due at once) to the relays listening."""
+    if session.in_nested_transaction():
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None:
+        return
+    for outbox, group in _by_outbox([e for e in joined.entries if not e.local]):
+        if outbox.notifies() and group:
+            session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": outbox.channel})
+
+
+def _after_commit(session: Session) -> None:
+    """A session's transaction (or one of its savepoints) committed."""
+    if session.in_nested_transaction():  # a savepoint: the transaction goes on
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None or not joined.entries:
+        return
+    entries, joined.entries = joined.entries, []
+    kept = [e for e in entries if all(sa_inspect(row).persistent for row in e.rows)]
+    gone = [e for e in entries if e not in kept]
+    for outbox, group in _by_outbox(kept):
+        try:
+            outbox.committed(group)
+        except Exception:  # the rows are committed: the relay delivers them after the lease
+            logger.exception("outbox %s: handing committed events to the bus failed", outbox.name)
+    for outbox, group in _by_outbox(gone):
+        outbox.discarded(group, "the savepoint that wrote them rolled back")
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    """A transaction ended: if it is the outermost and did not commit, it rolled back."""
+    if transaction.parent is not None:
+        return
+    joined = session.info.get(_JOINED)
+    if joined is None or not joined.entries:
+        return
+    entries, joined.entries = joined.entries, []
+    for outbox, group in _by_outbox(entries):
+        outbox.discarded(group, "the transaction that wrote them rolled back")
+
+
+def _by_outbox(entries: list[Entry]) -> list[tuple[SQLAlchemyOutbox, list[Entry]]]:
+    groups: dict[int, tuple[SQLAlchemyOutbox, list[Entry]]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry.outbox), (entry.outbox, []))[1].append(entry)
+    return list(groups.values())

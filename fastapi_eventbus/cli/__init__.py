@@ -1,5 +1,5 @@
 """The ``fastapi-eventbus`` command line: run a worker, list what a bus will run, and
-look after a spool.
+look after a spool and an outbox.
 
 ```text
 fastapi-eventbus worker myapp.main:app --sqs https://sqs.eu-west-1.amazonaws.com/123/orders
@@ -9,6 +9,10 @@ fastapi-eventbus spool count /var/lib/myapp/events.sqlite3
 fastapi-eventbus spool list /var/lib/myapp/events.sqlite3 --dead --json
 fastapi-eventbus spool replay /var/lib/myapp/events.sqlite3 --id EVENT_ID
 fastapi-eventbus spool purge /var/lib/myapp/events.sqlite3 --dead --forwarder orders
+fastapi-eventbus outbox count postgresql+asyncpg://app:secret@db/shop
+fastapi-eventbus outbox list sqlite:///shop.db --dead --json
+fastapi-eventbus outbox replay postgresql+asyncpg://app:secret@db/shop --id EVENT_ID
+fastapi-eventbus outbox purge postgresql+asyncpg://app:secret@db/shop --dead --yes
 ```
 
 ``APP`` is an import string like uvicorn's, ``module:attribute``, naming a
@@ -22,9 +26,16 @@ back in line, sent by a running application within its ``resend_interval``) and
 ``purge`` (asks for confirmation unless ``--yes``). They never create a spool: a
 missing file is a usage error (exit code 2), and so is a file that is not a spool.
 
+The ``outbox`` commands do the same for the rows of a
+`fastapi_eventbus.outbox.SQLAlchemyOutbox`, given the SQLAlchemy URL of its database
+(whose password they never print) and ``--table-prefix``; ``purge`` deletes only
+dead-lettered rows. They never create tables: a database without the outbox's is a
+usage error (exit code 2). They import SQLAlchemy when they run, so the rest of the
+command line works without the ``sqlalchemy`` extra.
+
 This module holds the ``main`` group and the ``handlers`` command; ``worker`` (and
 what keeps its process clean) lives in `cli._worker`, the ``spool`` group in
-`cli._spool`, and loading ``APP`` in `cli._app`.
+`cli._spool`, the ``outbox`` group in `cli._outbox`, and loading ``APP`` in `cli._app`.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from fastapi_eventbus._di import Handler
 from fastapi_eventbus.forwarders._base import Forwarder
 
 from . import _app
+from ._outbox import outbox_group
 from ._spool import count, list_events, purge, replay, spool_group
 from ._worker import worker
 
@@ -47,6 +59,7 @@ __all__ = [
     "handlers",
     "list_events",
     "main",
+    "outbox_group",
     "purge",
     "replay",
     "spool_group",
@@ -57,7 +70,8 @@ __all__ = [
 @click.group(name="fastapi-eventbus", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastapi-eventbus", prog_name="fastapi-eventbus")
 def main() -> None:
-    """Run workers for fastapi-eventbus, list what a bus will run, and look after a spool."""
+    """Run workers for fastapi-eventbus, list what a bus will run, and look after a spool
+    and an outbox."""
 
 
 # -- fastapi-eventbus handlers ------------------------------------------------------------
@@ -124,3 +138,4 @@ def _forwarder_lines(forwarder: Forwarder) -> Iterator[str]:
 
 main.add_command(worker)
 main.add_command(spool_group)
+main.add_command(outbox_group)

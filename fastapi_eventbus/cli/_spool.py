@@ -111,7 +111,7 @@ def list_events(
         else:
             events = spool.pending(forwarder=forwarder, limit=limit)
     for spooled in events:
-        click.echo(_json_line(spooled) if as_json else _text_line(spooled))
+        click.echo(json_line(spooled) if as_json else text_line(spooled))
 
 
 def _iso(timestamp: float) -> str:
@@ -119,7 +119,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
-def _text_line(spooled: SpooledEvent) -> str:
+def text_line(spooled: SpooledEvent) -> str:
     """The line ``spool list`` prints for *spooled*: id, forwarder, name, attempts, when
     it was spooled (to the second) and its error, each `_shown` safely."""
     event = spooled.event
@@ -143,7 +143,7 @@ def _shown(text: str) -> str:
     )
 
 
-def _json_line(spooled: SpooledEvent) -> str:
+def json_line(spooled: SpooledEvent) -> str:
     """The JSON object ``spool list --json`` prints for *spooled*, on one line."""
     return json.dumps(
         {

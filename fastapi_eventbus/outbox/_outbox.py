@@ -132,6 +132,7 @@ class SQLAlchemyOutbox:
 
     @property
     def core(self) -> Core:
+        """The bus this outbox belongs to (`attach`); a clear error before it has one."""
         if self._attached is None:
             raise ConfigurationError("this SQLAlchemyOutbox is not given to an EventBus(outbox=)")
         return self._attached

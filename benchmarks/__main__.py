@@ -18,6 +18,7 @@ SCRIPTS = (
     ("benchmarks.bench_server", "through a real uvicorn server: throughput, p50/p99"),
     ("benchmarks.bench_sqs", "SQS forwarding to moto: batched vs one call per event"),
     ("benchmarks.bench_worker", "the worker: SQS (moto) and in-memory sources, by concurrency"),
+    ("benchmarks.bench_outbox", "the outbox: per request, relay into SQS (moto), latency"),
 )
 
 

@@ -243,6 +243,8 @@ class Core:
             if batch.background is not None:  # nothing to flush yet: flush after it
                 batch.background.tasks.append(FlushTask(self.flush, batch))
                 batch.background = None
+        if batch.jobs is None:
+            batch.jobs = []
         batch.jobs.append(job)
 
     def spawn(
@@ -365,9 +367,9 @@ class Core:
             batch.runner = None
             if batch.sends or batch.events:  # cancelled: what it did not finish is reported
                 await self._abandon(batch)
-            for job in batch.jobs:  # cancelled before its jobs: each runs (or reports) alone
+            for job in batch.jobs or ():  # cancelled before its jobs: each runs alone
                 self.spawn(job, batch.loop)
-            batch.jobs.clear()
+            batch.jobs = None
             self.active.discard(batch)
             self._finished(batch)
 
@@ -521,9 +523,9 @@ class Core:
         """
         events = tuple(batch.events)
         batch.events.clear()
-        for job in batch.jobs:  # not events of this batch: committed data's, run anyway
+        for job in batch.jobs or ():  # not events of this batch: committed data's, run anyway
             self.spawn(job, batch.loop)
-        batch.jobs.clear()
+        batch.jobs = None
         batch.state = CLOSED
         self.active.discard(batch)
         self._finished(batch)

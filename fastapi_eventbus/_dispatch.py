@@ -135,7 +135,7 @@ class Dispatcher:
                     observer.on_handled(event, handler.name, error)
                 if inbox is not None and error is None:
                     await _record(inbox, handler.name, event)
-                if child is None or not child.events:
+                if child is None or not (child.events or child.jobs):
                     continue
                 if error is not None:
                     await self.core.discard(child, f"handler {handler.name} failed", error)

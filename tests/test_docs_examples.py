@@ -1225,7 +1225,7 @@ def test_drain_by_hand() -> None:
     assert [event.name for event in asyncio.run(scenario())] == ["slow"]
 
 
-# -- commit-pitfall.md --------------------------------------------------------------------------
+# -- database.md (Without SQLAlchemy) ------------------------------------------------------------
 
 
 @pytest.fixture

@@ -63,6 +63,12 @@ def sync_session(session: object) -> Session:
 
 
 def same_database(session: Session, mapper: Any, engine: Engine) -> bool:
-    """Whether *session* writes rows of *mapper* to *engine*'s database."""
-    bind = session.get_bind(mapper=mapper)
-    return bool(bind.engine.url == engine.url)
+    """Whether *session* writes rows of *mapper* to *engine*'s database, whatever the
+    driver (a sync script's ``sqlite://`` file is an async app's ``sqlite+aiosqlite://``)."""
+    return database_of(session.get_bind(mapper=mapper).engine) == database_of(engine)
+
+
+def database_of(engine: Engine) -> tuple[object, ...]:
+    """What tells *engine*'s database apart: its kind, host, port, name and user."""
+    url = engine.url
+    return (url.get_backend_name(), url.host, url.port, url.database, url.username)

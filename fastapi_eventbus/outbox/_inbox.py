@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from fastapi_eventbus._di import CURRENT_EVENT
 from fastapi_eventbus._events import Event
 
-from ._db import checked_engine, run, sync_engine
+from ._db import checked_engine, database_of, run, sync_engine
 from ._tables import inbox_table
 
 
@@ -129,7 +129,7 @@ class SQLAlchemyInbox:
             bind: Any = session.get_bind()
         except Exception:  # no single bind to tell: recorded after the handler returns
             return
-        if bind.engine.url != self._sync_engine.url:
+        if database_of(bind.engine) != database_of(self._sync_engine):
             return
         session.connection().execute(
             insert(self.table).values(

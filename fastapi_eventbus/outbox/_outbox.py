@@ -59,7 +59,8 @@ class SQLAlchemyOutbox:
             Alembic); a new one by default. Either way `metadata` holds them.
         table_prefix: The start of the tables' names.
         lease: Seconds a row stays with the process that committed (or claimed) it
-            before another relay may take it over; longer than a delivery takes.
+            before another relay may take it over, if that process dies. A delivery
+            that takes longer extends it every half lease.
         poll_interval: Seconds between two looks for due rows by an idle relay.
         max_attempts: Failed deliveries of a row before it is dead-lettered
             (moved to the ``outbox_dead`` table, logged and reported).
@@ -240,6 +241,7 @@ class SQLAlchemyOutbox:
         for event, destination in keys:
             groups.setdefault(destination, []).append(event)
         failed: list[tuple[Event, str, str]] = []
+        renewing = asyncio.ensure_future(self._renew(keys))
         try:
             local = groups.pop("", None)
             if local:
@@ -261,7 +263,33 @@ class SQLAlchemyOutbox:
         except Exception:
             logger.exception("outbox %s: delivering %d row(s) failed", self.name, len(keys))
             return
+        finally:
+            renewing.cancel()
         await self._settle(keys, failed)
+
+    async def _renew(self, keys: list[tuple[Event, str]]) -> None:
+        """While *keys* are being delivered, extend their lease every half lease: a slow
+        batch keeps its rows, instead of another relay taking them over meanwhile."""
+        events = self.tables.events
+        key = tuple_(events.c.event_id, events.c.destination)
+        chosen = [(event.id, destination) for event, destination in keys]
+        mine = key.in_(chosen) & (events.c.owner == self.owner)
+
+        def extend(connection: Connection) -> None:
+            connection.execute(update(events).where(mine).values(due=time.time() + self.lease))
+
+        while True:
+            await asyncio.sleep(self.lease / 2)
+            try:
+                await run(self.engine, extend)
+            except Exception as exc:
+                logger.warning(
+                    "outbox %s: could not extend the lease of %d row(s) being delivered "
+                    "(%s); another relay may deliver them too",
+                    self.name,
+                    len(chosen),
+                    describe_error(exc),
+                )
 
     async def _settle(
         self, keys: list[tuple[Event, str]], failed: list[tuple[Event, str, str]]
@@ -300,9 +328,9 @@ class SQLAlchemyOutbox:
         if not failed:
             return spent
         why = {(i, d): reason for i, d, reason in failed}
-        rows = connection.execute(
+        rows = connection.execute(  # not those another relay took over meanwhile
             select(events.c.event_id, events.c.destination, events.c.attempts).where(
-                key.in_(list(why))
+                key.in_(list(why)) & (events.c.owner == self.owner)
             )
         ).all()
         now = time.time()
@@ -411,16 +439,29 @@ class SQLAlchemyOutbox:
         try:
             while True:
                 wake.clear()
+                # Shutdown waits for the round (bounded by shutdown_timeout) rather than
+                # cutting a delivery, or a database call, in the middle.
+                round_ = asyncio.ensure_future(self._relay_round())
                 try:
-                    while await self.relay_once() > 0:
-                        pass
-                except Exception as exc:
-                    logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
+                    await asyncio.shield(round_)
+                except asyncio.CancelledError:
+                    timeout = self.core.settings.shutdown_timeout
+                    with suppress(Exception, asyncio.CancelledError):
+                        await asyncio.wait_for(round_, timeout)
+                    raise
                 with suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.poll_interval)
         finally:
             if stop_listening is not None:
                 await stop_listening()
+
+    async def _relay_round(self) -> None:
+        """`relay_once` until nothing is due; a failure is logged, never raised."""
+        try:
+            while await self.relay_once() > 0:
+                pass
+        except Exception as exc:
+            logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
 
     def notifies(self) -> bool:
         """Whether commits announce rows due at once to relays (PostgreSQL, ``listen``)."""

@@ -394,41 +394,46 @@ class SQLAlchemyOutbox:
         return len(claimed) + len(unreadable)
 
     def _claim(self, connection: Connection, unreadable: list[SpooledEvent]) -> list[SpooledEvent]:
+        """Lease up to ``batch_size`` due rows to this process, in one statement.
+
+        PostgreSQL skips the rows another relay is claiming (``FOR UPDATE SKIP
+        LOCKED``) instead of waiting for them; SQLite runs one writer at a time, so
+        the rows its ``UPDATE`` takes were due when it ran. Either way no two relays
+        get the same row.
+        """
         events = self.tables.events
         now = time.time()
-        query = (
-            select(
+        key = tuple_(events.c.event_id, events.c.destination)
+        due = (
+            select(events.c.event_id, events.c.destination)
+            .where(events.c.due <= now)
+            .order_by(events.c.due)
+            .limit(self.batch_size)
+        )
+        if connection.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        taken = connection.execute(
+            update(events)
+            .where(key.in_(due))
+            .values(due=now + self.lease, owner=self.owner)
+            .returning(
                 events.c.destination,
                 events.c.event_id,
                 events.c.body,
                 events.c.created,
                 events.c.attempts,
                 events.c.error,
-                events.c.due,
             )
-            .where(events.c.due <= now)
-            .order_by(events.c.due)
-            .limit(self.batch_size)
-        )
-        postgres = connection.dialect.name == "postgresql"
-        if postgres:  # rows another relay holds are skipped, not waited for
-            query = query.with_for_update(skip_locked=True)
+        ).all()
         claimed: list[SpooledEvent] = []
-        for *fields, due in connection.execute(query).all():
-            key = (events.c.event_id == fields[1]) & (events.c.destination == fields[0])
-            # On SQLite, another relay may have claimed it since the select: only if unchanged.
-            guard = key if postgres else key & (events.c.due == due)
-            taken = connection.execute(
-                update(events).where(guard).values(due=now + self.lease, owner=self.owner)
-            )
-            if taken.rowcount != 1:
-                continue
-            item = spooled_or_stand_in(tuple(fields))
+        for row in sorted(taken, key=lambda row: row[3]):  # oldest first
+            item = spooled_or_stand_in(tuple(row))
             if item.readable:
                 claimed.append(item)
-            else:
-                unreadable.append(item)
-                self._move_to_dead(connection, key, item.error or "unreadable", now)
+                continue
+            unreadable.append(item)
+            where = (events.c.event_id == row[1]) & (events.c.destination == row[0])
+            self._move_to_dead(connection, where, item.error or "unreadable", now)
         return claimed
 
     async def relay_forever(self) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Engine,
     MetaData,
     Table,
+    bindparam,
     delete,
     insert,
     select,
@@ -34,7 +35,7 @@ from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
 
 from ._db import checked_engine, run, same_database, sync_engine, sync_session
-from ._session import Entry, joined
+from ._session import Entry, joined, listen_to_sessions
 from ._tables import OutboxTables, outbox_tables
 
 if TYPE_CHECKING:
@@ -108,7 +109,12 @@ class SQLAlchemyOutbox:
         self.listen = listen
         self._sync_engine = sync_engine(self.engine)
         self._attached: Core | None = None
-        self._checked: set[Engine] = set()  # the session binds found to be this database
+        listen_to_sessions()  # the sessions' commits and rollbacks
+        events = self.tables.events
+        keys = tuple_(events.c.event_id, events.c.destination).in_(
+            bindparam("keys", expanding=True)
+        )
+        self._delete_keys = delete(events).where(keys)
 
     def __repr__(self) -> str:
         return f"<SQLAlchemyOutbox {self.name}>"
@@ -146,7 +152,10 @@ class SQLAlchemyOutbox:
         """
         sync = sync_session(session)
         core = self.core
-        self._check_bind(sync)
+        carried = joined(sync)
+        if id(self) not in carried.checked:
+            self._check_bind(sync)
+            carried.checked.add(id(self))
         try:
             loop: asyncio.AbstractEventLoop | None = (
                 batch.loop if batch is not None else asyncio.get_running_loop()
@@ -171,20 +180,17 @@ class SQLAlchemyOutbox:
             for destination in core.destinations(event.name)
         ]
         sync.add_all(rows)
-        joined(sync).entries.append(Entry(self, event, rows, batch, local))
+        carried.entries.append(Entry(self, event, rows, batch, local))
 
     def _check_bind(self, session: Session) -> None:
         mapper: Any = sa_inspect(self._row)
         bind = session.get_bind(mapper=mapper)
-        if bind.engine in self._checked:
-            return
         if not same_database(session, mapper, self._sync_engine):
             raise ConfigurationError(
                 f"the session writes to {bind.engine.url.render_as_string(hide_password=True)}"
                 f", the outbox's engine to {self.name}: an event's rows must be written in "
                 "the database its relay reads"
             )
-        self._checked.add(bind.engine)
 
     def committed(self, entries: list[Entry]) -> None:
         """*entries*' transaction committed: deliver those this process holds."""
@@ -270,6 +276,7 @@ class SQLAlchemyOutbox:
     async def _renew(self, keys: list[tuple[Event, str]]) -> None:
         """While *keys* are being delivered, extend their lease every half lease: a slow
         batch keeps its rows, instead of another relay taking them over meanwhile."""
+        await asyncio.sleep(self.lease / 2)  # most deliveries are over by then
         events = self.tables.events
         key = tuple_(events.c.event_id, events.c.destination)
         chosen = [(event.id, destination) for event, destination in keys]
@@ -279,7 +286,6 @@ class SQLAlchemyOutbox:
             connection.execute(update(events).where(mine).values(due=time.time() + self.lease))
 
         while True:
-            await asyncio.sleep(self.lease / 2)
             try:
                 await run(self.engine, extend)
             except Exception as exc:
@@ -290,6 +296,7 @@ class SQLAlchemyOutbox:
                     len(chosen),
                     describe_error(exc),
                 )
+            await asyncio.sleep(self.lease / 2)
 
     async def _settle(
         self, keys: list[tuple[Event, str]], failed: list[tuple[Event, str, str]]
@@ -322,8 +329,8 @@ class SQLAlchemyOutbox:
         used up their attempts (returned)."""
         events = self.tables.events
         key = tuple_(events.c.event_id, events.c.destination)
-        if done:
-            connection.execute(delete(events).where(key.in_(done)))
+        if done:  # built once: making the expression costs more than running it
+            connection.execute(self._delete_keys, {"keys": done})
         spent: list[tuple[str, str, str]] = []
         if not failed:
             return spent

@@ -40,17 +40,34 @@ class Joined:
     """The events of one session's current transaction."""
 
     entries: list[Entry] = field(default_factory=list)
+    checked: set[int] = field(default_factory=set)
+    """The outboxes (their ids) that found this session writes to their database."""
 
 
 def joined(session: Session) -> Joined:
-    """The events of *session*'s transaction; its listeners set up the first time."""
+    """The events of *session*'s transaction (made the first time)."""
     found: Joined | None = session.info.get(_JOINED)
     if found is None:
         found = session.info[_JOINED] = Joined()
-        sa_event.listen(session, "before_commit", _before_commit)
-        sa_event.listen(session, "after_commit", _after_commit)
-        sa_event.listen(session, "after_transaction_end", _after_transaction_end)
     return found
+
+
+def listen_to_sessions() -> None:
+    """Have every `Session` tell its commits, rollbacks and closes (once per process).
+
+    On the class, not on each session: listening on an instance costs more than a
+    request. A session that carries no events pays one dictionary lookup per event.
+    """
+    global _listening
+    if _listening:
+        return
+    sa_event.listen(Session, "before_commit", _before_commit)
+    sa_event.listen(Session, "after_commit", _after_commit)
+    sa_event.listen(Session, "after_transaction_end", _after_transaction_end)
+    _listening = True
+
+
+_listening = False
 
 
 def _before_commit(session: Session) -> None:

@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from sqlalchemy import create_engine, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from fastapi_eventbus import DiscardedEvents, Event, EventBus, Retry, get_bus
-from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError
+from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
 from fastapi_eventbus.outbox import SQLAlchemyOutbox
 from fastapi_eventbus.testing import RecordingForwarder
 from tests.outbox.shop import handled, make_shop, metadata, orders
@@ -388,3 +389,37 @@ def test_a_sync_script_shares_the_outbox_of_an_async_app(tmp_path: Path) -> None
     sync_engine.dispose()
     pending = asyncio.run(outbox.pending())
     assert [(p.event.id, p.forwarder) for p in pending] == [(event.id, "")]
+
+
+class OrderPaid(BaseModel):
+    __event_name__ = "order.paid"
+
+    id: int
+    amount: float
+
+
+def test_a_model_emitted_with_a_session_is_validated_in_the_caller_and_handled(
+    db_url: str,
+) -> None:
+    engine = create_async_engine(db_url, poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine)
+    bus = EventBus(outbox=outbox)
+    bus.register(OrderPaid)
+    got: list[OrderPaid] = []
+
+    @bus.on("order.paid")
+    async def on_paid(paid: OrderPaid) -> None:
+        got.append(paid)
+
+    async def scenario() -> None:
+        await outbox.create_tables()
+        async with async_sessionmaker(engine)() as db:
+            with pytest.raises(InvalidEventError):  # in the caller, as without a session
+                bus.emit("order.paid", {"id": "not a number"}, session=db)
+            bus.emit(OrderPaid(id=1, amount=9.5), session=db)
+            await db.commit()
+        await bus.drain()
+        assert await outbox.pending() == []
+
+    asyncio.run(scenario())
+    assert got == [OrderPaid(id=1, amount=9.5)]

@@ -43,7 +43,7 @@ from .exceptions import (
 )
 
 try:
-    __version__ = version("fastapi-eventbus")
+    __version__ = version("fastapi-eventbus-di")
     """The installed distribution's version (``"0.0.0"`` in a source tree never installed)."""
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"

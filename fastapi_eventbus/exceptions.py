@@ -116,7 +116,7 @@ class MissingExtraError(ForwarderError, ImportError):
 
     def __init__(self, extra: str, package: str) -> None:
         super().__init__(
-            f"{package} is not installed: pip install 'fastapi-eventbus[{extra}]'",
+            f"{package} is not installed: pip install 'fastapi-eventbus-di[{extra}]'",
             transient=False,
         )
         self.extra = extra

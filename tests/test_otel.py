@@ -359,7 +359,7 @@ def test_a_missing_extra_is_named() -> None:
         "    print(exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "pip install 'fastapi-eventbus[otel]'" in out.stdout, out.stderr
+    assert "pip install 'fastapi-eventbus-di[otel]'" in out.stdout, out.stderr
 
 
 def current_span_id() -> int:

@@ -497,7 +497,7 @@ def test_the_commands_name_the_extra_without_sqlalchemy(
     )
     assert result.returncode == 1
     assert result.stderr == (
-        "Error: SQLAlchemy is not installed: pip install 'fastapi-eventbus[sqlalchemy]'\n"
+        "Error: SQLAlchemy is not installed: pip install 'fastapi-eventbus-di[sqlalchemy]'\n"
     )
 
 

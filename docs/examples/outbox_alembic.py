@@ -2,7 +2,8 @@
 
 ``alembic init -t async migrations`` writes ``migrations/env.py`` with ``target_metadata =
 None``; these lines replace it. Here the models' module is docs/examples/outbox.py, imported as
-``outbox``; in your project, import your own. Tested: tests/test_docs_outbox.py.
+``outbox``; in your project, import your own. Tested: tests/test_docs_outbox.py and
+tests/test_docs_outbox_alembic.py.
 """
 
 # --8<-- [start:env]

@@ -68,7 +68,7 @@ __all__ = [
 
 
 @click.group(name="fastapi-eventbus", context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="fastapi-eventbus", prog_name="fastapi-eventbus")
+@click.version_option(package_name="fastapi-eventbus-di", prog_name="fastapi-eventbus")
 def main() -> None:
     """Run workers for fastapi-eventbus, list what a bus will run, and look after a spool
     and an outbox."""

@@ -1,6 +1,6 @@
 """A transactional outbox (and an inbox) in the application's own database, with SQLAlchemy.
 
-Needs the ``sqlalchemy`` extra: ``pip install "fastapi-eventbus[sqlalchemy]"``. See the
+Needs the ``sqlalchemy`` extra: ``pip install "fastapi-eventbus-di[sqlalchemy]"``. See the
 "Events and your database" page of the docs.
 """
 

@@ -638,7 +638,7 @@ def test_the_endpoint_follows_emulator_host_and_api_root(
 
 def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gcloud.aio.pubsub", None)  # as if not installed
-    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[gcp\]") as info:
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus-di\[gcp\]") as info:
         PubSubForwarder("projects/my-project/topics/orders")
     assert info.value.extra == "gcp"
 

@@ -826,7 +826,7 @@ def test_a_missing_aiobotocore_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
         return None if name == "aiobotocore" else real_find_spec(name, package)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[aws\]") as caught:
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus-di\[aws\]") as caught:
         SQSForwarder("https://sqs.us-east-1.amazonaws.com/1/orders")
     assert caught.value.extra == "aws"
 

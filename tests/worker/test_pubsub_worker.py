@@ -198,5 +198,5 @@ def test_pubsub_source_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pubsub_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gcloud.aio.pubsub", None)  # as if not installed
-    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[gcp\]"):
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus-di\[gcp\]"):
         PubSubSource("projects/shop/subscriptions/orders")

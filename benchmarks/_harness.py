@@ -72,6 +72,13 @@ TARGETS: dict[str, Target] = {
 
 # -- rows ---------------------------------------------------------------------------
 
+MOTO_KEYS: dict[str, Any] = {
+    "region_name": "us-east-1",
+    "aws_access_key_id": "bench",  # moto accepts any credentials
+    "aws_secret_access_key": "bench",
+}
+"""What the SQS benchmarks give aiobotocore for moto's server."""
+
 CALLS: Counter[str] = Counter()
 """How many times each handler, dependency, task and response really happened."""
 

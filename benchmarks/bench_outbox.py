@@ -85,11 +85,7 @@ if TYPE_CHECKING:
 
     from tests._postgres import Postgres
 
-KEYS: dict[str, Any] = {
-    "region_name": "us-east-1",
-    "aws_access_key_id": "bench",  # moto accepts any credentials
-    "aws_secret_access_key": "bench",
-}
+KEYS = h.MOTO_KEYS
 PER_REQUEST = 100
 """Events per request of the ``emit100`` relay baseline (the relay claims 100 rows at a time)."""
 

@@ -47,11 +47,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
 
-KEYS: dict[str, Any] = {
-    "region_name": "us-east-1",
-    "aws_access_key_id": "bench",  # moto accepts any credentials
-    "aws_secret_access_key": "bench",
-}
+KEYS = h.MOTO_KEYS
 PIECE = 10
 """Events per request, and per timed piece (the queue is checked and purged between)."""
 Bus = Annotated[EventBus, Depends(get_bus)]

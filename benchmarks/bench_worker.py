@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends
 
@@ -42,11 +42,7 @@ if TYPE_CHECKING:
         SendMessageBatchRequestEntryTypeDef,
     )
 
-KEYS: dict[str, Any] = {
-    "region_name": "us-east-1",
-    "aws_access_key_id": "bench",
-    "aws_secret_access_key": "bench",
-}
+KEYS = h.MOTO_KEYS
 
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import pkgutil
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -89,3 +91,22 @@ def on_response_sent(app: Any, note: Callable[[], object]) -> ASGIApp:
         await app(scope, receive, send_and_note)
 
     return wrapped
+
+
+@dataclass
+class ServerProcess:
+    """A server (``python -m uvicorn ...``) running in a subprocess, logging to *log*."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str
+
+    def output(self) -> str:
+        """What the server has logged so far (its stdout and stderr)."""
+        return self.log.read_text(errors="replace")
+
+    def started(self) -> bool:
+        """Whether uvicorn said the application started; raises if the process exited."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited early:\n{self.output()}")
+        return "Application startup complete" in self.output()

@@ -35,7 +35,7 @@ import pytest
 from fastapi_eventbus.spool import Spool
 from fastapi_eventbus.wire import decode_message
 from tests._proxy import Proxy
-from tests._support import ROOT
+from tests._support import ROOT, ServerProcess
 from tests.faults_app import (
     ENDPOINT_ENV,
     HANDLED_ENV,
@@ -75,22 +75,8 @@ def proxy(moto: Moto) -> Iterator[Proxy]:
 # -- the server in a subprocess -------------------------------------------------------------
 
 
-@dataclass
-class Server:
+class Server(ServerProcess):
     """``python -m uvicorn tests.faults_app:create_app --factory`` running in a subprocess."""
-
-    process: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    def output(self) -> str:
-        """What the server has logged so far."""
-        return self.log.read_text(errors="replace")
-
-    def started(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"the server exited early:\n{self.output()}")
-        return "Application startup complete" in self.output()
 
     def rss_mb(self) -> float:
         """The server's resident memory (VmRSS), in MB."""

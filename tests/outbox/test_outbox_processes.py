@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 from fastapi_eventbus import EventBus
 from fastapi_eventbus.outbox import SQLAlchemyOutbox
 from tests._pubsub import free_port
-from tests._support import ROOT
+from tests._support import ROOT, ServerProcess
 from tests.outbox.shop import handled, metadata, orders
 from tests.worker._helpers import wait_for
 
@@ -145,22 +145,10 @@ def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dat
 
 
 @dataclass
-class Shop:
+class Shop(ServerProcess):
     """``python -m uvicorn tests.outbox.shop:app`` running in a subprocess."""
 
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    url: str
-
-    def output(self) -> str:
-        """What the process has logged so far (its stdout and stderr)."""
-        return self.log.read_text(errors="replace")
-
-    def started(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"shop {self.name} exited early:\n{self.output()}")
-        return "Application startup complete" in self.output()
+    name: str = ""
 
     def relayed(self) -> list[int]:
         """The sizes of the claims its relay logged (``relaying N row(s)``)."""
@@ -185,7 +173,7 @@ def start_shop(name: str, database: Database, directory: Path, **env: str) -> Sh
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    return Shop(name, process, log, f"http://127.0.0.1:{port}")
+    return Shop(process, log, f"http://127.0.0.1:{port}", name=name)
 
 
 @contextmanager

@@ -6,14 +6,18 @@
 
 W3C trace context (``traceparent``, ``tracestate``) travels in message
 attributes, never inside the payload. `decode_message` turns a received SQS or
-Pub/Sub message back into an `Event`; `message_size` measures one before that,
-so that a worker can refuse to decode what is too large. These guess the
-message's shape; a worker's source knows it, and reads its messages itself
-(`fastapi_eventbus.worker.Source.decode`).
+Pub/Sub message back into an `Event`, whoever wrote it: CloudEvents with
+``data_base64``, a ``datacontenttype`` with parameters or ``text/plain`` data,
+and Pub/Sub's structured mode too (see `from_cloudevent`); `message_size`
+measures one before that, so that a worker can refuse to decode what is too
+large. These guess the message's shape; a worker's source knows it, and reads
+its messages itself (`fastapi_eventbus.worker.Source.decode`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import socket
 from collections.abc import Mapping
@@ -22,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ._brokers import media_type, payload_of, unsupported
 from ._events import Event, payload_json
 from .exceptions import MessageDecodeError
 
@@ -46,7 +51,8 @@ __all__ = [
 SPECVERSION = "1.0"
 """The CloudEvents version written and the only one read."""
 CONTENT_TYPE = "application/json"
-"""The ``datacontenttype`` written (the payload is JSON), and the only one read."""
+"""The ``datacontenttype`` written (the payload is JSON). Read are JSON types, with any
+parameters and in any case, and ``text/plain`` (a string payload): see `from_cloudevent`."""
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 """Message attributes that carry W3C trace context."""
 
@@ -124,8 +130,14 @@ def from_cloudevent(
 ) -> Event:
     """Build an `Event` from a structured CloudEvent; `MessageDecodeError` if it is not one.
 
-    *trace_context* (``traceparent``/``tracestate`` from the message's attributes)
-    becomes the event's ``trace_context``.
+    The data is ``data`` (JSON), or ``data_base64`` (bytes, as the CloudEvents
+    SDKs write bytes data), never both. ``datacontenttype`` is compared by
+    type/subtype, whatever the case, its parameters aside (a ``charset`` decodes
+    ``data_base64``): JSON types (absent, ``application/json``, ``*/*+json``)
+    give the JSON data as the payload, ``text/plain`` gives its text; any other
+    type is refused, since a payload is JSON data. *trace_context*
+    (``traceparent``/``tracestate`` from the message's attributes) becomes the
+    event's ``trace_context``.
     """
     if not isinstance(cloudevent, Mapping):
         raise MessageDecodeError(
@@ -138,12 +150,9 @@ def from_cloudevent(
         raise MessageDecodeError(
             f"unsupported CloudEvents specversion {cloudevent['specversion']!r}"
         )
-    content_type = cloudevent.get("datacontenttype", CONTENT_TYPE)
-    if content_type != CONTENT_TYPE:
-        raise MessageDecodeError(f"unsupported datacontenttype {content_type!r}")
     fields: dict[str, Any] = {
         "name": cloudevent["type"],
-        "payload": cloudevent.get("data"),
+        "payload": _payload(cloudevent),
         "id": cloudevent["id"],
         "source": cloudevent["source"],
         "trace_context": dict(trace_context or {}),
@@ -156,6 +165,33 @@ def from_cloudevent(
         raise MessageDecodeError(f"invalid CloudEvent: {exc}") from exc
     except RecursionError as exc:
         raise MessageDecodeError("invalid CloudEvent: nested too deeply") from exc
+
+
+def _payload(cloudevent: Mapping[str, Any]) -> Any:
+    """The payload a structured CloudEvent's ``data`` or ``data_base64`` carries."""
+    content_type = cloudevent.get("datacontenttype")
+    media = None if content_type is None else media_type(content_type, "datacontenttype")
+    if media is not None and not (media.is_json or media.is_text):
+        raise unsupported(media)
+    if "data_base64" in cloudevent:
+        if "data" in cloudevent:
+            raise MessageDecodeError("a CloudEvent has both data and data_base64")
+        return payload_of(_base64(cloudevent["data_base64"]), media, "data_base64")
+    data = cloudevent.get("data")
+    if media is not None and media.is_text and data is not None and not isinstance(data, str):
+        raise MessageDecodeError(
+            f"text/plain data must be a string, got {type(data).__name__} ({content_type!r})"
+        )
+    return data
+
+
+def _base64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise MessageDecodeError(f"data_base64 must be a string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise MessageDecodeError(f"data_base64 is not base64: {exc}") from exc
 
 
 def decode_message(message: Mapping[str, Any]) -> Event:

@@ -65,6 +65,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     # the directory that was current when it was made, so both go back as they were.
     monkeypatch.setattr(sys, "path", [*sys.path])
     monkeypatch.setattr(sys, "path_importer_cache", dict(sys.path_importer_cache))
+    for relative in (".", ""):  # one made earlier (another test put "." on sys.path) looks
+        sys.path_importer_cache.pop(relative, None)  # in the directory current back then
     monkeypatch.setattr(logging.config, "fileConfig", lambda *args, **kwargs: None)
     before = sys.modules.pop("outbox", None)
     try:

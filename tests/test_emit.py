@@ -147,6 +147,53 @@ def test_bad_settings_fail_in_the_constructor(kwargs: dict[str, Any], message: s
         EventBus(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/orders",
+        "urn:shop:orders",
+        "https://shop.example/orders?region=eu#v2",
+        "my-shop",  # a relative-path reference
+        "//fastapi-eventbus/host-1",
+        "//[2001:db8::1]:8080/shop",
+        "mailto:orders@shop.example",
+        "/caf%C3%A9",
+        "./a/b;c=d/~e!$&'()*+,=@",
+    ],
+)
+@pytest.mark.anyio
+async def test_source_may_be_any_uri_reference(source: str) -> None:
+    assert (await EventBus(source=source).publish("order.placed")).source == source
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("my shop", "' ' at position 2"),
+        ("/café", "'é' at position 4"),
+        ("/orders\n", "'\\n' at position 7"),
+        ("/100%", "a '%' not followed by two hex digits at position 4"),
+        ("/a%4", "a '%' not followed by two hex digits at position 2"),
+        ("/a%zz", "a '%' not followed by two hex digits at position 2"),
+        ("/a#b#c", "'#' at position 4"),
+        ("/a<b>", "'<' at position 2"),
+        ("1shop:orders", "the scheme '1shop', which is not one"),
+        ("/a[1]", "'[' at position 2, where a URI cannot"),
+        ("//[::1/", "the host '[::1', which is not an IP literal"),
+        ("//sh{op/", "'{' at position 4, which a URI cannot hold"),
+        ("https://shop example/", "' ' at position 12"),
+        ("//shop:port/", "the port 'port', which is not a number"),
+        ("//shop:80:80/", "the port '80:80', which is not a number"),
+        ("//a b@shop/", "' ' at position 3"),
+    ],
+)
+def test_source_must_be_a_uri_reference(source: str, why: str) -> None:
+    """CloudEvents' ``source`` is a URI-reference (RFC 3986): caught in the constructor."""
+    with pytest.raises(ConfigurationError, match="source must be a URI-reference") as caught:
+        EventBus(source=source)
+    assert why in str(caught.value)
+
+
 def test_register_rejects_bad_schemas(bus: EventBus) -> None:
     with pytest.raises(ConfigurationError, match="needs a schema"):
         bus.register("cat.created")

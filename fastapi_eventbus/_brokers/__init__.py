@@ -4,13 +4,18 @@
 settings, error translation and the reading of a received message (its event,
 size and trace context). The forwarders in `fastapi_eventbus.forwarders` and the
 sources in `fastapi_eventbus.worker` import them; they never import each other.
-This module holds what the brokers' message readers have in common.
+This module holds what the brokers' message readers have in common, and what
+`fastapi_eventbus.wire` reads a structured CloudEvent with: media types, compared
+by type/subtype whatever their case and parameters, and the payload that data of
+a media type carries.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi_eventbus.exceptions import MessageDecodeError
@@ -55,3 +60,90 @@ def trace_or_nothing(
         return read(message)
     except Exception:
         return {}
+
+
+# -- media types (RFC 2046/9110: type/subtype, parameters; compared case-insensitively) ------
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf"\s*({_TOKEN})/({_TOKEN})\s*(;.*)?", re.DOTALL)
+_PARAMETER = re.compile(rf'\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|{_TOKEN})\s*')
+
+
+@dataclass(frozen=True, slots=True)
+class MediaType:
+    """A media type as a ``datacontenttype`` or ``Content-Type`` gives it, parsed.
+
+    ``essence`` is ``type/subtype`` in lower case: what media types are compared by;
+    ``charset`` is the ``charset`` parameter (lower case) if there is one. Other
+    parameters are not kept: no type read here depends on them.
+    """
+
+    text: str
+    essence: str
+    charset: str | None = None
+
+    @property
+    def is_json(self) -> bool:
+        """JSON data: ``application/json``, ``text/json`` or a ``+json`` subtype (RFC 6839)."""
+        kind, _, subtype = self.essence.partition("/")
+        return kind in ("application", "text") and (subtype == "json" or subtype.endswith("+json"))
+
+    @property
+    def is_text(self) -> bool:
+        """Plain text, which an event carries as a string payload."""
+        return self.essence == "text/plain"
+
+    def json_of(self, data: bytes, what: str) -> Any:
+        """*data* parsed as JSON: in this type's charset, or JSON's own UTF-8/16/32."""
+        return parse_json(self.text_of(data, what) if self.charset else data, what)
+
+    def text_of(self, data: bytes, what: str) -> str:
+        """*data* decoded by this type's charset (UTF-8 without one)."""
+        charset = self.charset or "utf-8"
+        try:
+            return data.decode(charset)
+        except LookupError:  # no such codec, or not a text encoding (zlib, rot13...)
+            raise MessageDecodeError(
+                f"{what} has the unknown charset {charset!r} ({self.text!r})"
+            ) from None
+        except UnicodeError as exc:
+            raise MessageDecodeError(f"{what} is not {charset}: {exc}") from exc
+
+
+def media_type(text: object, what: str) -> MediaType:
+    """*text* parsed as a media type; `MessageDecodeError` naming *what* if it is none."""
+    if not isinstance(text, str):
+        raise MessageDecodeError(f"{what} must be a string, got {type(text).__name__}")
+    match = _MEDIA_TYPE.fullmatch(text)
+    if match is None:
+        raise MessageDecodeError(f"{what} {text!r} is not a media type (type/subtype)")
+    charset = None
+    for parameter in (match[3] or "").split(";")[1:]:
+        found = _PARAMETER.fullmatch(parameter)
+        if found is not None and found[1].lower() == "charset":
+            charset = found[2].strip('"').lower()
+    return MediaType(text, f"{match[1]}/{match[2]}".lower(), charset)
+
+
+def payload_of(data: bytes, media: MediaType | None, what: str) -> Any:
+    """The event payload that *data* of type *media* (None: JSON) carries.
+
+    JSON data is parsed (bytes in the charset *media* names, or JSON's own UTF-8/16/32
+    without one); ``text/plain`` is the text itself. Any other type is refused: an
+    event's payload is JSON data, and bytes of another type cannot be one.
+    """
+    if media is None:
+        return parse_json(data, what)
+    if media.is_json:
+        return media.json_of(data, what)
+    if media.is_text:
+        return media.text_of(data, what)
+    raise unsupported(media)
+
+
+def unsupported(media: MediaType) -> MessageDecodeError:
+    """The error for data of a type no payload can hold."""
+    return MessageDecodeError(
+        f"unsupported datacontenttype {media.text!r}: an event's payload is JSON data, "
+        "so only JSON types (application/json, */*+json) and text/plain can be decoded"
+    )

@@ -2,8 +2,9 @@
 
 The ``gcp`` extra check, the REST endpoint (or emulator) and the client options,
 the texts of translated errors, and the reading of a received Pub/Sub message
-(CloudEvents binary mode): the event in its data and ``ce-*`` attributes, its
-size as Pub/Sub counts it, and the trace context in its attributes. The SDK is
+(Google's CloudEvents binding, binary or structured mode): the event in its data
+and attributes, its size as Pub/Sub counts it, and the trace context in its
+attributes. The SDK is
 imported when a client is created, never here.
 """
 
@@ -23,9 +24,9 @@ from fastapi_eventbus.exceptions import (
     MessageDecodeError,
     MissingExtraError,
 )
-from fastapi_eventbus.wire import CONTENT_TYPE, TRACE_ATTRIBUTES, from_cloudevent
+from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
 
-from . import byte_length, is_trace_value, parse_json, trace_or_nothing
+from . import byte_length, is_trace_value, media_type, payload_of, trace_or_nothing
 
 if TYPE_CHECKING:
     import aiohttp
@@ -36,6 +37,12 @@ RETRYABLE_STATUS = frozenset({408, 409, 429, 499})
 """HTTP statuses below 500 that a retry may fix."""
 MAX_ERROR_TEXT = 500
 """The longest error text quoted in a translated error."""
+CONTENT_TYPE = "content-type"
+"""The attribute with the media type of a message's data (any case; also ``contentType``)."""
+CLOUDEVENTS_MEDIA_TYPE = "application/cloudevents"
+"""What a ``Content-Type`` of a structured-mode message begins with (the binding)."""
+STRUCTURED_JSON = "application/cloudevents+json"
+"""The one event format read in structured mode: JSON."""
 
 
 def require_sdk() -> None:
@@ -113,26 +120,82 @@ def clip(value: object) -> str:
 
 
 def decode(message: Mapping[str, Any]) -> Event:
-    """The event in a received Pub/Sub message; `MessageDecodeError` if it holds none."""
+    """The event in a received Pub/Sub message; `MessageDecodeError` if it holds none.
+
+    Google's CloudEvents binding: attribute names are case-insensitive; a
+    ``Content-Type`` (or ``contentType``) attribute of ``application/cloudevents+json``
+    (parameters allowed) means *structured* mode, the whole event as JSON in the
+    data; else *binary* mode, the context in ``ce-*`` attributes, the data's type
+    in ``Content-Type`` (or ``ce-datacontenttype``), the data as it is.
+    """
+    attributes = _attributes(message)
+    data = _data(message)
+    content_type = attributes.get(CONTENT_TYPE)
+    media = None if content_type is None else media_type(content_type, "Pub/Sub content-type")
+    if media is not None and media.essence.startswith(CLOUDEVENTS_MEDIA_TYPE):
+        if media.essence != STRUCTURED_JSON:
+            raise MessageDecodeError(
+                f"unsupported CloudEvents event format {content_type!r}: "
+                f"only {STRUCTURED_JSON} is read"
+            )
+        return from_cloudevent(media.json_of(data, "Pub/Sub message data"), _trace(message))
+    return _binary(attributes, data, message)
+
+
+def _binary(attributes: dict[str, Any], data: bytes, message: Mapping[str, Any]) -> Event:
+    """The event of a binary-mode message: its context in ``ce-*`` attributes."""
+    cloudevent: dict[str, Any] = {
+        key[3:]: value
+        for key, value in attributes.items()
+        if key.startswith("ce-") and key not in ("ce-data", "ce-data_base64")
+    }
+    if CONTENT_TYPE in attributes:  # the binding maps it to datacontenttype
+        cloudevent["datacontenttype"] = attributes[CONTENT_TYPE]
+    content_type = cloudevent.get("datacontenttype")
+    media = None if content_type is None else media_type(content_type, "datacontenttype")
+    if data:
+        cloudevent["data"] = payload_of(data, media, "Pub/Sub message data")
+    return from_cloudevent(cloudevent, _trace(message))
+
+
+def _attributes(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The message's attributes by lower-case name (names are case-insensitive).
+
+    ``contentType`` (knative-gcp's spelling of the binding) is ``content-type``.
+    """
     attributes = message.get("attributes") or {}
     if not isinstance(attributes, Mapping):
         raise MessageDecodeError(
             f"Pub/Sub attributes must be a mapping, got {type(attributes).__name__}"
         )
+    named: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str):
+            continue
+        name = CONTENT_TYPE if key.lower() == "contenttype" else key.lower()
+        if name in named and named[name] != value:
+            raise MessageDecodeError(
+                f"Pub/Sub attributes {spelled[name]!r} and {key!r} are one attribute "
+                "(names are case-insensitive) with two values"
+            )
+        named[name], spelled[name] = value, key
+    return named
+
+
+def _data(message: Mapping[str, Any]) -> bytes:
+    """The message's data as bytes (a pull's REST answer holds it in base64)."""
     data = message.get("data") or b""
     if isinstance(data, str):
         try:
-            data = base64.b64decode(data, validate=True)
+            return base64.b64decode(data, validate=True)
         except binascii.Error as exc:
             raise MessageDecodeError(f"Pub/Sub data is not base64: {exc}") from exc
-    cloudevent: dict[str, Any] = {
-        key[3:]: value
-        for key, value in attributes.items()
-        if isinstance(key, str) and key.startswith("ce-")
-    }
-    cloudevent["datacontenttype"] = attributes.get("content-type", CONTENT_TYPE)
-    cloudevent["data"] = parse_json(data, "Pub/Sub message data") if data else None
-    return from_cloudevent(cloudevent, _trace(message))
+    if not isinstance(data, bytes | bytearray):
+        raise MessageDecodeError(
+            f"Pub/Sub message data must be text or bytes, got {type(data).__name__}"
+        )
+    return bytes(data)
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:

@@ -219,12 +219,24 @@ class Processor:
             self.owner.source.name,
             failure,
             error if expected else f"{type(error).__name__}: {error}",
-            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
+            "deleting it" if delete else self._giving_back("on_undecodable"),
             exc_info=None if expected else error,
         )
         if consumed is not None:
             consumed.failure, consumed.error = failure, error
         return delete
+
+    def _giving_back(self, policy: str) -> str:
+        """What giving back a message under *policy* ``"retry"`` leads to, for its log line.
+
+        The worker cannot see the queue's or subscription's dead-letter policy: the
+        line says what happens with one and without one, never that a dead-letter
+        queue will take the message.
+        """
+        return (
+            f"giving it back ({policy}='retry'): {self.owner.source.name} delivers it again, "
+            "forever unless a dead-letter policy moves it"
+        )
 
     def _unhandled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
         """Log *held*'s event, which no handler matches; whether to acknowledge it."""
@@ -232,11 +244,10 @@ class Processor:
         delete = self.owner.on_unhandled == "delete"
         logger.log(
             logging.WARNING if delete else logging.ERROR,
-            "message %s from %s matches no handler of the bus; %s (on_unhandled=%r)",
+            "message %s from %s matches no handler of the bus; %s",
             held,
             self.owner.source.name,
-            "deleting it" if delete else "giving it back: the dead-letter queue will take it",
-            self.owner.on_unhandled,
+            "deleting it (on_unhandled='delete')" if delete else self._giving_back("on_unhandled"),
         )
         if consumed is not None:
             consumed.failure = "no handler matches the event"

@@ -73,8 +73,9 @@ class Worker:
             left running: `stop` does not wait for it.
         on_undecodable: A message that is not an event is logged at ERROR and
             then, with ``"retry"`` (the default), given back like a failure, so
-            that it reaches the broker's dead-letter queue; with ``"delete"``,
-            acknowledged and dropped.
+            that it reaches the broker's dead-letter queue (with a dead-letter
+            policy; without one it keeps coming back, and the log line says so);
+            with ``"delete"``, acknowledged and dropped.
         on_unhandled: An event that no handler of the bus matches (a forward-only
             app passed by mistake, a pattern with a typo) is never acknowledged as
             if it had been handled: with ``"retry"`` (the default), it is logged at
@@ -172,7 +173,7 @@ class Worker:
         logger.warning(
             "the bus has no handlers: no message can be handled; each one is %s "
             "(on_unhandled=%r). Is APP the worker's app, with its handlers registered?",
-            "deleted" if self.on_unhandled == "delete" else "given back (dead-letter queue)",
+            "deleted" if self.on_unhandled == "delete" else "given back, to come again",
             self.on_unhandled,
         )
 

@@ -68,7 +68,8 @@ def test_an_event_no_handler_matches_is_given_back_until_the_dead_letter_queue_t
     assert re.match(LINE_START + "ERROR fastapi_eventbus.worker: message ", error)
     assert f"(event 'order.placed' id={event_id}) from {queue_url.rsplit('/', 1)[-1]}" in error
     assert error.endswith(
-        "giving it back: the dead-letter queue will take it (on_unhandled='retry')"
+        f"giving it back (on_unhandled='retry'): {queue_url.rsplit('/', 1)[-1]} delivers it "
+        "again, forever unless a dead-letter policy moves it"
     )
     assert "handled=0" in log
     assert "unhandled=1" in log

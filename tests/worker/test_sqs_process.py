@@ -145,7 +145,10 @@ def test_a_poison_message_reaches_the_dead_letter_queue(
     assert raw_id in dead
     assert attempts(db, poison) == 2  # maxReceiveCount deliveries, then the queue moved it
     assert execute(db, "SELECT * FROM handled") == []
-    assert "giving it back: the dead-letter queue will take it" in worker.output()
+    assert (
+        f"giving it back (on_undecodable='retry'): {queue_url.rsplit('/', 1)[-1]} delivers it "
+        "again, forever unless a dead-letter policy moves it"
+    ) in worker.output()
     assert asyncio.run(counts(moto, queue_url)) == (0, 0)
 
 

@@ -309,7 +309,7 @@ def test_sqs_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "aiobotocore" else real(name)
     )
-    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus\[aws\]"):
+    with pytest.raises(MissingExtraError, match=r"fastapi-eventbus-di\[aws\]"):
         SQSSource("https://sqs.eu-west-1.amazonaws.com/123456789012/orders")
 
 
@@ -445,13 +445,14 @@ async def test_an_event_no_handler_matches_follows_on_unhandled(
     assert record.levelno == level
     assert record.name == "fastapi_eventbus.worker"
     what = (
-        "deleting it"
+        "deleting it (on_unhandled='delete')"
         if policy == "delete"
-        else "giving it back: the dead-letter queue will take it"
+        else "giving it back (on_unhandled='retry'): source delivers it again, "
+        "forever unless a dead-letter policy moves it"
     )
     assert record.getMessage() == (
         f"message m0 (event 'invoice.sent' id={event.id}) from source matches no handler "
-        f"of the bus; {what} (on_unhandled={policy!r})"
+        f"of the bus; {what}"
     )
 
 
@@ -465,8 +466,8 @@ async def test_a_bus_without_handlers_is_a_warning_at_startup(
     (record,) = [r for r in caplog.records if "no handlers" in r.getMessage()]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith(
-        "the bus has no handlers: no message can be handled; each one is given back "
-        "(dead-letter queue) (on_unhandled='retry')"
+        "the bus has no handlers: no message can be handled; each one is given back, "
+        "to come again (on_unhandled='retry')"
     )
 
 

@@ -5,7 +5,9 @@
   ``data``, the context attributes as ``ce-*`` message attributes.
 
 W3C trace context (``traceparent``, ``tracestate``) travels in message
-attributes, never inside the payload. `decode_message` turns a received SQS or
+attributes, never inside the payload; on Pub/Sub also as ``googclient_traceparent``
+and ``googclient_tracestate``, where Google's client libraries write and read it
+(`PUBSUB_TRACE_PREFIX`). `decode_message` turns a received SQS or
 Pub/Sub message back into an `Event`, whoever wrote it: CloudEvents with
 ``data_base64``, a ``datacontenttype`` with parameters or ``text/plain`` data,
 and Pub/Sub's structured mode too (see `from_cloudevent`); `message_size`
@@ -20,22 +22,26 @@ import base64
 import binascii
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from pydantic import ValidationError
 
 from ._brokers import media_type, payload_of, unsupported
 from ._events import Event, payload_json
-from .exceptions import MessageDecodeError
+from .exceptions import ConfigurationError, MessageDecodeError
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py checks
     "CONTENT_TYPE",
     "DEFAULT_SOURCE",
+    "Decoder",
+    "PUBSUB_TRACE_PREFIX",
     "SPECVERSION",
     "TRACE_ATTRIBUTES",
+    "check_decoder",
     "decode_message",
+    "decode_with",
     "from_cloudevent",
     "message_size",
     "message_trace_context",
@@ -55,6 +61,11 @@ CONTENT_TYPE = "application/json"
 parameters and in any case, and ``text/plain`` (a string payload): see `from_cloudevent`."""
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
 """Message attributes that carry W3C trace context."""
+PUBSUB_TRACE_PREFIX = "googclient_"
+"""The prefix of the Pub/Sub attributes in which Google's client libraries (with
+OpenTelemetry enabled) carry W3C trace context: ``googclient_traceparent`` and
+``googclient_tracestate``. `pubsub_attributes` writes them beside ``traceparent``
+and ``tracestate``; a received message's are read when it has no ``traceparent``."""
 
 DEFAULT_SOURCE = f"//fastapi-eventbus/{socket.gethostname()}"
 """The CloudEvents ``source`` of events whose bus sets none: this host, as a URI reference."""
@@ -107,7 +118,12 @@ def utf8_size(text: str) -> int:
 
 
 def pubsub_attributes(event: Event) -> dict[str, str]:
-    """The Pub/Sub message attributes (binary mode): ``ce-*`` context plus trace context."""
+    """The Pub/Sub message attributes (binary mode): ``ce-*`` context plus trace context.
+
+    The trace context is written twice: as ``traceparent``/``tracestate``, and as
+    ``googclient_traceparent``/``googclient_tracestate`` (`PUBSUB_TRACE_PREFIX`), so
+    that subscribers using Google's client libraries continue the trace too.
+    """
     attributes = {
         "ce-specversion": SPECVERSION,
         "ce-id": event.id,
@@ -116,7 +132,9 @@ def pubsub_attributes(event: Event) -> dict[str, str]:
         "ce-time": _time_text(event.time),
         "content-type": CONTENT_TYPE,
     }
-    attributes.update(trace_attributes(event))
+    trace = trace_attributes(event)
+    attributes.update(trace)
+    attributes.update({PUBSUB_TRACE_PREFIX + key: value for key, value in trace.items()})
     return attributes
 
 
@@ -194,15 +212,51 @@ def _base64(text: object) -> bytes:
         raise MessageDecodeError(f"data_base64 is not base64: {exc}") from exc
 
 
-def decode_message(message: Mapping[str, Any]) -> Event:
+Decoder: TypeAlias = Callable[[Mapping[str, Any]], Event | None]
+"""A decode hook: the `Event` a received message (as `decode_message` takes it) carries,
+or ``None`` to let the built-in decoding read it. Raise `MessageDecodeError` to refuse it."""
+
+
+def check_decoder(decode: object) -> Decoder | None:
+    """*decode* if it is a decode hook (or None); else `ConfigurationError`."""
+    if decode is not None and not callable(decode):
+        raise ConfigurationError(
+            f"decode must be a callable (message) -> Event | None, got {decode!r}"
+        )
+    return cast("Decoder | None", decode)
+
+
+def decode_with(decode: Decoder | None, message: Mapping[str, Any]) -> Event | None:
+    """What the hook *decode* makes of *message*: an `Event`, or None (no hook, or it has none).
+
+    `MessageDecodeError` if the hook returns something else than an `Event` or None.
+    """
+    if decode is None:
+        return None
+    event = check_decoder(decode)(message)  # type: ignore[misc]  # checked: not None
+    if event is not None and not isinstance(event, Event):
+        raise MessageDecodeError(
+            f"decode hook {decode!r} returned a {type(event).__name__}, not an Event or None"
+        )
+    return event
+
+
+def decode_message(message: Mapping[str, Any], decode: Decoder | None = None) -> Event:
     """Turn a received SQS or Pub/Sub message back into the `Event` that was forwarded.
 
     Accepts an SQS message as ``ReceiveMessage`` returns it (``Body`` and
     ``MessageAttributes``), and a Pub/Sub message as a pull returns it, either the
     ``{"ackId": ..., "message": {...}}`` item or the inner message (``data``, base64
-    or bytes, and ``attributes``). Raises `MessageDecodeError` for anything else,
-    JSON nested too deeply to decode (Python's recursion limit) included.
+    or bytes, and ``attributes``). An SQS body may also be an SNS notification of
+    an event, or an EventBridge event. Raises `MessageDecodeError` for anything
+    else, JSON nested too deeply to decode (Python's recursion limit) included.
+
+    *decode*, a `Decoder`, reads other formats: its event is returned, unless it
+    returns None, and then *message* is read as above.
     """
+    event = decode_with(decode, message)
+    if event is not None:
+        return event
     if not isinstance(message, Mapping):
         raise MessageDecodeError(f"a message must be a mapping, got {type(message).__name__}")
     from ._brokers import aws, gcp  # they read this module's names: imported once it is loaded
@@ -225,7 +279,9 @@ def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     Takes the same SQS and Pub/Sub shapes as `decode_message`, but never
     raises: a message that is not an event, or carries no (or malformed)
     attributes, gives ``{}``. Only these two attributes are read, and only for
-    tracing.
+    tracing; a Pub/Sub message without a ``traceparent`` has its
+    ``googclient_traceparent``/``googclient_tracestate`` read instead
+    (`PUBSUB_TRACE_PREFIX`). The result's keys are ``traceparent``/``tracestate``.
     """
     from ._brokers import aws, gcp
 

@@ -2,8 +2,9 @@
 
 The ``aws`` extra check, the client settings and their client, the region in a
 queue URL, the translation of botocore's errors, and the reading of a received
-SQS message: the event in its body (a structured CloudEvent), its size as SQS
-counts it, and the trace context in its message attributes. aiobotocore and
+SQS message: the event in its body (a structured CloudEvent, an SNS notification
+of one, or an EventBridge event), its size as SQS counts it, and the trace
+context in its message attributes (or the SNS notification's). aiobotocore and
 botocore are imported when a client is created or an error translated, never here.
 """
 
@@ -17,8 +18,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fastapi_eventbus._events import Event
-from fastapi_eventbus.exceptions import ForwarderError, MissingExtraError, SourceError
+from pydantic import ValidationError
+
+from fastapi_eventbus._events import Event, check_name
+from fastapi_eventbus.exceptions import (
+    ForwarderError,
+    InvalidEventError,
+    MessageDecodeError,
+    MissingExtraError,
+    SourceError,
+)
 from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
 
 from . import byte_length, is_trace_value, parse_json, trace_or_nothing
@@ -156,14 +165,113 @@ def translated(context: str, error: type[ForwarderError] | type[SourceError]) ->
 
 
 def decode(message: Mapping[str, Any]) -> Event:
-    """The event in a received SQS message; `MessageDecodeError` if it holds none."""
+    """The event in a received SQS message; `MessageDecodeError` if it holds none.
+
+    The body is a structured CloudEvent, an EventBridge event (a rule's SQS
+    target), or an SNS notification (a subscription without raw message
+    delivery) whose ``Message`` is one of these two.
+    """
     body = parse_json(message.get("Body"), "SQS message body")
-    return from_cloudevent(body, _trace(message))
+    if is_sns_notification(body):
+        return _event(_sns_message(body), _sns_trace(body) or _trace(message))
+    return _event(body, _trace(message))
+
+
+def _event(body: Any, trace: dict[str, str]) -> Event:
+    if is_eventbridge_event(body):
+        return from_eventbridge(body, trace)
+    return from_cloudevent(body, trace)
+
+
+def is_sns_notification(body: object) -> bool:
+    """Whether *body* is an SNS notification (``"Type": "Notification"``, a topic, a message)."""
+    return (
+        isinstance(body, Mapping)
+        and body.get("Type") == "Notification"
+        and "TopicArn" in body
+        and "Message" in body
+    )
+
+
+def _sns_message(notification: Mapping[str, Any]) -> Any:
+    """The message an SNS notification carries, parsed: what the SQS body would be raw."""
+    message = notification["Message"]
+    if not isinstance(message, str):
+        raise MessageDecodeError(
+            f"an SNS notification's Message must be a string, got {type(message).__name__}"
+        )
+    return parse_json(message, "SNS Message")
+
+
+def _sns_trace(notification: Mapping[str, Any]) -> dict[str, str]:
+    """The trace context in an SNS notification's ``{"name": {"Type", "Value"}}`` attributes."""
+    attributes = notification.get("MessageAttributes") or {}
+    if not isinstance(attributes, Mapping):
+        return {}
+    return {
+        key: value["Value"]
+        for key, value in attributes.items()
+        if key in TRACE_ATTRIBUTES
+        and isinstance(value, Mapping)
+        and is_trace_value(key, value.get("Value"))
+    }
+
+
+def is_eventbridge_event(body: object) -> bool:
+    """Whether *body* is an EventBridge event (``detail-type`` and ``detail``, no CloudEvent)."""
+    return (
+        isinstance(body, Mapping)
+        and "detail-type" in body
+        and "detail" in body
+        and "specversion" not in body
+    )
+
+
+def from_eventbridge(body: Mapping[str, Any], trace: dict[str, str]) -> Event:
+    """An EventBridge event as an `Event`: ``detail-type`` is its name, ``detail`` its payload.
+
+    Its ``id``, ``time`` and ``source`` are the event's; ``account``, ``region`` and
+    ``resources`` are not kept. A ``detail-type`` must be a usable event name
+    (`check_name`: spaces inside are fine, ``"Order Placed"``); anything else is
+    refused with the reason, as is an event without an ``id``.
+    """
+    try:
+        name = check_name(body["detail-type"])
+    except InvalidEventError as exc:
+        raise MessageDecodeError(f"EventBridge detail-type is no event name: {exc}") from None
+    if not body.get("id"):
+        raise MessageDecodeError("EventBridge event without an id")
+    fields: dict[str, Any] = {
+        "name": name,
+        "payload": body["detail"],
+        "id": body["id"],
+        "source": body.get("source") or None,
+        "trace_context": trace,
+    }
+    if body.get("time"):
+        fields["time"] = body["time"]
+    try:
+        return Event.model_validate(fields)
+    except ValidationError as exc:
+        raise MessageDecodeError(f"invalid EventBridge event: {exc}") from exc
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C trace context in an SQS message's attributes; ``{}`` if none (never raises)."""
-    return trace_or_nothing(_trace, message)
+    """The W3C trace context of an SQS message; ``{}`` if none (never raises).
+
+    The SNS notification's attributes when the body is one that has some (parsed
+    for that: the cheap test first), else the SQS message attributes.
+    """
+    return trace_or_nothing(_message_trace, message)
+
+
+def _message_trace(message: Mapping[str, Any]) -> dict[str, str]:
+    body = message.get("Body")
+    if isinstance(body, str) and '"Notification"' in body:
+        notification = parse_json(body, "SQS message body")
+        if is_sns_notification(notification) and (trace := _sns_trace(notification)):
+            return trace
+    return _trace(message)
 
 
 def _trace(message: Mapping[str, Any]) -> dict[str, str]:

@@ -24,7 +24,7 @@ from fastapi_eventbus.exceptions import (
     MessageDecodeError,
     MissingExtraError,
 )
-from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
+from fastapi_eventbus.wire import PUBSUB_TRACE_PREFIX, TRACE_ATTRIBUTES, from_cloudevent
 
 from . import byte_length, is_trace_value, media_type, payload_of, trace_or_nothing
 
@@ -199,7 +199,14 @@ def _data(message: Mapping[str, Any]) -> bytes:
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C trace context in a Pub/Sub message's attributes; ``{}`` if none (never raises)."""
+    """The W3C trace context in a Pub/Sub message's attributes; ``{}`` if none (never raises).
+
+    ``traceparent``/``tracestate``, as this library and the CloudEvents binding write
+    them; without a (valid) ``traceparent``, ``googclient_traceparent``/``googclient_tracestate``,
+    as Google's client libraries write them. The two pairs are never mixed: a
+    tracestate only goes with its own traceparent. The keys returned are always
+    ``traceparent``/``tracestate``.
+    """
     return trace_or_nothing(_trace, message)
 
 
@@ -207,9 +214,17 @@ def _trace(message: Mapping[str, Any]) -> dict[str, str]:
     attributes = message.get("attributes") or {}
     if not isinstance(attributes, Mapping):
         return {}
-    return {
-        key: attributes[key] for key in TRACE_ATTRIBUTES if is_trace_value(key, attributes.get(key))
-    }
+    ours = _trace_pair(attributes, "")
+    if "traceparent" in ours:
+        return ours
+    google = _trace_pair(attributes, PUBSUB_TRACE_PREFIX)
+    return google if "traceparent" in google else ours
+
+
+def _trace_pair(attributes: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """The trace attributes named *prefix* + ``traceparent``/``tracestate``, unprefixed."""
+    found = {key: attributes.get(prefix + key) for key in TRACE_ATTRIBUTES}
+    return {key: str(value) for key, value in found.items() if is_trace_value(key, value)}
 
 
 def size(message: Mapping[str, Any]) -> int:

@@ -8,7 +8,9 @@ bus.forward("order.*", PubSubForwarder("projects/my-project/topics/orders"))
 
 Events are published in CloudEvents *binary* mode (`fastapi_eventbus.wire`): the
 payload as JSON in ``data``, the context in ``ce-*`` attributes, W3C trace
-context in ``traceparent``/``tracestate`` attributes. A flush's events go out in
+context in ``traceparent``/``tracestate`` attributes, and again in
+``googclient_traceparent``/``googclient_tracestate`` for subscribers using Google's
+client libraries (their size counts toward the message's). A flush's events go out in
 as few publish requests as the service's per-request limits allow. The SDK is
 imported when the forwarder starts, never when this module is imported.
 """

@@ -79,8 +79,9 @@ class Source(ABC):
     then `message_size` (a message over the worker's ``max_message_bytes`` is not
     decoded), then `decode` for the event. The defaults read the SQS and Pub/Sub
     shapes `fastapi_eventbus.wire.decode_message` takes; override them for
-    another format. An exception from `message_size` or `decode` makes that one
-    message undecodable (the worker's ``on_undecodable``), nothing more.
+    another format, or set `decoder` (the built-in sources' ``decode=`` argument).
+    An exception from `message_size` or `decode` makes that one message
+    undecodable (the worker's ``on_undecodable``), nothing more.
     """
 
     name: str = "source"
@@ -94,6 +95,21 @@ class Source(ABC):
     """The most messages one `receive` call returns."""
     extend_interval: float | None = None
     """Seconds between `extend` calls while a message's handlers run (None: no calls)."""
+    _decoder: wire.Decoder | None = None
+
+    @property
+    def decoder(self) -> wire.Decoder | None:
+        """A decode hook (`fastapi_eventbus.wire.Decoder`), asked first by `decode`.
+
+        It gets ``message.body`` and returns the `Event` it carries, or None to let
+        the source's own decoding read it. Setting anything else than a callable
+        or None raises `ConfigurationError`.
+        """
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, decode: wire.Decoder | None) -> None:
+        self._decoder = wire.check_decoder(decode)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open clients; called once before the first `receive`."""
@@ -125,9 +141,17 @@ class Source(ABC):
     def decode(self, message: ReceivedMessage) -> Event:
         """The event *message* carries, with its trace context; `MessageDecodeError` if none.
 
-        The default is `fastapi_eventbus.wire.decode_message` on ``message.body``.
+        The default is `fastapi_eventbus.wire.decode_message` on ``message.body``,
+        with the `decoder`.
         """
-        return wire.decode_message(message.body)
+        return wire.decode_message(message.body, decode=self.decoder)
+
+    def hooked(self, message: ReceivedMessage) -> Event | None:
+        """The event the `decoder` makes of *message*; None without one, or if it gives none.
+
+        For a subclass's `decode`: ask this first, then read the message itself.
+        """
+        return wire.decode_with(self.decoder, message.body)
 
     def message_size(self, message: ReceivedMessage) -> int:
         """The bytes of *message* as its broker counts them (body plus attributes), undecoded.

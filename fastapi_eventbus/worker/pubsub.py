@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     import aiohttp
     from gcloud.aio.pubsub import SubscriberClient, SubscriberMessage
 
+    from fastapi_eventbus.wire import Decoder
+
 __all__ = ["PubSubSource"]
 
 _SUBSCRIPTION = re.compile(r"projects/[^/\s]+/subscriptions/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
@@ -75,6 +77,9 @@ class PubSubSource(Source):
             failed deliveries: 1 s, 2 s, 4 s... up to 60 s by default (Pub/Sub caps
             it at 600 s). A subscription's own retry policy applies on top of it.
         name: A name for logs (default: the subscription's name).
+        decode: A decode hook (`fastapi_eventbus.wire.Decoder`) for messages in
+            another format: it gets the message as `decode_message` takes it and
+            returns its `Event`, or None to let the built-in decoding read it.
 
     Raises:
         MissingExtraError: gcloud-aio-pubsub (the ``gcp`` extra) is not installed.
@@ -98,6 +103,7 @@ class PubSubSource(Source):
         ack_deadline: int | None = None,
         nack_backoff: Backoff | None = None,
         name: str | None = None,
+        decode: Decoder | None = None,
     ) -> None:
         gcp.require_sdk()
         if not isinstance(subscription, str) or not _SUBSCRIPTION.fullmatch(subscription):
@@ -110,6 +116,7 @@ class PubSubSource(Source):
             raise ConfigurationError(f"pull_timeout must be > 0 seconds, got {pull_timeout!r}")
         if ack_deadline is not None:
             check_int("ack_deadline", ack_deadline, _MIN_ACK_DEADLINE, maximum=_MAX_ACK_DEADLINE)
+        self.decoder = decode
         self.subscription = subscription
         """The full subscription path."""
         self.ack_deadline = ack_deadline
@@ -265,15 +272,20 @@ class PubSubSource(Source):
     # -- reading a received message (a pull's data and attributes) --------------------
 
     def decode(self, message: ReceivedMessage) -> Event:
-        """The event in *message* (CloudEvents binary mode: ``ce-*`` attributes, JSON data)."""
-        return gcp.decode(message.body)
+        """The event in *message*: the `decoder`'s, else Google's CloudEvents binding's."""
+        event = self.hooked(message)
+        return gcp.decode(message.body) if event is None else event
 
     def message_size(self, message: ReceivedMessage) -> int:
         """Bytes Pub/Sub counts for *message*: the data, and each attribute's name and value."""
         return gcp.size(message.body)
 
     def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
-        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes."""
+        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes.
+
+        Without a ``traceparent``, the ``googclient_traceparent``/``googclient_tracestate``
+        that Google's client libraries write are read instead.
+        """
         return gcp.trace_context(message.body)
 
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
         ReceiveMessageRequestTypeDef,
     )
 
+    from fastapi_eventbus.wire import Decoder
+
 __all__ = ["MAX_WAIT_TIME_SECONDS", "SQSSource"]
 
 MAX_WAIT_TIME_SECONDS = 20
@@ -69,6 +71,9 @@ class SQSSource(Source):
             a slow handler does not get its message delivered twice. Default:
             the queue's ``VisibilityTimeout``, and no heartbeat.
         name: A name for logs (default: the queue's name).
+        decode: A decode hook (`fastapi_eventbus.wire.Decoder`) for messages in
+            another format: it gets the message as `decode_message` takes it and
+            returns its `Event`, or None to let the built-in decoding read it.
 
     Raises:
         MissingExtraError: aiobotocore (the ``aws`` extra) is not installed.
@@ -93,6 +98,7 @@ class SQSSource(Source):
         visibility_backoff: Backoff | None = None,
         visibility_timeout: int | None = None,
         name: str | None = None,
+        decode: Decoder | None = None,
     ) -> None:
         aws.require_sdk()
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
@@ -105,6 +111,7 @@ class SQSSource(Source):
             raise ConfigurationError(
                 "pass both aws_access_key_id and aws_secret_access_key, or neither"
             )
+        self.decoder = decode
         self.queue_url = queue_url
         """The queue's URL."""
         self.wait_time_seconds = wait_time_seconds
@@ -225,15 +232,23 @@ class SQSSource(Source):
     # -- reading a received message (ReceiveMessage's shape) --------------------------
 
     def decode(self, message: ReceivedMessage) -> Event:
-        """The event in *message*'s body (a structured CloudEvent), with its trace context."""
-        return aws.decode(message.body)
+        """The event in *message*, with its trace context: the `decoder`'s, else its body's.
+
+        The body is a structured CloudEvent, an EventBridge event, or an SNS
+        notification of either (raw message delivery off).
+        """
+        event = self.hooked(message)
+        return aws.decode(message.body) if event is None else event
 
     def message_size(self, message: ReceivedMessage) -> int:
         """Bytes SQS counts for *message*: the body, and each attribute's name, type and value."""
         return aws.size(message.body)
 
     def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
-        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes."""
+        """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes.
+
+        In an SNS notification, its own message attributes' (when it has some).
+        """
         return aws.trace_context(message.body)
 
 

@@ -245,7 +245,9 @@ def decode_message(message: Mapping[str, Any], decode: Decoder | None = None) ->
     """Turn a received SQS or Pub/Sub message back into the `Event` that was forwarded.
 
     Accepts an SQS message as ``ReceiveMessage`` returns it (``Body`` and
-    ``MessageAttributes``), and a Pub/Sub message as a pull returns it, either the
+    ``MessageAttributes``), a record of the event an SQS event source mapping
+    gives a Lambda function (``body`` and ``messageAttributes``, ``eventSource``
+    ``"aws:sqs"``), and a Pub/Sub message as a pull returns it, either the
     ``{"ackId": ..., "message": {...}}`` item or the inner message (``data``, base64
     or bytes, and ``attributes``). An SQS body may also be an SNS notification of
     an event, or an EventBridge event. Raises `MessageDecodeError` for anything
@@ -261,22 +263,38 @@ def decode_message(message: Mapping[str, Any], decode: Decoder | None = None) ->
         raise MessageDecodeError(f"a message must be a mapping, got {type(message).__name__}")
     from ._brokers import aws, gcp  # they read this module's names: imported once it is loaded
 
-    if "Body" in message:
-        return aws.decode(message)
+    sqs = _sqs_message(message)
+    if sqs is not None:
+        return aws.decode(sqs)
+    service = aws.lambda_event_source(message)
+    if service is not None:
+        raise MessageDecodeError(f"a Lambda record from {service}, not an SQS record")
     inner = message.get("message")
     if isinstance(inner, Mapping):
         message = inner
     if "attributes" in message or "data" in message:
         return gcp.decode(message)
     raise MessageDecodeError(
-        "neither an SQS message (Body) nor a Pub/Sub message (data, attributes)"
+        "neither an SQS message (Body), a Lambda SQS record (body, eventSource 'aws:sqs') "
+        "nor a Pub/Sub message (data, attributes)"
     )
+
+
+def _sqs_message(message: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """*message* in ReceiveMessage's shape if it is an SQS message or a Lambda SQS record."""
+    from ._brokers import aws
+
+    if "Body" in message:
+        return message
+    if aws.is_lambda_record(message):
+        return aws.from_lambda_record(message)
+    return None
 
 
 def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     """The W3C trace context (``traceparent``/``tracestate``) in a received message's attributes.
 
-    Takes the same SQS and Pub/Sub shapes as `decode_message`, but never
+    Takes the same SQS, Lambda and Pub/Sub shapes as `decode_message`, but never
     raises: a message that is not an event, or carries no (or malformed)
     attributes, gives ``{}``. Only these two attributes are read, and only for
     tracing; a Pub/Sub message without a ``traceparent`` has its
@@ -288,8 +306,9 @@ def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     try:
         if not isinstance(message, Mapping):
             return {}
-        if "Body" in message:
-            return aws.trace_context(message)
+        sqs = _sqs_message(message)
+        if sqs is not None:
+            return aws.trace_context(sqs)
         inner = message.get("message")
         return gcp.trace_context(inner if isinstance(inner, Mapping) else message)
     except Exception:  # a mapping that fails when read: the message is decoded (and refused) later
@@ -310,7 +329,8 @@ def message_size(message: Mapping[str, Any]) -> int:
 
     if not isinstance(message, Mapping):
         return 0
-    if "Body" in message:
-        return aws.size(message)
+    sqs = _sqs_message(message)
+    if sqs is not None:
+        return aws.size(sqs)
     inner = message.get("message")
     return gcp.size(inner if isinstance(inner, Mapping) else message)

@@ -189,3 +189,47 @@ def test_json_nested_too_deeply_is_a_decode_error(message: dict[str, Any]) -> No
     """Not a `RecursionError`: the worker handles it per ``on_undecodable``, as any bad message."""
     with pytest.raises(MessageDecodeError, match="nested too deeply"):
         decode_message(message)
+
+
+def _lambda_record(body: str, **attributes: dict[str, Any]) -> dict[str, Any]:
+    """One record of the event an SQS event source mapping gives a Lambda function."""
+    return {
+        "messageId": "059f36b4-87a3-44ab-83d2-661975830a7d",
+        "receiptHandle": "AQEBwJnKyrHigUMZj6rYigCgxlaS3SLy0a...",
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1545082649183",
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": "1545082649185",
+        },
+        "messageAttributes": attributes,
+        "md5OfBody": "e4e68fb7bd0e697a0ae8f1bb342846b3",
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-2:123456789012:my-queue",
+        "awsRegion": "us-east-2",
+    }
+
+
+def test_a_lambda_sqs_record_is_decoded_as_sqs_not_pubsub() -> None:
+    """Finding 8: a Lambda SQS record (lowercase ``body``, ``attributes``) was read as a
+    Pub/Sub message, and refused as "not a CloudEvent"."""
+    record = _lambda_record(
+        sqs_body(EVENT),
+        traceparent={"stringValue": TRACEPARENT, "dataType": "String"},
+        tracestate={"stringValue": "vendor=1", "dataType": "String"},
+    )
+    assert decode_message(record) == EVENT
+    assert message_trace_context(record) == EVENT.trace_context
+    bare = {"messageId": "m1", "body": sqs_body(EVENT)}  # no eventSource: still a record
+    assert decode_message(bare).id == EVENT.id
+
+
+def test_a_lambda_record_of_another_service_or_an_unknown_shape_is_named() -> None:
+    kinesis = {"eventSource": "aws:kinesis", "kinesis": {"data": "e30="}, "eventID": "x"}
+    with pytest.raises(MessageDecodeError, match=r"aws:kinesis, not an SQS record"):
+        decode_message(kinesis)
+    with pytest.raises(MessageDecodeError, match="Lambda SQS record"):
+        decode_message({"something": "else"})
+    with pytest.raises(MessageDecodeError, match="SQS message body"):
+        decode_message(_lambda_record("not json"))

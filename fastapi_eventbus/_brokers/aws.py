@@ -4,7 +4,9 @@ The ``aws`` extra check, the client settings and their client, the region in a
 queue URL, the translation of botocore's errors, and the reading of a received
 SQS message: the event in its body (a structured CloudEvent, an SNS notification
 of one, or an EventBridge event), its size as SQS counts it, and the trace
-context in its message attributes (or the SNS notification's). aiobotocore and
+context in its message attributes (or the SNS notification's); and a record of the
+event an SQS event source mapping gives a Lambda function, turned into that
+shape (`from_lambda_record`). aiobotocore and
 botocore are imported when a client is created or an error translated, never here.
 """
 
@@ -162,6 +164,63 @@ def translated(context: str, error: type[ForwarderError] | type[SourceError]) ->
 
 
 # -- received messages (ReceiveMessage's shape: Body, MessageAttributes) ----------------
+
+LAMBDA_SQS = "aws:sqs"
+"""The ``eventSource`` of the records an SQS event source mapping gives a Lambda function."""
+
+
+def is_lambda_record(message: Mapping[str, Any]) -> bool:
+    """Whether *message* is a Lambda SQS record: ``eventSource`` ``"aws:sqs"``, or
+    ``messageId`` and a lowercase ``body``."""
+    return message.get("eventSource") == LAMBDA_SQS or (
+        "messageId" in message and "body" in message
+    )
+
+
+def lambda_event_source(message: Mapping[str, Any]) -> str | None:
+    """The AWS service of a Lambda record that is not SQS's (``"aws:sns"``...), else None."""
+    source = message.get("eventSource", message.get("EventSource"))
+    if isinstance(source, str) and source.startswith("aws:") and source != LAMBDA_SQS:
+        return source
+    return None
+
+
+def from_lambda_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A Lambda SQS record in ReceiveMessage's shape, which the readers below take.
+
+    ``body`` becomes ``Body``, ``attributes`` ``Attributes``, and each message
+    attribute's ``stringValue``/``binaryValue``/``dataType`` its capitalised
+    key; the ids and the receipt handle are kept. Nothing is decoded or checked:
+    a malformed record is refused when its body is read.
+    """
+    attributes = record.get("messageAttributes") or {}
+    message: dict[str, Any] = {
+        "MessageId": record.get("messageId"),
+        "ReceiptHandle": record.get("receiptHandle"),
+        "Body": record.get("body"),
+        "Attributes": record.get("attributes") or {},
+        "MessageAttributes": {
+            name: {
+                key: value[lower]
+                for lower, key in _LAMBDA_ATTRIBUTE_KEYS.items()
+                if lower in value and value[lower] is not None
+            }
+            for name, value in attributes.items()
+            if isinstance(value, Mapping)
+        }
+        if isinstance(attributes, Mapping)
+        else {},
+    }
+    if "md5OfBody" in record:
+        message["MD5OfBody"] = record["md5OfBody"]
+    return message
+
+
+_LAMBDA_ATTRIBUTE_KEYS = {
+    "dataType": "DataType",
+    "stringValue": "StringValue",
+    "binaryValue": "BinaryValue",
+}
 
 
 def decode(message: Mapping[str, Any]) -> Event:

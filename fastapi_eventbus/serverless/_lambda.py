@@ -1,0 +1,281 @@
+"""`lambda_sqs_handler`: an AWS Lambda handler running the app's handlers on SQS batches.
+
+Each record goes the way a worker's message goes (`Processor`, from
+`fastapi_eventbus.worker`): decoded, the ``on_undecodable`` and ``on_unhandled``
+policies, the bus's handlers, and then "ack" or "nack", which here only mark the
+record as handled or failed. The failed ones are returned as ``batchItemFailures``:
+the event source mapping deletes the others and leaves these in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from typing import Any, Protocol, get_args
+
+from fastapi_eventbus._bus import EventBus
+from fastapi_eventbus._settings import check_int, check_seconds
+from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError
+from fastapi_eventbus.worker._delivery import (
+    HeldMessage,
+    OnUndecodable,
+    OnUnhandled,
+    Processor,
+    WorkerStats,
+)
+from fastapi_eventbus.worker._source import ReceivedMessage, Source
+
+logger = logging.getLogger("fastapi_eventbus.serverless")
+
+_MAX_MESSAGE_BYTES = 1_048_576
+"""The default ``max_message_bytes``: SQS's largest message (1 MiB)."""
+
+
+class SQSBatchHandler(Protocol):
+    """What `lambda_sqs_handler` returns: a plain function, with a `close` beside it."""
+
+    def __call__(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        """Handle one SQS batch; ``{"batchItemFailures": [{"itemIdentifier": id}, ...]}``."""
+
+    def close(self) -> None:
+        """Exit the app's lifespan and close the event loop (also done at interpreter exit)."""
+
+
+def lambda_sqs_handler(
+    app: Any,
+    *,
+    on_undecodable: OnUndecodable = "retry",
+    on_unhandled: OnUnhandled = "retry",
+    max_message_bytes: int = _MAX_MESSAGE_BYTES,
+    time_margin: float = 0.5,
+) -> SQSBatchHandler:
+    """An AWS Lambda handler that runs *app*'s handlers on the batches of an SQS queue.
+
+    ```python
+    handler = lambda_sqs_handler(app)
+    ```
+
+    Set the function's handler to it, with an SQS event source mapping whose
+    ``FunctionResponseTypes`` includes ``ReportBatchItemFailures``: the handler
+    returns ``{"batchItemFailures": [{"itemIdentifier": messageId}, ...]}``,
+    the records to leave in the queue (they come again, and reach the queue's
+    dead-letter queue after its ``maxReceiveCount``); the others are deleted.
+
+    The first invocation enters the app's lifespan, once per execution
+    environment (cold start), on an event loop kept for the next invocations;
+    the lifespan's state reaches the handlers' ``request.state`` as in the
+    worker. It is exited at interpreter exit (or by `SQSBatchHandler.close`).
+
+    Each record is decoded as `fastapi_eventbus.wire.decode_message` decodes a
+    Lambda SQS record (a CloudEvent, or an SNS or EventBridge envelope of an
+    event; trace context from its message attributes) and handed to
+    `EventBus.handle`, the records of a standard queue concurrently. A record
+    fails when a handler fails, when it is not an event (``on_undecodable``), or
+    when no handler matches it (``on_unhandled``): the same policies, with the
+    same log lines, as `fastapi_eventbus.worker.Worker`; each failed record is
+    logged at ERROR with its message id (and its event's, once decoded). The
+    handlers have the invocation's remaining time
+    (``context.get_remaining_time_in_millis()``) less *time_margin* seconds:
+    records still running then are cancelled and reported as failures. From a
+    FIFO queue (its ARN ends in ``.fifo``), records are handled one after the
+    other, and the first failure stops the batch: it and every later record
+    are reported, as AWS requires to keep the order.
+
+    Args:
+        app: A FastAPI app with an installed bus (``bus.install(app)``).
+        on_undecodable: ``"retry"`` (report the record as failed, so that it
+            reaches the dead-letter queue) or ``"delete"`` (log it at ERROR and
+            let it be deleted).
+        on_unhandled: ``"retry"`` or ``"delete"``, for an event no handler matches.
+        max_message_bytes: The largest record decoded (body plus attributes); a
+            larger one is handled like one that is not an event.
+        time_margin: Seconds of the invocation kept for reporting, after the
+            handlers' time.
+
+    Raises:
+        ConfigurationError: *app* has no installed bus, or an argument is invalid.
+    """
+    try:
+        bus = EventBus.of(app)
+    except BusNotInstalledError:
+        bus = None
+    if bus is None or not hasattr(getattr(app, "router", None), "lifespan_context"):
+        raise ConfigurationError(
+            f"lambda_sqs_handler needs a FastAPI app with a bus installed (bus.install(app)); "
+            f"got {app!r}"
+        )
+    for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
+        if policy not in get_args(OnUndecodable):
+            raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
+    check_int("max_message_bytes", max_message_bytes, 1)
+    check_seconds("time_margin", time_margin)
+    invoker = _Invoker(app, bus, on_undecodable, on_unhandled, max_message_bytes, time_margin)
+
+    def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        return invoker.invoke(event, context)
+
+    handler.close = invoker.close  # type: ignore[attr-defined]
+    atexit.register(invoker.close)
+    return handler  # type: ignore[return-value]  # a function with close(): SQSBatchHandler
+
+
+class _Invoker:
+    """The long-lived part of a handler: the app, its event loop and its entered lifespan."""
+
+    def __init__(
+        self,
+        app: Any,
+        bus: EventBus,
+        on_undecodable: OnUndecodable,
+        on_unhandled: OnUnhandled,
+        max_message_bytes: int,
+        time_margin: float,
+    ) -> None:
+        self.app = app
+        self.bus = bus
+        self.on_undecodable: OnUndecodable = on_undecodable
+        self.on_unhandled: OnUnhandled = on_unhandled
+        self.max_message_bytes = max_message_bytes
+        self.time_margin = float(time_margin)
+        self._runner: asyncio.Runner | None = None
+        self._stack: AsyncExitStack | None = None
+
+    def invoke(self, event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        """Handle one invocation's batch, entering the lifespan first if not yet entered."""
+        records = event.get("Records") if isinstance(event, Mapping) else None
+        if not isinstance(records, Sequence):
+            raise ConfigurationError(
+                f"not an SQS event (no Records): is the function's trigger an SQS queue? {event!r}"
+            )
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        budget = context.get_remaining_time_in_millis() / 1000 - self.time_margin
+        failed = self._runner.run(self._invoke(records, budget))
+        return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in failed]}
+
+    async def _invoke(self, records: Sequence[Mapping[str, Any]], budget: float) -> list[str]:
+        if self._stack is None:
+            stack = AsyncExitStack()
+            # The installed lifespan gives its state to handler calls (EventBus.install).
+            await stack.enter_async_context(self.app.router.lifespan_context(self.app))
+            self._stack = stack
+        return await _Batch(self, records).run(budget)
+
+    def close(self) -> None:
+        """Exit the lifespan (once entered) and close the event loop; idempotent."""
+        runner, stack = self._runner, self._stack
+        self._runner = self._stack = None
+        if runner is None:
+            return
+        try:
+            if stack is not None:
+                runner.run(stack.aclose())
+        finally:
+            runner.close()
+
+
+class _RecordSource(Source):
+    """One batch as a `Source`: ``ack`` and ``nack`` only note each record's outcome."""
+
+    messaging_system = "aws_sqs"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.handled: set[str] = set()
+
+    async def receive(self, max_messages: int) -> Sequence[ReceivedMessage]:
+        return []  # the records come with the invocation
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        self.handled.add(message.message_id)
+
+    async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+        self.handled.discard(message.message_id)
+
+
+class _Batch:
+    """One invocation's records: a `Processor` owner (bus, source, stats, policies)."""
+
+    def __init__(self, invoker: _Invoker, records: Sequence[Mapping[str, Any]]) -> None:
+        arn = str(records[0].get("eventSourceARN") or "") if records else ""
+        self.bus = invoker.bus
+        self.on_undecodable: OnUndecodable = invoker.on_undecodable
+        self.on_unhandled: OnUnhandled = invoker.on_unhandled
+        self.max_message_bytes = invoker.max_message_bytes
+        self.stats = WorkerStats()
+        self._source = _RecordSource(arn.rpartition(":")[2] or "SQS")
+        self.source: Source = self._source
+        self.fifo = arn.endswith(".fifo")
+        self.held = [HeldMessage(_received(record)) for record in records]
+        self.stats.received = len(self.held)
+        self._processor = Processor(self, _no_watch)
+
+    async def run(self, budget: float) -> list[str]:
+        """Handle the records within *budget* seconds; the message ids of those that failed."""
+        if self.fifo:
+            work = asyncio.create_task(self._in_order())
+            done, _ = await asyncio.wait({work}, timeout=max(budget, 0))
+            if not done:
+                await self._cancel({work})
+        else:
+            tasks = {asyncio.create_task(self._processor.process(h)) for h in self.held}
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=max(budget, 0))
+                await self._cancel(pending)
+        return self._failures()
+
+    async def _in_order(self) -> None:
+        for held in self.held:
+            await self._processor.process(held)
+            if held.message.message_id not in self._source.handled:
+                return
+
+    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        """Out of time: what still runs is cancelled, given a moment to unwind, and left."""
+        if not tasks:
+            return
+        for held in self.held:
+            if held.message.message_id not in self._source.handled:
+                held.abandoned = True  # a late success settles nothing any more
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=0.1)
+
+    def _failures(self) -> list[str]:
+        """The failed records' ids (FIFO: the first failed one and all after it), logged."""
+        failed: list[str] = []
+        for held in self.held:
+            message_id = held.message.message_id
+            if message_id in self._source.handled and not (failed and self.fifo):
+                continue
+            failed.append(message_id)
+            if held.abandoned:
+                why = "not finished when the invocation's time ran out"
+            elif self.fifo and len(failed) > 1:
+                why = "not handled: an earlier record of the FIFO batch failed"
+            else:
+                why = "failed"
+            logger.error(
+                "record %s from %s %s; reported in batchItemFailures", held, self.source.name, why
+            )
+        return failed
+
+
+def _no_watch(held: HeldMessage, hold: float | None) -> None:
+    """The invocation's deadline bounds every record: no watch of its own."""
+
+
+def _received(record: Mapping[str, Any]) -> ReceivedMessage:
+    """A Lambda SQS record as a received message; its body is the record, as it came."""
+    if not isinstance(record, Mapping):
+        record = {"body": record}
+    count = (record.get("attributes") or {}).get("ApproximateReceiveCount")
+    return ReceivedMessage(
+        body=record,
+        message_id=str(record.get("messageId", "")),
+        receipt=str(record.get("receiptHandle", "")),
+        receive_count=int(count) if isinstance(count, str) and count.isdigit() else None,
+    )

@@ -1,0 +1,290 @@
+"""`lambda_sqs_handler`: batches shaped as an SQS event source mapping gives them to Lambda.
+
+End to end: an app emits through the real `SQSForwarder` to moto's SQS; the messages are
+received with aiobotocore and turned into the Lambda event, as the event source mapping
+would, then handed to the handler as one batch. The fake context is the Lambda runtime's
+interface (``get_remaining_time_in_millis``, ``aws_request_id``, ``function_name``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import pytest
+from fastapi import Depends, FastAPI, Request
+from fastapi.testclient import TestClient
+
+from fastapi_eventbus import ConfigurationError, Event, EventBus, get_bus
+from fastapi_eventbus.serverless import SQSBatchHandler, lambda_sqs_handler
+from tests.forwarders._moto import REGION, Moto
+
+ACCOUNT = "123456789012"
+
+
+@dataclass
+class FakeContext:
+    """The Lambda runtime's context object: the time left counts down from *seconds*."""
+
+    seconds: float = 30.0
+    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e8deadbeef"
+    function_name: str = "orders-consumer"
+    started: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.seconds - (time.monotonic() - self.started)) * 1000))
+
+
+def lambda_event(messages: list[Any], queue_url: str) -> dict[str, Any]:
+    """ReceiveMessage's messages as the event an SQS event source mapping sends a function
+    (https://docs.aws.amazon.com/lambda/latest/dg/with-sqs.html, the example event)."""
+    arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue_url.rsplit('/', 1)[1]}"
+    return {
+        "Records": [
+            {
+                "messageId": message["MessageId"],
+                "receiptHandle": message["ReceiptHandle"],
+                "body": message["Body"],
+                "attributes": dict(message.get("Attributes", {})),
+                "messageAttributes": {
+                    name: {
+                        "stringValue": value.get("StringValue"),
+                        "stringListValues": [],
+                        "binaryListValues": [],
+                        "dataType": value["DataType"],
+                    }
+                    for name, value in message.get("MessageAttributes", {}).items()
+                },
+                "md5OfBody": message["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": REGION,
+            }
+            for message in messages
+        ]
+    }
+
+
+def emit_through_sqs(
+    moto: Moto, queue_url: str, *payloads: dict[str, Any], **options: Any
+) -> list[str]:
+    """An app's endpoint emits one event per payload, forwarded to *queue_url*; their ids."""
+    bus = EventBus()
+    bus.forward("order.*", moto.forwarder(queue_url, **options))
+    app = FastAPI()
+    bus.install(app)
+    ids: list[str] = []
+
+    @app.post("/orders")
+    async def order(payload: dict[str, Any], events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        ids.append(events.emit(payload.pop("name", "order.placed"), payload).id)
+
+    with TestClient(app) as client:
+        for payload in payloads:
+            assert client.post("/orders", json=payload).status_code == 200
+    return ids
+
+
+def received_batch(moto: Moto, queue_url: str, count: int) -> dict[str, Any]:
+    """*count* messages received from *queue_url*, as one Lambda event."""
+    messages = moto.receive(queue_url, count)
+    return lambda_event(messages, queue_url)
+
+
+@dataclass
+class Consumer:
+    """The consuming app: its handler calls, and how often its lifespan was entered."""
+
+    app: FastAPI
+    handled: Counter[str] = field(default_factory=Counter)
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    lifespans: int = 0
+
+
+@pytest.fixture
+def consumer() -> Consumer:
+    bus = EventBus()
+    entered: list[int] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        entered.append(1)
+        made.lifespans = len(entered)
+        yield {"tag": f"lifespan-{len(entered)}"}
+
+    app = FastAPI(lifespan=lifespan)
+    made = Consumer(app)
+
+    @bus.on("order.*")
+    async def handle(event: Event, request: Request) -> None:
+        made.handled[event.id] += 1
+        made.seen.append((event.id, request.state.tag))
+        if event.payload.get("fail"):
+            raise RuntimeError("this order fails")
+        if event.payload.get("slow"):
+            await asyncio.sleep(30)
+
+    bus.install(app)
+    return made
+
+
+@pytest.fixture
+def handler(consumer: Consumer) -> Iterator[SQSBatchHandler]:
+    handler = lambda_sqs_handler(consumer.app)
+    yield handler
+    handler.close()
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    return [item["itemIdentifier"] for item in result["batchItemFailures"]]
+
+
+def test_a_batch_end_to_end_reports_exactly_the_failed_records(
+    moto: Moto, consumer: Consumer, handler: SQSBatchHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_url = moto.queue()
+    ids = emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2, "fail": True}, {"n": 3})
+    event = received_batch(moto, queue_url, 3)
+    by_event = {record["messageId"]: record for record in event["Records"]}  # messageId -> record
+    failing = [
+        message_id for message_id, record in by_event.items() if '"fail":true' in record["body"]
+    ]
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus.serverless"):
+        result = handler(event, FakeContext())
+    assert failures(result) == failing
+    assert consumer.handled == Counter(ids)  # once per event id
+    assert [line for line in caplog.messages if failing[0] in line and ids[1] in line]
+
+
+def test_the_lifespan_is_entered_once_across_invocations(
+    moto: Moto, consumer: Consumer, handler: SQSBatchHandler
+) -> None:
+    queue_url = moto.queue()
+    first = emit_through_sqs(moto, queue_url, {"n": 1})
+    assert handler(received_batch(moto, queue_url, 1), FakeContext()) == {"batchItemFailures": []}
+    second = emit_through_sqs(moto, queue_url, {"n": 2})
+    assert failures(handler(received_batch(moto, queue_url, 1), FakeContext())) == []
+    assert consumer.lifespans == 1
+    assert consumer.seen == [(first[0], "lifespan-1"), (second[0], "lifespan-1")]
+
+
+def test_a_fifo_batch_stops_at_the_first_failure(
+    moto: Moto, consumer: Consumer, handler: SQSBatchHandler
+) -> None:
+    queue_url = moto.queue(fifo=True)
+    ids = emit_through_sqs(
+        moto,
+        queue_url,
+        {"n": 1},
+        {"n": 2, "fail": True},
+        {"n": 3},
+        {"n": 4},
+        message_group_id=lambda event: "orders",
+    )
+    event = received_batch(moto, queue_url, 4)
+    order = [record["messageId"] for record in event["Records"]]
+    bodies = [record["body"] for record in event["Records"]]
+    assert all(f'"n":{n}' in body for n, body in enumerate(bodies, 1))  # the order kept
+    result = handler(event, FakeContext())
+    assert failures(result) == order[1:]  # the failed record, and every one after it
+    assert consumer.handled == Counter(ids[:2])  # the later ones were not handled
+
+
+def test_records_unfinished_when_time_runs_out_are_failures(
+    moto: Moto, consumer: Consumer, handler: SQSBatchHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1, "slow": True}, {"n": 2})
+    event = received_batch(moto, queue_url, 2)
+    slow = [r["messageId"] for r in event["Records"] if '"slow":true' in r["body"]]
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus.serverless"):
+        result = handler(event, FakeContext(seconds=1.0))
+    assert time.monotonic() - started < 1.0
+    assert failures(result) == slow
+    assert any("time ran out" in line and slow[0] in line for line in caplog.messages)
+
+
+def test_undecodable_and_unhandled_records_follow_the_policies(
+    moto: Moto, consumer: Consumer
+) -> None:
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1, "name": "order.placed"})
+    event = received_batch(moto, queue_url, 1)
+    good = event["Records"][0]
+    broken = {**good, "messageId": "broken", "body": "not json"}
+    unknown = {
+        **good,
+        "messageId": "unknown",
+        "body": good["body"].replace("order.placed", "other.thing"),
+    }
+    event["Records"] = [good, broken, unknown]
+    retrying = lambda_sqs_handler(consumer.app)
+    deleting = lambda_sqs_handler(consumer.app, on_undecodable="delete", on_unhandled="delete")
+    try:
+        assert failures(retrying(event, FakeContext())) == ["broken", "unknown"]
+        assert failures(deleting(event, FakeContext())) == []
+    finally:
+        retrying.close()
+        deleting.close()
+
+
+def test_bad_arguments_and_events() -> None:
+    with pytest.raises(ConfigurationError, match=r"bus\.install"):
+        lambda_sqs_handler(FastAPI())
+    app = FastAPI()
+    EventBus().install(app)
+    with pytest.raises(ConfigurationError, match="on_unhandled"):
+        lambda_sqs_handler(app, on_unhandled="drop")  # type: ignore[arg-type]
+    handler = lambda_sqs_handler(app)
+    try:
+        with pytest.raises(ConfigurationError, match="Records"):
+            handler({"detail": {}}, FakeContext())
+    finally:
+        handler.close()
+
+
+def test_the_docs_example_handles_the_aws_example_event() -> None:
+    """``docs/examples/lambda_app.py``, given a record like AWS's documented example event."""
+    import importlib.util
+
+    from fastapi_eventbus.wire import sqs_body
+    from tests._support import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "lambda_app", ROOT / "docs/examples/lambda_app.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    event = Event(name="order.placed", payload={"order": 7})
+    record = {
+        "messageId": "059f36b4-87a3-44ab-83d2-661975830a7d",
+        "receiptHandle": "AQEBwJnKyrHigUMZj6rYigCgxlaS3SLy0a...",
+        "body": sqs_body(event),
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1545082649183",
+            "SenderId": "AIDAIENQZJOLO23YVJ4VO",
+            "ApproximateFirstReceiveTimestamp": "1545082649185",
+        },
+        "messageAttributes": {},
+        "md5OfBody": "e4e68fb7bd0e697a0ae8f1bb342846b3",
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-2:123456789012:my-queue",
+        "awsRegion": "us-east-2",
+    }
+    unknown = {**record, "messageId": "2e1424d4-f796-459a-8184-9c92662be6da", "body": "{}"}
+    try:
+        result = module.handler({"Records": [record, unknown]}, FakeContext())
+    finally:
+        module.handler.close()
+    assert result == {"batchItemFailures": [{"itemIdentifier": unknown["messageId"]}]}
+    assert module.shipped == ["7 from eu-1"]

@@ -121,14 +121,17 @@ class Core:
         self.active.add(batch)
         await self.flush(batch)
 
-    async def handle(self, event: Event, parent: Batch | None, depth: int) -> list[HandlerFailure]:
-        """Run *event*'s local handlers now, forwarding nothing (`EventBus.handle`)."""
+    async def handle(
+        self, event: Event, parent: Batch | None, depth: int, local: bool = False
+    ) -> list[HandlerFailure]:
+        """Run *event*'s local handlers now, forwarding nothing (`EventBus.handle`; with
+        *local*, an outbox's event: its handlers' `Retry` applies, as in a flush)."""
         batch = self.batch(parent, depth)
         batch.state = FLUSHING
         batch.current = event
         self.active.add(batch)
         try:
-            return await self.dispatcher.dispatch(event, batch, local=False, redelivered=True)
+            return await self.dispatcher.dispatch(event, batch, local=local, redelivered=True)
         finally:
             batch.current = None
             batch.state = CLOSED
@@ -158,20 +161,10 @@ class Core:
             outcome = await self.sender.send_kept(forwarder, events)
             return [(event, outcome.error or "not sent") for event in outcome.unsent]
         failed: list[tuple[Event, str]] = []
-        batch = self.batch(None, 0)
-        batch.state = FLUSHING
-        self.active.add(batch)
-        try:
-            for event in events:
-                batch.current = event
-                failures = await self.dispatcher.dispatch(event, batch, redelivered=True)
-                if failures:
-                    why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
-                    failed.append((event, why))
-        finally:
-            batch.current = None
-            batch.state = CLOSED
-            self.active.discard(batch)
+        for event in events:
+            if failures := await self.handle(event, None, 0, local=True):
+                why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
+                failed.append((event, why))
         return failed
 
     def base_scope(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, registry
 from fastapi_eventbus._events import Event, event_json
 from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
 from fastapi_eventbus._retry import exponential, jittered
-from fastapi_eventbus._settings import check_seconds
+from fastapi_eventbus._settings import check_int, check_seconds
 from fastapi_eventbus._spool_io import describe_error, spooled_or_stand_in
 from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
@@ -93,11 +93,8 @@ class SQLAlchemyOutbox:
         self.poll_interval = check_seconds("poll_interval", poll_interval, positive=True) or 0.0
         self.retry_initial = check_seconds("retry_initial", retry_initial, positive=True) or 0.0
         self.retry_max = check_seconds("retry_max", retry_max, positive=True) or 0.0
-        for label, count in (("max_attempts", max_attempts), ("batch_size", batch_size)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ConfigurationError(f"{label} must be an int >= 1, got {count!r}")
-        self.max_attempts = max_attempts
-        self.batch_size = batch_size
+        self.max_attempts = check_int("max_attempts", max_attempts, 1) or 1
+        self.batch_size = check_int("batch_size", batch_size, 1) or 1
         self.metadata = metadata if metadata is not None else MetaData()
         """The `MetaData` holding the outbox's tables (give it to Alembic)."""
         self.tables: OutboxTables = outbox_tables(self.metadata, table_prefix)

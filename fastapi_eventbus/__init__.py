@@ -21,6 +21,7 @@ async def create_cat(bus: EventBus = Depends(get_bus)) -> dict[str, bool]:
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._attributes import Extensions
 from ._bus import EventBus, get_bus
 from ._di import current_event
 from ._events import Event
@@ -57,6 +58,7 @@ __all__ = [
     "EventBus",
     "EventBusError",
     "EventChainError",
+    "Extensions",
     "ForwarderError",
     "HandlerFailure",
     "HandlerFailuresError",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from collections.abc import Callable, Sequence
@@ -14,14 +13,13 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from . import _di
+from ._attributes import Extensions
 from ._batch import SCOPE_KEY, Batch, RequestEnd
 from ._core import Core, Observer
 from ._di import Handler
 from ._dispatch import Inbox
 from ._events import (
     Event,
-    event_name_of,
-    is_event_model,
 )
 from ._hooks import HandlerFailure, OnDiscard, OnError, logger
 from ._lifespan import draining_lifespan
@@ -237,27 +235,10 @@ class EventBus:
             raise ConfigurationError(f"retry must be a Retry, got {retry!r}")
 
         def decorator(func: F) -> F:
-            self._add_handler(func, names, timeout, retry)
+            self._core.dispatcher.add(func, names, timeout, retry)
             return func
 
         return decorator
-
-    def _add_handler(
-        self,
-        func: Callable[..., Any],
-        patterns: list[str],
-        timeout: float | None = None,
-        retry: Retry | None = None,
-    ) -> None:
-        core = self._core
-        if timeout is None:
-            timeout = core.settings.handler_timeout
-        handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
-        model = handler.plan.event_model
-        name = event_name_of(model) if model is not None else None
-        if model is not None and name is not None and core.schemas.get(name) is None:
-            core.schemas.register(name, model)
-        core.handlers.add(handler.patterns, handler)
 
     def forward(self, patterns: str | Sequence[str], forwarder: FwdT) -> FwdT:
         """Send events matching *patterns* to *forwarder*, on the same flush as handlers.
@@ -297,31 +278,34 @@ class EventBus:
                 has another schema.
             InvalidEventError: The name is not a usable event name.
         """
-        if isinstance(event, str):
-            if schema is None:
-                raise ConfigurationError(
-                    f"register({event!r}) needs a schema: register(name, Model)"
-                )
-            self._core.schemas.register(event, schema)
-            return
-        if schema is not None or not is_event_model(event):
-            raise ConfigurationError(
-                "register() takes a model class with __event_name__, or a name and a model class"
-            )
-        name = event_name_of(event)
-        assert name is not None  # guaranteed by is_event_model
-        self._core.schemas.register(name, event)
+        self._core.schemas.register_either(event, schema)
 
     # -- emitting ---------------------------------------------------------------
 
     @overload
-    def emit(self, event: BaseModel, /, *, session: object = None) -> Event: ...
+    def emit(
+        self, event: BaseModel, /, *, session: object = None, extensions: Extensions | None = None
+    ) -> Event: ...
 
     @overload
-    def emit(self, name: str, payload: Any = None, /, *, session: object = None) -> Event: ...
+    def emit(
+        self,
+        name: str,
+        payload: Any = None,
+        /,
+        *,
+        session: object = None,
+        extensions: Extensions | None = None,
+    ) -> Event: ...
 
     def emit(
-        self, event: str | BaseModel, payload: Any = _MISSING, /, *, session: object = None
+        self,
+        event: str | BaseModel,
+        payload: Any = _MISSING,
+        /,
+        *,
+        session: object = None,
+        extensions: Extensions | None = None,
     ) -> Event:
         """Collect an event; it is handled after the response is sent.
 
@@ -335,11 +319,16 @@ class EventBus:
         never if it rolls back. This works on the application bus too, outside
         any request: the transaction is the batch.
 
+        *extensions* are the event's other CloudEvents attributes (`Event.extensions`):
+        ``subject``, ``dataschema`` or extension attributes, e.g.
+        ``extensions={"subject": f"orders/{order.id}"}``; forwarders send them.
+
         Raises:
             OutsideRequestError: This is the application bus: emit on the bus
                 ``Depends(get_bus)`` gives, or use `publish`.
             InvalidEventError: A bad name, a payload that fails its schema or cannot
-                be serialised to JSON, or a message a forwarder could never send.
+                be serialised to JSON, extensions that are no CloudEvents attributes,
+                or a message a forwarder could never send.
             EventChainError: Handlers emitting events went deeper than
                 ``max_chain_depth``.
             CapacityError: ``max_batch_events`` or ``max_pending_events`` is reached.
@@ -350,26 +339,41 @@ class EventBus:
         """
         batch = self._batch
         if session is not None:
-            return self._core.make_in(session, event, payload, payload is not _MISSING, batch)
+            return self._core.make_in(
+                session, event, payload, payload is not _MISSING, batch, extensions
+            )
         if batch is None:
             raise OutsideRequestError(
                 "emit() on the application bus has no request to attach events to: in an "
                 "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
                 "(scripts, startup, tests) use `await bus.publish(...)`"
             )
-        event_obj, deliver = self._core.make(event, payload, payload is not _MISSING, batch)
+        event_obj, deliver = self._core.make(
+            event, payload, payload is not _MISSING, batch, extensions=extensions
+        )
         if not deliver:
             return event_obj
         self._core.accept(batch, event_obj)
         return event_obj
 
     @overload
-    async def publish(self, event: BaseModel, /) -> Event: ...
+    async def publish(
+        self, event: BaseModel, /, *, extensions: Extensions | None = None
+    ) -> Event: ...
 
     @overload
-    async def publish(self, name: str, payload: Any = None, /) -> Event: ...
+    async def publish(
+        self, name: str, payload: Any = None, /, *, extensions: Extensions | None = None
+    ) -> Event: ...
 
-    async def publish(self, event: str | BaseModel, payload: Any = _MISSING, /) -> Event:
+    async def publish(
+        self,
+        event: str | BaseModel,
+        payload: Any = _MISSING,
+        /,
+        *,
+        extensions: Extensions | None = None,
+    ) -> Event:
         """Handle an event now and wait for its handlers (and their chained events).
 
         Same arguments as `emit`. Works with no request at all: in scripts, at
@@ -383,7 +387,9 @@ class EventBus:
             SpoolError: The spool could not be written.
         """
         depth = self._batch.depth if self._batch is not None else 0
-        event_obj, deliver = self._core.make(event, payload, payload is not _MISSING, None, depth)
+        event_obj, deliver = self._core.make(
+            event, payload, payload is not _MISSING, None, depth, extensions=extensions
+        )
         if not deliver:
             return event_obj
         await self._core.publish(event_obj, self._batch, depth)

@@ -378,6 +378,7 @@ class Core:
         batch: Batch | None,
         depth: int | None = None,
         store: bool = True,
+        extensions: object = None,
     ) -> tuple[Event, bool]:
         """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at
         chain *depth*: the batch's by default), shown to the observers; and whether to
@@ -400,7 +401,8 @@ class Core:
             )
         forwarders = self.forwarders.match(name) if self.forwarders.size else ()
         # The payload's JSON is kept for the forwarders and the spool (made here if not yet).
-        event_obj = make_event(name, data, settings.source, text if forwarders else None)
+        text = text if forwarders else None
+        event_obj = make_event(name, data, settings.source, text, extensions)
         for forwarder in forwarders:
             forwarder.check(event_obj)
         muted = self.observers and any(observer.mute for observer in self.observers)
@@ -416,17 +418,23 @@ class Core:
         return event_obj, deliver
 
     def make_in(
-        self, session: object, event: object, payload: Any, has_payload: bool, batch: Batch | None
+        self,
+        session: object,
+        event: object,
+        payload: Any,
+        has_payload: bool,
+        batch: Batch | None,
+        extensions: object = None,
     ) -> Event:
-        """``emit(..., session=)``: `make` the event, and have the outbox add it to
-        *session*'s transaction instead of *batch*."""
+        """``emit(..., session=)``: `make` the event (not stored: the outbox keeps it), and
+        have the outbox add it to *session*'s transaction instead of *batch*."""
         outbox = self.outbox
         if outbox is None:
             raise ConfigurationError(
                 "emit(..., session=) needs a bus with an outbox: "
                 "EventBus(outbox=SQLAlchemyOutbox(engine)) from fastapi_eventbus.outbox"
             )
-        event_obj, deliver = self.make(event, payload, has_payload, batch, store=False)
+        event_obj, deliver = self.make(event, payload, has_payload, batch, None, False, extensions)
         if deliver:
             outbox.join(session, event_obj, batch)
         return event_obj

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch
 from ._deadline import Limit, Watchdog
 from ._di import Handler
-from ._events import Event, payload_as
+from ._events import Event, event_name_of, payload_as
 from ._hooks import HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 
 if TYPE_CHECKING:
     from ._core import Core
+    from ._retry import Retry
 
 unmatched_logger = logging.getLogger("fastapi_eventbus.unmatched")
 """Where the "matches no handler and no forwarder" warning goes (silence it by its name)."""
@@ -58,6 +60,27 @@ class Dispatcher:
         self._watchdog: Watchdog | None = None
         self.inbox: Inbox | None = None
         """Which handlers already succeeded for an event (``EventBus(inbox=...)``)."""
+
+    def add(
+        self,
+        func: Callable[..., Any],
+        patterns: list[str],
+        timeout: float | None,
+        retry: Retry | None,
+    ) -> None:
+        """Register *func* as a handler (`EventBus.on`), and the schema of its typed event.
+
+        *timeout* None is the bus's ``handler_timeout``; ``math.inf``: no limit.
+        """
+        core = self.core
+        if timeout is None:
+            timeout = core.settings.handler_timeout
+        handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
+        model = handler.plan.event_model
+        name = event_name_of(model) if model is not None else None
+        if model is not None and name is not None and core.schemas.get(name) is None:
+            core.schemas.register(name, model)
+        self.handlers.add(handler.patterns, handler)
 
     async def dispatch(
         self, event: Event, batch: Batch, local: bool = True, redelivered: bool = False

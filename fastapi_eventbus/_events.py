@@ -11,9 +11,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from ._attributes import (
+    NO_EXTENSIONS,
+    RESERVED_ATTRIBUTES,
+    Extensions,
+    FrozenDict,
+    check_extensions,
+    unencodable,
+)
 from .exceptions import ConfigurationError, InvalidEventError
 
 _ID_POOL: list[str] = []
@@ -73,6 +81,19 @@ class Event(BaseModel):
     """W3C trace context (``traceparent``/``tracestate``) of the event's emit span, when the
     bus is traced (`fastapi_eventbus.otel.instrument_bus`); forwarders send it as message
     attributes, never in the payload."""
+    extensions: Extensions = Field(default_factory=dict)
+    """The event's other CloudEvents attributes: the optional ``subject`` and ``dataschema``,
+    and extension attributes, by name. Given to ``emit(..., extensions=)``, or read from a
+    received CloudEvent; forwarders send them (see `fastapi_eventbus.wire`). A message in
+    binary mode (Pub/Sub attributes) carries every value as a string."""
+
+    @field_validator("extensions")
+    @classmethod
+    def _no_context_attributes(cls, extensions: Extensions) -> Extensions:
+        for key in extensions:
+            if not key or key in RESERVED_ATTRIBUTES:
+                raise ValueError(f"{key!r} is not an extension attribute (see RESERVED_ATTRIBUTES)")
+        return extensions
 
 
 def event_name_of(model_type: type[BaseModel]) -> str | None:
@@ -123,7 +144,7 @@ def check_name(name: object) -> str:
             f"event name {name!r} contains the control character {bad!r} at position "
             f"{name.index(bad)}: names are printed in logs and terminals"
         )
-    if (error := _unencodable(name)) is not None:
+    if (error := unencodable(name)) is not None:
         raise InvalidEventError(
             f"event name {name!r} contains text UTF-8 cannot encode ({error.reason})"
         ) from error
@@ -157,25 +178,14 @@ def plain_str(text: str) -> str:
     return text if type(text) is str else str.__str__(text)
 
 
-def _unencodable(text: str) -> UnicodeEncodeError | None:
-    """Why UTF-8 cannot encode *text* (lone surrogates), or None: no broker could carry it."""
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc
-    return None
-
-
 _LONG_INT_BITS = 13_000
 """Ints longer than this are checked: past ``sys.get_int_max_str_digits()`` (4,300 digits by
 default) Python refuses to write them as text, and so as JSON."""
 
 
 def _check_text(text: str, name: str) -> None:
-    """Refuse payload text that UTF-8 cannot encode (see `_unencodable`)."""
-    if (error := _unencodable(text)) is not None:
+    """Refuse payload text that UTF-8 cannot encode (see `unencodable`)."""
+    if (error := unencodable(text)) is not None:
         raise InvalidEventError(
             f"payload of event {name!r} contains text UTF-8 cannot encode "
             f"({error.reason} at position {error.start})"
@@ -393,6 +403,22 @@ class SchemaRegistry:
         self._schemas[name] = schema
         self.empty = False
 
+    def register_either(self, event: str | type[BaseModel], schema: type[BaseModel] | None) -> None:
+        """`EventBus.register`'s two forms: a name and a model, or a typed event model."""
+        if isinstance(event, str):
+            if schema is None:
+                raise ConfigurationError(
+                    f"register({event!r}) needs a schema: register(name, Model)"
+                )
+            self.register(event, schema)
+            return
+        name = event_name_of(event) if schema is None and is_event_model(event) else None
+        if name is None:
+            raise ConfigurationError(
+                "register() takes a model class with __event_name__, or a name and a model class"
+            )
+        self.register(name, event)
+
     def get(self, name: str) -> type[BaseModel] | None:
         """The schema registered for *name*, if any."""
         return self._schemas.get(name)
@@ -454,30 +480,23 @@ _FIELDS_SET = set(_ALL_FIELDS)
 _set = object.__setattr__
 
 
-class _NoTraceContext(dict[str, str]):
-    """An empty dict that refuses to change: the one trace context of every untraced event."""
-
-    __slots__ = ()
-
-    def _refuse(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("an Event is immutable, its trace_context too")
-
-    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _refuse  # type: ignore[assignment]
-    __ior__ = _refuse  # type: ignore[assignment]
-
-
-_NO_TRACE_CONTEXT: Mapping[str, str] = _NoTraceContext()
+_NO_TRACE_CONTEXT: Mapping[str, str] = FrozenDict()
 """The trace context of the events of an untraced bus: one for all (see `set_trace_context`)."""
 
 
 def make_event(
-    name: str, payload: Any, source: str | None, payload_text: str | None = None
+    name: str,
+    payload: Any,
+    source: str | None,
+    payload_text: str | None = None,
+    extensions: object = None,
 ) -> Event:
     """Build an `Event` from already validated parts, without re-validating them.
 
     What `Event.model_construct` does with every field given, minus its
     per-call bookkeeping: this runs once per emitted event. *payload_text* is
-    the payload's JSON, if the conversion made it (see `payload_json`).
+    the payload's JSON, if the conversion made it (see `payload_json`); *extensions*,
+    ``emit``'s, are checked here (`check_extensions`).
     """
     event = Event.__new__(Event)
     _set(
@@ -490,6 +509,9 @@ def make_event(
             "time": datetime.now(UTC),
             "source": source,
             "trace_context": _NO_TRACE_CONTEXT,
+            "extensions": (
+                NO_EXTENSIONS if extensions is None else check_extensions(extensions, name)
+            ),
         },
     )
     if payload_text is not None:

@@ -78,16 +78,20 @@ def _time_text(time: datetime) -> str:
 
 
 def to_cloudevent(event: Event) -> dict[str, Any]:
-    """The event as a structured-mode CloudEvent (a JSON-ready dict)."""
-    return {
+    """The event as a structured-mode CloudEvent (a JSON-ready dict), its extension
+    attributes (`Event.extensions`) included."""
+    cloudevent: dict[str, Any] = {
         "specversion": SPECVERSION,
         "id": event.id,
         "source": event.source or DEFAULT_SOURCE,
         "type": event.name,
         "time": _time_text(event.time),
         "datacontenttype": CONTENT_TYPE,
-        "data": event.payload,
     }
+    if event.extensions:
+        cloudevent.update(event.extensions)
+    cloudevent["data"] = event.payload
+    return cloudevent
 
 
 def sqs_body(event: Event) -> str:
@@ -132,10 +136,20 @@ def pubsub_attributes(event: Event) -> dict[str, str]:
         "ce-time": _time_text(event.time),
         "content-type": CONTENT_TYPE,
     }
+    for name, value in event.extensions.items():
+        attributes["ce-" + name] = _attribute_text(value)
     trace = trace_attributes(event)
     attributes.update(trace)
     attributes.update({PUBSUB_TRACE_PREFIX + key: value for key, value in trace.items()})
     return attributes
+
+
+def _attribute_text(value: str | int | bool) -> str:
+    """An extension attribute's value as binary mode writes it: CloudEvents' canonical
+    string encoding (``true``/``false`` for a boolean)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def trace_attributes(event: Event) -> dict[str, str]:
@@ -155,7 +169,9 @@ def from_cloudevent(
     give the JSON data as the payload, ``text/plain`` gives its text; any other
     type is refused, since a payload is JSON data. *trace_context*
     (``traceparent``/``tracestate`` from the message's attributes) becomes the
-    event's ``trace_context``.
+    event's ``trace_context``; without it, the CloudEvent's own ``traceparent``
+    and ``tracestate`` members do. Every other attribute (``subject``,
+    ``dataschema``, extensions) is kept in `Event.extensions`.
     """
     if not isinstance(cloudevent, Mapping):
         raise MessageDecodeError(
@@ -173,7 +189,8 @@ def from_cloudevent(
         "payload": _payload(cloudevent),
         "id": cloudevent["id"],
         "source": cloudevent["source"],
-        "trace_context": dict(trace_context or {}),
+        "trace_context": dict(trace_context or _member_trace(cloudevent)),
+        "extensions": _extensions(cloudevent),
     }
     if cloudevent.get("time"):
         fields["time"] = cloudevent["time"]
@@ -183,6 +200,39 @@ def from_cloudevent(
         raise MessageDecodeError(f"invalid CloudEvent: {exc}") from exc
     except RecursionError as exc:
         raise MessageDecodeError("invalid CloudEvent: nested too deeply") from exc
+
+
+_OWN_MEMBERS = frozenset({*_REQUIRED, "time", "datacontenttype", "data", "data_base64"})
+"""The members of a structured CloudEvent that are an `Event`'s own fields."""
+
+
+def _extensions(cloudevent: Mapping[str, Any]) -> dict[str, Any]:
+    """The CloudEvent's other attributes (``subject``, ``dataschema``, extensions).
+
+    A null attribute is an absent one (the JSON format's rule); a value that is
+    an object or an array is no CloudEvents attribute and is refused.
+    """
+    extensions: dict[str, Any] = {}
+    for name, value in cloudevent.items():
+        if name in _OWN_MEMBERS or name in TRACE_ATTRIBUTES or value is None:
+            continue
+        if not isinstance(value, str | int | bool) or isinstance(value, float):
+            raise MessageDecodeError(
+                f"CloudEvent attribute {name!r} is a {type(value).__name__}: an attribute "
+                "is a string, a number or a boolean"
+            )
+        extensions[name] = value
+    return extensions
+
+
+def _member_trace(cloudevent: Mapping[str, Any]) -> dict[str, str]:
+    """The ``traceparent``/``tracestate`` members of a structured CloudEvent (the
+    distributed tracing extension), for a message with no trace context attributes."""
+    return {
+        name: value
+        for name in TRACE_ATTRIBUTES
+        if isinstance(value := cloudevent.get(name), str) and value
+    }
 
 
 def _payload(cloudevent: Mapping[str, Any]) -> Any:

@@ -379,3 +379,54 @@ async def test_keys_merged_inside_a_typed_event_are_refused_too(bus: EventBus) -
         await bus.publish("inventory.counted", Inventory(counts={7: 1, "7": 2}))
     event = await bus.publish(Inventory(counts={7: 1, "8": 2}))
     assert event.payload == {"counts": {"7": 1, "8": 2}}
+
+
+@pytest.mark.parametrize(
+    ("extensions", "message"),
+    [
+        ({"Tenant": "acme"}, "attribute name 'Tenant'"),
+        ({"my-ext": "x"}, "lower-case ASCII letters and digits only"),
+        ({"": "x"}, "attribute name ''"),
+        ({1: "x"}, "attribute name 1"),
+        ({"id": "x"}, "'id' is not an extension attribute"),
+        ({"traceparent": "x"}, "see Event.trace_context"),
+        ({"ratio": 0.5}, "is 0.5: a value is a str, a bool or a 32-bit int"),
+        ({"big": 2**31}, "a 32-bit int"),
+        ({"none": None}, "is None"),
+        ({"text": "\ud800"}, "UTF-8 cannot encode"),
+        ([("subject", "x")], "must be a mapping"),
+    ],
+)
+def test_bad_extensions_raise_in_the_endpoint(
+    app: FastAPI, client: TestClient, extensions: Any, message: str
+) -> None:
+    @app.post("/emit")
+    def endpoint(bus: EventBus = Depends(get_bus)) -> dict[str, str]:
+        try:
+            bus.emit("order.placed", {"id": 1}, extensions=extensions)
+        except InvalidEventError as exc:
+            return {"error": str(exc)}
+        return {}
+
+    assert message in client.post("/emit").json()["error"]
+
+
+@pytest.mark.anyio
+async def test_extensions_are_kept_as_given_and_read_only(bus: EventBus) -> None:
+    class Tier(enum.StrEnum):
+        GOLD = "gold"
+
+    given: dict[str, Any] = {"subject": "orders/1", "tier": Tier.GOLD, "n": -(2**31), "ok": False}
+    handled: list[Event] = []
+    bus.on("order.*")(lambda event: handled.append(event))
+    event = await bus.publish("order.placed", extensions=given)
+    given["subject"] = "changed later"
+    assert handled == [event]
+    assert event.extensions == {"subject": "orders/1", "tier": "gold", "n": -(2**31), "ok": False}
+    assert type(event.extensions["tier"]) is str
+    with pytest.raises(TypeError, match="immutable"):
+        event.extensions["subject"] = "x"  # type: ignore[index]
+    assert (await bus.publish("order.placed")).extensions == {}
+    assert Event.model_validate_json(event.model_dump_json()) == event
+    with pytest.raises(ValueError, match="'type' is not an extension attribute"):
+        Event(name="x", extensions={"type": "y"})

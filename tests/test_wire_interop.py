@@ -324,3 +324,66 @@ def test_pubsub_text_plain_data_is_the_string_not_json(name: str) -> None:
 def test_sqs_structured_text_plain_is_a_string_payload() -> None:
     """The SDK writes text data as a JSON string under ``data``."""
     assert decoded_by_sources(sqs(cloudevent("café", "text/plain"))) == expected("café")
+
+
+# -- item 4: extension attributes (``subject``, ``dataschema``, custom ones) --------------
+
+
+def with_extensions() -> CloudEvent:
+    """An SDK event with the optional ``subject``/``dataschema`` and three extensions."""
+    attributes: dict[str, Any] = {
+        "type": "order.placed",
+        "source": "/shop",
+        "id": "e-1",
+        "time": TIME,
+        "subject": "orders/1",
+        "dataschema": "https://shop.example/schemas/order.json",
+        "tenant": "acme",
+        "priority": 5,
+        "urgent": True,
+    }
+    return CloudEvent(attributes, {"id": 1})
+
+
+EXTENSIONS = {
+    "subject": "orders/1",
+    "dataschema": "https://shop.example/schemas/order.json",
+    "tenant": "acme",
+    "priority": 5,
+    "urgent": True,
+}
+
+
+@pytest.mark.parametrize("shape", [sqs, pubsub_structured])
+def test_extension_attributes_are_kept_on_the_event(shape: Any) -> None:
+    """Finding 4: they were dropped; JSON keeps their types (string, integer, boolean)."""
+    event = decoded_by_sources(shape(with_extensions()))
+    assert event.extensions == EXTENSIONS
+    assert event == expected({"id": 1}).model_copy(update={"extensions": EXTENSIONS})
+
+
+def test_binary_mode_extension_attributes_are_strings() -> None:
+    """Pub/Sub attributes are strings: the binding carries every attribute as text."""
+    message = pubsub_binary(with_extensions())
+    event = decoded_by_sources(message)
+    assert event.extensions == {name: message["attributes"][f"ce-{name}"] for name in EXTENSIONS}
+    assert event.extensions["priority"] == "5"  # (the SDK writes the boolean as "True")
+
+
+def test_a_null_attribute_is_absent_and_an_object_is_refused() -> None:
+    body = {**CONTEXT, "subject": None, "data": 1}
+    assert from_cloudevent(body).extensions == {}
+    refused({"Body": json.dumps({**CONTEXT, "tenant": {"id": 1}})}, "attribute 'tenant' is a dict")
+    refused({"Body": json.dumps({**CONTEXT, "ratio": 0.5})}, "attribute 'ratio' is a float")
+
+
+def test_the_tracing_extension_in_the_body_is_the_trace_context() -> None:
+    """The distributed tracing extension written as members, where no attribute carries it."""
+    body = {**CONTEXT, "traceparent": TRACEPARENT, "tracestate": "k=v", "data": 1}
+    event = decode_message({"Body": json.dumps(body)})
+    assert event.trace_context == {"traceparent": TRACEPARENT, "tracestate": "k=v"}
+    assert event.extensions == {}
+    other = "00-11111111111111111111111111111111-2222222222222222-01"
+    attributes = {"traceparent": {"DataType": "String", "StringValue": other}}
+    event = decode_message({"Body": json.dumps(body), "MessageAttributes": attributes})
+    assert event.trace_context == {"traceparent": other}  # the message's own, never mixed

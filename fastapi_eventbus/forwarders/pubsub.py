@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_API_ROOT",
+    "MAX_ATTRIBUTES",
+    "MAX_ATTRIBUTE_KEY_BYTES",
     "MAX_ATTRIBUTE_VALUE_BYTES",
     "MAX_MESSAGE_BYTES",
     "MAX_ORDERING_KEY_BYTES",
@@ -62,6 +64,11 @@ MAX_ORDERING_KEY_BYTES = 1_024
 """Pub/Sub's limit on an ordering key."""
 MAX_ATTRIBUTE_VALUE_BYTES = 1_024
 """Pub/Sub's limit on one attribute value (a ``ce-*`` attribute, ``traceparent``...)."""
+MAX_ATTRIBUTE_KEY_BYTES = 256
+"""Pub/Sub's limit on one attribute name (``ce-`` and an extension attribute's name)."""
+MAX_ATTRIBUTES = 100
+"""Pub/Sub's limit on the attributes of one message: the event's context, its trace
+context and its extension attributes (`fastapi_eventbus.Event.extensions`) together."""
 
 _TOPIC = re.compile(r"projects/[^/\s]+/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}")
 _REQUEST_OVERHEAD = len('{"messages": []}')
@@ -268,7 +275,18 @@ class PubSubForwarder(Forwarder):
     def check(self, event: Event) -> None:
         """Raise `InvalidEventError` if Pub/Sub would refuse *event* (called at emit time)."""
         super().check(event)
-        for key, value in pubsub_attributes(event).items():
+        attributes = pubsub_attributes(event)
+        if len(attributes) > MAX_ATTRIBUTES:
+            raise InvalidEventError(
+                f"event {event.name!r} would be a message with {len(attributes)} attributes, "
+                f"over Pub/Sub's limit of {MAX_ATTRIBUTES}: it has too many extensions"
+            )
+        for key, value in attributes.items():
+            if len(key) > MAX_ATTRIBUTE_KEY_BYTES:  # names are ASCII
+                raise InvalidEventError(
+                    f"event {event.name!r}: attribute name {key[:40]!r}... is over Pub/Sub's "
+                    f"{MAX_ATTRIBUTE_KEY_BYTES}-byte limit for attribute names"
+                )
             if len(value.encode()) > MAX_ATTRIBUTE_VALUE_BYTES:
                 raise InvalidEventError(
                     f"event {event.name!r}: attribute {key!r} is over Pub/Sub's "

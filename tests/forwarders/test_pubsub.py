@@ -782,3 +782,25 @@ def test_a_verified_forwarder_starts_and_publishes(
         with TestClient(shop(bus)) as client:
             client.post("/orders", json={"count": 2})
     assert sorted(p["n"] for p in payloads(channel.pull(2))) == [0, 1]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("extensions", "error"),
+    [
+        ({f"x{n}": "v" for n in range(95)}, "101 attributes, over Pub/Sub's limit of 100"),
+        ({"x" * 254: "v"}, "attribute name 'ce-xxx"),
+        ({"big": "v" * 1025}, "'ce-big' is over Pub/Sub's 1024-byte limit"),
+    ],
+)
+async def test_extensions_pubsub_would_refuse_are_rejected_at_emit_time(
+    extensions: dict[str, str], error: str
+) -> None:
+    """Each extension attribute is a ``ce-*`` message attribute, within Pub/Sub's limits."""
+    bus = EventBus()
+    forwarder = PubSubForwarder("projects/my-project/topics/orders", emulator_host="h:1")
+    bus.forward("*", forwarder)
+    with pytest.raises(InvalidEventError, match=error):
+        await bus.publish("order.placed", {}, extensions=extensions)
+    fine = {f"x{n}": "v" * 1024 for n in range(93)} | {"x" * 253: "v"}  # 100 attributes
+    forwarder.check(Event(name="order.placed", extensions=fine))

@@ -391,6 +391,23 @@ def test_a_sync_script_shares_the_outbox_of_an_async_app(tmp_path: Path) -> None
     assert [(p.event.id, p.forwarder) for p in pending] == [(event.id, "")]
 
 
+def test_an_outboxed_event_keeps_its_extensions(tmp_path: Path) -> None:
+    """The row holds the whole event: what the relay delivers carries its extensions."""
+    path = tmp_path / "shop.db"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine)
+    bus = EventBus(outbox=outbox)
+    asyncio.run(outbox.create_tables())
+    sync_engine = create_engine(f"sqlite:///{path}")
+    with Session(sync_engine) as db:
+        event = bus.emit("order.created", {"id": 1}, session=db, extensions={"subject": "o/1"})
+        db.commit()
+    sync_engine.dispose()
+    (row,) = asyncio.run(outbox.pending())
+    assert row.event == event
+    assert row.event.extensions == {"subject": "o/1"}
+
+
 class OrderPaid(BaseModel):
     __event_name__ = "order.paid"
 

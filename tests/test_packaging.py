@@ -47,7 +47,7 @@ ARTIFACT = canonicalize_name(DISTRIBUTION).replace("-", "_")
 """The distribution's name in the artifacts' file names: ``fastapi_eventbus_di``."""
 SDKS = {
     "aws": {"aiobotocore"},
-    "gcp": {"gcloud-aio-pubsub"},
+    "gcp": {"gcloud-aio-pubsub", "pyjwt"},  # pyjwt: serverless.GoogleOIDC
     "otel": {"opentelemetry-api"},
     "sqlalchemy": {"sqlalchemy"},
 }

@@ -241,7 +241,7 @@ class _Batch:
             if held.message.message_id not in self._source.handled:
                 held.abandoned = True  # a late success settles nothing any more
         for task in tasks:
-            task.cancel()
+            task.cancel("cancelled at the invocation's time limit")
         await asyncio.wait(tasks, timeout=0.1)
 
     def _failures(self) -> list[str]:

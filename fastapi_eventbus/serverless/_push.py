@@ -326,7 +326,7 @@ class _OneMessage:
             await self._over.wait()
         except asyncio.CancelledError:  # the server stops the request: so do its handlers
             self.held.abandoned = True
-            task.cancel()
+            task.cancel("cancelled: the request was stopped")
             raise
         finally:
             if self.held.timer is not None:
@@ -355,7 +355,7 @@ class _OneMessage:
             self.source.name,
             self.limit,
         )
-        task.cancel()
+        task.cancel(f"cancelled at the request's time limit ({self.limit:g}s)")
         asyncio.get_running_loop().call_later(CANCEL_GRACE, self._over.set)
 
     def answer(self) -> Response:

@@ -128,13 +128,18 @@ class Processor:
                 await self._settle(message, handled, tracing)
 
     async def _given_back_if_cancelled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
-        """`_handle`; cancelled (at shutdown), give the message back at once first."""
+        """`_handle`; cancelled, give the message back at once first.
+
+        The cancellation's message says why (``task.cancel("...")``: a serverless entry
+        point's time limit); without one, it is the worker's shutdown.
+        """
         try:
             return await self._handle(held, consumed)
         except asyncio.CancelledError as exc:
             tracing = tracing_of(self.owner.bus) if consumed is not None else None
             if consumed is not None:
-                consumed.failure, consumed.error = "cancelled at shutdown; given back", exc
+                why = str(exc.args[0]) if exc.args and exc.args[0] else "cancelled at shutdown"
+                consumed.failure, consumed.error = f"{why}; given back", exc
             if not held.abandoned:
                 await self._give_back(held.message, tracing)
             raise

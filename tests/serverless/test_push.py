@@ -508,6 +508,25 @@ def test_a_traced_push_continues_the_publishers_trace(client: TestClient, shop: 
     assert shop.handled["tr-1"].trace_context["traceparent"].startswith(f"00-{trace_id}")
 
 
+def test_the_span_of_a_push_cancelled_at_its_time_limit_says_so() -> None:
+    """Not "cancelled at shutdown" (what a worker's span said for any cancellation)."""
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from fastapi_eventbus.otel import instrument_bus
+    from tests._otel import Spans
+
+    shop = Shop(timeout=0.3)
+    spans = Spans()
+    instrument_bus(shop.bus, tracer_provider=spans.provider)
+    with TestClient(shop.app) as client:
+        assert post(client, to_binary_event(order("h-3", {"sleep": 60}))).status_code == 500
+    (process,) = [span for span in spans.all if span.kind == SpanKind.CONSUMER]
+    assert process.status.status_code is StatusCode.ERROR
+    assert process.status.description == (
+        "cancelled at the request's time limit (0.3s); given back"
+    )
+
+
 def test_google_oidc_without_pyjwt_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 

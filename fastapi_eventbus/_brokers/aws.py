@@ -1,12 +1,14 @@
-"""Private: what `SQSForwarder` and `SQSSource` share (AWS SQS through aiobotocore).
+"""Private: what the AWS forwarders and `SQSSource` share (aiobotocore).
 
-The ``aws`` extra check, the client settings and their client, the region in a
-queue URL, the translation of botocore's errors, and the reading of a received
-SQS message: the event in its body (a structured CloudEvent, an SNS notification
-of one, or an EventBridge event), its size as SQS counts it, and the trace
-context in its message attributes (or the SNS notification's); and a record of the
-event an SQS event source mapping gives a Lambda function, turned into that
-shape (`from_lambda_record`). aiobotocore and
+`SQSForwarder`, `SNSForwarder`, `EventBridgeForwarder` and `SQSSource` share the
+``aws`` extra check, the client settings and their client (SQS's, SNS's or
+EventBridge's: `ClientSettings.open_client`), the region in a queue URL and the
+translation of botocore's errors. Here too is the reading of a received SQS
+message: the event in its body (a structured CloudEvent, an SNS notification of
+one, or an EventBridge event, whose ``detail`` may be the CloudEvent), its size
+as SQS counts it, and the trace context in its message attributes (or the SNS
+notification's); and a record of the event an SQS event source mapping gives a
+Lambda function, turned into that shape (`from_lambda_record`). aiobotocore and
 botocore are imported when a client is created or an error translated, never here.
 """
 
@@ -17,7 +19,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeGuard, overload
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -35,7 +37,12 @@ from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
 from . import byte_length, is_trace_value, parse_json, trace_or_nothing
 
 if TYPE_CHECKING:
+    from types_aiobotocore_events import EventBridgeClient
+    from types_aiobotocore_sns import SNSClient
     from types_aiobotocore_sqs import SQSClient
+
+Service: TypeAlias = Literal["sqs", "sns", "events"]
+"""The botocore service names `ClientSettings.open_client` opens a client of."""
 
 TRANSIENT_CODES = frozenset(
     {
@@ -78,10 +85,27 @@ class ClientSettings:
     aws_secret_access_key: str | None = field(repr=False)
     aws_session_token: str | None = field(repr=False)
 
-    async def open_client(self, stack: AsyncExitStack, read_timeout: float) -> SQSClient:
-        """Create an aiobotocore SQS client on *stack* (no network call).
+    @overload
+    async def open_client(
+        self, stack: AsyncExitStack, read_timeout: float, service: Literal["sqs"] = "sqs"
+    ) -> SQSClient: ...
 
-        botocore's own retries are off: the forwarder and the worker retry
+    @overload
+    async def open_client(
+        self, stack: AsyncExitStack, read_timeout: float, service: Literal["sns"]
+    ) -> SNSClient: ...
+
+    @overload
+    async def open_client(
+        self, stack: AsyncExitStack, read_timeout: float, service: Literal["events"]
+    ) -> EventBridgeClient: ...
+
+    async def open_client(
+        self, stack: AsyncExitStack, read_timeout: float, service: Service = "sqs"
+    ) -> SQSClient | SNSClient | EventBridgeClient:
+        """Create an aiobotocore client of *service* (default SQS) on *stack* (no network call).
+
+        botocore's own retries are off: the forwarders and the worker retry
         themselves, and botocore's retries would multiply attempts or hide outages.
         """
         from aiobotocore.config import AioConfig
@@ -92,7 +116,7 @@ class ClientSettings:
         )
         return await stack.enter_async_context(
             AioSession().create_client(
-                "sqs",
+                service,
                 region_name=self.region_name,
                 endpoint_url=self.endpoint_url,
                 aws_access_key_id=self.aws_access_key_id,
@@ -111,10 +135,11 @@ def region_of(queue_url: str) -> str | None:
     return match["region"] or match["legacy"]
 
 
-def describe_error(exc: Exception) -> tuple[str, bool] | None:
+def describe_error(exc: Exception, service: str = "SQS") -> tuple[str, bool] | None:
     """What an aiobotocore/botocore error means, and whether a retry may help.
 
-    ``None`` if *exc* is not a botocore error.
+    ``None`` if *exc* is not a botocore error. *service* names what could not be
+    reached (``"SQS"``, ``"SNS"``, ``"EventBridge"``).
     """
     from botocore.exceptions import (
         BotoCoreError,
@@ -133,7 +158,7 @@ def describe_error(exc: Exception) -> tuple[str, bool] | None:
         transient = code in TRANSIENT_CODES or status == 429 or status >= 500
         return f"{code} (HTTP {status}): {error.get('Message', '')}", transient
     if isinstance(exc, HTTPClientError | ConnectionError) and not isinstance(exc, SSLError):
-        return f"cannot reach SQS: {exc}", True
+        return f"cannot reach {service}: {exc}", True
     if isinstance(exc, NoRegionError):
         return "no AWS region: pass region_name=, or set AWS_DEFAULT_REGION", False
     if isinstance(exc, NoCredentialsError):
@@ -147,16 +172,18 @@ def describe_error(exc: Exception) -> tuple[str, bool] | None:
 
 
 @contextmanager
-def translated(context: str, error: type[ForwarderError] | type[SourceError]) -> Iterator[None]:
+def translated(
+    context: str, error: type[ForwarderError] | type[SourceError], service: str = "SQS"
+) -> Iterator[None]:
     """Raise a botocore error raised in the block as *error* (``"context: what"``).
 
-    The forwarder passes `ForwarderError`, the source `SourceError`; exceptions
-    that are not botocore's propagate as they are.
+    The forwarders pass `ForwarderError`, the source `SourceError`; exceptions
+    that are not botocore's propagate as they are. *service* is the one spoken to.
     """
     try:
         yield
     except Exception as exc:
-        described = describe_error(exc)
+        described = describe_error(exc, service)
         if described is None:
             raise
         message, transient = described
@@ -293,7 +320,15 @@ def from_eventbridge(body: Mapping[str, Any], trace: dict[str, str]) -> Event:
     ``resources`` are not kept. A ``detail-type`` must be a usable event name
     (`check_name`: spaces inside are fine, ``"Order Placed"``); anything else is
     refused with the reason, as is an event without an ``id``.
+
+    A ``detail`` that is a structured CloudEvent (what `EventBridgeForwarder`
+    puts) is that event instead: its id, name, time, source and payload, and the
+    trace context of its ``traceparent``/``tracestate`` members (EventBridge
+    has no message attributes), else *trace*.
     """
+    detail = body.get("detail")
+    if is_cloudevent(detail):
+        return from_cloudevent(detail, _cloudevent_trace(detail) or trace)
     try:
         name = check_name(body["detail-type"])
     except InvalidEventError as exc:
@@ -313,6 +348,22 @@ def from_eventbridge(body: Mapping[str, Any], trace: dict[str, str]) -> Event:
         return Event.model_validate(fields)
     except ValidationError as exc:
         raise MessageDecodeError(f"invalid EventBridge event: {exc}") from exc
+
+
+def is_cloudevent(detail: object) -> TypeGuard[Mapping[str, Any]]:
+    """Whether an EventBridge ``detail`` is a structured CloudEvent (specversion, id, type)."""
+    return isinstance(detail, Mapping) and all(
+        key in detail for key in ("specversion", "id", "type")
+    )
+
+
+def _cloudevent_trace(cloudevent: Mapping[str, Any]) -> dict[str, str]:
+    """The trace context in a CloudEvent's ``traceparent``/``tracestate`` members."""
+    return {
+        key: cloudevent[key]
+        for key in TRACE_ATTRIBUTES
+        if is_trace_value(key, cloudevent.get(key)) and cloudevent[key]
+    }
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:

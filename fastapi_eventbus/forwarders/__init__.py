@@ -6,8 +6,9 @@ from fastapi_eventbus.forwarders.sqs import SQSForwarder
 bus.forward("order.*", SQSForwarder(queue_url))
 ```
 
-`Forwarder` is the base class for your own. `SQSForwarder` (extra ``aws``) and
-`PubSubForwarder` (extra ``gcp``) import their SDK only when created.
+`Forwarder` is the base class for your own. `SQSForwarder`, `SNSForwarder` and
+`EventBridgeForwarder` (extra ``aws``) and `PubSubForwarder` (extra ``gcp``) import
+their SDK only when created.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,9 @@ from ._base import (
 )
 
 if TYPE_CHECKING:
+    from .eventbridge import EventBridgeForwarder
     from .pubsub import PubSubForwarder
+    from .sns import SNSForwarder
     from .sqs import SQSForwarder
 
 __all__ = [
@@ -32,10 +35,12 @@ __all__ = [
     "Delivery",
     "DeliveryOutcome",
     "EchoForwarder",
+    "EventBridgeForwarder",
     "Forwarder",
     "OnDeadLetter",
     "PubSubForwarder",
     "Retry",
+    "SNSForwarder",
     "SQSForwarder",
 ]
 
@@ -45,6 +50,14 @@ def __getattr__(name: str) -> Any:
         from .sqs import SQSForwarder
 
         return SQSForwarder
+    if name == "SNSForwarder":
+        from .sns import SNSForwarder
+
+        return SNSForwarder
+    if name == "EventBridgeForwarder":
+        from .eventbridge import EventBridgeForwarder
+
+        return EventBridgeForwarder
     if name == "PubSubForwarder":
         from .pubsub import PubSubForwarder
 

@@ -13,9 +13,8 @@ aiobotocore is imported when the forwarder starts, never before.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
@@ -31,6 +30,15 @@ from fastapi_eventbus.exceptions import (
 from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
 
 from ._base import Delivery, Forwarder, OnDeadLetter
+from ._batching import (
+    Chunk,
+    Failure,
+    chunks,
+    delivery_of,
+    group_of,
+    send_concurrently,
+    send_in_order,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -46,8 +54,6 @@ MAX_MESSAGE_BYTES = 262_144
 """SQS's classic limit for one message (body plus attributes) and for one batch call."""
 MAX_BATCH_ENTRIES = 10
 """SQS's limit on the entries of one ``SendMessageBatch`` call."""
-_CONCURRENT_CALLS = 10
-"""``SendMessageBatch`` calls in flight at once for one send to a standard queue."""
 _NOT_IN_SQS = re.compile("[\ud800-\udfff\ufffe\uffff]")
 """Characters SQS refuses in a message that JSON encoding leaves as they are."""
 
@@ -70,50 +76,23 @@ def _size(body: str, attributes: dict[str, MessageAttributeValueTypeDef]) -> int
     return size
 
 
-def _chunks(
-    items: Sequence[tuple[int, _Entry, Event]], max_bytes: int
-) -> Iterator[list[tuple[_Entry, Event]]]:
-    """Split sized entries into batches of at most 10 entries and *max_bytes* bytes."""
-    chunk: list[tuple[_Entry, Event]] = []
-    total = 0
-    for size, entry, event in items:
-        if chunk and (len(chunk) == MAX_BATCH_ENTRIES or total + size > max_bytes):
-            yield chunk
-            chunk, total = [], 0
-        chunk.append((entry, event))
-        total += size
-    if chunk:
-        yield chunk
-
-
 def _translated(context: str) -> AbstractContextManager[None]:
     """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
     return aws.translated(context, ForwarderError)
 
 
 def _failed_entries(
-    response: SendMessageBatchResultTypeDef, chunk: list[tuple[_Entry, Event]]
+    response: SendMessageBatchResultTypeDef, chunk: Chunk[_Entry]
 ) -> Delivery | None:
     """The `Delivery` for a batch call's ``Failed`` entries (and any entry it left out)."""
-    events = {entry["Id"]: event for entry, event in chunk}
-    done = {success["Id"] for success in response.get("Successful", [])}
-    retry: list[Event] = []
-    rejected: list[Event] = []
-    reasons: list[str] = []
-    for failure in response.get("Failed", []):
-        event = events.get(failure["Id"])
-        if event is None or failure["Id"] in done:
-            continue
-        done.add(failure["Id"])
-        (rejected if failure["SenderFault"] else retry).append(event)
-        reasons.append(f"{event.id}: {failure['Code']} {failure.get('Message', '')}".rstrip())
-    missing = [event for entry_id, event in events.items() if entry_id not in done]
-    if missing:
-        retry.extend(missing)
-        reasons.append(f"{len(missing)} entries missing from the response")
-    if not retry and not rejected:
-        return None
-    return Delivery(retry=retry, rejected=rejected, reason="; ".join(reasons))
+    return delivery_of(
+        {entry["Id"]: event for entry, event in chunk},
+        (success["Id"] for success in response.get("Successful", [])),
+        (
+            Failure(f["Id"], f["Code"], f.get("Message", ""), f["SenderFault"])
+            for f in response.get("Failed", [])
+        ),
+    )
 
 
 class SQSForwarder(Forwarder):
@@ -309,19 +288,7 @@ class SQSForwarder(Forwarder):
 
     def _group_of(self, event: Event) -> str:
         assert self.message_group_id is not None
-        try:
-            group = self.message_group_id(event)
-        except Exception as exc:
-            raise InvalidEventError(
-                f"message_group_id of forwarder {self.name} failed for event {event.name!r}: "
-                f"{exc!r}"
-            ) from exc
-        if not isinstance(group, str) or not 1 <= len(group) <= 128:
-            raise InvalidEventError(
-                f"message_group_id of forwarder {self.name} must return a str of 1 to 128 "
-                f"characters, got {group!r} for event {event.name!r}"
-            )
-        return group
+        return group_of(self.name, self.message_group_id, event)
 
     def _entry(self, index: int, event: Event) -> tuple[int, _Entry, Event]:
         body = sqs_body(event)
@@ -344,79 +311,16 @@ class SQSForwarder(Forwarder):
         the events of the others are returned for a retry.
         """
         client = self.client
-        entries = [self._entry(index, event) for index, event in enumerate(events)]
-        chunks = list(_chunks(entries, self._batch_bytes))
-        if self.fifo:
-            return await self._send_in_order(client, chunks)
-        return await self._send_concurrently(client, chunks)
+        entries = (self._entry(index, event) for index, event in enumerate(events))
+        calls = list(chunks(entries, MAX_BATCH_ENTRIES, self._batch_bytes))
 
-    async def _send_in_order(
-        self, client: SQSClient, chunks: list[list[tuple[_Entry, Event]]]
-    ) -> Delivery | None:
-        """FIFO: one call after the other; once a call fails, hold back the later ones.
+        async def send_chunk(chunk: Chunk[_Entry]) -> Delivery | None:
+            with _translated(self.name):
+                response = await client.send_message_batch(
+                    QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
+                )
+            return _failed_entries(response, chunk)
 
-        The held-back events are retried with the failed ones, so that they do not
-        overtake them in their message groups.
-        """
-        results: list[Delivery | None] = []
-        for number, chunk in enumerate(chunks):
-            try:
-                result = await self._send_chunk(client, chunk)
-            except ForwarderError as exc:
-                if number == 0:
-                    raise
-                result = Delivery(retry=[event for _, event in chunk], reason=str(exc))
-            results.append(result)
-            if result is not None and result.retry:
-                held = [event for later in chunks[number + 1 :] for _, event in later]
-                if held:
-                    results.append(Delivery(retry=held, reason="held back to keep FIFO order"))
-                break
-        return _merge(results)
-
-    async def _send_concurrently(
-        self, client: SQSClient, chunks: list[list[tuple[_Entry, Event]]]
-    ) -> Delivery | None:
-        """Standard queue: up to 10 calls at once; raise only if every call failed."""
-        slots = asyncio.Semaphore(_CONCURRENT_CALLS)
-
-        async def one(chunk: list[tuple[_Entry, Event]]) -> Delivery | ForwarderError | None:
-            async with slots:
-                try:
-                    return await self._send_chunk(client, chunk)
-                except ForwarderError as exc:
-                    return exc
-
-        results = await asyncio.gather(*(one(chunk) for chunk in chunks))
-        errors = [result for result in results if isinstance(result, ForwarderError)]
-        if errors and len(errors) == len(results):
-            raise errors[0]
-        return _merge(
-            [
-                Delivery(retry=[event for _, event in chunk], reason=str(result))
-                if isinstance(result, ForwarderError)
-                else result
-                for result, chunk in zip(results, chunks, strict=True)
-            ]
-        )
-
-    async def _send_chunk(
-        self, client: SQSClient, chunk: list[tuple[_Entry, Event]]
-    ) -> Delivery | None:
-        with _translated(self.name):
-            response = await client.send_message_batch(
-                QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
-            )
-        return _failed_entries(response, chunk)
-
-
-def _merge(results: Sequence[Delivery | None]) -> Delivery | None:
-    """One `Delivery` for the results of several batch calls."""
-    failed = [result for result in results if result is not None]
-    if not failed:
-        return None
-    return Delivery(
-        retry=[event for result in failed for event in result.retry],
-        rejected=[event for result in failed for event in result.rejected],
-        reason="; ".join(result.reason for result in failed if result.reason),
-    )
+        if self.fifo:  # one call after the other, in order
+            return await send_in_order(send_chunk, calls)
+        return await send_concurrently(send_chunk, calls)

@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Protocol, get_args
 
+from fastapi_eventbus import wire
+from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._bus import EventBus
+from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int, check_seconds
 from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError
 from fastapi_eventbus.worker._delivery import (
@@ -51,6 +54,7 @@ def lambda_sqs_handler(
     on_unhandled: OnUnhandled = "retry",
     max_message_bytes: int = _MAX_MESSAGE_BYTES,
     time_margin: float = 0.5,
+    decode: wire.Decoder | None = None,
 ) -> SQSBatchHandler:
     """An AWS Lambda handler that runs *app*'s handlers on the batches of an SQS queue.
 
@@ -94,6 +98,10 @@ def lambda_sqs_handler(
             larger one is handled like one that is not an event.
         time_margin: Seconds of the invocation kept for reporting, after the
             handlers' time.
+        decode: A decode hook (`fastapi_eventbus.wire.Decoder`) for other formats,
+            asked first: it gets each record in ``ReceiveMessage``'s shape (``Body``,
+            ``MessageAttributes``, ``MessageId``), as `fastapi_eventbus.worker.SQSSource`'s
+            hook does, so that one hook serves both.
 
     Raises:
         ConfigurationError: *app* has no installed bus, or an argument is invalid.
@@ -113,6 +121,7 @@ def lambda_sqs_handler(
     check_int("max_message_bytes", max_message_bytes, 1)
     check_seconds("time_margin", time_margin)
     invoker = _Invoker(app, bus, on_undecodable, on_unhandled, max_message_bytes, time_margin)
+    invoker.decode = wire.check_decoder(decode)
 
     def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
         return invoker.invoke(event, context)
@@ -140,6 +149,7 @@ class _Invoker:
         self.on_unhandled: OnUnhandled = on_unhandled
         self.max_message_bytes = max_message_bytes
         self.time_margin = float(time_margin)
+        self.decode: wire.Decoder | None = None
         self._runner: asyncio.Runner | None = None
         self._stack: AsyncExitStack | None = None
 
@@ -182,9 +192,20 @@ class _RecordSource(Source):
 
     messaging_system = "aws_sqs"
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, decode: wire.Decoder | None) -> None:
         self.name = name
+        self.decoder = decode
         self.handled: set[str] = set()
+
+    def decode(self, message: ReceivedMessage) -> Event:
+        """The record's event: the hook's, given the record in ReceiveMessage's shape,
+        else `fastapi_eventbus.wire.decode_message`'s."""
+        record = message.body
+        if self.decoder is not None and isinstance(record, Mapping):
+            event = wire.decode_with(self.decoder, aws.from_lambda_record(record))
+            if event is not None:
+                return event
+        return wire.decode_message(record)
 
     async def receive(self, max_messages: int) -> Sequence[ReceivedMessage]:
         return []  # the records come with the invocation
@@ -206,7 +227,7 @@ class _Batch:
         self.on_unhandled: OnUnhandled = invoker.on_unhandled
         self.max_message_bytes = invoker.max_message_bytes
         self.stats = WorkerStats()
-        self._source = _RecordSource(arn.rpartition(":")[2] or "SQS")
+        self._source = _RecordSource(arn.rpartition(":")[2] or "SQS", invoker.decode)
         self.source: Source = self._source
         self.fifo = arn.endswith(".fifo")
         self.held = [HeldMessage(_received(record)) for record in records]

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -23,7 +24,10 @@ from fastapi.testclient import TestClient
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, get_bus
 from fastapi_eventbus.serverless import SQSBatchHandler, lambda_sqs_handler
+from tests._support import load_module
 from tests.forwarders._moto import REGION, Moto
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 ACCOUNT = "123456789012"
 
@@ -233,6 +237,28 @@ def test_undecodable_and_unhandled_records_follow_the_policies(
     finally:
         retrying.close()
         deleting.close()
+
+
+def test_a_decode_hook_reads_other_formats_as_in_the_worker(
+    moto: Moto, consumer: Consumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's decode hook (the docs' example) works unchanged: it gets the record in
+    ReceiveMessage's shape. A CloudEvent, which the hook leaves alone, is read as usual."""
+    hook = load_module(ROOT / "docs/examples/worker_decode.py", monkeypatch).decode_legacy
+    queue_url = moto.queue()
+    ids = emit_through_sqs(moto, queue_url, {"n": 1})
+    event = received_batch(moto, queue_url, 1)
+    cloudevent = event["Records"][0]
+    legacy = {**cloudevent, "messageId": "legacy", "body": '["order.legacy", {"n": 2}]'}
+    event["Records"] = [cloudevent, legacy]
+    handler = lambda_sqs_handler(consumer.app, decode=hook)
+    try:
+        assert failures(handler(event, FakeContext())) == []
+    finally:
+        handler.close()
+    assert consumer.handled == Counter([*ids, "legacy"])  # the hook gave it the message id
+    with pytest.raises(ConfigurationError, match="decode must be a callable"):
+        lambda_sqs_handler(consumer.app, decode="json")  # type: ignore[arg-type]
 
 
 def test_bad_arguments_and_events() -> None:

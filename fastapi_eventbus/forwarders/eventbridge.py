@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
-from fastapi_eventbus._settings import check_int
-from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
+from fastapi_eventbus.exceptions import ConfigurationError, InvalidEventError
 from fastapi_eventbus.wire import DEFAULT_SOURCE, sqs_body, trace_attributes, utf8_size
 
-from ._base import Delivery, Forwarder, OnDeadLetter
+from ._aws import AWSForwarder, translated
+from ._base import Delivery, OnDeadLetter
 from ._batching import Chunk, Failure, chunks, delivery_of, send_concurrently
 
 if TYPE_CHECKING:
@@ -77,6 +76,20 @@ _MAX_DETAIL_TYPE = 128
 _Entry: TypeAlias = "PutEventsRequestEntryTypeDef"
 
 
+def _region_of(event_bus_name: str) -> str | None:
+    """The region of an event bus ARN (``arn:PARTITION:events:REGION:ACCOUNT:event-bus/NAME``);
+    None for a bus name. `ConfigurationError` for anything else that starts with ``arn:``."""
+    if not event_bus_name.startswith("arn:"):
+        return None
+    parts = event_bus_name.split(":")
+    if len(parts) != 6 or parts[2] != "events" or not parts[5].startswith("event-bus/"):
+        raise ConfigurationError(
+            "event_bus_name must be a bus name or an event bus ARN "
+            f"(arn:aws:events:REGION:ACCOUNT:event-bus/NAME), got {event_bus_name!r}"
+        )
+    return parts[3] or None
+
+
 def entry_detail(event: Event) -> str:
     """An entry's ``Detail``: the structured CloudEvent, with the trace context as members.
 
@@ -115,11 +128,6 @@ def _check_detail_type(detail_type: object, what: str) -> str:
     return detail_type
 
 
-def _translated(context: str) -> AbstractContextManager[None]:
-    """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
-    return aws.translated(context, ForwarderError, "EventBridge")
-
-
 def _failed_entries(response: PutEventsResponseTypeDef, chunk: Chunk[_Entry]) -> Delivery | None:
     """The `Delivery` for a ``PutEvents`` call: its ``Entries`` answer the request's in order."""
     answers = response.get("Entries", [])
@@ -133,7 +141,7 @@ def _failed_entries(response: PutEventsResponseTypeDef, chunk: Chunk[_Entry]) ->
     return delivery_of(events, successful, failed)
 
 
-class EventBridgeForwarder(Forwarder):
+class EventBridgeForwarder(AWSForwarder["EventBridgeClient"]):
     """Puts events on one EventBridge event bus with ``PutEvents``, through aiobotocore.
 
     Each `send` splits the batch into calls of at most 10 entries and 262,144
@@ -180,6 +188,10 @@ class EventBridgeForwarder(Forwarder):
     messaging_system: ClassVar[str] = "aws.eventbridge"
     """The OpenTelemetry ``messaging.system`` of send spans (the conventions name none for
     EventBridge; this follows their ``aws.sns`` form)."""
+    # The service AWSForwarder opens a client of, and its name in error messages.
+    _service = "events"
+    _service_name = "EventBridge"
+    _largest_message = MAX_ENTRY_BYTES
 
     def __init__(
         self,
@@ -199,14 +211,6 @@ class EventBridgeForwarder(Forwarder):
         verify_on_start: bool = False,
     ) -> None:
         aws.require_sdk()
-        check_int("max_message_bytes", max_message_bytes, 1, maximum=MAX_ENTRY_BYTES)
-        super().__init__(
-            retry=retry,
-            dead_letter=dead_letter,
-            max_message_bytes=max_message_bytes,
-            name=name,
-            verify_on_start=verify_on_start,
-        )
         if not isinstance(event_bus_name, str) or not event_bus_name:
             raise ConfigurationError(
                 f"event_bus_name must be a bus name or ARN, got {event_bus_name!r}"
@@ -218,26 +222,24 @@ class EventBridgeForwarder(Forwarder):
                 _check_detail_type(detail_type, "detail_type")
         except InvalidEventError as exc:
             raise ConfigurationError(str(exc)) from None
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            raise ConfigurationError(
-                "pass both aws_access_key_id and aws_secret_access_key, or neither"
-            )
         self.event_bus_name = event_bus_name
         """The bus's name or ARN."""
         self.source = source
         """Every entry's ``Source``, if set (else each event's source)."""
         self.detail_type = detail_type
         """Every entry's ``DetailType``, if set (else each event's name)."""
-        arn_region = event_bus_name.split(":")[3] if event_bus_name.startswith("arn:") else ""
-        self._settings = aws.ClientSettings(
-            region_name or arn_region or None,
-            endpoint_url,
-            aws_access_key_id,
-            aws_secret_access_key,
-            aws_session_token,
+        super().__init__(
+            region_name=region_name or _region_of(event_bus_name),
+            endpoint_url=endpoint_url,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            max_message_bytes=max_message_bytes,
+            retry=retry,
+            dead_letter=dead_letter,
+            name=name,
+            verify_on_start=verify_on_start,
         )
-        self._client: EventBridgeClient | None = None
-        self._stack: AsyncExitStack | None = None
 
     def __repr__(self) -> str:
         return f"<EventBridgeForwarder {self.name!r} event_bus_name={self.event_bus_name!r}>"
@@ -250,27 +252,9 @@ class EventBridgeForwarder(Forwarder):
     @property
     def client(self) -> EventBridgeClient:
         """The aiobotocore EventBridge client, once `start` ran (for hooks and extra calls)."""
-        if self._client is None:
-            raise ForwarderError(
-                f"{self.name} has not started: use `async with forwarder:` or "
-                "`await forwarder.ensure_started()` first"
-            )
-        return self._client
+        return super().client
 
     # -- lifecycle ----------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Create the aiobotocore EventBridge client (no network call); a no-op if it exists."""
-        if self._client is not None:
-            return
-        stack = AsyncExitStack()
-        try:
-            with _translated(self.name):
-                self._client = await self._settings.open_client(stack, 30, "events")
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
 
     async def verify(self) -> None:
         """Check the bus with ``DescribeEventBus`` (with *verify_on_start*).
@@ -278,18 +262,8 @@ class EventBridgeForwarder(Forwarder):
         Fails if the region or credentials are missing or wrong, or if the bus
         does not exist. Needs the ``events:DescribeEventBus`` permission.
         """
-        with _translated(f"{self.name}: DescribeEventBus on {self.event_bus_name}"):
+        with translated(self, f"{self.name}: DescribeEventBus on {self.event_bus_name}"):
             await self.client.describe_event_bus(Name=self.event_bus_name)
-
-    async def close(self) -> None:
-        """Close the client."""
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
-
-    def abandon(self) -> None:
-        """Forget the client of another event loop (it cannot be closed from this one)."""
-        self._client = self._stack = None
 
     # -- entries --------------------------------------------------------------------
 
@@ -345,7 +319,7 @@ class EventBridgeForwarder(Forwarder):
         calls = list(chunks(map(self._entry, events), MAX_BATCH_ENTRIES, MAX_CALL_BYTES))
 
         async def send_chunk(chunk: Chunk[_Entry]) -> Delivery | None:
-            with _translated(self.name):
+            with translated(self):
                 response = await client.put_events(Entries=[entry for entry, _ in chunk])
             return _failed_entries(response, chunk)
 

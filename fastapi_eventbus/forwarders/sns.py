@@ -16,17 +16,16 @@ aiobotocore is imported when the forwarder starts, never before.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
-from fastapi_eventbus._settings import check_int
-from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError
+from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
 
-from ._base import Delivery, Forwarder, OnDeadLetter
+from ._aws import AWSForwarder, translated
+from ._base import Delivery, OnDeadLetter
 from ._batching import (
     Chunk,
     Failure,
@@ -67,11 +66,6 @@ def _attributes(trace: dict[str, str]) -> dict[str, MessageAttributeValueTypeDef
     return {name: {"DataType": "String", "StringValue": value} for name, value in trace.items()}
 
 
-def _translated(context: str) -> AbstractContextManager[None]:
-    """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
-    return aws.translated(context, ForwarderError, "SNS")
-
-
 def _failed_entries(response: PublishBatchResponseTypeDef, chunk: Chunk[_Entry]) -> Delivery | None:
     """The `Delivery` for a ``PublishBatch`` call's ``Failed`` entries (and any left out)."""
     return delivery_of(
@@ -95,7 +89,7 @@ def _topic_parts(topic_arn: object) -> list[str]:
     return parts
 
 
-class SNSForwarder(Forwarder):
+class SNSForwarder(AWSForwarder["SNSClient"]):
     """Publishes events to one SNS topic with ``PublishBatch``, through aiobotocore.
 
     Each `send` splits the batch into calls of at most 10 entries and at most
@@ -142,6 +136,10 @@ class SNSForwarder(Forwarder):
 
     messaging_system: ClassVar[str] = "aws.sns"
     """The OpenTelemetry ``messaging.system`` of send spans (the conventions' value for SNS)."""
+    # The service AWSForwarder opens a client of, and its name in error messages.
+    _service = "sns"
+    _service_name = "SNS"
+    _largest_message = MAX_MESSAGE_BYTES
 
     def __init__(
         self,
@@ -160,14 +158,6 @@ class SNSForwarder(Forwarder):
         verify_on_start: bool = False,
     ) -> None:
         aws.require_sdk()
-        check_int("max_message_bytes", max_message_bytes, 1, maximum=MAX_MESSAGE_BYTES)
-        super().__init__(
-            retry=retry,
-            dead_letter=dead_letter,
-            max_message_bytes=max_message_bytes,
-            name=name,
-            verify_on_start=verify_on_start,
-        )
         parts = _topic_parts(topic_arn)
         if message_group_id is not None and not callable(message_group_id):
             raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
@@ -180,21 +170,20 @@ class SNSForwarder(Forwarder):
                 f"{topic_arn} is a FIFO topic: pass message_group_id=, a function giving "
                 "each event its group (e.g. lambda event: event.payload['customer_id'])"
             )
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            raise ConfigurationError(
-                "pass both aws_access_key_id and aws_secret_access_key, or neither"
-            )
         self.message_group_id = message_group_id
         """Gives each event its ``MessageGroupId``, if set."""
-        self._settings = aws.ClientSettings(
-            region_name or parts[3] or None,
-            endpoint_url,
-            aws_access_key_id,
-            aws_secret_access_key,
-            aws_session_token,
+        super().__init__(
+            region_name=region_name or parts[3] or None,
+            endpoint_url=endpoint_url,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            max_message_bytes=max_message_bytes,
+            retry=retry,
+            dead_letter=dead_letter,
+            name=name,
+            verify_on_start=verify_on_start,
         )
-        self._client: SNSClient | None = None
-        self._stack: AsyncExitStack | None = None
 
     def __repr__(self) -> str:
         return f"<SNSForwarder {self.name!r} topic_arn={self.topic_arn!r}>"
@@ -207,27 +196,9 @@ class SNSForwarder(Forwarder):
     @property
     def client(self) -> SNSClient:
         """The aiobotocore SNS client, once `start` ran (for hooks and extra calls)."""
-        if self._client is None:
-            raise ForwarderError(
-                f"{self.name} has not started: use `async with forwarder:` or "
-                "`await forwarder.ensure_started()` first"
-            )
-        return self._client
+        return super().client
 
     # -- lifecycle ----------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Create the aiobotocore SNS client (no network call); a no-op if it exists."""
-        if self._client is not None:
-            return
-        stack = AsyncExitStack()
-        try:
-            with _translated(self.name):
-                self._client = await self._settings.open_client(stack, 30, "sns")
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
 
     async def verify(self) -> None:
         """Check the topic with ``GetTopicAttributes`` (with *verify_on_start*).
@@ -235,18 +206,8 @@ class SNSForwarder(Forwarder):
         Fails if the region or credentials are missing or wrong, or if the topic
         does not exist. Needs the ``sns:GetTopicAttributes`` permission.
         """
-        with _translated(f"{self.name}: GetTopicAttributes on {self.topic_arn}"):
+        with translated(self, f"{self.name}: GetTopicAttributes on {self.topic_arn}"):
             await self.client.get_topic_attributes(TopicArn=self.topic_arn)
-
-    async def close(self) -> None:
-        """Close the client."""
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
-
-    def abandon(self) -> None:
-        """Forget the client of another event loop (it cannot be closed from this one)."""
-        self._client = self._stack = None
 
     # -- messages -------------------------------------------------------------------
 
@@ -288,7 +249,7 @@ class SNSForwarder(Forwarder):
         calls = list(chunks(entries, MAX_BATCH_ENTRIES, MAX_MESSAGE_BYTES))
 
         async def send_chunk(chunk: Chunk[_Entry]) -> Delivery | None:
-            with _translated(self.name):
+            with translated(self):
                 response = await client.publish_batch(
                     TopicArn=self.topic_arn, PublishBatchRequestEntries=[e for e, _ in chunk]
                 )

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
-from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
@@ -29,7 +27,8 @@ from fastapi_eventbus.exceptions import (
 )
 from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
 
-from ._base import Delivery, Forwarder, OnDeadLetter
+from ._aws import AWSForwarder, translated
+from ._base import Delivery, OnDeadLetter
 from ._batching import (
     Chunk,
     Failure,
@@ -76,11 +75,6 @@ def _size(body: str, attributes: dict[str, MessageAttributeValueTypeDef]) -> int
     return size
 
 
-def _translated(context: str) -> AbstractContextManager[None]:
-    """Raise the `ForwarderError` for an aiobotocore/botocore error raised in the block."""
-    return aws.translated(context, ForwarderError)
-
-
 def _failed_entries(
     response: SendMessageBatchResultTypeDef, chunk: Chunk[_Entry]
 ) -> Delivery | None:
@@ -95,7 +89,7 @@ def _failed_entries(
     )
 
 
-class SQSForwarder(Forwarder):
+class SQSForwarder(AWSForwarder["SQSClient"]):
     """Sends events to one SQS queue with ``SendMessageBatch``, through aiobotocore.
 
     Each `send` splits the batch into calls of at most 10 entries and at most
@@ -141,6 +135,9 @@ class SQSForwarder(Forwarder):
 
     messaging_system: ClassVar[str] = "aws_sqs"
     """The OpenTelemetry ``messaging.system`` of send spans."""
+    # The service AWSForwarder opens a client of, and its name in error messages.
+    _service = "sqs"
+    _service_name = "SQS"
 
     def __init__(
         self,
@@ -159,14 +156,6 @@ class SQSForwarder(Forwarder):
         verify_on_start: bool = False,
     ) -> None:
         aws.require_sdk()
-        check_int("max_message_bytes", max_message_bytes, 1)
-        super().__init__(
-            retry=retry,
-            dead_letter=dead_letter,
-            max_message_bytes=max_message_bytes,
-            name=name,
-            verify_on_start=verify_on_start,
-        )
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
         if message_group_id is not None and not callable(message_group_id):
@@ -180,22 +169,21 @@ class SQSForwarder(Forwarder):
                 f"{queue_url} is a FIFO queue: pass message_group_id=, a function giving "
                 "each event its group (e.g. lambda event: event.payload['customer_id'])"
             )
-        if (aws_access_key_id is None) != (aws_secret_access_key is None):
-            raise ConfigurationError(
-                "pass both aws_access_key_id and aws_secret_access_key, or neither"
-            )
         self.message_group_id = message_group_id
         """Gives each event its ``MessageGroupId``, if set."""
-        self._settings = aws.ClientSettings(
-            region_name or aws.region_of(queue_url),
-            endpoint_url,
-            aws_access_key_id,
-            aws_secret_access_key,
-            aws_session_token,
+        super().__init__(
+            region_name=region_name or aws.region_of(queue_url),
+            endpoint_url=endpoint_url,
+            aws_access_key_id=aws_access_key_id,
+            aws_secret_access_key=aws_secret_access_key,
+            aws_session_token=aws_session_token,
+            max_message_bytes=max_message_bytes,
+            retry=retry,
+            dead_letter=dead_letter,
+            name=name,
+            verify_on_start=verify_on_start,
         )
         self._batch_bytes = max(max_message_bytes, MAX_MESSAGE_BYTES)
-        self._client: SQSClient | None = None
-        self._stack: AsyncExitStack | None = None
 
     def __repr__(self) -> str:
         return f"<SQSForwarder {self.name!r} queue_url={self.queue_url!r}>"
@@ -208,27 +196,9 @@ class SQSForwarder(Forwarder):
     @property
     def client(self) -> SQSClient:
         """The aiobotocore SQS client, once `start` ran (for hooks and extra calls)."""
-        if self._client is None:
-            raise ForwarderError(
-                f"{self.name} has not started: use `async with forwarder:` or "
-                "`await forwarder.ensure_started()` first"
-            )
-        return self._client
+        return super().client
 
     # -- lifecycle ----------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Create the aiobotocore SQS client (no network call); a no-op if it exists."""
-        if self._client is not None:
-            return
-        stack = AsyncExitStack()
-        try:
-            with _translated(self.name):
-                self._client = await self._settings.open_client(stack, read_timeout=30)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack = stack
 
     async def verify(self) -> None:
         """Check the queue with ``GetQueueAttributes`` (with *verify_on_start*).
@@ -238,7 +208,7 @@ class SQSForwarder(Forwarder):
         *max_message_bytes* (SQS would refuse events that passed the emit-time
         check). Needs the ``sqs:GetQueueAttributes`` permission on the queue.
         """
-        with _translated(f"{self.name}: GetQueueAttributes on {self.queue_url}"):
+        with translated(self, f"{self.name}: GetQueueAttributes on {self.queue_url}"):
             response = await self.client.get_queue_attributes(
                 QueueUrl=self.queue_url, AttributeNames=["MaximumMessageSize"]
             )
@@ -250,16 +220,6 @@ class SQSForwarder(Forwarder):
                 f"MaximumMessageSize), less than max_message_bytes={limit}: pass "
                 f"max_message_bytes={size}, or raise the queue's MaximumMessageSize"
             )
-
-    async def close(self) -> None:
-        """Close the client."""
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
-
-    def abandon(self) -> None:
-        """Forget the client of another event loop (it cannot be closed from this one)."""
-        self._client = self._stack = None
 
     # -- messages -------------------------------------------------------------------
 
@@ -315,7 +275,7 @@ class SQSForwarder(Forwarder):
         calls = list(chunks(entries, MAX_BATCH_ENTRIES, self._batch_bytes))
 
         async def send_chunk(chunk: Chunk[_Entry]) -> Delivery | None:
-            with _translated(self.name):
+            with translated(self):
                 response = await client.send_message_batch(
                     QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
                 )

@@ -14,7 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi_eventbus import Event, EventBus
+from fastapi import Depends, FastAPI
+
+from fastapi_eventbus import Event, EventBus, InvalidEventError, get_bus
+from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.forwarders.eventbridge import EventBridgeForwarder
 from fastapi_eventbus.forwarders.sns import SNSForwarder
 from fastapi_eventbus.worker import Backoff, Worker
@@ -140,3 +143,31 @@ class Consumer:
             await until(lambda: worker.stats.handled >= count, timeout=timeout)
             assert worker.stats.undecodable == worker.stats.failed == 0, worker.stats
         assert worker.stats.handled == count, worker.stats
+
+
+def orders_app(forwarder: Forwarder, *, source: str, huge: int) -> tuple[FastAPI, EventBus]:
+    """An app forwarding ``order.*`` to *forwarder*: ``POST /orders/{count}`` emits *count*
+    ``order.placed`` events, ``POST /huge`` one with a *huge*-character string (its error)."""
+    bus = EventBus(source=source)
+    app = FastAPI()
+    bus.install(app)
+    bus.forward("order.*", forwarder)
+
+    @app.post("/orders/{count}")
+    async def place(
+        count: int, bus: EventBus = Depends(get_bus), customer: str = "ada", size: int = 0
+    ) -> list[str]:
+        return [
+            bus.emit("order.placed", {"n": n, "customer": customer, "pad": "x" * size}).id
+            for n in range(count)
+        ]
+
+    @app.post("/huge")
+    async def huge_one(bus: EventBus = Depends(get_bus)) -> dict[str, str]:
+        try:
+            bus.emit("order.placed", {"blob": "x" * huge})
+        except InvalidEventError as exc:
+            return {"error": str(exc)}
+        return {"error": ""}
+
+    return app, bus

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import (
@@ -25,7 +25,6 @@ from fastapi_eventbus import (
     EventBus,
     ForwarderError,
     InvalidEventError,
-    get_bus,
 )
 from fastapi_eventbus.forwarders import DeadLetter, Retry
 from fastapi_eventbus.forwarders.eventbridge import (
@@ -38,6 +37,7 @@ from fastapi_eventbus.forwarders.eventbridge import (
 from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message, sqs_body
 from tests.contracts.forwarder import ForwarderContract, MakeForwarder, ReceivedIds
+from tests.forwarders import _fanout
 from tests.forwarders._fanout import TRACEPARENT, Consumer, bus_with_rule, eventbridge_forwarder
 from tests.forwarders._moto import Moto, running_moto
 
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
         PutEventsResultEntryTypeDef,
     )
 
-Bus = Annotated[EventBus, Depends(get_bus)]
 FAST_RETRY = Retry(attempts=3, initial_delay=0.01, max_delay=0.02, total_timeout=5)
 SOURCE = "//tests/orders"
 FROM_THE_APP = {"source": [SOURCE]}
@@ -69,27 +68,7 @@ def queue_and_bus(moto: Moto, pattern: Mapping[str, Any] = FROM_THE_APP) -> tupl
 
 def orders_app(forwarder: EventBridgeForwarder) -> tuple[FastAPI, EventBus]:
     """An app whose ``POST /orders/{count}`` emits *count* ``order.placed`` events."""
-    bus = EventBus(source=SOURCE)
-    app = FastAPI()
-    bus.install(app)
-    bus.forward("order.*", forwarder)
-
-    @app.post("/orders/{count}")
-    async def place(count: int, bus: Bus, customer: str = "ada", size: int = 0) -> list[str]:
-        return [
-            bus.emit("order.placed", {"n": n, "customer": customer, "pad": "x" * size}).id
-            for n in range(count)
-        ]
-
-    @app.post("/huge")
-    async def huge(bus: Bus) -> dict[str, str]:
-        try:
-            bus.emit("order.placed", {"blob": "x" * MAX_ENTRY_BYTES})
-        except InvalidEventError as exc:
-            return {"error": str(exc)}
-        return {"error": ""}
-
-    return app, bus
+    return _fanout.orders_app(forwarder, source=SOURCE, huge=MAX_ENTRY_BYTES)
 
 
 def record_calls(forwarder: EventBridgeForwarder) -> list[list[PutEventsRequestEntryTypeDef]]:
@@ -449,6 +428,8 @@ def test_a_worker_handles_every_put_event_once_with_its_id_and_trace(moto: Moto)
     "options",
     [
         {"event_bus_name": ""},
+        {"event_bus_name": "arn:x"},  # was an IndexError
+        {"event_bus_name": "arn:aws:sns:eu-west-3:123456789012:shop"},
         {"source": "aws.orders"},
         {"source": ""},
         {"detail_type": "x" * 129},

@@ -15,10 +15,10 @@ import json
 import subprocess
 import sys
 from collections.abc import Collection, Iterator, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import (
@@ -27,13 +27,13 @@ from fastapi_eventbus import (
     EventBus,
     ForwarderError,
     InvalidEventError,
-    get_bus,
 )
 from fastapi_eventbus.forwarders import DeadLetter, Retry
 from fastapi_eventbus.forwarders.sns import MAX_MESSAGE_BYTES, SNSForwarder
 from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message, sqs_body
 from tests.contracts.forwarder import ForwarderContract, MakeForwarder, ReceivedIds
+from tests.forwarders import _fanout
 from tests.forwarders._fanout import (
     TRACEPARENT,
     Consumer,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
         PublishBatchResponseTypeDef,
     )
 
-Bus = Annotated[EventBus, Depends(get_bus)]
 FAST_RETRY = Retry(attempts=3, initial_delay=0.01, max_delay=0.02, total_timeout=5)
 TOPIC = "arn:aws:sns:eu-west-1:123456789012:orders"
 
@@ -63,27 +62,7 @@ def moto() -> Iterator[Moto]:
 
 def orders_app(forwarder: SNSForwarder) -> tuple[FastAPI, EventBus]:
     """An app whose ``POST /orders/{count}`` emits *count* ``order.placed`` events."""
-    bus = EventBus(source="//tests/orders")
-    app = FastAPI()
-    bus.install(app)
-    bus.forward("order.*", forwarder)
-
-    @app.post("/orders/{count}")
-    async def place(count: int, bus: Bus, customer: str = "ada", size: int = 0) -> list[str]:
-        return [
-            bus.emit("order.placed", {"n": n, "customer": customer, "pad": "x" * size}).id
-            for n in range(count)
-        ]
-
-    @app.post("/huge")
-    async def huge(bus: Bus) -> dict[str, str]:
-        try:
-            bus.emit("order.placed", {"blob": "x" * MAX_MESSAGE_BYTES})
-        except InvalidEventError as exc:
-            return {"error": str(exc)}
-        return {"error": ""}
-
-    return app, bus
+    return _fanout.orders_app(forwarder, source="//tests/orders", huge=MAX_MESSAGE_BYTES)
 
 
 def record_batches(forwarder: SNSForwarder) -> list[list[PublishBatchRequestEntryTypeDef]]:

@@ -109,9 +109,11 @@ class Dispatcher:
         try:
             for handler in handlers:
                 plan = handler.plan
-                # Read at every call, as FastAPI reads them at every request.
-                overrides = _di.has_overrides(batch.provider)
-                child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
+                if plan.uses_solver:  # read at every call, as FastAPI reads them per request
+                    overrides = _di.has_overrides(batch.provider)
+                    child = batch.child() if plan.may_emit or overrides else None
+                else:  # no dependencies: nothing to override, nothing to give get_bus
+                    overrides, child = False, None
                 try:
                     error: BaseException | None = None
                     if (timeout := handler.timeout) is not None and limit is None:
@@ -121,7 +123,7 @@ class Dispatcher:
                     if self.tracing is None:  # `_call`, inlined: one coroutine less per call
                         try:
                             if child is None and plan.event_model is None:  # `_start`'s usual
-                                call = _di.run_handler(  # case, without a call to get there
+                                call = _di.handler_call(  # case, without a call to get there
                                     plan, handler.func, event, {}, batch.provider, overrides
                                 )
                             else:

@@ -152,6 +152,10 @@ async def test_emit_and_publish_overloads() -> None:
         await bus.publish(123)  # type: ignore[call-overload]
     with pytest.raises(InvalidEventError, match="must be a str"):
         await bus.publish(None, {"id": 1})  # type: ignore[call-overload]
+    assert_type(await bus.publish("cat.seen", extensions={"subject": "cats/1"}), Event)
+    assert_type(await bus.publish(CatCreated(id=1), extensions={"n": 1, "ok": True}), Event)
+    with pytest.raises(InvalidEventError, match="a 32-bit int"):
+        await bus.publish("cat.seen", extensions={"ratio": 0.5})  # type: ignore[dict-item]
 
 
 def test_annotated_alias_for_the_bus() -> None:

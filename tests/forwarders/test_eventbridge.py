@@ -23,6 +23,7 @@ from fastapi_eventbus import (
     ConfigurationError,
     Event,
     EventBus,
+    Extensions,
     ForwarderError,
     InvalidEventError,
 )
@@ -258,7 +259,7 @@ def eventbridge_message(detail: object, **attributes: str) -> dict[str, Any]:
 
 
 def test_a_detail_that_is_a_cloudevent_is_decoded_as_that_event() -> None:
-    extensions = {"subject": "orders/1", "priority": 5}  # kept, with their JSON types
+    extensions: Extensions = {"subject": "orders/1", "priority": 5}  # kept, with JSON's types
     event = Event(name="order.placed", payload={"n": 1}, source="/shop", extensions=extensions)
     traced = event.model_copy(update={"trace_context": {"traceparent": TRACEPARENT}})
     assert decode_message(eventbridge_message(json.loads(entry_detail(traced)))) == traced

@@ -27,6 +27,7 @@ from fastapi_eventbus.worker import (
     WorkerStats,
 )
 from tests._support import ROOT, load_module, until
+from tests.forwarders._fanout import events_client, queue_arn, sns_client
 from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto
 from tests.worker._helpers import counts, create_queue, send_raw
 
@@ -231,27 +232,9 @@ def test_a_decode_hook_that_is_not_callable_is_refused_at_the_constructor(make: 
 # -- end to end: moto's SNS and EventBridge deliver to an SQS queue ------------------------
 
 
-def aws_client(moto: Moto, service: str) -> Any:
-    from aiobotocore.session import AioSession
-
-    return AioSession().create_client(
-        service,  # type: ignore[call-overload]  # no stubs installed for sns and events
-        endpoint_url=moto.endpoint,
-        region_name=REGION,
-        aws_access_key_id=KEY_ID,
-        aws_secret_access_key=SECRET,
-    )
-
-
-async def queue_arn(moto: Moto, queue_url: str) -> str:
-    async with moto.client() as sqs:
-        response = await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
-    return response["Attributes"]["QueueArn"]
-
-
 async def publish_to_sns(moto: Moto, queue_url: str, bodies: list[str]) -> None:
     """Publish *bodies* to a new topic the queue subscribes to, raw delivery off."""
-    async with aws_client(moto, "sns") as sns:
+    async with sns_client(moto) as sns:
         topic = (await sns.create_topic(Name=f"orders-{id(bodies)}"))["TopicArn"]
         await sns.subscribe(
             TopicArn=topic,
@@ -271,23 +254,26 @@ async def publish_to_sns(moto: Moto, queue_url: str, bodies: list[str]) -> None:
 
 async def put_to_eventbridge(moto: Moto, queue_url: str, details: list[dict[str, Any]]) -> None:
     """Put events on a new bus whose rule targets the queue."""
-    async with aws_client(moto, "events") as events:
+    async with events_client(moto) as events:
         bus = f"shop-{id(details)}"
         await events.create_event_bus(Name=bus)
         pattern = json.dumps({"source": ["com.shop.orders"]})
         await events.put_rule(Name="to-queue", EventBusName=bus, EventPattern=pattern)
-        target = {"Id": "queue", "Arn": await queue_arn(moto, queue_url)}
-        await events.put_targets(Rule="to-queue", EventBusName=bus, Targets=[target])
-        entries = [
-            {
-                "EventBusName": bus,
-                "Source": "com.shop.orders",
-                "DetailType": "Order Placed",
-                "Detail": json.dumps(detail),
-            }
-            for detail in details
-        ]
-        response = await events.put_events(Entries=entries)
+        arn = await queue_arn(moto, queue_url)
+        await events.put_targets(
+            Rule="to-queue", EventBusName=bus, Targets=[{"Id": "queue", "Arn": arn}]
+        )
+        response = await events.put_events(
+            Entries=[
+                {
+                    "EventBusName": bus,
+                    "Source": "com.shop.orders",
+                    "DetailType": "Order Placed",
+                    "Detail": json.dumps(detail),
+                }
+                for detail in details
+            ]
+        )
         assert response["FailedEntryCount"] == 0
 
 

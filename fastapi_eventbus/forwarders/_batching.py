@@ -12,12 +12,13 @@ forwarder's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from fastapi_eventbus._events import Event
-from fastapi_eventbus.exceptions import ForwarderError, InvalidEventError
+from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
+from fastapi_eventbus.wire import utf8_size
 
 from ._base import Delivery
 
@@ -93,6 +94,28 @@ def delivery_of(
     return Delivery(retry=retry, rejected=rejected, reason="; ".join(reasons))
 
 
+def failed_entries(response: Mapping[str, Any], chunk: Chunk[Any]) -> Delivery | None:
+    """The `Delivery` of a ``SendMessageBatch`` or ``PublishBatch`` answer, which list their
+    ``Successful`` and ``Failed`` entries alike (``Id``, ``Code``, ``Message``, ``SenderFault``)."""
+    return delivery_of(
+        {entry["Id"]: event for entry, event in chunk},
+        (success["Id"] for success in response.get("Successful", [])),
+        (
+            Failure(f["Id"], f["Code"], f.get("Message", ""), f["SenderFault"])
+            for f in response.get("Failed", [])
+        ),
+    )
+
+
+def message_size(body: str, attributes: Mapping[str, str]) -> int:
+    """Bytes SQS and SNS count for a message with String *attributes*: the body, and
+    each attribute's name, data type (``String``) and value."""
+    size = utf8_size(body)
+    for name, value in attributes.items():
+        size += utf8_size(name) + len("String") + utf8_size(value)
+    return size
+
+
 SendChunk: TypeAlias = Callable[[Chunk[E]], Awaitable[Delivery | None]]
 """A forwarder's batch call for one chunk: its `Delivery`, or `ForwarderError` if it failed."""
 
@@ -155,6 +178,21 @@ def merge(results: Sequence[Delivery | None]) -> Delivery | None:
         rejected=[event for result in failed for event in result.rejected],
         reason="; ".join(result.reason for result in failed if result.reason),
     )
+
+
+def check_group_id(
+    destination: str, kind: str, fifo: bool, message_group_id: object
+) -> Callable[[Event], str] | None:
+    """*message_group_id* (``None`` or a callable), required for a FIFO *kind* (``queue``,
+    ``topic``); else `ConfigurationError`, naming *destination*."""
+    if message_group_id is not None and not callable(message_group_id):
+        raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
+    if fifo and message_group_id is None:
+        raise ConfigurationError(
+            f"{destination} is a FIFO {kind}: pass message_group_id=, a function giving "
+            "each event its group (e.g. lambda event: event.payload['customer_id'])"
+        )
+    return message_group_id
 
 
 def group_of(forwarder: str, message_group_id: Callable[[Event], str], event: Event) -> str:

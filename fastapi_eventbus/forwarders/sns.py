@@ -22,16 +22,17 @@ from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError
-from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
+from fastapi_eventbus.wire import sqs_body, trace_attributes
 
 from ._aws import AWSForwarder, translated
 from ._base import Delivery, OnDeadLetter
 from ._batching import (
     Chunk,
-    Failure,
+    check_group_id,
     chunks,
-    delivery_of,
+    failed_entries,
     group_of,
+    message_size,
     send_concurrently,
     send_in_order,
 )
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from types_aiobotocore_sns.type_defs import (
         MessageAttributeValueTypeDef,
         PublishBatchRequestEntryTypeDef,
-        PublishBatchResponseTypeDef,
     )
 
 __all__ = ["MAX_BATCH_ENTRIES", "MAX_MESSAGE_BYTES", "SNSForwarder"]
@@ -54,28 +54,8 @@ MAX_BATCH_ENTRIES = 10
 _Entry: TypeAlias = "PublishBatchRequestEntryTypeDef"
 
 
-def _size(body: str, attributes: dict[str, str]) -> int:
-    """Bytes counted for a message: the body, and each attribute's name, type and value."""
-    size = utf8_size(body)
-    for name, value in attributes.items():
-        size += utf8_size(name) + len("String") + utf8_size(value)
-    return size
-
-
 def _attributes(trace: dict[str, str]) -> dict[str, MessageAttributeValueTypeDef]:
     return {name: {"DataType": "String", "StringValue": value} for name, value in trace.items()}
-
-
-def _failed_entries(response: PublishBatchResponseTypeDef, chunk: Chunk[_Entry]) -> Delivery | None:
-    """The `Delivery` for a ``PublishBatch`` call's ``Failed`` entries (and any left out)."""
-    return delivery_of(
-        {entry["Id"]: event for entry, event in chunk},
-        (success["Id"] for success in response.get("Successful", [])),
-        (
-            Failure(f["Id"], f["Code"], f.get("Message", ""), f["SenderFault"])
-            for f in response.get("Failed", [])
-        ),
-    )
 
 
 def _topic_parts(topic_arn: object) -> list[str]:
@@ -159,18 +139,11 @@ class SNSForwarder(AWSForwarder["SNSClient"]):
     ) -> None:
         aws.require_sdk()
         parts = _topic_parts(topic_arn)
-        if message_group_id is not None and not callable(message_group_id):
-            raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
         self.topic_arn = topic_arn
         """The topic's ARN."""
         self.fifo = topic_arn.endswith(".fifo")
         """Whether the topic is a FIFO topic (its ARN ends with ``.fifo``)."""
-        if self.fifo and message_group_id is None:
-            raise ConfigurationError(
-                f"{topic_arn} is a FIFO topic: pass message_group_id=, a function giving "
-                "each event its group (e.g. lambda event: event.payload['customer_id'])"
-            )
-        self.message_group_id = message_group_id
+        self.message_group_id = check_group_id(topic_arn, "topic", self.fifo, message_group_id)
         """Gives each event its ``MessageGroupId``, if set."""
         super().__init__(
             region_name=region_name or parts[3] or None,
@@ -213,7 +186,7 @@ class SNSForwarder(AWSForwarder["SNSClient"]):
 
     def encoded_size(self, event: Event) -> int:
         """Bytes counted for *event*'s message: body plus attribute names, types and values."""
-        return _size(sqs_body(event), trace_attributes(event))
+        return message_size(sqs_body(event), trace_attributes(event))
 
     def check(self, event: Event) -> None:
         """Raise `InvalidEventError` if *event* could never be published to this topic.
@@ -234,7 +207,7 @@ class SNSForwarder(AWSForwarder["SNSClient"]):
             entry["MessageGroupId"] = group_of(self.name, self.message_group_id, event)
         if self.fifo:
             entry["MessageDeduplicationId"] = event.id
-        return _size(body, trace), entry, event
+        return message_size(body, trace), entry, event
 
     # -- sending ----------------------------------------------------------------------
 
@@ -253,7 +226,7 @@ class SNSForwarder(AWSForwarder["SNSClient"]):
                 response = await client.publish_batch(
                     TopicArn=self.topic_arn, PublishBatchRequestEntries=[e for e, _ in chunk]
                 )
-            return _failed_entries(response, chunk)
+            return failed_entries(response, chunk)
 
         if self.fifo:  # one call after the other, in order
             return await send_in_order(send_chunk, calls)

@@ -25,16 +25,17 @@ from fastapi_eventbus.exceptions import (
     ForwarderError,
     InvalidEventError,
 )
-from fastapi_eventbus.wire import sqs_body, trace_attributes, utf8_size
+from fastapi_eventbus.wire import sqs_body, trace_attributes
 
 from ._aws import AWSForwarder, translated
 from ._base import Delivery, OnDeadLetter
 from ._batching import (
     Chunk,
-    Failure,
+    check_group_id,
     chunks,
-    delivery_of,
+    failed_entries,
     group_of,
+    message_size,
     send_concurrently,
     send_in_order,
 )
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import (
         MessageAttributeValueTypeDef,
         SendMessageBatchRequestEntryTypeDef,
-        SendMessageBatchResultTypeDef,
     )
 
 __all__ = ["MAX_BATCH_ENTRIES", "MAX_MESSAGE_BYTES", "SQSForwarder"]
@@ -59,34 +59,8 @@ _NOT_IN_SQS = re.compile("[\ud800-\udfff\ufffe\uffff]")
 _Entry: TypeAlias = "SendMessageBatchRequestEntryTypeDef"
 
 
-def _attributes(event: Event) -> dict[str, MessageAttributeValueTypeDef]:
-    return {
-        name: {"DataType": "String", "StringValue": value}
-        for name, value in trace_attributes(event).items()
-    }
-
-
-def _size(body: str, attributes: dict[str, MessageAttributeValueTypeDef]) -> int:
-    """Bytes SQS counts for a message: the body, and each attribute's name, type and value."""
-    size = utf8_size(body)
-    for name, value in attributes.items():
-        size += len(name.encode()) + len(value["DataType"])
-        size += len(value.get("StringValue", "").encode())
-    return size
-
-
-def _failed_entries(
-    response: SendMessageBatchResultTypeDef, chunk: Chunk[_Entry]
-) -> Delivery | None:
-    """The `Delivery` for a batch call's ``Failed`` entries (and any entry it left out)."""
-    return delivery_of(
-        {entry["Id"]: event for entry, event in chunk},
-        (success["Id"] for success in response.get("Successful", [])),
-        (
-            Failure(f["Id"], f["Code"], f.get("Message", ""), f["SenderFault"])
-            for f in response.get("Failed", [])
-        ),
-    )
+def _attributes(trace: dict[str, str]) -> dict[str, MessageAttributeValueTypeDef]:
+    return {name: {"DataType": "String", "StringValue": value} for name, value in trace.items()}
 
 
 class SQSForwarder(AWSForwarder["SQSClient"]):
@@ -158,18 +132,11 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
         aws.require_sdk()
         if not isinstance(queue_url, str) or not queue_url.startswith(("https://", "http://")):
             raise ConfigurationError(f"queue_url must be an http(s) URL, got {queue_url!r}")
-        if message_group_id is not None and not callable(message_group_id):
-            raise ConfigurationError(f"message_group_id must be callable, got {message_group_id!r}")
         self.queue_url = queue_url
         """The queue's URL."""
         self.fifo = queue_url.endswith(".fifo")
         """Whether the queue is a FIFO queue (its URL ends with ``.fifo``)."""
-        if self.fifo and message_group_id is None:
-            raise ConfigurationError(
-                f"{queue_url} is a FIFO queue: pass message_group_id=, a function giving "
-                "each event its group (e.g. lambda event: event.payload['customer_id'])"
-            )
-        self.message_group_id = message_group_id
+        self.message_group_id = check_group_id(queue_url, "queue", self.fifo, message_group_id)
         """Gives each event its ``MessageGroupId``, if set."""
         super().__init__(
             region_name=region_name or aws.region_of(queue_url),
@@ -225,7 +192,7 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
 
     def encoded_size(self, event: Event) -> int:
         """Bytes SQS counts for *event*'s message: body plus attribute names, types and values."""
-        return _size(sqs_body(event), _attributes(event))
+        return message_size(sqs_body(event), trace_attributes(event))
 
     def check(self, event: Event) -> None:
         """Raise `InvalidEventError` if *event* could never be sent to this queue.
@@ -238,7 +205,7 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
                 f"event {event.name!r} contains {bad.group()!r}, a character SQS refuses"
             )
         limit = self.max_message_bytes
-        if limit is not None and (size := _size(body, _attributes(event))) > limit:
+        if limit is not None and (size := message_size(body, trace_attributes(event))) > limit:
             raise InvalidEventError(  # the base class's message, without encoding twice
                 f"event {event.name!r} would be a {size}-byte message, over the {limit}-byte "
                 f"limit of forwarder {self.name}; send a reference to the data instead"
@@ -252,15 +219,15 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
 
     def _entry(self, index: int, event: Event) -> tuple[int, _Entry, Event]:
         body = sqs_body(event)
-        attributes = _attributes(event)
+        trace = trace_attributes(event)
         entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(index), "MessageBody": body}
-        if attributes:
-            entry["MessageAttributes"] = attributes
+        if trace:
+            entry["MessageAttributes"] = _attributes(trace)
         if self.message_group_id is not None:
             entry["MessageGroupId"] = self._group_of(event)
         if self.fifo:
             entry["MessageDeduplicationId"] = event.id
-        return _size(body, attributes), entry, event
+        return message_size(body, trace), entry, event
 
     # -- sending ----------------------------------------------------------------------
 
@@ -279,7 +246,7 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
                 response = await client.send_message_batch(
                     QueueUrl=self.queue_url, Entries=[entry for entry, _ in chunk]
                 )
-            return _failed_entries(response, chunk)
+            return failed_entries(response, chunk)
 
         if self.fifo:  # one call after the other, in order
             return await send_in_order(send_chunk, calls)

@@ -14,13 +14,13 @@ import atexit
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol
 
 from fastapi_eventbus import wire
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._bus import EventBus
 from fastapi_eventbus._events import Event
-from fastapi_eventbus._settings import check_int, check_seconds
+from fastapi_eventbus._settings import check_seconds
 from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError
 from fastapi_eventbus.worker._delivery import (
     HeldMessage,
@@ -28,6 +28,7 @@ from fastapi_eventbus.worker._delivery import (
     OnUnhandled,
     Processor,
     WorkerStats,
+    check_policies,
 )
 from fastapi_eventbus.worker._source import ReceivedMessage, Source
 
@@ -115,10 +116,7 @@ def lambda_sqs_handler(
             f"lambda_sqs_handler needs a FastAPI app with a bus installed (bus.install(app)); "
             f"got {app!r}"
         )
-    for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
-        if policy not in get_args(OnUndecodable):
-            raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
-    check_int("max_message_bytes", max_message_bytes, 1)
+    check_policies(on_undecodable, on_unhandled, max_message_bytes)
     check_seconds("time_margin", time_margin)
     invoker = _Invoker(app, bus, on_undecodable, on_unhandled, max_message_bytes, time_margin)
     invoker.decode = wire.check_decoder(decode)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -33,7 +33,7 @@ from fastapi_eventbus._brokers import (
 )
 from fastapi_eventbus._bus import EventBus, get_bus
 from fastapi_eventbus._events import Event
-from fastapi_eventbus._settings import check_int, check_seconds
+from fastapi_eventbus._settings import check_seconds
 from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError
 from fastapi_eventbus.worker._delivery import (
     HeldMessage,
@@ -41,6 +41,7 @@ from fastapi_eventbus.worker._delivery import (
     OnUnhandled,
     Processor,
     WorkerStats,
+    check_policies,
 )
 from fastapi_eventbus.worker._source import ReceivedMessage, Source
 
@@ -137,12 +138,9 @@ def push_router(
     """
     if not isinstance(path, str) or (path and (not path.startswith("/") or path.endswith("/"))):
         raise ConfigurationError(f"path must be '' or start with '/' and not end with it: {path!r}")
-    for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
-        if policy not in get_args(OnUndecodable):
-            raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
     if verify is not None and not callable(verify):
         raise ConfigurationError(f"verify must be an async callable (Request) -> None: {verify!r}")
-    check_int("max_message_bytes", max_message_bytes, 1)
+    check_policies(on_undecodable, on_unhandled, max_message_bytes)
     settings = _Settings(
         wire.check_decoder(decode),
         verify,

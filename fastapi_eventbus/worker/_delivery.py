@@ -13,12 +13,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, Protocol, TypeAlias, get_args
 
 from fastapi_eventbus._bus import EventBus, tracing_of
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._settings import check_int
 from fastapi_eventbus._tracing import Consumed, Tracing
-from fastapi_eventbus.exceptions import MessageDecodeError
+from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError
 
 from ._source import ReceivedMessage, Source
 
@@ -28,6 +29,16 @@ OnUndecodable: TypeAlias = Literal["retry", "delete"]
 """What a worker does with a message it cannot decode (see `Worker`)."""
 OnUnhandled: TypeAlias = Literal["retry", "delete"]
 """What a worker does with an event that no handler of its bus matches (see `Worker`)."""
+
+
+def check_policies(on_undecodable: object, on_unhandled: object, max_message_bytes: object) -> None:
+    """`ConfigurationError` unless the arguments every consumer of messages takes (a
+    `Worker`, ``lambda_sqs_handler``, ``push_router``) are valid."""
+    for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
+        if policy not in get_args(OnUndecodable):
+            raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
+    check_int("max_message_bytes", max_message_bytes, 1)
+
 
 GIVE_BACK_TIMEOUT = 5.0
 """Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""

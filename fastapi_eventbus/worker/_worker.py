@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, get_args
+from typing import Any, Self
 
 from fastapi_eventbus._bus import EventBus, is_request_bus
 from fastapi_eventbus._settings import check_int, check_seconds
@@ -20,6 +20,7 @@ from ._delivery import (
     OnUnhandled,
     Processor,
     WorkerStats,
+    check_policies,
     listed,
 )
 from ._source import Backoff, ReceivedMessage, Source
@@ -108,10 +109,7 @@ class Worker:
             raise ConfigurationError(f"source must be a Source, got {source!r}")
         check_int("concurrency", concurrency, 1)
         check_seconds("shutdown_timeout", shutdown_timeout)
-        for name, policy in (("on_undecodable", on_undecodable), ("on_unhandled", on_unhandled)):
-            if policy not in get_args(OnUndecodable):
-                raise ConfigurationError(f"{name} must be 'retry' or 'delete', got {policy!r}")
-        check_int("max_message_bytes", max_message_bytes, 1)
+        check_policies(on_undecodable, on_unhandled, max_message_bytes)
         self.source = source
         """Where messages come from."""
         self.concurrency = concurrency

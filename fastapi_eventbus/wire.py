@@ -28,7 +28,7 @@ from typing import Any, TypeAlias, cast
 
 from pydantic import ValidationError
 
-from ._brokers import media_type, payload_of, unsupported
+from ._brokers import is_trace_value, media_type, payload_of, unsupported
 from ._events import Event, payload_json
 from .exceptions import ConfigurationError, MessageDecodeError
 
@@ -40,6 +40,7 @@ __all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py checks
     "SPECVERSION",
     "TRACE_ATTRIBUTES",
     "check_decoder",
+    "cloudevent_trace_context",
     "decode_message",
     "decode_with",
     "from_cloudevent",
@@ -189,7 +190,7 @@ def from_cloudevent(
         "payload": _payload(cloudevent),
         "id": cloudevent["id"],
         "source": cloudevent["source"],
-        "trace_context": dict(trace_context or _member_trace(cloudevent)),
+        "trace_context": dict(trace_context or cloudevent_trace_context(cloudevent)),
         "extensions": _extensions(cloudevent),
     }
     if cloudevent.get("time"):
@@ -225,14 +226,17 @@ def _extensions(cloudevent: Mapping[str, Any]) -> dict[str, Any]:
     return extensions
 
 
-def _member_trace(cloudevent: Mapping[str, Any]) -> dict[str, str]:
+def cloudevent_trace_context(cloudevent: Mapping[str, Any]) -> dict[str, str]:
     """The ``traceparent``/``tracestate`` members of a structured CloudEvent (the
-    distributed tracing extension), for a message with no trace context attributes."""
-    return {
-        name: value
-        for name in TRACE_ATTRIBUTES
-        if isinstance(value := cloudevent.get(name), str) and value
-    }
+    distributed tracing extension): for a message whose attributes carry none, an
+    EventBridge ``detail``, an HTTP request's headers read as members.
+
+    A value kept is a non-empty str within the length every trace attribute is held
+    to; a ``tracestate`` only goes with a ``traceparent``; ``{}`` without one.
+    """
+    found = {key: cloudevent.get(key) for key in TRACE_ATTRIBUTES}
+    trace = {key: value for key, value in found.items() if value and is_trace_value(key, value)}
+    return trace if "traceparent" in trace else {}
 
 
 def _payload(cloudevent: Mapping[str, Any]) -> Any:

@@ -387,3 +387,18 @@ def test_the_tracing_extension_in_the_body_is_the_trace_context() -> None:
     attributes = {"traceparent": {"DataType": "String", "StringValue": other}}
     event = decode_message({"Body": json.dumps(body), "MessageAttributes": attributes})
     assert event.trace_context == {"traceparent": other}  # the message's own, never mixed
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        {"traceparent": "0" * 257},  # longer than any attribute is kept: a forged one
+        {"tracestate": "k=v"},  # a tracestate without its traceparent
+        {"traceparent": "", "tracestate": "k=v"},
+        {"traceparent": 7},
+    ],
+)
+def test_tracing_members_are_held_to_what_attributes_are(members: dict[str, Any]) -> None:
+    """The SQS body, an EventBridge detail and the push router read them one way."""
+    body = json.dumps({**CONTEXT, **members, "data": 1})
+    assert decode_message({"Body": body}).trace_context == {}

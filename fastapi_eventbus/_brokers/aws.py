@@ -32,7 +32,7 @@ from fastapi_eventbus.exceptions import (
     MissingExtraError,
     SourceError,
 )
-from fastapi_eventbus.wire import TRACE_ATTRIBUTES, from_cloudevent
+from fastapi_eventbus.wire import TRACE_ATTRIBUTES, cloudevent_trace_context, from_cloudevent
 
 from . import byte_length, is_trace_value, parse_json, trace_or_nothing
 
@@ -328,7 +328,7 @@ def from_eventbridge(body: Mapping[str, Any], trace: dict[str, str]) -> Event:
     """
     detail = body.get("detail")
     if is_cloudevent(detail):
-        return from_cloudevent(detail, _cloudevent_trace(detail) or trace)
+        return from_cloudevent(detail, cloudevent_trace_context(detail) or trace)
     try:
         name = check_name(body["detail-type"])
     except InvalidEventError as exc:
@@ -355,15 +355,6 @@ def is_cloudevent(detail: object) -> TypeGuard[Mapping[str, Any]]:
     return isinstance(detail, Mapping) and all(
         key in detail for key in ("specversion", "id", "type")
     )
-
-
-def _cloudevent_trace(cloudevent: Mapping[str, Any]) -> dict[str, str]:
-    """The trace context in a CloudEvent's ``traceparent``/``tracestate`` members."""
-    return {
-        key: cloudevent[key]
-        for key in TRACE_ATTRIBUTES
-        if is_trace_value(key, cloudevent.get(key)) and cloudevent[key]
-    }
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:

@@ -26,7 +26,6 @@ from fastapi_eventbus import wire
 from fastapi_eventbus._brokers import (
     byte_length,
     gcp,
-    is_trace_value,
     media_type,
     parse_json,
     trace_or_nothing,
@@ -289,14 +288,7 @@ class _PushSource(Source):
     def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
         if self.pushed.kind == "pubsub":
             return gcp.trace_context(message.body)
-        return trace_or_nothing(_cloudevent_trace, message.body)
-
-
-def _cloudevent_trace(cloudevent: Mapping[str, Any]) -> dict[str, str]:
-    """The CloudEvents distributed tracing extension's ``traceparent``/``tracestate``."""
-    found = {key: cloudevent.get(key) for key in wire.TRACE_ATTRIBUTES}
-    trace = {key: str(value) for key, value in found.items() if is_trace_value(key, value)}
-    return trace if "traceparent" in trace else {}
+        return trace_or_nothing(wire.cloudevent_trace_context, message.body)
 
 
 class _OneMessage:

@@ -28,6 +28,7 @@ from typing import Any, TypeAlias, cast
 
 from pydantic import ValidationError
 
+from ._attributes import RESERVED_ATTRIBUTES
 from ._brokers import is_trace_value, media_type, payload_of, unsupported
 from ._events import Event, payload_json
 from .exceptions import ConfigurationError, MessageDecodeError
@@ -203,10 +204,6 @@ def from_cloudevent(
         raise MessageDecodeError("invalid CloudEvent: nested too deeply") from exc
 
 
-_OWN_MEMBERS = frozenset({*_REQUIRED, "time", "datacontenttype", "data", "data_base64"})
-"""The members of a structured CloudEvent that are an `Event`'s own fields."""
-
-
 def _extensions(cloudevent: Mapping[str, Any]) -> dict[str, Any]:
     """The CloudEvent's other attributes (``subject``, ``dataschema``, extensions).
 
@@ -215,7 +212,7 @@ def _extensions(cloudevent: Mapping[str, Any]) -> dict[str, Any]:
     """
     extensions: dict[str, Any] = {}
     for name, value in cloudevent.items():
-        if name in _OWN_MEMBERS or name in TRACE_ATTRIBUTES or value is None:
+        if name in RESERVED_ATTRIBUTES or value is None:  # the envelope's, the trace's
             continue
         if not isinstance(value, str | int | bool) or isinstance(value, float):
             raise MessageDecodeError(

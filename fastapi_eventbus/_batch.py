@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.background import BackgroundTask, BackgroundTasks
 
+from ._deadline import Limit
 from ._events import Event
 
 SCOPE_KEY = "fastapi_eventbus.bus"
@@ -35,6 +36,7 @@ class Batch:
         "depth",
         "events",
         "jobs",
+        "limit",
         "loop",
         "make_scope",
         "provider",
@@ -76,6 +78,9 @@ class Batch:
         """The task running a request's flush, which shutdown may stop (`Core.stop_flushes`)."""
         self.stopped = False
         """Whether shutdown cancelled `runner`: its flush then reports and returns."""
+        self.limit: Limit | None = None
+        """The time limits of the handler calls of its flush (or `Core.handle` call), all in
+        one task: made for the first call with a limit, dropped when the flush ends."""
         if provider is _FROM_SCOPE:
             app = scope.get("app") if scope is not None else None
             provider = app if hasattr(app, "dependency_overrides") else None
@@ -89,6 +94,17 @@ class Batch:
             scope = self.scope = self.make_scope()
         return scope
 
+    def forget_bus(self) -> None:
+        """The request is over: keep a copy of its scope without the request's bus.
+
+        The scope keeps the bus (code running after the endpoint still finds it), and the
+        bus its batch: with the batch keeping the scope itself, that would be a cycle, and
+        every request would leave garbage for the collector.
+        """
+        if (scope := self.scope) is not None and SCOPE_KEY in scope:
+            self.scope = copy = dict(scope)
+            del copy[SCOPE_KEY]
+
     def child(self) -> Batch:
         """A batch for the events a handler emits (one level deeper in the chain)."""
         return Batch(self.get_scope(), self.depth + 1, COLLECTING, self.loop, self.provider)
@@ -98,6 +114,27 @@ class Batch:
         head = [self.current] if self.current is not None else []
         sending = [e for task, events in self.sends if not task.done() for e in events]
         return head + list(self.events) + [e for e in sending if e not in head]
+
+
+def base_scope(app: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A minimal HTTP scope of *app* for handler calls that have no request (publish,
+    workers), with *state* as ``request.state``."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": None,
+        "server": None,
+        "app": app,
+        "state": state,
+    }
 
 
 class FlushTask(BackgroundTask):

@@ -348,13 +348,7 @@ class EventBus:
                 "endpoint or handler use `bus: EventBus = Depends(get_bus)`; elsewhere "
                 "(scripts, startup, tests) use `await bus.publish(...)`"
             )
-        event_obj, deliver = self._core.make(
-            event, payload, payload is not _MISSING, batch, extensions=extensions
-        )
-        if not deliver:
-            return event_obj
-        self._core.accept(batch, event_obj)
-        return event_obj
+        return self._core.emit(batch, event, payload, payload is not _MISSING, extensions)
 
     @overload
     async def publish(

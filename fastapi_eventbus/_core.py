@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Protocol
@@ -11,13 +12,14 @@ from typing import Any, Protocol
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
-from ._batch import CLOSED, COLLECTING, FLUSHING, SCOPE_KEY, Batch, FlushTask
+from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
 from ._events import (
     Event,
     SchemaRegistry,
     make_event,
+    new_event,
     resolve_emit_args,
 )
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
@@ -91,10 +93,11 @@ class Core:
         """`after_response` work running outside a request's flush (`spawn`)."""
         self.pending = 0
         """Events accepted and not yet finished (handled and forwarded), all batches."""
+        self._batch_limit = math.inf if (n := settings.max_batch_events) is None else n
+        self._pending_limit = math.inf if (n := settings.max_pending_events) is None else n
         self._refused = 0
         self._refused_logged = 0.0
         self._stopping: asyncio.TimerHandle | None = None
-        self._scope_template: dict[str, Any] | None = None
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
         request; the worker sets it after entering the lifespan."""
@@ -169,24 +172,7 @@ class Core:
 
     def base_scope(self) -> dict[str, Any]:
         """A minimal HTTP scope for handler calls that have no request (publish, workers)."""
-        template = self._scope_template
-        if template is None or template["app"] is not self.app:
-            template = self._scope_template = {
-                "type": "http",
-                "asgi": {"version": "3.0", "spec_version": "2.3"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/",
-                "raw_path": b"/",
-                "root_path": "",
-                "query_string": b"",
-                "headers": [],
-                "client": None,
-                "server": None,
-                "app": self.app,
-            }
-        return {**template, "state": dict(self.lifespan_state)}
+        return base_scope(self.app, dict(self.lifespan_state))
 
     # -- a request's events: the one place their batch's lifecycle is decided -------
 
@@ -261,7 +247,7 @@ class Core:
 
     def flush_after(self, batch: Batch, response: Response) -> None:
         """The endpoint returned *response*: the events run as its last background task."""
-        _without_bus(batch)
+        batch.forget_bus()
         if batch.state != COLLECTING:
             return
         if not batch.events and not batch.jobs:
@@ -287,7 +273,7 @@ class Core:
         Returns the flush or the discard for the caller to await, or None (most
         requests: no coroutine to make and await).
         """
-        _without_bus(batch)
+        batch.forget_bus()
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
             return None
         if not batch.events and not batch.jobs:
@@ -333,15 +319,15 @@ class Core:
         if stoppable:
             batch.runner = asyncio.current_task(batch.loop)
         dispatch = self.dispatcher.dispatch
+        events = batch.events
         try:
-            while batch.events:
-                round_ = list(batch.events)
+            while events:
                 if self.forwarders.size:
-                    batch.sends += self.sender.start(round_)
-                for _ in round_:
-                    if not batch.events:  # reported and cleared by drain meanwhile
+                    batch.sends += self.sender.start(list(events))
+                for _ in range(len(events)):  # this round: the events the forwarders got
+                    if not events:  # reported and cleared by drain meanwhile
                         break
-                    event = batch.current = batch.events.popleft()
+                    event = batch.current = events.popleft()
                     await dispatch(event, batch)
                 batch.current = None
             while batch.jobs:
@@ -357,7 +343,7 @@ class Core:
                 batch.events.appendleft(batch.current)
                 batch.current = None
             batch.state = CLOSED
-            batch.runner = None
+            batch.runner = batch.limit = None
             if batch.sends or batch.events:  # cancelled: what it did not finish is reported
                 await self._abandon(batch)
             for job in batch.jobs or ():  # cancelled before its jobs: each runs alone
@@ -369,6 +355,15 @@ class Core:
     def _finished(self, batch: Batch) -> None:
         self.pending -= batch.accepted
         batch.accepted = 0
+
+    def emit(
+        self, batch: Batch, event: object, payload: Any, has_payload: bool, extensions: object
+    ) -> Event:
+        """`EventBus.emit` into a request's (or handler call's) *batch*: `make`, `accept`."""
+        event_obj, deliver = self.make(event, payload, has_payload, batch, None, True, extensions)
+        if deliver:
+            self.accept(batch, event_obj)
+        return event_obj
 
     def make(
         self,
@@ -386,14 +381,31 @@ class Core:
 
         A delivered event is first admitted (capacity limits) and, with a spool,
         written there for each forwarder it matches (unless *store* is False: an
-        outbox keeps it instead): all before the caller returns.
+        outbox keeps it instead): all before the caller returns. The usual event (a
+        str name, no schema, nobody else to tell: no forwarder, observer or tracing)
+        takes a short way through the same checks.
         """
+        settings = self.settings
+        if depth is None:
+            depth = batch.depth if batch is not None else 0
+        if (
+            type(event) is str
+            and not self.forwarders.size
+            and not self.observers
+            and self.tracing is None
+            and not settings.disabled
+            and self.schemas.empty
+            and depth <= settings.max_chain_depth
+        ):
+            event_obj = new_event(event, payload, has_payload, settings.source, extensions)
+            if self.pending >= self._pending_limit or (
+                batch is not None and batch.accepted >= self._batch_limit
+            ):
+                self.admit(batch)  # raises
+            return event_obj, True
         name, data, text = resolve_emit_args(
             self.schemas, event, payload if has_payload else None, has_payload
         )
-        if depth is None:
-            depth = batch.depth if batch is not None else 0
-        settings = self.settings
         if depth > settings.max_chain_depth:
             raise EventChainError(
                 f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
@@ -579,18 +591,6 @@ class Core:
             reason = f"shutdown did not finish within {timeout}s{spooled}"
             await call_hook(self.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
         return unfinished
-
-
-def _without_bus(batch: Batch) -> None:
-    """The request is over: *batch* keeps a copy of its scope without the request's bus.
-
-    The scope keeps the bus (code running after the endpoint still finds it), and the
-    bus its batch: with the batch keeping the scope itself, that would be a cycle, and
-    every request would leave garbage for the collector.
-    """
-    if (scope := batch.scope) is not None and SCOPE_KEY in scope:
-        batch.scope = copy = dict(scope)
-        del copy[SCOPE_KEY]
 
 
 def _uncancel() -> int:

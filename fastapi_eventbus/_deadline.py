@@ -5,7 +5,7 @@ handle per handler call; when calls complete without the loop running in
 between (``publish`` in a loop, a request's many events), the cancelled
 handles pile up in the loop's heap and each push gets slower. A `Watchdog`
 keeps one timer, armed for the earliest deadline of the calls it watches;
-starting and stopping a call's `Limit` (one per dispatch, for each of its handler calls)
+starting and stopping a call's `Limit` (one per flush of a batch, for all of its handler calls)
 only adds it to, and removes it from, a set.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import overload
+from typing import Any, overload
 
 
 class Watchdog:
@@ -52,8 +52,8 @@ class Limit:
     """Time limits for the handler calls of one task, made one after another: past a call's
     deadline, the task is cancelled, and the cancellation leaves the block as `TimeoutError`.
 
-    One per dispatch of an event, not per call: `start` and `stop` around each call
-    are all a call pays.
+    One per flush of a batch (its *task* runs them all), not per call: `start` and
+    `stop` around each call are all a call pays.
 
     Code waiting on a thread (sync handlers and dependencies in the threadpool)
     stops waiting at the deadline; the thread cannot be stopped and runs to its
@@ -62,9 +62,10 @@ class Limit:
 
     __slots__ = ("_task", "_watchdog", "deadline", "expired", "handler", "seconds")
 
-    def __init__(self, watchdog: Watchdog) -> None:
+    def __init__(self, watchdog: Watchdog, task: asyncio.Task[Any] | None = None) -> None:
         self._watchdog = watchdog
-        task = asyncio.current_task(watchdog.loop)
+        if task is None:  # the task the calls run in: this one
+            task = asyncio.current_task(watchdog.loop)
         assert task is not None, "a Limit is used by a task"
         self._task = task
         self.seconds = math.inf

@@ -104,7 +104,7 @@ class Dispatcher:
         if inbox is not None:
             handlers = await _not_yet_handled(inbox, event, handlers)
         token = _di.CURRENT_EVENT.set(event)
-        limit: Limit | None = None  # made for the first handler with a time limit
+        limit = batch.limit  # made for the first handler call with a time limit
         observers = self.core.observers  # the list itself: one `capture` adds is seen
         try:
             for handler in handlers:
@@ -117,7 +117,7 @@ class Dispatcher:
                 try:
                     error: BaseException | None = None
                     if (timeout := handler.timeout) is not None and limit is None:
-                        limit = self._limit(batch)
+                        limit = batch.limit = self._limit(batch)
                     if inbox is not None:
                         inbox.calling(handler.name, event)
                     if self.tracing is None:  # `_call`, inlined: one coroutine less per call
@@ -240,13 +240,13 @@ class Dispatcher:
         return error, child
 
     def _limit(self, batch: Batch) -> Limit:
-        """The time limits of this task's handler calls, watched by the watchdog of *batch*'s
-        event loop."""
+        """The time limits of *batch*'s handler calls (in this task: the one running its
+        flush), watched by the watchdog of its event loop."""
         loop = batch.loop or asyncio.get_running_loop()
         watchdog = self._watchdog
         if watchdog is None or watchdog.loop is not loop:  # a bare TestClient: a loop a request
             watchdog = self._watchdog = Watchdog(loop)
-        return Limit(watchdog)
+        return Limit(watchdog, batch.runner)
 
     async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
         logger.error(

@@ -240,4 +240,4 @@ def test_the_docs_griffe_extension_links_names_and_hides_private_ones() -> None:
     assert "``handle=False``" in capture_doc  # double backticks stay code
     parameters = package["worker.sqs.SQSSource.__init__"].parameters
     assert str(parameters["max_messages"].default) == "10"  # not _MAX_MESSAGES
-    assert package["Event.id"].value is None  # Field(default_factory=_new_id)
+    assert package["Event.id"].value is None  # Field(default_factory=_ids.new_id)

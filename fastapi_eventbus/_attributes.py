@@ -30,6 +30,15 @@ class FrozenDict(dict[str, Any]):
     __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = _refuse  # type: ignore[assignment]
     __ior__ = _refuse  # type: ignore[assignment]
 
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self  # its values are str, int or bool: nothing in it can change
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return FrozenDict, (dict(self),)  # not item by item: that is refused
+
 
 NO_EXTENSIONS: Extensions = FrozenDict()
 """The extensions of an event emitted without any: one for all."""

@@ -431,3 +431,19 @@ async def test_extensions_are_kept_as_given_and_read_only(bus: EventBus) -> None
     assert Event.model_validate_json(event.model_dump_json()) == event
     with pytest.raises(ValueError, match="'type' is not an extension attribute"):
         Event(name="x", extensions={"type": "y"})
+
+
+@pytest.mark.anyio
+async def test_an_event_with_extensions_can_be_copied_and_pickled(bus: EventBus) -> None:
+    """Its read-only extensions (and shared empty trace context) copy as themselves; they
+    used to refuse the item-by-item rebuild `copy.deepcopy` and pickle do."""
+    import copy
+    import pickle
+
+    event = await bus.publish("order.placed", {"id": 1}, extensions={"subject": "orders/1"})
+    for copied in (copy.copy(event), copy.deepcopy(event), pickle.loads(pickle.dumps(event))):
+        assert copied == event
+        assert copied.extensions == {"subject": "orders/1"}
+        with pytest.raises(TypeError, match="immutable"):
+            copied.extensions["subject"] = "x"  # type: ignore[index]
+    assert copy.deepcopy(event).payload is not event.payload

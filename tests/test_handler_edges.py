@@ -302,6 +302,38 @@ async def test_a_hung_async_handler_times_out_and_the_others_still_run(
     assert any(r.levelno == logging.ERROR for r in caplog.records)
 
 
+def test_one_requests_events_each_get_their_own_time_limit() -> None:
+    """A request's flush keeps one time-limit object for all its calls: each event's handler
+    is bounded anew, after a call before it timed out or finished."""
+    app, bus = FastAPI(), EventBus()
+    bus.install(app)
+    outcomes: list[tuple[str, str]] = []
+
+    @bus.on("step.*", timeout=0.2)
+    async def step(event: Event) -> None:
+        if event.payload["hang"]:
+            await asyncio.Event().wait()
+        await asyncio.sleep(0.05)
+
+    @app.post("/")
+    async def endpoint(b: EventBus = Depends(get_bus)) -> None:
+        for i, hang in enumerate([True, False, True, False]):
+            b.emit(f"step.{i}", {"hang": hang})
+
+    started = time.monotonic()
+    with capture(bus, raise_failures=False) as seen:
+        assert TestClient(app).post("/").status_code == 200
+    for call in seen.handled:
+        outcomes.append((call.event.name, type(call.error).__name__))
+    assert outcomes == [
+        ("step.0", "TimeoutError"),
+        ("step.1", "NoneType"),
+        ("step.2", "TimeoutError"),
+        ("step.3", "NoneType"),
+    ]
+    assert 0.4 <= time.monotonic() - started < 3
+
+
 async def test_the_timeout_covers_dependency_resolution(bus: EventBus) -> None:
     async def slow_pool() -> AsyncIterator[str]:
         await asyncio.sleep(30)

@@ -19,7 +19,6 @@ from ._events import (
     Event,
     SchemaRegistry,
     make_event,
-    new_event,
     resolve_emit_args,
 )
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
@@ -95,6 +94,7 @@ class Core:
         """Events accepted and not yet finished (handled and forwarded), all batches."""
         self._batch_limit = math.inf if (n := settings.max_batch_events) is None else n
         self._pending_limit = math.inf if (n := settings.max_pending_events) is None else n
+        """`max_batch_events` and `max_pending_events` (None: no limit) for `admit`."""
         self._refused = 0
         self._refused_logged = 0.0
         self._stopping: asyncio.TimerHandle | None = None
@@ -388,7 +388,7 @@ class Core:
         settings = self.settings
         if depth is None:
             depth = batch.depth if batch is not None else 0
-        if (
+        plain = (
             type(event) is str
             and not self.forwarders.size
             and not self.observers
@@ -396,16 +396,14 @@ class Core:
             and not settings.disabled
             and self.schemas.empty
             and depth <= settings.max_chain_depth
-        ):
-            event_obj = new_event(event, payload, has_payload, settings.source, extensions)
-            if self.pending >= self._pending_limit or (
-                batch is not None and batch.accepted >= self._batch_limit
-            ):
-                self.admit(batch)  # raises
-            return event_obj, True
-        name, data, text = resolve_emit_args(
-            self.schemas, event, payload if has_payload else None, has_payload
         )
+        name, data, text = resolve_emit_args(
+            self.schemas, event, payload if has_payload else None, has_payload, text=not plain
+        )
+        if plain:
+            event_obj = make_event(name, data, settings.source, None, extensions)
+            self.admit(batch)
+            return event_obj, True
         if depth > settings.max_chain_depth:
             raise EventChainError(
                 f"event {name!r} would be chain level {depth}, deeper than max_chain_depth="
@@ -466,14 +464,12 @@ class Core:
 
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
-        limit = self.settings.max_batch_events
-        if batch is not None and limit is not None and batch.accepted >= limit:
+        if batch is not None and batch.accepted >= self._batch_limit:
             self._refuse(
                 f"this request (or handler call) already emitted {batch.accepted} events, "
                 f"the max_batch_events limit"
             )
-        limit = self.settings.max_pending_events
-        if limit is not None and self.pending >= limit:
+        if self.pending >= self._pending_limit:
             self._refuse(
                 f"{self.pending} events are pending (not yet handled and forwarded), the "
                 f"max_pending_events limit: the handlers or brokers are not keeping up"

@@ -458,13 +458,13 @@ _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets
 
 
 def resolve_emit_args(
-    registry: SchemaRegistry, first: object, payload: Any, has_payload: bool
+    registry: SchemaRegistry, first: object, payload: Any, has_payload: bool, text: bool = True
 ) -> tuple[str, Any, str | None]:
     """Turn the arguments of ``emit``/``publish`` into a validated name and JSON payload
-    (with its JSON text, when the conversion made it)."""
+    (with its JSON text, when the conversion made it and *text* asks for it)."""
     if type(first) is str and registry.empty:  # the common case first: no isinstance of ABCs
         checked = check_name(first)
-        return (checked, *to_json_data(payload, checked))
+        return (checked, *to_json_data(payload, checked, text))
     if isinstance(first, BaseModel):
         if has_payload:
             raise InvalidEventError(
@@ -535,16 +535,6 @@ def make_event(
     _set_extra(event, None)
     _set_private(event, None)
     return event
-
-
-def new_event(
-    name: str, payload: Any, has_payload: bool, source: str | None, extensions: object
-) -> Event:
-    """``emit(name, payload)``'s event when no schema applies and no forwarder wants its
-    JSON text: the name and payload checked (`check_name`, `to_json_data`), then made."""
-    checked = check_name(name)
-    data = to_json_data(payload, checked, text=False)[0] if has_payload else None
-    return make_event(checked, data, source, None, extensions)
 
 
 def payload_as(event: Event, model: type[BaseModel]) -> BaseModel:

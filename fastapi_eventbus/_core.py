@@ -309,7 +309,8 @@ class Core:
 
         Each round hands the pending events to their forwarders (concurrent
         tasks), then runs the local handlers event by event; the flush ends when
-        the forwarders have finished too. If it is cancelled, what it did not
+        the forwarders have finished too, and no event came meanwhile (a
+        WebSocket session's, a task's). If it is cancelled, what it did not
         finish (the event being handled included) is reported. A *stoppable*
         flush (a request's) is stopped by `stop_flushes` at shutdown's deadline.
         """
@@ -321,20 +322,21 @@ class Core:
         dispatch = self.dispatcher.dispatch
         events = batch.events
         try:
-            while events:
-                if self.forwarders.size:
-                    batch.sends += self.sender.start(list(events))
-                for _ in range(len(events)):  # this round: the events the forwarders got
-                    if not events:  # reported and cleared by drain meanwhile
-                        break
-                    event = batch.current = events.popleft()
-                    await dispatch(event, batch)
-                batch.current = None
-            while batch.jobs:
-                await batch.jobs.pop(0)()
-            if batch.sends:  # cancelled sends (by drain) were reported there: no raise here
-                await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
-                batch.sends.clear()  # a WebSocket session's batch is flushed many times
+            while events or batch.jobs or batch.sends:  # events come while it awaits sends
+                while events:
+                    if self.forwarders.size:
+                        batch.sends += self.sender.start(list(events))
+                    for _ in range(len(events)):  # this round: the events the forwarders got
+                        if not events:  # reported and cleared by drain meanwhile
+                            break
+                        event = batch.current = events.popleft()
+                        await dispatch(event, batch)
+                    batch.current = None
+                while batch.jobs:
+                    await batch.jobs.pop(0)()
+                if batch.sends:  # cancelled sends (by drain) were reported there: no raise
+                    await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
+                    batch.sends.clear()  # a WebSocket session's batch is flushed many times
         except asyncio.CancelledError:
             if not batch.stopped or _uncancel() > 0:
                 raise  # not (only) shutdown's own cancellation: it goes on up
@@ -344,13 +346,15 @@ class Core:
                 batch.current = None
             batch.state = CLOSED
             batch.runner = batch.limit = None
-            if batch.sends or batch.events:  # cancelled: what it did not finish is reported
-                await self._abandon(batch)
             for job in batch.jobs or ():  # cancelled before its jobs: each runs alone
                 self.spawn(job, batch.loop)
             batch.jobs = None
             self.active.discard(batch)
             self._finished(batch)
+            if batch.sends or batch.events:  # cancelled: what it did not finish is reported,
+                if batch.task is asyncio.current_task():  # last; an event emitted while the
+                    batch.task = None  # hook runs gets a flush of its own (`schedule`)
+                await self._abandon(batch)
 
     def _finished(self, batch: Batch) -> None:
         self.pending -= batch.accepted

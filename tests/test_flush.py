@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any
 
 import anyio
@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from starlette.background import BackgroundTask
 
-from fastapi_eventbus import Event, EventBus, EventChainError, get_bus
+from fastapi_eventbus import DiscardedEvents, Event, EventBus, EventChainError, get_bus
+from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.testing import capture
 from tests.conftest import Hooks
 
@@ -187,6 +188,89 @@ def test_events_emitted_after_the_flush_are_not_lost(app: FastAPI, bus: EventBus
         client.post("/")
         client.portal.call(wait_for, lambda: len(log) == 2)  # type: ignore[union-attr]
     assert log == ["on time", "late"]
+
+
+class SlowBroker(Forwarder):
+    """A forwarder whose every send takes a while: the flush waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__(name="slow")
+        self.sent: list[str] = []
+
+    async def send(self, events: Sequence[Event]) -> None:
+        await asyncio.sleep(0.05)
+        self.sent += [event.id for event in events]
+
+
+def test_events_emitted_while_the_flush_waits_for_a_forwarder_are_handled(
+    app: FastAPI, bus: EventBus, hooks: Hooks
+) -> None:
+    """A WebSocket session's events come while its flush waits for the forwarder's send:
+    each is handled and forwarded (they were discarded as "the flush was cancelled")."""
+    broker = SlowBroker()
+    bus.forward("chat.*", broker)
+    handled: list[str] = []
+    emitted: list[str] = []
+
+    @bus.on("chat.*")
+    async def on_message(event: Event) -> None:
+        handled.append(event.id)
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket, bus: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        for _ in range(5):
+            await websocket.receive_text()
+            emitted.append(bus.emit("chat.message", {"n": len(emitted)}).id)
+        await wait_for(lambda: len(broker.sent) == 5 and len(handled) == 5)
+        await websocket.send_text("done")
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        for _ in range(5):
+            ws.send_text("hi")
+        assert ws.receive_text() == "done"
+    assert sorted(handled) == sorted(emitted)
+    assert sorted(broker.sent) == sorted(emitted)
+    assert hooks.discards == []
+
+
+def test_an_event_emitted_while_a_cut_short_flush_reports_is_not_lost(app: FastAPI) -> None:
+    """A flush cut short reports what it did not finish through ``on_discard``; an event
+    emitted while that hook runs gets a flush of its own (it was neither handled nor
+    reported: the ending flush counted as the one that would take it)."""
+    handled: list[str] = []
+    discarded: list[str] = []
+    emitted: dict[str, str] = {}
+    views: list[EventBus] = []
+
+    async def on_discard(report: DiscardedEvents) -> None:
+        discarded.extend(report.ids)
+        emitted["after"] = views[0].emit("after").id  # e.g. an alert, or another task's emit
+        await asyncio.sleep(0.02)
+
+    bus = EventBus(on_discard=on_discard)
+    bus.install(app := FastAPI())
+
+    @bus.on("cut")
+    async def cut_short(event: Event) -> None:
+        raise asyncio.CancelledError  # whatever cancels the flush: shutdown, a task group
+
+    @bus.on("after")
+    async def after(event: Event) -> None:
+        handled.append(event.id)
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket, bus: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        views.append(bus)
+        emitted["cut"] = bus.emit("cut").id
+        await wait_for(lambda: "after" in emitted and emitted["after"] in handled + discarded)
+        await websocket.send_text("done")
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as ws:
+        assert ws.receive_text() == "done"
+    assert discarded == [emitted["cut"]]
+    assert handled == [emitted["after"]]
 
 
 def test_a_failing_handler_does_not_stop_the_others(

@@ -480,6 +480,9 @@ class Forwarder:
         except Exception as exc:
             if self.is_transient(exc):
                 return pending, exc
+            if len(pending) > 1 and (refused := await self._refuse_unsendable(pending, outcome)):
+                rest = [event for event in pending if event.id not in refused]
+                return await self._attempt(rest, outcome) if rest else ([], exc)
             await self._dead_letter(pending, f"permanent failure: {exc!r}", exc, outcome)
             return [], exc
         if delivery is None:
@@ -489,6 +492,23 @@ class Forwarder:
             await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, outcome)
         error = ForwarderError(delivery.reason or "partial failure", transient=True)
         return list(delivery.retry), error
+
+    async def _refuse_unsendable(self, events: list[Event], outcome: DeliveryOutcome) -> set[str]:
+        """After a send of *events* failed for good: dead-letter, each with its own reason,
+        those `check` refuses now, and return their ids; the others are sent again at once.
+
+        An event resent later (a spool's, an outbox's) was checked by the release that
+        emitted it; one this release cannot encode (a new ``message_group_id``) must not
+        take the rest of its send down with it.
+        """
+        refused: set[str] = set()
+        for event in events:
+            try:
+                self.check(event)
+            except Exception as exc:
+                refused.add(event.id)
+                await self._dead_letter([event], f"permanent failure: {exc!r}", exc, outcome)
+        return refused
 
     async def _dead_letter(
         self,

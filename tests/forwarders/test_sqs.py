@@ -465,6 +465,35 @@ async def test_fifo_holds_back_later_calls_behind_a_failed_entry(
 
 
 @pytest.mark.anyio
+async def test_an_event_that_cannot_be_encoded_any_more_is_dead_lettered_alone(
+    moto: Moto,
+) -> None:
+    """Resent events (a spool's, an outbox's) were checked by the release that emitted
+    them: one that this release's ``message_group_id`` refuses is dead-lettered alone,
+    and the others of its send go through (the whole send was dead-lettered)."""
+    url = await moto.create_queue("orders", fifo=True)
+    events = [Event(name="order.paid", payload={"customer": f"c{n}"}) for n in range(5)]
+    old = Event(name="order.paid", payload={"order": 1})  # written before `customer` was
+    events.insert(2, old)
+    letters: list[DeadLetter] = []
+    forwarder = moto.forwarder(
+        url,
+        message_group_id=lambda event: event.payload["customer"],
+        dead_letter=letters.append,
+        retry=FAST_RETRY,
+    )
+    async with forwarder:
+        outcome = await forwarder.deliver(events)
+    [letter] = letters
+    assert letter.ids == [old.id]
+    assert "message_group_id" in letter.reason
+    assert "KeyError" in letter.reason
+    received = decoded(await moto.receive_async(url, 5))
+    assert set(received) == {event.id for event in events} - {old.id}
+    assert outcome.unsent == []
+
+
+@pytest.mark.anyio
 async def test_a_throttled_call_is_retried_while_the_others_go_through(
     moto: Moto, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

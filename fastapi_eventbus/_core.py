@@ -61,7 +61,7 @@ class Core:
         self.dispatcher = Dispatcher(self)
         """Runs the handlers of each event (`Dispatcher.dispatch`)."""
         self.handlers: PatternIndex[Handler] = self.dispatcher.handlers
-        self.sender = Sender(spool)
+        self.sender = Sender(spool, settings.on_discard)
         """The forwarders, and the storage their events wait in."""
         self.forwarders: PatternIndex[Forwarder] = self.sender.forwarders
         self.schemas = SchemaRegistry()

@@ -7,7 +7,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ._events import Event
-from ._hooks import call_hook, logger
+from ._hooks import DiscardedEvents, OnDiscard, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 from .exceptions import SpoolError
@@ -23,10 +23,13 @@ class Sender:
     storage holds (after a crash or a broker outage).
     """
 
-    def __init__(self, storage: Storage | None) -> None:
+    def __init__(self, storage: Storage | None, on_discard: OnDiscard | None = None) -> None:
         self.forwarders: PatternIndex[Forwarder] = PatternIndex()
         self.storage = storage
         """Where events for forwarders wait until sent; None: in memory only."""
+        self.on_discard = on_discard
+        """The bus's hook, told of stored events no forwarder of this bus can report: those
+        of a forwarder it does not have, once the storage gives up on them."""
         self.tracing: Tracing | None = None
         """The bus's span hooks (set with the bus's, by `fastapi_eventbus.otel`)."""
 
@@ -93,9 +96,11 @@ class Sender:
         due = storage.claim(limit, unreadable=unreadable)
         by_name = {forwarder.name: forwarder for forwarder in self.forwarders.items()}
         for item in unreadable:  # the app hears of it as of any dead letter of the storage
+            reason = item.error or "unreadable"
             if (owner := by_name.get(item.forwarder)) is not None:
-                report = DeadLetter(owner.name, (item.event,), item.error or "unreadable")
-                await call_hook(owner.dead_letter, report)
+                await call_hook(owner.dead_letter, DeadLetter(owner.name, (item.event,), reason))
+            else:  # logged by claim; the bus's hook, as no forwarder of its can be told
+                await call_hook(self.on_discard, DiscardedEvents((item.event,), reason))
         if not due:
             return len(unreadable)
         groups: dict[str, list[Event]] = {}
@@ -112,14 +117,33 @@ class Sender:
                     len(events),
                     name,
                 )
-                storage.settle(
+                settled = storage.settle(
                     name, events, unsent=events, error=f"no forwarder named {name!r} here"
                 )
+                if settled.spent:
+                    await self._given_up(name, settled.spent, settled.reason)
                 continue
             logger.info("spool: sending %d event(s) again through %s", len(events), name)
             sends.append(self.send(forwarder, events))
         await asyncio.gather(*sends)
         return len(due) + len(unreadable)
+
+    async def _given_up(self, forwarder: str, events: Sequence[Event], reason: str) -> None:
+        """Stored events for *forwarder*, which this bus does not have, are dead-lettered:
+        no application sent them in time. Reported here, as no forwarder can report them."""
+        assert self.storage is not None
+        ids = ", ".join(event.id for event in events)
+        logger.error(
+            "spool %s: %d event(s) for forwarder %r dead-lettered (no application with that "
+            "forwarder sent them; %s): %s",
+            self.storage.name,
+            len(events),
+            forwarder,
+            reason,
+            ids,
+        )
+        why = f"spooled for forwarder {forwarder!r}, which no application sent them through: "
+        await call_hook(self.on_discard, DiscardedEvents(tuple(events), why + reason))
 
     async def resend_forever(self) -> None:
         """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""

@@ -387,7 +387,7 @@ def test_an_unreadable_row_is_set_aside_not_retried_forever(
     assert "event bad for forwarder broker dead-lettered" in caplog.text
 
 
-def poison_row(path: Path, event_id: str, depth: int = 100_000) -> None:
+def poison_row(path: Path, event_id: str, depth: int = 100_000, forwarder: str = "broker") -> None:
     """Write, by hand, a due row whose JSON nests deeper than Python's recursion limit
     (json.loads raises RecursionError, not a ValueError), older than every other row."""
     nested = "[" * depth + "]" * depth
@@ -395,9 +395,36 @@ def poison_row(path: Path, event_id: str, depth: int = 100_000) -> None:
     with sqlite3.connect(path) as db:
         db.execute(
             "INSERT INTO pending (forwarder, event_id, event, created, attempts, owner,"
-            " lease_until) VALUES ('broker', ?, ?, 0, 0, '', 0)",
-            (event_id, raw),
+            " lease_until) VALUES (?, ?, ?, 0, 0, '', 0)",
+            (forwarder, event_id, raw),
         )
+
+
+async def test_events_for_a_forwarder_this_bus_lacks_are_reported_when_given_up(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows of a forwarder since renamed (or of another application sharing the spool)
+    wait, with a WARNING, until no round is left: then they are dead-lettered with an
+    ERROR naming them and ``on_discard`` (they were buried with the WARNING only)."""
+    left = Spool(path)
+    left.add([("old-name", Event(name="order.placed", id="orphan"))])
+    left.release()
+    poison_row(path, "unreadable-orphan", forwarder="old-name")
+    discards: list[DiscardedEvents] = []
+    spool = Spool(path, max_attempts=2, retry_delay=0.001, max_retry_delay=0.001)
+    bus = EventBus(spool=spool, on_discard=discards.append)
+    bus.forward("*", Broker())
+    for _ in range(4):
+        await bus.resend()
+        await asyncio.sleep(0.01)
+    assert sorted(id for report in discards for id in report.ids) == [
+        "orphan",
+        "unreadable-orphan",
+    ]
+    assert all("old-name" in report.reason for report in discards)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("orphan" in line and "old-name" in line for line in errors)
+    assert {dead.event.id for dead in spool.dead()} == {"orphan", "unreadable-orphan"}
 
 
 async def test_a_poison_row_does_not_hold_up_the_good_rows_behind_it(

@@ -60,8 +60,9 @@ class DiscardedEvents:
     """Events that were accepted by `EventBus.emit` but will not be handled.
 
     Passed to the ``on_discard`` hook. *reason* says why: the endpoint raised,
-    the handler that emitted them failed, shutdown timed out, or their flush was
-    cancelled.
+    the handler that emitted them failed, shutdown timed out, their flush was
+    cancelled, or they were spooled for a forwarder that no application running
+    had until their rounds ran out.
     """
 
     events: tuple[Event, ...]

@@ -15,7 +15,7 @@ from ._batch import SCOPE_KEY, Batch
 from ._deadline import Limit, Watchdog
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
-from ._hooks import HandlerFailure, call_hook, logger
+from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 
@@ -99,7 +99,7 @@ class Dispatcher:
         failures: list[HandlerFailure] = []
         handlers = self.handlers.match(event.name)
         if not handlers and (not local or not self.core.forwarders.match(event.name)):
-            self._no_match(event, local)
+            await self._no_match(event, local)
         inbox = self.inbox if redelivered and handlers else None
         if inbox is not None:
             handlers = await _not_yet_handled(inbox, event, handlers)
@@ -171,20 +171,24 @@ class Dispatcher:
             _di.CURRENT_EVENT.reset(token)
         return failures
 
-    def _no_match(self, event: Event, local: bool) -> None:
-        """Warn, once per name, about an event that nothing handles (or forwards)."""
+    async def _no_match(self, event: Event, local: bool) -> None:
+        """Warn, once per name, about an event that nothing handles (or forwards); tell
+        ``on_discard`` of each such event this process emitted (a worker's unhandled
+        messages have its ``on_unhandled``)."""
         seen = self._unmatched
-        if event.name in seen or len(seen) >= _UNMATCHED_NAMES_LIMIT:
-            return
-        seen.add(event.name)
-        unmatched_logger.warning(
-            "event %r (id=%s) matches no handler%s: check the patterns given to %s "
-            "(warned once per event name)",
-            event.name,
-            event.id,
-            " and no forwarder" if local else "",
-            "@bus.on and bus.forward" if local else "@bus.on",
-        )
+        if event.name not in seen and len(seen) < _UNMATCHED_NAMES_LIMIT:
+            seen.add(event.name)
+            unmatched_logger.warning(
+                "event %r (id=%s) matches no handler%s: check the patterns given to %s "
+                "(warned once per event name; on_discard hears of each)",
+                event.name,
+                event.id,
+                " and no forwarder" if local else "",
+                "@bus.on and bus.forward" if local else "@bus.on",
+            )
+        if local:
+            reason = "it matches no handler and no forwarder"
+            await call_hook(self.core.settings.on_discard, DiscardedEvents((event,), reason))
 
     async def _retry(
         self,

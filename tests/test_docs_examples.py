@@ -1157,7 +1157,8 @@ def test_an_event_nothing_handles_is_warned_about_once(
     assert record.levelno == logging.WARNING
     assert record.getMessage() == (
         f"event 'payment.recieved' (id={event_id}) matches no handler and no forwarder: "
-        "check the patterns given to @bus.on and bus.forward (warned once per event name)"
+        "check the patterns given to @bus.on and bus.forward (warned once per event name; "
+        "on_discard hears of each)"
     )
 
 

@@ -21,7 +21,7 @@ import inspect
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar
 
 import hypothesis
@@ -47,6 +47,9 @@ from fastapi_eventbus._patterns import example_name
 from fastapi_eventbus.testing import RecordingForwarder
 from fastapi_eventbus.wire import decode_message, pubsub_data, sqs_body
 
+UNMATCHED = "it matches no handler and no forwarder"
+"""The reason ``on_discard`` is given for an event nothing handles or forwards."""
+
 FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 """Library calls only: cheap examples."""
 FUZZ_REQUESTS = settings(FUZZ, max_examples=75)
@@ -68,9 +71,12 @@ class Harness:
     failures: list[HandlerFailure] = dataclasses.field(default_factory=list)
     discards: list[DiscardedEvents] = dataclasses.field(default_factory=list)
 
-    def assert_quiet(self) -> None:
+    def assert_quiet(self, unmatched: Sequence[Event] = ()) -> None:
+        """No failure, and no discard but one for each event nothing matched (*unmatched*):
+        ``on_discard`` hears of each of those, by id."""
         assert self.failures == []
-        assert self.discards == []
+        assert [report.ids for report in self.discards] == [[event.id] for event in unmatched]
+        assert {report.reason for report in self.discards} <= {UNMATCHED}
 
 
 def harness(*, catch_all: bool = True) -> Harness:
@@ -490,12 +496,13 @@ async def _check_pattern_matching(patterns: list[object], names: list[str]) -> N
             on(*patterns)(on_match)
     else:
         on(*patterns)(on_match)
-    for name in names:
-        await h.bus.publish(name)
+    published = [await h.bus.publish(name) for name in names]
     registered = bool(patterns) and all(valid_pattern(p) for p in patterns)
     hypothesis.event(("matched" if calls else "registered") if registered else "rejected")
     assert calls == [n for n in names if registered and any(matches(p, n) for p in patterns)]
-    h.assert_quiet()
+    h.assert_quiet(
+        [e for e in published if not (registered and any(matches(p, e.name) for p in patterns))]
+    )
 
 
 # -- 4. handler signatures -----------------------------------------------------------------
@@ -736,6 +743,7 @@ async def test_handler_signature_is_rejected_at_decoration_or_resolved_on_publis
         )
         assert calls == []
         assert deps.log == []
+        h.assert_quiet([published])
     else:
         hypothesis.event("called")
         assert len(calls) == 1
@@ -746,7 +754,7 @@ async def test_handler_signature_is_rejected_at_decoration_or_resolved_on_publis
         assert sorted(e.split()[1] for e in deps.log[:call]) == sorted(
             e.split()[1] for e in deps.log[call + 1 :]
         )
-    h.assert_quiet()
+        h.assert_quiet()
 
 
 # -- regressions: what this file found -----------------------------------------------------

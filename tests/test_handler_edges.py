@@ -259,6 +259,19 @@ def test_finding_5_an_event_nothing_handles_is_warned_about_once_per_name(
     assert "matches no handler and no forwarder" in warnings[0].getMessage()
 
 
+async def test_every_event_nothing_handles_reaches_on_discard(
+    bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The WARNING comes once per name; each such event, by its id, reaches ``on_discard``
+    (the second and later of a name were reported nowhere)."""
+    first = await bus.publish("usr.created", {"n": 1})
+    second = await bus.publish("usr.created", {"n": 2})
+    assert [report.ids for report in hooks.discards] == [[first.id], [second.id]]
+    assert all("matches no handler and no forwarder" in r.reason for r in hooks.discards)
+    warnings = [r for r in caplog.records if r.name == "fastapi_eventbus.unmatched"]
+    assert len(warnings) == 1
+
+
 def test_an_event_only_forwarded_is_not_warned_about(
     app: FastAPI, bus: EventBus, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, ClassVar, Self, TypeAlias
+from typing import IO, ClassVar, Self, TypeAlias, TypeVar
 
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._hooks import call_hook, logger
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
 from fastapi_eventbus.wire import sqs_body, utf8_size
+
+from ._retry_log import RetryLog
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,67 +91,6 @@ def _is_transient_start_failure(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionError | TimeoutError)
 
 
-class _RetryLog:
-    """The WARNING lines of one forwarder's retries: a few per outage, not one per batch.
-
-    During an outage every flush is a batch of its own that fails and is retried:
-    logging each batch's attempts would print a line per retry per request. A
-    line is logged only for an attempt number no batch has reached yet in the
-    current run of retries (from the first failure until no batch is being
-    retried any more), and it says how many events of other batches wait too.
-    """
-
-    def __init__(self) -> None:
-        self.batches = 0
-        """Batches being retried now (between their first failure and their end)."""
-        self.waiting = 0
-        """Events of batches sleeping before their next attempt."""
-        self.logged = 0
-        """The highest attempt number logged in the current run of retries."""
-        self.failures = 0
-        """Failed attempts in the current run of retries, logged or not."""
-        self.since = 0.0
-        """When the current run of retries began (``time.monotonic``)."""
-
-    def begin(self) -> None:
-        """A batch failed for the first time: it is being retried now."""
-        if self.batches == 0:
-            self.logged = self.failures = 0
-            self.since = time.monotonic()
-        self.batches += 1
-
-    def failed(
-        self, name: str, attempt: int, count: int, error: BaseException | None, wait: float | None
-    ) -> None:
-        """Attempt *attempt* failed for *count* events: log it if no batch got that far yet."""
-        self.failures += 1
-        if attempt <= self.logged:
-            return
-        self.logged = attempt
-        then = "the spool sends them again later" if wait is None else f"retrying in {wait:.2f}s"
-        others = f"; {self.waiting} event(s) of other batches wait too" if self.waiting else ""
-        logger.warning(
-            "forwarder %s: attempt %d failed for %d event(s) (%r); %s%s",
-            name,
-            attempt,
-            count,
-            error,
-            then,
-            others,
-        )
-
-    def end(self, name: str, *, delivered: bool) -> None:
-        """A batch that was retried is done; the last one ends the run of retries."""
-        self.batches -= 1
-        if self.batches == 0 and delivered and self.logged:
-            logger.info(
-                "forwarder %s: sending again after %.1fs of failures (%d failed attempt(s))",
-                name,
-                time.monotonic() - self.since,
-                self.failures,
-            )
-
-
 class Forwarder:
     """Base class for forwarders: what sends events to a remote broker.
 
@@ -177,6 +121,10 @@ class Forwarder:
         name: A name for logs (default: the class name).
         verify_on_start: Run `verify` after `start`, and fail the application's
             startup if the forwarder cannot send (recommended in production).
+        send_timeout: Seconds one call of `send` (or of `start`, before a send) may
+            take; past that it is cancelled and counts as a transient failure,
+            retried per *retry* (None: no limit). A send that never returns would
+            hold `EventBus.publish`, a request's flush and an outbox's relay.
     """
 
     messaging_system: ClassVar[str] = "fastapi_eventbus"
@@ -195,9 +143,18 @@ class Forwarder:
         max_message_bytes: int | None = None,
         name: str | None = None,
         verify_on_start: bool = False,
+        send_timeout: float | None = 60.0,
     ) -> None:
         if dead_letter is not None and not callable(dead_letter):
             raise ConfigurationError(f"dead_letter must be callable, got {dead_letter!r}")
+        if send_timeout is not None and (
+            type(send_timeout) not in (int, float) or not 0 < send_timeout < math.inf
+        ):
+            raise ConfigurationError(
+                f"send_timeout must be a number of seconds > 0, or None, got {send_timeout!r}"
+            )
+        self.send_timeout = send_timeout
+        """Seconds one call of `send` or `start` may take (None: no limit)."""
         if max_message_bytes is not None and max_message_bytes < 1:
             raise ConfigurationError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
         self.retry = retry or Retry()
@@ -212,7 +169,7 @@ class Forwarder:
             raise ConfigurationError(f"verify_on_start must be a bool, got {verify_on_start!r}")
         self.verify_on_start = verify_on_start
         """Whether `start` is followed by `verify`, and a failure stops the app's startup."""
-        self._retries = _RetryLog()
+        self._retries = RetryLog()
         self._started = False
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop `start` last succeeded on."""
@@ -468,7 +425,7 @@ class Forwarder:
         self, pending: list[Event], outcome: DeliveryOutcome
     ) -> tuple[list[Event], BaseException | None]:
         try:
-            await self.ensure_started()
+            await self._bounded(self.ensure_started(), "start")
         except Exception as exc:
             if _is_transient_start_failure(exc):
                 return pending, exc
@@ -476,7 +433,7 @@ class Forwarder:
             await self._dead_letter(pending, reason, exc, outcome)
             return [], exc
         try:
-            delivery = await self.send(pending)
+            delivery = await self._bounded(self.send(pending), "send")
         except Exception as exc:
             if self.is_transient(exc):
                 return pending, exc
@@ -492,6 +449,21 @@ class Forwarder:
             await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, outcome)
         error = ForwarderError(delivery.reason or "partial failure", transient=True)
         return list(delivery.retry), error
+
+    async def _bounded(self, call: Awaitable[T], what: str) -> T:
+        """Await *call* within `send_timeout`; past it, a transient `ForwarderError`."""
+        seconds = self.send_timeout
+        if seconds is None:
+            return await call
+        limit = asyncio.timeout(seconds)
+        try:
+            async with limit:
+                return await call
+        except TimeoutError as exc:
+            if not limit.expired():
+                raise  # the call's own timeout: transient as it is
+            message = f"forwarder {self.name}: {what} did not finish within {seconds:g}s"
+            raise ForwarderError(message, transient=True) from exc
 
     async def _refuse_unsendable(self, events: list[Event], outcome: DeliveryOutcome) -> set[str]:
         """After a send of *events* failed for good: dead-letter, each with its own reason,

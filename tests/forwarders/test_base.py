@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -544,6 +545,51 @@ async def test_an_oserror_from_send_is_still_transient() -> None:
     await flaky.deliver([Event(name="a")])
     assert flaky.attempts == [["a"], ["a"]]
     assert dead == []
+
+
+class Hanging(Forwarder):
+    """A forwarder whose `send` (or `start`) never returns: a broker that accepted the
+    connection and never answers, a custom client without a timeout."""
+
+    def __init__(self, dead: list[DeadLetter], hang_in: str = "send") -> None:
+        retry = Retry(attempts=2, initial_delay=0.001, max_delay=0.001)
+        super().__init__(retry=retry, dead_letter=dead.append, send_timeout=0.1)
+        self.hang_in = hang_in
+        self.calls = 0
+
+    async def start(self) -> None:
+        if self.hang_in == "start":
+            await asyncio.Event().wait()
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hang_in", ["send", "start"])
+async def test_a_send_that_never_returns_fails_at_its_time_limit(hang_in: str) -> None:
+    """`publish` waits for its forwarders: one whose send hangs held it forever. Each
+    attempt fails at ``send_timeout`` as a transient failure; what still fails is
+    dead-lettered by id."""
+    dead: list[DeadLetter] = []
+    forwarder = Hanging(dead, hang_in)
+    bus = EventBus()
+    bus.forward("order.*", forwarder)
+    with anyio.fail_after(5):
+        event = await bus.publish("order.placed", {"id": 1})
+    [letter] = dead
+    assert letter.ids == [event.id]
+    assert "did not finish within 0.1s" in letter.reason
+    assert forwarder.calls == (2 if hang_in == "send" else 0)
+
+
+def test_send_timeout_defaults_to_a_minute_and_is_checked() -> None:
+    assert EchoForwarder().send_timeout == 60.0
+    assert Forwarder(send_timeout=None).send_timeout is None
+    for bad in (0, -1, "10", True):
+        with pytest.raises(ConfigurationError, match="send_timeout"):
+            Forwarder(send_timeout=bad)  # type: ignore[arg-type]
 
 
 def test_forwarders_without_loop_bound_clients_start_once(

@@ -55,7 +55,7 @@ class HandledEvent:
     """What the handler raised, or None if it returned."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # each block's own: removed by identity, even when nested
 class Capture:
     """What a bus emitted and handled while a `capture` block was open."""
 

@@ -1,5 +1,6 @@
 """fastapi_eventbus.testing and the documented override recipes."""
 
+import asyncio
 from collections.abc import Iterator
 
 from fastapi import Depends, FastAPI
@@ -87,3 +88,27 @@ def test_override_a_handler_dependency() -> None:
         TestClient(app).post("/cats")
     assert seen.failures == []
     assert sent == ["fake-mailer: welcome cat 1"]
+
+
+def test_nested_captures_each_record_their_own_and_unmute_the_bus() -> None:
+    """An inner ``capture`` leaving removed the outer one's recorder (they compared equal):
+    the outer block then missed failures, and a muting recorder stayed on the bus, so that
+    later events ran no handler, without a word."""
+    bus = EventBus()
+    ran: list[str] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        ran.append(event.id)
+
+    async def scenario() -> None:
+        with capture(bus, handle=False) as outer:
+            with capture(bus, handle=False) as inner:
+                await bus.publish("x")
+            await bus.publish("x")
+        assert (len(outer.emitted), len(inner.emitted)) == (2, 1)
+        assert ran == []
+        after = await bus.publish("x")
+        assert ran == [after.id]
+
+    asyncio.run(scenario())

@@ -18,6 +18,7 @@ from ._events import Event, event_name_of, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
+from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from ._core import Core
@@ -57,6 +58,8 @@ class Dispatcher:
         self.tracing: Tracing | None = None
         """The bus's span hooks (set with the core's); None: tracing off."""
         self._unmatched: set[str] = set()
+        self._names: set[str] = set()
+        """The registered handlers' names (`Handler.name`): unique with an inbox."""
         self._watchdog: Watchdog | None = None
         self.inbox: Inbox | None = None
         """Which handlers already succeeded for an event (``EventBus(inbox=...)``)."""
@@ -76,6 +79,15 @@ class Dispatcher:
         if timeout is None:
             timeout = core.settings.handler_timeout
         handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
+        if self.inbox is not None and handler.name in self._names:
+            raise ConfigurationError(
+                f"a handler named {handler.name} is registered already, and this bus's inbox "
+                "records which handlers succeeded by name: one's success would skip the other "
+                "on a redelivery. Give each its own name (a factory's handlers: set "
+                "__qualname__), or register one function once, with all its patterns: "
+                '@bus.on("a", "b")'
+            )
+        self._names.add(handler.name)
         model = handler.plan.event_model
         name = event_name_of(model) if model is not None else None
         if model is not None and name is not None and core.schemas.get(name) is None:

@@ -12,7 +12,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from fastapi_eventbus import Event, EventBus
+from fastapi_eventbus import ConfigurationError, Event, EventBus
 from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
 
 pytestmark = pytest.mark.slow
@@ -133,3 +133,36 @@ def test_the_outbox_relay_with_an_inbox_reruns_only_the_failed_handler(db_url: s
 
     calls = asyncio.run(scenario())
     assert calls == {"send_receipt": 1, "ship": 2}
+
+
+def _notifier(channel: str, sent: list[str]) -> object:
+    """A handler factory: every handler it makes has the same qualified name."""
+
+    async def notify(event: Event) -> None:
+        sent.append(channel)
+
+    return notify
+
+
+@pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])
+def test_handlers_sharing_a_name_are_refused_on_a_bus_with_an_inbox(
+    db_url: str, inbox: bool
+) -> None:
+    """The inbox records successes by handler name: of two handlers named alike (a factory's,
+    a callable class's instances), one success skipped both on a redelivery, and a worker
+    acknowledged a message whose other handler never succeeded. Refused where it is made."""
+
+    async def scenario() -> list[str]:
+        bus, _ = await _setup(db_url, inbox)
+        sent: list[str] = []
+        bus.on("paid")(_notifier("email", sent))  # type: ignore[call-overload]
+        if inbox:
+            with pytest.raises(ConfigurationError, match=r"_notifier.<locals>.notify.*inbox"):
+                bus.on("paid")(_notifier("sms", sent))  # type: ignore[call-overload]
+        else:
+            bus.on("paid")(_notifier("sms", sent))  # type: ignore[call-overload]
+        await bus.publish("paid")
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent == (["email"] if inbox else ["email", "sms"])

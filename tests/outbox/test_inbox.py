@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from fastapi import Depends
@@ -135,7 +135,7 @@ def test_the_outbox_relay_with_an_inbox_reruns_only_the_failed_handler(db_url: s
     assert calls == {"send_receipt": 1, "ship": 2}
 
 
-def _notifier(channel: str, sent: list[str]) -> object:
+def _notifier(channel: str, sent: list[str]) -> Callable[[Event], Awaitable[None]]:
     """A handler factory: every handler it makes has the same qualified name."""
 
     async def notify(event: Event) -> None:
@@ -155,12 +155,12 @@ def test_handlers_sharing_a_name_are_refused_on_a_bus_with_an_inbox(
     async def scenario() -> list[str]:
         bus, _ = await _setup(db_url, inbox)
         sent: list[str] = []
-        bus.on("paid")(_notifier("email", sent))  # type: ignore[call-overload]
+        bus.on("paid")(_notifier("email", sent))
         if inbox:
             with pytest.raises(ConfigurationError, match=r"_notifier.<locals>.notify.*inbox"):
-                bus.on("paid")(_notifier("sms", sent))  # type: ignore[call-overload]
+                bus.on("paid")(_notifier("sms", sent))
         else:
-            bus.on("paid")(_notifier("sms", sent))  # type: ignore[call-overload]
+            bus.on("paid")(_notifier("sms", sent))
         await bus.publish("paid")
         return sent
 

@@ -15,12 +15,7 @@ from starlette.responses import Response
 from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
-from ._events import (
-    Event,
-    SchemaRegistry,
-    make_event,
-    resolve_emit_args,
-)
+from ._events import Event, SchemaRegistry, make_event, resolve_emit_args
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
 from ._patterns import PatternIndex
 from ._sending import Sender
@@ -142,7 +137,8 @@ class Core:
 
     def destinations(self, name: str) -> list[str]:
         """Where an event called *name* goes, as an outbox records it: ``""`` for the local
-        handlers (also when nothing matches: its dispatch warns), and each forwarder's name."""
+        handlers (also when nothing matches: relayed until a process with a handler takes it,
+        or dead-lettered), and each forwarder's name."""
         forwarders = [f.name for f in self.forwarders.match(name)] if self.forwarders.size else []
         if self.handlers.match(name) or not forwarders:
             forwarders.insert(0, LOCAL)
@@ -152,9 +148,9 @@ class Core:
         """Run *events*' local handlers (*destination* ``""``), or send them through the
         forwarder named *destination*: an outbox's events, once committed or relayed.
 
-        Returns those that must be tried again, each with why: one whose handler
-        failed (already logged and reported), or that the forwarder did not send. An
-        event the forwarder refused for good was dead-lettered and reported: done.
+        Returns those that must be tried again, each with why: one whose handler failed
+        (already logged and reported) or that no handler here takes, or that the forwarder
+        did not send. One the forwarder refused for good was dead-lettered and reported.
         """
         if destination != LOCAL:
             forwarder = self.sender.named(destination)
@@ -165,6 +161,9 @@ class Core:
             return [(event, outcome.error or "not sent") for event in outcome.unsent]
         failed: list[tuple[Event, str]] = []
         for event in events:
+            if not self.handlers.match(event.name):  # a release (or process) that has one may
+                failed.append((event, "no handler for it in this application"))  # come
+                continue
             if failures := await self.handle(event, None, 0, local=True):
                 why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
                 failed.append((event, why))

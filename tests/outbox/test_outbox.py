@@ -391,6 +391,49 @@ def test_a_sync_script_shares_the_outbox_of_an_async_app(tmp_path: Path) -> None
     assert [(p.event.id, p.forwarder) for p in pending] == [(event.id, "")]
 
 
+def test_a_row_for_local_handlers_this_release_lacks_waits_and_is_not_lost(
+    tmp_path: Path, discards: list[DiscardedEvents]
+) -> None:
+    """A row written for the local handlers (by a release that had one) and relayed by a
+    release that only forwards that name: it was deleted as done, neither handled, sent nor
+    reported. It stays due (another process may have the handler), then is dead-lettered
+    with ``on_discard`` as a row of an unknown forwarder is."""
+    path = tmp_path / "shop.db"
+
+    def bus_on_the_shop_db() -> tuple[EventBus, SQLAlchemyOutbox]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine, retry_initial=0.001, retry_max=0.001, max_attempts=2)
+        return EventBus(outbox=outbox, on_discard=discards.append), outbox
+
+    before, outbox = bus_on_the_shop_db()
+
+    @before.on("order.paid")
+    async def ship(event: Event) -> None: ...
+
+    asyncio.run(outbox.create_tables())
+    sync_engine = create_engine(f"sqlite:///{path}")
+    with Session(sync_engine) as db:  # a script of the earlier release
+        event = before.emit("order.paid", {"id": 1}, session=db)
+        db.commit()
+    sync_engine.dispose()
+
+    after, relay = bus_on_the_shop_db()  # this release forwards order.paid, handles nothing
+    forwarder = RecordingForwarder()
+    after.forward("order.paid", forwarder)
+
+    async def relay_once() -> list[str]:
+        await relay.relay_once()
+        return [p.event.id for p in await relay.pending()]
+
+    assert asyncio.run(relay_once()) == [event.id]  # still due
+    assert forwarder.batches == []
+    for _ in range(3):
+        time.sleep(0.01)
+        asyncio.run(relay_once())
+    assert [report.ids for report in discards] == [[event.id]]
+    assert "no handler" in discards[0].reason
+
+
 def test_an_outboxed_event_keeps_its_extensions(tmp_path: Path) -> None:
     """The row holds the whole event: what the relay delivers carries its extensions."""
     path = tmp_path / "shop.db"

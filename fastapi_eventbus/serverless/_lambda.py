@@ -160,16 +160,17 @@ class _Invoker:
             )
         if self._runner is None:
             self._runner = asyncio.Runner()
-        budget = context.get_remaining_time_in_millis() / 1000 - self.time_margin
-        failed = self._runner.run(self._invoke(records, budget))
+        failed = self._runner.run(self._invoke(records, context))
         return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in failed]}
 
-    async def _invoke(self, records: Sequence[Mapping[str, Any]], budget: float) -> list[str]:
+    async def _invoke(self, records: Sequence[Mapping[str, Any]], context: Any) -> list[str]:
         if self._stack is None:
             stack = AsyncExitStack()
             # The installed lifespan gives its state to handler calls (EventBus.install).
             await stack.enter_async_context(self.app.router.lifespan_context(self.app))
             self._stack = stack
+        # Read after a cold start's lifespan: it took part of the invocation's time.
+        budget = context.get_remaining_time_in_millis() / 1000 - self.time_margin
         return await _Batch(self, records).run(budget)
 
     def close(self) -> None:

@@ -215,6 +215,38 @@ def test_records_unfinished_when_time_runs_out_are_failures(
     assert any("time ran out" in line and slow[0] in line for line in caplog.messages)
 
 
+def test_a_cold_start_s_lifespan_counts_against_the_invocation_s_time(moto: Moto) -> None:
+    """The time left was read before the first invocation entered the app's lifespan: a
+    lifespan of 0.6 s and a slow record ran past Lambda's limit (the runtime would have
+    killed the whole batch, unreported); the slow record is a failure in time."""
+    bus = EventBus()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.sleep(0.6)  # a cold start: pools opened, configuration loaded
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        if event.payload.get("slow"):
+            await asyncio.sleep(30)
+
+    bus.install(app)
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1, "slow": True})
+    event = received_batch(moto, queue_url, 1)
+    handler = lambda_sqs_handler(app)
+    try:
+        started = time.monotonic()
+        result = handler(event, FakeContext(seconds=1.2))
+        assert time.monotonic() - started < 1.2
+    finally:
+        handler.close()
+    assert failures(result) == [event["Records"][0]["messageId"]]
+
+
 def test_undecodable_and_unhandled_records_follow_the_policies(
     moto: Moto, consumer: Consumer
 ) -> None:

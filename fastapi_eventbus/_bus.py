@@ -15,13 +15,13 @@ from starlette.responses import Response
 from . import _di
 from ._attributes import Extensions
 from ._batch import SCOPE_KEY, Batch, RequestEnd
-from ._core import Core, Observer
+from ._core import Core
 from ._di import Handler
 from ._dispatch import Inbox
 from ._events import (
     Event,
 )
-from ._hooks import HandlerFailure, OnDiscard, OnError, logger
+from ._hooks import HandlerFailure, Observer, OnDiscard, OnError, logger
 from ._lifespan import draining_lifespan
 from ._patterns import pattern_of
 from ._retry import Retry
@@ -422,12 +422,7 @@ class EventBus:
         The sum of their time limits (they run one after the other); 0.0 if no
         handler matches. The events they emit are not counted.
         """
-        total = 0.0
-        for handler in self._core.handlers.match(name):
-            if handler.timeout is None:
-                return None
-            total += handler.timeout
-        return total
+        return self._core.dispatcher.time_limit(name)
 
     # -- request lifecycle ------------------------------------------------------
 

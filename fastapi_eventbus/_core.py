@@ -7,16 +7,17 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
 from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope
+from ._deadline import allowance, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
 from ._events import Event, SchemaRegistry, make_event, resolve_emit_args
-from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
+from ._hooks import DiscardedEvents, HandlerFailure, Observer, call_hook, logger
 from ._patterns import PatternIndex
 from ._sending import Sender
 from ._settings import Settings
@@ -27,16 +28,6 @@ from .storage import Outbox, Storage
 
 LOCAL = ""
 """The destination of an event's local handlers, beside its forwarders' names."""
-
-
-class Observer(Protocol):
-    """Receives what the bus emits and handles (used by `fastapi_eventbus.testing`)."""
-
-    mute: bool
-
-    def on_emit(self, event: Event) -> None: ...
-
-    def on_handled(self, event: Event, handler: str, error: BaseException | None) -> None: ...
 
 
 class Core:
@@ -164,7 +155,13 @@ class Core:
             if not self.handlers.match(event.name):  # a release (or process) that has one may
                 failed.append((event, "no handler for it in this application"))  # come
                 continue
-            if failures := await self.handle(event, None, 0, local=True):
+            wait = allowance(self.dispatcher.time_limit(event.name))
+            done, failures = await within(self.handle(event, None, 0, local=True), wait)
+            if not done:  # one ignored its cancellation: no longer waited for; tried again
+                why = f"its handlers still ran {wait:g}s after they started (left running)"
+                logger.error("event %r (id=%s): %s", event.name, event.id, why)
+                failed.append((event, why))
+            elif failures:
                 why = "; ".join(f"handler {f.handler} raised {f.exception!r}" for f in failures)
                 failed.append((event, why))
         return failed

@@ -7,6 +7,9 @@ handles pile up in the loop's heap and each push gets slower. A `Watchdog`
 keeps one timer, armed for the earliest deadline of the calls it watches;
 starting and stopping a call's `Limit` (one per flush of a batch, for all of its handler calls)
 only adds it to, and removes it from, a set.
+
+And waiting for handlers without hanging on one that ignores its cancellation: how long
+(`allowance`), and how (`within`, `finish_within`: past the time, it is left running).
 """
 
 from __future__ import annotations
@@ -14,7 +17,65 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, overload
+from collections.abc import Coroutine
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
+"""What the call `within` waits for returns."""
+
+MIN_OVERTIME = 5.0
+"""The least time code waiting for handlers gives them past their time limits (`allowance`)."""
+
+
+def allowance(limit: float | None) -> float | None:
+    """How long to wait for handlers whose time limits add up to *limit* (None: one has
+    none): *limit*, plus as much again and at least `MIN_OVERTIME` seconds, for the events
+    they emit and for unwinding. Past that, a handler that ignored its cancellation is
+    left running, and the waiting code (a worker, the outbox relay) goes on."""
+    return None if limit is None else limit + max(limit, MIN_OVERTIME)
+
+
+CANCEL_GRACE = 1.0
+"""Seconds `finish_within` waits for a task to stop once it cancelled it."""
+
+_LEFT_RUNNING: set[asyncio.Future[Any]] = set()
+"""Tasks that outlived the time given them (see `within`): kept until they end."""
+
+
+def _leave_running(task: asyncio.Future[Any]) -> None:
+    _LEFT_RUNNING.add(task)
+    task.add_done_callback(_LEFT_RUNNING.discard)
+
+
+async def within(call: Coroutine[Any, Any, T], seconds: float | None) -> tuple[bool, T | None]:
+    """Await *call* for at most *seconds* (None: as long as it takes): ``(True, result)``,
+    or ``(False, None)`` if it still runs then. It is left running: code that ignores its
+    cancellation cannot be stopped, only no longer waited for."""
+    if seconds is None:
+        return True, await call
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return True, task.result()
+    _leave_running(task)
+    return False, None
+
+
+async def finish_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Wait up to *seconds* for *task*, then cancel it and wait up to `CANCEL_GRACE` more;
+    whether it finished. One ignoring its cancellation is left running."""
+    await asyncio.wait({task}, timeout=seconds)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_GRACE)
+    if task.done():
+        return True
+    _leave_running(task)
+    return False
 
 
 class Watchdog:

@@ -94,6 +94,15 @@ class Dispatcher:
             core.schemas.register(name, model)
         self.handlers.add(handler.patterns, handler)
 
+    def time_limit(self, name: str) -> float | None:
+        """Seconds the handlers of event *name* may take together (`EventBus.time_limit`)."""
+        total = 0.0
+        for handler in self.handlers.match(name):
+            if handler.timeout is None:
+                return None
+            total += handler.timeout
+        return total
+
     async def dispatch(
         self, event: Event, batch: Batch, local: bool = True, redelivered: bool = False
     ) -> list[HandlerFailure]:

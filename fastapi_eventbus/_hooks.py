@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Protocol, TypeAlias, TypeVar
 
 from ._events import Event
 
@@ -76,6 +76,16 @@ class DiscardedEvents:
     def ids(self) -> list[str]:
         """The ids of the discarded events."""
         return [event.id for event in self.events]
+
+
+class Observer(Protocol):
+    """Receives what the bus emits and handles (used by `fastapi_eventbus.testing`)."""
+
+    mute: bool
+
+    def on_emit(self, event: Event) -> None: ...
+
+    def on_handled(self, event: Event, handler: str, error: BaseException | None) -> None: ...
 
 
 OnError: TypeAlias = Callable[[HandlerFailure], Awaitable[None] | None]

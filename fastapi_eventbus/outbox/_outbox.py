@@ -26,6 +26,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, registry
 
+from fastapi_eventbus._deadline import finish_within
 from fastapi_eventbus._events import Event, event_json
 from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
 from fastapi_eventbus._retry import exponential, jittered
@@ -246,10 +247,7 @@ class SQLAlchemyOutbox:
         failed: list[tuple[Event, str, str]] = []
         renewing = asyncio.ensure_future(self._renew(keys))
         try:
-            local = groups.pop("", None)
-            if local:
-                failed += [(e, "", why) for e, why in await core.deliver_to("", local)]
-            results = await asyncio.gather(
+            results = await asyncio.gather(  # the local handlers beside the forwarders
                 *(core.deliver_to(name, chosen) for name, chosen in groups.items())
             )
             for name, outcome in zip(groups, results, strict=True):
@@ -453,10 +451,13 @@ class SQLAlchemyOutbox:
                 round_ = asyncio.ensure_future(self._relay_round())
                 try:
                     await asyncio.shield(round_)
-                except asyncio.CancelledError:
-                    timeout = self.core.settings.shutdown_timeout
-                    with suppress(Exception, asyncio.CancelledError):
-                        await asyncio.wait_for(round_, timeout)
+                except asyncio.CancelledError:  # bounded: a handler may ignore cancellation
+                    if not await finish_within(round_, self.core.settings.shutdown_timeout):
+                        logger.error(
+                            "outbox %s: a delivery did not stop at shutdown; left running, its "
+                            "rows are relayed again once their lease ends",
+                            self.name,
+                        )
                     raise
                 with suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.poll_interval)

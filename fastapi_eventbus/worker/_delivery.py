@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias, get_args
 
 from fastapi_eventbus._bus import EventBus, tracing_of
+from fastapi_eventbus._deadline import allowance
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus._tracing import Consumed, Tracing
@@ -42,8 +43,6 @@ def check_policies(on_undecodable: object, on_unhandled: object, max_message_byt
 
 GIVE_BACK_TIMEOUT = 5.0
 """Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""
-MIN_OVERTIME = 5.0
-"""The least time a message gets past its handlers' time limit (see `hold`)."""
 
 
 @dataclass(slots=True)
@@ -166,7 +165,7 @@ class Processor:
             consumed.event = event
         if not owner.bus.handles(event.name):
             return self._unhandled(held, consumed)
-        hold_for = hold(owner.bus.time_limit(event.name))
+        hold_for = allowance(owner.bus.time_limit(event.name))
         self.watch(held, hold_for)
         try:
             async with self._heartbeat(message, hold_for):
@@ -361,17 +360,6 @@ class Processor:
                 source.name,
                 str(exc) or type(exc).__name__,
             )
-
-
-def hold(limit: float | None) -> float | None:
-    """How long a message may keep its slot and heartbeat, its handlers' *limit* given.
-
-    The handlers' time limit (`EventBus.time_limit`), plus as much again and at
-    least `MIN_OVERTIME` seconds, for the events they emit (handled and
-    forwarded before the message is acknowledged) and for unwinding. None when
-    one of them has no time limit.
-    """
-    return None if limit is None else limit + max(limit, MIN_OVERTIME)
 
 
 def listed(held: Iterable[HeldMessage]) -> str:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -432,6 +433,110 @@ def test_a_row_for_local_handlers_this_release_lacks_waits_and_is_not_lost(
         asyncio.run(relay_once())
     assert [report.ids for report in discards] == [[event.id]]
     assert "no handler" in discards[0].reason
+
+
+class _Stubborn:
+    """A handler that ignores the cancellation its time limit sends, and goes on until the
+    test lets it stop (a bare ``except BaseException``, a library that swallows it)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.started = 0
+
+    async def __call__(self, event: Event) -> None:
+        self.started += 1
+        while not self.stop:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue  # ignored
+
+    async def release(self) -> None:
+        """Let it return, and let the event loop see it do so."""
+        self.stop = True
+        await asyncio.sleep(0.05)
+
+
+def _stubborn_shop(path: Path) -> tuple[EventBus, SQLAlchemyOutbox, _Stubborn]:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine, lease=1.0, poll_interval=0.05)
+    bus = EventBus(outbox=outbox, shutdown_timeout=0.3)
+    stubborn = _Stubborn()
+    bus.on("order.stuck", timeout=0.1)(stubborn)
+    asyncio.run(outbox.create_tables())
+    return bus, outbox, stubborn
+
+
+def _commit_from_a_script(path: Path, bus: EventBus, *names: str) -> list[str]:
+    """Emit *names* with a sync session, no event loop: the rows wait for the relay."""
+    sync_engine = create_engine(f"sqlite:///{path}")
+    with Session(sync_engine) as db:
+        ids = [bus.emit(name, {}, session=db).id for name in names]
+        db.commit()
+    sync_engine.dispose()
+    return ids
+
+
+def test_a_handler_that_ignores_its_time_limit_does_not_stall_the_relay(tmp_path: Path) -> None:
+    """Found: the relay ran a round's local handlers one after the other, then its sends: a
+    handler ignoring its cancellation held every other row of the round (and their leases,
+    renewed) for as long as it ran. It is left running past its time limit and an
+    overtime, reported, and its row relayed again; the other rows go through."""
+    path = tmp_path / "shop.db"
+    bus, outbox, stubborn = _stubborn_shop(path)
+    queue = RecordingForwarder()
+    bus.forward("order.sent", queue)
+    handled: list[str] = []
+
+    @bus.on("order.paid")
+    async def paid(event: Event) -> None:
+        handled.append(event.id)
+
+    stuck, sent, paid_id = _commit_from_a_script(
+        path, bus, "order.stuck", "order.sent", "order.paid"
+    )
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        relay = asyncio.ensure_future(outbox.relay_once())
+        with anyio.move_on_after(15):
+            await asyncio.shield(relay)
+        took = time.monotonic() - started
+        await stubborn.release()
+        await relay
+        return took
+
+    took = asyncio.run(scenario())
+    assert [e.id for batch in queue.batches for e in batch] == [sent]
+    assert handled == [paid_id]
+    assert took < 10  # the stuck handler's 0.1 s limit and an overtime, not until it stops
+    pending = asyncio.run(outbox.pending())
+    assert [(p.event.id, p.forwarder) for p in pending] == [(stuck, "")]  # relayed again
+
+
+def test_shutdown_does_not_wait_for_a_handler_that_ignores_its_cancellation(
+    tmp_path: Path,
+) -> None:
+    """Found: at shutdown the relay waited for its round to end after cancelling it, so a
+    handler ignoring its cancellation held the lifespan's exit (and a worker's) forever.
+    The exit takes ``shutdown_timeout`` and a bounded grace; the row stays in the outbox."""
+    path = tmp_path / "shop.db"
+    bus, outbox, stubborn = _stubborn_shop(path)
+    app = FastAPI()
+    bus.install(app)
+    [stuck] = _commit_from_a_script(path, bus, "order.stuck")
+
+    async def scenario() -> float:
+        async with app.router.lifespan_context(app):
+            while not stubborn.started:  # noqa: ASYNC110 - the relay took the row
+                await asyncio.sleep(0.01)
+            leaving = time.monotonic()
+        took = time.monotonic() - leaving
+        await stubborn.release()
+        return took
+
+    assert asyncio.run(scenario()) < 5
+    assert [p.event.id for p in asyncio.run(outbox.pending())] == [stuck]
 
 
 def test_an_outboxed_event_keeps_its_extensions(tmp_path: Path) -> None:

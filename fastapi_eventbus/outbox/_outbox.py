@@ -4,6 +4,7 @@ forwarded once it commits, relayed from the table after a crash."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -206,10 +207,11 @@ class SQLAlchemyOutbox:
 
             self.core.after_response(group[0].batch, deliver)
 
-    def discarded(self, entries: list[Entry], reason: str) -> None:
-        """*entries*' rows were rolled back: log it, and tell ``on_discard``."""
+    def discarded(self, entries: list[Entry], reason: str, level: int = logging.INFO) -> None:
+        """*entries*' rows were rolled back: log it (at *level*), and tell ``on_discard``."""
         events = tuple(entry.event for entry in entries)
-        logger.info(
+        logger.log(
+            level,
             "discarded %d event(s) because %s: %s",
             len(events),
             reason,

@@ -3,6 +3,8 @@ commit, rollback or close does with them (the session's own events)."""
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,17 @@ def joined(session: Session) -> Joined:
     found: Joined | None = session.info.get(_JOINED)
     if found is None:
         found = session.info[_JOINED] = Joined()
+        weakref.finalize(session, _collected, found)  # holds the events, not the session
     return found
+
+
+def _collected(joined: Joined) -> None:
+    """A session carrying events was garbage-collected with no commit, rollback or close
+    (no session event fires then): its database rolls the transaction back."""
+    entries, joined.entries = joined.entries, []
+    for outbox, group in _by_outbox(entries):
+        reason = "the session that wrote them was garbage-collected without a commit or close"
+        outbox.discarded(group, reason, logging.WARNING)  # a bug, unlike a rollback
 
 
 def listen_to_sessions() -> None:

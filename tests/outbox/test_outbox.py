@@ -7,6 +7,7 @@ Each test runs on SQLite (aiosqlite) and on a real PostgreSQL server, through th
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -106,6 +107,30 @@ def test_a_session_closed_without_commit_discards_its_events(
         event_id = client.post("/forgot").json()
     assert rows(db_url, handled) == []
     assert [e.id for d in discards for e in d.events] == [event_id]
+
+
+def test_a_session_dropped_without_commit_or_close_reports_its_events(
+    tmp_path: Path, discards: list[DiscardedEvents], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a session garbage-collected with no commit, rollback or close (its database
+    rolls the transaction back) fired no session event: its events were gone unreported."""
+    path = tmp_path / "shop.db"
+    outbox = SQLAlchemyOutbox(create_async_engine(f"sqlite+aiosqlite:///{path}"))
+    bus = EventBus(outbox=outbox, on_discard=discards.append)
+    asyncio.run(outbox.create_tables())
+    sync_engine = create_engine(f"sqlite:///{path}")
+
+    def forget() -> str:
+        db = Session(sync_engine)
+        return bus.emit("order.created", {"id": 1}, session=db).id  # neither commit nor close
+
+    event_id = forget()
+    gc.collect()
+    sync_engine.dispose()
+    assert [report.ids for report in discards] == [[event_id]]
+    assert "garbage-collected" in discards[0].reason
+    [line] = [r for r in caplog.records if event_id in r.getMessage()]
+    assert line.levelno == logging.WARNING
 
 
 def test_emit_with_a_session_outside_a_request_handles_it_after_commit(db_url: str) -> None:

@@ -115,7 +115,8 @@ def test_a_session_dropped_without_commit_or_close_reports_its_events(
     """Found: a session garbage-collected with no commit, rollback or close (its database
     rolls the transaction back) fired no session event: its events were gone unreported."""
     path = tmp_path / "shop.db"
-    outbox = SQLAlchemyOutbox(create_async_engine(f"sqlite+aiosqlite:///{path}"))
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine)
     bus = EventBus(outbox=outbox, on_discard=discards.append)
     asyncio.run(outbox.create_tables())
     sync_engine = create_engine(f"sqlite:///{path}")

@@ -61,8 +61,9 @@ class DiscardedEvents:
 
     Passed to the ``on_discard`` hook. *reason* says why: the endpoint raised,
     the handler that emitted them failed, shutdown timed out, their flush was
-    cancelled, or they were spooled for a forwarder that no application running
-    had until their rounds ran out.
+    cancelled, nothing matches them (no handler, no forwarder), their outbox
+    transaction rolled back, or they were stored for a forwarder or handlers that
+    no application running had until their rounds ran out.
     """
 
     events: tuple[Event, ...]

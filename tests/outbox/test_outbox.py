@@ -488,7 +488,11 @@ def _stubborn_shop(path: Path) -> tuple[EventBus, SQLAlchemyOutbox, _Stubborn]:
     outbox = SQLAlchemyOutbox(engine, lease=1.0, poll_interval=0.05)
     bus = EventBus(outbox=outbox, shutdown_timeout=0.3)
     stubborn = _Stubborn()
-    bus.on("order.stuck", timeout=0.1)(stubborn)
+
+    @bus.on("order.stuck", timeout=0.1)
+    async def stuck(event: Event) -> None:  # a function: FastAPI 0.121 cannot read the
+        await stubborn(event)  # string annotations of a callable instance's __call__
+
     asyncio.run(outbox.create_tables())
     return bus, outbox, stubborn
 

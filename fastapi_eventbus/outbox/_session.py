@@ -58,10 +58,15 @@ def joined(session: Session) -> Joined:
 def _collected(joined: Joined) -> None:
     """A session carrying events was garbage-collected with no commit, rollback or close
     (no session event fires then): its database rolls the transaction back."""
+    reason = "the session that wrote them was garbage-collected without a commit or close"
+    _discard(joined, reason, logging.WARNING)  # a bug, unlike a rollback
+
+
+def _discard(joined: Joined, reason: str, level: int = logging.INFO) -> None:
+    """*joined*'s events will never commit: each outbox reports its own, with *reason*."""
     entries, joined.entries = joined.entries, []
     for outbox, group in _by_outbox(entries):
-        reason = "the session that wrote them was garbage-collected without a commit or close"
-        outbox.discarded(group, reason, logging.WARNING)  # a bug, unlike a rollback
+        outbox.discarded(group, reason, level)
 
 
 def listen_to_sessions() -> None:
@@ -120,9 +125,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
     joined = session.info.get(_JOINED)
     if joined is None or not joined.entries:
         return
-    entries, joined.entries = joined.entries, []
-    for outbox, group in _by_outbox(entries):
-        outbox.discarded(group, "the transaction that wrote them rolled back")
+    _discard(joined, "the transaction that wrote them rolled back")
 
 
 def _by_outbox(entries: list[Entry]) -> list[tuple[SQLAlchemyOutbox, list[Entry]]]:

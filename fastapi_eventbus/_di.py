@@ -313,6 +313,23 @@ def _is_simple(dependant: Dependant) -> bool:
     )
 
 
+def _typed_signature(func: Callable[..., Any]) -> inspect.Signature:
+    """*func*'s signature as FastAPI reads it, its string annotations resolved where they
+    were written: older FastAPI releases (0.121) resolve a function's only, not those of a
+    callable instance's ``__call__`` or of a ``functools.partial``'s function."""
+    signature = get_typed_signature(func)
+    params = signature.parameters.values()
+    if not any(isinstance(param.annotation, str | ForwardRef) for param in params):
+        return signature
+    try:
+        resolved = inspect.signature(func, eval_str=True).parameters
+    except Exception:  # e.g. NameError: `_check_kinds` names the annotation
+        return signature
+    return signature.replace(
+        parameters=[param.replace(annotation=resolved[param.name].annotation) for param in params]
+    )
+
+
 def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     """Analyse *func* once: its event parameter and its dependency graph.
 
@@ -326,7 +343,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
             f"handler {qualified_name(func)} is a generator; handlers must return None"
         )
     try:
-        signature = get_typed_signature(func)
+        signature = _typed_signature(func)
     except (ValueError, TypeError) as exc:  # builtins and C callables have no signature
         raise ConfigurationError(
             f"handler {qualified_name(func)}: its signature cannot be read ({exc}); "

@@ -35,6 +35,14 @@ def allowance(limit: float | None) -> float | None:
     return None if limit is None else limit + max(limit, MIN_OVERTIME)
 
 
+def cancelled() -> bool:
+    """Whether the current task was asked to stop: a `asyncio.CancelledError` caught now is
+    its cancellation, to let through. Otherwise the code it awaited raised one of its own (a
+    handler whose own task was cancelled, a library re-raising it): an error like any other."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 CANCEL_GRACE = 1.0
 """Seconds `finish_within` waits for a task to stop once it cancelled it."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch
-from ._deadline import Limit, Watchdog
+from ._deadline import Limit, Watchdog, cancelled
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
@@ -163,6 +163,10 @@ class Dispatcher:
                                     raise outcome
                         except Exception as exc:
                             error = exc
+                        except asyncio.CancelledError as exc:
+                            if cancelled():  # this task's own cancellation: it goes on up
+                                raise
+                            error = exc  # the handler's own, no cancellation: it failed
                     else:
                         error = await self._run(
                             handler, event, batch, child, local, overrides, limit
@@ -333,6 +337,10 @@ class Dispatcher:
                     raise outcome
         except Exception as exc:
             return exc
+        except asyncio.CancelledError as exc:
+            if cancelled():  # this task's own cancellation: it goes on up
+                raise
+            return exc  # the handler's own, no cancellation: it failed
         return None
 
     def _start(

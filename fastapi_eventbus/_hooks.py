@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, TypeVar
 
+from ._deadline import cancelled
 from ._events import Event
 
 logger = logging.getLogger("fastapi_eventbus")
@@ -104,4 +106,8 @@ async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T
         if inspect.isawaitable(result):
             await result
     except Exception:
+        logger.exception("fastapi_eventbus hook %r raised", hook)
+    except asyncio.CancelledError:
+        if cancelled():  # the caller's own cancellation: it goes on up
+            raise
         logger.exception("fastapi_eventbus hook %r raised", hook)

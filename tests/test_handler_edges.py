@@ -647,3 +647,80 @@ def test_of_an_app_without_a_bus_says_what_to_call() -> None:
 
     with pytest.raises(BusNotInstalledError, match=r"bus.install\(app\)"):
         EventBus.of(FastAPI())
+
+
+# -- a CancelledError nobody asked for --------------------------------------------------
+
+
+async def cancelled_on_its_own(event: Event) -> None:
+    """Raises `asyncio.CancelledError` without its task being cancelled: what code does that
+    awaits a task someone else cancelled, or a library that re-raises it."""
+    raise asyncio.CancelledError
+
+
+def test_a_handler_raising_cancelled_error_fails_alone_in_a_request(
+    app: FastAPI, bus: EventBus, hooks: Hooks
+) -> None:
+    """Found: the flush took it for its own cancellation. The request's other events were
+    discarded ("the flush was cancelled"), the request's task ended cancelled, and the
+    handler's failure reached no ``on_error``."""
+    ran: list[str] = []
+    bus.on("cat.lost")(cancelled_on_its_own)
+    bus.on("cat.*")(lambda event: ran.append(event.id))
+    emitted: list[Event] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        emitted.extend(bus.emit(name) for name in ("cat.lost", "cat.fed", "cat.lost"))
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+        assert client.post("/").status_code == 200  # the app goes on
+    assert ran == [event.id for event in emitted]  # the other handler ran for each
+    failed = [(f.event.id, type(f.exception)) for f in hooks.failures]
+    assert failed == [(e.id, asyncio.CancelledError) for e in emitted if e.name == "cat.lost"]
+    assert hooks.discards == []
+
+
+async def test_a_handler_raising_cancelled_error_is_retried_like_any_failure(
+    bus: EventBus, hooks: Hooks
+) -> None:
+    calls: list[str] = []
+
+    @bus.on("cat.lost", retry=Retry(attempts=3, initial_delay=0.001, max_delay=0.001))
+    async def flaky(event: Event) -> None:
+        calls.append(event.id)
+        if len(calls) < 3:
+            raise asyncio.CancelledError
+
+    event = await bus.publish("cat.lost")
+    assert calls == [event.id] * 3
+    assert hooks.failures == []
+
+
+def test_a_hook_raising_cancelled_error_does_not_stop_the_flush() -> None:
+    """The ``on_error`` hook raised `asyncio.CancelledError`: it went up through the flush as
+    its cancellation, and the request's later events were discarded."""
+    ran: list[str] = []
+
+    def on_error(failure: Any) -> None:
+        raise asyncio.CancelledError
+
+    bus = EventBus(on_error=on_error)
+    app = FastAPI()
+    bus.install(app)
+
+    @bus.on("cat.lost")
+    async def broken(event: Event) -> None:
+        raise LookupError("no cat")
+
+    bus.on("cat.fed")(lambda event: ran.append(event.id))
+    emitted: list[Event] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        emitted.extend(bus.emit(name) for name in ("cat.lost", "cat.fed"))
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert ran == [emitted[1].id]

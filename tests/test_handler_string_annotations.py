@@ -41,7 +41,7 @@ def test_a_callable_instance_s_string_annotations_are_resolved() -> None:
 
 
 def test_a_partial_s_string_annotations_are_resolved() -> None:
-    bus, seen = EventBus(), []
+    bus, seen = EventBus(), list[tuple[str, int]]()
     bus.on("cat.fed")(functools.partial(record, seen))
     asyncio.run(bus.publish("cat.fed"))
     assert seen == [("cat.fed", 42)]

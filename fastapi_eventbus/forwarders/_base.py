@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, ClassVar, Self, TypeAlias, TypeVar
 
+from fastapi_eventbus._deadline import cancelled
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._hooks import call_hook, logger
 from fastapi_eventbus._retry import Retry
@@ -451,10 +452,9 @@ class Forwarder:
         return list(delivery.retry), error
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T:
-        """Await *call* within `send_timeout`; past it, a transient `ForwarderError`."""
+        """Await *call* within `send_timeout`; past it, a transient `ForwarderError`. So is
+        a `asyncio.CancelledError` it raises that no cancellation of this task explains."""
         seconds = self.send_timeout
-        if seconds is None:
-            return await call
         limit = asyncio.timeout(seconds)
         try:
             async with limit:
@@ -463,6 +463,11 @@ class Forwarder:
             if not limit.expired():
                 raise  # the call's own timeout: transient as it is
             message = f"forwarder {self.name}: {what} did not finish within {seconds:g}s"
+            raise ForwarderError(message, transient=True) from exc
+        except asyncio.CancelledError as exc:
+            if cancelled():
+                raise
+            message = f"forwarder {self.name}: {what} raised CancelledError, nothing cancelled it"
             raise ForwarderError(message, transient=True) from exc
 
     async def _refuse_unsendable(self, events: list[Event], outcome: DeliveryOutcome) -> set[str]:

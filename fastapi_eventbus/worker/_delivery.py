@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias, get_args
 
 from fastapi_eventbus._bus import EventBus, tracing_of
-from fastapi_eventbus._deadline import allowance
+from fastapi_eventbus._deadline import allowance, cancelled
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus._tracing import Consumed, Tracing
@@ -178,6 +178,8 @@ class Processor:
         if held.abandoned:
             logger.warning("message %s finished after it was given back: not acknowledged", held)
             return False
+        if cancelled():  # at shutdown, and a handler swallowed it: not finished, given back
+            raise asyncio.CancelledError
         if failures == []:
             owner.stats.handled += 1
             return True

@@ -760,3 +760,39 @@ async def test_without_the_lifespan_a_failed_check_dead_letters_the_batch() -> N
 def test_verify_on_start_must_be_a_bool() -> None:
     with pytest.raises(ConfigurationError, match="verify_on_start must be a bool"):
         Forwarder(verify_on_start="yes")  # type: ignore[arg-type]
+
+
+class CancelledOnItsOwn(Forwarder):
+    """Its first *failures* sends raise `asyncio.CancelledError` though nothing cancelled
+    them: a client library whose own connection task was cancelled, re-raising it."""
+
+    def __init__(self, failures: int, dead: list[DeadLetter]) -> None:
+        super().__init__(retry=FAST, dead_letter=dead.append)
+        self.failures = failures
+        self.sent: list[str] = []
+        self.calls = 0
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise asyncio.CancelledError
+        self.sent += [event.id for event in events]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failures", [1, 100])
+async def test_a_send_raising_cancelled_error_is_a_transient_failure(failures: int) -> None:
+    """Found: the send's task ended cancelled, and the flush took that for shutdown's
+    cancellation, which reports what it cancels: the event was neither sent, dead-lettered
+    nor reported."""
+    dead: list[DeadLetter] = []
+    forwarder = CancelledOnItsOwn(failures, dead)
+    bus = EventBus()
+    bus.forward("order.*", forwarder)
+    event = await bus.publish("order.placed", {"id": 1})
+    if failures == 1:  # tried again, and sent
+        assert (forwarder.sent, dead) == ([event.id], [])
+    else:  # each attempt failed: dead-lettered by id
+        [letter] = dead
+        assert letter.ids == [event.id]
+        assert "CancelledError" in letter.reason

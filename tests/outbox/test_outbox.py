@@ -461,6 +461,44 @@ def test_a_row_for_local_handlers_this_release_lacks_waits_and_is_not_lost(
     assert "no handler" in discards[0].reason
 
 
+def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(
+    tmp_path: Path, discards: list[DiscardedEvents]
+) -> None:
+    """Found: a handler that raised `asyncio.CancelledError` without being cancelled stopped
+    the relay's whole batch as if shutdown had cancelled it. `relay_once` raised, the other
+    row of the batch was not delivered, and neither row counted an attempt: every round
+    did the same, so the event was never dead-lettered nor reported."""
+    path = tmp_path / "shop.db"
+    engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine, retry_initial=0.001, retry_max=0.001, max_attempts=2)
+    bus = EventBus(outbox=outbox, on_discard=discards.append)
+    handled: list[str] = []
+
+    @bus.on("order.lost")
+    async def lost(event: Event) -> None:
+        raise asyncio.CancelledError  # e.g. it awaited a task something else cancelled
+
+    bus.on("order.paid")(lambda event: handled.append(event.id))
+    asyncio.run(outbox.create_tables())
+    sync_engine = create_engine(f"sqlite:///{path}")
+    with Session(sync_engine) as db:  # a script: the relay delivers its events
+        bad = bus.emit("order.lost", {"id": 1}, session=db)
+        good = bus.emit("order.paid", {"id": 2}, session=db)
+        db.commit()
+    sync_engine.dispose()
+
+    async def relay() -> list[str]:
+        for _ in range(3):
+            await outbox.relay_once()
+            await asyncio.sleep(0.01)
+        return [p.event.id for p in await outbox.pending()]
+
+    assert asyncio.run(relay()) == []
+    assert handled == [good.id]
+    assert [report.ids for report in discards] == [[bad.id]]
+    assert "CancelledError" in discards[0].reason
+
+
 class _Stubborn:
     """A handler that ignores the cancellation its time limit sends, and goes on until the
     test lets it stop (a bare ``except BaseException``, a library that swallows it)."""

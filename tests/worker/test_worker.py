@@ -14,7 +14,14 @@ from typing import Annotated, Any
 import pytest
 from fastapi import Depends, FastAPI
 
-from fastapi_eventbus import ConfigurationError, Event, EventBus, SourceError, get_bus
+from fastapi_eventbus import (
+    ConfigurationError,
+    Event,
+    EventBus,
+    HandlerFailure,
+    SourceError,
+    get_bus,
+)
 from fastapi_eventbus.exceptions import MissingExtraError
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.wire import decode_message
@@ -553,3 +560,52 @@ async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
         ),
         ("fastapi_eventbus", f"shutdown: 1 event(s) did not finish within 1.0s: {event.id}"),
     ]
+
+
+async def test_a_handler_raising_cancelled_error_fails_its_message_only() -> None:
+    """Found: a handler that raised `asyncio.CancelledError` without being cancelled (it
+    awaited a task someone else cancelled) was neither a failure nor a success: no ERROR, no
+    ``on_error``, ``failed`` stayed 0, and the message went back until the broker
+    dead-lettered it."""
+    failures: list[HandlerFailure] = []
+    bus = EventBus(on_error=failures.append)
+    seen: list[str] = []
+
+    @bus.on("order.lost")
+    async def lost(event: Event) -> None:
+        raise asyncio.CancelledError
+
+    bus.on("order.placed")(lambda event: seen.append(event.id))
+    bad, good = Event(name="order.lost"), Event(name="order.placed")
+    source = MemorySource(name="source", max_deliveries=1)
+    source.put(bad, message_id="bad")
+    source.put(good, message_id="good")
+    async with Worker(bus, source) as worker:
+        await source.join()
+    assert worker.stats == WorkerStats(received=2, handled=1, failed=1)
+    assert seen == [good.id]
+    assert ids(source.acked) == ["good"]
+    assert [m.message_id for m in source.dead] == ["bad"]
+    assert [(f.event.id, type(f.exception)) for f in failures] == [(bad.id, asyncio.CancelledError)]
+
+
+async def test_a_message_whose_handler_swallows_the_shutdown_cancellation_is_given_back() -> None:
+    """Found: at shutdown the worker cancelled the message (and logged that it goes back for
+    redelivery); the handler caught the cancellation and returned, and the worker then
+    acknowledged the message: deleted, its work cut short, counted handled and unfinished."""
+    bus = EventBus()
+    started = asyncio.Event()
+
+    @bus.on("order.*")
+    async def cleanup_forgets_to_reraise(event: Event) -> None:
+        started.set()
+        with suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    source = MemorySource(name="source")
+    source.put(Event(name="order.placed"), message_id="m0")
+    async with Worker(bus, source, shutdown_timeout=0.1) as worker:
+        await started.wait()
+    assert source.acked == []
+    assert [(message.message_id, delay) for message, delay in source.nacked] == [("m0", 0)]
+    assert worker.stats == WorkerStats(received=1, unfinished=1)

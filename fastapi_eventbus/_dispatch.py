@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
 from ._batch import SCOPE_KEY, Batch
-from ._deadline import Limit, Watchdog, cancelled
+from ._deadline import Limit, Watchdog
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
-from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger
+from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger, passes_through
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 from .exceptions import ConfigurationError
@@ -161,12 +161,10 @@ class Dispatcher:
                                     raise timed_out from exc
                                 if (outcome := limit.stop()) is not None:
                                     raise outcome
-                        except Exception as exc:
-                            error = exc
-                        except asyncio.CancelledError as exc:
-                            if cancelled():  # this task's own cancellation: it goes on up
+                        except BaseException as exc:
+                            if passes_through(exc):  # this task's cancellation, Ctrl-C
                                 raise
-                            error = exc  # the handler's own, no cancellation: it failed
+                            error = exc
                     else:
                         error = await self._run(
                             handler, event, batch, child, local, overrides, limit
@@ -335,12 +333,10 @@ class Dispatcher:
                     raise timed_out from exc
                 if (outcome := limit.stop()) is not None:
                     raise outcome
-        except Exception as exc:
-            return exc
-        except asyncio.CancelledError as exc:
-            if cancelled():  # this task's own cancellation: it goes on up
+        except BaseException as exc:
+            if passes_through(exc):  # this task's cancellation, Ctrl-C
                 raise
-            return exc  # the handler's own, no cancellation: it failed
+            return exc
         return None
 
     def _start(

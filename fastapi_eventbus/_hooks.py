@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, TypeVar
 
-from ._deadline import cancelled
+from ._deadline import cancelled, finish_within
 from ._events import Event
 
 logger = logging.getLogger("fastapi_eventbus")
@@ -97,17 +97,46 @@ OnDiscard: TypeAlias = Callable[[DiscardedEvents], Awaitable[None] | None]
 """Signature of the ``on_discard`` hook: sync or async, return value ignored."""
 
 
+HOOK_TIMEOUT = 30.0
+"""Seconds an async hook may run: past that it is cancelled (left running if it ignores that),
+an ERROR says so, and the bus goes on. A sync hook runs on the event loop and cannot be stopped."""
+
+
+def passes_through(exc: BaseException) -> bool:
+    """Whether *exc*, raised by a handler call or a hook, goes on up instead of being that
+    call's failure: the running task's cancellation, Ctrl-C, a coroutine being closed. An
+    `asyncio.CancelledError` nothing asked for and `SystemExit` (a library calling
+    ``sys.exit``) are the call's failures: they must not stop the other events."""
+    if isinstance(exc, asyncio.CancelledError):
+        return cancelled()
+    return isinstance(exc, KeyboardInterrupt | GeneratorExit)
+
+
 async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> None:
-    """Call an application hook, never letting its failure escape."""
+    """Call an application hook, never letting its failure escape, nor an async hook hold the
+    caller longer than `HOOK_TIMEOUT`."""
     if hook is None:
         return
     try:
         result = hook(value)
         if inspect.isawaitable(result):
-            await result
-    except Exception:
-        logger.exception("fastapi_eventbus hook %r raised", hook)
-    except asyncio.CancelledError:
-        if cancelled():  # the caller's own cancellation: it goes on up
+            task = asyncio.ensure_future(result)
+            try:
+                done, _ = await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            if not done:
+                logger.error(
+                    "fastapi_eventbus hook %r did not return within %gs: cancelled, and left "
+                    "running if it ignores that",
+                    hook,
+                    HOOK_TIMEOUT,
+                )
+                await finish_within(task, 0)
+                return
+            task.result()  # what it raised
+    except BaseException as exc:
+        if passes_through(exc):
             raise
         logger.exception("fastapi_eventbus hook %r raised", hook)

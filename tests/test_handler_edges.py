@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, ClassVar
 
+import anyio
 import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
@@ -30,6 +31,7 @@ from fastapi_eventbus import (
     EventBus,
     HandlerFailuresError,
     Retry,
+    _hooks,
     current_event,
     get_bus,
 )
@@ -724,3 +726,99 @@ def test_a_hook_raising_cancelled_error_does_not_stop_the_flush() -> None:
     with TestClient(app) as client:
         assert client.post("/").status_code == 200
     assert ran == [emitted[1].id]
+
+
+def test_a_handler_raising_system_exit_fails_alone(
+    app: FastAPI, bus: EventBus, hooks: Hooks
+) -> None:
+    """Found: `SystemExit` from a handler (a library calling ``sys.exit``) went up through
+    the flush: the request's later events were discarded, and in a worker the process died
+    with its messages in flight."""
+    ran: list[str] = []
+
+    @bus.on("cat.exit")
+    async def exits(event: Event) -> None:
+        raise SystemExit(2)
+
+    bus.on("cat.*")(lambda event: ran.append(event.id))
+    emitted: list[Event] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        emitted.extend(bus.emit(name) for name in ("cat.exit", "cat.fed"))
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert ran == [event.id for event in emitted]
+    assert [(f.event.id, type(f.exception)) for f in hooks.failures] == [
+        (emitted[0].id, SystemExit)
+    ]
+    assert hooks.discards == []
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+async def test_a_hook_that_never_returns_does_not_hold_the_bus(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stubborn: bool
+) -> None:
+    """Found: hooks had no time limit. An ``on_error`` or ``on_discard`` that never returned
+    (an alerting call without a timeout) held `publish`, the request's flush and shutdown's
+    `drain` forever: uvicorn then waited at "Waiting for background tasks" for good."""
+    monkeypatch.setattr(_hooks, "HOOK_TIMEOUT", 0.2)
+
+    released = False
+
+    async def hangs(report: Any) -> None:
+        while not released:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if not stubborn:
+                    raise
+
+    bus = EventBus(on_error=hangs, on_discard=hangs)
+    handled: list[str] = []
+
+    @bus.on("cat.lost")
+    async def broken(event: Event) -> None:
+        raise LookupError("no cat")
+
+    bus.on("cat.*")(lambda event: handled.append(event.id))
+    started = time.monotonic()
+    with anyio.fail_after(10):
+        event = await bus.publish("cat.lost")
+        await bus.publish("dog.unknown")  # nothing matches: on_discard
+    assert time.monotonic() - started < 2 * (0.2 + 1.0) + 1
+    assert handled == [event.id]
+    timed_out = [r for r in caplog.records if "did not return within 0.2s" in r.getMessage()]
+    assert len(timed_out) == 2
+    assert all(r.levelno == logging.ERROR for r in timed_out)
+    released = True  # the stubborn hooks left running end with the test
+    await asyncio.sleep(0.05)
+
+
+def test_a_hook_raising_system_exit_is_logged_and_the_flush_goes_on(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+
+    def on_error(failure: Any) -> None:
+        raise SystemExit(1)
+
+    bus = EventBus(on_error=on_error)
+    bus.install(app := FastAPI())
+
+    @bus.on("cat.lost")
+    async def broken(event: Event) -> None:
+        raise LookupError("no cat")
+
+    bus.on("cat.fed")(lambda event: ran.append(event.id))
+    emitted: list[Event] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        emitted.extend(bus.emit(name) for name in ("cat.lost", "cat.fed"))
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert ran == [emitted[1].id]
+    assert any("hook" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)

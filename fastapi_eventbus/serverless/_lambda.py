@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from fastapi_eventbus import wire
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._bus import EventBus
+from fastapi_eventbus._deadline import CANCEL_GRACE
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_seconds
 from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError
@@ -174,16 +175,41 @@ class _Invoker:
         return await _Batch(self, records).run(budget)
 
     def close(self) -> None:
-        """Exit the lifespan (once entered) and close the event loop; idempotent."""
+        """Exit the lifespan (once entered) and close the event loop; idempotent.
+
+        Tasks still running then (a record cut off at its invocation's time limit is left
+        running) are cancelled; the loop is closed without those that ignore it, instead of
+        waiting for them forever (what `asyncio.Runner.close` does)."""
         runner, stack = self._runner, self._stack
         self._runner = self._stack = None
         if runner is None:
             return
+        stubborn: set[asyncio.Task[Any]] = set()
         try:
             if stack is not None:
                 runner.run(stack.aclose())
+            stubborn = runner.run(_cancel_the_rest())
         finally:
-            runner.close()
+            if not stubborn:
+                runner.close()
+            else:
+                logger.error(
+                    "closing: %d task(s) still ran %gs after being cancelled (a handler that "
+                    "ignores cancellation); the event loop is closed without them",
+                    len(stubborn),
+                    CANCEL_GRACE,
+                )
+                runner.get_loop().close()
+
+
+async def _cancel_the_rest() -> set[asyncio.Task[Any]]:
+    """Cancel every other task of the loop; those still running `CANCEL_GRACE` seconds later."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=CANCEL_GRACE)
+    return {task for task in tasks if not task.done()}
 
 
 class _RecordSource(Source):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -346,3 +348,87 @@ def test_the_docs_example_handles_the_aws_example_event() -> None:
         module.handler.close()
     assert result == {"batchItemFailures": [{"itemIdentifier": unknown["messageId"]}]}
     assert module.shipped == ["7 from eu-1"]
+
+
+def test_a_handler_raising_system_exit_fails_its_record_only(moto: Moto) -> None:
+    """Found: a handler (or a library it calls) raising `SystemExit` escaped its record's
+    task: the invocation raised instead of answering, and the good records of the batch were
+    not handled; they all came back, and kept coming back together."""
+    bus = EventBus()
+    app = FastAPI()
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        if event.payload.get("exit"):
+            raise SystemExit(3)  # e.g. a CLI helper calling sys.exit
+        handled.append(event.id)
+
+    bus.install(app)
+    queue_url = moto.queue()
+    ids = emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2, "exit": True}, {"n": 3})
+    event = received_batch(moto, queue_url, 3)
+    bad = [r["messageId"] for r in event["Records"] if '"exit":true' in r["body"]]
+    handler = lambda_sqs_handler(app)
+    try:
+        result = handler(event, FakeContext())
+    finally:
+        handler.close()
+    assert failures(result) == bad
+    assert sorted(handled) == sorted([ids[0], ids[2]])
+
+
+STUBBORN_FUNCTION = """
+import asyncio, logging, time
+from fastapi import FastAPI
+from fastapi_eventbus import Event, EventBus, wire
+from fastapi_eventbus.serverless import lambda_sqs_handler
+
+logging.basicConfig()
+bus = EventBus(handler_timeout=None, shutdown_timeout=0.5)
+app = FastAPI()
+bus.install(app)
+
+
+@bus.on("order.*")
+async def stubborn(event: Event) -> None:
+    while True:  # catches its cancellation and goes on
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass
+
+
+class Context:
+    started = time.monotonic()
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((0.5 - (time.monotonic() - self.started)) * 1000)
+
+
+record = {
+    "messageId": "m1",
+    "receiptHandle": "r1",
+    "body": wire.sqs_body(Event(name="order.placed")),
+    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:orders",
+}
+handler = lambda_sqs_handler(app, time_margin=0.1)
+print(handler({"Records": [record]}, Context()), flush=True)
+# the interpreter's exit calls handler.close() (atexit), as the Lambda runtime's shutdown does
+"""
+
+
+def test_the_process_exits_when_a_handler_ignores_cancellation(tmp_path: Path) -> None:
+    """Found: a record cut off at the invocation's time limit is left running, by design;
+    `close()`, which the interpreter's exit calls, then waited for it forever: the process
+    never ended."""
+    script = tmp_path / "function.py"
+    script.write_text(STUBBORN_FUNCTION)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert time.monotonic() - started < 20
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{'batchItemFailures': [{'itemIdentifier': 'm1'}]}"
+    assert "the event loop is closed without them" in done.stderr

@@ -609,3 +609,30 @@ async def test_a_message_whose_handler_swallows_the_shutdown_cancellation_is_giv
     assert source.acked == []
     assert [(message.message_id, delay) for message, delay in source.nacked] == [("m0", 0)]
     assert worker.stats == WorkerStats(received=1, unfinished=1)
+
+
+async def test_a_handler_raising_system_exit_fails_its_message_and_the_worker_goes_on() -> None:
+    """Found: `SystemExit` from a handler stopped the worker's event loop: the messages in
+    flight were cut off, the bad one was neither given back nor reported, and after a
+    restart it did the same again."""
+    failures: list[HandlerFailure] = []
+    bus = EventBus(on_error=failures.append)
+    seen: list[str] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        if event.payload == {"exit": True}:
+            raise SystemExit(1)
+        seen.append(event.id)
+
+    first, bad, last = (Event(name="order.placed", payload=p) for p in ({}, {"exit": True}, {}))
+    source = MemorySource(name="source", max_deliveries=1)
+    for message_id, event in (("first", first), ("bad", bad), ("last", last)):
+        source.put(event, message_id=message_id)
+    async with Worker(bus, source) as worker:
+        await source.join()
+    assert sorted(seen) == sorted([first.id, last.id])
+    assert sorted(ids(source.acked)) == ["first", "last"]
+    assert [m.message_id for m in source.dead] == ["bad"]
+    assert worker.stats == WorkerStats(received=3, handled=2, failed=1)
+    assert [(f.event.id, type(f.exception)) for f in failures] == [(bad.id, SystemExit)]

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
+from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from starlette.background import BackgroundTask, BackgroundTasks
 
 from ._deadline import Limit
@@ -141,19 +142,66 @@ class FlushTask(BackgroundTask):
     """A request's flush, as one of its background tasks.
 
     What ``BackgroundTasks.add_task(core.flush, batch, True)`` adds, without its
-    per-call check of whether the function is async (it is).
+    per-call check of whether the function is async (it is). With *before*, the
+    tasks that must run first (the endpoint's, added before the first event, or the
+    response's own ``background``), in its place: the flush runs even if one of
+    them raises, then their exception goes on (Starlette would stop at it).
     """
 
-    def __init__(self, flush: Callable[[Batch, bool], Awaitable[None]], batch: Batch) -> None:
+    def __init__(
+        self,
+        flush: Callable[[Batch, bool], Awaitable[None]],
+        batch: Batch,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         # BackgroundTask's own attributes (FastAPI's telemetry reads `func`), typed by ParamSpec.
         self.func = flush  # type: ignore[assignment]
         self.args = (batch, True)  # type: ignore[assignment]
         self.kwargs = {}  # type: ignore[assignment]
         self.is_async = True
+        self.before = before
+
+    @classmethod
+    def add(
+        cls,
+        background: BackgroundTasks,
+        flush: Callable[[Batch, bool], Awaitable[None]],
+        batch: Batch,
+    ) -> None:
+        """Add the flush of *batch* to the request's *background* tasks, after those there."""
+        tasks = background.tasks
+        if not tasks:  # usually: the first event comes before any task of the endpoint's
+            tasks.append(cls(flush, batch))
+        else:
+            tasks[:] = [cls(flush, batch, type(background)(list(tasks)))]  # FastAPI's class
 
     def __call__(self) -> Awaitable[None]:  # type: ignore[override]
         """The flush itself, awaited by Starlette: not a coroutine around it (one level less)."""
-        return self.func(*self.args)  # type: ignore[call-arg, no-any-return]
+        if self.before is None:
+            return self.func(*self.args)  # type: ignore[call-arg, no-any-return]
+        return self._after(self.before)
+
+    async def _after(self, before: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await before()
+        finally:
+            await self.func(*self.args)  # type: ignore[call-arg]
+
+
+_BACKGROUND_CALLS = frozenset(
+    task.__call__.__code__ for task in (BackgroundTask, BackgroundTasks, FastAPIBackgroundTasks)
+)
+
+
+def raised_in_background(exc: BaseException) -> bool:
+    """Whether *exc* came out of a background task: the endpoint had returned, and its
+    response was sent (``Response(background=...)`` whose task raised)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in _BACKGROUND_CALLS:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class RequestEnd:

@@ -12,7 +12,15 @@ from typing import Any
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
-from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope
+from ._batch import (
+    CLOSED,
+    COLLECTING,
+    FLUSHING,
+    Batch,
+    FlushTask,
+    base_scope,
+    raised_in_background,
+)
 from ._deadline import allowance, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
@@ -198,7 +206,7 @@ class Core:
         if not batch.events:
             self.active.add(batch)
             if batch.background is not None:  # first event of the request: flush after it
-                batch.background.tasks.append(FlushTask(self.flush, batch))
+                FlushTask.add(batch.background, self.flush, batch)
                 batch.background = None
         batch.events.append(event)
         if batch.state == CLOSED:
@@ -216,7 +224,7 @@ class Core:
         if not batch.events and not batch.jobs:
             self.active.add(batch)
             if batch.background is not None:  # nothing to flush yet: flush after it
-                batch.background.tasks.append(FlushTask(self.flush, batch))
+                FlushTask.add(batch.background, self.flush, batch)
                 batch.background = None
         if batch.jobs is None:
             batch.jobs = []
@@ -249,14 +257,8 @@ class Core:
         if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return
-        flush = FlushTask(self.flush, batch)
-        background = response.background
-        if background is None:
-            response.background = flush
-        elif isinstance(background, BackgroundTasks):
-            background.tasks.append(flush)
-        else:
-            response.background = BackgroundTasks([background, flush])
+        # After the response's own background, and even if that raises.
+        response.background = FlushTask(self.flush, batch, response.background)
 
     def end_request(
         self, batch: Batch, exc: BaseException | None
@@ -275,8 +277,8 @@ class Core:
         if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
-        if exc is None:  # the endpoint returned a Response with its own background=
-            return self.flush(batch, stoppable=True)
+        if exc is None or raised_in_background(exc):  # a Response with its own background=
+            return self.flush(batch, stoppable=True)  # (which may have raised: sent all the same)
         if self.settings.keep_events_on_error:
             batch.state = CLOSED
             self.schedule(batch)

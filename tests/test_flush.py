@@ -526,3 +526,60 @@ def test_a_bus_asked_for_deep_in_the_graph_or_by_an_override_still_chains(
     with TestClient(app) as client:
         client.post("/")
     assert chained == ["chained.deep", "chained.overridden"]
+
+
+def test_events_are_handled_when_a_background_task_added_before_them_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: the flush runs as one of the request's background tasks, after those added
+    before the first ``emit``. When one of those raised, the flush never ran, and the events
+    of a request answered 200 were discarded at INFO as if "the endpoint raised"."""
+    discards: list[DiscardedEvents] = []
+    handled: list[str] = []
+    bus = EventBus(on_discard=discards.append)
+    bus.install(app := FastAPI())
+    bus.on("order.*")(lambda event: handled.append(event.id))
+    order: list[str] = []
+
+    def first() -> None:
+        order.append("first task")
+        raise RuntimeError("a background task of the endpoint failed")
+
+    @app.post("/")
+    async def endpoint(tasks: BackgroundTasks, bus: EventBus = Depends(get_bus)) -> str:
+        tasks.add_task(first)
+        event = bus.emit("order.placed")
+        tasks.add_task(order.append, "later task")
+        return event.id
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/")
+    assert response.status_code == 200
+    assert handled == [response.json()]
+    assert order == ["first task"]  # Starlette stops at the failed task, as without the bus
+    assert discards == []
+
+
+def test_events_are_handled_when_the_response_s_own_background_task_raises() -> None:
+    """Found: with a ``Response(background=...)`` the bus handles the events as the request
+    ends; when that background task raised, the request ended with its exception and the
+    events were discarded at INFO as if "the endpoint raised"."""
+    discards: list[DiscardedEvents] = []
+    handled: list[str] = []
+    bus = EventBus(on_discard=discards.append)
+    bus.install(app := FastAPI())
+    bus.on("order.*")(lambda event: handled.append(event.id))
+
+    def failing() -> None:
+        raise RuntimeError("the response's own background task failed")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> JSONResponse:
+        event = bus.emit("order.placed")
+        return JSONResponse(event.id, background=BackgroundTask(failing))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/")
+    assert response.status_code == 200
+    assert handled == [response.json()]
+    assert discards == []

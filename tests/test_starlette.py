@@ -406,3 +406,31 @@ def test_with_bus_needs_the_bus_as_the_last_parameter() -> None:
     wrapped = with_bus(no_bus)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="last argument"):
         asyncio.run(wrapped())
+
+
+def failing_task() -> None:
+    raise RuntimeError("the response's own background task failed")
+
+
+def test_events_are_handled_when_the_response_s_own_background_task_raises(
+    seen: list[str],
+) -> None:
+    """Found: the flush ran after the response's own background task, so when that raised
+    it never ran: the events were neither handled nor reported (until shutdown waited for
+    them), and each such request left its events counted as pending for good, until
+    ``max_pending_events`` refused every emit of the app."""
+    discards: list[DiscardedEvents] = []
+    bus = EventBus(max_pending_events=2, on_discard=discards.append)
+    bus.on("*")(lambda event: seen.append(event.name))
+
+    @with_bus
+    async def endpoint(request: Request, bus: EventBus) -> Response:
+        bus.emit("report.requested")
+        return PlainTextResponse("ok", background=BackgroundTask(failing_task))
+
+    app = make_app(bus, Route("/", endpoint))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for _ in range(4):
+            assert client.get("/").text == "ok"
+    assert seen == ["report.requested"] * 4
+    assert discards == []

@@ -34,8 +34,32 @@ class _FallbackHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return super().handle(record)
 
 
-def ensure_readable_logs() -> None:
-    """Give the library's logger `_FallbackHandler` if its lines would reach no handler."""
+def ensure_readable_logs(who: str = "the application") -> None:
+    """Make sure the library's lines are printed: enable its loggers again if *who*'s logging
+    configuration disabled them, and give its logger `_FallbackHandler` if its lines would
+    reach no handler.
+
+    ``logging.config.dictConfig`` disables every existing logger its configuration
+    does not name, unless ``disable_existing_loggers`` is false; an application
+    configures logging after importing this package, which would silence the ERROR
+    lines about failed handlers and lost events.
+    """
+    disabled = sorted(
+        name
+        for name, existing in logging.Logger.manager.loggerDict.items()
+        if isinstance(existing, logging.Logger)
+        and existing.disabled
+        and (name == logger.name or name.startswith(f"{logger.name}."))
+    )
+    for name in disabled:
+        logging.getLogger(name).disabled = False
+    if disabled:
+        logger.warning(
+            "%s's logging configuration disabled %s (disable_existing_loggers); enabled again: "
+            "the bus reports failed handlers and lost events through them",
+            who,
+            ", ".join(disabled),
+        )
     if not logger.hasHandlers():
         handler = _FallbackHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import logging.config
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,7 +10,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from fastapi_eventbus import Event, EventBus, get_bus
+from fastapi_eventbus import Event, EventBus, HandlerFailure, get_bus
 from tests.conftest import Hooks
 
 
@@ -113,3 +114,53 @@ def test_a_bare_test_client_needs_no_lifespan(app: FastAPI, bus: EventBus) -> No
     client.post("/")
     client.post("/")
     assert log == ["x", "x"]
+
+
+class Lines(logging.Handler):
+    """The records a logger passes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_an_apps_logging_config_does_not_silence_the_bus() -> None:
+    """Found: ``dictConfig`` (``disable_existing_loggers`` is true by default) disables the
+    loggers that exist and that it does not name: configured after importing the package,
+    it removed every ERROR line about failed handlers, leaving only ``on_error``."""
+    failures: list[HandlerFailure] = []
+    bus = EventBus(on_error=failures.append)
+    bus.install(app := FastAPI())
+
+    @bus.on("order.placed")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("no stock")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> str:
+        return bus.emit("order.placed").id
+
+    library, root = logging.getLogger("fastapi_eventbus"), logging.getLogger()
+    logging.getLogger("fastapi_eventbus.unmatched")  # exists: disabled too
+    lines, saved = Lines(), (root.handlers[:], root.level)
+    library.addHandler(lines)
+    logging.config.dictConfig({"version": 1, "root": {"level": "INFO"}})  # the app's
+    try:
+        with TestClient(app) as client:
+            event_id = client.post("/").json()
+    finally:
+        library.removeHandler(lines)
+        for name in ("fastapi_eventbus", "fastapi_eventbus.unmatched"):
+            logging.getLogger(name).disabled = False
+        root.handlers[:], root.level = saved
+    assert [f.event.id for f in failures] == [event_id]
+    errors = [r.getMessage() for r in lines.records if r.levelno == logging.ERROR]
+    assert [event_id in line for line in errors] == [True]
+    warnings = [r.getMessage() for r in lines.records if r.levelno == logging.WARNING]
+    assert any(
+        "logging configuration disabled fastapi_eventbus, fastapi_eventbus.unmatched" in line
+        for line in warnings
+    )

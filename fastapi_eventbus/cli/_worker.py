@@ -26,7 +26,7 @@ from typing import NoReturn
 
 import click
 
-from fastapi_eventbus._hooks import LOG_FORMAT
+from fastapi_eventbus._hooks import LOG_FORMAT, ensure_readable_logs
 from fastapi_eventbus.exceptions import EventBusError
 from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
 
@@ -161,7 +161,7 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)  # time, level, logger
     target = load(app, factory=factory, app_dir=app_dir)
     bus_of(target)
-    _enable_library_loggers()
+    ensure_readable_logs("APP")
     threads = set(threading.enumerate())
     try:
         source: Source
@@ -230,30 +230,6 @@ async def _serve(runner: Worker) -> bool:
         restore()
         await _leave_no_task_behind()
     return True
-
-
-def _enable_library_loggers() -> None:
-    """Enable this library's loggers again if APP's logging configuration disabled them.
-
-    ``logging.config.dictConfig`` disables every existing logger that its
-    configuration does not name, unless ``disable_existing_loggers`` is false; APP
-    is imported after this package, so that would silence the worker's reports.
-    """
-    disabled = sorted(
-        name
-        for name, logger in logging.Logger.manager.loggerDict.items()
-        if isinstance(logger, logging.Logger)
-        and logger.disabled
-        and (name == "fastapi_eventbus" or name.startswith("fastapi_eventbus."))
-    )
-    for name in disabled:
-        logging.getLogger(name).disabled = False
-    if disabled:
-        logging.getLogger("fastapi_eventbus.worker").warning(
-            "APP's logging configuration disabled %s (disable_existing_loggers); "
-            "enabled again: the worker reports through them",
-            ", ".join(disabled),
-        )
 
 
 class _UnjoinedExecutor(ThreadPoolExecutor):

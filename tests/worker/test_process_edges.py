@@ -147,6 +147,6 @@ def test_an_apps_logging_config_does_not_silence_the_worker(moto: Moto, tmp_path
     ) as worker:
         assert worker.terminate() == 0, worker.output()
     log = worker.output()
-    assert "WARNING [fastapi_eventbus.worker] APP's logging configuration disabled" in log
+    assert "WARNING [fastapi_eventbus] APP's logging configuration disabled" in log
     assert "INFO [fastapi_eventbus.worker] worker started" in log
     assert "INFO [fastapi_eventbus.worker] worker stopped" in log

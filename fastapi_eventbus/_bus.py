@@ -21,7 +21,7 @@ from ._dispatch import Inbox
 from ._events import (
     Event,
 )
-from ._hooks import HandlerFailure, Observer, OnDiscard, OnError, logger
+from ._hooks import DiscardedEvents, HandlerFailure, Observer, OnDiscard, OnError, call_hook, logger
 from ._lifespan import draining_lifespan
 from ._patterns import pattern_of
 from ._retry import Retry
@@ -547,6 +547,11 @@ def set_tracing(bus: EventBus, tracing: Tracing | None) -> None:
 def observers_of(bus: EventBus) -> list[Observer]:
     """The observers (`fastapi_eventbus.testing.capture`) that see what *bus* emits and handles."""
     return bus._core.observers
+
+
+async def report_discarded(bus: EventBus, events: Sequence[Event], reason: str) -> None:
+    """Tell *bus*'s ``on_discard`` of *events*, which will not be handled (the caller logs it)."""
+    await call_hook(bus._core.settings.on_discard, DiscardedEvents(tuple(events), reason))
 
 
 def registered_handlers(bus: EventBus) -> list[Handler]:

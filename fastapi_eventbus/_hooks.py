@@ -83,13 +83,15 @@ class HandlerFailure:
 
 @dataclass(frozen=True, slots=True)
 class DiscardedEvents:
-    """Events that were accepted by `EventBus.emit` but will not be handled.
+    """Events that were accepted by `EventBus.emit` (or received by a worker) but will not
+    be handled.
 
     Passed to the ``on_discard`` hook. *reason* says why: the endpoint raised,
     the handler that emitted them failed, shutdown timed out, their flush was
     cancelled, nothing matches them (no handler, no forwarder), their outbox
-    transaction rolled back, or they were stored for a forwarder or handlers that
-    no application running had until their rounds ran out.
+    transaction rolled back, they were stored for a forwarder or handlers that
+    no application running had until their rounds ran out, or a worker deleted
+    a message no handler matches (``on_unhandled="delete"``).
     """
 
     events: tuple[Event, ...]

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias, get_args
 
-from fastapi_eventbus._bus import EventBus, tracing_of
+from fastapi_eventbus._bus import EventBus, report_discarded, tracing_of
 from fastapi_eventbus._deadline import allowance, cancelled
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
@@ -164,7 +164,11 @@ class Processor:
         if consumed is not None:
             consumed.event = event
         if not owner.bus.handles(event.name):
-            return self._unhandled(held, consumed)
+            delete = self._unhandled(held, consumed)
+            if delete:
+                reason = "no handler of the bus matches it; the worker deleted its message"
+                await report_discarded(owner.bus, (event,), f"{reason} (on_unhandled='delete')")
+            return delete
         hold_for = allowance(owner.bus.time_limit(event.name))
         self.watch(held, hold_for)
         try:

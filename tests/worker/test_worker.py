@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI
 
 from fastapi_eventbus import (
     ConfigurationError,
+    DiscardedEvents,
     Event,
     EventBus,
     HandlerFailure,
@@ -438,7 +439,8 @@ async def test_an_event_no_handler_matches_follows_on_unhandled(
     level: int,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    bus = EventBus()
+    discards: list[DiscardedEvents] = []
+    bus = EventBus(on_discard=discards.append)
     bus.on("order.*")(lambda event: None)
     event = Event(name="invoice.sent")
     source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
@@ -446,6 +448,10 @@ async def test_an_event_no_handler_matches_follows_on_unhandled(
     async with Worker(bus, source, on_unhandled=policy) as worker:
         await until(lambda: source.acked or source.nacked)
     assert worker.stats == WorkerStats(received=1, unhandled=1)  # never "handled"
+    # Found: a deleted one reached no hook (a log line only); one given back comes again.
+    deleted = [(report.ids, report.reason) for report in discards]
+    why = "no handler of the bus matches it; the worker deleted its message (on_unhandled='delete')"
+    assert deleted == ([([event.id], why)] if policy == "delete" else [])
     given_back = [(message.message_id, delay) for message, delay in source.nacked]
     assert (ids(source.acked), given_back) == (acked, nacked)
     (record,) = [r for r in caplog.records if event.id in r.getMessage()]

@@ -462,7 +462,8 @@ async def _run_solved(
         async with AsyncExitStack() as function_stack:
             scope[INNER_ASTACK] = request_stack
             scope[FUNCTION_ASTACK] = function_stack
-            scope["type"] = "http"  # events from a WebSocket session: Request needs "http"
+            if scope.get("type") != "http":  # a WebSocket session's events: a Request needs
+                scope["type"], scope["method"] = "http", "GET"  # "http" and its method (GET)
             solved = await solve_dependencies(
                 request=Request(scope),
                 dependant=plan.dependant,

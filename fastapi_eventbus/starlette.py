@@ -36,6 +36,7 @@ FastAPI's solver (FastAPI is installed with this library either way).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, TypeVarTuple, overload
@@ -83,7 +84,7 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
     """
     if not callable(endpoint):
         raise ConfigurationError(f"with_bus decorates an endpoint function, got {endpoint!r}")
-    is_async = inspect.iscoroutinefunction(endpoint)
+    is_async = _is_async(endpoint)
 
     async def call(*args: Any) -> Any:
         if not args or not isinstance(args[-1], HTTPConnection):
@@ -142,6 +143,15 @@ def _new_view(connection: HTTPConnection) -> EventBus:
     # A WebSocket session has no response to wait for: each event is handled as emitted.
     websocket = connection.scope["type"] == "websocket"
     return open_request(EventBus.of(connection.scope["app"]), connection, websocket=websocket)
+
+
+def _is_async(endpoint: Callable[..., Any]) -> bool:
+    """Whether *endpoint* is awaited, not run in the thread pool: as Starlette decides for
+    its own endpoints (a partial's function, a callable instance's ``async def __call__``)."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    call = type(endpoint).__call__ if not inspect.isroutine(endpoint) else None
+    return inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(call)
 
 
 def _name(endpoint: Callable[..., Any]) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import anyio
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from starlette.background import BackgroundTask
@@ -169,6 +169,35 @@ def test_websocket_endpoints_handle_events_as_they_are_emitted(app: FastAPI, bus
         assert ws.receive_json() == ["ws.message"]
         ws.send_text("again")
         assert ws.receive_json() == ["ws.message", "ws.message"]
+
+
+def request_method(request: Request) -> str:
+    return request.method
+
+
+def test_a_websocket_session_s_handlers_may_read_the_request(
+    app: FastAPI, bus: EventBus, hooks: Hooks
+) -> None:
+    """Found: a handler whose dependency reads ``request.method`` failed with ``KeyError``
+    for events emitted in a WebSocket session (its scope has no method), though it worked
+    for the same events emitted in an HTTP request."""
+    seen: list[str] = []
+
+    @bus.on("ws.*")
+    async def handler(event: Event, method: Annotated[str, Depends(request_method)]) -> None:
+        seen.append(method)
+
+    @app.websocket("/ws")
+    async def endpoint(websocket: WebSocket, bus: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        bus.emit("ws.opened")
+        await wait_for(lambda: bool(seen or hooks.failures))
+        await websocket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/ws"):
+        pass
+    assert hooks.failures == []
+    assert seen == ["GET"]  # a WebSocket session starts with a GET
 
 
 def test_events_emitted_after_the_flush_are_not_lost(app: FastAPI, bus: EventBus) -> None:

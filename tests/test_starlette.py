@@ -434,3 +434,20 @@ def test_events_are_handled_when_the_response_s_own_background_task_raises(
             assert client.get("/").text == "ok"
     assert seen == ["report.requested"] * 4
     assert discards == []
+
+
+class Checkout:
+    """A callable instance with ``async def __call__`` as the endpoint."""
+
+    async def __call__(self, request: Request, bus: EventBus) -> Response:
+        bus.emit("order.placed")
+        return PlainTextResponse("ok")
+
+
+def test_a_callable_instance_with_async_call_is_an_endpoint(bus: EventBus, seen: list[str]) -> None:
+    """Found: it was taken for a sync endpoint and run in the thread pool, where calling it
+    only made a coroutine: every request failed, the endpoint never ran."""
+    endpoint = with_bus(Checkout())
+    with TestClient(make_app(bus, Route("/", endpoint))) as client:
+        assert client.get("/").text == "ok"
+    assert seen == ["order.placed"]

@@ -50,6 +50,18 @@ _LEFT_RUNNING: set[asyncio.Future[Any]] = set()
 """Tasks that outlived the time given them (see `within`): kept until they end."""
 
 
+async def cancel_the_rest(grace: float = CANCEL_GRACE) -> set[asyncio.Task[Any]]:
+    """Cancel every other task of the running loop, at an exit; those still running *grace*
+    seconds later (they ignore their cancellation), which the caller exits without."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return set()
+    _, running = await asyncio.wait(tasks, timeout=grace)
+    return running
+
+
 def _leave_running(task: asyncio.Future[Any]) -> None:
     _LEFT_RUNNING.add(task)
     task.add_done_callback(_LEFT_RUNNING.discard)

@@ -26,6 +26,7 @@ from typing import NoReturn
 
 import click
 
+from fastapi_eventbus._deadline import cancel_the_rest
 from fastapi_eventbus._hooks import LOG_FORMAT, ensure_readable_logs
 from fastapi_eventbus.exceptions import EventBusError
 from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
@@ -243,18 +244,13 @@ class _UnjoinedExecutor(ThreadPoolExecutor):
 async def _leave_no_task_behind() -> None:
     """Cancel the tasks left when the worker has stopped; exit at once if some ignore that,
     rather than wait for them forever (as ``asyncio.run`` would)."""
-    current = asyncio.current_task()
-    tasks = {task for task in asyncio.all_tasks() if task is not current}
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        _, running = await asyncio.wait(tasks, timeout=_EXIT_GRACE)
-        if running:
-            _exit_now(
-                f"{len(running)} task(s) still running after the worker stopped, ignoring "
-                "cancellation (a handler that catches asyncio.CancelledError): exiting "
-                "without them"
-            )
+    running = await cancel_the_rest(_EXIT_GRACE)
+    if running:
+        _exit_now(
+            f"{len(running)} task(s) still running after the worker stopped, ignoring "
+            "cancellation (a handler that catches asyncio.CancelledError): exiting "
+            "without them"
+        )
 
 
 def _leave_no_thread_behind(before: set[threading.Thread]) -> None:

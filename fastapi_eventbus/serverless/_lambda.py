@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from fastapi_eventbus import wire
 from fastapi_eventbus._brokers import aws
 from fastapi_eventbus._bus import EventBus
-from fastapi_eventbus._deadline import CANCEL_GRACE
+from fastapi_eventbus._deadline import CANCEL_GRACE, cancel_the_rest
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_seconds
 from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError
@@ -188,7 +188,7 @@ class _Invoker:
         try:
             if stack is not None:
                 runner.run(stack.aclose())
-            stubborn = runner.run(_cancel_the_rest())
+            stubborn = runner.run(cancel_the_rest())
         finally:
             if not stubborn:
                 runner.close()
@@ -200,16 +200,6 @@ class _Invoker:
                     CANCEL_GRACE,
                 )
                 runner.get_loop().close()
-
-
-async def _cancel_the_rest() -> set[asyncio.Task[Any]]:
-    """Cancel every other task of the loop; those still running `CANCEL_GRACE` seconds later."""
-    tasks = asyncio.all_tasks() - {asyncio.current_task()}
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=CANCEL_GRACE)
-    return {task for task in tasks if not task.done()}
 
 
 class _RecordSource(Source):

@@ -164,11 +164,7 @@ class Processor:
         if consumed is not None:
             consumed.event = event
         if not owner.bus.handles(event.name):
-            delete = self._unhandled(held, consumed)
-            if delete:
-                reason = "no handler of the bus matches it; the worker deleted its message"
-                await report_discarded(owner.bus, (event,), f"{reason} (on_unhandled='delete')")
-            return delete
+            return await self._unhandled(held, event, consumed)
         hold_for = allowance(owner.bus.time_limit(event.name))
         self.watch(held, hold_for)
         try:
@@ -259,8 +255,9 @@ class Processor:
             "forever unless a dead-letter policy moves it"
         )
 
-    def _unhandled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
-        """Log *held*'s event, which no handler matches; whether to acknowledge it."""
+    async def _unhandled(self, held: HeldMessage, event: Event, consumed: Consumed | None) -> bool:
+        """Log *held*'s *event*, which no handler matches (and tell ``on_discard`` if it is
+        deleted); whether to acknowledge it."""
         self.owner.stats.unhandled += 1
         delete = self.owner.on_unhandled == "delete"
         logger.log(
@@ -272,6 +269,12 @@ class Processor:
         )
         if consumed is not None:
             consumed.failure = "no handler matches the event"
+        if delete:
+            reason = (
+                "no handler of the bus matches it; the worker deleted its message "
+                "(on_unhandled='delete')"
+            )
+            await report_discarded(self.owner.bus, (event,), reason)
         return delete
 
     # -- the heartbeat --------------------------------------------------------------

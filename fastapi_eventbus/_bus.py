@@ -549,9 +549,9 @@ def observers_of(bus: EventBus) -> list[Observer]:
     return bus._core.observers
 
 
-async def report_discarded(bus: EventBus, events: Sequence[Event], reason: str) -> None:
-    """Tell *bus*'s ``on_discard`` of *events*, which will not be handled (the caller logs it)."""
-    await call_hook(bus._core.settings.on_discard, DiscardedEvents(tuple(events), reason))
+async def report_discarded(bus: EventBus, report: DiscardedEvents) -> None:
+    """Tell *bus*'s ``on_discard`` of what will not be handled (the caller logs it)."""
+    await call_hook(bus._core.settings.on_discard, report)
 
 
 def registered_handlers(bus: EventBus) -> list[Handler]:

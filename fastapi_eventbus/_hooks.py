@@ -91,7 +91,8 @@ class DiscardedEvents:
     cancelled, nothing matches them (no handler, no forwarder), their outbox
     transaction rolled back, they were stored for a forwarder or handlers that
     no application running had until their rounds ran out, or a worker deleted
-    a message no handler matches (``on_unhandled="delete"``).
+    a message no handler matches (``on_unhandled="delete"``), or a message that is not
+    an event at all (``on_undecodable="delete"``: no event, its ``message_ids`` instead).
     """
 
     events: tuple[Event, ...]
@@ -100,6 +101,9 @@ class DiscardedEvents:
     """A human-readable reason."""
     exception: BaseException | None = None
     """The exception that caused the discard, when there is one."""
+    message_ids: tuple[str, ...] = ()
+    """The broker's ids of messages deleted without an event in them (a consumer's
+    ``on_undecodable="delete"``); *events* is then empty."""
 
     @property
     def ids(self) -> list[str]:

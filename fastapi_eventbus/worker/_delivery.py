@@ -18,6 +18,7 @@ from typing import Literal, Protocol, TypeAlias, get_args
 from fastapi_eventbus._bus import EventBus, report_discarded, tracing_of
 from fastapi_eventbus._deadline import allowance, cancelled
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._hooks import DiscardedEvents
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus._tracing import Consumed, Tracing
 from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError
@@ -159,7 +160,7 @@ class Processor:
         owner, message = self.owner, held.message
         decoded = self._decode(message)
         if not isinstance(decoded, Event):
-            return self._undecodable(message, consumed, *decoded)
+            return await self._undecodable(message, consumed, *decoded)
         event = held.event = decoded
         if consumed is not None:
             consumed.event = event
@@ -219,14 +220,15 @@ class Processor:
         except Exception as exc:
             return "not decodable", exc
 
-    def _undecodable(
+    async def _undecodable(
         self,
         message: ReceivedMessage,
         consumed: Consumed | None,
         failure: str,
         error: Exception,
     ) -> bool:
-        """Log *message*, which will not be handled; whether to acknowledge it (the policy)."""
+        """Log *message*, which will not be handled (and tell ``on_discard`` if it is
+        deleted); whether to acknowledge it (the policy)."""
         self.owner.stats.undecodable += 1
         delete = self.owner.on_undecodable == "delete"
         expected = isinstance(error, MessageDecodeError)
@@ -241,6 +243,13 @@ class Processor:
         )
         if consumed is not None:
             consumed.failure, consumed.error = failure, error
+        if delete:
+            reason = (
+                f"message {message.message_id} from {self.owner.source.name} is {failure}; "
+                "it is deleted (on_undecodable='delete')"
+            )
+            report = DiscardedEvents((), reason, error, message_ids=(message.message_id,))
+            await report_discarded(self.owner.bus, report)
         return delete
 
     def _giving_back(self, policy: str) -> str:
@@ -274,7 +283,7 @@ class Processor:
                 "no handler of the bus matches it; the worker deleted its message "
                 "(on_unhandled='delete')"
             )
-            await report_discarded(self.owner.bus, (event,), reason)
+            await report_discarded(self.owner.bus, DiscardedEvents((event,), reason))
         return delete
 
     # -- the heartbeat --------------------------------------------------------------

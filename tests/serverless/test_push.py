@@ -32,7 +32,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from jwt.algorithms import RSAAlgorithm
 
-from fastapi_eventbus import ConfigurationError, Event, EventBus, MissingExtraError, wire
+from fastapi_eventbus import (
+    ConfigurationError,
+    DiscardedEvents,
+    Event,
+    EventBus,
+    MissingExtraError,
+    wire,
+)
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.serverless import GoogleOIDC, push_router
 from tests._pubsub import Emulator
@@ -46,7 +53,8 @@ class Shop:
     """An app with the router at ``/events``; what its handlers saw, by event id."""
 
     def __init__(self, handler_timeout: float = 60.0, **options: Any) -> None:
-        self.bus = EventBus(handler_timeout=handler_timeout)
+        self.discards: list[DiscardedEvents] = []
+        self.bus = EventBus(handler_timeout=handler_timeout, on_discard=self.discards.append)
         self.attempts: Counter[str] = Counter()
         self.handled: dict[str, Event] = {}
         self.seen: dict[str, dict[str, Any]] = {}
@@ -266,6 +274,19 @@ def test_what_is_not_an_event_follows_on_undecodable(caplog: pytest.LogCaptureFi
         assert delete.post("/events/cloudevents", json={"no": "headers"}).status_code == 204
     assert len([line for line in caplog.messages if "giving it back" in line]) == 4
     assert len([line for line in caplog.messages if "deleting it" in line]) == 2
+
+
+def test_a_deleted_message_that_is_not_an_event_is_reported_to_on_discard() -> None:
+    shop = Shop(on_undecodable="delete")
+    with TestClient(shop.app) as client:
+        junk = {"message": {"data": "%%%", "messageId": "m-7"}}
+        assert client.post("/events/pubsub", json=junk).status_code == 204
+    # Found: deleted with a log line only; the app's hook never heard of it.
+    (report,) = shop.discards
+    assert (report.events, report.message_ids) == ((), ("m-7",))
+    assert report.reason.startswith("message m-7 from Pub/Sub push is not an event; ")
+    assert report.reason.endswith("it is deleted (on_undecodable='delete')")
+    assert report.exception is not None
 
 
 def test_a_message_over_max_message_bytes_is_answered_413(

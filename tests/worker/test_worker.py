@@ -23,7 +23,7 @@ from fastapi_eventbus import (
     SourceError,
     get_bus,
 )
-from fastapi_eventbus.exceptions import MissingExtraError
+from fastapi_eventbus.exceptions import MessageDecodeError, MissingExtraError
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import (
@@ -520,6 +520,24 @@ async def test_a_message_that_breaks_the_decoder_affects_that_message_only(
         "message unreadable from source is not decodable (RuntimeError: a broken source); "
         "deleting it",
     ]
+
+
+@pytest.mark.parametrize("policy", ["retry", "delete"])
+async def test_a_deleted_message_that_is_not_an_event_is_reported_to_on_discard(
+    policy: Any,
+) -> None:
+    discards: list[DiscardedEvents] = []
+    bus = EventBus(on_discard=discards.append)
+    bus.on("order.*")(lambda event: None)
+    source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
+    source.put({"Body": "not json"}, message_id="junk")
+    async with Worker(bus, source, on_undecodable=policy) as worker:
+        await until(lambda: source.acked or source.nacked)
+    assert worker.stats == WorkerStats(received=1, undecodable=1)
+    # Found: a deleted one reached no hook (a log line only); one given back comes again.
+    reports = [(r.events, r.message_ids, r.reason, type(r.exception)) for r in discards]
+    why = "message junk from source is not an event; it is deleted (on_undecodable='delete')"
+    assert reports == ([((), ("junk",), why, MessageDecodeError)] if policy == "delete" else [])
 
 
 # -- handlers that ignore their time limit, at shutdown -------------------------------------------

@@ -67,6 +67,9 @@ class WorkerStats:
     abandoned: int = 0
     """Messages whose handlers were still running past their time limit, or after being
     cancelled at shutdown: given back, reported at ERROR, and left running."""
+    held_back: int = 0
+    """Messages given back unhandled because the one before them in their group (SQS FIFO)
+    was not handled: their group's order is kept."""
 
 
 @dataclass(eq=False, slots=True)
@@ -81,6 +84,11 @@ class HeldMessage:
     """Given back while its task still ran: the task settles nothing any more."""
     timer: asyncio.TimerHandle | None = None
     """Fires when the handlers have had their time (the worker's watch)."""
+    handled: bool = False
+    """Whether it is acknowledged: its handlers all succeeded, or a policy deletes it."""
+    after: asyncio.Future[bool] | None = None
+    """The message before it with the same `ReceivedMessage.order_key`: done once that one
+    is settled, with whether it was handled. Its handlers start only then."""
 
     def __str__(self) -> str:
         event = self.event
@@ -129,12 +137,12 @@ class Processor:
         message = held.message
         tracing = tracing_of(self.owner.bus)
         if tracing is None:
-            handled = await self._given_back_if_cancelled(held, None)
+            handled = held.handled = await self._given_back_if_cancelled(held, None)
             if not held.abandoned:
                 await self._settle(message, handled)
             return
         with tracing.consuming(self.owner.source, message) as consumed:
-            handled = await self._given_back_if_cancelled(held, consumed)
+            handled = held.handled = await self._given_back_if_cancelled(held, consumed)
             if not held.abandoned:
                 await self._settle(message, handled, tracing)
 
@@ -158,6 +166,11 @@ class Processor:
     async def _handle(self, held: HeldMessage, consumed: Consumed | None) -> bool:
         """Decode and handle *held*'s message; whether to acknowledge it."""
         owner, message = self.owner, held.message
+        if held.after is not None:  # kept invisible meanwhile; cancelled: given back
+            async with self._heartbeat(message, None):
+                handled_before = await held.after
+            if not handled_before:
+                return self._held_back(held, consumed)
         decoded = self._decode(message)
         if not isinstance(decoded, Event):
             return await self._undecodable(message, consumed, *decoded)
@@ -251,6 +264,21 @@ class Processor:
             report = DiscardedEvents((), reason, error, message_ids=(message.message_id,))
             await report_discarded(self.owner.bus, report)
         return delete
+
+    def _held_back(self, held: HeldMessage, consumed: Consumed | None) -> bool:
+        """The message before *held* in its group went back to the broker: give *held* back
+        too, unhandled, so that the group's messages are handled in their order."""
+        self.owner.stats.held_back += 1
+        logger.warning(
+            "message %s from %s goes back unhandled, to keep the order of its group %r: "
+            "the message before it went back",
+            held,
+            self.owner.source.name,
+            held.message.order_key,
+        )
+        if consumed is not None:
+            consumed.failure = "held back: the message before it in its group went back"
+        return False
 
     def _giving_back(self, policy: str) -> str:
         """What giving back a message under *policy* ``"retry"`` leads to, for its log line.

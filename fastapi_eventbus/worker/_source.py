@@ -30,6 +30,9 @@ class ReceivedMessage:
     """What acknowledges it: the SQS receipt handle, the Pub/Sub ack id."""
     receive_count: int | None = None
     """How many times the broker has delivered it, this time included, if it says."""
+    order_key: str | None = None
+    """Messages with the same key are handled one after the other, in the order received
+    (an SQS FIFO queue's ``MessageGroupId``); one not handled holds back the later ones."""
 
 
 @dataclass(frozen=True, slots=True)

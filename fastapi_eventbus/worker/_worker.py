@@ -130,6 +130,10 @@ class Worker:
         self._abandoned: dict[asyncio.Task[None], HeldMessage] = {}
         """Abandoned messages whose tasks still run: their slots are free already."""
         self._giving_back: set[asyncio.Task[None]] = set()
+        self._settled: dict[HeldMessage, asyncio.Future[bool]] = {}
+        """Of each message with an order key: done once it is settled (`_settle_order`)."""
+        self._last: dict[str, asyncio.Future[bool]] = {}
+        """Of each order key: the future of the last message received with it."""
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
@@ -293,6 +297,9 @@ class Worker:
         """Process *message* in a task of its own, holding the slot reserved for it."""
         self.stats.received += 1
         held = HeldMessage(message)
+        if (key := message.order_key) is not None:  # after the one before it in its group
+            held.after = self._last.get(key)
+            self._settled[held] = self._last[key] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._processor.process(held))
         self._in_flight[task] = held
         task.add_done_callback(self._processed)
@@ -306,6 +313,7 @@ class Worker:
             if held.timer is not None:
                 held.timer.cancel()
             self._slots.release()
+        self._settle_order(held)
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error(
                 "processing message %s failed unexpectedly; it comes again when its "
@@ -313,6 +321,16 @@ class Worker:
                 held,
                 exc_info=error,
             )
+
+    def _settle_order(self, held: HeldMessage) -> None:
+        """*held* is settled (or given up): the next message of its group may start."""
+        settled = self._settled.pop(held, None)
+        if settled is None:
+            return
+        settled.set_result(held.handled and not held.abandoned)
+        key = held.message.order_key
+        if key is not None and self._last.get(key) is settled:
+            del self._last[key]
 
     # -- time limits ----------------------------------------------------------------
 
@@ -345,6 +363,7 @@ class Worker:
         self._abandoned[task] = self._in_flight.pop(task)
         self._slots.release()
         held.abandoned = True
+        self._settle_order(held)
         self.stats.abandoned += 1
         logger.error(
             "message %s from %s %s; giving it back and leaving it running (%s)",

@@ -253,10 +253,12 @@ class SQSSource(Source):
 
 
 def _received(message: MessageTypeDef) -> ReceivedMessage:
-    count = message.get("Attributes", {}).get("ApproximateReceiveCount")
+    attributes = message.get("Attributes", {})
+    count = attributes.get("ApproximateReceiveCount")
     return ReceivedMessage(
         body=message,
         message_id=message.get("MessageId", ""),
         receipt=message.get("ReceiptHandle", ""),
         receive_count=int(count) if count else None,
+        order_key=attributes.get("MessageGroupId"),  # a FIFO queue's: its group's order
     )

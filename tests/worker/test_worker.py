@@ -540,6 +540,68 @@ async def test_a_deleted_message_that_is_not_an_event_is_reported_to_on_discard(
     assert reports == ([((), ("junk",), why, MessageDecodeError)] if policy == "delete" else [])
 
 
+# -- FIFO queues: each group's order --------------------------------------------------------
+
+
+async def fifo_orders(moto: Moto, *orders: tuple[str, int]) -> str:
+    """A new FIFO queue holding one ``order.placed`` event per (group, n), sent in order."""
+    queue_url = await moto.create_queue("orders", fifo=True)
+    bus = EventBus()
+    bus.forward("order.*", moto.forwarder(queue_url, message_group_id=lambda e: e.payload["g"]))
+    for group, n in orders:
+        await bus.publish("order.placed", {"g": group, "n": n})
+    await bus.close()
+    return queue_url
+
+
+async def test_a_fifo_queue_s_groups_are_handled_in_order(moto: Moto) -> None:
+    orders = [(group, n) for n in range(4) for group in ("a", "b")]
+    queue_url = await fifo_orders(moto, *orders)
+    bus = EventBus()
+    done: list[tuple[str, int]] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        await asyncio.sleep(0.05 * (4 - event.payload["n"]))  # the first is the slowest
+        done.append((event.payload["g"], event.payload["n"]))
+
+    async with Worker(bus, source(moto, queue_url), concurrency=10) as worker:
+        await until(lambda: worker.stats.handled == 8)
+    # Found: handled concurrently, so each group finished in reverse order.
+    for group in ("a", "b"):
+        assert [n for g, n in done if g == group] == [0, 1, 2, 3]
+    assert await counts(moto, queue_url) == (0, 0)
+
+
+async def test_a_fifo_message_not_handled_holds_back_the_rest_of_its_group(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_url = await fifo_orders(moto, ("a", 0), ("a", 1), ("a", 2), ("b", 0))
+    bus = EventBus()
+    done: list[tuple[str, int]] = []
+    failed: list[int] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        group, n = event.payload["g"], event.payload["n"]
+        if (group, n) == ("a", 1) and not failed:
+            failed.append(n)
+            raise RuntimeError("the first try fails")
+        done.append((group, n))
+
+    async with Worker(bus, source(moto, queue_url), concurrency=10) as worker:
+        await until(lambda: worker.stats.handled == 4)
+    # Found: a2 was handled (and deleted) while a1 waited for its redelivery: a0, a2, a1.
+    assert [n for g, n in done if g == "a"] == [0, 1, 2]
+    assert ("b", 0) in done
+    assert worker.stats.failed == 1
+    assert worker.stats.held_back == (worker.stats.received - 5)  # a2 came back after a1
+    held = [r for r in caplog.records if "to keep the order of its group 'a'" in r.getMessage()]
+    assert len(held) == worker.stats.held_back >= 1
+    assert all(r.levelno == logging.WARNING for r in held)
+    assert await counts(moto, queue_url) == (0, 0)
+
+
 # -- handlers that ignore their time limit, at shutdown -------------------------------------------
 
 

@@ -22,7 +22,7 @@ from ._events import (
     Event,
 )
 from ._hooks import DiscardedEvents, HandlerFailure, Observer, OnDiscard, OnError, call_hook, logger
-from ._lifespan import draining_lifespan
+from ._lifespan import check_serving, draining_lifespan
 from ._patterns import pattern_of
 from ._retry import Retry
 from ._settings import Settings, check_seconds, disabled_by_env
@@ -576,6 +576,8 @@ def open_request(
     With *background* (FastAPI), the first event adds the flush to those tasks;
     without (Starlette), `flush_after` attaches it to the returned response.
     """
+    if not bus._core.serving:
+        check_serving(bus._core)
     view = EventBus._view(
         bus._core, bus._core.open_request(connection.scope, background, websocket)
     )

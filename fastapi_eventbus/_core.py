@@ -92,6 +92,8 @@ class Core:
         self._refused = 0
         self._refused_logged = 0.0
         self._stopping: asyncio.TimerHandle | None = None
+        self.serving = False
+        """Whether the installed lifespan runs (spool resender, outbox relay, drain at exit)."""
         self.lifespan_state: dict[str, Any] = {}
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
         request; the worker sets it after entering the lifespan."""

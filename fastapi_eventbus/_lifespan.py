@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
@@ -11,6 +12,30 @@ from ._core import Core
 from ._hooks import ensure_readable_logs, logger
 from ._signals import on_stop_signal
 from .forwarders._base import Forwarder
+
+_WARNED: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+def check_serving(core: Core) -> None:
+    """A request came, and the installed lifespan is not running: if the bus keeps events
+    to send later (a spool, an outbox), warn once that nothing will send them."""
+    if (core.spool is None and core.outbox is None) or core in _WARNED:
+        return
+    _WARNED.add(core)
+    kept = " and ".join(
+        what
+        for what, there in (("spool", core.spool), ("outbox", core.outbox))
+        if there is not None
+    )
+    logger.warning(
+        "a request reached the app, but the bus's lifespan is not running (Starlette does not "
+        "run the lifespan of an app mounted in another, nor does a TestClient used without "
+        "`with`): nothing sends what its %s keeps, the events whose first delivery failed, "
+        "and shutdown will not wait for events in flight. Run the app's lifespan: for a "
+        "mounted app, from the outer app's (`async with sub_app.router.lifespan_context("
+        "sub_app): yield`)",
+        kept,
+    )
 
 
 def draining_lifespan(
@@ -63,8 +88,10 @@ def draining_lifespan(
                     resender = asyncio.create_task(core.sender.resend_forever())
                 if core.outbox is not None:  # what a crash left is relayed first
                     relay = asyncio.create_task(core.outbox.relay_forever())
+                core.serving = True
                 yield state
             finally:
+                core.serving = False
                 stop_watching()
                 for task in (resender, relay):
                     if task is not None:

@@ -101,3 +101,15 @@ def test_every_test_the_page_names_exists() -> None:
     for path, function in named:
         source = (ROOT / path).read_text()
         assert not function or re.search(rf"def {function}\b", source), f"{path}::{function}"
+
+
+def test_a_mounted_app_whose_lifespan_the_outer_app_runs_is_served(
+    example: ModuleType, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    orders = Orders()
+    main = example.mount_shop(example.create_app(tmp_path / "spool.sqlite3", orders))
+    with TestClient(main) as client:
+        event_id = client.post("/shop/orders").json()["event"]
+    assert orders.received == [event_id]
+    assert Spool(tmp_path / "spool.sqlite3").count().pending == 0
+    assert not [r for r in caplog.records if "lifespan is not running" in r.getMessage()]

@@ -5,12 +5,14 @@ import logging
 import logging.config
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import Event, EventBus, HandlerFailure, get_bus
+from fastapi_eventbus.testing import RecordingForwarder
 from tests.conftest import Hooks
 
 
@@ -99,7 +101,9 @@ async def test_drain_returns_nothing_when_idle(bus: EventBus) -> None:
     assert await bus.drain(0) == []
 
 
-def test_a_bare_test_client_needs_no_lifespan(app: FastAPI, bus: EventBus) -> None:
+def test_a_bare_test_client_needs_no_lifespan(
+    app: FastAPI, bus: EventBus, caplog: pytest.LogCaptureFixture
+) -> None:
     log: list[str] = []
 
     @bus.on("x")
@@ -114,6 +118,35 @@ def test_a_bare_test_client_needs_no_lifespan(app: FastAPI, bus: EventBus) -> No
     client.post("/")
     client.post("/")
     assert log == ["x", "x"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # nothing is kept
+
+
+def spooling_shop(spool: Path, sent: RecordingForwarder) -> FastAPI:
+    """An app whose bus spools what it forwards to *sent*."""
+    app, bus = FastAPI(), EventBus(spool=spool)
+    bus.forward("order.*", sent)
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("order.placed", {"n": 1})
+
+    return app
+
+
+def test_a_mounted_app_whose_lifespan_never_runs_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shop = spooling_shop(tmp_path / "spool.sqlite3", RecordingForwarder())
+    main = FastAPI()
+    main.mount("/shop", shop)
+    with TestClient(main) as client:  # Starlette runs main's lifespan, never shop's
+        assert client.post("/shop/orders").status_code == 200
+        assert client.post("/shop/orders").status_code == 200
+    # Found: the spool's resender (and an outbox's relay) never ran, and nothing said so.
+    (warning,) = [r for r in caplog.records if "lifespan is not running" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "nothing sends what its spool keeps" in warning.getMessage()
 
 
 class Lines(logging.Handler):

@@ -1,5 +1,7 @@
 """The spool and the capacity limits of docs/delivery.md (tested: tests/test_docs_delivery.py)."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -45,3 +47,20 @@ def review_dead_letters(spool_path: Path) -> int:
 
 
 # --8<-- [end:dead]
+
+
+# --8<-- [start:mounted]
+def mount_shop(shop: FastAPI) -> FastAPI:
+    """An outer app serving *shop* (which has the bus) under /shop."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with shop.router.lifespan_context(shop):  # Starlette runs only the outer one's
+            yield
+
+    main = FastAPI(lifespan=lifespan)
+    main.mount("/shop", shop)
+    return main
+
+
+# --8<-- [end:mounted]

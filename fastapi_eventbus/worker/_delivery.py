@@ -168,7 +168,7 @@ class Processor:
         owner, message = self.owner, held.message
         if held.after is not None:  # kept invisible meanwhile; cancelled: given back
             async with self._heartbeat(message, None):
-                handled_before = await held.after
+                handled_before = await asyncio.shield(held.after)  # cancelled: not the future
             if not handled_before:
                 return self._held_back(held, consumed)
         decoded = self._decode(message)

@@ -327,7 +327,8 @@ class Worker:
         settled = self._settled.pop(held, None)
         if settled is None:
             return
-        settled.set_result(held.handled and not held.abandoned)
+        if not settled.done():
+            settled.set_result(held.handled and not held.abandoned)
         key = held.message.order_key
         if key is not None and self._last.get(key) is settled:
             del self._last[key]

@@ -602,6 +602,26 @@ async def test_a_fifo_message_not_handled_holds_back_the_rest_of_its_group(
     assert await counts(moto, queue_url) == (0, 0)
 
 
+async def test_at_shutdown_a_fifo_message_waiting_for_the_one_before_it_is_given_back(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_url = await fifo_orders(moto, ("a", 0), ("a", 1))
+    bus = EventBus()
+    started: list[int] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        started.append(event.payload["n"])
+        await asyncio.Event().wait()  # until shutdown cancels it
+
+    async with Worker(bus, source(moto, queue_url), shutdown_timeout=0.2) as worker:
+        await until(lambda: started == [0] and worker.stats.received == 2)
+    assert started == [0]  # a1 never started: a0 was still running
+    assert worker.stats.unfinished == 2
+    assert await counts(moto, queue_url) == (2, 0)  # both given back at once
+    assert not [r for r in caplog.records if r.name == "asyncio"]  # no failed callback
+
+
 # -- handlers that ignore their time limit, at shutdown -------------------------------------------
 
 

@@ -136,6 +136,28 @@ _CHECKED_NAMES_LIMIT = 4096
 """How many accepted names are remembered: past that, names are checked at every use."""
 
 
+MAX_ID_LENGTH = 1024
+"""The longest id or source a received event may have, in characters (ours are 36)."""
+
+
+def check_text(what: str, value: object, limit: int = MAX_ID_LENGTH) -> str:
+    """*value* if it is a usable event id or source: a non-empty str of at most *limit*
+    characters, without control characters or line separators (ids are printed in the log
+    lines that report an event); else `InvalidEventError` naming *what*."""
+    if not isinstance(value, str):
+        raise InvalidEventError(f"{what} must be a string, got {type(value).__name__}")
+    if not value or len(value) > limit:
+        raise InvalidEventError(
+            f"{what} {value[:40]!r} is {len(value):,} characters long: from 1 to {limit}"
+        )
+    if not value.isprintable() and (bad := _control_character(value)) is not None:
+        raise InvalidEventError(
+            f"{what} {value[:80]!r} contains the control character {bad!r}: it is printed "
+            "in log lines"
+        )
+    return plain_str(value)
+
+
 def _control_character(text: str) -> str | None:
     """The first control character (C0, DEL, C1) or line separator in *text*, if any.
 

@@ -29,7 +29,7 @@ from typing import Any, TypeAlias, cast
 from pydantic import ValidationError
 
 from ._attributes import RESERVED_ATTRIBUTES
-from ._brokers import is_trace_value, media_type, payload_of, unsupported
+from ._brokers import envelope, is_trace_value, media_type, parse_time, payload_of, unsupported
 from ._events import Event, payload_json
 from .exceptions import ConfigurationError, MessageDecodeError
 
@@ -69,7 +69,9 @@ OpenTelemetry enabled) carry W3C trace context: ``googclient_traceparent`` and
 ``googclient_tracestate``. `pubsub_attributes` writes them beside ``traceparent``
 and ``tracestate``; a received message's are read when it has no ``traceparent``."""
 
-DEFAULT_SOURCE = f"//fastapi-eventbus/{socket.gethostname()}"
+DEFAULT_SOURCE_PREFIX = "//fastapi-eventbus/"
+"""How `DEFAULT_SOURCE` starts, on every host."""
+DEFAULT_SOURCE = f"{DEFAULT_SOURCE_PREFIX}{socket.gethostname()}"
 """The CloudEvents ``source`` of events whose bus sets none: this host, as a URI reference."""
 
 _REQUIRED = ("specversion", "id", "source", "type")
@@ -186,16 +188,13 @@ def from_cloudevent(
         raise MessageDecodeError(
             f"unsupported CloudEvents specversion {cloudevent['specversion']!r}"
         )
-    fields: dict[str, Any] = {
-        "name": cloudevent["type"],
-        "payload": _payload(cloudevent),
-        "id": cloudevent["id"],
-        "source": cloudevent["source"],
-        "trace_context": dict(trace_context or cloudevent_trace_context(cloudevent)),
-        "extensions": _extensions(cloudevent),
-    }
-    if cloudevent.get("time"):
-        fields["time"] = cloudevent["time"]
+    what = "CloudEvent"
+    fields = envelope(what, cloudevent["type"], cloudevent["id"], cloudevent["source"])
+    fields["payload"] = _payload(cloudevent)
+    fields["trace_context"] = dict(trace_context or cloudevent_trace_context(cloudevent))
+    fields["extensions"] = _extensions(cloudevent)
+    if (time := cloudevent.get("time")) is not None:
+        fields["time"] = parse_time(time, what)
     try:
         return Event.model_validate(fields)
     except ValidationError as exc:

@@ -107,7 +107,7 @@ def test_an_event_without_payload_round_trips() -> None:
                     {"specversion": "1.0", "id": "1", "source": "s", "type": "x", "time": "noon"}
                 )
             },
-            "invalid CloudEvent",
+            "not an RFC 3339 timestamp",
         ),
         ({"data": "%%%", "attributes": {}}, "not base64"),
         ({"attributes": {"ce-id": "1"}}, "missing specversion"),

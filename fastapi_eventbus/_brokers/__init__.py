@@ -16,21 +16,43 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi_eventbus.exceptions import MessageDecodeError
+from fastapi_eventbus._events import check_name, check_text
+from fastapi_eventbus.exceptions import InvalidEventError, MessageDecodeError
 
 TRACE_LIMITS = {"traceparent": 256, "tracestate": 512}
 """Longest values kept (W3C: a version-00 traceparent is 55 characters, a tracestate at
 most 512): longer ones are ignored, so a forged attribute cannot grow every event."""
 
 
+class _NotJSONNumber(Exception):
+    """Raised inside `json.loads` by `_refuse_constant` and `_finite`."""
+
+
+def _refuse_constant(token: str) -> float:
+    raise _NotJSONNumber(f"{token}, which JSON cannot carry (Python's json writes it)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # an infinity: beyond a float's range
+        raise _NotJSONNumber(f"the number {text[:40]}, which JSON cannot carry as a float")
+    return value
+
+
 def parse_json(text: object, what: str) -> Any:
-    """*text* parsed as JSON; `MessageDecodeError` naming *what* if it is not JSON."""
+    """*text* parsed as JSON; `MessageDecodeError` naming *what* if it is not JSON.
+
+    Only JSON's numbers: ``NaN`` and the infinities (Python's `json` writes them) and
+    numbers past a float's range are refused, as `emit` refuses them in a payload."""
     if not isinstance(text, str | bytes | bytearray):
         raise MessageDecodeError(f"{what} must be text or bytes, got {type(text).__name__}")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+    except _NotJSONNumber as exc:
+        raise MessageDecodeError(f"{what} holds {exc}") from None
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise MessageDecodeError(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # arrays or objects nested deeper than the parser recurses
@@ -147,3 +169,36 @@ def unsupported(media: MediaType) -> MessageDecodeError:
         f"unsupported datacontenttype {media.text!r}: an event's payload is JSON data, "
         "so only JSON types (application/json, */*+json) and text/plain can be decoded"
     )
+
+
+def parse_time(value: object, what: str) -> datetime:
+    """An event's *value* of ``time`` as an aware UTC datetime; `MessageDecodeError` unless
+    it is an RFC 3339 timestamp (a string, with its UTC offset)."""
+    if not isinstance(value, str):
+        raise MessageDecodeError(
+            f"{what} time must be an RFC 3339 string, got {type(value).__name__} {value!r}"
+        )
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise MessageDecodeError(
+            f"{what} time {value[:60]!r} is not an RFC 3339 timestamp"
+        ) from None
+    if parsed.tzinfo is None:
+        raise MessageDecodeError(
+            f"{what} time {value!r} has no UTC offset (RFC 3339 requires one: Z or +hh:mm)"
+        )
+    return parsed.astimezone(UTC)
+
+
+def envelope(what: str, name: object, event_id: object, source: object) -> dict[str, Any]:
+    """A received event's name, id and source, held to what `emit` accepts (names, ids and
+    sources are printed in log lines); `MessageDecodeError` naming *what* otherwise."""
+    try:
+        return {
+            "name": check_name(name),
+            "id": check_text("id", event_id),
+            "source": None if source is None else check_text("source", source),
+        }
+    except InvalidEventError as exc:
+        raise MessageDecodeError(f"{what}: {exc}") from None

@@ -34,7 +34,7 @@ from fastapi_eventbus.exceptions import (
 )
 from fastapi_eventbus.wire import TRACE_ATTRIBUTES, cloudevent_trace_context, from_cloudevent
 
-from . import byte_length, is_trace_value, parse_json, trace_or_nothing
+from . import byte_length, envelope, is_trace_value, parse_json, parse_time, trace_or_nothing
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -330,20 +330,17 @@ def from_eventbridge(body: Mapping[str, Any], trace: dict[str, str]) -> Event:
     if is_cloudevent(detail):
         return from_cloudevent(detail, cloudevent_trace_context(detail) or trace)
     try:
-        name = check_name(body["detail-type"])
+        check_name(body["detail-type"])
     except InvalidEventError as exc:
         raise MessageDecodeError(f"EventBridge detail-type is no event name: {exc}") from None
     if not body.get("id"):
         raise MessageDecodeError("EventBridge event without an id")
-    fields: dict[str, Any] = {
-        "name": name,
-        "payload": body["detail"],
-        "id": body["id"],
-        "source": body.get("source") or None,
-        "trace_context": trace,
-    }
-    if body.get("time"):
-        fields["time"] = body["time"]
+    what = "EventBridge event"
+    fields = envelope(what, body["detail-type"], body["id"], body.get("source") or None)
+    fields["payload"] = body["detail"]
+    fields["trace_context"] = trace
+    if (time := body.get("time")) is not None:
+        fields["time"] = parse_time(time, what)
     try:
         return Event.model_validate(fields)
     except ValidationError as exc:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from fastapi_eventbus._di import CURRENT_EVENT
 from fastapi_eventbus._events import Event
+from fastapi_eventbus.wire import DEFAULT_SOURCE_PREFIX
 
 from ._db import checked_engine, database_of, run, sync_engine
-from ._tables import inbox_table
+from ._tables import ID_LENGTH, inbox_table
 
 
 @dataclass(eq=False)
@@ -28,8 +30,20 @@ class _Call:
 
     inbox: SQLAlchemyInbox
     handler: str
-    event_id: str
+    key: str
+    """The event's `event_key`."""
     recorded: bool = False
+
+
+def event_key(event: Event) -> str:
+    """What the inbox records *event* by: its id; with its source too (64 hex digits of
+    both) when another producer's (an id is unique only with its source, CloudEvents'
+    rule), or when the id is longer than the column."""
+    source = event.source
+    if (source is None or source.startswith(DEFAULT_SOURCE_PREFIX)) and len(event.id) <= ID_LENGTH:
+        return event.id  # this library's: one per event, whichever host sends it
+    digest = hashlib.sha256(f"{source}\n{event.id}".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
@@ -90,12 +104,12 @@ class SQLAlchemyInbox:
 
     async def handled(self, event: Event) -> Collection[str]:
         """The names of the handlers that already succeeded for *event*."""
-        query = select(self.table.c.handler).where(self.table.c.event_id == event.id)
+        query = select(self.table.c.handler).where(self.table.c.event_id == event_key(event))
         return set(await run(self.engine, lambda c: c.execute(query).scalars().all()))
 
     def calling(self, handler: str, event: Event) -> None:
         """*handler* is about to run for *event*: a commit of its session records it."""
-        _CALL.set(_Call(self, handler, event.id))
+        _CALL.set(_Call(self, handler, event_key(event)))
 
     async def record(self, handler: str, event: Event) -> None:
         """*handler* succeeded for *event*: record it, unless its own commit did."""
@@ -103,7 +117,7 @@ class SQLAlchemyInbox:
         _CALL.set(None)
         if call is not None and call.recorded and call.handler == handler:
             return
-        values = {"handler": handler, "event_id": event.id, "handled_at": time.time()}
+        values = {"handler": handler, "event_id": event_key(event), "handled_at": time.time()}
 
         def work(connection: Connection) -> None:
             try:
@@ -133,7 +147,7 @@ class SQLAlchemyInbox:
             return
         session.connection().execute(
             insert(self.table).values(
-                handler=call.handler, event_id=call.event_id, handled_at=time.time()
+                handler=call.handler, event_id=call.key, handled_at=time.time()
             )
         )
         call.recorded = True
@@ -145,7 +159,7 @@ def _before_commit(session: Session) -> None:
     if call is None or call.recorded or session.in_nested_transaction():
         return
     event = CURRENT_EVENT.get(None)
-    if event is None or event.id != call.event_id:  # that dispatch is over
+    if event is None or event_key(event) != call.key:  # that dispatch is over
         return
     call.inbox.record_in(session, call)
 

@@ -166,7 +166,7 @@ def test_an_eventbridge_event_is_an_event() -> None:
         ({"detail-type": "Order\nPlaced"}, "control character"),
         ({"detail-type": 7}, "EventBridge detail-type is no event name"),
         ({"id": ""}, "EventBridge event without an id"),
-        ({"time": "yesterday"}, "invalid EventBridge event"),
+        ({"time": "yesterday"}, "not an RFC 3339 timestamp"),
     ],
 )
 def test_an_eventbridge_event_that_is_no_event_is_refused_with_the_reason(

@@ -250,16 +250,17 @@ class EventBus:
 
         Raises:
             ConfigurationError: *forwarder* is not a `Forwarder`, a pattern is empty,
-                or (with a spool) another forwarder has the same name.
+                or (with a spool or an outbox) another forwarder has the same name.
         """
         if not isinstance(forwarder, Forwarder):
             raise ConfigurationError(f"forward() needs a Forwarder instance, got {forwarder!r}")
-        if self._core.spool is not None:
+        kept = "a spool" if self._core.spool is not None else "an outbox"
+        if self._core.spool is not None or self._core.outbox is not None:
             for other in self._core.forwarders.items():
                 if other is not forwarder and other.name == forwarder.name:
                     raise ConfigurationError(
-                        f"two forwarders are named {forwarder.name!r}: with a spool, each "
-                        f"forwarder needs its own name (name=...), which its spooled events "
+                        f"two forwarders are named {forwarder.name!r}: with {kept}, each "
+                        f"forwarder needs its own name (name=...), which its stored events "
                         f"are filed under"
                     )
         names = [patterns] if isinstance(patterns, str) else list(patterns)

@@ -58,6 +58,18 @@ def discards() -> list[DiscardedEvents]:
     return []
 
 
+def test_forwarders_sharing_a_name_are_refused_on_a_bus_with_an_outbox(tmp_path: Path) -> None:
+    """Found: an outbox row names its forwarder, and the first with that name took the row:
+    ``user.*`` events went to the orders queue and were settled as delivered (or, matched by
+    both, the application's commit failed on the rows' primary key)."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+    bus = EventBus(outbox=SQLAlchemyOutbox(engine))
+    bus.forward("order.*", RecordingForwarder())
+    with pytest.raises(ConfigurationError, match="two forwarders are named 'RecordingForwarder'"):
+        bus.forward("user.*", RecordingForwarder())
+    bus.forward("user.*", RecordingForwarder(name="users"))  # named: fine
+
+
 def test_committed_events_are_handled_after_commit_and_see_the_data(
     db_url: str, discards: list[DiscardedEvents]
 ) -> None:

@@ -417,16 +417,16 @@ class Core:
         # The payload's JSON is kept for the forwarders and the spool (made here if not yet).
         text = text if forwarders else None
         event_obj = make_event(name, data, settings.source, text, extensions)
-        for forwarder in forwarders:
-            forwarder.check(event_obj)
         muted = self.observers and any(observer.mute for observer in self.observers)
         deliver = not (settings.disabled or muted)
         if deliver:
             self.admit(batch)
-            if self.tracing is not None:
-                self.tracing.emitted(event_obj)
-            if forwarders and store and self.spool is not None:  # with its trace context
-                self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
+            if self.tracing is not None:  # before the checks: its trace context is in the
+                self.tracing.emitted(event_obj)  # message each forwarder checks
+        for forwarder in forwarders:
+            forwarder.check(event_obj)
+        if deliver and forwarders and store and self.spool is not None:  # with its trace context
+            self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
         for observer in self.observers:
             observer.on_emit(event_obj)
         return event_obj, deliver

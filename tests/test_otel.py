@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Annotated
 
 import pytest
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
-from fastapi_eventbus import ConfigurationError, Event, EventBus, get_bus
+from fastapi_eventbus import ConfigurationError, Event, EventBus, InvalidEventError, get_bus
 from fastapi_eventbus.forwarders import Delivery, Forwarder, Retry
 from fastapi_eventbus.otel import (
     MESSAGING_SYSTEM,
@@ -257,6 +258,37 @@ async def test_forwarded_events_carry_their_emit_context(spans: Spans) -> None:
     body = sqs_body(recorder.events[0])
     assert "traceparent" not in body
     assert traceparent(placed) not in body
+
+
+class Sized(Forwarder):
+    """A broker whose messages carry the trace context as attributes, counted in their size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(name="sized", max_message_bytes=limit)
+        self.sent: list[Event] = []
+
+    def encoded_size(self, event: Event) -> int:
+        trace = sum(len(key) + len(value) for key, value in event.trace_context.items())
+        return len(event.payload) + trace
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.sent.extend(events)
+
+
+async def test_the_emit_time_size_check_counts_the_trace_context(spans: Spans) -> None:
+    """Found: the check ran before tracing gave the event its ``traceparent``: an event that
+    fits only without it passed ``emit``, and the broker refused it after the response."""
+    untraced, traced = EventBus(), EventBus()
+    instrument_bus(traced, tracer_provider=spans.provider)
+    plain, attributed = Sized(100), Sized(100)
+    untraced.forward("x", plain)
+    traced.forward("x", attributed)
+    await untraced.publish("x", "p" * 90)  # 90 bytes: fits
+    with pytest.raises(InvalidEventError, match="would be a 156-byte message, over the 100"):
+        await traced.publish("x", "p" * 90)  # and a 66-byte traceparent attribute
+    await traced.publish("x", "p" * 30)
+    assert [attributed.encoded_size(event) for event in attributed.sent] == [96]
+    assert [plain.encoded_size(event) for event in plain.sent] == [90]
 
 
 class Refusing(Forwarder):

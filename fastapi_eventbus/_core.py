@@ -165,10 +165,10 @@ class Core:
             if not self.handlers.match(event.name):  # a release (or process) that has one may
                 failed.append((event, "no handler for it in this application"))  # come
                 continue
-            wait = allowance(self.dispatcher.time_limit(event.name))
+            wait = allowance(self.dispatcher.time_limit(event.name, retried=True))
             done, failures = await within(self.handle(event, None, 0, local=True), wait)
-            if not done:  # one ignored its cancellation: no longer waited for; tried again
-                why = f"its handlers still ran {wait:g}s after they started (left running)"
+            if not done:  # one ignored its cancellation: cancelled once more; tried again
+                why = f"its handlers still ran {wait:g}s after they started (cancelled)"
                 logger.error("event %r (id=%s): %s", event.name, event.id, why)
                 failed.append((event, why))
             elif failures:

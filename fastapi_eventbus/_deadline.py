@@ -69,8 +69,9 @@ def _leave_running(task: asyncio.Future[Any]) -> None:
 
 async def within(call: Coroutine[Any, Any, T], seconds: float | None) -> tuple[bool, T | None]:
     """Await *call* for at most *seconds* (None: as long as it takes): ``(True, result)``,
-    or ``(False, None)`` if it still runs then. It is left running: code that ignores its
-    cancellation cannot be stopped, only no longer waited for."""
+    or ``(False, None)`` if it still runs then. It is then cancelled, and waited for
+    `CANCEL_GRACE` seconds more: code that ignores its cancellation cannot be stopped, only
+    left running, no longer waited for."""
     if seconds is None:
         return True, await call
     task = asyncio.ensure_future(call)
@@ -81,7 +82,7 @@ async def within(call: Coroutine[Any, Any, T], seconds: float | None) -> tuple[b
         raise
     if task.done():
         return True, task.result()
-    _leave_running(task)
+    await finish_within(task, 0)
     return False, None
 
 

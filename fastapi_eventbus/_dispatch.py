@@ -94,13 +94,15 @@ class Dispatcher:
             core.schemas.register(name, model)
         self.handlers.add(handler.patterns, handler)
 
-    def time_limit(self, name: str) -> float | None:
-        """Seconds the handlers of event *name* may take together (`EventBus.time_limit`)."""
+    def time_limit(self, name: str, retried: bool = False) -> float | None:
+        """Seconds the handlers of event *name* may take together (`EventBus.time_limit`);
+        *retried*: with the tries of each handler's `Retry` (an outbox's delivery)."""
         total = 0.0
         for handler in self.handlers.match(name):
-            if handler.timeout is None:
+            if (timeout := handler.timeout) is None:
                 return None
-            total += handler.timeout
+            retry = handler.retry
+            total += retry.longest(timeout) if retried and retry is not None else timeout
         return total
 
     async def dispatch(

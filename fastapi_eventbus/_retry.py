@@ -66,6 +66,15 @@ class Retry:
         """Seconds to wait after failed attempt number *attempt* (1-based), jittered."""
         return jittered(exponential(attempt, self.initial_delay, self.max_delay))
 
+    def longest(self, timeout: float) -> float:
+        """The longest all the tries of one call may take, each within *timeout* seconds:
+        the last starts by *total_timeout* at the latest, and no more than *attempts* are
+        made, each wait at most *max_delay*."""
+        longest = self.total_timeout + timeout
+        if self.attempts is not None:
+            longest = min(longest, self.attempts * timeout + (self.attempts - 1) * self.max_delay)
+        return longest
+
     def next_delay(self, attempt: int, elapsed: float) -> float | None:
         """Seconds to wait before trying again, or None when no further try may start.
 

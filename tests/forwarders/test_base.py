@@ -628,6 +628,21 @@ def test_attempts_still_bounds_the_tries() -> None:
     assert Retry(attempts=3, initial_delay=0, max_delay=0).next_delay(1, 0.0) == 0
 
 
+def test_longest_bounds_every_try_of_a_call() -> None:
+    # The last try starts by total_timeout; with attempts, fewer may fit: each try's time
+    # limit and the longest wait between two.
+    assert Retry().longest(1.0) == 31.0
+    assert Retry(attempts=3, max_delay=2.0).longest(1.0) == 3 * 1.0 + 2 * 2.0
+    assert Retry(attempts=100, max_delay=5.0).longest(1.0) == 31.0
+    retry, timeout = Retry(attempts=5, initial_delay=0.5, max_delay=4.0), 2.0
+    for _ in range(20):  # whatever the jitter: tries and waits never add up to more
+        elapsed, attempt = timeout, 1
+        while (wait := retry.next_delay(attempt, elapsed)) is not None:
+            elapsed += wait + timeout
+            attempt += 1
+        assert elapsed <= retry.longest(timeout)
+
+
 @pytest.mark.parametrize(
     "options",
     [

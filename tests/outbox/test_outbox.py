@@ -70,6 +70,49 @@ def test_forwarders_sharing_a_name_are_refused_on_a_bus_with_an_outbox(tmp_path:
     bus.forward("user.*", RecordingForwarder(name="users"))  # named: fine
 
 
+def test_a_handler_retrying_past_its_time_limit_is_waited_for_not_run_twice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the delivery waited only for the handler's time limit, not its `Retry`: at 5.5 s
+    an ERROR said its handlers "still ran (left running)", the row was tried again, and a
+    second run overlapped the first, still retrying."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", poolclass=NullPool)
+    outbox = SQLAlchemyOutbox(engine, retry_initial=0.1, retry_max=0.1, poll_interval=0.05)
+    bus = EventBus(outbox=outbox)
+    running: list[int] = []
+    overlapped: list[int] = []
+    calls: list[float] = []
+    started = time.monotonic()
+
+    @bus.on("order.created", timeout=0.5, retry=Retry(initial_delay=0.5, max_delay=0.5))
+    async def flaky(event: Event) -> None:  # a dependency that is down for 6 s
+        calls.append(time.monotonic() - started)
+        running.append(1)
+        overlapped.append(len(running))
+        try:
+            await asyncio.sleep(0.01)
+            if time.monotonic() - started < 6:
+                raise ConnectionError("down")
+        finally:
+            running.pop()
+
+    async def scenario() -> None:
+        await outbox.create_tables()
+        async with async_sessionmaker(engine)() as db:
+            bus.emit("order.created", {"id": 1}, session=db)
+            await db.commit()
+        deadline = time.monotonic() + 20
+        while await outbox.pending() and time.monotonic() < deadline:
+            await outbox.relay_once()
+            await asyncio.sleep(0.05)
+        await bus.drain(10)
+
+    asyncio.run(scenario())
+    assert max(overlapped) == 1  # one run at a time
+    assert calls[-1] >= 6  # it kept trying until the dependency came back, and succeeded
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_committed_events_are_handled_after_commit_and_see_the_data(
     db_url: str, discards: list[DiscardedEvents]
 ) -> None:

@@ -25,6 +25,7 @@ from contextlib import suppress
 from typing import NoReturn
 
 import click
+from click.core import ParameterSource
 
 from fastapi_eventbus._deadline import cancel_the_rest
 from fastapi_eventbus._hooks import LOG_FORMAT, ensure_readable_logs
@@ -159,6 +160,7 @@ def worker(
     blocks its thread), it is reported and left behind, and the exit status is 1."""
     if (queue_url is None) == (subscription is None):
         raise click.UsageError("pass exactly one of --sqs QUEUE_URL and --pubsub SUBSCRIPTION")
+    _refuse_the_other_brokers_options("--sqs" if queue_url is not None else "--pubsub")
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)  # time, level, logger
     target = load(app, factory=factory, app_dir=app_dir)
     bus_of(target)
@@ -198,6 +200,36 @@ def worker(
         raise click.ClickException(
             "stopped by a second signal; unfinished messages were given back"
         )
+
+
+_BROKER_OPTIONS = {
+    "--sqs": (
+        "endpoint_url",
+        "region",
+        "wait_time",
+        "retry_delay",
+        "max_retry_delay",
+        "visibility_timeout",
+    ),
+    "--pubsub": ("emulator_host", "ack_deadline"),
+}
+"""The options that apply to one broker's source only, by the option that chooses it."""
+
+
+def _refuse_the_other_brokers_options(chosen: str) -> None:
+    """A usage error for an option given on the command line that the other broker's source
+    takes (``--ack-deadline`` with ``--sqs``): it would be ignored without a word."""
+    context = click.get_current_context()
+    others = {
+        name for broker, names in _BROKER_OPTIONS.items() if broker != chosen for name in names
+    }
+    for param in context.command.params:
+        if (
+            param.name in others
+            and context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+        ):
+            broker = next(b for b, names in _BROKER_OPTIONS.items() if param.name in names)
+            raise click.UsageError(f"{param.opts[0]} applies to {broker} only, not {chosen}")
 
 
 async def _serve(runner: Worker) -> bool:

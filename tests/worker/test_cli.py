@@ -277,6 +277,35 @@ def test_heartbeat_options_out_of_range_are_usage_errors(option: str, value: str
     assert f"Invalid value for '{option}'" in output
 
 
+@pytest.mark.parametrize(
+    ("source", "option", "broker"),
+    [
+        (
+            ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"],
+            ["--ack-deadline", "30"],
+            "--pubsub",
+        ),
+        (
+            ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"],
+            ["--emulator-host", "h:1"],
+            "--pubsub",
+        ),
+        (["--pubsub", "projects/p/subscriptions/o"], ["--endpoint-url", "http://h:1"], "--sqs"),
+        (["--pubsub", "projects/p/subscriptions/o"], ["--visibility-timeout", "60"], "--sqs"),
+        (["--pubsub", "projects/p/subscriptions/o"], ["--retry-delay", "1"], "--sqs"),
+    ],
+)
+def test_an_option_of_the_other_broker_is_a_usage_error(
+    source: list[str], option: list[str], broker: str, served: list[Worker]
+) -> None:
+    # Found: accepted and ignored: --endpoint-url meant for the Pub/Sub emulator pulled from
+    # the default endpoint, with no word.
+    code, output = invoke("worker", "tests.worker.targets:app", *source, *option)
+    assert code == 2
+    assert f"{option[0]} applies to {broker} only, not {source[0]}" in output
+    assert served == []
+
+
 def test_the_worker_exits_1_when_its_queue_does_not_exist(
     moto: Moto, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,6 +63,34 @@ TRANSIENT_CODES = frozenset(
     }
 )
 """Error codes a retry may fix (botocore's throttling and transient codes, plus SQS's own)."""
+MESSAGE_CODES = frozenset(
+    {
+        "BatchRequestTooLong",
+        "InvalidMessageContents",
+        "InvalidParameter",
+        "InvalidParameterValue",
+        "ValidationException",
+    }
+)
+"""Error codes that may be about one message of a batch call (one that fails it whole):
+SQS's, SNS's and EventBridge's for a value they refuse."""
+
+
+def about_a_message(exc: BaseException) -> bool:
+    """Whether *exc* (or the botocore error it comes from) may be about one message of a
+    batch call: an error code of `MESSAGE_CODES`, or a request botocore refused to send.
+    Not a missing queue or topic, nor a denied access: those are every message's."""
+    from botocore.exceptions import ClientError, ParamValidationError
+
+    while exc is not None:
+        if isinstance(exc, ClientError):
+            return exc.response.get("Error", {}).get("Code", "") in MESSAGE_CODES
+        if isinstance(exc, ParamValidationError):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
 AWS_HOST = re.compile(
     r"(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue)\.amazonaws\.com(?:\.cn)?"
 )

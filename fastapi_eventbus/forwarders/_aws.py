@@ -114,6 +114,11 @@ class AWSForwarder(Forwarder, Generic[ClientT]):
         """Forget the client of another event loop (it cannot be closed from this one)."""
         self._client = self._stack = None
 
+    def may_be_one_message(self, exc: BaseException) -> bool:
+        """Only an error AWS gives for a value it refuses (``InvalidParameterValue``...): a
+        missing queue or topic, or a denied access, is every message's."""
+        return aws.about_a_message(exc)
+
 
 def translated(
     forwarder: AWSForwarder[Any], context: str | None = None

@@ -232,6 +232,14 @@ class Forwarder:
         """Bytes of the message this forwarder would send for *event*."""
         return utf8_size(sqs_body(event))
 
+    def may_be_one_message(self, exc: BaseException) -> bool:
+        """Whether *exc*, a permanent failure of a send of several events that `check`
+        passes, may be the broker refusing one message (and the whole call with it). Then
+        the send is split in halves, sent on their own, so that only what fails alone is
+        dead-lettered. True by default; the AWS forwarders: only for AWS's error codes
+        about a value (a missing queue is every message's)."""
+        return True
+
     def is_transient(self, exc: BaseException) -> bool:
         """Whether a retry may fix *exc*, which `send` raised.
 
@@ -438,9 +446,12 @@ class Forwarder:
         except Exception as exc:
             if self.is_transient(exc):
                 return pending, exc
-            if len(pending) > 1 and (refused := await self._refuse_unsendable(pending, outcome)):
-                rest = [event for event in pending if event.id not in refused]
-                return await self._attempt(rest, outcome) if rest else ([], exc)
+            if len(pending) > 1:
+                if refused := await self._refuse_unsendable(pending, outcome):
+                    rest = [event for event in pending if event.id not in refused]
+                    return await self._attempt(rest, outcome) if rest else ([], exc)
+                if self.may_be_one_message(exc):
+                    return await self._halves(pending, outcome)
             await self._dead_letter(pending, f"permanent failure: {exc!r}", exc, outcome)
             return [], exc
         if delivery is None:
@@ -450,6 +461,25 @@ class Forwarder:
             await self._dead_letter(rejected, f"rejected: {delivery.reason}", None, outcome)
         error = ForwarderError(delivery.reason or "partial failure", transient=True)
         return list(delivery.retry), error
+
+    async def _halves(
+        self, pending: list[Event], outcome: DeliveryOutcome
+    ) -> tuple[list[Event], BaseException | None]:
+        """A send of *pending* failed for good, and `check` refuses none of them: the broker
+        may refuse one message and fail the whole call (a queue's lower size limit). Each half
+        is sent on its own, in order, so that only what the broker refuses alone is
+        dead-lettered; what it refuses for every message (a missing queue) costs a call per
+        message more."""
+        middle = len(pending) // 2
+        retry: list[Event] = []
+        error: BaseException | None = None
+        for half in (pending[:middle], pending[middle:]):
+            if retry:  # behind events to try again: kept behind them (a FIFO's order)
+                retry += half
+                continue
+            unsent, error = await self._attempt(half, outcome)
+            retry += unsent
+        return retry, error
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T:
         """Await *call* within `send_timeout`; past it, a transient `ForwarderError`. So is

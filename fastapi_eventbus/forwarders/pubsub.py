@@ -335,6 +335,12 @@ class PubSubForwarder(Forwarder):
         if messages:
             yield messages
 
+    def may_be_one_message(self, exc: BaseException) -> bool:
+        """Only a 400 (``INVALID_ARGUMENT``: a value Pub/Sub refuses): a missing topic or a
+        denied access is every message's."""
+        cause = exc.__cause__
+        return getattr(cause, "status", None) == 400  # aiohttp's ClientResponseError
+
     async def _publish(self, client: PublisherClient, messages: list[PubsubMessage]) -> None:
         """One publish request; SDK and HTTP errors become `ForwarderError`."""
         with _translated(f"publish to {self.topic}"):

@@ -131,6 +131,47 @@ def test_permanent_failures_are_not_retried() -> None:
     assert isinstance(dead[0].exception, ForwarderError)
 
 
+class Picky(Forwarder):
+    """A broker that fails a whole call for one message it refuses (named ``poison``)."""
+
+    def __init__(self, dead: list[DeadLetter], one_message: bool = True) -> None:
+        super().__init__(retry=FAST, dead_letter=dead.append)
+        self.one_message = one_message
+        self.calls: list[list[str]] = []
+        self.sent: list[str] = []
+
+    def may_be_one_message(self, exc: BaseException) -> bool:
+        return self.one_message
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.calls.append([e.name for e in events])
+        if any(e.name == "poison" for e in events):
+            raise ForwarderError("400 one message is malformed")
+        self.sent.extend(e.name for e in events)
+
+
+def test_a_permanent_failure_of_one_message_dead_letters_that_message_only() -> None:
+    dead: list[DeadLetter] = []
+    picky = Picky(dead)
+    bus = EventBus()
+    bus.forward("*", picky)
+    emitting_app(bus, "a", "b", "poison", "c", "d").post("/")
+    # Found: the whole send was dead-lettered, the four good events with the one refused.
+    assert [letter.events[0].name for letter in dead] == ["poison"]
+    assert picky.sent == ["a", "b", "c", "d"]  # in order, in halves
+    assert len(picky.calls) <= 2 * 5
+
+
+def test_a_failure_every_message_shares_is_dead_lettered_in_one_call() -> None:
+    dead: list[DeadLetter] = []
+    picky = Picky(dead, one_message=False)  # a missing queue, a denied access
+    bus = EventBus()
+    bus.forward("*", picky)
+    emitting_app(bus, "a", "poison", "b").post("/")
+    assert picky.calls == [["a", "poison", "b"]]
+    assert [[e.name for e in letter.events] for letter in dead] == [["a", "poison", "b"]]
+
+
 def test_partial_delivery_retries_some_and_dead_letters_others() -> None:
     dead: list[DeadLetter] = []
 

@@ -494,6 +494,26 @@ async def test_an_event_that_cannot_be_encoded_any_more_is_dead_lettered_alone(
 
 
 @pytest.mark.anyio
+async def test_one_message_the_queue_refuses_is_dead_lettered_alone(moto: Moto) -> None:
+    """Found: a queue whose MaximumMessageSize is below the forwarder's limit fails the whole
+    ``SendMessageBatch`` for one message over it, and every event of the send was
+    dead-lettered, the four good ones too."""
+    url = await moto.create_queue("orders", attributes={"MaximumMessageSize": "1024"})
+    events = [Event(name="order.placed", payload={"n": n}) for n in range(4)]
+    big = Event(name="order.placed", payload={"pad": "x" * 1500})
+    events.insert(2, big)
+    letters: list[DeadLetter] = []
+    async with moto.forwarder(url, retry=FAST_RETRY, dead_letter=letters.append) as forwarder:
+        outcome = await forwarder.deliver(events)
+    [letter] = letters
+    assert letter.ids == [big.id]
+    assert letter.reason.startswith("permanent failure")
+    received = decoded(await moto.receive_async(url, 4))
+    assert set(received) == {event.id for event in events} - {big.id}
+    assert outcome.unsent == []
+
+
+@pytest.mark.anyio
 async def test_a_throttled_call_is_retried_while_the_others_go_through(
     moto: Moto, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,6 +36,7 @@ from .exceptions import ConfigurationError, MessageDecodeError
 __all__ = [  # noqa: RUF022 - plain sorted(), as tests/test_exports.py checks
     "CONTENT_TYPE",
     "DEFAULT_SOURCE",
+    "DEFAULT_SOURCE_PREFIX",
     "Decoder",
     "PUBSUB_TRACE_PREFIX",
     "SPECVERSION",

@@ -41,7 +41,7 @@ from fastapi_eventbus.testing import capture
 from fastapi_eventbus.wire import decode_message
 from tests._support import wait_for
 from tests.conftest import serve
-from tests.forwarders._moto import Moto, running_moto, start_moto, stop_moto
+from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, running_moto, start_moto, stop_moto
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -491,6 +491,24 @@ async def test_an_event_that_cannot_be_encoded_any_more_is_dead_lettered_alone(
     received = decoded(await moto.receive_async(url, 5))
     assert set(received) == {event.id for event in events} - {old.id}
     assert outcome.unsent == []
+
+
+@pytest.mark.anyio
+async def test_a_queue_url_off_aws_is_its_own_endpoint(moto: Moto) -> None:
+    """Found: without ``endpoint_url``, a LocalStack or moto queue URL (or a VPC endpoint's)
+    was sent to AWS's public endpoint for the region, not to the host the URL names."""
+    from fastapi_eventbus.worker import SQSSource
+
+    url = await moto.create_queue("orders")
+    keys = {"region_name": REGION, "aws_access_key_id": KEY_ID, "aws_secret_access_key": SECRET}
+    event = Event(name="order.placed", payload={"n": 1})
+    async with SQSForwarder(url, retry=FAST_RETRY, **keys) as forwarder:
+        outcome = await forwarder.deliver([event])
+    assert outcome.unsent == outcome.dead == []
+    async with SQSSource(url, wait_time_seconds=0, **keys) as source:
+        [message] = await source.receive(10)
+        assert source.decode(message).id == event.id
+        await source.ack(message)
 
 
 @pytest.mark.anyio

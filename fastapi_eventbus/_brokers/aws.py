@@ -163,6 +163,16 @@ def region_of(queue_url: str) -> str | None:
     return match["region"] or match["legacy"]
 
 
+def endpoint_of(queue_url: str) -> str | None:
+    """The endpoint a queue URL names when it is not AWS's public one for its region (moto,
+    LocalStack, a VPC endpoint): its scheme and host; None for an AWS queue URL, whose
+    endpoint botocore derives from the region."""
+    parts = urlsplit(queue_url)
+    if not parts.scheme or not parts.netloc or AWS_HOST.fullmatch(parts.hostname or ""):
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def describe_error(exc: Exception, service: str = "SQS") -> tuple[str, bool] | None:
     """What an aiobotocore/botocore error means, and whether a retry may help.
 

@@ -82,7 +82,8 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
         queue_url: The queue's URL. A URL ending in ``.fifo`` is a FIFO queue.
         region_name: The AWS region; default: the one in an AWS queue URL, else
             botocore's configuration (``AWS_DEFAULT_REGION``, ``~/.aws/config``).
-        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint).
+        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint);
+            default: the queue URL's host, when it is not AWS's public one.
         aws_access_key_id: Credentials; default: botocore's credential chain
             (environment, ``~/.aws``, instance or task role).
         aws_secret_access_key: See *aws_access_key_id*.
@@ -140,7 +141,7 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
         """Gives each event its ``MessageGroupId``, if set."""
         super().__init__(
             region_name=region_name or aws.region_of(queue_url),
-            endpoint_url=endpoint_url,
+            endpoint_url=endpoint_url or aws.endpoint_of(queue_url),
             aws_access_key_id=aws_access_key_id,
             aws_secret_access_key=aws_secret_access_key,
             aws_session_token=aws_session_token,

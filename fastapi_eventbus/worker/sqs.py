@@ -54,7 +54,8 @@ class SQSSource(Source):
         queue_url: The queue's URL.
         region_name: The AWS region; default: the one in an AWS queue URL, else
             botocore's configuration (``AWS_DEFAULT_REGION``, ``~/.aws/config``).
-        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint).
+        endpoint_url: Another endpoint than AWS's (LocalStack, moto, a VPC endpoint);
+            default: the queue URL's host, when it is not AWS's public one.
         aws_access_key_id: Credentials; default: botocore's credential chain.
         aws_secret_access_key: See *aws_access_key_id*.
         aws_session_token: See *aws_access_key_id*.
@@ -128,7 +129,7 @@ class SQSSource(Source):
         """A name for logs: the queue's name unless given."""
         self._settings = aws.ClientSettings(
             region_name or aws.region_of(queue_url),
-            endpoint_url,
+            endpoint_url or aws.endpoint_of(queue_url),
             aws_access_key_id,
             aws_secret_access_key,
             aws_session_token,

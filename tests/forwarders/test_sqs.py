@@ -500,11 +500,15 @@ async def test_a_queue_url_off_aws_is_its_own_endpoint(moto: Moto) -> None:
     from fastapi_eventbus.worker import SQSSource
 
     url = await moto.create_queue("orders")
-    keys = {"region_name": REGION, "aws_access_key_id": KEY_ID, "aws_secret_access_key": SECRET}
+    keys: dict[str, Any] = {
+        "region_name": REGION,
+        "aws_access_key_id": KEY_ID,
+        "aws_secret_access_key": SECRET,
+    }
     event = Event(name="order.placed", payload={"n": 1})
     async with SQSForwarder(url, retry=FAST_RETRY, **keys) as forwarder:
         outcome = await forwarder.deliver([event])
-    assert outcome.unsent == outcome.dead == []
+    assert (outcome.unsent, outcome.dead) == ([], [])
     async with SQSSource(url, wait_time_seconds=0, **keys) as source:
         [message] = await source.receive(10)
         assert source.decode(message).id == event.id

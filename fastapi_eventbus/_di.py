@@ -69,13 +69,10 @@ except ImportError:  # older FastAPI: the same predicates are properties of a De
 
 
 def is_coroutine_callable(call: Callable[..., Any]) -> bool:
-    """Whether FastAPI awaits *call* (rather than running it in the threadpool).
-
-    FastAPI's own predicate, so that a handler or dependency is classified as
-    an endpoint would be: asyncio's legacy ``_is_coroutine`` marker, and on
-    newer FastAPI, ``functools.partial`` and ``functools.wraps`` wrappers of
-    async functions and of instances with ``async def __call__``.
-    """
+    """Whether FastAPI awaits *call* (rather than running it in the threadpool): FastAPI's
+    own predicate, so that a handler or dependency is classified as an endpoint would be
+    (asyncio's legacy ``_is_coroutine`` marker; on newer FastAPI, ``partial`` and ``wraps``
+    wrappers of async functions and of instances with ``async def __call__``)."""
     return bool(_is_coroutine_callable(call))
 
 
@@ -338,6 +335,11 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     """
     if not callable(func):
         raise ConfigurationError(f"a handler must be callable, got {func!r}")
+    if inspect.isclass(func) and any("__call__" in vars(k) for k in func.__mro__[:-1]):
+        raise ConfigurationError(  # its __init__ would run per event, never its __call__
+            f"handler {qualified_name(func)} is a class with __call__: register an instance "
+            f"of it, @bus.on(...)({func.__name__}())"
+        )
     if is_generator_callable(func):
         raise ConfigurationError(
             f"handler {qualified_name(func)} is a generator; handlers must return None"

@@ -90,8 +90,8 @@ class Dispatcher:
         self._names.add(handler.name)
         model = handler.plan.event_model
         name = event_name_of(model) if model is not None else None
-        if model is not None and name is not None and core.schemas.get(name) is None:
-            core.schemas.register(name, model)
+        if model is not None and name is not None:  # a payload valid for another schema
+            core.schemas.register(name, model)  # could fail this one after the response
         self.handlers.add(handler.patterns, handler)
 
     def time_limit(self, name: str, retried: bool = False) -> float | None:

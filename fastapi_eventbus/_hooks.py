@@ -11,6 +11,7 @@ from typing import Protocol, TypeAlias, TypeVar
 
 from ._deadline import cancelled, finish_within
 from ._events import Event
+from .exceptions import ConfigurationError
 
 logger = logging.getLogger("fastapi_eventbus")
 
@@ -140,6 +141,25 @@ def passes_through(exc: BaseException) -> bool:
     if isinstance(exc, asyncio.CancelledError):
         return cancelled()
     return isinstance(exc, KeyboardInterrupt | GeneratorExit)
+
+
+def check_hook(name: str, hook: object) -> None:
+    """`ConfigurationError` unless *hook* is None or callable with one argument (what
+    `call_hook` gives it): else it would fail only when there is something to report."""
+    if hook is None:
+        return
+    if not callable(hook):
+        raise ConfigurationError(f"{name} must be callable, got {hook!r}")
+    try:
+        signature = inspect.signature(hook)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"{name} is called with one argument, and {hook!r} cannot take it: {exc}"
+        ) from None
 
 
 async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> None:

@@ -62,7 +62,10 @@ class Sender:
 
     @staticmethod
     async def _kept(forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
-        return await forwarder.deliver(events, keep_unsent=True)
+        try:
+            return await forwarder.deliver(events, keep_unsent=True)
+        except Exception as exc:  # kept for a later round: the caller's storage has them
+            return DeliveryOutcome(unsent=list(events), error=_failed(forwarder, events, exc))
 
     def named(self, name: str) -> Forwarder | None:
         """The forwarder called *name*, if this bus has one."""
@@ -74,9 +77,16 @@ class Sender:
     async def _deliver(self, forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
         """`Forwarder.deliver`, and with a storage, its bookkeeping of the outcome."""
         storage = self.storage
+        try:
+            outcome = await forwarder.deliver(events, keep_unsent=storage is not None)
+        except Exception as exc:  # never dropped with the send task's exception
+            reason = _failed(forwarder, events, exc)
+            if storage is None:
+                await forwarder.give_up(events, reason, exc)
+                return DeliveryOutcome(dead=[(event, reason) for event in events])
+            outcome = DeliveryOutcome(unsent=list(events), error=reason)
         if storage is None:
-            return await forwarder.deliver(events)
-        outcome = await forwarder.deliver(events, keep_unsent=True)
+            return outcome
         try:
             settled = storage.settle(
                 forwarder.name, events, outcome.dead, outcome.unsent, outcome.error
@@ -166,3 +176,16 @@ class Sender:
                 await forwarder.aclose()
             except Exception:
                 logger.exception("closing forwarder %s failed", forwarder.name)
+
+
+def _failed(forwarder: Forwarder, events: Sequence[Event], exc: Exception) -> str:
+    """Log that *forwarder*'s `Forwarder.deliver` raised *exc* (a bug in it, or in how it
+    was set up), with *events*' ids; the reason to report them with."""
+    logger.error(
+        "forwarder %s failed unexpectedly delivering %d event(s): %s",
+        forwarder.name,
+        len(events),
+        ", ".join(event.id for event in events),
+        exc_info=exc,
+    )
+    return f"the forwarder failed unexpectedly: {exc!r}"

@@ -9,7 +9,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from ._hooks import OnDiscard, OnError
+from ._hooks import OnDiscard, OnError, check_hook
 from .exceptions import ConfigurationError
 
 
@@ -38,16 +38,24 @@ def check_int(
 
 
 def check_seconds(
-    name: str, value: object, *, positive: bool = False, optional: bool = False
+    name: str,
+    value: object,
+    *,
+    positive: bool = False,
+    optional: bool = False,
+    below: float | None = None,
 ) -> float | None:
-    """*value* as seconds: a number (not a bool, not NaN) >= 0 (> 0 if *positive*), or None
-    if *optional*. ``math.inf`` is allowed."""
+    """*value* as seconds: a number (not a bool, not NaN) >= 0 (> 0 if *positive*), and
+    less than *below* if given, or None if *optional*. Else ``math.inf`` is allowed."""
     if value is None and optional:
         return None
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number and (value > 0 or (value == 0 and not positive)):  # type: ignore[operator]
+    within = number and (below is None or value < below)  # type: ignore[operator]
+    if within and (value > 0 or (value == 0 and not positive)):  # type: ignore[operator]
         return float(value)  # type: ignore[arg-type]  # NaN compares False: refused
     bound = "> 0" if positive else ">= 0"
+    if below is not None:
+        bound += f" and < {below:g}"
     either = " or None" if optional else ""
     raise ConfigurationError(f"{name} must be a number of seconds {bound}{either}, got {value!r}")
 
@@ -147,11 +155,13 @@ class Settings:
     """The time limit of handlers that do not set their own (seconds; None: none)."""
 
     def __post_init__(self) -> None:
+        for flag in ("disabled", "keep_events_on_error"):  # "false" would be true
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigurationError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         check_int("max_chain_depth", self.max_chain_depth, 1)
         _set(self, "shutdown_timeout", check_seconds("shutdown_timeout", self.shutdown_timeout))
-        for hook_name, hook in (("on_error", self.on_error), ("on_discard", self.on_discard)):
-            if hook is not None and not callable(hook):
-                raise ConfigurationError(f"{hook_name} must be callable, got {hook!r}")
+        check_hook("on_error", self.on_error)
+        check_hook("on_discard", self.on_discard)
         if self.source is not None:
             check_uri_reference("source", self.source)
         check_int("max_batch_events", self.max_batch_events, 1, optional=True)

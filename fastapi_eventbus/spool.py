@@ -142,9 +142,10 @@ class Spool:
             ("resend_interval", resend_interval),
             ("retry_delay", retry_delay),
             ("max_retry_delay", max_retry_delay),
-            ("busy_timeout", busy_timeout),
         ):
             check_seconds(f"Spool {name}", value, positive=True)
+        # SQLite counts it in milliseconds in a C int: past that, it would not wait at all.
+        check_seconds("Spool busy_timeout", busy_timeout, positive=True, below=2_147_483)
         check_int("Spool max_attempts", max_attempts, 1)
         if not isinstance(path, str | os.PathLike) or not str(path):
             raise ConfigurationError(f"Spool path must be a file path, got {path!r}")

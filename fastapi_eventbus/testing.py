@@ -36,6 +36,7 @@ from typing import Any
 from . import wire
 from ._bus import EventBus, observers_of
 from ._events import Event
+from ._settings import check_seconds
 from .exceptions import ConfigurationError, HandlerFailuresError, SourceError
 from .forwarders import Forwarder
 from .worker import ReceivedMessage, Source
@@ -223,6 +224,7 @@ class MemorySource(Source):
             raise ConfigurationError(f"max_deliveries must be an int >= 1, got {max_deliveries!r}")
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise ConfigurationError(f"max_messages must be an int >= 1, got {max_messages!r}")
+        check_seconds("extend_interval", extend_interval, positive=True, optional=True)
         if not nack_delay >= 0 or not wait_time >= 0:
             raise ConfigurationError(
                 f"nack_delay and wait_time must be >= 0, got {nack_delay!r} and {wait_time!r}"

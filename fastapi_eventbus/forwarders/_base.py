@@ -13,7 +13,7 @@ from typing import IO, ClassVar, Self, TypeAlias, TypeVar
 
 from fastapi_eventbus._deadline import cancelled
 from fastapi_eventbus._events import Event
-from fastapi_eventbus._hooks import call_hook, logger
+from fastapi_eventbus._hooks import call_hook, check_hook, logger
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
 from fastapi_eventbus.wire import sqs_body, utf8_size
@@ -146,8 +146,7 @@ class Forwarder:
         verify_on_start: bool = False,
         send_timeout: float | None = 60.0,
     ) -> None:
-        if dead_letter is not None and not callable(dead_letter):
-            raise ConfigurationError(f"dead_letter must be callable, got {dead_letter!r}")
+        check_hook("dead_letter", dead_letter)
         if send_timeout is not None and (
             type(send_timeout) not in (int, float) or not 0 < send_timeout < math.inf
         ):
@@ -158,6 +157,8 @@ class Forwarder:
         """Seconds one call of `send` or `start` may take (None: no limit)."""
         if max_message_bytes is not None and max_message_bytes < 1:
             raise ConfigurationError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigurationError(f"retry must be a Retry instance, or None, got {retry!r}")
         self.retry = retry or Retry()
         """The retry policy for transient failures."""
         self.dead_letter = dead_letter

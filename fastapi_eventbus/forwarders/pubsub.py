@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._retry import Retry
+from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import (
     ConfigurationError,
     ForwarderError,
@@ -150,6 +151,8 @@ class PubSubForwarder(Forwarder):
             verify_on_start=verify_on_start,
         )
         gcp.require_sdk()  # first, like the other SDK classes: a missing extra is the real problem
+        if max_message_bytes is not None:  # None: no check at emit (Pub/Sub's own at send)
+            check_int("max_message_bytes", max_message_bytes, 1, maximum=MAX_MESSAGE_BYTES)
         if not isinstance(topic, str) or not _TOPIC.fullmatch(topic):
             raise ConfigurationError(
                 f"topic must be a full topic path 'projects/PROJECT/topics/TOPIC', got {topic!r}"

@@ -113,6 +113,7 @@ class SQSForwarder(AWSForwarder["SQSClient"]):
     # The service AWSForwarder opens a client of, and its name in error messages.
     _service = "sqs"
     _service_name = "SQS"
+    _largest_message = 1_048_576  # SQS's limit, for a queue whose MaximumMessageSize allows it
 
     def __init__(
         self,

@@ -118,7 +118,7 @@ def lambda_sqs_handler(
             f"got {app!r}"
         )
     check_policies(on_undecodable, on_unhandled, max_message_bytes)
-    check_seconds("time_margin", time_margin)
+    check_seconds("time_margin", time_margin, below=900)  # Lambda's longest time limit
     invoker = _Invoker(app, bus, on_undecodable, on_unhandled, max_message_bytes, time_margin)
     invoker.decode = wire.check_decoder(decode)
 
@@ -172,6 +172,14 @@ class _Invoker:
             self._stack = stack
         # Read after a cold start's lifespan: it took part of the invocation's time.
         budget = context.get_remaining_time_in_millis() / 1000 - self.time_margin
+        if budget <= 0:  # none of them can run: say why, beside each record's line
+            logger.error(
+                "the invocation has %gs left, no more than time_margin=%gs: its %d record(s) "
+                "are not handled; lower time_margin, or raise the function's timeout",
+                budget + self.time_margin,
+                self.time_margin,
+                len(records),
+            )
         return await _Batch(self, records).run(budget)
 
     def close(self) -> None:

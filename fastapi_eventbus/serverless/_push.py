@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -59,8 +60,9 @@ _ENVELOPE_BYTES = 1_048_576
 """Room in a request's body beside a message's data in base64: the envelope, the attributes.
 A body longer than that and ``max_message_bytes`` in base64 is not even read whole."""
 
-Verify = Callable[[Request], Awaitable[None]]
-"""A request check: returns to accept the request, raises `HTTPException` (401, 403) to refuse."""
+Verify = Callable[[Request], Awaitable[None] | None]
+"""A request check, async or sync: returns to accept the request, raises `HTTPException`
+(401, 403) to refuse it."""
 
 
 AppBus = Annotated[EventBus, Depends(get_bus)]
@@ -79,7 +81,7 @@ def push_router(
     *,
     path: str = "",
     decode: wire.Decoder | None = None,
-    verify: Callable[[Request], Awaitable[None]] | None = None,
+    verify: Callable[[Request], Awaitable[None] | None] | None = None,
     timeout: float | None = None,
     on_undecodable: OnUndecodable = "retry",
     on_unhandled: OnUnhandled = "retry",
@@ -120,8 +122,8 @@ def push_router(
             hook does) for ``/pubsub`` and Eventarc's ``messagePublished`` events,
             and the CloudEvent as a dict (binary mode: the body in ``data_base64``)
             for other CloudEvents; None lets the built-in decoding read it.
-        verify: Called with each request before anything is read; raise
-            `HTTPException` (401 or 403) to refuse it, e.g. `GoogleOIDC`.
+        verify: Called with each request before anything is read (an async or a sync
+            function); raise `HTTPException` (401 or 403) to refuse it, e.g. `GoogleOIDC`.
         timeout: Seconds a request's handlers may take (from when they start) before
             they are cancelled and the request is answered 500. Default: their time
             limits, plus as much again for the events they emit (as in the worker),
@@ -138,7 +140,7 @@ def push_router(
     if not isinstance(path, str) or (path and (not path.startswith("/") or path.endswith("/"))):
         raise ConfigurationError(f"path must be '' or start with '/' and not end with it: {path!r}")
     if verify is not None and not callable(verify):
-        raise ConfigurationError(f"verify must be an async callable (Request) -> None: {verify!r}")
+        raise ConfigurationError(f"verify must be a callable (Request) -> None: {verify!r}")
     check_policies(on_undecodable, on_unhandled, max_message_bytes)
     settings = _Settings(
         wire.check_decoder(decode),
@@ -210,7 +212,8 @@ class _Endpoints:
         if verify is None:
             return
         try:
-            await verify(request)
+            if inspect.isawaitable(outcome := verify(request)):  # async, or a sync function
+                await outcome
         except HTTPException as exc:
             logger.warning(
                 "push request to %s refused (%d): %s", request.url.path, exc.status_code, exc.detail

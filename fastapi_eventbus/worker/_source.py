@@ -52,7 +52,7 @@ class Backoff:
     """What each wait is multiplied by to give the next one (at least 1)."""
 
     def __post_init__(self) -> None:
-        if min(self.initial, self.maximum) < 0 or self.multiplier < 1:
+        if not (self.initial >= 0 and self.maximum >= 0 and self.multiplier >= 1):  # NaN too
             raise ConfigurationError(
                 f"Backoff needs initial and maximum >= 0 and multiplier >= 1, got {self!r}"
             )
@@ -64,6 +64,16 @@ class Backoff:
     def jittered(self, attempt: int) -> float:
         """`delay`, jittered to between half and all of it."""
         return jittered(self.delay(attempt))
+
+
+def backoff_of(name: str, value: object, default: Backoff) -> Backoff:
+    """*value*, a source's `Backoff` argument (None: *default*); else `ConfigurationError`
+    (a number, or the class itself, would fail only at the first nack)."""
+    if value is None:
+        return default
+    if not isinstance(value, Backoff):
+        raise ConfigurationError(f"{name} must be a Backoff instance, or None, got {value!r}")
+    return value
 
 
 class Source(ABC):

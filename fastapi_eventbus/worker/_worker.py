@@ -109,6 +109,10 @@ class Worker:
             raise ConfigurationError(f"source must be a Source, got {source!r}")
         check_int("concurrency", concurrency, 1)
         check_seconds("shutdown_timeout", shutdown_timeout)
+        # 0 would be a busy loop of extend calls while each message's handlers run.
+        check_seconds(
+            f"{source!r}.extend_interval", source.extend_interval, positive=True, optional=True
+        )
         check_policies(on_undecodable, on_unhandled, max_message_bytes)
         self.source = source
         """Where messages come from."""

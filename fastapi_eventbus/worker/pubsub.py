@@ -28,7 +28,7 @@ from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
-from ._source import Backoff, Coalescer, ReceivedMessage, Source
+from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
 
 if TYPE_CHECKING:
     import aiohttp
@@ -121,7 +121,7 @@ class PubSubSource(Source):
         """The full subscription path."""
         self.ack_deadline = ack_deadline
         """Seconds a pulled message may stay unacknowledged (None: the subscription's)."""
-        self.nack_backoff = nack_backoff or _NACK_BACKOFF
+        self.nack_backoff = backoff_of("nack_backoff", nack_backoff, _NACK_BACKOFF)
         """How long a message whose handlers failed stays away, by its failed deliveries."""
         self._failures: dict[str, int] = {}
         """Failed deliveries by message id, for the backoff when Pub/Sub does not count them."""

@@ -27,7 +27,7 @@ from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
-from ._source import Backoff, Coalescer, ReceivedMessage, Source
+from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -119,7 +119,7 @@ class SQSSource(Source):
         """How long one ``ReceiveMessage`` waits for messages."""
         self.max_messages = max_messages
         """The most messages one ``ReceiveMessage`` returns."""
-        self.visibility_backoff = visibility_backoff or Backoff()
+        self.visibility_backoff = backoff_of("visibility_backoff", visibility_backoff, Backoff())
         """The visibility timeout of a message whose handlers failed, by its receive count."""
         self.visibility_timeout = visibility_timeout
         """Seconds a received message stays invisible (None: the queue's setting)."""

@@ -172,6 +172,43 @@ def test_a_failure_every_message_shares_is_dead_lettered_in_one_call() -> None:
     assert [[e.name for e in letter.events] for letter in dead] == [["a", "poison", "b"]]
 
 
+class Sent(Forwarder):
+    """Accepts every send."""
+
+    async def send(self, events: Sequence[Event]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("retry", [Retry, 3, "3"], ids=["the class", "int", "str"])
+def test_a_retry_that_is_not_a_retry_is_refused(retry: Any) -> None:
+    # Found: accepted, then the first transient failure lost the event: no line, no hook.
+    with pytest.raises(ConfigurationError, match="retry must be a Retry instance"):
+        Sent(retry=retry)
+
+
+class Broken(Forwarder):
+    """A forwarder with a bug: its `send` returns what is neither None nor a `Delivery`."""
+
+    async def send(self, events: Sequence[Event]) -> Any:
+        return {"sent": len(events)}
+
+
+def test_a_forwarder_that_breaks_is_reported_never_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead: list[DeadLetter] = []
+    bus = EventBus()
+    bus.forward("*", Broken(dead_letter=dead.append))
+    with capture(bus) as seen:
+        emitting_app(bus, "a").post("/")
+    # Found: the send task's exception was dropped by the flush: no line, no hook.
+    [letter] = dead
+    assert letter.ids == [event.id for event in seen.emitted]
+    assert "failed unexpectedly" in letter.reason
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("failed unexpectedly" in line and letter.ids[0] in line for line in errors)
+
+
 def test_partial_delivery_retries_some_and_dead_letters_others() -> None:
     dead: list[DeadLetter] = []
 

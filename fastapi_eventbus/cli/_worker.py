@@ -220,16 +220,14 @@ def _refuse_the_other_brokers_options(chosen: str) -> None:
     """A usage error for an option given on the command line that the other broker's source
     takes (``--ack-deadline`` with ``--sqs``): it would be ignored without a word."""
     context = click.get_current_context()
-    others = {
-        name for broker, names in _BROKER_OPTIONS.items() if broker != chosen for name in names
-    }
-    for param in context.command.params:
-        if (
-            param.name in others
-            and context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
-        ):
-            broker = next(b for b, names in _BROKER_OPTIONS.items() if param.name in names)
-            raise click.UsageError(f"{param.opts[0]} applies to {broker} only, not {chosen}")
+    for broker, names in _BROKER_OPTIONS.items():
+        for param in context.command.params:
+            if (
+                broker != chosen
+                and param.name in names
+                and context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+            ):
+                raise click.UsageError(f"{param.opts[0]} applies to {broker} only, not {chosen}")
 
 
 async def _serve(runner: Worker) -> bool:

@@ -89,6 +89,8 @@ class HeldMessage:
     after: asyncio.Future[bool] | None = None
     """The message before it with the same `ReceivedMessage.order_key`: done once that one
     is settled, with whether it was handled. Its handlers start only then."""
+    settled: asyncio.Future[bool] | None = None
+    """With an order key: its own, done once it is settled; the next message's `after`."""
 
     def __str__(self) -> str:
         event = self.event

@@ -134,8 +134,6 @@ class Worker:
         self._abandoned: dict[asyncio.Task[None], HeldMessage] = {}
         """Abandoned messages whose tasks still run: their slots are free already."""
         self._giving_back: set[asyncio.Task[None]] = set()
-        self._settled: dict[HeldMessage, asyncio.Future[bool]] = {}
-        """Of each message with an order key: done once it is settled (`_settle_order`)."""
         self._last: dict[str, asyncio.Future[bool]] = {}
         """Of each order key: the future of the last message received with it."""
         self._stopping = asyncio.Event()
@@ -303,7 +301,7 @@ class Worker:
         held = HeldMessage(message)
         if (key := message.order_key) is not None:  # after the one before it in its group
             held.after = self._last.get(key)
-            self._settled[held] = self._last[key] = asyncio.get_running_loop().create_future()
+            held.settled = self._last[key] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._processor.process(held))
         self._in_flight[task] = held
         task.add_done_callback(self._processed)
@@ -328,11 +326,10 @@ class Worker:
 
     def _settle_order(self, held: HeldMessage) -> None:
         """*held* is settled (or given up): the next message of its group may start."""
-        settled = self._settled.pop(held, None)
-        if settled is None:
+        settled = held.settled
+        if settled is None or settled.done():  # no order key, or settled already (abandoned)
             return
-        if not settled.done():
-            settled.set_result(held.handled and not held.abandoned)
+        settled.set_result(held.handled and not held.abandoned)
         key = held.message.order_key
         if key is not None and self._last.get(key) is settled:
             del self._last[key]

@@ -245,7 +245,8 @@ class PubSubForwarder(Forwarder):
         """Publish *events* in order, in as few requests as the service's limits allow.
 
         Raises `ForwarderError` if the first request fails; if a later one fails,
-        returns a `Delivery` naming the events not yet published.
+        returns a `Delivery` naming the events not yet published: to retry, or rejected
+        when Pub/Sub refused them for good and not for one message's value.
         """
         client = self._current_client()
         if self._in_order is None:
@@ -263,7 +264,9 @@ class PubSubForwarder(Forwarder):
                 if published == 0:
                     raise
                 rest = events[published:]
-                if exc.transient:
+                # A value refused (a 400) is one message's: sent again, the failing request
+                # comes first, and `Forwarder.deliver` splits it down to that message.
+                if exc.transient or self.may_be_one_message(exc):
                     return Delivery(retry=rest, reason=str(exc))
                 return Delivery(rejected=rest, reason=str(exc))
             published += len(messages)

@@ -474,6 +474,68 @@ def test_a_refused_request_mid_batch_dead_letters_only_the_rest(
     assert sorted(p["n"] for p in payloads(channel.pull(1000))) == list(range(1000))
 
 
+def refusing_proxy(upstream: str, marker: bytes, statuses: list[int]) -> FastAPI:
+    """Passes publish requests to *upstream*, but answers 400 (``INVALID_ARGUMENT``, as
+    Pub/Sub does for one value it refuses) to any whose messages' data contain *marker*."""
+    proxy = FastAPI()
+
+    @proxy.api_route("/{path:path}", methods=["GET", "POST", "PUT"])
+    async def forward(path: str, request: Request) -> Response:
+        body = await request.body()
+        messages = json.loads(body).get("messages", []) if body else []
+        if any(marker in base64.b64decode(m.get("data", "")) for m in messages):
+            statuses.append(400)
+            error = {"error": {"code": 400, "message": "Request payload size exceeds the limit"}}
+            return Response(json.dumps(error), 400, media_type="application/json")
+        async with httpx.AsyncClient() as client:
+            answer = await client.request(
+                request.method,
+                f"http://{upstream}/{path}",
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=30,
+            )
+        statuses.append(answer.status_code)
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
+    return proxy
+
+
+@pytest.mark.slow
+def test_a_value_refused_mid_batch_dead_letters_that_event_alone(
+    pubsub_emulator: Emulator, channel: Channel
+) -> None:
+    """A 400 is a value Pub/Sub refuses: one message's. In a later request of a flush, it
+    must not dead-letter the events around it, nor those of the requests not yet sent."""
+    statuses: list[int] = []
+    letters: list[DeadLetter] = []
+    with serve(refusing_proxy(pubsub_emulator.host, b"poison", statuses)) as proxy:
+        bus = EventBus()
+        forwarder = PubSubForwarder(
+            channel.topic,
+            emulator_host=proxy.removeprefix("http://"),
+            retry=QUICK,
+            dead_letter=letters.append,
+        )
+        bus.forward("order.*", forwarder)
+        app = FastAPI()
+        bus.install(app)
+
+        @app.post("/orders")
+        async def place(events: EventBus = Depends(get_bus)) -> None:
+            for n in range(2500):
+                events.emit("order.placed", {"n": n, "note": "poison" if n == 1700 else ""})
+
+        with capture(bus) as seen, TestClient(app) as client:
+            client.post("/orders")
+
+    [poisoned] = [e.id for e in seen.emitted if e.payload["n"] == 1700]
+    assert [letter.ids for letter in letters] == [[poisoned]]
+    received = sorted(p["n"] for p in payloads(channel.pull(2499, timeout=30)))
+    assert received == [n for n in range(2500) if n != 1700]
+    assert channel.pull(1, timeout=0.3) == []  # nothing published twice
+
+
 @pytest.mark.slow
 def test_an_answer_without_message_ids_is_retried(
     pubsub_emulator: Emulator, channel: Channel, caplog: pytest.LogCaptureFixture

@@ -218,7 +218,9 @@ class _RecordSource(Source):
     def __init__(self, name: str, decode: wire.Decoder | None) -> None:
         self.name = name
         self.decoder = decode
-        self.handled: set[str] = set()
+        self.handled: set[int] = set()
+        """The records handled, by identity: one batch can hold a message twice (SQS
+        delivers at least once), and one copy's success must not hide the other's failure."""
 
     def decode(self, message: ReceivedMessage) -> Event:
         """The record's event: the hook's, given the record in ReceiveMessage's shape,
@@ -234,10 +236,10 @@ class _RecordSource(Source):
         return []  # the records come with the invocation
 
     async def ack(self, message: ReceivedMessage) -> None:
-        self.handled.add(message.message_id)
+        self.handled.add(id(message))
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        self.handled.discard(message.message_id)
+        self.handled.discard(id(message))
 
 
 class _Batch:
@@ -274,7 +276,7 @@ class _Batch:
     async def _in_order(self) -> None:
         for held in self.held:
             await self._processor.process(held)
-            if held.message.message_id not in self._source.handled:
+            if id(held.message) not in self._source.handled:
                 return
 
     async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
@@ -282,7 +284,7 @@ class _Batch:
         if not tasks:
             return
         for held in self.held:
-            if held.message.message_id not in self._source.handled:
+            if id(held.message) not in self._source.handled:
                 held.abandoned = True  # a late success settles nothing any more
         for task in tasks:
             task.cancel("cancelled at the invocation's time limit")
@@ -293,7 +295,7 @@ class _Batch:
         failed: list[str] = []
         for held in self.held:
             message_id = held.message.message_id
-            if message_id in self._source.handled and not (failed and self.fifo):
+            if id(held.message) in self._source.handled and not (failed and self.fifo):
                 continue
             failed.append(message_id)
             if held.abandoned:
@@ -305,7 +307,7 @@ class _Batch:
             logger.error(
                 "record %s from %s %s; reported in batchItemFailures", held, self.source.name, why
             )
-        return failed
+        return list(dict.fromkeys(failed))  # a message there twice is reported once
 
 
 def _no_watch(held: HeldMessage, hold: float | None) -> None:

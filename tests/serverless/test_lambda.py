@@ -168,6 +168,32 @@ def test_a_batch_end_to_end_reports_exactly_the_failed_records(
     assert [line for line in caplog.messages if failing[0] in line and ids[1] in line]
 
 
+def test_a_failed_record_is_reported_when_its_message_id_comes_twice(moto: Moto) -> None:
+    """SQS delivers at least once: one batch can hold a message twice (one ``messageId``,
+    two receipt handles). A success of one copy must not hide the other's failure."""
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1, "fail": True}, {"n": 2})
+    event = received_batch(moto, queue_url, 2)
+    records = sorted(event["Records"], key=lambda record: '"fail":true' not in record["body"])
+    records[1]["messageId"] = records[0]["messageId"]  # the failing one's, delivered twice
+    event["Records"] = records
+    bus, app = EventBus(), FastAPI()
+    bus.install(app)
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        if event.payload.get("fail"):
+            raise RuntimeError("this order fails")
+        await asyncio.sleep(0.05)  # succeeds after the other copy failed
+
+    handler = lambda_sqs_handler(app)
+    try:
+        result = handler(event, FakeContext())
+    finally:
+        handler.close()
+    assert failures(result) == [records[0]["messageId"]]
+
+
 def test_the_lifespan_is_entered_once_across_invocations(
     moto: Moto, consumer: Consumer, handler: SQSBatchHandler
 ) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
-from ._batch import SCOPE_KEY, Batch
+from ._batch import CLOSED, SCOPE_KEY, Batch
 from ._deadline import Limit, Watchdog
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
@@ -185,7 +185,10 @@ class Dispatcher:
                     observer.on_handled(event, handler.name, error)
                 if inbox is not None and error is None:
                     await _record(inbox, handler.name, event)
-                if child is None or not (child.events or child.jobs):
+                if child is None:
+                    continue
+                if not (child.events or child.jobs):
+                    child.state = CLOSED  # a later emit (a task it started) gets its own flush
                     continue
                 if error is not None:
                     await self.core.discard(child, f"handler {handler.name} failed", error)
@@ -242,6 +245,8 @@ class Dispatcher:
                 await self.core.discard(
                     child, f"handler {handler.name} failed (attempt {attempt})", error
                 )
+            elif child is not None:
+                child.state = CLOSED  # as after the last try
             tries = (
                 f" of {retry.attempts}"
                 if retry.attempts is not None

@@ -219,6 +219,35 @@ def test_events_emitted_after_the_flush_are_not_lost(app: FastAPI, bus: EventBus
     assert log == ["on time", "late"]
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("fails", [False, True], ids=["returned", "failed"])
+async def test_an_event_a_handler_s_task_emits_after_the_handler_ended_is_handled(
+    bus: EventBus, fails: bool
+) -> None:
+    """The handler emitted nothing before it ended: its bus must not keep collecting."""
+    handled: list[str] = []
+    spawned: list[asyncio.Task[None]] = []
+
+    @bus.on("start")
+    async def starter(event: Event, events: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.02)
+            events.emit("late")
+
+        spawned.append(asyncio.create_task(later()))
+        if fails:
+            raise RuntimeError("the handler failed after starting its task")
+
+    @bus.on("late")
+    async def late(event: Event) -> None:
+        handled.append(event.name)
+
+    await bus.publish("start")
+    await spawned[0]
+    await wait_for(lambda: handled == ["late"], timeout=2)
+    assert await bus.drain(1) == []
+
+
 class SlowBroker(Forwarder):
     """A forwarder whose every send takes a while: the flush waits for it."""
 

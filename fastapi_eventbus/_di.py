@@ -485,10 +485,10 @@ async def _run_solved(
                     await func(**values)
                 else:
                     await _call_sync(func, values)
-            except Exception as exc:
+            except BaseException as exc:  # a yield dependency may swallow any of them
                 raised = exc
                 raise
-        if solved.background_tasks is not None:
+        if solved.background_tasks is not None and raised is None:  # FastAPI's rule
             await solved.background_tasks()
     if raised is not None:  # FastAPI fails the request here too ("no response")
         raised.add_note(

@@ -20,7 +20,7 @@ from typing import Annotated, Any, ClassVar
 
 import anyio
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection
@@ -173,6 +173,56 @@ def test_finding_2_a_swallowed_exception_is_still_a_failure(
     assert any(
         r.levelno == logging.ERROR and "failed for event" in r.message for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit])
+def test_a_yield_dependency_swallowing_any_exception_does_not_hide_the_failure(
+    bus: EventBus, hooks: Hooks, raised: type[BaseException]
+) -> None:
+    """A dependency that rolls back on anything (``except BaseException``) and does not
+    re-raise: a `SystemExit` or a `CancelledError` nothing asked for, which are the call's
+    failures like any other, were recorded as a success."""
+
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        except BaseException:  # noqa: BLE001 - rolls back on anything, and swallows it
+            pass
+
+    @bus.on("x")
+    async def handler(event: Event, session: Annotated[str, Depends(session)]) -> None:
+        raise raised
+
+    with capture(bus, raise_failures=False) as seen:
+        asyncio.run(bus.publish("x"))
+    [call] = seen.handled
+    assert isinstance(call.error, raised)
+    assert [type(f.exception) for f in hooks.failures] == [raised]
+
+
+@pytest.mark.parametrize("scope", [None, "function"])
+def test_a_failed_handler_s_background_tasks_do_not_run(
+    bus: EventBus, hooks: Hooks, scope: Any
+) -> None:
+    """As FastAPI runs no background task of an endpoint that failed, even when a yield
+    dependency swallowed its exception."""
+    sent: list[str] = []
+
+    def swallowing() -> Iterator[str]:
+        with contextlib.suppress(RuntimeError):
+            yield "session"
+
+    dependency = Depends(swallowing) if scope is None else Depends(swallowing, scope=scope)
+
+    @bus.on("payment.received")
+    async def handler(event: Event, tasks: BackgroundTasks, session: str = dependency) -> None:
+        tasks.add_task(sent.append, "receipt e-mail")
+        raise RuntimeError("the payment could not be recorded")
+
+    with capture(bus, raise_failures=False):
+        asyncio.run(bus.publish("payment.received"))
+    assert [type(f.exception) for f in hooks.failures] == [RuntimeError]
+    assert sent == []
 
 
 # -- finding 3: Request and HTTPConnection together ----------------------------------------

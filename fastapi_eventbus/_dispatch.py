@@ -87,11 +87,11 @@ class Dispatcher:
                 "__qualname__), or register one function once, with all its patterns: "
                 '@bus.on("a", "b")'
             )
-        self._names.add(handler.name)
         model = handler.plan.event_model
         name = event_name_of(model) if model is not None else None
         if model is not None and name is not None:  # a payload valid for another schema
             core.schemas.register(name, model)  # could fail this one after the response
+        self._names.add(handler.name)  # once nothing can refuse it
         self.handlers.add(handler.patterns, handler)
 
     def time_limit(self, name: str, retried: bool = False) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import re
+import string
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -44,6 +45,9 @@ _CLASS = re.compile(r"\[(!?)(\]?[^\]]*)\]")
 """A character class of a pattern: ``[abc]``, ``[!abc]``, ``[]a]``."""
 
 
+_ORDINARY = string.ascii_lowercase + string.digits + string.ascii_uppercase + string.punctuation
+"""Characters `example_name` tries for a negated class, in order (then a non-ASCII one)."""
+
 _WILDCARD = re.compile(_CLASS.pattern + r"|\*+|\?")
 """A wildcard of a pattern: a character class, a run of stars, or a question mark."""
 
@@ -66,8 +70,9 @@ def example_name(pattern: str) -> str:
         if text == "?":
             return "a"
         negated, members = match.groups()
-        if negated:
-            return next(c for c in "ax_0" if c not in members)
+        if negated:  # the first ordinary character the class takes
+            allowed = f"[!{members}]"
+            return next((c for c in _ORDINARY if fnmatch.fnmatchcase(c, allowed)), "\u00e9")
         usable = (c for c in members if c.isprintable() and not c.isspace() and c != "-")
         return next(usable, members[:1] or "a")
 

@@ -289,7 +289,9 @@ def bus_forwarder() -> Any:
     return RecordingForwarder()
 
 
-@pytest.mark.parametrize("pattern", ["*", "user.*", "[ u]ser", "[!x]*", "?"])
+@pytest.mark.parametrize(
+    "pattern", ["*", "user.*", "[ u]ser", "[!x]*", "?", "order.[!ax_0]", "[!a-z]*"]
+)
 def test_patterns_that_can_match_are_accepted(bus: EventBus, pattern: str) -> None:
     @bus.on(pattern)
     async def handler(event: Event) -> None: ...

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import ClassVar
 
 import pytest
 from fastapi import Depends
+from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -39,6 +41,42 @@ async def _setup(
     if out is not None:
         await out.create_tables()
     return EventBus(inbox=box, outbox=out), async_sessionmaker(engine)
+
+
+class PaidV1(BaseModel):
+    __event_name__: ClassVar[str] = "paid"
+    order: int
+
+
+class PaidV2(BaseModel):
+    __event_name__: ClassVar[str] = "paid"
+    order: int
+    customer: str
+
+
+def test_a_handler_refused_at_registration_can_be_registered_once_fixed(db_url: str) -> None:
+    """Found: a handler refused by `bus.on` (its model conflicts with the event's schema)
+    kept its name, so the corrected handler was refused as "registered already"."""
+
+    async def scenario() -> list[int]:
+        bus, _ = await _setup(db_url, inbox=True)
+        bus.register(PaidV1)
+        got: list[int] = []
+
+        async def receipt(event: PaidV2) -> None:
+            got.append(-1)
+
+        with pytest.raises(ConfigurationError, match="already has the schema PaidV1"):
+            bus.on()(receipt)
+
+        async def receipt(event: PaidV1) -> None:  # type: ignore[no-redef]  # the fix
+            got.append(event.order)
+
+        bus.on()(receipt)
+        await bus.publish(PaidV1(order=7))
+        return got
+
+    assert asyncio.run(scenario()) == [7]
 
 
 @pytest.mark.parametrize("inbox", [True, False], ids=["inbox", "no-inbox"])

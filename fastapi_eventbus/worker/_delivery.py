@@ -45,6 +45,10 @@ def check_policies(on_undecodable: object, on_unhandled: object, max_message_byt
 GIVE_BACK_TIMEOUT = 5.0
 """Seconds allowed for giving a message back to the broker at once (shutdown, abandon)."""
 
+SETTLE_TIMEOUT = 30.0
+"""Seconds allowed for acknowledging a message, or giving it back, once handled (the SDK's
+own retries included); past them, it is a failed settlement: the message comes again."""
+
 
 @dataclass(slots=True)
 class WorkerStats:
@@ -191,6 +195,9 @@ class Processor:
             failures = None
             if consumed is not None:
                 consumed.error = exc
+        finally:
+            if held.timer is not None:  # the handlers are over: settling is not theirs to time
+                held.timer.cancel()
         if held.abandoned:
             logger.warning("message %s finished after it was given back: not acknowledged", held)
             return False
@@ -370,11 +377,12 @@ class Processor:
         source = self.owner.source
         settle = source.ack(message) if handled else source.nack(message)
         try:
-            if tracing is None:
-                await settle
-            else:
-                with tracing.settling(source, message, "ack" if handled else "nack"):
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                if tracing is None:
                     await settle
+                else:
+                    with tracing.settling(source, message, "ack" if handled else "nack"):
+                        await settle
         except Exception as exc:
             self.owner.stats.settle_errors += 1
             logger.warning(

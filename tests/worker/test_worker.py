@@ -24,6 +24,7 @@ from fastapi_eventbus import (
     get_bus,
 )
 from fastapi_eventbus.exceptions import MessageDecodeError, MissingExtraError
+from fastapi_eventbus import _deadline
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import (
@@ -347,6 +348,36 @@ async def test_a_failed_acknowledgement_is_logged_and_the_worker_goes_on(
     assert worker.stats.handled == 1
     assert "could not acknowledge message m0" in caplog.text
     assert "it will be delivered again" in caplog.text
+
+
+async def test_a_slow_acknowledgement_does_not_abandon_a_handled_message(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the handlers' time allowance kept running after they finished, so an
+    acknowledgement slower than what was left of it (a DeleteMessage that botocore retries)
+    abandoned a message handled with success: ERROR "a handler ignores its time limit",
+    the message given back while being acknowledged, and handled twice."""
+    monkeypatch.setattr(_deadline, "MIN_OVERTIME", 0.2)  # the allowance: 0.1 s + 0.2 s
+
+    class SlowAck(MemorySource):
+        async def ack(self, message: ReceivedMessage) -> None:
+            await asyncio.sleep(0.6)
+            await super().ack(message)
+
+    bus = EventBus()
+    calls: list[str] = []
+
+    @bus.on("order.*", timeout=0.1)
+    async def handle(event: Event) -> None:
+        calls.append(event.id)
+
+    source = SlowAck(Event(name="order.placed"), max_deliveries=3)
+    async with Worker(bus, source) as worker:
+        await asyncio.wait_for(source.join(), 5)
+    assert len(calls) == 1
+    assert ids(source.acked) == ids(source.acked[:1]) and source.nacked == []
+    assert (worker.stats.handled, worker.stats.abandoned) == (1, 0)
+    assert "ignores its time limit" not in caplog.text
 
 
 async def test_a_source_that_fails_unexpectedly_is_retried(

@@ -47,6 +47,11 @@ class Retry:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ConfigurationError(f"Retry.{name} must be a number >= 0, got {value!r}")
+        if self.initial_delay > self.max_delay:  # every wait would be the maximum
+            raise ConfigurationError(
+                f"Retry.initial_delay ({self.initial_delay:g}s) is over max_delay "
+                f"({self.max_delay:g}s)"
+            )
         if attempts is None and math.isinf(self.total_timeout):
             raise ConfigurationError(
                 "Retry needs a bound: pass attempts=, or a finite total_timeout"

@@ -249,6 +249,7 @@ class MemorySource(Source):
         self._delayed: dict[_Stored, asyncio.TimerHandle] = {}
         self._waiters: set[asyncio.Future[None]] = set()
         self._count = 0
+        self._receipts = 0
         for message in messages:
             self.put(message)
 
@@ -305,7 +306,8 @@ class MemorySource(Source):
         while self._ready and len(batch) < max_messages:
             stored = self._ready.popleft()
             stored.deliveries += 1
-            receipt = f"{stored.message_id}/{stored.deliveries}"
+            self._receipts += 1  # unique, as a broker's: two messages may share an id
+            receipt = f"{stored.message_id}/{stored.deliveries}/{self._receipts}"
             batch.append(
                 ReceivedMessage(stored.body, stored.message_id, receipt, stored.deliveries)
             )

@@ -12,7 +12,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
-from fastapi_eventbus import ConfigurationError, Event, EventBus, wire
+from fastapi_eventbus import ConfigurationError, Event, EventBus, Retry, wire
 from fastapi_eventbus.spool import Spool
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.worker import Backoff, Worker
@@ -36,6 +36,9 @@ def no_argument() -> None:
         (lambda: Spool("x.sqlite3", busy_timeout=3_000_000), "busy_timeout must be"),
         # NaN slipped through `min(...) < 0`; every nack then raised.
         (lambda: Backoff(maximum=math.nan), "Backoff needs"),
+        # Accepted: every wait was the maximum (`--retry-delay 60 --max-retry-delay 30`).
+        (lambda: Backoff(initial=60, maximum=30), "Backoff.initial"),
+        (lambda: Retry(initial_delay=10, max_delay=5), "initial_delay"),
         # Every nack raised: the backoff never applied.
         (lambda: MemorySource(extend_interval=0), "extend_interval must be"),
         (lambda: MemorySource(extend_interval=-1), "extend_interval must be"),
@@ -48,6 +51,8 @@ def no_argument() -> None:
         "busy-inf",
         "busy-huge",
         "backoff-nan",
+        "backoff-initial-over-maximum",
+        "retry-initial-over-maximum",
         "extend-0",
         "extend-negative",
     ],

@@ -56,6 +56,10 @@ class Backoff:
             raise ConfigurationError(
                 f"Backoff needs initial and maximum >= 0 and multiplier >= 1, got {self!r}"
             )
+        if self.initial > self.maximum:  # every wait would be the maximum, without a word
+            raise ConfigurationError(
+                f"Backoff.initial ({self.initial:g}s) is over its maximum ({self.maximum:g}s)"
+            )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number *attempt* (1-based)."""

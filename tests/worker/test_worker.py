@@ -380,6 +380,25 @@ async def test_a_slow_acknowledgement_does_not_abandon_a_handled_message(
     assert "ignores its time limit" not in caplog.text
 
 
+async def test_memory_source_keeps_two_messages_with_one_id_apart() -> None:
+    """Found: they shared a receipt, so settling one settled the other's: a message whose
+    handler always failed vanished (not dead, not pending) and `join` returned."""
+    bus = EventBus()
+
+    @bus.on("bad")
+    async def poison(event: Event) -> None:
+        raise RuntimeError("poison")
+
+    bus.on("good")(lambda event: None)
+    source = MemorySource(name="q", max_deliveries=3)
+    source.put(Event(name="bad"), message_id="q-2")  # as the next automatic id
+    source.put(Event(name="good"))
+    async with Worker(bus, source, concurrency=10):
+        await asyncio.wait_for(source.join(), 10)
+    assert [decode_message(m.body).name for m in source.dead] == ["bad"]
+    assert [decode_message(m.body).name for m in source.acked] == ["good"]
+
+
 async def test_a_source_that_fails_unexpectedly_is_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

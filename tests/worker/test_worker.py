@@ -21,10 +21,10 @@ from fastapi_eventbus import (
     EventBus,
     HandlerFailure,
     SourceError,
+    _deadline,
     get_bus,
 )
 from fastapi_eventbus.exceptions import MessageDecodeError, MissingExtraError
-from fastapi_eventbus import _deadline
 from fastapi_eventbus.testing import MemorySource, RecordingForwarder
 from fastapi_eventbus.wire import decode_message
 from fastapi_eventbus.worker import (
@@ -375,7 +375,8 @@ async def test_a_slow_acknowledgement_does_not_abandon_a_handled_message(
     async with Worker(bus, source) as worker:
         await asyncio.wait_for(source.join(), 5)
     assert len(calls) == 1
-    assert ids(source.acked) == ids(source.acked[:1]) and source.nacked == []
+    assert ids(source.acked) == ids(source.acked[:1])
+    assert source.nacked == []
     assert (worker.stats.handled, worker.stats.abandoned) == (1, 0)
     assert "ignores its time limit" not in caplog.text
 

@@ -236,11 +236,17 @@ class Processor:
                 return "too large to decode", MessageDecodeError(
                     f"{size} bytes, over max_message_bytes={limit}"
                 )
-            return source.decode(message)
+            event = source.decode(message)
         except MessageDecodeError as exc:
             return "not an event", exc
         except Exception as exc:
             return "not decodable", exc
+        if not isinstance(event, Event):  # e.g. a decode hook that did not take it
+            kind = type(event).__name__
+            return "not decodable", MessageDecodeError(
+                f"{type(source).__name__}.decode returned {kind}, not an Event"
+            )
+        return event
 
     async def _undecodable(
         self,
@@ -383,14 +389,16 @@ class Processor:
                 else:
                     with tracing.settling(source, message, "ack" if handled else "nack"):
                         await settle
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelled():
+                raise  # the worker's own: shutdown
             self.owner.stats.settle_errors += 1
             logger.warning(
                 "could not %s message %s on %s (%s); it will be delivered again",
                 "acknowledge" if handled else "give back",
                 message.message_id,
                 source.name,
-                exc,
+                str(exc) or type(exc).__name__,
             )
 
     async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
@@ -407,7 +415,9 @@ class Processor:
         try:
             async with asyncio.timeout(GIVE_BACK_TIMEOUT):
                 await source.nack(message, delay)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and cancelled():
+                raise
             self.owner.stats.settle_errors += 1
             logger.warning(
                 "could not give back message %s on %s (%s); it comes again when its "

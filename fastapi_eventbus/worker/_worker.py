@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fastapi_eventbus._bus import EventBus, is_request_bus
+from fastapi_eventbus._deadline import cancelled
 from fastapi_eventbus._settings import check_int, check_seconds
 from fastapi_eventbus.exceptions import BusNotInstalledError, ConfigurationError, SourceError
 
@@ -252,8 +253,10 @@ class Worker:
             count = await self._reserve()
             try:
                 messages = await self.source.receive(count)
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 self._release(count)
+                if isinstance(exc, asyncio.CancelledError) and cancelled():
+                    raise  # stopped: not a failure of the source
                 if isinstance(exc, SourceError) and not exc.transient:
                     logger.error("worker stopping: %s", exc)
                     raise
@@ -282,12 +285,12 @@ class Worker:
         for _ in range(count):
             self._slots.release()
 
-    async def _back_off(self, exc: Exception, failures: int) -> None:
+    async def _back_off(self, exc: BaseException, failures: int) -> None:
         delay = _RECEIVE_BACKOFF.jittered(failures)
         logger.warning(
             "receiving from %s failed (%s); retrying in %.1fs",
             self.source.name,
-            exc,
+            str(exc) or type(exc).__name__,
             delay,
             exc_info=None if isinstance(exc, SourceError) else exc,
         )

@@ -400,6 +400,70 @@ async def test_memory_source_keeps_two_messages_with_one_id_apart() -> None:
     assert [decode_message(m.body).name for m in source.acked] == ["good"]
 
 
+async def test_a_receive_raising_a_stray_cancellation_is_retried_not_a_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: a `CancelledError` nothing asked for (a client library leaking its own) out
+    of `receive` ended the worker's receiving as if it had been stopped: `run` returned, no
+    WARNING, and the CLI would have exited 0 with the queue no longer consumed."""
+
+    class Leaky(MemorySource):
+        calls = 0
+
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            self.calls += 1
+            if self.calls == 1:
+                raise asyncio.CancelledError  # nobody cancelled the worker
+            return await super().receive(max_messages)
+
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = Leaky(Event(name="order.placed"))
+    async with Worker(bus, source):
+        await asyncio.wait_for(source.join(), 10)
+    assert ids(source.acked) == ["memory-1"]
+    assert "receiving from memory failed (CancelledError" in caplog.text
+
+
+async def test_an_acknowledgement_raising_a_stray_cancellation_is_a_settle_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: the message's task ended "cancelled", which the worker took for its own doing:
+    nothing logged, the message neither acknowledged nor given back."""
+
+    class Leaky(MemorySource):
+        async def ack(self, message: ReceivedMessage) -> None:
+            raise asyncio.CancelledError
+
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = Leaky()
+    source.put(Event(name="order.placed"), message_id="m0")
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.settle_errors == 1)
+    assert "could not acknowledge message m0" in caplog.text
+
+
+async def test_a_decode_returning_no_event_makes_the_message_undecodable() -> None:
+    """Found: a `Source.decode` override returning None (a decode hook that did not take
+    the message) broke the processing with a TypeError: no policy, no hook, never settled."""
+    discarded: list[DiscardedEvents] = []
+
+    class Hooked(MemorySource):
+        def decode(self, message: ReceivedMessage) -> Event:
+            return None  # type: ignore[return-value]
+
+    bus = EventBus(on_discard=discarded.append)
+    bus.on("order.*")(lambda event: None)
+    source = Hooked()
+    source.put(Event(name="order.placed"), message_id="m0")
+    async with Worker(bus, source, on_undecodable="delete") as worker:
+        await asyncio.wait_for(source.join(), 5)
+    assert worker.stats.undecodable == 1
+    assert [report.message_ids for report in discarded] == [("m0",)]
+    assert "returned NoneType, not an Event" in str(discarded[0].exception)
+
+
 async def test_a_source_that_fails_unexpectedly_is_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from starlette.background import BackgroundTask, BackgroundTasks
+from starlette.responses import Response
 
 from ._deadline import Limit
 from ._events import Event
@@ -193,15 +194,21 @@ _BACKGROUND_CALLS = frozenset(
 )
 
 
-def raised_in_background(exc: BaseException) -> bool:
-    """Whether *exc* came out of a background task: the endpoint had returned, and its
-    response was sent (``Response(background=...)`` whose task raised)."""
+def raised_after_return(exc: BaseException) -> str | None:
+    """Where *exc* came from, if the endpoint had returned: ``"background"``, a background
+    task (``Response(background=...)`` whose task raised, the response sent); ``"response"``,
+    sending the response (the client gone, a streaming body that raised). None: the
+    endpoint raised it."""
     tb = exc.__traceback__
+    sending = False
     while tb is not None:
-        if tb.tb_frame.f_code in _BACKGROUND_CALLS:
-            return True
+        frame = tb.tb_frame
+        if frame.f_code in _BACKGROUND_CALLS:
+            return "background"
+        if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), Response):
+            sending = True
         tb = tb.tb_next
-    return False
+    return "response" if sending else None
 
 
 class RequestEnd:

@@ -12,15 +12,7 @@ from typing import Any
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
-from ._batch import (
-    CLOSED,
-    COLLECTING,
-    FLUSHING,
-    Batch,
-    FlushTask,
-    base_scope,
-    raised_in_background,
-)
+from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope, raised_after_return
 from ._deadline import allowance, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
@@ -267,11 +259,11 @@ class Core:
     ) -> Coroutine[Any, Any, None] | None:
         """The request is over (*exc*: what its endpoint raised): what happens to its events.
 
-        Nothing, when the flush ran already (as a background task); flushed now
-        (a response with its own ``background=`` skipped the flush task);
-        discarded if the endpoint raised; kept with ``keep_events_on_error``.
-        Returns the flush or the discard for the caller to await, or None (most
-        requests: no coroutine to make and await).
+        Nothing, when the flush ran already (as a background task); flushed now if the
+        endpoint returned (a response with its own ``background=``, or that failed while
+        being sent, skipped the flush task); discarded if it raised; kept with
+        ``keep_events_on_error``. Returns the flush or the discard for the caller to
+        await, or None (most requests: no coroutine to make and await).
         """
         batch.forget_bus()
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
@@ -279,8 +271,14 @@ class Core:
         if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
-        if exc is None or raised_in_background(exc):  # a Response with its own background=
-            return self.flush(batch, stoppable=True)  # (which may have raised: sent all the same)
+        after = None if exc is None else raised_after_return(exc)
+        if after == "response":
+            ids = ", ".join(event.id for event in batch.events)
+            logger.warning(
+                "the response failed (%r) but the endpoint returned: handled: %s", exc, ids
+            )
+        if exc is None or after is not None:
+            return self.flush(batch, stoppable=True)
         if self.settings.keep_events_on_error:
             batch.state = CLOSED
             self.schedule(batch)

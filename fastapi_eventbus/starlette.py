@@ -36,6 +36,7 @@ FastAPI's solver (FastAPI is installed with this library either way).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
@@ -108,6 +109,7 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
             raise
         if isinstance(result, Response):
             flush_after(view, result)
+            _guard(result)
         return result
 
     # Not functools.wraps: its __wrapped__ would make inspect.signature report the
@@ -131,6 +133,38 @@ def request_bus(connection: HTTPConnection) -> EventBus:
             "`fastapi_eventbus.starlette.with_bus` (in FastAPI, use `Depends(get_bus)`)"
         )
     return view
+
+
+def _guard(response: Response) -> None:
+    """Have *response*'s events handled even if sending it fails (the client gone, a
+    streaming body that raises): Starlette then skips its background, where they are.
+    The endpoint returned: FastAPI's request exit stack does the same (`end_request`)."""
+    with contextlib.suppress(TypeError):  # a subclass with __slots__ of its own: left as is
+        response.__class__ = _guarded(type(response))
+
+
+_GUARDED: dict[type[Response], type[Response]] = {}
+"""Each response class, and its subclass whose sending ends the request's batch."""
+
+
+def _guarded(cls: type[Response]) -> type[Response]:
+    """*cls*, whose sending ends the request's batch when it raises (made once per class)."""
+    if (guarded := _GUARDED.get(cls)) is not None or cls in _GUARDED.values():
+        return guarded or cls
+
+    async def __call__(self: Response, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await cls.__call__(self, scope, receive, send)
+        except BaseException as exc:
+            view = scope.get(SCOPE_KEY)
+            if isinstance(view, EventBus):
+                await end_request(view, exc)
+            raise
+
+    namespace = {"__call__": __call__, "__module__": cls.__module__}
+    guarded = type(cls.__name__, (cls,), namespace | {"__qualname__": cls.__qualname__})
+    _GUARDED[cls] = guarded
+    return guarded
 
 
 async def _call(endpoint: Callable[..., Any], is_async: bool, *args: Any) -> Any:

@@ -248,6 +248,98 @@ async def test_an_event_a_handler_s_task_emits_after_the_handler_ended_is_handle
     assert await bus.drain(1) == []
 
 
+def streaming_app(framework: str, bus: EventBus, body: Callable[[], AsyncIterator[bytes]]) -> Any:
+    """A FastAPI or Starlette app whose ``GET /`` emits ``export.started`` and streams *body*."""
+    if framework == "fastapi":
+        app = FastAPI()
+
+        @app.get("/")
+        async def export(events: EventBus = Depends(get_bus)) -> StreamingResponse:
+            events.emit("export.started")
+            return StreamingResponse(body())
+
+    else:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        from fastapi_eventbus.starlette import with_bus
+
+        @with_bus
+        async def starlette_export(request: Request, events: EventBus) -> StreamingResponse:
+            events.emit("export.started")
+            return StreamingResponse(body())
+
+        app = Starlette(routes=[Route("/", starlette_export)])
+    bus.install(app)
+    return app
+
+
+async def rows() -> AsyncIterator[bytes]:
+    yield b"row 1\n"
+    yield b"row 2\n"
+
+
+async def rows_then_fail() -> AsyncIterator[bytes]:
+    yield b"row 1\n"
+    raise RuntimeError("the cursor died")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("framework", ["fastapi", "starlette"])
+@pytest.mark.parametrize("failure", ["client-disconnects", "body-raises"])
+async def test_events_of_an_endpoint_that_returned_are_handled_when_its_response_fails(
+    framework: str, failure: str, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a response that failed while being sent (the client gone, on a server of ASGI
+    spec 2.4 whose ``send`` raises; a streaming body that raised) never ran its background
+    tasks. Starlette: the events stayed pending, unreported until shutdown's timeout.
+    FastAPI: discarded at INFO as if "the endpoint raised". The endpoint had returned."""
+    handled: list[str] = []
+    bus = EventBus(on_discard=hooks.discards.append)
+
+    @bus.on("export.*")
+    async def audit(event: Event) -> None:
+        handled.append(event.name)
+
+    app = streaming_app(framework, bus, rows_then_fail if failure == "body-raises" else rows)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    bodies = 0
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal bodies
+        if message["type"] == "http.response.body" and message.get("body"):
+            bodies += 1
+            if failure == "client-disconnects" and bodies == 2:
+                raise OSError("the client went away")
+
+    async with app.router.lifespan_context(app):
+        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the response raised
+            await app(scope, receive, send)
+        await wait_for(lambda: handled == ["export.started"], timeout=2)
+    assert hooks.discards == []
+    assert any(
+        r.levelno == logging.WARNING and "response" in r.message and "handled" in r.message
+        for r in caplog.records
+    )
+
+
 class SlowBroker(Forwarder):
     """A forwarder whose every send takes a while: the flush waits for it."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
 from ._batch import CLOSED, SCOPE_KEY, Batch
-from ._deadline import Limit, Watchdog
+from ._deadline import Limit, Watchdog, cancelled
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
 from ._hooks import DiscardedEvents, HandlerFailure, call_hook, logger, passes_through
@@ -171,6 +171,8 @@ class Dispatcher:
                         error = await self._run(
                             handler, event, batch, child, local, overrides, limit
                         )
+                    if error is None and cancelled():  # it swallowed this task's cancellation:
+                        raise asyncio.CancelledError  # cut off (a time limit), no success
                     if error is not None and handler.retry is not None and local:
                         error, child = await self._retry(handler, event, batch, child, error, limit)
                 except asyncio.CancelledError:  # what the handler emitted is reported too

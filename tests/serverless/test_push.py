@@ -42,6 +42,7 @@ from fastapi_eventbus import (
 )
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.serverless import GoogleOIDC, push_router
+from fastapi_eventbus.testing import capture
 from tests._pubsub import Emulator
 from tests._support import ROOT, load_module, until
 from tests.conftest import serve
@@ -331,8 +332,29 @@ def test_a_hung_handler_is_cancelled_at_the_timeout_and_answered_500(
     assert "0.5s" in response.json()["detail"]
     assert elapsed < 3  # the time limit, and a second for cancelled handlers to stop
     assert any("h-1" in line and "still running" in line for line in caplog.messages)
-    # The handler swallowed the cancellation and finished later: too late to count.
-    assert any("h-1" in line and "not acknowledged" in line for line in caplog.messages)
+    # The handler swallowed the cancellation and finished later: no success, nothing else.
+    assert not any("h-1" in line and "acknowledged" in line for line in caplog.messages)
+
+
+def test_a_handler_that_swallows_the_time_limit_s_cancellation_is_no_success() -> None:
+    """Found: a handler cut off at the request's time limit that caught the cancellation and
+    returned was recorded as a success (``error=None`` to `capture`; with an inbox, a success
+    that a redelivery would skip), while the request was answered 500."""
+    bus, app = EventBus(), FastAPI()
+    bus.install(app)
+    app.include_router(push_router(timeout=0.3))
+
+    @bus.on("order.*")
+    async def swallows(event: Event) -> None:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return  # a library cleaning up, and returning
+
+    with capture(bus, raise_failures=False) as seen, TestClient(app) as client:
+        response = client.post("/pubsub", json=push_envelope(Event(name="order.placed")))
+    assert response.status_code == 500
+    assert [call.error for call in seen.handled if call.error is None] == []
 
 
 def test_by_default_the_handlers_time_limits_bound_the_request() -> None:

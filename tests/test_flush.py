@@ -330,7 +330,7 @@ async def test_events_of_an_endpoint_that_returned_are_handled_when_its_response
                 raise OSError("the client went away")
 
     async with app.router.lifespan_context(app):
-        with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the response raised
+        with pytest.raises(Exception):  # noqa: B017 - whatever the response raised
             await app(scope, receive, send)
         await wait_for(lambda: handled == ["export.started"], timeout=2)
     assert hooks.discards == []

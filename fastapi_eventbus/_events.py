@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
@@ -96,11 +97,8 @@ def check_name(name: object) -> str:
     """Return *name*, as a plain str, if it is a usable event name; else raise `InvalidEventError`.
 
     A usable name is a non-empty str of at most `MAX_NAME_LENGTH` characters, without
-    whitespace around it, without control characters (C0, DEL, C1) or line
-    separators, that UTF-8 can encode. A str subclass (a ``StrEnum`` member) becomes
-    its plain value, so that events, log lines and messages carry
-    ``"user.signed_up"``, not the enum member.
-    """
+    whitespace around it, control characters (C0, DEL, C1) or line separators, that UTF-8
+    can encode. A str subclass (a ``StrEnum`` member) becomes its plain value."""
     if type(name) is str and name in _CHECKED_NAMES:  # most names come again and again
         return name
     if not isinstance(name, str):
@@ -279,13 +277,10 @@ def to_json_data(payload: Any, name: str, text: bool = True) -> tuple[Any, str |
 
     Dicts and lists (the common payload) are serialised once, in C, and read back as the
     copy handlers get. orjson refuses (and pydantic's conversion then takes) what it would
-    write differently from pydantic: datetimes, dataclasses, subclasses of str, int, dict
-    and list (enums), sets, bytes, decimals, models, non-str keys, integers past 64 bits,
-    text UTF-8 cannot encode. What it writes as pydantic does (tuples as lists, a ``UUID``
-    or an ``Enum`` as its value) is the same data either way. The one thing it changes
-    silently is ``NaN`` or an infinity, written as ``null``: JSON text with no ``null`` in
-    it had none; else the copy equal to the payload proves it (``None != nan``).
-    """
+    write differently from pydantic: datetimes, dataclasses, str/int/dict/list subclasses,
+    sets, bytes, decimals, models, non-str keys, integers past 64 bits, text UTF-8 cannot
+    encode. It writes ``NaN`` and infinities as ``null``: text with no ``null`` had none;
+    else the copy equal to the payload proves it (``None != nan``)."""
     kind = type(payload)
     if payload is None:
         return None, None
@@ -351,14 +346,10 @@ def _converted(payload: Any, name: str) -> Any:
 
 
 def _check_merged_keys(source: Any, data: Any, name: str) -> None:
-    """Raise `InvalidEventError` if converting *source* to the JSON data *data* merged
-    two keys of a dict into one (``{1: "a", "1": "b"}`` becomes ``{"1": "b"}``): JSON
-    keys are strings, and one of the values would be lost without a word.
-
-    Walks *source* and *data* side by side through dicts, lists, tuples, pydantic
-    models and dataclasses; a dict whose converted form has fewer keys is then
-    searched for the two keys, by pydantic's own conversion of each.
-    """
+    """Raise `InvalidEventError` if converting *source* to the JSON data *data* lost a value
+    without a word: two keys merged (``{1: "a", "1": "b"}`` is ``{"1": "b"}``), a model's
+    secret masked. Walks both side by side through dicts, lists, tuples, models and
+    dataclasses; a dict with fewer keys converted is searched for the two keys."""
     kind = type(data)
     if kind is dict:
         if type(source) is not dict and not isinstance(source, Mapping):
@@ -370,6 +361,11 @@ def _check_merged_keys(source: Any, data: Any, name: str) -> None:
         pairs = zip(source.values(), data.values())  # noqa: B905 (same length)
     elif kind is list and isinstance(source, _SEQUENCES):
         pairs = zip(source, data)  # noqa: B905 (same length)
+    elif isinstance(source, pydantic.SecretStr | pydantic.SecretBytes):
+        raise InvalidEventError(
+            f"payload of event {name!r} holds a {type(source).__name__}, which JSON carries "
+            "masked: handlers and brokers would get '**********'"
+        )
     else:
         return
     for part, converted in pairs:
@@ -415,10 +411,11 @@ def _refuse_merged_keys(source: Mapping[Any, Any], name: str) -> None:
 class SchemaRegistry:
     """Payload schemas by event name, checked at emit time."""
 
-    __slots__ = ("_schemas", "empty")
+    __slots__ = ("_read_back", "_schemas", "empty")
 
     def __init__(self) -> None:
         self._schemas: dict[str, type[BaseModel]] = {}
+        self._read_back: set[type[BaseModel]] = set()
         self.empty = True
         """Whether no schema is registered (an attribute: read at every ``emit``)."""
 
@@ -471,8 +468,17 @@ class SchemaRegistry:
                     f"payload of event {name!r} does not match its schema "
                     f"{schema.__qualname__}:\n{exc}"
                 ) from exc
-        data, body = to_json_data(payload.model_dump(mode="json"), name)
+        data, body = to_json_data(payload.model_dump(mode="json", by_alias=True), name)
         _check_merged_keys(payload, data, name)  # model_dump already merged them
+        if schema not in self._read_back:  # once per model: what its handlers will do
+            try:
+                schema.model_validate_json(orjson.dumps(data))
+            except ValidationError as exc:
+                raise InvalidEventError(
+                    f"payload of event {name!r}, written as JSON, would not validate as "
+                    f"{schema.__qualname__} in its handlers:\n{exc}"
+                ) from exc
+            self._read_back.add(schema)
         return data, body
 
 
@@ -560,8 +566,8 @@ def make_event(
 
 
 def payload_as(event: Event, model: type[BaseModel]) -> BaseModel:
-    """The event's payload validated as *model* (what a typed handler receives)."""
-    return model.model_validate(event.payload)
+    """*event*'s payload as a typed handler's *model*, from its JSON (as from a broker)."""
+    return model.model_validate_json(payload_json(event))
 
 
 def set_trace_context(event: Event, context: Mapping[str, str]) -> None:

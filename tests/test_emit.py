@@ -5,13 +5,13 @@ from __future__ import annotations
 import enum
 import math
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field
 
 from fastapi_eventbus import (
     BusNotInstalledError,
@@ -91,6 +91,88 @@ async def test_schema_normalises_the_payload(bus: EventBus) -> None:
     bus.register("cat.created", CatCreated)
     event = await bus.publish("cat.created", {"id": "7"})
     assert event.payload == {"id": 7, "name": "Tom"}
+
+
+class CatBorn(BaseModel):
+    """Aliased, as a camelCase API's models are."""
+
+    __event_name__: ClassVar[str] = "cat.born"
+    born_on: date = Field(alias="bornOn")
+
+
+class CatVaccinated(BaseModel):
+    __event_name__: ClassVar[str] = "cat.vaccinated"
+    model_config = ConfigDict(strict=True)
+    on: date
+
+
+class CatWeighed(BaseModel):
+    __event_name__: ClassVar[str] = "cat.weighed"
+    model_config = ConfigDict(extra="forbid")
+    grams: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def kilograms(self) -> float:
+        return self.grams / 1000
+
+
+class CatChipped(BaseModel):
+    __event_name__: ClassVar[str] = "cat.chipped"
+    chip: SecretStr
+
+
+@pytest.mark.anyio
+async def test_typed_events_with_aliases_or_strict_types_reach_their_handlers(
+    bus: EventBus,
+) -> None:
+    """Found: accepted at emit, then every handler failed: the payload was written with
+    field names (the handler read aliases), and a strict model's date came back as text."""
+    got: list[BaseModel] = []
+
+    async def born(event: CatBorn) -> None:
+        got.append(event)
+
+    async def vaccinated(event: CatVaccinated) -> None:
+        got.append(event)
+
+    bus.on()(born)
+    bus.on()(vaccinated)
+    with capture(bus):
+        await bus.publish(CatBorn(bornOn=date(2020, 5, 1)))
+        await bus.publish("cat.born", {"bornOn": "2020-05-02"})
+        await bus.publish(CatVaccinated(on=date(2021, 1, 1)))
+    assert got == [
+        CatBorn(bornOn=date(2020, 5, 1)),
+        CatBorn(bornOn=date(2020, 5, 2)),
+        CatVaccinated(on=date(2021, 1, 1)),
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (CatWeighed(grams=4200), "would not validate"),
+        (CatChipped(chip=SecretStr("250269604123456")), "masked"),
+    ],
+    ids=["computed-field-extra-forbid", "secret"],
+)
+async def test_a_typed_event_its_handlers_could_not_read_is_refused_at_emit(
+    bus: EventBus, payload: BaseModel, error: str
+) -> None:
+    """Found: accepted; then every handler failed (a computed field written into a model that
+    forbids extras), or got a secret as ``'**********'``, with no error anywhere."""
+    got: list[BaseModel] = []
+
+    async def handler(event: BaseModel) -> None:
+        got.append(event)
+
+    handler.__annotations__["event"] = type(payload)
+    bus.on()(handler)
+    with pytest.raises(InvalidEventError, match=error):
+        await bus.publish(payload)
+    assert got == []
 
 
 def test_payload_is_converted_to_json_data(app: FastAPI, bus: EventBus) -> None:

@@ -73,6 +73,12 @@ def draining_lifespan(
             core.app = app  # publish() and handle() use it: the app running now
             core.lifespan_state = dict(state or {})
             ensure_readable_logs()
+            if getattr(getattr(app, "router", None), "lifespan_context", lifespan) is not lifespan:
+                logger.warning(
+                    "the app's lifespan was wrapped after bus.install(app) (include_router of "
+                    "a router with a lifespan): its shutdown runs before the bus drains, and "
+                    "its state does not reach handlers; call bus.install(app) last"
+                )
             stop_watching = on_stop_signal(core.begin_shutdown)
             try:
                 forwarders = {id(f): f for f in core.forwarders.items()}  # each once

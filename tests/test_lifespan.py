@@ -160,6 +160,31 @@ class Lines(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.parametrize("order", ["install-first", "install-last"])
+def test_a_lifespan_merged_after_install_is_a_warning(
+    order: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a router's lifespan merged into the app after `install` (``include_router``)
+    wraps the bus's: it shut its resources down before the bus drained, without a word."""
+    from fastapi import APIRouter
+
+    @asynccontextmanager
+    async def database(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        yield {"db": "connection"}
+
+    bus, app = EventBus(), FastAPI()
+    if order == "install-first":
+        bus.install(app)
+    app.include_router(APIRouter(lifespan=database))
+    if order == "install-last":
+        bus.install(app)
+    with TestClient(app):
+        pass
+    warned = [r for r in caplog.records if "after bus.install" in r.message]
+    assert len(warned) == (order == "install-first")
+    assert all(r.levelno == logging.WARNING for r in warned)
+
+
 def test_an_apps_logging_config_does_not_silence_the_bus() -> None:
     """Found: ``dictConfig`` (``disable_existing_loggers`` is true by default) disables the
     loggers that exist and that it does not name: configured after importing the package,

@@ -221,6 +221,8 @@ class _RecordSource(Source):
         self.handled: set[int] = set()
         """The records handled, by identity: one batch can hold a message twice (SQS
         delivers at least once), and one copy's success must not hide the other's failure."""
+        self.settled: set[int] = set()
+        """The records handled or failed: those still running when time runs out are not."""
 
     def decode(self, message: ReceivedMessage) -> Event:
         """The record's event: the hook's, given the record in ReceiveMessage's shape,
@@ -237,9 +239,11 @@ class _RecordSource(Source):
 
     async def ack(self, message: ReceivedMessage) -> None:
         self.handled.add(id(message))
+        self.settled.add(id(message))
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
         self.handled.discard(id(message))
+        self.settled.add(id(message))
 
 
 class _Batch:
@@ -284,7 +288,7 @@ class _Batch:
         if not tasks:
             return
         for held in self.held:
-            if id(held.message) not in self._source.handled:
+            if id(held.message) not in self._source.settled:
                 held.abandoned = True  # a late success settles nothing any more
         for task in tasks:
             task.cancel("cancelled at the invocation's time limit")

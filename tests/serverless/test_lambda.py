@@ -243,6 +243,23 @@ def test_records_unfinished_when_time_runs_out_are_failures(
     assert any("time ran out" in line and slow[0] in line for line in caplog.messages)
 
 
+def test_a_record_that_failed_before_time_ran_out_is_reported_as_failed(
+    moto: Moto, consumer: Consumer, handler: SQSBatchHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: once time ran out, every record not handled was logged as "not finished when
+    the invocation's time ran out", the one whose handler had failed long before too."""
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1, "slow": True}, {"n": 2, "fail": True})
+    event = received_batch(moto, queue_url, 2)
+    [failing] = [r["messageId"] for r in event["Records"] if '"fail":true' in r["body"]]
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus.serverless"):
+        result = handler(event, FakeContext(seconds=1.0))
+    assert failing in failures(result)
+    [line] = [line for line in caplog.messages if failing in line and "batchItemFailures" in line]
+    assert "time ran out" not in line
+    assert " failed;" in line
+
+
 def test_a_cold_start_s_lifespan_counts_against_the_invocation_s_time(moto: Moto) -> None:
     """The time left was read before the first invocation entered the app's lifespan: a
     lifespan of 0.6 s and a slow record ran past Lambda's limit (the runtime would have

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from . import _ids
@@ -25,10 +25,6 @@ from ._attributes import (
     unencodable,
 )
 from .exceptions import ConfigurationError, InvalidEventError
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Event(BaseModel):
@@ -49,7 +45,7 @@ class Event(BaseModel):
     """JSON-compatible data carried by the event."""
     id: str = Field(default_factory=_ids.new_id)
     """A unique id (UUID4 text)."""
-    time: datetime = Field(default_factory=_utcnow)
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     """When the event was emitted, timezone-aware UTC."""
     source: str | None = None
     """Where the event came from (CloudEvents ``source``), when known."""
@@ -62,6 +58,16 @@ class Event(BaseModel):
     and extension attributes, by name. Given to ``emit(..., extensions=)``, or read from a
     received CloudEvent; forwarders send them (see `fastapi_eventbus.wire`). A message in
     binary mode (Pub/Sub attributes) carries every value as a string."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:  # what `emit` takes, not one it would refuse
+        return check_name(name)
+
+    @field_validator("id", "source")
+    @classmethod
+    def _usable_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return value if value is None else check_text(str(info.field_name), value)
 
     @field_validator("extensions")
     @classmethod
@@ -452,8 +458,7 @@ class SchemaRegistry:
         self.register(name, event)
 
     def get(self, name: str) -> type[BaseModel] | None:
-        """The schema registered for *name*, if any."""
-        return self._schemas.get(name)
+        return self._schemas.get(name)  # the schema registered for *name*, if any
 
     def validate(self, name: str, payload: Any) -> tuple[Any, str | None]:
         """Validate *payload* against the schema of *name*; its JSON data (see `to_json_data`)."""
@@ -537,17 +542,12 @@ def make_event(
     payload_text: str | None = None,
     extensions: object = None,
 ) -> Event:
-    """Build an `Event` from already validated parts, without re-validating them.
+    """An `Event` of already validated parts (`model_construct`, minus its bookkeeping),
+    with *payload_text*, its JSON if made (`payload_json`), and *extensions* (checked).
 
-    What `Event.model_construct` does with every field given, minus its
-    per-call bookkeeping: this runs once per emitted event. *payload_text* is
-    the payload's JSON, if the conversion made it (see `payload_json`); *extensions*,
-    ``emit``'s, are checked here (`check_extensions`).
-    """
+    Field by field, not one dict as ``__dict__``: the values live in the object, with the
+    keys all events share (half the bytes; Python makes the dict only if it is read)."""
     checked = NO_EXTENSIONS if extensions is None else check_extensions(extensions, name)
-    # Field by field, in the fields' order, not one dict given as `__dict__`: the values
-    # then live in the object itself, with the keys all events share (about half the
-    # bytes of a dict of their own; Python makes that dict only if `__dict__` is read).
     event = _new(Event)
     _set(event, "name", name)
     _set(event, "payload", payload)

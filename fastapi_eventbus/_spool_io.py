@@ -83,7 +83,7 @@ def stand_in(event_id: str, raw: object, created: object) -> Event:
         when = datetime.fromtimestamp(converted_or(float, created, 0.0), UTC)
     except (OverflowError, OSError, ValueError):
         when = datetime.fromtimestamp(0, UTC)
-    return Event(name=name, id=event_id, time=when)
+    return Event.model_construct(name=str(name), id=event_id, time=when)  # shown as it is
 
 
 def converted_or(kind: Callable[[str], T], value: object, default: T) -> T:

@@ -175,6 +175,26 @@ async def test_a_typed_event_its_handlers_could_not_read_is_refused_at_emit(
     assert got == []
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": ""},
+        {"name": "order.placed\nERROR forged log line"},
+        {"name": "x" * 300},
+        {"name": "order.placed", "id": ""},
+        {"name": "order.placed", "id": "1\nERROR forged log line"},
+        {"name": "order.placed", "source": "//shop\x1b[2J"},
+    ],
+    ids=["empty-name", "name-line-break", "long-name", "empty-id", "id-line-break", "source"],
+)
+def test_an_event_built_by_hand_is_held_to_what_emit_accepts(fields: dict[str, Any]) -> None:
+    """Found: `Event(...)` took a name, an id or a source that `emit` refuses, and
+    `bus.handle` ran the handlers with it (an id with a line break forged the log line
+    that reports the event)."""
+    with pytest.raises(ValueError, match="event|name|id|source"):
+        Event(**fields)
+
+
 def test_payload_is_converted_to_json_data(app: FastAPI, bus: EventBus) -> None:
     received: list[Any] = []
     bus.on("x")(lambda event: received.append(event.payload))

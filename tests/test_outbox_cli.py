@@ -225,16 +225,19 @@ def test_list_as_json_lines(outboxed: Outboxed, dead: bool) -> None:
 
 
 def test_list_escapes_what_it_prints(outboxed: Outboxed) -> None:
-    forged = Event(name="order.paid  attempts=0\nfake-id  orders  \x1b[31mred", id="forged")
+    forged = Event.model_construct(  # a row written by hand: Event() refuses such a name
+        name="order.paid  attempts=0\nfake-id  orders  \x1b[31mred", id="forged", payload=None
+    )
     bury(outboxed.outbox, "orders", forged, 3_000.0, error="refused:\x1b]8;;http://evil\x07")
     result = invoke("outbox", "list", outboxed.url, "--dead")
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert len(lines) == 3  # one per row: no forged row
-    assert lines[2] == (
+    assert lines[2].startswith(  # unreadable (a name emit refuses), and shown escaped
         "forged  orders  order.paid  attempts=0\\nfake-id  orders  \\x1b[31mred  attempts=20  "
-        "1970-01-01T00:50:00Z  refused:\\x1b]8;;http://evil\\x07"
+        "1970-01-01T00:50:00Z  "
     )
+    assert "\x1b" not in result.output
 
 
 def test_list_shows_an_unreadable_row(outboxed: Outboxed) -> None:

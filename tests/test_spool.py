@@ -387,6 +387,31 @@ def test_an_unreadable_row_is_set_aside_not_retried_forever(
     assert "event bad for forwarder broker dead-lettered" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("event_id", "raw"),
+    [("bad", '{"name": " x", "broken'), ("bad\nid", '{"name": "x", "broken')],
+    ids=["name-with-spaces", "id-with-a-line-break"],
+)
+def test_a_damaged_row_with_a_name_or_id_emit_refuses_is_set_aside(
+    path: Path, event_id: str, raw: str
+) -> None:
+    """Found: the stand-in event of such a row could not be built: every claim raised, and
+    the good rows behind it were never sent, nor the damaged one dead-lettered."""
+    left = Spool(path)
+    left.add([("broker", Event(name="order.placed", id=f"good-{n}")) for n in range(3)])
+    left.release()
+    with sqlite3.connect(path) as db:  # damaged, and older than the good rows
+        db.execute(
+            "INSERT INTO pending (forwarder, event_id, event, created, attempts, owner,"
+            " lease_until) VALUES ('broker', ?, ?, 0, 0, '', 0)",
+            (event_id, raw),
+        )
+    spool = Spool(path)
+    assert sorted(c.event.id for c in spool.claim()) == ["good-0", "good-1", "good-2"]
+    (dead,) = spool.dead()
+    assert (dead.event.id, dead.readable) == (event_id, False)
+
+
 def poison_row(path: Path, event_id: str, depth: int = 100_000, forwarder: str = "broker") -> None:
     """Write, by hand, a due row whose JSON nests deeper than Python's recursion limit
     (json.loads raises RecursionError, not a ValueError), older than every other row."""

@@ -191,7 +191,7 @@ def test_an_event_built_by_hand_is_held_to_what_emit_accepts(fields: dict[str, A
     """Found: `Event(...)` took a name, an id or a source that `emit` refuses, and
     `bus.handle` ran the handlers with it (an id with a line break forged the log line
     that reports the event)."""
-    with pytest.raises(ValueError, match="event|name|id|source"):
+    with pytest.raises(ValueError, match=r"event|name|id|source"):
         Event(**fields)
 
 

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 import fastapi_eventbus._events as events_module
+import fastapi_eventbus._payloads as payloads_module
 from fastapi_eventbus import Event, EventBus, get_bus
 from fastapi_eventbus._patterns import PatternIndex
 from fastapi_eventbus.exceptions import InvalidEventError
@@ -130,6 +131,7 @@ def test_a_payload_is_serialised_once_for_the_check_the_spool_and_every_forwarde
     orjson_counter = _Counting(orjson, payload)
     json_counter = _Counting(json, payload)
     monkeypatch.setattr(events_module, "orjson", orjson_counter)
+    monkeypatch.setattr(payloads_module, "orjson", orjson_counter)
     monkeypatch.setattr(events_module, "json", json_counter)
     spool = Spool(tmp_path / "spool.db")
     bus = EventBus(spool=spool)

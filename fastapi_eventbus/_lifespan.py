@@ -73,7 +73,7 @@ def draining_lifespan(
             core.app = app  # publish() and handle() use it: the app running now
             core.lifespan_state = dict(state or {})
             ensure_readable_logs()
-            if getattr(getattr(app, "router", None), "lifespan_context", lifespan) is not lifespan:
+            if lifespans_around(app, lifespan):
                 logger.warning(
                     "the app's lifespan was wrapped after bus.install(app) (include_router of "
                     "a router with a lifespan): its shutdown runs before the bus drains, and "
@@ -107,3 +107,23 @@ def draining_lifespan(
                 await close()
 
     return lifespan
+
+
+def lifespans_around(app: Any, ours: object) -> list[object]:
+    """The lifespans merged into *app*'s since `install` (``include_router``), but the
+    default ones (a router without a lifespan). FastAPI runs each inside the one it merges
+    it with: it shuts down before ours drains. A wrapper of another kind, outside ours,
+    shuts down after it: harmless."""
+    around: list[object] = []
+    context = getattr(getattr(app, "router", None), "lifespan_context", ours)
+    while context is not ours:
+        merged = getattr(context, "__wrapped__", None)  # FastAPI's `_merge_lifespan_context`
+        code, cells = getattr(merged, "__code__", None), getattr(merged, "__closure__", None)
+        pairs = zip(code.co_freevars, cells, strict=True) if code is not None and cells else ()
+        parts = {name: cell.cell_contents for name, cell in pairs}
+        if "original_context" not in parts or "nested_context" not in parts:
+            return around  # wrapped some other way
+        if type(parts["nested_context"]).__name__ != "_DefaultLifespan":
+            around.append(parts["nested_context"])
+        context = parts["original_context"]
+    return around

@@ -29,7 +29,7 @@ from click.core import ParameterSource
 
 from fastapi_eventbus._deadline import cancel_the_rest
 from fastapi_eventbus._hooks import LOG_FORMAT, ensure_readable_logs
-from fastapi_eventbus.exceptions import EventBusError
+from fastapi_eventbus.exceptions import ConfigurationError, EventBusError
 from fastapi_eventbus.worker import Backoff, PubSubSource, Source, SQSSource, Worker
 
 from ._app import app_options, bus_of, load
@@ -166,7 +166,7 @@ def worker(
     bus_of(target)
     ensure_readable_logs("APP")
     threads = set(threading.enumerate())
-    try:
+    try:  # what the options make: a bad value is a usage error (exit 2)
         source: Source
         if queue_url is not None:
             backoff = Backoff(initial=retry_delay, maximum=max_retry_delay)
@@ -192,6 +192,9 @@ def worker(
             on_unhandled="delete" if on_unhandled == "delete" else "retry",
             max_message_bytes=max_message_bytes,
         )
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
         finished = asyncio.run(_serve(runner))
     except EventBusError as exc:
         raise click.ClickException(str(exc)) from exc

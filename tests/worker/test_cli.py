@@ -179,7 +179,7 @@ def test_the_worker_needs_exactly_one_source(options: list[str]) -> None:
 
 def test_the_worker_reports_bad_settings() -> None:
     code, output = invoke("worker", "tests.worker.targets:app", "--pubsub", "orders")
-    assert code == 1
+    assert code == 2  # a bad command line (it was 1, as for a failure at run time)
     assert "Error: subscription must be a full path" in output
 
 
@@ -303,6 +303,32 @@ def test_an_option_of_the_other_broker_is_a_usage_error(
     code, output = invoke("worker", "tests.worker.targets:app", *source, *option)
     assert code == 2
     assert f"{option[0]} applies to {broker} only, not {source[0]}" in output
+    assert served == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [
+            "--sqs",
+            "https://sqs.eu-west-1.amazonaws.com/1/q",
+            "--retry-delay",
+            "10",
+            "--max-retry-delay",
+            "5",
+        ],
+        ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--shutdown-timeout", "nan"],
+        ["--sqs", "not-a-url"],
+        ["--pubsub", "bad-subscription"],
+    ],
+    ids=["retry-delay-over-max", "shutdown-timeout-nan", "sqs-not-a-url", "pubsub-bad-path"],
+)
+def test_a_bad_option_value_is_a_usage_error(options: list[str], served: list[Worker]) -> None:
+    """Found: exit status 1, as for a failure at run time; the docs say 2 for a bad
+    command line."""
+    code, output = invoke("worker", "tests.worker.targets:app", *options)
+    assert code == 2
+    assert "Error" in output
     assert served == []
 
 

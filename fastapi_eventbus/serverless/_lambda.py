@@ -175,7 +175,7 @@ class _Invoker:
         if budget <= 0:  # none of them can run: say why, beside each record's line
             logger.error(
                 "the invocation has %gs left, no more than time_margin=%gs: its %d record(s) "
-                "are not handled; lower time_margin, or raise the function's timeout",
+                "are not started; lower time_margin, or raise the function's timeout",
                 budget + self.time_margin,
                 self.time_margin,
                 len(records),
@@ -265,6 +265,10 @@ class _Batch:
 
     async def run(self, budget: float) -> list[str]:
         """Handle the records within *budget* seconds; the message ids of those that failed."""
+        if budget <= 0:  # none could finish: none is started (a sync one would run on)
+            for held in self.held:
+                held.abandoned = True
+            return self._failures()
         if self.fifo:
             work = asyncio.create_task(self._in_order())
             done, _ = await asyncio.wait({work}, timeout=max(budget, 0))

@@ -260,6 +260,36 @@ def test_a_record_that_failed_before_time_ran_out_is_reported_as_failed(
     assert " failed;" in line
 
 
+def test_an_invocation_with_no_time_left_starts_no_record(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the ERROR said the records "are not handled", but they were started all the
+    same: one ran and was acknowledged; a sync one ran on in its thread while reported in
+    batchItemFailures, so it would run again."""
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2})
+    event = received_batch(moto, queue_url, 2)
+    ran: list[str] = []
+    bus, app = EventBus(), FastAPI()
+    bus.install(app)
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        ran.append(event.id)
+
+    bus.on("order.*")(lambda event: ran.append(event.id))  # and a sync one, in a thread
+    handler = lambda_sqs_handler(app, time_margin=1)
+    try:
+        with caplog.at_level(logging.ERROR, "fastapi_eventbus.serverless"):
+            result = handler(event, FakeContext(seconds=0.3))
+    finally:
+        handler.close()
+    assert sorted(failures(result)) == sorted(r["messageId"] for r in event["Records"])
+    assert ran == []
+    for record in event["Records"]:
+        assert any(record["messageId"] in line for line in caplog.messages)
+
+
 def test_a_cold_start_s_lifespan_counts_against_the_invocation_s_time(moto: Moto) -> None:
     """The time left was read before the first invocation entered the app's lifespan: a
     lifespan of 0.6 s and a slow record ran past Lambda's limit (the runtime would have

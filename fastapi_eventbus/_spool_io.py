@@ -41,9 +41,12 @@ def spooled_or_stand_in(row: tuple[object, ...]) -> SpooledEvent:
     Python's recursion limit raises `RecursionError`, not a `ValueError`)."""
     forwarder, event_id, event, created, attempts, error = row
     try:
+        read = Event.model_validate(json.loads(str(event)))
+        if read.id != str(event_id):  # settled by its id: it would never be, sent forever
+            raise ValueError(f"its event's id {read.id!r} is not the row's")
         return SpooledEvent(
             forwarder=str(forwarder),
-            event=Event.model_validate(json.loads(str(event))),
+            event=read,
             created=float(str(created)),
             attempts=int(str(attempts)),
             error=None if error is None else str(error),

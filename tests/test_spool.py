@@ -412,6 +412,29 @@ def test_a_damaged_row_with_a_name_or_id_emit_refuses_is_set_aside(
     assert (dead.event.id, dead.readable) == (event_id, False)
 
 
+async def test_a_row_whose_event_id_is_not_its_key_is_set_aside_not_resent_forever(
+    path: Path,
+) -> None:
+    """Found: settled by the event's id, such a row (copied by hand, or damaged) was never
+    leased nor deleted: the resend loop sent it thousands of times a second."""
+    left = Spool(path)
+    left.add([("broker", Event(name="order.placed", id="a"))])
+    left.release()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE pending SET event_id = 'b'")
+    broker = Broker()
+    bus = spooled_bus(path, broker)
+    for _ in range(3):
+        await bus.resend()
+    assert broker.received == []
+    spool = Spool(path)
+    assert spool.count().pending == 0
+    (dead,) = spool.dead()
+    assert (dead.event.id, dead.readable) == ("b", False)
+    assert dead.error is not None
+    assert "is not the row's" in dead.error
+
+
 def poison_row(path: Path, event_id: str, depth: int = 100_000, forwarder: str = "broker") -> None:
     """Write, by hand, a due row whose JSON nests deeper than Python's recursion limit
     (json.loads raises RecursionError, not a ValueError), older than every other row."""

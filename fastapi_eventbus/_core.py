@@ -139,24 +139,18 @@ class Core:
 
     async def deliver_to(self, destination: str, events: list[Event]) -> list[tuple[Event, str]]:
         """Run *events*' local handlers (*destination* ``""``), or send them through the
-        forwarder named *destination*: an outbox's events, once committed or relayed.
-
-        Returns those that must be tried again, each with why: one whose handler failed
-        (already logged and reported) or that no handler here takes, or that the forwarder
-        did not send. One the forwarder refused for good was dead-lettered and reported.
-        """
+        forwarder named *destination* (an outbox's events); those to try again, with why
+        (a handler failed, the forwarder did not send, nothing here takes them: a WARNING)."""
         if destination != LOCAL:
-            forwarder = self.sender.named(destination)
-            if forwarder is None:
-                why = f"no forwarder named {destination!r} in this application"
-                return [(event, why) for event in events]
+            if (forwarder := self.sender.named(destination)) is None:
+                return nowhere(events, f"no forwarder named {destination!r} in this application")
             outcome = await self.sender.send_kept(forwarder, events)
             return [(event, outcome.error or "not sent") for event in outcome.unsent]
-        failed: list[tuple[Event, str]] = []
+        unhandled = [event for event in events if not self.handlers.match(event.name)]
+        failed = nowhere(unhandled, "no handler for it in this application") if unhandled else []
         for event in events:
             if not self.handlers.match(event.name):  # a release (or process) that has one may
-                failed.append((event, "no handler for it in this application"))  # come
-                continue
+                continue  # come: see `nowhere`
             wait = allowance(self.dispatcher.time_limit(event.name, retried=True))
             done, failures = await within(self.handle(event, None, 0, local=True), wait)
             if not done:  # one ignored its cancellation: cancelled once more; tried again
@@ -596,3 +590,11 @@ def _uncancel() -> int:
     task = asyncio.current_task()
     assert task is not None
     return task.uncancel()
+
+
+def nowhere(events: list[Event], why: str) -> list[tuple[Event, str]]:
+    """*events*, which nothing here takes (*why*), to try again later, named in a WARNING
+    (an outbox's rows for a forwarder renamed since, or for a handler not deployed yet)."""
+    ids = ", ".join(event.id for event in events)
+    logger.warning("%d event(s) wait to be tried again: %s: %s", len(events), why, ids)
+    return [(event, why) for event in events]

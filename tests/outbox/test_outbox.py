@@ -475,7 +475,7 @@ def test_a_sync_script_shares_the_outbox_of_an_async_app(tmp_path: Path) -> None
 
 
 def test_a_row_for_local_handlers_this_release_lacks_waits_and_is_not_lost(
-    tmp_path: Path, discards: list[DiscardedEvents]
+    tmp_path: Path, discards: list[DiscardedEvents], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A row written for the local handlers (by a release that had one) and relayed by a
     release that only forwards that name: it was deleted as done, neither handled, sent nor
@@ -510,11 +510,49 @@ def test_a_row_for_local_handlers_this_release_lacks_waits_and_is_not_lost(
 
     assert asyncio.run(relay_once()) == [event.id]  # still due
     assert forwarder.batches == []
+    # Found: said at INFO only, round after round, until its attempts ran out (hours).
+    assert any(
+        r.levelno == logging.WARNING and event.id in r.message and "no handler" in r.message
+        for r in caplog.records
+    )
     for _ in range(3):
         time.sleep(0.01)
         asyncio.run(relay_once())
     assert [report.ids for report in discards] == [[event.id]]
     assert "no handler" in discards[0].reason
+
+
+def test_a_row_for_a_forwarder_this_release_lacks_is_a_warning_each_round(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: rows for a forwarder renamed since were tried again at every round with an
+    INFO line only, until their attempts ran out (hours with the default backoff)."""
+    path = tmp_path / "shop.db"
+
+    def bus_on_the_shop_db(name: str) -> tuple[EventBus, SQLAlchemyOutbox]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine, retry_initial=0.001, retry_max=0.001)
+        bus = EventBus(outbox=outbox)
+        bus.forward("order.*", RecordingForwarder(name=name))
+        return bus, outbox
+
+    before, outbox = bus_on_the_shop_db("old-sqs")
+    asyncio.run(outbox.create_tables())
+    sync_engine = create_engine(f"sqlite:///{path}")
+    with Session(sync_engine) as db:
+        event = before.emit("order.paid", {"id": 1}, session=db)
+        db.commit()
+    sync_engine.dispose()
+    _, relay = bus_on_the_shop_db("orders-sqs")
+    for _ in range(2):
+        time.sleep(0.01)
+        asyncio.run(relay.relay_once())
+    warned = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and event.id in r.message and "old-sqs" in r.message
+    ]
+    assert len(warned) == 2
 
 
 def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(

@@ -144,11 +144,9 @@ class SQLAlchemyOutbox:
         return self._attached
 
     def join(self, session: object, event: Event, batch: Batch | None) -> None:
-        """Add *event*'s rows to *session*'s transaction (``emit(..., session=)``).
-
-        Once the transaction commits, the event goes to `Core.after_response`
-        (*batch*'s request, or at once); if it rolls back, it is discarded.
-        """
+        """Add *event*'s rows to *session*'s transaction (``emit(..., session=)``); once it
+        commits, the event goes to `Core.after_response` (*batch*'s request, or at once, on
+        the loop found here); if it rolls back, it is discarded."""
         sync = sync_session(session)
         core = self.core
         carried = joined(sync)
@@ -179,7 +177,7 @@ class SQLAlchemyOutbox:
             for destination in core.destinations(event.name)
         ]
         sync.add_all(rows)
-        carried.entries.append(Entry(self, event, rows, batch, local))
+        carried.entries.append(Entry(self, event, rows, batch, local, loop))
 
     def _check_bind(self, session: Session) -> None:
         mapper: Any = sa_inspect(self._row)
@@ -205,7 +203,10 @@ class SQLAlchemyOutbox:
             async def deliver(events: list[Event] = events) -> None:
                 await self.deliver(events)
 
-            self.core.after_response(group[0].batch, deliver)
+            if (first := group[0]).batch is None:  # committed in any thread: on its loop
+                self.core.spawn(deliver, first.loop)
+            else:
+                self.core.after_response(first.batch, deliver)
 
     def discarded(self, entries: list[Entry], reason: str, level: int = logging.INFO) -> None:
         """*entries*' rows were rolled back: log it (at *level*), and tell ``on_discard``."""
@@ -220,7 +221,7 @@ class SQLAlchemyOutbox:
         hook = self.core.settings.on_discard
         if hook is None:
             return
-        loop = next((e.batch.loop for e in entries if e.batch is not None), None)
+        loop = next((e.loop for e in entries if e.loop is not None), None)
 
         async def report() -> None:
             await call_hook(hook, DiscardedEvents(events, reason))

@@ -3,6 +3,7 @@ commit, rollback or close does with them (the session's own events)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ class Entry:
     batch: Batch | None
     local: bool
     """Whether this process delivers it once committed (False: the relay does)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """The event loop it was emitted on: its delivery runs there, whatever thread commits."""
 
 
 @dataclass(eq=False)

@@ -555,6 +555,36 @@ def test_a_row_for_a_forwarder_this_release_lacks_is_a_warning_each_round(
     assert len(warned) == 2
 
 
+def test_a_commit_in_another_thread_outside_a_request_hands_the_event_over(
+    tmp_path: Path,
+) -> None:
+    """Found: ``await asyncio.to_thread(db.commit)`` (the usual way not to block the loop)
+    found no event loop in that thread: ERROR "no event loop to run the job on", and the
+    event waited for the relay until its lease ended (60 s)."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    outbox = SQLAlchemyOutbox(engine)
+    bus = EventBus(outbox=outbox)
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        handled.append(event.id)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with Session(engine) as db:
+            event = bus.emit("order.placed", {"id": 1}, session=db)
+            await asyncio.to_thread(db.commit)
+        for _ in range(200):
+            if handled:
+                break
+            await asyncio.sleep(0.01)
+        return event.id
+
+    assert handled == [asyncio.run(scenario())]
+    engine.dispose()
+
+
 def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(
     tmp_path: Path, discards: list[DiscardedEvents]
 ) -> None:

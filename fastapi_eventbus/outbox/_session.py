@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
 from fastapi_eventbus._events import Event
@@ -110,6 +111,15 @@ def _after_commit(session: Session) -> None:
     if joined is None or not joined.entries:
         return
     entries, joined.entries = joined.entries, []
+    bind = session.bind
+    if isinstance(bind, Connection) and bind.in_transaction():  # Session(bind=connection)
+        _when_the_outer_transaction_ends(bind, entries)  # joined it: nothing committed yet
+        return
+    _hand_over(entries)
+
+
+def _hand_over(entries: list[Entry]) -> None:
+    """*entries* were committed: to their outboxes (those whose savepoint rolled back: gone)."""
     kept = [e for e in entries if all(sa_inspect(row).persistent for row in e.rows)]
     gone = [e for e in entries if e not in kept]
     for outbox, group in _by_outbox(kept):
@@ -119,6 +129,27 @@ def _after_commit(session: Session) -> None:
             logger.exception("outbox %s: handing committed events to the bus failed", outbox.name)
     for outbox, group in _by_outbox(gone):
         outbox.discarded(group, "the savepoint that wrote them rolled back")
+
+
+def _when_the_outer_transaction_ends(connection: Connection, entries: list[Entry]) -> None:
+    """The session committed into a transaction it did not begin: *connection*'s own
+    commit hands *entries* over, its rollback discards them."""
+    over = False
+
+    def committed(conn: Connection) -> None:
+        nonlocal over
+        if not over:
+            over = True
+            _hand_over(entries)
+
+    def rolled_back(conn: Connection) -> None:
+        nonlocal over
+        if not over:
+            over = True
+            _discard(Joined(entries), "the outer transaction that wrote them rolled back")
+
+    sa_event.listen(connection, "commit", committed)
+    sa_event.listen(connection, "rollback", rolled_back)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:

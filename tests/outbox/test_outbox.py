@@ -585,6 +585,48 @@ def test_a_commit_in_another_thread_outside_a_request_hands_the_event_over(
     engine.dispose()
 
 
+@pytest.mark.parametrize("outer", ["commit", "rollback"])
+def test_a_session_joined_to_an_outer_transaction_waits_for_it(
+    tmp_path: Path, discards: list[DiscardedEvents], outer: str
+) -> None:
+    """Found: with ``Session(bind=connection)`` on a connection already in a transaction
+    (SQLAlchemy's pattern for tests and units of work), ``session.commit()`` commits nothing,
+    yet the event was handled; when the outer transaction rolled back, the handler had run
+    for data that never existed, and ``on_discard`` heard nothing."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    outbox = SQLAlchemyOutbox(engine)
+    bus = EventBus(outbox=outbox, on_discard=discards.append)
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        handled.append(event.id)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            db = Session(bind=connection)  # joins the connection's transaction
+            event = bus.emit("order.placed", {"id": 1}, session=db)
+            db.commit()  # nothing committed in the database yet
+            await asyncio.sleep(0.1)
+            assert handled == []
+            getattr(transaction, outer)()
+        for _ in range(100):
+            if handled or discards:
+                break
+            await asyncio.sleep(0.01)
+        return event.id
+
+    event_id = asyncio.run(scenario())
+    if outer == "commit":
+        assert (handled, discards) == ([event_id], [])
+    else:
+        assert handled == []
+        assert [report.ids for report in discards] == [[event_id]]
+    engine.dispose()
+
+
 def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(
     tmp_path: Path, discards: list[DiscardedEvents]
 ) -> None:

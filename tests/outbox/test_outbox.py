@@ -19,7 +19,7 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import Engine, create_engine, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -555,20 +555,30 @@ def test_a_row_for_a_forwarder_this_release_lacks_is_a_warning_each_round(
     assert len(warned) == 2
 
 
+def sync_shop(
+    tmp_path: Path, discards: list[DiscardedEvents] | None = None
+) -> tuple[Engine, SQLAlchemyOutbox, EventBus, list[str]]:
+    """A sync engine on a SQLite file, its outbox, a bus, and the ids its handler got."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
+    outbox = SQLAlchemyOutbox(engine)
+    on_discard = None if discards is None else discards.append
+    bus = EventBus(outbox=outbox, on_discard=on_discard)
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        handled.append(event.id)
+
+    return engine, outbox, bus, handled
+
+
 def test_a_commit_in_another_thread_outside_a_request_hands_the_event_over(
     tmp_path: Path,
 ) -> None:
     """Found: ``await asyncio.to_thread(db.commit)`` (the usual way not to block the loop)
     found no event loop in that thread: ERROR "no event loop to run the job on", and the
     event waited for the relay until its lease ended (60 s)."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
-    outbox = SQLAlchemyOutbox(engine)
-    bus = EventBus(outbox=outbox)
-    handled: list[str] = []
-
-    @bus.on("order.*")
-    async def ship(event: Event) -> None:
-        handled.append(event.id)
+    engine, outbox, bus, handled = sync_shop(tmp_path)
 
     async def scenario() -> str:
         await outbox.create_tables()
@@ -593,14 +603,7 @@ def test_a_session_joined_to_an_outer_transaction_waits_for_it(
     (SQLAlchemy's pattern for tests and units of work), ``session.commit()`` commits nothing,
     yet the event was handled; when the outer transaction rolled back, the handler had run
     for data that never existed, and ``on_discard`` heard nothing."""
-    engine = create_engine(f"sqlite:///{tmp_path / 'shop.db'}")
-    outbox = SQLAlchemyOutbox(engine)
-    bus = EventBus(outbox=outbox, on_discard=discards.append)
-    handled: list[str] = []
-
-    @bus.on("order.*")
-    async def ship(event: Event) -> None:
-        handled.append(event.id)
+    engine, outbox, bus, handled = sync_shop(tmp_path, discards)
 
     async def scenario() -> str:
         await outbox.create_tables()

@@ -171,8 +171,9 @@ class Dispatcher:
                         error = await self._run(
                             handler, event, batch, child, local, overrides, limit
                         )
-                    if error is None and cancelled():  # it swallowed this task's cancellation:
-                        raise asyncio.CancelledError  # cut off (a time limit), no success
+                    if error is None and (inbox or observers) and cancelled():  # it swallowed
+                        raise asyncio.CancelledError  # the task's cancellation: no success to
+                        # record (a consumer's own check gives the message back: `Processor`)
                     if error is not None and handler.retry is not None and local:
                         error, child = await self._retry(handler, event, batch, child, error, limit)
                 except asyncio.CancelledError:  # what the handler emitted is reported too

@@ -294,8 +294,22 @@ class MemorySource(Source):
         return stored.message_id
 
     async def join(self) -> None:
-        """Wait until no message is pending: each one acknowledged or dead."""
+        """Wait until no message is pending: each one acknowledged or dead.
+
+        Raises:
+            RuntimeError: A message keeps failing and has no end (``max_deliveries=None``):
+                after 100 deliveries, instead of waiting forever.
+        """
         while self.pending:
+            stored = [*self._ready, *self._delayed, *self._in_flight.values()]
+            if self.max_deliveries is None and (
+                endless := [s.message_id for s in stored if s.deliveries >= _ENDLESS_DELIVERIES]
+            ):
+                raise RuntimeError(
+                    f"{self.name}: message(s) {', '.join(endless)} delivered "
+                    f"{_ENDLESS_DELIVERIES} times without being acknowledged, and they would go "
+                    "on forever: give the source a max_deliveries to have them dead-lettered"
+                )
             await self._changed(None)
 
     async def receive(self, max_messages: int) -> list[ReceivedMessage]:
@@ -380,6 +394,10 @@ class MemorySource(Source):
             pass
         finally:
             self._waiters.discard(waiter)
+
+
+_ENDLESS_DELIVERIES = 100
+"""Deliveries of one message after which `MemorySource.join` stops waiting for it."""
 
 
 @dataclass(eq=False, slots=True)

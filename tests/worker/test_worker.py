@@ -464,6 +464,22 @@ async def test_a_decode_returning_no_event_makes_the_message_undecodable() -> No
     assert "returned NoneType, not an Event" in str(discarded[0].exception)
 
 
+async def test_memory_source_join_says_so_when_a_message_would_fail_forever() -> None:
+    """Found: with the defaults (no ``max_deliveries``, no ``nack_delay``), a handler that
+    always fails made `join` wait forever while the message was redelivered in a tight loop
+    (33,000 deliveries in 3 s): the test hung instead of failing."""
+    bus = EventBus()
+
+    @bus.on("order.*")
+    async def always_fails(event: Event) -> None:
+        raise RuntimeError("poison")
+
+    source = MemorySource(Event(name="order.placed"), name="q")
+    async with Worker(bus, source):
+        with pytest.raises(RuntimeError, match=r"q-1 delivered 100 times.*max_deliveries"):
+            await asyncio.wait_for(source.join(), 10)
+
+
 async def test_a_source_that_fails_unexpectedly_is_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

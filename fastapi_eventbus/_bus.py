@@ -162,13 +162,10 @@ class EventBus:
         and `handle`, which have no request, use the app installed last.
 
         Raises:
-            ConfigurationError: *app* already has a bus, or this is a request's bus
-                (from `get_bus`).
+            ConfigurationError: *app* already has a bus, or this is a request's bus.
         """
         if self._batch is not None:
-            raise ConfigurationError(
-                "install() must be called on the application bus, not a request's bus"
-            )
+            raise ConfigurationError("install() takes the application bus, not a request's bus")
         if getattr(app.state, STATE_ATTR, None) is not None:
             raise ConfigurationError(
                 "an EventBus is already installed on this app; call install() once"
@@ -548,6 +545,11 @@ def set_tracing(bus: EventBus, tracing: Tracing | None) -> None:
 def observers_of(bus: EventBus) -> list[Observer]:
     """The observers (`fastapi_eventbus.testing.capture`) that see what *bus* emits and handles."""
     return bus._core.observers
+
+
+def in_flight(bus: EventBus) -> set[str]:
+    """The ids of *bus*'s events not finished yet: being handled, waiting, being forwarded."""
+    return {event.id for batch in list(bus._core.active) for event in batch.unfinished()}
 
 
 async def report_discarded(bus: EventBus, report: DiscardedEvents) -> None:

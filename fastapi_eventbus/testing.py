@@ -27,6 +27,7 @@ override `get_bus` with another bus's `EventBus.dependency`:
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import wire
-from ._bus import EventBus, observers_of
+from ._bus import EventBus, in_flight, observers_of
 from ._events import Event
 from ._settings import check_seconds
 from .exceptions import ConfigurationError, HandlerFailuresError, SourceError
@@ -112,6 +113,15 @@ def capture(
         observers.remove(recorder)
     if raise_failures and (failures := recorder.failures):
         raise HandlerFailuresError(_describe(failures), failures) from failures[0].error
+    running = in_flight(bus)
+    if raise_failures and (late := [e.id for e in recorder.emitted if e.id in running]):
+        warnings.warn(  # what their handlers do next is not seen: a failure would pass
+            f"capture() ended while {len(late)} event(s) emitted in it were still being "
+            f"handled or forwarded ({', '.join(late)}): a failure of theirs would not be "
+            "seen; wait for them inside the block (e.g. `await bus.drain()`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _describe(failures: list[HandledEvent]) -> str:

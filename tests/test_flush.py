@@ -251,25 +251,26 @@ async def test_an_event_a_handler_s_task_emits_after_the_handler_ended_is_handle
 def streaming_app(framework: str, bus: EventBus, body: Callable[[], AsyncIterator[bytes]]) -> Any:
     """A FastAPI or Starlette app whose ``GET /`` emits ``export.started`` and streams *body*."""
     if framework == "fastapi":
-        app = FastAPI()
+        fastapi_app = FastAPI()
 
-        @app.get("/")
+        @fastapi_app.get("/")
         async def export(events: EventBus = Depends(get_bus)) -> StreamingResponse:
             events.emit("export.started")
             return StreamingResponse(body())
 
-    else:
-        from starlette.applications import Starlette
-        from starlette.routing import Route
+        bus.install(fastapi_app)
+        return fastapi_app
+    from starlette.applications import Starlette
+    from starlette.routing import Route
 
-        from fastapi_eventbus.starlette import with_bus
+    from fastapi_eventbus.starlette import with_bus
 
-        @with_bus
-        async def starlette_export(request: Request, events: EventBus) -> StreamingResponse:
-            events.emit("export.started")
-            return StreamingResponse(body())
+    @with_bus
+    async def starlette_export(request: Request, events: EventBus) -> StreamingResponse:
+        events.emit("export.started")
+        return StreamingResponse(body())
 
-        app = Starlette(routes=[Route("/", starlette_export)])
+    app = Starlette(routes=[Route("/", starlette_export)])
     bus.install(app)
     return app
 

@@ -230,7 +230,7 @@ async def test_a_flat_payload_is_copied_too() -> None:
 )
 def test_a_payload_is_the_data_its_json_carries(payload: dict[Any, Any]) -> None:
     """Whichever way it is copied, a handler's payload is what reading its JSON back gives."""
-    data, _ = events_module.to_json_data(payload, "x", text=False)
+    data, _ = payloads_module.to_json_data(payload, "x", text=False)
     assert data == json.loads(json.dumps(payload))
     assert data is not payload
 
@@ -238,7 +238,7 @@ def test_a_payload_is_the_data_its_json_carries(payload: dict[Any, Any]) -> None
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_flat_payload_with_nan_is_refused(bad: float) -> None:
     with pytest.raises(InvalidEventError, match="JSON"):
-        events_module.to_json_data({"id": 1, "value": bad}, "x", text=False)
+        payloads_module.to_json_data({"id": 1, "value": bad}, "x", text=False)
 
 
 def test_an_emitted_event_keeps_its_fields_without_a_dict_of_its_own() -> None:

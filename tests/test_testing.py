@@ -3,7 +3,8 @@
 import asyncio
 from collections.abc import Iterator
 
-from fastapi import Depends, FastAPI
+import pytest
+from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import Event, EventBus, get_bus
@@ -112,3 +113,31 @@ def test_nested_captures_each_record_their_own_and_unmute_the_bus() -> None:
         assert ran == [after.id]
 
     asyncio.run(scenario())
+
+
+def test_capture_warns_when_it_ends_before_its_events_are_handled() -> None:
+    """Found: around a WebSocket session, whose events are handled as they come, the block
+    ended before the handler failed: the test passed, and the failure came after it."""
+    bus, app = EventBus(), FastAPI()
+    bus.install(app)
+
+    @bus.on("chat.*")
+    async def moderate(event: Event) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("the handler broke after the block")
+
+    @app.websocket("/ws")
+    async def chat(websocket: WebSocket, events: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        events.emit("chat.message", {"text": "hi"})
+        await websocket.close()
+
+    def a_test_that_ends_too_soon(client: TestClient) -> None:
+        with capture(bus, raise_failures=True), client.websocket_connect("/ws") as session:
+            session.send_text("hi")
+
+    with TestClient(app) as client:
+        with pytest.warns(RuntimeWarning, match="still being handled"):
+            a_test_that_ends_too_soon(client)
+        client.portal.call(bus.drain)  # type: ignore[union-attr]

@@ -146,11 +146,12 @@ class Core:
                 return nowhere(events, f"no forwarder named {destination!r} in this application")
             outcome = await self.sender.send_kept(forwarder, events)
             return [(event, outcome.error or "not sent") for event in outcome.unsent]
-        unhandled = [event for event in events if not self.handlers.match(event.name)]
-        failed = nowhere(unhandled, "no handler for it in this application") if unhandled else []
+        handled: list[Event] = []
+        unhandled: list[Event] = []  # a release (or process) that has a handler may come
         for event in events:
-            if not self.handlers.match(event.name):  # a release (or process) that has one may
-                continue  # come: see `nowhere`
+            (handled if self.handlers.match(event.name) else unhandled).append(event)
+        failed = nowhere(unhandled, "no handler for it in this application") if unhandled else []
+        for event in handled:
             wait = allowance(self.dispatcher.time_limit(event.name, retried=True))
             done, failures = await within(self.handle(event, None, 0, local=True), wait)
             if not done:  # one ignored its cancellation: cancelled once more; tried again
@@ -593,8 +594,7 @@ def _uncancel() -> int:
 
 
 def nowhere(events: list[Event], why: str) -> list[tuple[Event, str]]:
-    """*events*, which nothing here takes (*why*), to try again later, named in a WARNING
-    (an outbox's rows for a forwarder renamed since, or for a handler not deployed yet)."""
+    """*events*, which nothing here takes (*why*), to try again later: a WARNING names them."""
     ids = ", ".join(event.id for event in events)
     logger.warning("%d event(s) wait to be tried again: %s: %s", len(events), why, ids)
     return [(event, why) for event in events]

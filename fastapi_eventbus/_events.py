@@ -227,7 +227,7 @@ class SchemaRegistry:
         if schema is None:
             data, body = to_json_data(payload, name)
             if isinstance(payload, BaseModel):  # no handler here: maybe in a worker
-                self._read_back_as(type(payload), data, name)
+                self._read_back_as(type(payload), data, body, name)
             return data, body
         if not isinstance(payload, schema):
             try:
@@ -239,17 +239,17 @@ class SchemaRegistry:
                 ) from exc
         data, body = to_json_data(payload.model_dump(mode="json", by_alias=True), name)
         check_merged_keys(payload, data, name)  # model_dump already merged them
-        self._read_back_as(schema, data, name)
+        self._read_back_as(schema, data, body, name)
         return data, body
 
-    def _read_back_as(self, model: type[BaseModel], data: Any, name: str) -> None:
-        """Raise `InvalidEventError` if *data*, as JSON, would not validate as *model*, as a
-        typed handler reads it (a computed field in a model that forbids extras): once per
-        model."""
+    def _read_back_as(self, model: type[BaseModel], data: Any, text: str | None, name: str) -> None:
+        """Raise `InvalidEventError` if *data* (*text*, its JSON, if made) would not validate
+        as *model*, as a typed handler reads it (a computed field in a model that forbids
+        extras): once per model."""
         if model in self._read_back:
             return
         try:
-            model.model_validate_json(orjson.dumps(data))
+            model.model_validate_json(orjson.dumps(data) if text is None else text)
         except ValidationError as exc:
             raise InvalidEventError(
                 f"payload of event {name!r}, written as JSON, would not validate as "

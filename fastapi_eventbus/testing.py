@@ -113,8 +113,8 @@ def capture(
         observers.remove(recorder)
     if raise_failures and (failures := recorder.failures):
         raise HandlerFailuresError(_describe(failures), failures) from failures[0].error
-    running = in_flight(bus)
-    if raise_failures and (late := [e.id for e in recorder.emitted if e.id in running]):
+    running = in_flight(bus) if raise_failures else set()
+    if late := [event.id for event in recorder.emitted if event.id in running]:
         warnings.warn(  # what their handlers do next is not seen: a failure would pass
             f"capture() ended while {len(late)} event(s) emitted in it were still being "
             f"handled or forwarded ({', '.join(late)}): a failure of theirs would not be "

@@ -218,11 +218,10 @@ class _RecordSource(Source):
     def __init__(self, name: str, decode: wire.Decoder | None) -> None:
         self.name = name
         self.decoder = decode
-        self.handled: set[int] = set()
-        """The records handled, by identity: one batch can hold a message twice (SQS
-        delivers at least once), and one copy's success must not hide the other's failure."""
-        self.settled: set[int] = set()
-        """The records handled or failed: those still running when time runs out are not."""
+        self.outcomes: dict[int, bool] = {}
+        """Each settled record's outcome (handled or not), by identity: one batch can hold a
+        message twice (SQS delivers at least once), and one copy's success must not hide the
+        other's failure. A record still running when time runs out has none."""
 
     def decode(self, message: ReceivedMessage) -> Event:
         """The record's event: the hook's, given the record in ReceiveMessage's shape,
@@ -238,12 +237,10 @@ class _RecordSource(Source):
         return []  # the records come with the invocation
 
     async def ack(self, message: ReceivedMessage) -> None:
-        self.handled.add(id(message))
-        self.settled.add(id(message))
+        self.outcomes[id(message)] = True
 
     async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
-        self.handled.discard(id(message))
-        self.settled.add(id(message))
+        self.outcomes[id(message)] = False
 
 
 class _Batch:
@@ -284,7 +281,7 @@ class _Batch:
     async def _in_order(self) -> None:
         for held in self.held:
             await self._processor.process(held)
-            if id(held.message) not in self._source.handled:
+            if not self._source.outcomes.get(id(held.message)):
                 return
 
     async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
@@ -292,7 +289,7 @@ class _Batch:
         if not tasks:
             return
         for held in self.held:
-            if id(held.message) not in self._source.settled:
+            if id(held.message) not in self._source.outcomes:
                 held.abandoned = True  # a late success settles nothing any more
         for task in tasks:
             task.cancel("cancelled at the invocation's time limit")
@@ -303,7 +300,7 @@ class _Batch:
         failed: list[str] = []
         for held in self.held:
             message_id = held.message.message_id
-            if id(held.message) in self._source.handled and not (failed and self.fifo):
+            if self._source.outcomes.get(id(held.message)) and not (failed and self.fifo):
                 continue
             failed.append(message_id)
             if held.abandoned:

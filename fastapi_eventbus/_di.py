@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
 
-from ._events import Event, event_name_of, is_event_model
+from ._events import Event, event_name_of, events_in_union, is_event_model
 from ._patterns import compile_pattern
 from .exceptions import ConfigurationError
 
@@ -56,16 +56,13 @@ try:  # newer FastAPI: predicates that see through functools.partial and functoo
 except ImportError:  # older FastAPI: the same predicates are properties of a Dependant
 
     def _is_coroutine_callable(call: Callable[..., Any] | None) -> bool:
-        dependant: Any = Dependant(call=call)
-        return bool(dependant.is_coroutine_callable)
+        return bool(Dependant(call=call).is_coroutine_callable)  # type: ignore[attr-defined]
 
     def _is_gen_callable(call: Callable[..., Any] | None) -> bool:
-        dependant: Any = Dependant(call=call)
-        return bool(dependant.is_gen_callable)
+        return bool(Dependant(call=call).is_gen_callable)  # type: ignore[attr-defined]
 
     def _is_async_gen_callable(call: Callable[..., Any] | None) -> bool:
-        dependant: Any = Dependant(call=call)
-        return bool(dependant.is_async_gen_callable)
+        return bool(Dependant(call=call).is_async_gen_callable)  # type: ignore[attr-defined]
 
 
 def is_coroutine_callable(call: Callable[..., Any]) -> bool:
@@ -159,9 +156,7 @@ def _event_type(param: inspect.Parameter) -> tuple[bool, type[BaseModel] | None]
     """Whether *param* receives the event, and the typed model it wants, if any."""
     if _is_dependency(param):
         return False, None
-    annotation = param.annotation
-    if get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
+    annotation = _unwrapped(param.annotation)
     if isinstance(annotation, type) and issubclass(annotation, Event):
         return True, None
     if is_event_model(annotation):
@@ -175,6 +170,12 @@ def _find_event_param(
 ) -> tuple[str | None, type[BaseModel] | None]:
     found: list[tuple[str, type[BaseModel] | None]] = []
     for param in signature.parameters.values():
+        if (union := events_in_union(_unwrapped(param.annotation))) is not None:
+            raise ConfigurationError(
+                f"handler {qualified_name(func)}: parameter {param.name!r} is annotated with a "
+                f"union ({union}); a handler gets one event, never None: annotate it Event (any "
+                "event; read event.name) or one model, and register one handler per model"
+            )
         is_event, model = _event_type(param)
         if is_event:
             found.append((param.name, model))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from types import UnionType
+from typing import Any, TypeGuard, Union, get_args, get_origin
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -80,9 +81,24 @@ def event_name_of(model_type: type[BaseModel]) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def is_event_model(obj: object) -> bool:
+def is_event_model(obj: object) -> TypeGuard[type[BaseModel]]:
     """Whether *obj* is a pydantic model class that declares ``__event_name__``."""
     return isinstance(obj, type) and issubclass(obj, BaseModel) and event_name_of(obj) is not None
+
+
+def events_in_union(annotation: object) -> str | None:
+    """*annotation* written out (``Cat | Dog``, ``Event | None``) if it is a union naming an
+    event type (`Event` or an event model); None otherwise."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return None
+    members = get_args(annotation)
+    if not any(
+        (isinstance(m, type) and issubclass(m, Event)) or is_event_model(m) for m in members
+    ):
+        return None
+    return " | ".join(
+        "None" if m is type(None) else getattr(m, "__qualname__", str(m)) for m in members
+    )
 
 
 MAX_NAME_LENGTH = 256

@@ -24,6 +24,11 @@ class CatCreated(BaseModel):
     id: int
 
 
+class CatAdopted(BaseModel):
+    __event_name__: ClassVar[str] = "cat.adopted"
+    id: int
+
+
 def emits(app: FastAPI, *names: str) -> TestClient:
     """Add ``POST /`` emitting *names* and return a client for it."""
 
@@ -293,6 +298,15 @@ def _two_events(event: Event, other: CatCreated) -> None: ...
 def _response_param(event: Event, response: Response) -> None: ...
 
 
+def _union_of_models(event: CatCreated | CatAdopted) -> None: ...
+
+
+def _optional_model(event: CatCreated | None) -> None: ...
+
+
+def _optional_envelope(event: Event | None = None) -> None: ...
+
+
 def _var_kwargs(event: Event, **kwargs: Any) -> None: ...
 
 
@@ -312,6 +326,9 @@ def _generator_handler(event: Event) -> Iterator[None]:
             "dependency tests.test_handlers._needs_header of handler .*'x_token'.*header",
         ),
         (_two_events, "more than one event parameter \\('event', 'other'\\)"),
+        (_union_of_models, "'event' is annotated with a union .*CatCreated \\| .*CatAdopted"),
+        (_optional_model, "'event' is annotated with a union .*CatCreated \\| None"),
+        (_optional_envelope, "'event' is annotated with a union .*Event \\| None"),
         (_response_param, "'response' asks for a Response"),
         (_var_kwargs, "'kwargs' is variadic keyword"),
         (_generator_handler, "is a generator"),

@@ -31,6 +31,9 @@ Nothing here is imported by ``import fastapi_eventbus``; without
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,6 +76,8 @@ MESSAGING_SYSTEM = "fastapi_eventbus"
 """``messaging.system`` of the spans of in-process delivery (emit, local handlers)."""
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+logger = logging.getLogger("fastapi_eventbus.otel")
 
 
 def instrument_bus(bus: EventBus, *, tracer_provider: trace.TracerProvider | None = None) -> None:
@@ -165,14 +170,42 @@ def _fail(
 class _BusTracing:
     """The `fastapi_eventbus._tracing.Tracing` hooks, on one tracer."""
 
-    __slots__ = ("_tracer",)
+    __slots__ = ("_logged", "_tracer")
 
     def __init__(self, tracer: trace.Tracer) -> None:
         self._tracer = tracer
+        self._logged: dict[str, float] = {}
+
+    def _failed(self, step: str, error: Exception) -> None:
+        """A span of *step* could not start or end: a span processor, exporter or sampler
+        raised (the SDK does not catch them). The bus goes on untraced there, as tracing is
+        never a reason for an event not to be handled or sent: a WARNING at most once a
+        minute per step."""
+        now = time.monotonic()
+        if now - self._logged.get(step, -math.inf) >= 60.0:
+            self._logged[step] = now
+            logger.warning(
+                "tracing failed at the %s span (%r): going on without it (logged once a minute)",
+                step,
+                error,
+                exc_info=error,
+            )
+
+    def _end(self, span: Span, step: str) -> None:
+        try:
+            span.end()
+        except Exception as exc:
+            self._failed(step, exc)
 
     # -- in-process ---------------------------------------------------------------
 
     def emitted(self, event: Event) -> None:
+        try:
+            self._emitted(event)
+        except Exception as exc:  # the event goes on untraced
+            self._failed("emit", exc)
+
+    def _emitted(self, event: Event) -> None:
         span = self._tracer.start_span(
             f"emit {event.name}",
             kind=SpanKind.PRODUCER,
@@ -186,11 +219,18 @@ class _BusTracing:
         )
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-        span.end()
         if carrier:  # before anyone sees the event (see Tracing.emitted)
             set_trace_context(event, carrier)
+        self._end(span, "emit")
 
     def start_handler(self, event: Event, handler: str, local: bool) -> Any:
+        try:
+            return self._start_handler(event, handler, local)
+        except Exception as exc:  # the handler runs untraced
+            self._failed("process", exc)
+            return None
+
+    def _start_handler(self, event: Event, handler: str, local: bool) -> Any:
         creation = _creation_context(event.trace_context, remote=not local)
         attributes: dict[str, AttributeValue] = {
             "messaging.system": MESSAGING_SYSTEM,
@@ -219,11 +259,16 @@ class _BusTracing:
         return span, token
 
     def end_handler(self, token: Any, error: BaseException | None) -> None:
+        if token is None:  # its span could not start
+            return
         span, context_token = token
         otel_context.detach(context_token)
-        if error is not None:
-            _fail(span, error)
-        span.end()
+        try:
+            if error is not None:
+                _fail(span, error)
+        except Exception as exc:
+            self._failed("process", exc)
+        self._end(span, "process")
 
     async def deliver(
         self,
@@ -245,14 +290,24 @@ class _BusTracing:
         }
         if len(events) == 1:
             attributes["messaging.message.id"] = events[0].id
-        with self._tracer.start_as_current_span(
-            f"send {forwarder.destination}",
-            context=_as_parent(creations[0] if creations else None),
-            kind=SpanKind.PRODUCER,
-            attributes=attributes,
-            links=[Link(context) for context in creations],
-        ) as span:
+        try:
+            span = self._tracer.start_span(
+                f"send {forwarder.destination}",
+                context=_as_parent(creations[0] if creations else None),
+                kind=SpanKind.PRODUCER,
+                attributes=attributes,
+                links=[Link(context) for context in creations],
+            )
+        except Exception as exc:  # sent untraced
+            self._failed("send", exc)
+            return await send(forwarder, events)
+        context_token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             outcome = await send(forwarder, events)
+        except BaseException as exc:  # the bus's delivery raises nothing but a cancellation
+            _fail(span, exc)
+            raise
+        else:
             if outcome.dead:
                 span.set_attribute("fastapi_eventbus.dead_lettered", len(outcome.dead))
             if outcome.unsent:
@@ -260,12 +315,43 @@ class _BusTracing:
             if outcome.lost:
                 what = "dead-lettered" if not outcome.unsent else "not delivered"
                 _fail(span, None, f"{outcome.lost} of {len(events)} event(s) {what}")
+        finally:
+            otel_context.detach(context_token)
+            self._end(span, "send")
         return outcome
 
     # -- worker -------------------------------------------------------------------
 
     @contextmanager
     def consuming(self, source: Source, message: ReceivedMessage) -> Iterator[Consumed]:
+        consumed = Consumed()
+        try:
+            span = self._consumer_span(source, message)
+        except Exception as exc:  # processed untraced
+            self._failed("process", exc)
+            yield consumed
+            return
+        context_token = otel_context.attach(trace.set_span_in_context(span))
+        raised = False
+        try:
+            yield consumed
+        except BaseException as exc:  # cancelled at shutdown, or a bug
+            raised = True
+            if consumed.failure is None:
+                consumed.failure, consumed.error = f"{type(exc).__name__}: {exc}", exc
+            raise
+        finally:
+            otel_context.detach(context_token)
+            if consumed.event is not None:
+                span.set_attribute("fastapi_eventbus.event.name", consumed.event.name)
+                span.set_attribute("fastapi_eventbus.event.id", consumed.event.id)
+            if consumed.failure is not None:
+                # A handler's exception is already on the handler's span.
+                record = raised or consumed.event is None
+                _fail(span, consumed.error, consumed.failure, record)
+            self._end(span, "process")
+
+    def _consumer_span(self, source: Source, message: ReceivedMessage) -> Span:
         creation = _creation_context(source.trace_context(message), remote=True)
         attributes: dict[str, AttributeValue] = {
             "messaging.system": source.messaging_system,
@@ -276,52 +362,40 @@ class _BusTracing:
         }
         if message.receive_count is not None:
             attributes["fastapi_eventbus.message.receive_count"] = message.receive_count
-        consumed = Consumed()
-        with self._tracer.start_as_current_span(
+        return self._tracer.start_span(
             f"process {source.name}",
             context=_as_parent(creation),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
             links=[Link(creation)] if creation is not None else None,
-            record_exception=False,  # what failed is reported below, once
-            set_status_on_exception=False,
-        ) as span:
-            raised = False
-            try:
-                yield consumed
-            except BaseException as exc:  # cancelled at shutdown, or a bug
-                raised = True
-                if consumed.failure is None:
-                    consumed.failure, consumed.error = f"{type(exc).__name__}: {exc}", exc
-                raise
-            finally:
-                if consumed.event is not None:
-                    span.set_attribute("fastapi_eventbus.event.name", consumed.event.name)
-                    span.set_attribute("fastapi_eventbus.event.id", consumed.event.id)
-                if consumed.failure is not None:
-                    # A handler's exception is already on the handler's span.
-                    record = raised or consumed.event is None
-                    _fail(span, consumed.error, consumed.failure, record)
+        )
 
     @contextmanager
     def settling(
         self, source: Source, message: ReceivedMessage, action: Literal["ack", "nack"]
     ) -> Iterator[None]:
-        with self._tracer.start_as_current_span(
-            f"{action} {source.name}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "messaging.system": source.messaging_system,
-                "messaging.operation.name": action,
-                "messaging.operation.type": "settle",
-                source.destination_attribute: source.name,
-                "messaging.message.id": message.message_id,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                yield
-            except BaseException as exc:
-                _fail(span, exc)
-                raise
+        try:
+            span = self._tracer.start_span(
+                f"{action} {source.name}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "messaging.system": source.messaging_system,
+                    "messaging.operation.name": action,
+                    "messaging.operation.type": "settle",
+                    source.destination_attribute: source.name,
+                    "messaging.message.id": message.message_id,
+                },
+            )
+        except Exception as exc:  # settled untraced
+            self._failed(action, exc)
+            yield
+            return
+        context_token = otel_context.attach(trace.set_span_in_context(span))
+        try:
+            yield
+        except BaseException as exc:
+            _fail(span, exc)
+            raise
+        finally:
+            otel_context.detach(context_token)
+            self._end(span, action)

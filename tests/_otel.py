@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import Sampler
@@ -101,3 +102,19 @@ def instrumented(app: FastAPI, spans: Spans) -> Iterator[FastAPI]:
         yield app
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
+
+
+class Breaking(SpanProcessor):
+    """A span processor (an exporter, a vendor's SDK) that raises for spans named *prefix*:
+    the SDK calls processors without catching what they raise."""
+
+    def __init__(self, prefix: str, at: str) -> None:
+        self.prefix, self.at = prefix, at
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if self.at == "start" and span.name.startswith(self.prefix):
+            raise RuntimeError(f"span processor broke starting {span.name!r}")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.at == "end" and span.name.startswith(self.prefix):
+            raise RuntimeError(f"span processor broke ending {span.name!r}")

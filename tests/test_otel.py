@@ -7,6 +7,7 @@ through a real queue and a worker is in ``tests/worker/test_tracing.py``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,17 @@ from fastapi_eventbus.otel import (
 )
 from fastapi_eventbus.testing import RecordingForwarder
 from fastapi_eventbus.wire import sqs_body
-from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid, traceparent
+from tests._otel import (
+    Breaking,
+    Spans,
+    instrumented,
+    is_error,
+    linked_ids,
+    parent_id,
+    sid,
+    tid,
+    traceparent,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -424,3 +435,51 @@ async def test_spans_a_handler_starts_are_its_children_sync_or_async(spans: Span
     assert dependency_saw == [sid(first)]  # dependencies run inside the handler's span
     assert parent_id(spans.one("async work")) == sid(first)
     assert parent_id(spans.one("sync work")) == sid(second)
+
+
+@pytest.mark.parametrize("at", ["start", "end"])
+@pytest.mark.parametrize("prefix", ["emit ", "process ", "send "])
+def test_a_span_processor_that_raises_changes_nothing_the_bus_does(
+    spans: Spans, caplog: pytest.LogCaptureFixture, prefix: str, at: str
+) -> None:
+    """Found: a span that could not start or end changed what the bus did. At ``send``, the
+    forwarder never ran, and the events were lost with no log line or hook (with a spool, kept
+    and never counted as an attempt). At ``process``, no handler of the batch ran, or the
+    handler after the span's was skipped and the event it chained left pending, all reported as
+    "the flush was cancelled". At ``emit``, the request failed with a 500."""
+    spans.provider.add_span_processor(Breaking(prefix, at))
+    reports: list[object] = []
+    bus = EventBus(on_error=reports.append, on_discard=reports.append)
+    instrument_bus(bus, tracer_provider=spans.provider)
+    recorder = RecordingForwarder(name="orders")
+    bus.forward("order.*", recorder)
+    ran: list[tuple[str, str]] = []
+
+    @bus.on("order.*")
+    async def first(event: Event, events: Bus) -> None:
+        ran.append(("first", event.name))
+        events.emit("mail.send", {"to": event.payload["id"]})
+
+    @bus.on("order.*", "mail.send")
+    def second(event: Event) -> None:
+        ran.append(("second", event.name))
+
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place(events: Bus) -> list[str]:
+        return [events.emit(name, {"id": 1}).id for name in ("order.placed", "order.paid")]
+
+    with caplog.at_level(logging.WARNING, "fastapi_eventbus"), TestClient(app) as client:
+        response = client.post("/orders")
+    assert response.status_code == 200
+    assert [event.id for event in recorder.events] == response.json()
+    handled = [("first", "order.placed"), ("first", "order.paid"), ("second", "order.placed")]
+    handled += [("second", "order.paid"), ("second", "mail.send"), ("second", "mail.send")]
+    assert sorted(ran) == sorted(handled)
+    assert reports == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    warned = [r.getMessage() for r in caplog.records if "tracing failed" in r.getMessage()]
+    assert warned
+    assert f"span processor broke {at}ing '{prefix}" in warned[0]

@@ -9,6 +9,7 @@ again. Every span of all that is in the request's trace.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
@@ -31,7 +32,7 @@ from fastapi_eventbus.worker import (
     Source,
     Worker,
 )
-from tests._otel import Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
+from tests._otel import Breaking, Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
 from tests._pubsub import PROJECT, Emulator
 from tests._support import until
 from tests.forwarders._moto import Moto
@@ -306,3 +307,38 @@ async def test_a_message_cancelled_at_shutdown_has_a_failed_span_and_a_give_back
         ("nack inbox", False),
         ("process order.placed", True),
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("at", ["start", "end"])
+@pytest.mark.parametrize("prefix", ["process inbox", "ack ", "nack ", "process order"])
+async def test_a_span_processor_that_raises_changes_nothing_the_worker_does(
+    caplog: pytest.LogCaptureFixture, prefix: str, at: str
+) -> None:
+    """Found: when the ``ack`` span could not start, the acknowledgement was never awaited,
+    so a handled message came back and ran again until the broker dead-lettered it (a
+    WARNING blamed the broker); when the message's ``process`` span could not start, no
+    message was handled, and the stats counted no failure."""
+    spans = Spans()
+    spans.provider.add_span_processor(Breaking(prefix, at))
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    calls: list[str] = []
+
+    @bus.on("order.*")
+    async def flaky(event: Event) -> None:
+        calls.append(event.name)
+        if event.name == "order.paid" and calls.count("order.paid") == 1:
+            raise RuntimeError("once")  # given back (nack), then handled
+
+    source = MemorySource(name="inbox")
+    source.put(Event(name="order.placed"), message_id="m-1")
+    source.put(Event(name="order.paid"), message_id="m-2")
+    with caplog.at_level(logging.WARNING, "fastapi_eventbus"):
+        async with Worker(bus, source) as worker:
+            await asyncio.wait_for(source.join(), 10)
+    assert sorted(calls) == ["order.paid", "order.paid", "order.placed"]
+    assert sorted(settled(source)[0]) == ["m-1", "m-2"]
+    assert settled(source)[1] == ["m-2"]
+    assert (worker.stats.handled, worker.stats.failed, worker.stats.settle_errors) == (2, 1, 0)
+    assert any("tracing failed" in record.getMessage() for record in caplog.records)

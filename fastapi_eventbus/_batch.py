@@ -22,8 +22,9 @@ from ._events import Event
 SCOPE_KEY = "fastapi_eventbus.bus"
 """ASGI scope key holding the request's (or handler call's) scoped bus."""
 
-COLLECTING, FLUSHING, CLOSED = 0, 1, 2
-"""Batch states: collecting until its flush starts; closed once flushed or discarded."""
+COLLECTING, FLUSHING, CLOSED, FAILED = 0, 1, 2, 3
+"""Batch states: collecting until its flush starts; closed once flushed or discarded; failed:
+a handler call's, once the handler failed (what it emits later is refused)."""
 
 _FROM_SCOPE: Any = object()
 

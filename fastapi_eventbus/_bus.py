@@ -466,7 +466,7 @@ class EventBus:
         shutdown.
         """
         default = self._core.settings.shutdown_timeout
-        return await self._core.drain(default if timeout is None else timeout)
+        return await self._core.shutdown.drain(default if timeout is None else timeout)
 
     @property
     def outbox(self) -> Outbox | None:
@@ -498,7 +498,8 @@ class EventBus:
         left due at once, for the next process (or another one sharing it).
         """
         unfinished = await self.drain(timeout)
-        await self._core.release()
+        self._core.shutdown.close()
+        await self._core.shutdown.release()
         await self._core.sender.close()
         logger.debug("fastapi_eventbus closed")
         return unfinished

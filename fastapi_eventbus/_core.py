@@ -21,8 +21,15 @@ from ._hooks import DiscardedEvents, HandlerFailure, Observer, call_hook, logger
 from ._patterns import PatternIndex
 from ._sending import Sender
 from ._settings import Settings
+from ._shutdown import Shutdown
 from ._tracing import Tracing
-from .exceptions import CapacityError, ConfigurationError, EventChainError, SpoolError
+from .exceptions import (
+    CapacityError,
+    ConfigurationError,
+    EventChainError,
+    OutsideRequestError,
+    SpoolError,
+)
 from .forwarders._base import Forwarder
 from .storage import Outbox, Storage
 
@@ -83,7 +90,8 @@ class Core:
         """`max_batch_events` and `max_pending_events` (None: no limit) for `admit`."""
         self._refused = 0
         self._refused_logged = 0.0
-        self._stopping: asyncio.TimerHandle | None = None
+        self.shutdown = Shutdown(self)
+        """Stopping the requests' flushes, draining, and what comes after (`Shutdown`)."""
         self.serving = False
         """Whether the installed lifespan runs (spool resender, outbox relay, drain at exit)."""
         self.lifespan_state: dict[str, Any] = {}
@@ -272,6 +280,10 @@ class Core:
             logger.warning(
                 "the response failed (%r) but the endpoint returned: handled: %s", exc, ids
             )
+        if after is not None and isinstance(exc, asyncio.CancelledError):
+            batch.state = CLOSED  # the request's task is being cancelled (a middleware's task
+            self.schedule(batch)  # group, a time limit): the events get a task of their own
+            return None
         if exc is None or after is not None:
             return self.flush(batch, stoppable=True)
         if self.settings.keep_events_on_error:
@@ -328,7 +340,11 @@ class Core:
                 while batch.jobs:
                     await batch.jobs.pop(0)()
                 if batch.sends:  # cancelled sends (by drain) were reported there: no raise
-                    await asyncio.gather(*(task for task, _ in batch.sends), return_exceptions=True)
+                    sends = [task for task, _ in batch.sends]
+                    outcomes = await asyncio.gather(*sends, return_exceptions=True)
+                    for (_, sent), outcome in zip(batch.sends, outcomes, strict=True):
+                        if isinstance(outcome, Exception):  # a bug: in a storage, say
+                            await self.sender.broke(sent, outcome)
                     batch.sends.clear()  # a WebSocket session's batch is flushed many times
         except asyncio.CancelledError:
             if not batch.stopped or _uncancel() > 0:
@@ -343,13 +359,14 @@ class Core:
                 self.spawn(job, batch.loop)
             batch.jobs = None
             self.active.discard(batch)
-            self._finished(batch)
+            self.finished(batch)
             if batch.sends or batch.events:  # cancelled: what it did not finish is reported,
                 if batch.task is asyncio.current_task():  # last; an event emitted while the
                     batch.task = None  # hook runs gets a flush of its own (`schedule`)
                 await self._abandon(batch)
 
-    def _finished(self, batch: Batch) -> None:
+    def finished(self, batch: Batch) -> None:
+        """*batch* is done: its events no longer count as pending."""
         self.pending -= batch.accepted
         batch.accepted = 0
 
@@ -357,6 +374,8 @@ class Core:
         self, batch: Batch, event: object, payload: Any, has_payload: bool, extensions: object
     ) -> Event:
         """`EventBus.emit` into a request's (or handler call's) *batch*: `make`, `accept`."""
+        if batch.state >= CLOSED and (why := self.shutdown.refusal(batch)) is not None:
+            raise OutsideRequestError(f"event refused: {why}")
         event_obj, deliver = self.make(event, payload, has_payload, batch, None, True, extensions)
         if deliver:
             self.accept(batch, event_obj)
@@ -446,19 +465,6 @@ class Core:
             outbox.join(session, event_obj, batch)
         return event_obj
 
-    async def release(self) -> None:
-        """Shutdown: what this process holds in its spool and outbox is due again at once."""
-        if self.spool is not None:
-            try:
-                self.spool.release()
-            except SpoolError as exc:
-                logger.error("%s", exc)
-        if self.outbox is not None:
-            try:
-                await self.outbox.release()
-            except Exception as exc:
-                logger.error("outbox %s: could not release its rows: %r", self.outbox.name, exc)
-
     def admit(self, batch: Batch | None) -> None:
         """Raise `CapacityError` (and log it) if one more event would exceed a limit."""
         if batch is not None and batch.accepted >= self._batch_limit:
@@ -494,25 +500,6 @@ class Core:
             # Not forgotten by the spool: these were accepted, and are sent again later.
             await self.discard(batch, f"{why}{spooled}", forget=False, level=logging.ERROR)
 
-    def begin_shutdown(self) -> None:
-        """The server was told to stop: `stop_flushes` in ``shutdown_timeout`` seconds."""
-        if self._stopping is None:
-            loop = asyncio.get_running_loop()
-            self._stopping = loop.call_later(self.settings.shutdown_timeout, self.stop_flushes)
-
-    def stop_flushes(self) -> None:
-        """Cancel the requests' flushes still running: each reports its unfinished events.
-
-        Called ``shutdown_timeout`` seconds after the server was told to stop, so
-        that neither a server waiting for background tasks (uvicorn without
-        ``--timeout-graceful-shutdown``) nor a hung handler holds the process.
-        """
-        for batch in list(self.active):
-            runner = batch.runner
-            if runner is not None and not runner.done() and not batch.stopped:
-                batch.stopped = True
-                runner.cancel()
-
     async def discard(
         self,
         batch: Batch,
@@ -534,7 +521,7 @@ class Core:
         batch.jobs = None
         batch.state = CLOSED
         self.active.discard(batch)
-        self._finished(batch)
+        self.finished(batch)
         if not events:
             return
         if forget and self.spool is not None:
@@ -547,43 +534,6 @@ class Core:
             level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
         logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
         await call_hook(self.settings.on_discard, DiscardedEvents(events, reason, exc))
-
-    # -- shutdown ---------------------------------------------------------------
-
-    async def drain(self, timeout: float) -> list[Event]:
-        """Wait up to *timeout* seconds for in-flight batches; report what did not finish."""
-        deadline = time.monotonic() + timeout
-        # Polling, not an asyncio.Event: a bare TestClient runs each request on its own loop.
-        while (self.active or self.jobs) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-        for job in list(self.jobs):  # each reports what it did not finish
-            job.cancel()
-        if self.jobs:
-            await asyncio.gather(*self.jobs, return_exceptions=True)
-        unfinished = [event for batch in list(self.active) for event in batch.unfinished()]
-        for batch in self.active:  # reported here, so not again if their task is cancelled
-            batch.events.clear()
-            batch.current = None
-            for task, _ in batch.sends:
-                task.cancel()
-            batch.sends.clear()
-            self._finished(batch)
-        self.active.clear()
-        if self._stopping is not None:  # the bus may serve again (another app, a new lifespan)
-            self._stopping.cancel()
-            self._stopping = None
-        if unfinished:
-            spooled = "; those for forwarders stay in the spool" if self.spool else ""
-            logger.error(
-                "shutdown: %d event(s) did not finish within %.1fs%s: %s",
-                len(unfinished),
-                timeout,
-                spooled,
-                ", ".join(e.id for e in unfinished),
-            )
-            reason = f"shutdown did not finish within {timeout}s{spooled}"
-            await call_hook(self.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
-        return unfinished
 
 
 def _uncancel() -> int:

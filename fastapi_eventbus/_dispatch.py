@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _di
-from ._batch import CLOSED, SCOPE_KEY, Batch
+from ._batch import CLOSED, FAILED, SCOPE_KEY, Batch
 from ._deadline import Limit, Watchdog, cancelled
 from ._di import Handler
 from ._events import Event, event_name_of, payload_as
@@ -190,11 +190,12 @@ class Dispatcher:
                     await _record(inbox, handler.name, event)
                 if child is None:
                     continue
-                if not (child.events or child.jobs):
+                if error is not None:  # what it emitted is discarded
+                    if child.events or child.jobs:
+                        await self.core.discard(child, f"handler {handler.name} failed", error)
+                    child.state = _ended(limit)
+                elif not (child.events or child.jobs):
                     child.state = CLOSED  # a later emit (a task it started) gets its own flush
-                    continue
-                if error is not None:
-                    await self.core.discard(child, f"handler {handler.name} failed", error)
                 else:
                     self.core.active.add(child)
                     await self.core.flush(child)
@@ -244,12 +245,11 @@ class Dispatcher:
             delay = retry.next_delay(attempt, time.monotonic() - started)
             if delay is None:
                 break
-            if child is not None and child.events:
-                await self.core.discard(
-                    child, f"handler {handler.name} failed (attempt {attempt})", error
-                )
-            elif child is not None:
-                child.state = CLOSED  # as after the last try
+            if child is not None:  # as after the last try
+                if child.events:
+                    reason = f"handler {handler.name} failed (attempt {attempt})"
+                    await self.core.discard(child, reason, error)
+                child.state = _ended(limit)
             tries = (
                 f" of {retry.attempts}"
                 if retry.attempts is not None
@@ -404,3 +404,10 @@ async def _record(inbox: Inbox, handler: str, event: Event) -> None:
             event.id,
             exc,
         )
+
+
+def _ended(limit: Limit | None) -> int:
+    """The state of a failed handler call's batch: `FAILED` if its time ran out (a sync
+    handler's thread runs on, and what it emits then is refused at `emit`); else `CLOSED`
+    (an event a task it started emits later gets a flush of its own)."""
+    return FAILED if limit is not None and limit.expired else CLOSED

@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from ._deadline import cancelled, finish_within
 from ._events import Event
@@ -162,6 +162,18 @@ def check_hook(name: str, hook: object) -> None:
         ) from None
 
 
+_LATE: set[asyncio.Future[None]] = set()
+"""Hooks whose caller was cancelled, running to their end (`call_hook`)."""
+
+
+async def _finish_late(hook: object, task: asyncio.Future[Any]) -> None:
+    """Let *hook*'s *task* finish (up to `HOOK_TIMEOUT`), and log what it raised."""
+    if not await finish_within(task, HOOK_TIMEOUT) or task.cancelled():
+        logger.error("fastapi_eventbus hook %r did not return within %gs", hook, HOOK_TIMEOUT)
+    elif (error := task.exception()) is not None:
+        logger.error("fastapi_eventbus hook %r raised", hook, exc_info=error)
+
+
 async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> None:
     """Call an application hook, never letting its failure escape, nor an async hook hold the
     caller longer than `HOOK_TIMEOUT`."""
@@ -173,8 +185,9 @@ async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T
             task = asyncio.ensure_future(result)
             try:
                 done, _ = await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
-            except asyncio.CancelledError:
-                task.cancel()
+            except asyncio.CancelledError:  # the reporting code's task is being cancelled
+                _LATE.add(late := asyncio.ensure_future(_finish_late(hook, task)))
+                late.add_done_callback(_LATE.discard)  # not the report: the hook goes on
                 raise
             if not done:
                 logger.error(

@@ -71,6 +71,7 @@ def draining_lifespan(
             resender: asyncio.Task[None] | None = None
             relay: asyncio.Task[None] | None = None
             core.app = app  # publish() and handle() use it: the app running now
+            core.shutdown.reopen()
             core.lifespan_state = dict(state or {})
             ensure_readable_logs()
             if lifespans_around(app, lifespan):
@@ -79,7 +80,7 @@ def draining_lifespan(
                     "a router with a lifespan): its shutdown runs before the bus drains, and "
                     "its state does not reach handlers; call bus.install(app) last"
                 )
-            stop_watching = on_stop_signal(core.begin_shutdown)
+            stop_watching = on_stop_signal(core.shutdown.begin)
             try:
                 forwarders = {id(f): f for f in core.forwarders.items()}  # each once
                 # Every start runs to its end (so that close() finds them all settled)

@@ -67,6 +67,17 @@ class Sender:
         except Exception as exc:  # kept for a later round: the caller's storage has them
             return DeliveryOutcome(unsent=list(events), error=_failed(forwarder, events, exc))
 
+    async def broke(self, events: Sequence[Event], error: Exception) -> None:
+        """A send of *events* raised *error*, which the forwarder's own reporting does not
+        catch (a storage's bug): an ERROR that names them. With a storage, they stay in it,
+        to be sent again; without, whether they were sent is unknown: ``on_discard`` too."""
+        kept = "they stay in the storage, to be sent again" if self.storage else "maybe unsent"
+        ids = ", ".join(event.id for event in events)
+        logger.error("sending %d event(s) failed (%s): %s", len(events), kept, ids, exc_info=error)
+        if self.storage is None:
+            why = f"sending them failed unexpectedly ({error!r}); maybe unsent"
+            await call_hook(self.on_discard, DiscardedEvents(tuple(events), why, error))
+
     def named(self, name: str) -> Forwarder | None:
         """The forwarder called *name*, if this bus has one."""
         for forwarder in self.forwarders.items():

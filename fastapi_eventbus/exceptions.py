@@ -7,7 +7,7 @@ Every error the library raises on purpose derives from `EventBusError`, so one
     ├── ConfigurationError        a handler, pattern, schema or setting is wrong
     │   └── BusNotInstalledError  get_bus used in an app with no bus installed
     ├── InvalidEventError         a bad event name or payload (also a ValueError)
-    ├── OutsideRequestError       emit on the application bus (it has no request)
+    ├── OutsideRequestError       emit with no request (or handler call) to take the event
     ├── EventChainError           events chained deeper than max_chain_depth
     ├── CapacityError             too many events pending (bounded memory)
     ├── SpoolError                the spool file cannot be read or written
@@ -63,7 +63,11 @@ class InvalidEventError(EventBusError, ValueError):
 
 
 class OutsideRequestError(EventBusError):
-    """`EventBus.emit` was called on the application bus, which has no request for the events.
+    """`EventBus.emit` has no request (or handler call) to take the event, which would never
+    be handled: emitted on the application bus, which has none; or on a request's bus after
+    its application shut down (``bus.close()``, the lifespan's exit) or its event loop
+    closed; or on a handler call's bus after the handler ran out of time (a sync handler's
+    thread runs on).
 
     In an endpoint, a dependency or a handler, emit on the bus ``Depends(get_bus)`` gives;
     elsewhere, ``await bus.publish(...)``.

@@ -734,3 +734,84 @@ def test_events_are_handled_when_the_response_s_own_background_task_raises() -> 
     assert response.status_code == 200
     assert handled == [response.json()]
     assert discards == []
+
+
+def test_events_of_a_request_whose_task_a_middleware_cancels_are_handled() -> None:
+    """Found: a ``BaseHTTPMiddleware`` that raised after ``call_next`` cancelled the request's
+    task while its response was on its way. The bus logged that the events were "handled",
+    then ran the flush in that cancelled task: no handler ran, and an async ``on_discard``
+    (one that awaits, as a database write does) was cancelled too: neither handled nor
+    reported to a hook. The endpoint had returned: its events are handled."""
+    handled: list[str] = []
+    reported: list[str] = []
+
+    async def record_discards(report: DiscardedEvents) -> None:
+        await asyncio.sleep(0.001)
+        reported.extend(report.ids)
+
+    bus = EventBus(on_discard=record_discards)
+    app = FastAPI()
+    bus.install(app)
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        await asyncio.sleep(0.001)  # any I/O
+        handled.append(event.id)
+
+    @app.middleware("http")
+    async def audit(request: Request, call_next: Callable[..., Any]) -> Any:
+        await call_next(request)
+        raise RuntimeError("the audit log is down")
+
+    emitted: list[str] = []
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        emitted.extend(events.emit(name).id for name in ("order.placed", "order.paid"))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/orders").status_code == 500
+        client.portal.call(bus.drain)  # type: ignore[union-attr]
+    assert (sorted(handled), reported) == (sorted(emitted), [])
+
+
+def test_every_discard_reaches_an_async_on_discard_even_in_a_cancelled_request() -> None:
+    """Found: a request-timeout middleware (an anyio cancel scope around the app) cancelled
+    an endpoint after it emitted: the events were discarded with a line at INFO, and the
+    async ``on_discard`` hook, awaited in the cancelled task, was cancelled at its first
+    await: the application never heard of them."""
+    reported: list[str] = []
+
+    async def record_discards(report: DiscardedEvents) -> None:
+        await asyncio.sleep(0.001)  # a database write
+        reported.extend(report.ids)
+
+    bus = EventBus(on_discard=record_discards)
+    app = FastAPI()
+    bus.install(app)
+    bus.on("order.*")(lambda event: None)
+
+    class Timeout:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            with anyio.move_on_after(0.1):
+                await self.app(scope, receive, send)
+            await JSONResponse({"error": "timed out"}, 504)(scope, receive, send)
+
+    app.add_middleware(Timeout)
+    emitted: list[str] = []
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        emitted.append(events.emit("order.placed").id)
+        await asyncio.sleep(10)
+
+    with TestClient(app) as client:
+        assert client.post("/orders").status_code == 504
+        client.portal.call(anyio.sleep, 0.1)  # type: ignore[union-attr]
+    assert reported == emitted

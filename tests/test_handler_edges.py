@@ -30,6 +30,7 @@ from fastapi_eventbus import (
     Event,
     EventBus,
     HandlerFailuresError,
+    OutsideRequestError,
     Retry,
     _hooks,
     current_event,
@@ -427,6 +428,49 @@ async def test_a_blocked_sync_handler_is_reported_at_the_deadline(bus: EventBus)
         assert [type(call.error) for call in seen.handled] == [TimeoutError]
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("retried", [False, True], ids=["once", "retried"])
+def test_what_a_timed_out_sync_handler_emits_later_is_refused(retried: bool) -> None:
+    """Found: a sync handler past its time limit runs on in its thread; what it emitted
+    after the deadline was handled, though its call had failed (with ``retry=``, the failed
+    try's event and the successful try's were both handled)."""
+    app, bus = FastAPI(), EventBus()
+    bus.install(app)
+    tries: list[int] = []
+    late: list[BaseException] = []
+    mails: list[int] = []
+    done = threading.Event()
+    retry = Retry(attempts=2, initial_delay=0.01) if retried else None
+
+    @bus.on("order.placed", timeout=0.2, retry=retry)
+    def charge(event: Event, events: EventBus = Depends(get_bus)) -> None:
+        tries.append(len(tries) + 1)
+        if len(tries) == 1:
+            time.sleep(0.4)  # past the limit: the thread runs on
+            try:
+                events.emit("mail.send", {"try": 1})
+            except BaseException as exc:
+                late.append(exc)
+            done.set()
+            return
+        events.emit("mail.send", {"try": len(tries)})
+
+    @bus.on("mail.send")
+    async def mail(event: Event) -> None:
+        mails.append(event.payload["try"])
+
+    @app.post("/")
+    async def place(events: EventBus = Depends(get_bus)) -> None:
+        events.emit("order.placed")
+
+    with TestClient(app) as client:
+        client.post("/")
+        assert done.wait(5)
+        client.portal.call(bus.drain)  # type: ignore[union-attr]
+    assert mails == ([2] if retried else [])
+    assert [type(exc) for exc in late] == [OutsideRequestError]
+    assert "ran out of time" in str(late[0])
 
 
 async def test_the_bus_wide_default_and_no_limit() -> None:

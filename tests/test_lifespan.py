@@ -3,15 +3,17 @@
 import asyncio
 import logging
 import logging.config
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from fastapi_eventbus import Event, EventBus, HandlerFailure, get_bus
+from fastapi_eventbus import Event, EventBus, HandlerFailure, OutsideRequestError, get_bus
 from fastapi_eventbus.testing import RecordingForwarder
 from tests.conftest import Hooks
 
@@ -230,3 +232,90 @@ def test_an_apps_logging_config_does_not_silence_the_bus() -> None:
     [warning] = [r.getMessage() for r in lines.records if "logging configuration" in r.getMessage()]
     assert warning.startswith("the application's logging configuration disabled fastapi_eventbus, ")
     assert "fastapi_eventbus.unmatched" in warning
+
+
+@pytest.mark.anyio
+async def test_an_event_emitted_after_the_app_shut_down_is_refused_where_it_is_emitted() -> None:
+    """Found: a thread the endpoint left running (``run_in_executor``, ``to_thread``) emitted
+    after the lifespan's shutdown drained the bus; `emit` returned, and under uvicorn the
+    loop closed before the flush ran: neither handled nor reported, with no log line."""
+    app, bus = FastAPI(), EventBus()
+    bus.install(app)
+    bus.on("*")(lambda event: None)
+    views: list[EventBus] = []
+
+    @app.post("/")
+    async def keep(events: EventBus = Depends(get_bus)) -> None:
+        views.append(events)
+
+    transport = httpx.ASGITransport(app)
+    client = httpx.AsyncClient(transport=transport, base_url="http://t")
+    async with app.router.lifespan_context(app), client:
+        await client.post("/")
+    with pytest.raises(OutsideRequestError, match="the application has shut down"):
+        views[0].emit("report.late")
+    async with app.router.lifespan_context(app):  # serving again on the same loop
+        views[0].emit("report.on_time")
+        await bus.drain(1)
+
+
+def test_an_event_emitted_after_its_event_loop_closed_is_refused_and_not_counted() -> None:
+    """Found: after a bare TestClient's request (its event loop closed), an emit from a
+    thread the endpoint started raised a bare ``RuntimeError('Event loop is closed')`` after
+    counting the event as pending: with ``max_pending_events=2``, the third such emit made
+    every healthy request on a new loop fail with `CapacityError`."""
+    app, bus = FastAPI(), EventBus(max_pending_events=2)
+    bus.install(app)
+    handled: list[str] = []
+    bus.on("*")(lambda event: handled.append(event.name))
+    views: list[EventBus] = []
+
+    @app.post("/")
+    def keep(events: EventBus = Depends(get_bus)) -> None:
+        views.append(events)
+
+    @app.post("/orders")
+    def place(events: EventBus = Depends(get_bus)) -> None:
+        events.emit("order.placed")
+
+    client = TestClient(app)  # no `with`: each request on an event loop of its own
+    for _ in range(3):
+        client.post("/")
+    for view in views:
+        with pytest.raises(OutsideRequestError, match=r"event loop .* is closed"):
+            view.emit("report.late")
+    assert client.post("/orders").status_code == 200
+    assert handled == ["order.placed"]
+
+
+def test_one_bus_on_two_apps_each_shutdown_drains_its_own_events(hooks: Hooks) -> None:
+    """Found: with one bus on two apps served at once (a documented use), the shutdown of
+    one drained and cleared the other's in-flight events from its own thread: four of five
+    were never handled, one was reported discarded and handled anyway."""
+    bus = EventBus(on_discard=hooks.discards.append, shutdown_timeout=5)
+    first, second = FastAPI(), FastAPI()
+    bus.install(first)
+    bus.install(second)
+    started, release = threading.Event(), threading.Event()
+    handled: list[int] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        started.set()
+        await asyncio.to_thread(release.wait, 5)
+        handled.append(event.payload["i"])
+
+    @second.post("/")
+    async def place(events: EventBus = Depends(get_bus)) -> None:
+        for i in range(5):
+            events.emit("order.placed", {"i": i})
+
+    with TestClient(second) as client:
+        request = threading.Thread(target=client.post, args=("/",))
+        request.start()
+        started.wait(5)
+        with TestClient(first):
+            pass  # the first app starts and shuts down while the second's flush runs
+        release.set()
+        request.join(5)
+    assert (handled, hooks.discards) == ([0, 1, 2, 3, 4], [])

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
@@ -695,3 +695,24 @@ def test_settle_sends_buries_and_counts_rounds(path: Path) -> None:
         assert buried == {refused.id: "refused", failing.id: settled.reason}
     finally:
         spool.close()
+
+
+async def test_a_storage_that_breaks_while_settling_a_send_is_reported_by_id(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the flush gathered its sends with ``return_exceptions=True`` and dropped what
+    they raised: a storage whose bookkeeping failed with anything but `SpoolError` (a custom
+    one's bug) left its events with no log line; they were sent again later, unexplained."""
+
+    class Broken(Spool):
+        def settle(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in the storage")
+
+    broker = Broker()
+    bus = EventBus(spool=Broken(path, retry_delay=0.001))
+    bus.forward("order.*", broker)
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        event = await bus.publish("order.placed")
+    (line,) = [r.getMessage() for r in caplog.records if event.id in r.getMessage()]
+    assert "they stay in the storage, to be sent again" in line
+    assert Spool(path).count().pending == 1

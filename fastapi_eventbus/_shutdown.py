@@ -1,0 +1,142 @@
+"""Shutting a bus down on one event loop: what the installed lifespan's exit does.
+
+At the server's stop signal, the requests' flushes get ``shutdown_timeout`` seconds
+before they are stopped (`Shutdown.begin`, `Shutdown.stop_flushes`). `Shutdown.drain`
+waits for what is in flight on the loop and reports by id what did not finish;
+`Shutdown.release` makes what this process holds in its spool and outbox due again at
+once. Once `Shutdown.close` ran, an event emitted into one of the loop's finished
+batches (from a thread the app left running) is refused where it is emitted: nothing
+would run its flush any more (`Shutdown.refusal`).
+
+One bus may serve several apps at once, each on its own loop: each drains its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from ._batch import FAILED, Batch
+from ._events import Event
+from ._hooks import DiscardedEvents, call_hook, logger
+from .exceptions import SpoolError
+
+if TYPE_CHECKING:
+    from ._core import Core
+
+
+class Shutdown:
+    """The shutdown of one bus's batches, loop by loop (`fastapi_eventbus._core.Core.shutdown`)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._stopping: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
+        self._closed: set[asyncio.AbstractEventLoop] = set()
+
+    def begin(self) -> None:
+        """The server was told to stop: `stop_flushes` in ``shutdown_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        if loop not in self._stopping:
+            timeout = self.core.settings.shutdown_timeout
+            self._stopping[loop] = loop.call_later(timeout, self.stop_flushes, loop)
+
+    def stop_flushes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cancel the requests' flushes still running on *loop*: each reports its unfinished
+        events. Called ``shutdown_timeout`` seconds after the server was told to stop, so
+        that neither a server waiting for background tasks (uvicorn without
+        ``--timeout-graceful-shutdown``) nor a hung handler holds the process."""
+        for batch in list(self.core.active):
+            runner = batch.runner
+            if batch.loop is loop and runner is not None and not (runner.done() or batch.stopped):
+                batch.stopped = True
+                runner.cancel()
+
+    def _own(self, loop: asyncio.AbstractEventLoop) -> list[Batch]:
+        """The in-flight batches of *loop*, and those of closed loops (they never finish)."""
+        return [
+            batch
+            for batch in self.core.active
+            if batch.loop is None or batch.loop is loop or batch.loop.is_closed()
+        ]
+
+    async def drain(self, timeout: float) -> list[Event]:
+        """Wait up to *timeout* seconds for the running loop's in-flight batches and jobs;
+        report what did not finish (ERROR, ``on_discard``), and return it."""
+        core = self.core
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        # Polling, not an asyncio.Event: a bare TestClient runs each request on its own loop.
+        while time.monotonic() < deadline and (  # noqa: ASYNC110
+            self._own(loop) or any(job.get_loop() is loop for job in core.jobs)
+        ):
+            await asyncio.sleep(0.005)
+        jobs = [job for job in core.jobs if job.get_loop() is loop]
+        for job in jobs:  # each reports what it did not finish
+            job.cancel()
+        if jobs:
+            await asyncio.gather(*jobs, return_exceptions=True)
+        batches = self._own(loop)
+        unfinished = [event for batch in batches for event in batch.unfinished()]
+        for batch in batches:  # reported here, so not again if their task is cancelled
+            batch.events.clear()
+            batch.current = None
+            for task, _ in batch.sends:
+                if not task.get_loop().is_closed():
+                    task.cancel()
+            batch.sends.clear()
+            core.finished(batch)
+            core.active.discard(batch)
+        if (stopping := self._stopping.pop(loop, None)) is not None:
+            stopping.cancel()  # the bus may serve again (another app, a new lifespan)
+        if unfinished:
+            spooled = "; those for forwarders stay in the spool" if core.spool else ""
+            logger.error(
+                "shutdown: %d event(s) did not finish within %.1fs%s: %s",
+                len(unfinished),
+                timeout,
+                spooled,
+                ", ".join(e.id for e in unfinished),
+            )
+            reason = f"shutdown did not finish within {timeout}s{spooled}"
+            await call_hook(core.settings.on_discard, DiscardedEvents(tuple(unfinished), reason))
+        return unfinished
+
+    async def release(self) -> None:
+        """What this process holds in its spool and outbox is due again at once."""
+        core = self.core
+        if core.spool is not None:
+            try:
+                core.spool.release()
+            except SpoolError as exc:
+                logger.error("%s", exc)
+        if core.outbox is not None:
+            try:
+                await core.outbox.release()
+            except Exception as exc:
+                logger.error("outbox %s: could not release its rows: %r", core.outbox.name, exc)
+
+    def close(self) -> None:
+        """The app on the running loop has shut down (`EventBus.close`): see `refusal`."""
+        self._closed = {loop for loop in self._closed if not loop.is_closed()}  # `refusal`
+        self._closed.add(asyncio.get_running_loop())  # tells those apart: none is kept
+
+    def reopen(self) -> None:
+        """An app starts serving on the running loop (its lifespan), which may be one closed
+        before (`close`)."""
+        self._closed.discard(asyncio.get_running_loop())
+
+    def refusal(self, batch: Batch) -> str | None:
+        """Why an event emitted into finished *batch* (its request or handler call over) would
+        never be handled, if it would not: then `EventBus.emit` refuses it."""
+        if batch.state == FAILED:
+            return (
+                "the handler call this bus was given to ran out of time: what it emitted was "
+                "discarded, and it takes no more events (its thread runs on)"
+            )
+        loop = batch.loop
+        if loop is not None and loop.is_closed():
+            return "the event loop of the request this bus was given to is closed"
+        if loop is not None and loop in self._closed:
+            return "the application has shut down (bus.close() ran on its event loop)"
+        return None

@@ -200,6 +200,8 @@ class Processor:
                 held.timer.cancel()
         if held.abandoned:
             logger.warning("message %s finished after it was given back: not acknowledged", held)
+            if consumed is not None:
+                consumed.failure = "its handlers ran past their time allowance: given back"
             return False
         if cancelled():  # at shutdown, and a handler swallowed it: not finished, given back
             raise asyncio.CancelledError

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 
-from fastapi_eventbus import Event, EventBus, SourceError, get_bus
+from fastapi_eventbus import Event, EventBus, SourceError, _deadline, get_bus
 from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.otel import MESSAGING_SYSTEM, instrument_bus
@@ -342,3 +342,28 @@ async def test_a_span_processor_that_raises_changes_nothing_the_worker_does(
     assert settled(source)[1] == ["m-2"]
     assert (worker.stats.handled, worker.stats.failed, worker.stats.settle_errors) == (2, 1, 0)
     assert any("tracing failed" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.anyio
+async def test_an_abandoned_message_s_span_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: a message whose handlers ran past their time allowance was given back (an
+    ERROR), and when they ended, its ``process`` span ended with no error: a success."""
+    monkeypatch.setattr(_deadline, "MIN_OVERTIME", 0.2)  # the allowance: 0.1 s + 0.2 s
+    spans = Spans()
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+
+    @bus.on("order.placed", timeout=0.1)
+    async def stubborn(event: Event) -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:  # ignores its time limit for a while
+            await asyncio.sleep(0.5)
+
+    source = MemorySource(Event(name="order.placed"), name="inbox", max_deliveries=1)
+    async with Worker(bus, source, shutdown_timeout=3):
+        await until(lambda: spans.named("process inbox"), timeout=5)
+    process = spans.one("process inbox")
+    assert is_error(process)
+    assert "time allowance" in (process.status.description or "")
+    assert settled(source)[0] == []  # given back, never acknowledged

@@ -7,6 +7,7 @@ lifecycle (accept, flush, discard, keep); the bus's views hold one each.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
@@ -195,11 +196,14 @@ _BACKGROUND_CALLS = frozenset(
 )
 
 
-def raised_after_return(exc: BaseException) -> str | None:
+def raised_after_return(exc: BaseException, stacked: bool = False) -> str | None:
     """Where *exc* came from, if the endpoint had returned: ``"background"``, a background
     task (``Response(background=...)`` whose task raised, the response sent); ``"response"``,
-    sending the response (the client gone, a streaming body that raised). None: the
-    endpoint raised it."""
+    sending the response (the client gone, a streaming body that raised); ``"exit"`` (for
+    what FastAPI's request exit stack passes on, *stacked*), the exit code of a
+    request-scoped ``yield`` dependency, after the response (it never went through FastAPI's
+    handling of the request, nor did what it replaced). None: the endpoint (or solving its
+    dependencies) raised it."""
     tb = exc.__traceback__
     sending = False
     while tb is not None:
@@ -209,7 +213,26 @@ def raised_after_return(exc: BaseException) -> str | None:
         if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), Response):
             sending = True
         tb = tb.tb_next
-    return "response" if sending else None
+    if sending:
+        return "response"
+    return "exit" if stacked and not _through_routing(exc) else None
+
+
+def _through_routing(exc: BaseException | None) -> bool:
+    """Whether *exc*, or an exception it replaced, went through FastAPI's or Starlette's
+    handling of the request (the endpoint, its dependencies' solving or function-scoped exits)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(_ROUTING):
+                return True
+            tb = tb.tb_next
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+_ROUTING = (f"fastapi{os.sep}routing.py", f"starlette{os.sep}routing.py")
 
 
 class RequestEnd:
@@ -222,7 +245,9 @@ class RequestEnd:
     __slots__ = ("batch", "end")
 
     def __init__(
-        self, end: Callable[[Batch, BaseException | None], Awaitable[None] | None], batch: Batch
+        self,
+        end: Callable[[Batch, BaseException | None, bool], Awaitable[None] | None],
+        batch: Batch,
     ) -> None:
         self.end = end
         self.batch = batch
@@ -233,6 +258,6 @@ class RequestEnd:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        if (pending := self.end(self.batch, exc)) is not None:
+        if (pending := self.end(self.batch, exc, True)) is not None:
             await pending
         return False

@@ -258,9 +258,10 @@ class Core:
         response.background = FlushTask(self.flush, batch, response.background)
 
     def end_request(
-        self, batch: Batch, exc: BaseException | None
+        self, batch: Batch, exc: BaseException | None, stacked: bool = False
     ) -> Coroutine[Any, Any, None] | None:
-        """The request is over (*exc*: what its endpoint raised): what happens to its events.
+        """The request is over (*exc*: what its endpoint raised; *stacked*: passed on by
+        FastAPI's request exit stack): what happens to its events.
 
         Nothing, when the flush ran already (as a background task); flushed now if the
         endpoint returned (a response with its own ``background=``, or that failed while
@@ -274,12 +275,11 @@ class Core:
         if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
-        after = None if exc is None else raised_after_return(exc)
-        if after == "response":
+        after = None if exc is None else raised_after_return(exc, stacked)
+        if after == "response" or after == "exit":
+            what = "the response" if after == "response" else "a dependency's exit code"
             ids = ", ".join(event.id for event in batch.events)
-            logger.warning(
-                "the response failed (%r) but the endpoint returned: handled: %s", exc, ids
-            )
+            logger.warning("%s failed (%r) but the endpoint returned: handled: %s", what, exc, ids)
         if after is not None and isinstance(exc, asyncio.CancelledError):
             batch.state = CLOSED  # the request's task is being cancelled (a middleware's task
             self.schedule(batch)  # group, a time limit): the events get a task of their own

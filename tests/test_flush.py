@@ -815,3 +815,41 @@ def test_every_discard_reaches_an_async_on_discard_even_in_a_cancelled_request()
         assert client.post("/orders").status_code == 504
         client.portal.call(anyio.sleep, 0.1)  # type: ignore[union-attr]
     assert reported == emitted
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["raised", "replaced-the-endpoint-s"])
+def test_a_dependency_failing_on_exit_after_the_response_does_not_discard_its_events(
+    hooks: Hooks, replaced: bool
+) -> None:
+    """Found: an endpoint that returned a response with its own ``background=`` (so its
+    events wait for the request's end) had them discarded, "because the endpoint raised",
+    when a ``yield`` dependency failed closing after the response was sent: the client had
+    its 200. An exception raised in place of the endpoint's own still discards them."""
+    handled: list[str] = []
+    bus = EventBus(on_discard=hooks.discards.append)
+    app = FastAPI()
+    bus.install(app)
+    bus.on("report.*")(lambda event: handled.append(event.name))
+
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        except LookupError as exc:
+            raise RuntimeError("rolled back") from exc
+        raise RuntimeError("the connection dropped while closing")
+
+    @app.post("/reports")
+    async def build(
+        events: Annotated[EventBus, Depends(get_bus)], db: Annotated[str, Depends(session)]
+    ) -> JSONResponse:
+        events.emit("report.requested")
+        if replaced:
+            raise LookupError("no such customer")
+        return JSONResponse({"ok": True}, background=BackgroundTask(lambda: None))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/reports").status_code == (500 if replaced else 200)
+    assert handled == ([] if replaced else ["report.requested"])
+    assert [d.reason for d in hooks.discards] == (
+        ["the endpoint raised RuntimeError"] if replaced else []
+    )

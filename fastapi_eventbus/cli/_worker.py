@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from typing import NoReturn
 
 import click
@@ -39,6 +38,8 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _EXIT_GRACE = 3.0
 """Seconds the worker command waits, once the worker has stopped, for the tasks and threads
 it leaves (handlers that ignore their time limit) before it exits without them."""
+_BLOCKED_AFTER = 5.0
+"""Seconds the event loop may go without running before `_LoopWatch` says so at ERROR."""
 
 
 @click.command(short_help="Consume SQS or Pub/Sub and run APP's handlers.")
@@ -252,8 +253,11 @@ async def _serve(runner: Worker) -> bool:
         )
         stopping.append(asyncio.create_task(runner.stop()))
 
-    asyncio.get_running_loop().set_default_executor(_UnjoinedExecutor())
-    restore = _on_signals(on_signal)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(_UnjoinedExecutor())
+    watch = _LoopWatch(loop, runner)
+    restore = _on_signals(on_signal, watch)
+    watch.start()
     try:
         await runner.run()
     except asyncio.CancelledError:
@@ -263,7 +267,57 @@ async def _serve(runner: Worker) -> bool:
     finally:
         restore()
         await _leave_no_task_behind()
+        watch.done.set()
     return True
+
+
+class _LoopWatch(threading.Thread):
+    """Watches from a thread that the worker's event loop runs. A handler that blocks it
+    (``time.sleep`` or CPU work in an ``async def``) stops every time limit, the heartbeat,
+    receiving and the signals' handling: past `_BLOCKED_AFTER` seconds, an ERROR names the
+    messages in flight; once a stop signal came and the loop has not run for
+    ``shutdown_timeout`` plus `_EXIT_GRACE` seconds, the process exits (status 1) without it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, runner: Worker) -> None:
+        super().__init__(name="fastapi-eventbus-loop-watch", daemon=True)
+        self.loop, self.runner = loop, runner
+        self.done = threading.Event()
+        self.beat = time.monotonic()
+        self.signalled: float | None = None
+        """When the first stop signal came (set by the signal handler, which Python runs
+        in the main thread even while the loop is blocked)."""
+
+    def _beat(self) -> None:
+        self.beat = time.monotonic()
+
+    def run(self) -> None:
+        logger, reported = logging.getLogger("fastapi_eventbus.worker"), False
+        while not self.done.wait(0.5):
+            try:
+                self.loop.call_soon_threadsafe(self._beat)
+            except RuntimeError:  # the loop is closed
+                return
+            now = time.monotonic()
+            held = "; ".join(self.runner.in_flight()) or "none"
+            if now - self.beat < _BLOCKED_AFTER:
+                reported = False
+            elif not reported:
+                reported = True
+                logger.error(
+                    "the event loop has not run for %.0fs: a handler blocks it (time.sleep, "
+                    "or CPU work, in an async def?), and no time limit, heartbeat or signal "
+                    "can act meanwhile; messages in flight: %s",
+                    now - self.beat,
+                    held,
+                )
+            if self.signalled is not None:
+                stuck = now - max(self.beat, self.signalled)
+                if stuck > self.runner.shutdown_timeout + _EXIT_GRACE:
+                    _exit_now(
+                        f"stopping, but the event loop has not run for {stuck:.0f}s (a "
+                        "handler blocks it): exiting without waiting for it; in flight, to "
+                        f"come again when their visibility timeout ends: {held}"
+                    )
 
 
 class _UnjoinedExecutor(ThreadPoolExecutor):
@@ -313,22 +367,24 @@ def _exit_now(message: str) -> NoReturn:
     os._exit(1)
 
 
-def _on_signals(callback: Callable[[int], None]) -> Callable[[], None]:
-    """Call *callback* on the event loop for SIGTERM and SIGINT; returns what undoes it."""
+def _on_signals(callback: Callable[[int], None], watch: _LoopWatch) -> Callable[[], None]:
+    """Call *callback* on the event loop for SIGTERM and SIGINT; returns what undoes it.
+
+    A plain signal handler, not the loop's (``add_signal_handler``): Python runs it in the
+    main thread even while a handler blocks the loop, so *watch* learns of the signal."""
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {signum: signal.getsignal(signum) for signum in signals}
-    try:
-        for signum in signals:
-            loop.add_signal_handler(signum, callback, signum)
-    except NotImplementedError:  # Windows: no event-loop signal handlers
-        for signum in signals:
-            signal.signal(signum, lambda number, _: loop.call_soon_threadsafe(callback, number))
+
+    def on_signal(number: int, _: object) -> None:
+        watch.signalled = watch.signalled or time.monotonic()
+        loop.call_soon_threadsafe(callback, number)
+
+    for signum in signals:
+        signal.signal(signum, on_signal)
 
     def restore() -> None:
         for signum, handler in previous.items():
-            with suppress(NotImplementedError):
-                loop.remove_signal_handler(signum)
             if handler is not None:
                 signal.signal(signum, handler)
 

@@ -182,6 +182,10 @@ class Worker:
             self.on_unhandled,
         )
 
+    def in_flight(self) -> list[str]:
+        """The messages being handled now, each its id and event, for a report."""
+        return [str(held) for held in list(self._in_flight.values())]
+
     async def stop(self) -> None:
         """Stop receiving, finish the messages in flight, and wait until `run` has returned."""
         self._stopping.set()
@@ -302,6 +306,15 @@ class Worker:
         """Process *message* in a task of its own, holding the slot reserved for it."""
         self.stats.received += 1
         held = HeldMessage(message)
+        if any(h.message.message_id == message.message_id for h in self._in_flight.values()):
+            logger.warning(
+                "message %s from %s came again while it is being handled: its visibility "
+                "timeout (ack deadline) ran out first, and its handlers run twice at once; "
+                "give the source a longer one, or a heartbeat (--visibility-timeout, "
+                "--ack-deadline)",
+                message.message_id,
+                self.source.name,
+            )
         if (key := message.order_key) is not None:  # after the one before it in its group
             held.after = self._last.get(key)
             held.settled = self._last[key] = asyncio.get_running_loop().create_future()
@@ -397,6 +410,8 @@ class Worker:
                 _, pending = await asyncio.wait(tasks, timeout=timeout)
             except asyncio.CancelledError:  # stopped at once: do not leave them running
                 await self._cancel(tasks)
+                if self._giving_back:  # before the source closes, each bounded in time
+                    await asyncio.wait(set(self._giving_back))
                 raise
             if pending:
                 logger.warning("%d message(s) did not finish within %.1fs", len(pending), timeout)

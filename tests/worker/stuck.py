@@ -68,6 +68,34 @@ def blocking_app() -> FastAPI:
     return _app(bus)
 
 
+def stubborn_app() -> FastAPI:
+    """A handler that ignores its cancellation, with a long time limit (60 s)."""
+    bus = EventBus(shutdown_timeout=1)
+
+    @bus.on("order.stubborn", timeout=60)
+    async def stubborn(event: Event) -> None:
+        logger.info("started %s", event.id)
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                logger.info("ignoring the cancellation of %s", event.id)
+
+    return _app(bus)
+
+
+def loop_blocking_app() -> FastAPI:
+    """An async handler that blocks the event loop itself (``time.sleep`` in ``async def``)."""
+    bus = EventBus()
+
+    @bus.on("order.blocks", timeout=1)
+    async def blocks(event: Event) -> None:
+        logger.info("started %s", event.id)
+        time.sleep(3600)  # noqa: ASYNC251  # the mistake this app makes on purpose
+
+    return _app(bus)
+
+
 def forward_only_app() -> FastAPI:
     """The web side of an app: it forwards ``order.*`` and handles nothing."""
     bus = EventBus()

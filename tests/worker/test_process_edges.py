@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -150,3 +151,55 @@ def test_an_apps_logging_config_does_not_silence_the_worker(moto: Moto, tmp_path
     assert "WARNING [fastapi_eventbus] APP's logging configuration disabled" in log
     assert "INFO [fastapi_eventbus.worker] worker started" in log
     assert "INFO [fastapi_eventbus.worker] worker stopped" in log
+
+
+def test_a_handler_blocking_the_event_loop_is_reported_and_sigterm_still_stops_the_worker(
+    moto: Moto, tmp_path: Path
+) -> None:
+    """Found: an ``async def`` handler that blocks the event loop (``time.sleep``, CPU work)
+    stopped its time limit, the heartbeat, receiving and the signal handlers: the worker
+    hung with nothing logged, and SIGTERM did nothing; only SIGKILL ended it."""
+    queue_url = asyncio.run(create_queue(moto, "loop-blocked", {"VisibilityTimeout": "60"}))
+    options = [*sqs_options(moto, queue_url), "--shutdown-timeout", "1"]
+    with worker_process(
+        "tests.worker.stuck:loop_blocking_app", *options, log=tmp_path / "w.log"
+    ) as worker:
+        (event_id,) = asyncio.run(forward(moto, queue_url, "order.blocks"))
+        wait_for(lambda: f"started {event_id}" in worker.output(), what="the handler to block")
+        wait_for(
+            lambda: "the event loop has not run for" in worker.output(),
+            timeout=20,
+            what="the ERROR about the blocked loop",
+        )
+        stopping = time.monotonic()
+        exit_code = worker.terminate(timeout=30)
+        stopped_in = time.monotonic() - stopping
+    log = worker.output()
+    (blocked,) = lines_with(log, "the event loop has not run for", "messages in flight")
+    assert re.match(LINE_START + "ERROR fastapi_eventbus.worker: ", blocked)
+    assert f"(event 'order.blocks' id={event_id})" in blocked
+    assert exit_code == 1, log
+    assert stopped_in < 1 + EXIT_GRACE + 4, log
+    (exiting,) = lines_with(log, "ERROR", "exiting without waiting for it")
+    assert f"id={event_id}" in exiting
+
+
+def test_a_second_sigterm_still_gives_back_a_message_whose_handler_ignores_cancellation(
+    moto: Moto, tmp_path: Path
+) -> None:
+    """Found: after a second SIGTERM, the worker abandoned such a message and started giving
+    it back, but closed its source first: the give-back failed ("has not started"), and the
+    message stayed invisible for the queue's whole visibility timeout (up to 12 hours)."""
+    queue_url = asyncio.run(create_queue(moto, "stubborn", {"VisibilityTimeout": "120"}))
+    options = [*sqs_options(moto, queue_url), "--shutdown-timeout", "1"]
+    with worker_process("tests.worker.stuck:stubborn_app", *options, log=tmp_path / "w.log") as w:
+        (event_id,) = asyncio.run(forward(moto, queue_url, "order.stubborn"))
+        wait_for(lambda: f"started {event_id}" in w.output(), what="the handler to start")
+        w.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        exit_code = w.terminate(timeout=30)  # the second signal: stop now
+    log = w.output()
+    assert exit_code == 1, log
+    assert "could not give back" not in log
+    (message,) = asyncio.run(peek(moto, queue_url, wait=2))  # given back before the exit
+    assert decode_message(message).id == event_id

@@ -873,3 +873,40 @@ async def test_a_handler_raising_system_exit_fails_its_message_and_the_worker_go
     assert [m.message_id for m in source.dead] == ["bad"]
     assert worker.stats == WorkerStats(received=3, handled=2, failed=1)
     assert [(f.event.id, type(f.exception)) for f in failures] == [(bad.id, SystemExit)]
+
+
+async def test_a_message_that_comes_again_while_being_handled_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: without a heartbeat, a handler that ran longer than the queue's visibility
+    timeout had its message delivered again and handled twice at once, with no log line."""
+    bus = EventBus()
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    @bus.on("order.*")
+    async def slow(event: Event) -> None:
+        runs.append(event.id)
+        await release.wait()
+
+    placed = Event(name="order.placed")
+
+    class Expiring(MemorySource):
+        """Delivers its message again while it is held, as SQS does past its visibility."""
+
+        again = True
+
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            if self.again and runs:
+                self.again = False
+                self.put(placed, message_id="m-1")
+            return await super().receive(max_messages)
+
+    source = Expiring(name="q", wait_time=0.01)
+    source.put(placed, message_id="m-1")
+    with caplog.at_level(logging.WARNING, "fastapi_eventbus"):
+        async with Worker(bus, source, concurrency=2):
+            await until(lambda: len(runs) == 2)
+            release.set()
+    (warning,) = [r.getMessage() for r in caplog.records if "came again" in r.getMessage()]
+    assert warning.startswith("message m-1 from q came again while it is being handled")

@@ -44,16 +44,18 @@ def hung_app() -> FastAPI:
         logger.info("started %s", event.id)
         await asyncio.Event().wait()
 
-    @bus.on("order.stubborn", timeout=1)
-    async def stubborn(event: Event) -> None:
-        logger.info("started %s", event.id)
-        while True:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                logger.info("ignoring the cancellation of %s", event.id)
-
+    bus.on("order.stubborn", timeout=1)(stubborn)
     return _app(bus)
+
+
+async def stubborn(event: Event) -> None:
+    """A handler that ignores its cancellation."""
+    logger.info("started %s", event.id)
+    while True:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            logger.info("ignoring the cancellation of %s", event.id)
 
 
 def blocking_app() -> FastAPI:
@@ -71,16 +73,7 @@ def blocking_app() -> FastAPI:
 def stubborn_app() -> FastAPI:
     """A handler that ignores its cancellation, with a long time limit (60 s)."""
     bus = EventBus(shutdown_timeout=1)
-
-    @bus.on("order.stubborn", timeout=60)
-    async def stubborn(event: Event) -> None:
-        logger.info("started %s", event.id)
-        while True:
-            try:
-                await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                logger.info("ignoring the cancellation of %s", event.id)
-
+    bus.on("order.stubborn", timeout=60)(stubborn)
     return _app(bus)
 
 

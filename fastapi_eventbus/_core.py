@@ -340,9 +340,9 @@ class Core:
                 while batch.jobs:
                     await batch.jobs.pop(0)()
                 if batch.sends:  # cancelled sends (by drain) were reported there: no raise
-                    sends = [task for task, _ in batch.sends]
-                    outcomes = await asyncio.gather(*sends, return_exceptions=True)
-                    for (_, sent), outcome in zip(batch.sends, outcomes, strict=True):
+                    sends = list(batch.sends)  # drain may clear them meanwhile
+                    outcomes = await asyncio.gather(*(t for t, _ in sends), return_exceptions=True)
+                    for (_, sent), outcome in zip(sends, outcomes, strict=True):
                         if isinstance(outcome, Exception):  # a bug: in a storage, say
                             await self.sender.broke(sent, outcome)
                     batch.sends.clear()  # a WebSocket session's batch is flushed many times
@@ -508,8 +508,10 @@ class Core:
         *,
         forget: bool = True,
         level: int | None = None,
+        state: int = CLOSED,
     ) -> None:
-        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook.
+        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook; the
+        batch is then in *state* (`FAILED`: what is emitted into it later is refused).
 
         With *forget* (the endpoint or handler raised: the events must never be
         sent), they leave the spool too; otherwise the spool sends them later.
@@ -519,7 +521,7 @@ class Core:
         for job in batch.jobs or ():  # not events of this batch: committed data's, run anyway
             self.spawn(job, batch.loop)
         batch.jobs = None
-        batch.state = CLOSED
+        batch.state = state
         self.active.discard(batch)
         self.finished(batch)
         if not events:

@@ -170,7 +170,7 @@ def _find_event_param(
 ) -> tuple[str | None, type[BaseModel] | None]:
     found: list[tuple[str, type[BaseModel] | None]] = []
     for param in signature.parameters.values():
-        if (union := events_in_union(_unwrapped(param.annotation))) is not None:
+        if not _is_dependency(param) and (union := events_in_union(_unwrapped(param.annotation))):
             raise ConfigurationError(
                 f"handler {qualified_name(func)}: parameter {param.name!r} is annotated with a "
                 f"union ({union}); a handler gets one event, never None: annotate it Event (any "

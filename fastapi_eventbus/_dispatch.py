@@ -191,9 +191,8 @@ class Dispatcher:
                 if child is None:
                     continue
                 if error is not None:  # what it emitted is discarded
-                    if child.events or child.jobs:
-                        await self.core.discard(child, f"handler {handler.name} failed", error)
-                    child.state = _ended(limit)
+                    reason = f"handler {handler.name} failed"
+                    await self.core.discard(child, reason, error, state=_ended(handler, limit))
                 elif not (child.events or child.jobs):
                     child.state = CLOSED  # a later emit (a task it started) gets its own flush
                 else:
@@ -246,10 +245,8 @@ class Dispatcher:
             if delay is None:
                 break
             if child is not None:  # as after the last try
-                if child.events:
-                    reason = f"handler {handler.name} failed (attempt {attempt})"
-                    await self.core.discard(child, reason, error)
-                child.state = _ended(limit)
+                reason = f"handler {handler.name} failed (attempt {attempt})"
+                await self.core.discard(child, reason, error, state=_ended(handler, limit))
             tries = (
                 f" of {retry.attempts}"
                 if retry.attempts is not None
@@ -406,8 +403,9 @@ async def _record(inbox: Inbox, handler: str, event: Event) -> None:
         )
 
 
-def _ended(limit: Limit | None) -> int:
-    """The state of a failed handler call's batch: `FAILED` if its time ran out (a sync
-    handler's thread runs on, and what it emits then is refused at `emit`); else `CLOSED`
-    (an event a task it started emits later gets a flush of its own)."""
-    return FAILED if limit is not None and limit.expired else CLOSED
+def _ended(handler: Handler, limit: Limit | None) -> int:
+    """The state of a failed handler call's batch: `FAILED` if a sync handler's time ran out
+    (its thread runs on, and what it emits then is refused at `emit`); else `CLOSED` (an
+    event a task it started emits later gets a flush of its own)."""
+    expired = limit is not None and limit.expired
+    return FAILED if expired and not handler.plan.is_async else CLOSED

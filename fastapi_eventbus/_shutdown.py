@@ -4,9 +4,9 @@ At the server's stop signal, the requests' flushes get ``shutdown_timeout`` seco
 before they are stopped (`Shutdown.begin`, `Shutdown.stop_flushes`). `Shutdown.drain`
 waits for what is in flight on the loop and reports by id what did not finish;
 `Shutdown.release` makes what this process holds in its spool and outbox due again at
-once. Once `Shutdown.close` ran, an event emitted into one of the loop's finished
-batches (from a thread the app left running) is refused where it is emitted: nothing
-would run its flush any more (`Shutdown.refusal`).
+once. Once `Shutdown.close` ran, an event a thread the app left running emits into one
+of the loop's finished batches is refused where it is emitted: nothing would run its
+flush any more (`Shutdown.refusal`).
 
 One bus may serve several apps at once, each on its own loop: each drains its own.
 """
@@ -131,12 +131,20 @@ class Shutdown:
         never be handled, if it would not: then `EventBus.emit` refuses it."""
         if batch.state == FAILED:
             return (
-                "the handler call this bus was given to ran out of time: what it emitted was "
-                "discarded, and it takes no more events (its thread runs on)"
+                "the sync handler call this bus was given to ran out of time: what it emitted "
+                "was discarded, and it takes no more events (its thread runs on)"
             )
         loop = batch.loop
         if loop is not None and loop.is_closed():
             return "the event loop of the request this bus was given to is closed"
-        if loop is not None and loop in self._closed:
+        if loop is not None and loop in self._closed and not _running(loop):
             return "the application has shut down (bus.close() ran on its event loop)"
         return None
+
+
+def _running(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the caller runs on *loop* (a task: its flush is scheduled there, and runs)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:  # a thread: after the shutdown, the loop may stop at any moment
+        return False

@@ -27,6 +27,7 @@ from starlette.requests import HTTPConnection
 
 from fastapi_eventbus import (
     ConfigurationError,
+    DiscardedEvents,
     Event,
     EventBus,
     HandlerFailuresError,
@@ -471,6 +472,67 @@ def test_what_a_timed_out_sync_handler_emits_later_is_refused(retried: bool) -> 
     assert mails == ([2] if retried else [])
     assert [type(exc) for exc in late] == [OutsideRequestError]
     assert "ran out of time" in str(late[0])
+
+
+def test_what_a_timed_out_sync_handler_emits_while_its_failure_is_reported_is_refused() -> None:
+    """Found: the call's batch was marked failed only after ``on_discard`` had heard of what
+    it emitted before: an async hook that took a while let the thread's next emit in, and
+    it was handled."""
+    app = FastAPI()
+    handled: list[str] = []
+    outcome: list[str] = []
+
+    async def slow_report(report: DiscardedEvents) -> None:
+        await asyncio.sleep(0.5)  # writing the report somewhere
+
+    bus = EventBus(on_discard=slow_report)
+    bus.install(app)
+
+    @bus.on("job.start", timeout=0.2)
+    def slow(event: Event, events: EventBus = Depends(get_bus)) -> None:
+        events.emit("job.step1")
+        time.sleep(0.4)  # past its limit, while the hook for step1 runs
+        try:
+            events.emit("job.step2")
+            outcome.append("accepted")
+        except OutsideRequestError:
+            outcome.append("refused")
+
+    bus.on("job.step*")(lambda event: handled.append(event.name))
+
+    @app.post("/")
+    async def start(events: EventBus = Depends(get_bus)) -> None:
+        events.emit("job.start")
+
+    with TestClient(app) as client:
+        client.post("/")
+        client.portal.call(asyncio.sleep, 1.0)  # type: ignore[union-attr]
+    assert (outcome, handled) == (["refused"], [])
+
+
+async def test_a_task_an_async_handler_started_may_emit_after_the_handler_timed_out() -> None:
+    """An async handler past its limit is cancelled: it does not run on. A task it started
+    is like one of a handler that raised: what it emits later is handled (only a sync
+    handler's own thread, which runs on, is refused)."""
+    bus = EventBus()
+    spawned: list[asyncio.Task[None]] = []
+    handled: list[str] = []
+
+    @bus.on("job.start", timeout=0.05)
+    async def starts(event: Event, events: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.1)
+            events.emit("job.later")
+
+        spawned.append(asyncio.create_task(later()))
+        await asyncio.sleep(1)
+
+    bus.on("job.later")(lambda event: handled.append(event.name))
+    with capture(bus, raise_failures=False):
+        await bus.publish("job.start")
+    await spawned[0]
+    await bus.drain(1)
+    assert handled == ["job.later"]
 
 
 async def test_the_bus_wide_default_and_no_limit() -> None:

@@ -379,3 +379,19 @@ def test_on_returns_the_function_unchanged(bus: EventBus) -> None:
     async def handler(event: Event) -> None: ...
 
     assert bus.on("x")(handler) is handler
+
+
+def test_a_union_naming_an_event_type_is_fine_on_a_dependency(bus: EventBus) -> None:
+    """Found: the check refusing a union event parameter refused dependency parameters too
+    (``before: CatCreated | None = Depends(...)``): valid handlers could not be registered."""
+
+    def previous() -> CatCreated | None:
+        return None
+
+    def handler(
+        event: Event,
+        before: CatCreated | None = Depends(previous),
+        cause: Annotated[Event | None, Depends(lambda: None)] = None,
+    ) -> None: ...
+
+    bus.on("cat.created")(handler)

@@ -4,13 +4,13 @@ import asyncio
 import logging
 import logging.config
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import Event, EventBus, HandlerFailure, OutsideRequestError, get_bus
@@ -319,3 +319,44 @@ def test_one_bus_on_two_apps_each_shutdown_drains_its_own_events(hooks: Hooks) -
         release.set()
         request.join(5)
     assert (handled, hooks.discards) == ([0, 1, 2, 3, 4], [])
+
+
+@pytest.mark.anyio
+async def test_a_flush_whose_send_drain_cut_off_ends_quietly(hooks: Hooks) -> None:
+    """Found: a flush whose forwarder send was still running when `drain` timed out (drain
+    reports the events and cancels the send) raised ``ValueError`` out of ``publish``."""
+
+    class Slow(RecordingForwarder):
+        async def send(self, events: Sequence[Event]) -> None:
+            await asyncio.sleep(5)
+
+    bus = EventBus(on_discard=hooks.discards.append)
+    bus.forward("*", Slow("slow"))
+    publish = asyncio.create_task(bus.publish("order.placed"))
+    await asyncio.sleep(0.05)
+    assert [event.name for event in await bus.drain(0.05)] == ["order.placed"]
+    await publish
+    assert [len(report.events) for report in hooks.discards] == [1]
+
+
+def test_after_bus_close_an_app_still_serving_on_its_loop_keeps_its_events() -> None:
+    """Found: after ``bus.close()`` (a test's teardown, or one of two apps of the bus shutting
+    down on the same loop), every WebSocket emit, and every emit of a task the endpoint
+    started, was refused, while the app served on: only a thread's emit is refused then."""
+    app, bus = FastAPI(), EventBus()
+    bus.install(app)
+    handled: list[str] = []
+    bus.on("*")(lambda event: handled.append(event.name))
+
+    @app.websocket("/ws")
+    async def chat(websocket: WebSocket, events: EventBus = Depends(get_bus)) -> None:
+        await websocket.accept()
+        events.emit("chat.message")
+        await websocket.close()
+
+    with TestClient(app) as client:
+        client.portal.call(bus.close)  # type: ignore[union-attr]
+        with client.websocket_connect("/ws"):
+            pass
+        client.portal.call(bus.drain)  # type: ignore[union-attr]
+    assert handled == ["chat.message"]

@@ -301,7 +301,7 @@ class _LoopWatch(threading.Thread):
             held = "; ".join(self.runner.in_flight()) or "none"
             if now - self.beat < _BLOCKED_AFTER:
                 reported = False
-            elif not reported:
+            elif not reported and held != "none":  # not startup code: a handler
                 reported = True
                 logger.error(
                     "the event loop has not run for %.0fs: a handler blocks it (time.sleep, "

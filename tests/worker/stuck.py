@@ -16,6 +16,8 @@ import asyncio
 import logging
 import logging.config
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -87,6 +89,20 @@ def loop_blocking_app() -> FastAPI:
         time.sleep(3600)  # noqa: ASYNC251  # the mistake this app makes on purpose
 
     return _app(bus)
+
+
+def slow_startup_app() -> FastAPI:
+    """An app whose lifespan's startup blocks the event loop for 6 s (loading a model)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        time.sleep(6)  # noqa: ASYNC251  # synchronous startup work, as apps do
+        yield
+
+    app, bus = FastAPI(lifespan=lifespan), EventBus()
+    bus.on("order.*")(lambda event: None)
+    bus.install(app)
+    return app
 
 
 def forward_only_app() -> FastAPI:

@@ -203,3 +203,15 @@ def test_a_second_sigterm_still_gives_back_a_message_whose_handler_ignores_cance
     assert "could not give back" not in log
     (message,) = asyncio.run(peek(moto, queue_url, wait=2))  # given back before the exit
     assert decode_message(message).id == event_id
+
+
+def test_a_slow_startup_is_not_blamed_on_a_handler(moto: Moto, tmp_path: Path) -> None:
+    """Found: the event loop's watch started before the app's lifespan: a startup that
+    blocked the loop for 6 s was reported at ERROR as a handler blocking it."""
+    queue_url = asyncio.run(create_queue(moto, "slow-startup"))
+    options = sqs_options(moto, queue_url)
+    with worker_process(
+        "tests.worker.stuck:slow_startup_app", *options, log=tmp_path / "w.log"
+    ) as worker:
+        assert worker.terminate() == 0, worker.output()
+    assert "the event loop has not run" not in worker.output()

@@ -76,7 +76,7 @@ async def test_sqs_carries_extensions_to_the_worker_and_onwards(moto: Moto) -> N
     async def audit(event: Event, bus: EventBus = Depends(get_bus)) -> None:
         bus.emit("audit.order", event.payload, extensions=event.extensions)
 
-    async with Worker(worker_bus, moto.source(first, visibility_timeout=1)) as worker:
+    async with Worker(worker_bus, moto.source(first, visibility_timeout=5)) as worker:
         await until(lambda: worker.stats.handled == 1, timeout=20)
     await relay.aclose()
     assert received[event_id].extensions == EXTENSIONS

@@ -487,8 +487,11 @@ class Core:
         raise CapacityError(f"event refused: {why}")
 
     async def _abandon(self, batch: Batch) -> None:
-        """After a cancelled flush: stop its sends and report what was not handled."""
-        unsent = [event for task, events in batch.sends if not task.done() for event in events]
+        """After a cancelled flush: stop its sends and report what was not handled (and not
+        sent: a send still running, or one the flush's cancellation cancelled with it)."""
+        unsent = [
+            e for task, events in batch.sends if not task.done() or task.cancelled() for e in events
+        ]
         for task, _ in batch.sends:
             task.cancel()
         batch.sends.clear()

@@ -6,9 +6,11 @@ python -m uvicorn tests.shutdown_app:create_app --factory --port 8000
 
 ``POST /orders?n=20`` emits *n* ``order.placed`` events, each handled by a slow
 handler: async (``asyncio.sleep``), sync (``time.sleep`` in the threadpool) or
-hung (never returns), per `KIND_ENV`. Every id the handler finished is appended
-to the file `HANDLED_ENV` names; every id the bus reported through its hooks
-(``on_discard``, ``on_error``) to the file `REPORTED_ENV` names.
+hung (never returns), per `KIND_ENV`; or, with ``forwarding``, no handler but a
+forwarder whose broker is down (its sends retried for a minute). Every id the
+handler finished is appended to the file `HANDLED_ENV` names; every id the bus
+reported through its hooks (``on_discard``, ``on_error``, ``dead_letter``) to the
+file `REPORTED_ENV` names.
 """
 
 from __future__ import annotations
@@ -17,12 +19,21 @@ import asyncio
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI
 
-from fastapi_eventbus import DiscardedEvents, Event, EventBus, HandlerFailure, get_bus
+from fastapi_eventbus import (
+    DiscardedEvents,
+    Event,
+    EventBus,
+    ForwarderError,
+    HandlerFailure,
+    get_bus,
+)
+from fastapi_eventbus.forwarders import DeadLetter, Forwarder, Retry
 
 KIND_ENV = "SHUTDOWN_HANDLER_KIND"
 HANDLED_ENV = "SHUTDOWN_HANDLED"
@@ -56,6 +67,8 @@ def create_app() -> FastAPI:
             time.sleep(HANDLER_SECONDS)
             _append(handled, event.id)
 
+    elif kind == "forwarding":  # no handler: a broker that is down, retried for a minute
+        bus.forward("order.*", Down(dead_letter=lambda letter: _append(reported, *letter.ids)))
     else:
 
         @bus.on("order.placed", timeout=math.inf)
@@ -72,6 +85,16 @@ def create_app() -> FastAPI:
         return {"ids": [bus.emit("order.placed", {"line": line}).id for line in range(n)]}
 
     return app
+
+
+class Down(Forwarder):
+    """A broker that is down: every send fails, and is retried for up to a minute."""
+
+    def __init__(self, dead_letter: Callable[[DeadLetter], None]) -> None:
+        super().__init__(name="down", retry=Retry(total_timeout=60), dead_letter=dead_letter)
+
+    async def send(self, events: Sequence[Event]) -> None:
+        raise ForwarderError("the broker is down", transient=True)
 
 
 def _append(path: Path, *ids: str) -> None:

@@ -34,7 +34,7 @@ def backlog(server: Server, requests: int, per_request: int) -> set[str]:
         return {i for answer in answers for i in answer.raise_for_status().json()["ids"]}
 
 
-@pytest.mark.parametrize("kind", ["async", "sync", "hung"])
+@pytest.mark.parametrize("kind", ["async", "sync", "hung", "forwarding"])
 @pytest.mark.parametrize("graceful", [None, 1], ids=["no-graceful-timeout", "graceful-1s"])
 def test_sigterm_with_a_backlog_reports_every_unfinished_event(
     tmp_path: Path, kind: str, graceful: int | None, record_property: object

@@ -185,7 +185,9 @@ def _attributes(message: Mapping[str, Any]) -> dict[str, Any]:
 
 def _data(message: Mapping[str, Any]) -> bytes:
     """The message's data as bytes (a pull's REST answer holds it in base64)."""
-    data = message.get("data") or b""
+    data = message.get("data")
+    if data is None:
+        return b""
     if isinstance(data, str):
         try:
             return base64.b64decode(data, validate=True)

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import inspect
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -169,6 +170,8 @@ class _Endpoints:
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
         self.left_running: set[asyncio.Task[None]] = set()
+        self.in_flight: Counter[str] = Counter()
+        """Message ids being handled now (a push delivered again meanwhile is a WARNING)."""
 
     def router(self, path: str) -> APIRouter:
         router = APIRouter()
@@ -221,8 +224,24 @@ class _Endpoints:
             raise
 
     async def _run(self, bus: EventBus, pushed: Pushed) -> Response:
+        message_id = pushed.message.message_id
+        if self.in_flight[message_id] and message_id:
+            logger.warning(
+                "message %s from %s came again while it is being handled: its ack deadline "
+                "ran out first (Pub/Sub's default is 10 s), and its handlers run twice at "
+                "once; give the subscription an ack deadline above the handlers' time limits",
+                message_id,
+                pushed.name,
+            )
         one = _OneMessage(bus, self.settings, pushed)
-        await one.run()
+        self.in_flight[message_id] += 1
+        try:
+            await one.run()
+        finally:
+            if (left := self.in_flight[message_id] - 1) > 0:
+                self.in_flight[message_id] = left
+            else:
+                del self.in_flight[message_id]
         task = one.task
         if task is not None and not task.done():  # cancelled, and still not stopped
             self.left_running.add(task)
@@ -396,7 +415,7 @@ def _from_envelope(envelope: object, what: str) -> Pushed:
     name = subscription.rsplit("/", 1)[-1] if isinstance(subscription, str) else "Pub/Sub push"
     attempt = envelope.get("deliveryAttempt")
     message_id = message.get("messageId") or message.get("message_id") or "?"
-    data = message.get("data") or b""
+    data = message.get("data")  # 0, false, {}: refused by decoding, as 5 is
     if isinstance(data, str):  # base64 text: the hook gets bytes, as from a pull
         with suppress(ValueError):  # not base64: decoding refuses it, with the reason
             data = base64.b64decode(data, validate=True)

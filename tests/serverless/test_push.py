@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import importlib.util
 import json
 import logging
@@ -44,7 +45,7 @@ from fastapi_eventbus.forwarders.pubsub import PubSubForwarder
 from fastapi_eventbus.serverless import GoogleOIDC, push_router
 from fastapi_eventbus.testing import capture
 from tests._pubsub import Emulator
-from tests._support import ROOT, load_module, until
+from tests._support import ROOT, load_module, until, wait_for
 from tests.conftest import serve
 
 PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
@@ -579,3 +580,33 @@ def test_google_oidc_without_pyjwt_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(MissingExtraError, match=r"PyJWT.*\[gcp\]"):
         GoogleOIDC(AUDIENCE)
+
+
+def test_a_push_that_comes_again_while_its_message_is_handled_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: a handler slower than the subscription's ack deadline (Pub/Sub's default is
+    10 s) had its message pushed again while it ran: the handlers ran several times at once,
+    with no log line (the worker says so in the same case)."""
+    caplog.set_level(logging.WARNING, "fastapi_eventbus")
+    shop = Shop()
+    slow = Event(name="order.placed", payload={"sleep": 0.5})
+    with TestClient(shop.app) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.post, "/events/pubsub", json=push_envelope(slow, "m-9"))
+        wait_for(lambda: shop.attempts[slow.id] == 1)
+        again = client.post("/events/pubsub", json=push_envelope(slow, "m-9"))
+        assert (first.result().status_code, again.status_code) == (204, 204)
+    (warning,) = [line for line in caplog.messages if "came again" in line]
+    assert warning.startswith("message m-9 from orders-push came again while it is being handled")
+
+
+@pytest.mark.parametrize("data", [0, False, [], {}, 5])
+def test_a_push_whose_data_is_not_base64_text_is_not_an_event(data: object) -> None:
+    """Found: a falsy ``data`` that is no text (``0``, ``false``, ``[]``, ``{}``) was read as
+    no data at all: answered 204, its handlers run with no payload. ``5`` was refused."""
+    shop = Shop()
+    attributes = wire.pubsub_attributes(Event(name="order.placed"))
+    with TestClient(shop.app) as client:
+        envelope = {"message": {"data": data, "attributes": attributes, "messageId": "m-3"}}
+        assert client.post("/events/pubsub", json=envelope).status_code == 400
+    assert shop.handled == {}

@@ -185,7 +185,14 @@ class PubSubSource(Source):
                     max(1, min(max_messages, self.max_messages)),
                     timeout=self.pull_timeout,  # type: ignore[arg-type]  # aiohttp takes floats
                 )
-        except TimeoutError:  # nothing arrived: pull again
+        except TimeoutError:  # longer than the server holds an empty pull: it is stalled
+            logger.warning(
+                "Pub/Sub source %s: a pull got no answer within pull_timeout (%gs); pulling "
+                "again (what the server hands the abandoned pull comes back at its ack "
+                "deadline)",
+                self.name,
+                self.pull_timeout,
+            )
             return []
         received = [_received(message) for message in pulled]
         if received and self.ack_deadline is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sys
 import time
@@ -200,3 +201,37 @@ def test_pubsub_source_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "gcloud.aio.pubsub", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"fastapi-eventbus-di\[gcp\]"):
         PubSubSource("projects/shop/subscriptions/orders")
+
+
+@pytest.mark.anyio
+async def test_a_pull_the_broker_never_answers_is_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: a broker that takes the connection and never answers (a stalled proxy) left the
+    worker pulling and timing out with no log line at all: an outage nobody could see."""
+
+    answered = asyncio.Event()
+
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(65536)
+            await answered.wait()  # never, until the test ends
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    source = PubSubSource(
+        "projects/shop/subscriptions/orders", emulator_host=f"127.0.0.1:{port}", pull_timeout=0.2
+    )
+    await source.start()
+    try:
+        with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
+            assert await source.receive(10) == []
+    finally:
+        await source.close()
+        answered.set()
+        server.close()
+        await server.wait_closed()
+    (warning,) = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
+    assert "orders: a pull got no answer within pull_timeout (0.2s)" in warning

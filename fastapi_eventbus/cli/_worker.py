@@ -297,26 +297,27 @@ class _LoopWatch(threading.Thread):
                 self.loop.call_soon_threadsafe(self._beat)
             except RuntimeError:  # the loop is closed
                 return
+            # The worker's state is read only while the loop is stuck: nothing changes it then.
             now = time.monotonic()
-            held = "; ".join(self.runner.in_flight()) or "none"
             if now - self.beat < _BLOCKED_AFTER:
                 reported = False
-            elif not reported and held != "none":  # not startup code: a handler
+            elif not reported and (held := self.runner.in_flight()):  # not startup: a handler
                 reported = True
                 logger.error(
                     "the event loop has not run for %.0fs: a handler blocks it (time.sleep, "
                     "or CPU work, in an async def?), and no time limit, heartbeat or signal "
                     "can act meanwhile; messages in flight: %s",
                     now - self.beat,
-                    held,
+                    "; ".join(held),
                 )
             if self.signalled is not None:
                 stuck = now - max(self.beat, self.signalled)
                 if stuck > self.runner.shutdown_timeout + _EXIT_GRACE:
+                    listed = "; ".join(self.runner.in_flight()) or "none"
                     _exit_now(
                         f"stopping, but the event loop has not run for {stuck:.0f}s (a "
                         "handler blocks it): exiting without waiting for it; in flight, to "
-                        f"come again when their visibility timeout ends: {held}"
+                        f"come again when their visibility timeout ends: {listed}"
                     )
 
 

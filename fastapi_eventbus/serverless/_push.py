@@ -224,8 +224,8 @@ class _Endpoints:
             raise
 
     async def _run(self, bus: EventBus, pushed: Pushed) -> Response:
-        message_id = pushed.message.message_id
-        if self.in_flight[message_id] and message_id:
+        message_id = pushed.message.message_id  # "?": none in the request, nothing to tell
+        if message_id != "?" and self.in_flight[message_id]:
             logger.warning(
                 "message %s from %s came again while it is being handled: its ack deadline "
                 "ran out first (Pub/Sub's default is 10 s), and its handlers run twice at "

@@ -610,3 +610,19 @@ def test_a_push_whose_data_is_not_base64_text_is_not_an_event(data: object) -> N
         envelope = {"message": {"data": data, "attributes": attributes, "messageId": "m-3"}}
         assert client.post("/events/pubsub", json=envelope).status_code == 400
     assert shop.handled == {}
+
+
+def test_pushes_without_a_message_id_are_never_taken_for_a_duplicate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two pushes with no message id at once are two messages, not one pushed again."""
+    caplog.set_level(logging.WARNING, "fastapi_eventbus")
+    shop = Shop()
+    first, second = (Event(name="order.placed", payload={"sleep": 0.3}) for _ in range(2))
+    envelopes = [push_envelope(event) for event in (first, second)]
+    for envelope in envelopes:
+        del envelope["message"]["messageId"]
+    with TestClient(shop.app) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda e: client.post("/events/pubsub", json=e), envelopes))
+    assert [answer.status_code for answer in answers] == [204, 204]
+    assert not [line for line in caplog.messages if "came again" in line]

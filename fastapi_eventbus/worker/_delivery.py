@@ -95,6 +95,8 @@ class HeldMessage:
     is settled, with whether it was handled. Its handlers start only then."""
     settled: asyncio.Future[bool] | None = None
     """With an order key: its own, done once it is settled; the next message's `after`."""
+    settling: bool = False
+    """Its acknowledgement or give-back is sent: the source may deliver it again already."""
 
     def __str__(self) -> str:
         event = self.event
@@ -145,11 +147,13 @@ class Processor:
         if tracing is None:
             handled = held.handled = await self._given_back_if_cancelled(held, None)
             if not held.abandoned:
+                held.settling = True
                 await self._settle(message, handled)
             return
         with tracing.consuming(self.owner.source, message) as consumed:
             handled = held.handled = await self._given_back_if_cancelled(held, consumed)
             if not held.abandoned:
+                held.settling = True
                 await self._settle(message, handled, tracing)
 
     async def _given_back_if_cancelled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
@@ -166,6 +170,7 @@ class Processor:
                 why = str(exc.args[0]) if exc.args and exc.args[0] else "cancelled at shutdown"
                 consumed.failure, consumed.error = f"{why}; given back", exc
             if not held.abandoned:
+                held.settling = True
                 await self._give_back(held.message, tracing)
             raise
 

@@ -306,7 +306,10 @@ class Worker:
         """Process *message* in a task of its own, holding the slot reserved for it."""
         self.stats.received += 1
         held = HeldMessage(message)
-        if any(h.message.message_id == message.message_id for h in self._in_flight.values()):
+        if any(
+            h.message.message_id == message.message_id and not h.settling
+            for h in self._in_flight.values()
+        ):
             logger.warning(
                 "message %s from %s came again while it is being handled: its visibility "
                 "timeout (ack deadline) ran out first, and its handlers run twice at once; "

@@ -910,3 +910,35 @@ async def test_a_message_that_comes_again_while_being_handled_is_a_warning(
             release.set()
     (warning,) = [r.getMessage() for r in caplog.records if "came again" in r.getMessage()]
     assert warning.startswith("message m-1 from q came again while it is being handled")
+
+
+async def test_a_message_given_back_and_delivered_again_at_once_is_no_duplicate(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in CI: Pub/Sub's emulator delivered a message given back (nacked) before the
+    nack call returned, and the worker, still counting it in flight, logged the false
+    warning that its visibility timeout had run out and its handlers ran twice at once."""
+    bus = EventBus()
+    received: list[str] = []
+
+    class Eager(MemorySource):
+        """Delivers a message given back again before its nack returns, as the emulator does."""
+
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            batch = await super().receive(max_messages)
+            received.extend(m.message_id for m in batch)
+            return batch
+
+        async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+            await super().nack(message, 0)
+            count = len(received)
+            await until(lambda: len(received) > count or len(received) >= 3)
+
+    source = Eager(name="q", wait_time=0.01, max_deliveries=3)
+    source.put({"Body": "not an event"}, message_id="m-1")
+    with caplog.at_level(logging.WARNING, "fastapi_eventbus"):
+        async with Worker(bus, source, on_undecodable="retry", concurrency=2) as worker:
+            await until(lambda: len(source.dead) == 1)
+    assert received == ["m-1", "m-1", "m-1"]
+    assert worker.stats.undecodable == 3
+    assert not [r.getMessage() for r in caplog.records if "came again" in r.getMessage()]

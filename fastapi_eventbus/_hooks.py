@@ -134,13 +134,25 @@ an ERROR says so, and the bus goes on. A sync hook runs on the event loop and ca
 
 
 def passes_through(exc: BaseException) -> bool:
-    """Whether *exc*, raised by a handler call or a hook, goes on up instead of being that
-    call's failure: the running task's cancellation, Ctrl-C, a coroutine being closed. An
-    `asyncio.CancelledError` nothing asked for and `SystemExit` (a library calling
-    ``sys.exit``) are the call's failures: they must not stop the other events."""
+    """Whether *exc*, caught where a handler call or a hook was awaited, goes on up instead
+    of being that call's failure: the running task's cancellation, Ctrl-C, the caller's
+    coroutine being closed. An `asyncio.CancelledError` nothing asked for, `SystemExit` (a
+    library calling ``sys.exit``) and a `GeneratorExit` the handler or hook raised itself
+    are the call's failures: they must not stop the other events."""
     if isinstance(exc, asyncio.CancelledError):
         return cancelled()
-    return isinstance(exc, KeyboardInterrupt | GeneratorExit)
+    if isinstance(exc, GeneratorExit):
+        return _closing(exc)
+    return isinstance(exc, KeyboardInterrupt)
+
+
+def _closing(exc: GeneratorExit) -> bool:
+    """Whether *exc* is the catching coroutine being closed (``coro.close()``, its task
+    destroyed pending). Python closes what it awaited first, then raises a new
+    `GeneratorExit` at its ``await``: a traceback of that one frame. One a handler or a hook
+    raised comes up from their frames."""
+    traceback = exc.__traceback__
+    return traceback is None or traceback.tb_next is None
 
 
 def check_hook(name: str, hook: object) -> None:

@@ -810,7 +810,7 @@ def test_of_an_app_without_a_bus_says_what_to_call() -> None:
 # -- a CancelledError nobody asked for --------------------------------------------------
 
 
-@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit])
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit, GeneratorExit])
 def test_a_handler_raising_cancelled_error_or_system_exit_fails_alone(
     app: FastAPI, bus: EventBus, hooks: Hooks, raised: type[BaseException]
 ) -> None:
@@ -818,7 +818,9 @@ def test_a_handler_raising_cancelled_error_or_system_exit_fails_alone(
     someone else cancelled) was taken for the flush's own cancellation, and `SystemExit` (a
     library calling ``sys.exit``) went up through the flush: the request's other events were
     discarded ("the flush was cancelled"), the request's task ended with it, and the failure
-    reached no ``on_error``. In a worker, `SystemExit` killed the process."""
+    reached no ``on_error``. In a worker, `SystemExit` killed the process. Found later:
+    `GeneratorExit` raised by a handler did the same (it was taken for the flush's coroutine
+    being closed)."""
     ran: list[str] = []
 
     @bus.on("cat.lost")
@@ -857,7 +859,7 @@ async def test_a_handler_raising_cancelled_error_is_retried_like_any_failure(
     assert hooks.failures == []
 
 
-@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit])
+@pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit, GeneratorExit])
 def test_a_hook_raising_cancelled_error_or_system_exit_does_not_stop_the_flush(
     raised: type[BaseException], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -888,6 +890,34 @@ def test_a_hook_raising_cancelled_error_or_system_exit_does_not_stop_the_flush(
     assert ran == [emitted[1].id]
     hook_lines = [r for r in caplog.records if r.getMessage().startswith("fastapi_eventbus hook")]
     assert [r.levelno for r in hook_lines] == [logging.ERROR]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("where", ["handler", "hook"])
+async def test_a_publish_whose_coroutine_is_closed_lets_it_close(where: str) -> None:
+    """A coroutine closed while suspended (its task destroyed pending, ``coro.close()``)
+    gets `GeneratorExit` at its ``await``: the bus lets it through instead of taking it for
+    the handler's or the hook's failure and awaiting on ("coroutine ignored GeneratorExit")."""
+    waiting = asyncio.get_running_loop().create_future()
+    failures: list[Any] = []
+
+    async def on_error(failure: Any) -> None:
+        await waiting
+
+    bus = EventBus(on_error=on_error if where == "hook" else failures.append)
+
+    @bus.on("cat.*")
+    async def handler(event: Event) -> None:
+        if where == "handler":
+            await waiting
+        raise LookupError("no cat")
+
+    publishing = bus.publish("cat.fed")
+    suspended = publishing.send(None)  # in the handler, or waiting for on_error's task
+    assert suspended is waiting if where == "handler" else not suspended.done()
+    publishing.close()  # raises RuntimeError if the bus awaited again
+    assert failures == []
+    waiting.cancel()
 
 
 @pytest.mark.parametrize("stubborn", [False, True])

@@ -498,7 +498,7 @@ class EventBus:
         left due at once, for the next process (or another one sharing it).
         """
         unfinished = await self.drain(timeout)
-        self._core.shutdown.close()
+        await self._core.shutdown.close()
         await self._core.shutdown.release()
         await self._core.sender.close()
         logger.debug("fastapi_eventbus closed")

@@ -27,7 +27,6 @@ from .exceptions import (
     CapacityError,
     ConfigurationError,
     EventChainError,
-    OutsideRequestError,
     SpoolError,
 )
 from .forwarders._base import Forwarder
@@ -373,9 +372,18 @@ class Core:
     def emit(
         self, batch: Batch, event: object, payload: Any, has_payload: bool, extensions: object
     ) -> Event:
-        """`EventBus.emit` into a request's (or handler call's) *batch*: `make`, `accept`."""
-        if batch.state >= CLOSED and (why := self.shutdown.refusal(batch)) is not None:
-            raise OutsideRequestError(f"event refused: {why}")
+        """`EventBus.emit` into a request's (or handler call's) *batch*: `make`, `accept`.
+
+        Into a finished batch (a late emit: a task's, a thread's), only if the shutdown
+        lets it (`Shutdown.late`)."""
+        if batch.state >= CLOSED:
+            with self.shutdown.late(batch):
+                event_obj, deliver = self.make(
+                    event, payload, has_payload, batch, None, True, extensions
+                )
+                if deliver:
+                    self.accept(batch, event_obj)
+                return event_obj
         event_obj, deliver = self.make(event, payload, has_payload, batch, None, True, extensions)
         if deliver:
             self.accept(batch, event_obj)

@@ -14,13 +14,17 @@ One bus may serve several apps at once, each on its own loop: each drains its ow
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ._batch import FAILED, Batch
+from ._batch import CLOSED, FAILED, Batch
 from ._events import Event
 from ._hooks import DiscardedEvents, call_hook, logger
-from .exceptions import SpoolError
+from .exceptions import OutsideRequestError, SpoolError
 
 if TYPE_CHECKING:
     from ._core import Core
@@ -33,6 +37,9 @@ class Shutdown:
         self.core = core
         self._stopping: dict[asyncio.AbstractEventLoop, asyncio.TimerHandle] = {}
         self._closed: set[asyncio.AbstractEventLoop] = set()
+        self._late = threading.RLock()
+        """Held by a thread's late emit (`late`) and by `close`: the emit is refused, or its
+        event is in a batch `close` finds."""
 
     def begin(self) -> None:
         """The server was told to stop: `stop_flushes` in ``shutdown_timeout`` seconds."""
@@ -116,10 +123,47 @@ class Shutdown:
             except Exception as exc:
                 logger.error("outbox %s: could not release its rows: %r", core.outbox.name, exc)
 
-    def close(self) -> None:
-        """The app on the running loop has shut down (`EventBus.close`): see `refusal`."""
-        self._closed = {loop for loop in self._closed if not loop.is_closed()}  # `refusal`
-        self._closed.add(asyncio.get_running_loop())  # tells those apart: none is kept
+    async def close(self) -> None:
+        """The app on the running loop has shut down (`EventBus.close`): see `refusal`.
+
+        An event a thread emitted into a finished batch after `drain` looked, and before
+        this, would wait for a flush the closing loop may never run: it is reported (ERROR,
+        ``on_discard``). A thread's emit under way waits for this, or this for it (`late`).
+        """
+        loop = asyncio.get_running_loop()
+        locked = self._late.acquire(timeout=_LATE_WAIT)  # blocks the loop: emits are short
+        try:
+            self._closed = {loop for loop in self._closed if not loop.is_closed()}  # `refusal`
+            self._closed.add(loop)  # tells those apart: none is kept
+            waiting = [b for b in self.core.active if b.loop is loop and b.state == CLOSED]
+        finally:
+            if locked:
+                self._late.release()
+        if not locked:
+            logger.warning(
+                "shutdown: an event emitted from a thread took over %gs; it may not be "
+                "reported if the loop closes before its flush runs",
+                _LATE_WAIT,
+            )
+        for batch in waiting:
+            if batch.events:
+                reason = "it was emitted from a thread while the application shut down"
+                await self.core.discard(batch, reason, forget=False, level=logging.ERROR)
+
+    @contextmanager
+    def late(self, batch: Batch) -> Iterator[None]:
+        """Around an event emitted into finished *batch*: refused here (`OutsideRequestError`,
+        see `refusal`); from a thread, `close` waits until it is accepted and scheduled."""
+        thread = not _running(batch.loop) if batch.loop is not None else False
+        if thread:
+            self._late.acquire()
+        try:
+            if (why := self.refusal(batch)) is not None:
+                raise OutsideRequestError(f"event refused: {why}")
+            yield
+        finally:
+            if thread:
+                self._late.release()
 
     def reopen(self) -> None:
         """An app starts serving on the running loop (its lifespan), which may be one closed
@@ -140,6 +184,10 @@ class Shutdown:
         if loop is not None and loop in self._closed and not _running(loop):
             return "the application has shut down (bus.close() ran on its event loop)"
         return None
+
+
+_LATE_WAIT = 5.0
+"""Seconds `Shutdown.close` waits for a thread's emit under way (`Shutdown.late`)."""
 
 
 def _running(loop: asyncio.AbstractEventLoop) -> bool:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
+from pydantic import BaseModel, field_validator
 
 from fastapi_eventbus import Event, EventBus, HandlerFailure, OutsideRequestError, get_bus
 from fastapi_eventbus.testing import RecordingForwarder
@@ -258,6 +259,63 @@ async def test_an_event_emitted_after_the_app_shut_down_is_refused_where_it_is_e
     async with app.router.lifespan_context(app):  # serving again on the same loop
         await asyncio.to_thread(views[0].emit, "report.on_time")
         await bus.drain(1)
+
+
+def test_an_emit_from_a_thread_racing_the_shutdown_is_refused_or_reported(hooks: Hooks) -> None:
+    """Found: a thread's emit that passed the shutdown check just before ``bus.close()`` ran
+    was accepted after it: under ``asyncio.run`` (uvicorn) the loop closed first, and the
+    emit raised a bare ``RuntimeError('Event loop is closed')`` for an event already counted
+    as pending, reported nowhere. Now ``close()`` waits for such an emit and reports its
+    event by id (ERROR, ``on_discard``), or the emit is refused where it is made."""
+    app, bus = FastAPI(), EventBus(on_discard=hooks.discards.append)
+    bus.install(app)
+    handled: list[str] = []
+    bus.on("report.*")(lambda event: handled.append(event.id))
+    inside, proceed = threading.Event(), threading.Event()
+
+    class Slow(BaseModel):  # validated in the emit, after the check: the thread waits here
+        total: int
+
+        @field_validator("total")
+        @classmethod
+        def wait(cls, value: int) -> int:
+            inside.set()
+            proceed.wait(5)
+            return value
+
+    bus.register("report.late", Slow)
+    views: list[EventBus] = []
+
+    @app.post("/")
+    async def keep(events: EventBus = Depends(get_bus)) -> None:
+        views.append(events)
+
+    outcome: list[object] = []
+
+    def emit_late() -> None:  # a thread the endpoint left running
+        try:
+            outcome.append(views[0].emit("report.late", {"total": 1}))
+        except Exception as exc:
+            outcome.append(exc)
+
+    async def serve() -> threading.Thread:
+        transport = httpx.ASGITransport(app)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                await client.post("/")
+            thread = threading.Thread(target=emit_late)
+            thread.start()
+            await asyncio.to_thread(inside.wait, 5)
+            threading.Timer(0.2, proceed.set).start()  # while the shutdown runs
+        return thread  # the loop closes now, as uvicorn's does
+
+    asyncio.run(serve()).join(5)
+    [result] = outcome
+    if isinstance(result, Event):
+        reported = [event.id for discarded in hooks.discards for event in discarded.events]
+        assert (reported, handled) in (([result.id], []), ([], [result.id]))
+    else:
+        assert isinstance(result, OutsideRequestError), result
 
 
 def test_an_event_emitted_after_its_event_loop_closed_is_refused_and_not_counted() -> None:

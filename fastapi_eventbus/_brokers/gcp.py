@@ -85,6 +85,12 @@ class NoToken:
         """Nothing to close."""
 
 
+async def auth_headers(client: Any, emulated: bool) -> dict[str, str]:
+    """The headers of a request made through a gcloud-aio *client*'s session, as its own
+    methods make them: its token's, but with an emulator (none is ever asked for)."""
+    return {} if emulated else {"Authorization": f"Bearer {await client.token.get()}"}
+
+
 def client_options(
     session: aiohttp.ClientSession, api_root: str, emulated: bool, service_file: str | None
 ) -> dict[str, Any]:

@@ -228,8 +228,7 @@ class PubSubForwarder(Forwarder):
         client = self._current_client()
         try:
             with _translated(f"get topic {self.topic}"):
-                token = None if self.emulated else await client.token.get()
-                headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+                headers = await gcp.auth_headers(client, self.emulated)
                 url = f"{self.api_root}/{self.topic}"
                 response = await client.session.get(url, headers=headers, timeout=self.timeout)
                 response.release()

@@ -6,7 +6,7 @@ from fastapi_eventbus.worker import PubSubSource, Worker
 worker = Worker(app, PubSubSource("projects/my-project/subscriptions/orders-worker"))
 ```
 
-Pull requests through gcloud-aio-pubsub; a message is acknowledged only once its
+Pull requests through gcloud-aio-pubsub's client; a message is acknowledged only once its
 handlers all succeeded, and nacked (``modifyAckDeadline`` 0) otherwise, so that
 the subscription's retry policy and dead-letter topic decide what happens next.
 With ``ack_deadline``, pulled messages get that ack deadline, and the worker
@@ -16,12 +16,14 @@ The SDK is imported when the source starts, never before.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
@@ -32,7 +34,7 @@ from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
 
 if TYPE_CHECKING:
     import aiohttp
-    from gcloud.aio.pubsub import SubscriberClient, SubscriberMessage
+    from gcloud.aio.pubsub import SubscriberClient
 
     from fastapi_eventbus.wire import Decoder
 
@@ -180,11 +182,7 @@ class PubSubSource(Source):
         client = self.client
         try:
             with self._translated("pull"):
-                pulled = await client.pull(
-                    self.subscription,
-                    max(1, min(max_messages, self.max_messages)),
-                    timeout=self.pull_timeout,  # type: ignore[arg-type]  # aiohttp takes floats
-                )
+                pulled = await self._pull(client, max(1, min(max_messages, self.max_messages)))
         except TimeoutError:  # longer than the server holds an empty pull: it is stalled
             logger.warning(
                 "Pub/Sub source %s: a pull got no answer within pull_timeout (%gs); pulling "
@@ -197,6 +195,23 @@ class PubSubSource(Source):
         received = [_received(message) for message in pulled]
         if received and self.ack_deadline is not None:
             await self._set_deadlines(received, self.ack_deadline)
+        return received
+
+    async def _pull(self, client: SubscriberClient, count: int) -> list[Mapping[str, Any]]:
+        """One ``pull`` request's received messages. Through the client's session, as its
+        ``pull`` does, but read here: ``SubscriberClient.pull`` drops each message's
+        ``orderingKey``, which the worker needs to keep a key's messages in order."""
+        headers = {
+            "Content-Type": "application/json",
+            **await gcp.auth_headers(client, self.emulated),
+        }
+        response = await client.session.post(
+            f"{self.api_root}/{self.subscription}:pull",
+            data=json.dumps({"maxMessages": count}).encode(),
+            headers=headers,
+            timeout=self.pull_timeout,
+        )
+        received: list[Mapping[str, Any]] = (await response.json()).get("receivedMessages", [])
         return received
 
     async def ack(self, message: ReceivedMessage) -> None:
@@ -296,10 +311,17 @@ class PubSubSource(Source):
         return gcp.trace_context(message.body)
 
 
-def _received(message: SubscriberMessage) -> ReceivedMessage:
+def _received(item: Mapping[str, Any]) -> ReceivedMessage:
+    """A pull's received message: its ordering key (if any) orders it in the worker."""
+    message = item["message"]
+    data = message.get("data")
     return ReceivedMessage(
-        body={"data": message.data or b"", "attributes": message.attributes or {}},
-        message_id=message.message_id,
-        receipt=message.ack_id,
-        receive_count=message.delivery_attempt,
+        body={
+            "data": base64.b64decode(data) if data else b"",
+            "attributes": message.get("attributes") or {},
+        },
+        message_id=message["messageId"],
+        receipt=item["ackId"],
+        receive_count=item.get("deliveryAttempt"),
+        order_key=message.get("orderingKey") or None,  # "": none
     )

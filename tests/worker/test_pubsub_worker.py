@@ -235,3 +235,43 @@ async def test_a_pull_the_broker_never_answers_is_a_warning(
         await server.wait_closed()
     (warning,) = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
     assert "orders: a pull got no answer within pull_timeout (0.2s)" in warning
+
+
+@pytest.mark.anyio
+async def test_messages_with_one_ordering_key_are_handled_in_their_order(
+    pubsub_emulator: Emulator,
+) -> None:
+    """Found: a `PubSubSource` handled the messages of one ordering key concurrently, so a
+    slow first message finished after the ones published after it: the order a
+    `PubSubForwarder(ordering_key=...)` and an ordered subscription keep was lost in the
+    worker. Like an SQS FIFO queue's groups, each key's messages now run one after the
+    other; keys run concurrently."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    finished: list[tuple[str, int]] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        if event.payload["n"] == 0:
+            await asyncio.sleep(0.5)  # the first of its key is the slowest
+        finished.append((event.payload["order"], event.payload["n"]))
+
+    publisher = EventBus()
+    forwarder = PubSubForwarder(
+        channel.topic,
+        emulator_host=pubsub_emulator.host,
+        ordering_key=lambda event: str(event.payload["order"]),
+    )
+    publisher.forward("order.*", forwarder)
+    for order, n in (("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2), ("o-2", 1)):
+        await publisher.publish("order.line", {"order": order, "n": n})
+    await publisher.close()
+    source = PubSubSource(subscription_path(channel), emulator_host=pubsub_emulator.host)
+    async with Worker(bus, source, concurrency=5) as worker:
+        await until(lambda: worker.stats.handled == 5, timeout=20)
+    for order in ("o-1", "o-2"):
+        assert [n for key, n in finished if key == order] == sorted(
+            n for key, n in finished if key == order
+        )
+    assert len(finished) == 5
+    assert channel.pull(1, timeout=1.5) == []

@@ -32,7 +32,8 @@ class ReceivedMessage:
     """How many times the broker has delivered it, this time included, if it says."""
     order_key: str | None = None
     """Messages with the same key are handled one after the other, in the order received
-    (an SQS FIFO queue's ``MessageGroupId``); one not handled holds back the later ones."""
+    (an SQS FIFO queue's ``MessageGroupId``, a Pub/Sub message's ``orderingKey``); one not
+    handled holds back the later ones."""
 
 
 @dataclass(frozen=True, slots=True)

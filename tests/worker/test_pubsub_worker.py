@@ -275,3 +275,46 @@ async def test_messages_with_one_ordering_key_are_handled_in_their_order(
         )
     assert len(finished) == 5
     assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_failed_message_holds_back_the_later_ones_of_its_key(
+    pubsub_emulator: Emulator,
+) -> None:
+    """The first message of a key fails once: the later ones of that key go back unhandled
+    with it, and Pub/Sub delivers them again in their order; another key is not held."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    finished: list[tuple[str, int]] = []
+    failed: list[int] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        key, n = event.payload["order"], event.payload["n"]
+        if key == "o-1" and n == 0 and not failed:
+            failed.append(n)
+            await asyncio.sleep(0.3)  # the later ones are received meanwhile
+            raise RuntimeError("first delivery fails")
+        finished.append((key, n))
+
+    publisher = EventBus()
+    forwarder = PubSubForwarder(
+        channel.topic,
+        emulator_host=pubsub_emulator.host,
+        ordering_key=lambda event: str(event.payload["order"]),
+    )
+    publisher.forward("order.*", forwarder)
+    for order, n in (("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2)):
+        await publisher.publish("order.line", {"order": order, "n": n})
+    await publisher.close()
+    source = PubSubSource(
+        subscription_path(channel),
+        emulator_host=pubsub_emulator.host,
+        nack_backoff=Backoff(initial=0.1, maximum=0.1),
+    )
+    async with Worker(bus, source, concurrency=4) as worker:
+        await until(lambda: len(finished) == 4, timeout=30)
+    assert [n for key, n in finished if key == "o-1"] == [0, 1, 2]
+    assert worker.stats.failed == 1
+    assert worker.stats.held_back >= 1
+    assert channel.pull(1, timeout=1.5) == []

@@ -126,9 +126,10 @@ class Shutdown:
     async def close(self) -> None:
         """The app on the running loop has shut down (`EventBus.close`): see `refusal`.
 
-        An event a thread emitted into a finished batch after `drain` looked, and before
-        this, would wait for a flush the closing loop may never run: it is reported (ERROR,
-        ``on_discard``). A thread's emit under way waits for this, or this for it (`late`).
+        An event emitted into a finished batch (by a thread or a task the app left running)
+        after `drain` looked, and before this, would wait for a flush the closing loop may
+        never run: it is reported (ERROR, ``on_discard``). A thread's emit under way waits
+        for this, or this for it (`late`).
         """
         loop = asyncio.get_running_loop()
         locked = self._late.acquire(timeout=_LATE_WAIT)  # blocks the loop: emits are short
@@ -147,7 +148,7 @@ class Shutdown:
             )
         for batch in waiting:
             if batch.events:
-                reason = "it was emitted from a thread while the application shut down"
+                reason = "it was emitted while the application shut down, after the drain"
                 await self.core.discard(batch, reason, forget=False, level=logging.ERROR)
 
     @contextmanager

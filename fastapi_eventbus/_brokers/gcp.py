@@ -15,6 +15,7 @@ import binascii
 import importlib.util
 import os
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, cast
 
 from fastapi_eventbus._events import Event
@@ -187,6 +188,16 @@ def _attributes(message: Mapping[str, Any]) -> dict[str, Any]:
             )
         named[name], spelled[name] = value, key
     return named
+
+
+def rest_data(data: object) -> object:
+    """A REST message's ``data`` (a pull's answer, a push request) as decoders take it:
+    base64 text as bytes; anything else as it is, for `decode` to refuse with the reason
+    (text that is not base64, a number), that message alone."""
+    if isinstance(data, str):
+        with suppress(ValueError):  # binascii.Error
+            return base64.b64decode(data, validate=True)
+    return data
 
 
 def _data(message: Mapping[str, Any]) -> bytes:

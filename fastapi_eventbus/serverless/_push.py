@@ -16,7 +16,6 @@ import inspect
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
@@ -238,9 +237,8 @@ class _Endpoints:
         try:
             await one.run()
         finally:
-            if (left := self.in_flight[message_id] - 1) > 0:
-                self.in_flight[message_id] = left
-            else:
+            self.in_flight[message_id] -= 1
+            if not self.in_flight[message_id]:
                 del self.in_flight[message_id]
         task = one.task
         if task is not None and not task.done():  # cancelled, and still not stopped
@@ -415,10 +413,7 @@ def _from_envelope(envelope: object, what: str) -> Pushed:
     name = subscription.rsplit("/", 1)[-1] if isinstance(subscription, str) else "Pub/Sub push"
     attempt = envelope.get("deliveryAttempt")
     message_id = message.get("messageId") or message.get("message_id") or "?"
-    data = message.get("data")  # 0, false, {}: refused by decoding, as 5 is
-    if isinstance(data, str):  # base64 text: the hook gets bytes, as from a pull
-        with suppress(ValueError):  # not base64: decoding refuses it, with the reason
-            data = base64.b64decode(data, validate=True)
+    data = gcp.rest_data(message.get("data"))  # 0, false, {}: refused by decoding, as 5 is
     received = ReceivedMessage(
         body={"data": data, "attributes": message.get("attributes") or {}},
         message_id=str(message_id),

@@ -16,7 +16,6 @@ The SDK is imported when the source starts, never before.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -314,12 +313,9 @@ class PubSubSource(Source):
 def _received(item: Mapping[str, Any]) -> ReceivedMessage:
     """A pull's received message: its ordering key (if any) orders it in the worker."""
     message = item["message"]
-    data = message.get("data")
+    data = gcp.rest_data(message.get("data"))
     return ReceivedMessage(
-        body={
-            "data": base64.b64decode(data) if data else b"",
-            "attributes": message.get("attributes") or {},
-        },
+        body={"data": b"" if data is None else data, "attributes": message.get("attributes") or {}},
         message_id=message["messageId"],
         receipt=item["ackId"],
         receive_count=item.get("deliveryAttempt"),

@@ -155,7 +155,7 @@ class Shutdown:
     def late(self, batch: Batch) -> Iterator[None]:
         """Around an event emitted into finished *batch*: refused here (`OutsideRequestError`,
         see `refusal`); from a thread, `close` waits until it is accepted and scheduled."""
-        thread = not _running(batch.loop) if batch.loop is not None else False
+        thread = batch.loop is not None and not _running(batch.loop)
         if thread:
             self._late.acquire()
         try:

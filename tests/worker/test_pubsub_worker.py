@@ -237,6 +237,21 @@ async def test_a_pull_the_broker_never_answers_is_a_warning(
     assert "orders: a pull got no answer within pull_timeout (0.2s)" in warning
 
 
+async def publish_lines(channel: Channel, *lines: tuple[str, int]) -> None:
+    """Publish ``order.line`` events ``{"order": key, "n": n}``, in this order, as a
+    `PubSubForwarder` with each order's key as its ordering key does."""
+    publisher = EventBus()
+    forwarder = PubSubForwarder(
+        channel.topic,
+        emulator_host=channel.emulator.host,
+        ordering_key=lambda event: str(event.payload["order"]),
+    )
+    publisher.forward("order.*", forwarder)
+    for order, n in lines:
+        await publisher.publish("order.line", {"order": order, "n": n})
+    await publisher.close()
+
+
 @pytest.mark.anyio
 async def test_messages_with_one_ordering_key_are_handled_in_their_order(
     pubsub_emulator: Emulator,
@@ -256,16 +271,7 @@ async def test_messages_with_one_ordering_key_are_handled_in_their_order(
             await asyncio.sleep(0.5)  # the first of its key is the slowest
         finished.append((event.payload["order"], event.payload["n"]))
 
-    publisher = EventBus()
-    forwarder = PubSubForwarder(
-        channel.topic,
-        emulator_host=pubsub_emulator.host,
-        ordering_key=lambda event: str(event.payload["order"]),
-    )
-    publisher.forward("order.*", forwarder)
-    for order, n in (("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2), ("o-2", 1)):
-        await publisher.publish("order.line", {"order": order, "n": n})
-    await publisher.close()
+    await publish_lines(channel, ("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2), ("o-2", 1))
     source = PubSubSource(subscription_path(channel), emulator_host=pubsub_emulator.host)
     async with Worker(bus, source, concurrency=5) as worker:
         await until(lambda: worker.stats.handled == 5, timeout=20)
@@ -297,16 +303,7 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key(
             raise RuntimeError("first delivery fails")
         finished.append((key, n))
 
-    publisher = EventBus()
-    forwarder = PubSubForwarder(
-        channel.topic,
-        emulator_host=pubsub_emulator.host,
-        ordering_key=lambda event: str(event.payload["order"]),
-    )
-    publisher.forward("order.*", forwarder)
-    for order, n in (("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2)):
-        await publisher.publish("order.line", {"order": order, "n": n})
-    await publisher.close()
+    await publish_lines(channel, ("o-1", 0), ("o-1", 1), ("o-2", 0), ("o-1", 2))
     source = PubSubSource(
         subscription_path(channel),
         emulator_host=pubsub_emulator.host,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
-from fastapi_eventbus.exceptions import ConfigurationError, SourceError
+from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
 
 from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
 
@@ -48,6 +48,8 @@ _NACK_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 """Default wait before a failed message comes back: 1 s, 2 s, 4 s... up to a minute."""
 _TRACKED_FAILURES = 10_000
 """Message ids whose failed deliveries a source remembers (the oldest are forgotten)."""
+_MALFORMED = "fastapi_eventbus.malformed"
+"""The body key of a pull answer's malformed item (`PubSubSource._read`): why it is."""
 
 logger = logging.getLogger("fastapi_eventbus.worker")
 
@@ -191,7 +193,7 @@ class PubSubSource(Source):
                 self.pull_timeout,
             )
             return []
-        received = [_received(message) for message in pulled]
+        received = [message for item in pulled if (message := self._read(item)) is not None]
         if received and self.ack_deadline is not None:
             await self._set_deadlines(received, self.ack_deadline)
         return received
@@ -212,6 +214,36 @@ class PubSubSource(Source):
         )
         received: list[Mapping[str, Any]] = (await response.json()).get("receivedMessages", [])
         return received
+
+    def _read(self, item: Any) -> ReceivedMessage | None:
+        """One item of a pull answer; one that is malformed fails alone, never the pull.
+
+        Without its ``messageId`` (or with a ``message`` that is not one), the item is a
+        message the worker cannot decode: its ``on_undecodable`` applies. Without its
+        ``ackId`` it can be neither acknowledged nor given back: an ERROR names it, and
+        Pub/Sub delivers it again at its ack deadline."""
+        try:
+            return _received(item)
+        except (KeyError, TypeError, AttributeError) as exc:
+            why = f"its {exc.args[0]} is missing" if isinstance(exc, KeyError) else repr(exc)
+        ack_id = item.get("ackId") if isinstance(item, Mapping) else None
+        message = item.get("message") if isinstance(item, Mapping) else None
+        message_id = message.get("messageId") if isinstance(message, Mapping) else None
+        if not isinstance(ack_id, str) or not ack_id:
+            logger.error(
+                "Pub/Sub source %s: a pull answer held a message with no ackId (messageId=%s): "
+                "it can be neither acknowledged nor given back, and is delivered again at its "
+                "ack deadline",
+                self.name,
+                message_id,
+            )
+            return None
+        reason = f"a malformed item of a pull answer: {why}"
+        return ReceivedMessage(
+            body={"data": b"", "attributes": {}, _MALFORMED: reason},
+            message_id=str(message_id) if message_id else f"with no messageId, ackId {ack_id}",
+            receipt=ack_id,
+        )
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Acknowledge *message* (in one request with others acknowledged meanwhile)."""
@@ -294,6 +326,8 @@ class PubSubSource(Source):
 
     def decode(self, message: ReceivedMessage) -> Event:
         """The event in *message*: the `decoder`'s, else Google's CloudEvents binding's."""
+        if (malformed := message.body.get(_MALFORMED)) is not None:
+            raise MessageDecodeError(malformed)
         event = self.hooked(message)
         return gcp.decode(message.body) if event is None else event
 

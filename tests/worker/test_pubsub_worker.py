@@ -315,3 +315,99 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key(
     assert worker.stats.failed == 1
     assert worker.stats.held_back >= 1
     assert channel.pull(1, timeout=1.5) == []
+
+
+class PullRewriter:
+    """An HTTP proxy in front of the emulator that breaks items of the first pull answer
+    holding messages, as a faulty broker or middlebox would: *broken* maps a
+    message's position in that answer to the field it loses (``messageId``, ``ackId``)."""
+
+    def __init__(self, upstream: str, broken: dict[int, str]) -> None:
+        self.upstream, self.broken = upstream, broken
+        self.lost: dict[str, str] = {}  # the broken items' message id -> the field it lost
+        self._runner: Any = None
+        self.host = ""
+
+    async def __aenter__(self) -> PullRewriter:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)  # a pull may be waiting
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.host = f"127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    async def _relay(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        async with httpx.AsyncClient(timeout=None) as client:  # pulls wait for messages
+            url = f"http://{self.upstream}{request.path_qs}"
+            answer = await client.request(request.method, url, content=body, headers=headers)
+        if not request.path.endswith(":pull") or self.lost or answer.status_code != 200:
+            kind = answer.headers.get("Content-Type", "application/json")
+            return web.Response(
+                body=answer.content,
+                status=answer.status_code,
+                content_type=None,
+                headers={"Content-Type": kind},
+            )
+        pulled = answer.json()
+        for position, field in self.broken.items():
+            items = pulled.get("receivedMessages", [])
+            if position < len(items):
+                item = items[position]
+                self.lost[item["message"]["messageId"]] = field
+                (item["message"] if field == "messageId" else item).pop(field)
+        return web.json_response(pulled)
+
+
+@pytest.mark.anyio
+async def test_a_malformed_item_in_a_pull_answer_fails_that_message_alone(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: one item of a pull answer without its ``messageId`` or ``ackId`` failed the
+    whole pull, so every other message it carried stayed unhandled until its ack deadline.
+    Now the others are handled at once; an item that has its ``ackId`` is undecodable (the
+    worker's ``on_undecodable``: given back, delivered again, handled); one without can be
+    neither acknowledged nor given back: an ERROR names it, and Pub/Sub delivers it again
+    at its ack deadline."""
+    channel = pubsub_emulator.channel()
+    bus = EventBus()
+    handled: list[str] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        handled.append(event.id)
+
+    publisher = EventBus()
+    publisher.forward("order.*", PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host))
+    ids = [(await publisher.publish("order.placed", {"n": n})).id for n in range(4)]
+    await publisher.close()
+    async with PullRewriter(pubsub_emulator.host, {0: "messageId", 1: "ackId"}) as proxy:
+        source = PubSubSource(
+            subscription_path(channel),
+            emulator_host=proxy.host,
+            nack_backoff=Backoff(initial=0.1, maximum=0.1),
+        )
+        with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+            async with Worker(bus, source, concurrency=4) as worker:
+                await until(lambda: len(proxy.lost) == 2, timeout=10)
+                # All but the one without an ack id, which waits for its ack deadline (10 s).
+                await until(lambda: len(handled) == 3, timeout=5)
+                await until(lambda: len(handled) == 4, timeout=20)
+    assert sorted(handled) == sorted(ids)
+    assert worker.stats.undecodable == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    without_ack = next(i for i, field in proxy.lost.items() if field == "ackId")
+    (line,) = [e for e in errors if without_ack in e]
+    assert "no ackId" in line
+    assert any("no messageId" in e for e in errors), errors
+    assert channel.pull(1, timeout=1.5) == []

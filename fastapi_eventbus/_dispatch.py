@@ -38,8 +38,13 @@ class Inbox(Protocol):
     async def handled(self, event: Event) -> Collection[str]:
         """The names of the handlers that already succeeded for *event*."""
 
-    def calling(self, handler: str, event: Event) -> None:
-        """*handler* is about to run for *event* (a commit in it may record its success)."""
+    def calling(self, handler: str, event: Event) -> Callable[[], object] | None:
+        """*handler* is about to run for *event* (a commit in it may record its success).
+
+        May return a function, which the bus calls once that call is over (its retries
+        included), whether it succeeded or not: before `record`, and before ``on_error``
+        hears of a failure. A commit made after it (by a task the handler started, by the
+        hook) is no longer the handler's."""
 
     async def record(self, handler: str, event: Event) -> None:
         """*handler* succeeded for *event* (unless its own transaction recorded it)."""
@@ -137,12 +142,13 @@ class Dispatcher:
                     child = batch.child() if plan.may_emit or overrides else None
                 else:  # no dependencies: nothing to override, nothing to give get_bus
                     overrides, child = False, None
+                ended = None  # with an inbox: what ends the call (`Inbox.calling`)
                 try:
                     error: BaseException | None = None
                     if (timeout := handler.timeout) is not None and limit is None:
                         limit = batch.limit = self._limit(batch)
                     if inbox is not None:
-                        inbox.calling(handler.name, event)
+                        ended = inbox.calling(handler.name, event)
                     if self.tracing is None:  # `_call`, inlined: one coroutine less per call
                         try:
                             if child is None and plan.event_model is None:  # `_start`'s usual
@@ -181,6 +187,9 @@ class Dispatcher:
                         reason = f"handler {handler.name} was cancelled"
                         await self.core.discard(child, reason, forget=False, level=logging.ERROR)
                     raise
+                finally:
+                    if ended is not None:
+                        ended()
                 if error is not None:
                     await self._failed(handler, event, error)
                     failures.append(HandlerFailure(event, handler.name, error))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,12 @@ class _Call:
     key: str
     """The event's `event_key`."""
     recorded: bool = False
+    running: bool = True
+    """False once the call is over: a later commit in its context (a task the handler
+    started, an ``on_error`` hook) does not record it."""
+
+    def end(self) -> None:
+        self.running = False
 
 
 def event_key(event: Event) -> str:
@@ -107,9 +113,12 @@ class SQLAlchemyInbox:
         query = select(self.table.c.handler).where(self.table.c.event_id == event_key(event))
         return set(await run(self.engine, lambda c: c.execute(query).scalars().all()))
 
-    def calling(self, handler: str, event: Event) -> None:
-        """*handler* is about to run for *event*: a commit of its session records it."""
-        _CALL.set(_Call(self, handler, event_key(event)))
+    def calling(self, handler: str, event: Event) -> Callable[[], None]:
+        """*handler* is about to run for *event*: a commit of its session records it, until
+        the call is over (the function returned)."""
+        call = _Call(self, handler, event_key(event))
+        _CALL.set(call)
+        return call.end
 
     async def record(self, handler: str, event: Event) -> None:
         """*handler* succeeded for *event*: record it, unless its own commit did."""
@@ -156,7 +165,7 @@ class SQLAlchemyInbox:
 def _before_commit(session: Session) -> None:
     """Any session commits: inside an inboxed handler call, its success commits with it."""
     call = _CALL.get()
-    if call is None or call.recorded or session.in_nested_transaction():
+    if call is None or call.recorded or not call.running or session.in_nested_transaction():
         return
     event = CURRENT_EVENT.get(None)
     if event is None or event_key(event) != call.key:  # that dispatch is over

@@ -14,7 +14,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from fastapi_eventbus import ConfigurationError, Event, EventBus
+from fastapi_eventbus import ConfigurationError, Event, EventBus, HandlerFailure
 from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
 
 pytestmark = pytest.mark.slow
@@ -229,3 +229,60 @@ def test_handlers_sharing_a_name_are_refused_on_a_bus_with_an_inbox(
 
     sent = asyncio.run(scenario())
     assert sent == (["email"] if inbox else ["email", "sms"])
+
+
+@pytest.mark.parametrize("committer", ["a task it started", "the on_error hook"])
+def test_a_commit_after_a_handler_call_ended_does_not_record_it(
+    db_url: str, committer: str
+) -> None:
+    """Found: the inbox recorded a handler's success in any commit made in the handler's
+    context until a success ended it. A commit made after the handler raised (by a task
+    it started, which copies the context, or by an ``on_error`` hook writing the failure
+    down) recorded the failed handler as succeeded: the redelivery skipped it and its work
+    was never done. Only commits made during the call record it now."""
+
+    async def scenario() -> tuple[int, int]:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        async with engine.begin() as connection:
+            await connection.run_sync(metadata.create_all)
+        inbox = SQLAlchemyInbox(engine)
+        await inbox.create_tables()
+        sessions = async_sessionmaker(engine)
+        started: list[asyncio.Task[None]] = []
+
+        async def write_down(event_id: str) -> None:
+            async with sessions() as db:
+                await db.execute(insert(effects).values(event_id=f"audit {event_id}"))
+                await db.commit()
+
+        async def on_error(failure: HandlerFailure) -> None:
+            if committer == "the on_error hook":
+                await write_down(failure.event.id)
+
+        bus = EventBus(inbox=inbox, on_error=on_error)
+        calls: list[str] = []
+
+        @bus.on("paid")
+        async def charge(event: Event) -> None:
+            calls.append(event.id)
+            if committer == "a task it started":
+                started.append(asyncio.create_task(write_down(event.id)))
+                await asyncio.sleep(0)  # the task has started; it commits after the call
+            if len(calls) == 1:
+                raise RuntimeError("the card was declined")
+
+        delivered = Event(name="paid", payload={})
+        (failure,) = await bus.handle(delivered)
+        assert str(failure.exception) == "the card was declined"
+        await asyncio.gather(*started)
+        assert await bus.handle(delivered) == []  # runs again, succeeds
+        await asyncio.gather(*started)  # its task's commit after the success: no conflict
+        assert await bus.handle(delivered) == []  # recorded: skipped
+        async with sessions() as db:
+            audits = await db.scalar(select(func.count()).select_from(effects))
+        await engine.dispose()
+        return len(calls), int(audits or 0)
+
+    calls, audits = asyncio.run(scenario())
+    assert calls == 2
+    assert audits == (1 if committer == "the on_error hook" else 2)

@@ -208,14 +208,17 @@ class Core:
         if batch.state == CLOSED:
             self.schedule(batch)
 
-    def after_response(self, batch: Batch | None, job: Callable[[], Awaitable[None]]) -> None:
+    def after_response(
+        self, batch: Batch | None, job: Callable[[], Awaitable[None]], what: str | None = None
+    ) -> None:
         """Run *job* (which never raises) after *batch*'s response, in its flush; or at
-        once when there is no response to wait for (no request, or it was sent already).
+        once when there is no response to wait for (no request, or it was sent already):
+        a task of its own, named *what* (`spawn`).
 
         Safe to call from another thread (a sync endpoint, a sync database session).
         """
         if batch is None or batch.state != COLLECTING:
-            self.spawn(job, batch.loop if batch is not None else None)
+            self.spawn(job, batch.loop if batch is not None else None, what)
             return
         if not batch.events and not batch.jobs:
             self.active.add(batch)
@@ -227,10 +230,13 @@ class Core:
         batch.jobs.append(job)
 
     def spawn(
-        self, job: Callable[[], Awaitable[None]], loop: asyncio.AbstractEventLoop | None = None
+        self,
+        job: Callable[[], Awaitable[None]],
+        loop: asyncio.AbstractEventLoop | None = None,
+        what: str | None = None,
     ) -> None:
         """Run *job* as a task of its own on *loop* (the running one by default), which
-        `drain` waits for at shutdown."""
+        `drain` waits for at shutdown; *what* it does names it in a report (the task's name)."""
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -239,9 +245,11 @@ class Core:
         if loop is None:
             raise RuntimeError("no event loop to run the job on")
         if running is not loop:
-            loop.call_soon_threadsafe(self.spawn, job, loop)
+            loop.call_soon_threadsafe(self.spawn, job, loop, what)
             return
         task = asyncio.ensure_future(job())
+        if what is not None and isinstance(task, asyncio.Task):
+            task.set_name(what)
         self.jobs.add(task)
         task.add_done_callback(self.jobs.discard)
 

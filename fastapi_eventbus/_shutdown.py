@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ._batch import CLOSED, FAILED, Batch
+from ._deadline import CANCEL_GRACE, cancel_grace
 from ._events import Event
 from ._hooks import DiscardedEvents, call_hook, logger
 from .exceptions import OutsideRequestError, SpoolError
@@ -81,8 +82,14 @@ class Shutdown:
         jobs = [job for job in core.jobs if job.get_loop() is loop]
         for job in jobs:  # each reports what it did not finish
             job.cancel()
-        if jobs:
-            await asyncio.gather(*jobs, return_exceptions=True)
+        if jobs and (stuck := await cancel_grace(jobs)):
+            logger.error(
+                "shutdown: %d job(s) still ran %gs after they were cancelled (a handler with "
+                "no time limit ignores its cancellation); left running: %s",
+                len(stuck),
+                CANCEL_GRACE,
+                "; ".join(sorted(_named(job) for job in stuck)),
+            )
         batches = self._own(loop)
         unfinished = [event for batch in batches for event in batch.unfinished()]
         for batch in batches:  # reported here, so not again if their task is cancelled
@@ -189,6 +196,11 @@ class Shutdown:
 
 _LATE_WAIT = 5.0
 """Seconds `Shutdown.close` waits for a thread's emit under way (`Shutdown.late`)."""
+
+
+def _named(job: asyncio.Future[object]) -> str:
+    """What *job* does: its task's name (`Core.spawn`)."""
+    return job.get_name() if isinstance(job, asyncio.Task) else repr(job)
 
 
 def _running(loop: asyncio.AbstractEventLoop) -> bool:

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -199,14 +200,12 @@ class SQLAlchemyOutbox:
             by_batch.setdefault(id(entry.batch), []).append(entry)
         for group in by_batch.values():
             events = [entry.event for entry in group]
-
-            async def deliver(events: list[Event] = events) -> None:
-                await self.deliver(events)
-
+            deliver = partial(self.deliver, events)
+            what = f"outbox {self.name}: delivering {', '.join(e.id for e in events)}"
             if (first := group[0]).batch is None:  # committed in any thread: on its loop
-                self.core.spawn(deliver, first.loop)
+                self.core.spawn(deliver, first.loop, what)
             else:
-                self.core.after_response(first.batch, deliver)
+                self.core.after_response(first.batch, deliver, what)
 
     def discarded(self, entries: list[Entry], reason: str, level: int = logging.INFO) -> None:
         """*entries*' rows were rolled back: log it (at *level*), and tell ``on_discard``."""

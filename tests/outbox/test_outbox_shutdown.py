@@ -1,0 +1,69 @@
+"""The outbox at shutdown: nothing a handler does holds the application's exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from fastapi_eventbus import Event, EventBus
+from fastapi_eventbus.outbox import SQLAlchemyOutbox
+from tests.outbox.test_outbox import outbox_rows
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_delivery_ignoring_its_cancellation_does_not_hold_the_shutdown(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: an event emitted with ``session=`` outside a request is delivered by a task of
+    its own, which the shutdown cancelled and then awaited with no time limit: a handler
+    with no time limit that ignores its cancellation kept ``bus.close()`` (and the app's
+    exit) waiting forever, whatever ``shutdown_timeout`` said. Now it is left running after
+    a grace second, an ERROR names its event, and the row stays in the outbox for the next
+    process."""
+    stop = asyncio.Event()  # the end of the test: the handler may return
+
+    async def scenario() -> tuple[str, float]:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine, poll_interval=60)
+        await outbox.create_tables()
+        bus = EventBus(
+            outbox=outbox,
+            shutdown_timeout=0.5,
+            handler_timeout=None,
+        )
+        started = asyncio.Event()
+
+        @bus.on("report.requested")
+        async def stubborn(event: Event) -> None:
+            started.set()
+            while not stop.is_set():
+                with contextlib.suppress(asyncio.CancelledError):  # ignored
+                    await asyncio.sleep(0.05)
+
+        async with async_sessionmaker(engine)() as db:
+            event = bus.emit("report.requested", {"n": 1}, session=db)
+            await db.commit()
+        await asyncio.wait_for(started.wait(), 10)
+        began = time.monotonic()
+        closing = asyncio.ensure_future(bus.close())
+        await asyncio.wait({closing}, timeout=15)  # not wait_for: it waits for the cancel
+        took = time.monotonic() - began
+        stop.set()  # the handler returns: else asyncio.run would wait for it at its exit
+        await closing
+        await engine.dispose()
+        return event.id, took
+
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        event_id, took = asyncio.run(scenario())
+    assert took < 5, took
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("left running" in e and event_id in e for e in errors), errors
+    bus = EventBus(outbox=SQLAlchemyOutbox(create_async_engine(db_url, poolclass=NullPool)))
+    assert [row.event_id for row in outbox_rows(db_url, bus)] == [event_id]  # relayed later

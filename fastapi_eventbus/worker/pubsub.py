@@ -83,6 +83,12 @@ class PubSubSource(Source):
         decode: A decode hook (`fastapi_eventbus.wire.Decoder`) for messages in
             another format: it gets the message as `decode_message` takes it and
             returns its `Event`, or None to let the built-in decoding read it.
+        ordered: Whether the subscription delivers messages in order
+            (``enableMessageOrdering``): then the messages of one ordering key are
+            handled one after the other, and one not handled holds back the later
+            ones. Default: read from the subscription at the first message with an
+            ordering key (this needs ``pubsub.subscriptions.get``; without it, a
+            WARNING, and they are kept in order).
 
     Raises:
         MissingExtraError: gcloud-aio-pubsub (the ``gcp`` extra) is not installed.
@@ -107,6 +113,7 @@ class PubSubSource(Source):
         nack_backoff: Backoff | None = None,
         name: str | None = None,
         decode: Decoder | None = None,
+        ordered: bool | None = None,
     ) -> None:
         gcp.require_sdk()
         if not isinstance(subscription, str) or not _SUBSCRIPTION.fullmatch(subscription):
@@ -141,6 +148,8 @@ class PubSubSource(Source):
         self._session: aiohttp.ClientSession | None = None
         self._client: SubscriberClient | None = None
         self._acks = Coalescer(self._acknowledge, _MAX_ACK_IDS)
+        self.ordered = ordered
+        """Whether a key's messages are handled in their order (None: not read yet)."""
 
     def __repr__(self) -> str:
         return f"<PubSubSource {self.name!r} subscription={self.subscription!r}>"
@@ -193,6 +202,8 @@ class PubSubSource(Source):
                 self.pull_timeout,
             )
             return []
+        if self.ordered is None and any(_ordering_key(item) for item in pulled):
+            self.ordered = await self._subscription_orders(client)
         received = [message for item in pulled if (message := self._read(item)) is not None]
         if received and self.ack_deadline is not None:
             await self._set_deadlines(received, self.ack_deadline)
@@ -215,6 +226,28 @@ class PubSubSource(Source):
         received: list[Mapping[str, Any]] = (await response.json()).get("receivedMessages", [])
         return received
 
+    async def _subscription_orders(self, client: SubscriberClient) -> bool:
+        """Whether the subscription orders messages; True (and a WARNING) if that cannot be
+        read: a key's messages are then kept in order, as an ordered subscription needs."""
+        try:
+            with self._translated("read whether the subscription orders messages"):
+                response = await client.session.get(
+                    f"{self.api_root}/{self.subscription}",
+                    headers=await gcp.auth_headers(client, self.emulated),
+                    timeout=min(self.pull_timeout, 30.0),
+                )
+                subscription = await response.json()
+        except (SourceError, TimeoutError) as exc:
+            logger.warning(
+                "Pub/Sub source %s: %s; the messages of one ordering key are handled one "
+                "after the other, as an ordered subscription's (PubSubSource(ordered=...) "
+                "says which it is)",
+                self.name,
+                exc or "reading the subscription timed out",
+            )
+            return True
+        return subscription.get("enableMessageOrdering") is True
+
     def _read(self, item: Any) -> ReceivedMessage | None:
         """One item of a pull answer; one that is malformed fails alone, never the pull.
 
@@ -223,7 +256,7 @@ class PubSubSource(Source):
         ``ackId`` it can be neither acknowledged nor given back: an ERROR names it, and
         Pub/Sub delivers it again at its ack deadline."""
         try:
-            return _received(item)
+            return _received(item, self.ordered is True)
         except (KeyError, TypeError, AttributeError) as exc:
             why = f"its {exc.args[0]} is missing" if isinstance(exc, KeyError) else repr(exc)
         ack_id = item.get("ackId") if isinstance(item, Mapping) else None
@@ -344,8 +377,15 @@ class PubSubSource(Source):
         return gcp.trace_context(message.body)
 
 
-def _received(item: Mapping[str, Any]) -> ReceivedMessage:
-    """A pull's received message: its ordering key (if any) orders it in the worker."""
+def _ordering_key(item: object) -> bool:
+    """Whether a pull answer's *item* holds a message with an ordering key."""
+    message = item.get("message") if isinstance(item, Mapping) else None
+    return isinstance(message, Mapping) and bool(message.get("orderingKey"))
+
+
+def _received(item: Mapping[str, Any], ordered: bool) -> ReceivedMessage:
+    """A pull's received message: its ordering key (if any, from an *ordered* subscription)
+    orders it in the worker."""
     message = item["message"]
     data = gcp.rest_data(message.get("data"))
     return ReceivedMessage(
@@ -353,5 +393,5 @@ def _received(item: Mapping[str, Any]) -> ReceivedMessage:
         message_id=message["messageId"],
         receipt=item["ackId"],
         receive_count=item.get("deliveryAttempt"),
-        order_key=message.get("orderingKey") or None,  # "": none
+        order_key=(message.get("orderingKey") or None) if ordered else None,  # "": none
     )

@@ -115,6 +115,7 @@ class SQSSource(Source):
         self.decoder = decode
         self.queue_url = queue_url
         """The queue's URL."""
+        self._fifo = queue_url.rstrip("/").endswith(".fifo")  # a standard queue keeps no order
         self.wait_time_seconds = wait_time_seconds
         """How long one ``ReceiveMessage`` waits for messages."""
         self.max_messages = max_messages
@@ -182,7 +183,7 @@ class SQSSource(Source):
             request["VisibilityTimeout"] = self.visibility_timeout
         with self._translated("receive"):
             response = await self.client.receive_message(**request)
-        return [_received(message) for message in response.get("Messages", [])]
+        return [_received(message, self._fifo) for message in response.get("Messages", [])]
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Delete *message* (in a ``DeleteMessageBatch`` with others acknowledged meanwhile)."""
@@ -253,7 +254,7 @@ class SQSSource(Source):
         return aws.trace_context(message.body)
 
 
-def _received(message: MessageTypeDef) -> ReceivedMessage:
+def _received(message: MessageTypeDef, fifo: bool) -> ReceivedMessage:
     attributes = message.get("Attributes", {})
     count = attributes.get("ApproximateReceiveCount")
     return ReceivedMessage(
@@ -261,5 +262,5 @@ def _received(message: MessageTypeDef) -> ReceivedMessage:
         message_id=message.get("MessageId", ""),
         receipt=message.get("ReceiptHandle", ""),
         receive_count=int(count) if count else None,
-        order_key=attributes.get("MessageGroupId"),  # a FIFO queue's: its group's order
+        order_key=attributes.get("MessageGroupId") if fifo else None,  # its group's order
     )

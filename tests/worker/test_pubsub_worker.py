@@ -317,13 +317,50 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key(
     assert channel.pull(1, timeout=1.5) == []
 
 
+@pytest.mark.anyio
+async def test_ordering_keys_on_a_subscription_that_does_not_order_hold_nothing_back(
+    pubsub_emulator: Emulator,
+) -> None:
+    """Found: the worker kept the order of every message with an ordering key, also from a
+    subscription without message ordering (Pub/Sub hands the key over all the same): a
+    message that failed gave the later ones of its key back unhandled, each delivery
+    counted toward the dead-letter policy. Keys are kept in order now only from a
+    subscription that orders (read when the source starts, or ``ordered=``)."""
+    channel = pubsub_emulator.channel(ordered=False)
+    bus = EventBus()
+    finished: list[tuple[str, int]] = []
+    failed: list[int] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        key, n = event.payload["order"], event.payload["n"]
+        if key == "o-1" and n == 0 and not failed:
+            failed.append(n)
+            await asyncio.sleep(0.3)  # the later ones are received meanwhile
+            raise RuntimeError("first delivery fails")
+        finished.append((key, n))
+
+    await publish_lines(channel, ("o-1", 0), ("o-1", 1), ("o-1", 2))
+    source = PubSubSource(
+        subscription_path(channel),
+        emulator_host=pubsub_emulator.host,
+        nack_backoff=Backoff(initial=0.1, maximum=0.1),
+    )
+    async with Worker(bus, source, concurrency=4) as worker:
+        await until(lambda: len(finished) == 3, timeout=30)
+    assert worker.stats.held_back == 0
+    assert worker.stats.failed == 1
+    assert source.ordered is False
+    assert channel.pull(1, timeout=1.5) == []
+
+
 class PullRewriter:
     """An HTTP proxy in front of the emulator that breaks items of the first pull answer
     holding messages, as a faulty broker or middlebox would: *broken* maps a
     message's position in that answer to the field it loses (``messageId``, ``ackId``)."""
 
-    def __init__(self, upstream: str, broken: dict[int, str]) -> None:
-        self.upstream, self.broken = upstream, broken
+    def __init__(self, upstream: str, broken: dict[int, str], deny_get: bool = False) -> None:
+        self.upstream, self.broken, self.deny_get = upstream, broken, deny_get
         self.lost: dict[str, str] = {}  # the broken items' message id -> the field it lost
         self._runner: Any = None
         self.host = ""
@@ -346,6 +383,8 @@ class PullRewriter:
     async def _relay(self, request: Any) -> Any:
         from aiohttp import web
 
+        if self.deny_get and request.method == "GET":  # no pubsub.subscriptions.get
+            return web.json_response({"error": {"code": 403}}, status=403)
         body = await request.read()
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         async with httpx.AsyncClient(timeout=None) as client:  # pulls wait for messages
@@ -411,3 +450,29 @@ async def test_a_malformed_item_in_a_pull_answer_fails_that_message_alone(
     assert "no ackId" in line
     assert any("no messageId" in e for e in errors), errors
     assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_subscription_that_cannot_be_read_keeps_ordering_keys_in_order(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ``pubsub.subscriptions.get`` the source cannot tell whether the subscription
+    orders messages: a WARNING says so and how to tell it, and keys are kept in order."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    finished: list[int] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        finished.append(event.payload["n"])
+
+    await publish_lines(channel, ("o-1", 0), ("o-1", 1))
+    async with PullRewriter(pubsub_emulator.host, {}, deny_get=True) as proxy:
+        source = PubSubSource(subscription_path(channel), emulator_host=proxy.host)
+        with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
+            async with Worker(bus, source, concurrency=2):
+                await until(lambda: len(finished) == 2, timeout=20)
+    assert finished == [0, 1]
+    assert source.ordered is True
+    (warning,) = [r.getMessage() for r in caplog.records if "ordered=" in r.getMessage()]
+    assert "cannot read whether the subscription orders messages: HTTP 403" in warning

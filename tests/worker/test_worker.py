@@ -674,9 +674,10 @@ async def test_a_deleted_message_that_is_not_an_event_is_reported_to_on_discard(
 # -- FIFO queues: each group's order --------------------------------------------------------
 
 
-async def fifo_orders(moto: Moto, *orders: tuple[str, int]) -> str:
-    """A new FIFO queue holding one ``order.placed`` event per (group, n), sent in order."""
-    queue_url = await moto.create_queue("orders", fifo=True)
+async def fifo_orders(moto: Moto, *orders: tuple[str, int], fifo: bool = True) -> str:
+    """A new FIFO queue (or standard: *fifo* False) holding one ``order.placed`` event per
+    (group, n) with its group as ``MessageGroupId``, sent in order."""
+    queue_url = await moto.create_queue("orders", fifo=fifo)
     bus = EventBus()
     bus.forward("order.*", moto.forwarder(queue_url, message_group_id=lambda e: e.payload["g"]))
     for group, n in orders:
@@ -730,6 +731,33 @@ async def test_a_fifo_message_not_handled_holds_back_the_rest_of_its_group(
     held = [r for r in caplog.records if "to keep the order of its group 'a'" in r.getMessage()]
     assert len(held) == worker.stats.held_back >= 1
     assert all(r.levelno == logging.WARNING for r in held)
+    assert await counts(moto, queue_url) == (0, 0)
+
+
+async def test_groups_on_a_standard_queue_hold_nothing_back(moto: Moto) -> None:
+    """Found: the worker kept the order of every message with a ``MessageGroupId``, also on
+    a standard queue (SQS fair queues take group ids there, and keep no order): a message
+    that failed gave the later ones of its group back unhandled, each delivery counted
+    toward the redrive policy, so good messages could reach the dead-letter queue without
+    their handlers ever running. Only a FIFO queue's groups are kept in order now."""
+    queue_url = await fifo_orders(moto, ("a", 0), ("a", 1), ("a", 2), ("b", 0), fifo=False)
+    bus = EventBus()
+    done: list[tuple[str, int]] = []
+    failed: list[int] = []
+
+    @bus.on("order.*")
+    async def ship(event: Event) -> None:
+        group, n = event.payload["g"], event.payload["n"]
+        if (group, n) == ("a", 0) and not failed:
+            failed.append(n)
+            raise RuntimeError("the first try fails")
+        done.append((group, n))
+
+    async with Worker(bus, source(moto, queue_url), concurrency=10) as worker:
+        await until(lambda: worker.stats.handled == 4)
+    assert sorted(done) == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+    assert worker.stats.held_back == 0
+    assert worker.stats.received == 5  # a0 twice, the others once
     assert await counts(moto, queue_url) == (0, 0)
 
 

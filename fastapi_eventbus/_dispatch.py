@@ -47,7 +47,10 @@ class Inbox(Protocol):
         hook) is no longer the handler's."""
 
     async def record(self, handler: str, event: Event) -> None:
-        """*handler* succeeded for *event* (unless its own transaction recorded it)."""
+        """*handler* succeeded for *event* (unless its own transaction recorded it).
+
+        An inbox may also have a ``handler_name_length``: the longest handler name it
+        records (a bus refuses longer ones at registration)."""
 
 
 class Dispatcher:
@@ -91,6 +94,13 @@ class Dispatcher:
                 "on a redelivery. Give each its own name (a factory's handlers: set "
                 "__qualname__), or register one function once, with all its patterns: "
                 '@bus.on("a", "b")'
+            )
+        longest = getattr(self.inbox, "handler_name_length", None)  # see `Inbox`
+        if longest is not None and len(handler.name) > longest:
+            raise ConfigurationError(
+                f"handler {handler.name[:60]}... has a name of {len(handler.name)} characters, "
+                f"and this bus's inbox records handlers by name in {longest}: give it a "
+                "shorter one (set __qualname__)"
             )
         model = handler.plan.event_model
         name = event_name_of(model) if model is not None else None

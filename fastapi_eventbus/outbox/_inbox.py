@@ -21,7 +21,7 @@ from fastapi_eventbus._events import Event
 from fastapi_eventbus.wire import DEFAULT_SOURCE_PREFIX
 
 from ._db import checked_engine, database_of, run, sync_engine
-from ._tables import ID_LENGTH, inbox_table
+from ._tables import ID_LENGTH, TEXT_LENGTH, inbox_table
 
 
 @dataclass(eq=False)
@@ -84,6 +84,10 @@ class SQLAlchemyInbox:
             by default.
         table_prefix: The start of the table's name (``eventbus_inbox``).
     """
+
+    handler_name_length = TEXT_LENGTH
+    """The longest handler name the inbox's table holds: a bus with it refuses longer ones
+    at ``@bus.on``."""
 
     def __init__(
         self,

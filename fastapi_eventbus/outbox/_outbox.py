@@ -39,7 +39,7 @@ from fastapi_eventbus.storage import SpooledEvent
 
 from ._db import checked_engine, run, same_database, sync_engine, sync_session
 from ._session import Entry, joined, listen_to_sessions
-from ._tables import OutboxTables, outbox_tables
+from ._tables import OutboxTables, check_fits, outbox_tables
 
 if TYPE_CHECKING:
     from fastapi_eventbus._batch import Batch
@@ -160,6 +160,7 @@ class SQLAlchemyOutbox:
             )
         except RuntimeError:  # a sync script: the relay delivers it
             loop = None
+        check_fits(event.name, destinations := core.destinations(event.name))
         local = loop is not None
         now = time.time()
         due = now + self.lease if local else now
@@ -175,7 +176,7 @@ class SQLAlchemyOutbox:
                 due=due,
                 owner=self.owner if local else None,
             )
-            for destination in core.destinations(event.name)
+            for destination in destinations
         ]
         sync.add_all(rows)
         carried.entries.append(Entry(self, event, rows, batch, local, loop))

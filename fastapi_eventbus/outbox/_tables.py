@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
 
+from fastapi_eventbus.exceptions import ConfigurationError, InvalidEventError
+
 ID_LENGTH = 64
 """Room for an event id: this library's are 32 characters; other producers' may be longer."""
+
+TEXT_LENGTH = 255
+"""Room for an event's name, a destination (a forwarder's name) and a handler's name."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ def outbox_tables(metadata: MetaData, prefix: str) -> OutboxTables:
         return OutboxTables(metadata, existing, metadata.tables[f"{prefix}outbox_dead"])
     columns = (
         lambda: Column("event_id", String(ID_LENGTH), primary_key=True),
-        lambda: Column("destination", String(255), primary_key=True),
-        lambda: Column("name", String(255), nullable=False),
+        lambda: Column("destination", String(TEXT_LENGTH), primary_key=True),
+        lambda: Column("name", String(TEXT_LENGTH), nullable=False),
         lambda: Column("body", Text, nullable=False),
         lambda: Column("created", Float, nullable=False),
         lambda: Column("attempts", Integer, nullable=False, default=0),
@@ -58,7 +63,24 @@ def inbox_table(metadata: MetaData, prefix: str) -> Table:
     return Table(
         f"{prefix}inbox",
         metadata,
-        Column("handler", String(255), primary_key=True),
+        Column("handler", String(TEXT_LENGTH), primary_key=True),
         Column("event_id", String(ID_LENGTH), primary_key=True),
         Column("handled_at", Float, nullable=False),
     )
+
+
+def check_fits(name: str, destinations: list[str]) -> None:
+    """Refuse, at ``emit``, an event whose rows the outbox's columns could not hold: the
+    application's commit would fail with them."""
+    if len(name) > TEXT_LENGTH:
+        raise InvalidEventError(
+            f"event name {name[:40]!r}... is {len(name)} characters; an outbox's name column "
+            f"holds {TEXT_LENGTH}"
+        )
+    for destination in destinations:
+        if len(destination) > TEXT_LENGTH:
+            raise ConfigurationError(
+                f"forwarder {destination!r} has a name of {len(destination)} characters; an "
+                f"outbox records each event's forwarders by name, in {TEXT_LENGTH}: name it "
+                "shorter (name=...)"
+            )

@@ -1,4 +1,5 @@
-"""The outbox at shutdown: nothing a handler does holds the application's exit."""
+"""The outbox's edges: nothing a handler does holds the application's exit, and what its
+tables cannot hold is refused where it is emitted or registered."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from fastapi_eventbus import Event, EventBus
-from fastapi_eventbus.outbox import SQLAlchemyOutbox
+from fastapi_eventbus import ConfigurationError, Event, EventBus, InvalidEventError
+from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
+from fastapi_eventbus.testing import RecordingForwarder
 from tests.outbox.test_outbox import outbox_rows
 
 pytestmark = pytest.mark.slow
@@ -67,3 +69,49 @@ def test_a_delivery_ignoring_its_cancellation_does_not_hold_the_shutdown(
     assert any("left running" in e and event_id in e for e in errors), errors
     bus = EventBus(outbox=SQLAlchemyOutbox(create_async_engine(db_url, poolclass=NullPool)))
     assert [row.event_id for row in outbox_rows(db_url, bus)] == [event_id]  # relayed later
+
+
+def test_what_the_outbox_s_columns_cannot_hold_is_refused_at_the_call(db_url: str) -> None:
+    """Found: `emit` takes names of up to 256 characters, the outbox's ``name`` column (and
+    its ``destination``, a forwarder's name) 255: on PostgreSQL a 256-character name failed
+    the application's commit, rolling back its own data, and the event was reported only
+    as an ordinary rollback. Refused at ``emit(..., session=)`` now, the session untouched;
+    as is, with an inbox, a handler whose name its column cannot hold (at ``@bus.on``)."""
+    orders: list[str] = []
+
+    async def scenario() -> None:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine)
+        await outbox.create_tables()
+        bus = EventBus(outbox=outbox)
+        bus.forward("order.*", RecordingForwarder(name="f" * 256))
+        long_name = "o" * 256
+
+        @bus.on("o*")
+        async def handle(event: Event) -> None:
+            orders.append(event.name)
+
+        async with async_sessionmaker(engine)() as db:
+            with pytest.raises(InvalidEventError, match="255"):
+                bus.emit(long_name, {}, session=db)
+            with pytest.raises(ConfigurationError, match=r"f{256}.*255"):
+                bus.emit("order.placed", {}, session=db)
+            bus.emit("ok", {}, session=db)
+            await db.commit()  # the rest of the transaction commits
+        await bus.close()
+        await engine.dispose()
+
+    asyncio.run(scenario())
+    assert orders == ["ok"]
+
+
+def test_a_handler_name_the_inbox_cannot_hold_is_refused_at_registration() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    bus = EventBus(inbox=SQLAlchemyInbox(engine))
+
+    async def handle(event: Event) -> None:
+        pass
+
+    handle.__qualname__ = "h" * 300
+    with pytest.raises(ConfigurationError, match="255"):
+        bus.on("x")(handle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,14 +91,25 @@ def listen_to_sessions() -> None:
 
 _listening = False
 
+_LEASE_SLACK = 1.0
+"""Seconds of its lease a row may have lost between ``emit`` and the commit before the
+commit renews it (an ``UPDATE`` if the row was flushed already)."""
+
 
 def _before_commit(session: Session) -> None:
-    """Announce the rows no process holds (due at once) to the relays listening."""
+    """Start this process's lease on the rows it delivers (at the commit, not at ``emit``:
+    a transaction longer than the lease would commit them due, for a relay to deliver
+    too); announce the rows no process holds (due at once) to the relays listening."""
     if session.in_nested_transaction():
         return
     joined = session.info.get(_JOINED)
     if joined is None:
         return
+    now = time.time()
+    for entry in joined.entries:
+        if entry.local and (due := now + entry.outbox.lease) - entry.rows[0].due > _LEASE_SLACK:
+            for row in entry.rows:
+                row.due = due
     for outbox, group in _by_outbox([e for e in joined.entries if not e.local]):
         if outbox.notifies() and group:
             session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": outbox.channel})

@@ -115,3 +115,35 @@ def test_a_handler_name_the_inbox_cannot_hold_is_refused_at_registration() -> No
     handle.__qualname__ = "h" * 300
     with pytest.raises(ConfigurationError, match="255"):
         bus.on("x")(handle)
+
+
+def test_a_transaction_longer_than_the_lease_is_delivered_once(db_url: str) -> None:
+    """Found: the committing process's lease on its rows started at ``emit``, not at the
+    commit: a transaction open longer than ``lease`` committed rows already due, which a
+    relay (this process's own, or another's) claimed while the process delivered them too:
+    the handler ran twice, and nothing said so. The lease now starts at the commit."""
+    calls: list[str] = []
+
+    async def scenario() -> int:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine, lease=1.0, poll_interval=60)
+        await outbox.create_tables()
+        bus = EventBus(outbox=outbox)
+
+        @bus.on("report.*")
+        async def handle(event: Event) -> None:
+            calls.append(event.id)
+            await asyncio.sleep(0.3)  # the relay's round comes meanwhile
+
+        async with async_sessionmaker(engine)() as db:
+            event = bus.emit("report.requested", {}, session=db)
+            await asyncio.sleep(1.5)  # a long transaction: longer than the lease
+            await db.commit()
+        claimed = await outbox.relay_once()
+        await bus.drain()
+        assert calls == [event.id]
+        await bus.close()
+        await engine.dispose()
+        return claimed
+
+    assert asyncio.run(scenario()) == 0

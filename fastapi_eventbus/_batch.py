@@ -114,10 +114,11 @@ class Batch:
         return Batch(self.get_scope(), self.depth + 1, COLLECTING, self.loop, self.provider)
 
     def unfinished(self) -> list[Event]:
-        """The event being handled, those still waiting, and those still being forwarded."""
+        """The event being handled, those still waiting, and those still being forwarded:
+        each once (a waiting event may be being forwarded too)."""
         head = [self.current] if self.current is not None else []
         sending = [e for task, events in self.sends if not task.done() for e in events]
-        return head + list(self.events) + [e for e in sending if e not in head]
+        return list({e.id: e for e in (*head, *self.events, *sending)}.values())
 
 
 def base_scope(app: Any, state: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -393,6 +394,45 @@ def test_shutdown_reports_events_still_being_forwarded() -> None:
         portal.call(asyncio.wait_for, started.wait(), 5)
     assert discarded == [[event.id]]
     assert stuck.closed == 1
+
+
+def test_shutdown_reports_each_unfinished_event_once() -> None:
+    """Found: an event waiting for its handlers while its forwarder still sent it was in
+    the shutdown's report twice (``['a', 'b', 'b']``), once waiting and once being sent."""
+    discarded: list[list[str]] = []
+    bus = EventBus(shutdown_timeout=0.2, on_discard=lambda d: discarded.append(d.ids))
+    started = asyncio.Event()
+
+    class Stuck(RecordingForwarder):
+        async def send(self, events: Sequence[Event]) -> None:
+            await asyncio.sleep(3600)
+
+    bus.forward("*", Stuck())
+
+    @bus.on("*")
+    async def hang(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    app = FastAPI()
+    bus.install(app)
+    ids: list[str] = []
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        ids.extend(bus.emit(name).id for name in ("a", "b"))
+
+    async def scenario() -> list[Event]:
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            request = asyncio.create_task(client.post("/"))  # its flush never ends
+            await asyncio.wait_for(started.wait(), 5)
+            unfinished = await bus.drain(0.2)
+            request.cancel()
+        return unfinished
+
+    assert [event.id for event in asyncio.run(scenario())] == ids
+    assert discarded == [ids]
 
 
 # -- event loops ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
@@ -247,7 +247,14 @@ class _Batch:
     """One invocation's records: a `Processor` owner (bus, source, stats, policies)."""
 
     def __init__(self, invoker: _Invoker, records: Sequence[Mapping[str, Any]]) -> None:
-        arn = str(records[0].get("eventSourceARN") or "") if records else ""
+        arn = next(
+            (
+                str(r["eventSourceARN"])
+                for r in records
+                if isinstance(r, Mapping) and r.get("eventSourceARN")
+            ),
+            "",
+        )
         self.bus = invoker.bus
         self.on_undecodable: OnUndecodable = invoker.on_undecodable
         self.on_unhandled: OnUnhandled = invoker.on_unhandled
@@ -267,15 +274,15 @@ class _Batch:
                 held.abandoned = True
             return self._failures()
         if self.fifo:
-            work = asyncio.create_task(self._in_order())
-            done, _ = await asyncio.wait({work}, timeout=max(budget, 0))
-            if not done:
-                await self._cancel({work})
+            tasks = {asyncio.create_task(self._in_order()): "the FIFO batch"}
         else:
-            tasks = {asyncio.create_task(self._processor.process(h)) for h in self.held}
-            if tasks:
-                _, pending = await asyncio.wait(tasks, timeout=max(budget, 0))
-                await self._cancel(pending)
+            tasks = {asyncio.create_task(self._processor.process(h)): str(h) for h in self.held}
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(budget, 0))
+            await self._cancel(pending)
+        for task, what in tasks.items():  # a bug: the record is reported failed, as it did not
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                logger.error("processing %s failed unexpectedly", what, exc_info=error)
         return self._failures()
 
     async def _in_order(self) -> None:
@@ -284,7 +291,7 @@ class _Batch:
             if not self._source.outcomes.get(id(held.message)):
                 return
 
-    async def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+    async def _cancel(self, tasks: Collection[asyncio.Task[None]]) -> None:
         """Out of time: what still runs is cancelled, given a moment to unwind, and left."""
         if not tasks:
             return
@@ -309,6 +316,8 @@ class _Batch:
                 why = "not handled: an earlier record of the FIFO batch failed"
             else:
                 why = "failed"
+            if not message_id:  # Lambda takes an empty itemIdentifier as the whole batch's failure
+                why += " (it has no messageId: Lambda retries the whole batch)"
             logger.error(
                 "record %s from %s %s; reported in batchItemFailures", held, self.source.name, why
             )
@@ -323,10 +332,16 @@ def _received(record: Mapping[str, Any]) -> ReceivedMessage:
     """A Lambda SQS record as a received message; its body is the record, as it came."""
     if not isinstance(record, Mapping):
         record = {"body": record}
-    count = (record.get("attributes") or {}).get("ApproximateReceiveCount")
+    attributes = record.get("attributes")
+    count = attributes.get("ApproximateReceiveCount") if isinstance(attributes, Mapping) else None
     return ReceivedMessage(
         body=record,
         message_id=str(record.get("messageId", "")),
         receipt=str(record.get("receiptHandle", "")),
-        receive_count=int(count) if isinstance(count, str) and count.isdigit() else None,
+        receive_count=int(count) if isinstance(count, str) and _digits(count) else None,
     )
+
+
+def _digits(text: str) -> bool:
+    """Whether *text* is what ``int`` reads as a count: ASCII digits (``"²"`` is a digit)."""
+    return text.isascii() and text.isdigit()

@@ -346,6 +346,69 @@ def test_undecodable_and_unhandled_records_follow_the_policies(
         deleting.close()
 
 
+@pytest.mark.parametrize(
+    "break_record",
+    [
+        pytest.param(lambda good: "not a record", id="not a mapping, first"),
+        pytest.param(lambda good: {**good, "attributes": ["x"]}, id="attributes a list"),
+        pytest.param(lambda good: {**good, "attributes": "oops"}, id="attributes a string"),
+        pytest.param(
+            lambda good: {**good, "attributes": {"ApproximateReceiveCount": "\u00b2"}},
+            id="a receive count isdigit takes and int does not",
+        ),
+    ],
+)
+def test_a_malformed_record_fails_alone(
+    moto: Moto, consumer: Consumer, break_record: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a record that was not a mapping (first in the batch), an ``attributes`` that
+    was not one, or a receive count such as ``"²"`` raised while the invocation read its
+    records, before any ran: no record was handled, no id logged, and Lambda retried the
+    whole batch. Now the others are handled, and that one is logged and reported."""
+    queue_url = moto.queue()
+    ids = emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2})
+    event = received_batch(moto, queue_url, 2)
+    good, second = event["Records"]
+    bad = break_record({**second, "messageId": "bad"})
+    event["Records"] = [bad, good]
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        result = lambda_sqs_handler(consumer.app)(event, FakeContext())
+    assert ids[0] in consumer.handled or ids[1] in consumer.handled  # the good one ran
+    assert sum(consumer.handled.values()) == (1 if isinstance(bad, str) else 2)
+    assert failures(result) == ([""] if isinstance(bad, str) else [])
+
+
+def test_a_record_whose_processing_raises_is_logged_and_reported(
+    moto: Moto,
+    consumer: Consumer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: an exception escaping a record's processing (a bug: in the library, in a
+    tracing hook) reported the record as failed but logged nothing, its traceback lost."""
+    from fastapi_eventbus.worker._delivery import Processor
+
+    queue_url = moto.queue()
+    emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2})
+    event = received_batch(moto, queue_url, 2)
+    event["Records"][0]["messageId"] = "bad"
+    process = Processor.process
+
+    async def buggy(self: Processor, held: Any) -> None:
+        if held.message.message_id == "bad":
+            raise RuntimeError("a bug in processing")
+        await process(self, held)
+
+    monkeypatch.setattr(Processor, "process", buggy)
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        result = lambda_sqs_handler(consumer.app)(event, FakeContext())
+    assert failures(result) == ["bad"]
+    assert sum(consumer.handled.values()) == 1
+    (record,) = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert "bad" in record.getMessage()
+    assert record.exc_info is not None
+
+
 def test_a_decode_hook_reads_other_formats_as_in_the_worker(
     moto: Moto, consumer: Consumer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -31,6 +31,9 @@ OnUndecodable: TypeAlias = Literal["retry", "delete"]
 """What a worker does with a message it cannot decode (see `Worker`)."""
 OnUnhandled: TypeAlias = Literal["retry", "delete"]
 """What a worker does with an event that no handler of its bus matches (see `Worker`)."""
+Outcome: TypeAlias = bool | DiscardedEvents
+"""Whether to acknowledge a message: True (handled), False (give it back), or the report
+``on_discard`` hears once the message is deleted (a policy's ``"delete"``)."""
 
 
 def check_policies(on_undecodable: object, on_unhandled: object, max_message_bytes: object) -> None:
@@ -145,18 +148,26 @@ class Processor:
         message = held.message
         tracing = tracing_of(self.owner.bus)
         if tracing is None:
-            handled = held.handled = await self._given_back_if_cancelled(held, None)
+            outcome = await self._given_back_if_cancelled(held, None)
+            handled = held.handled = outcome is not False
             if not held.abandoned:
                 held.settling = True
-                await self._settle(message, handled)
+                if await self._settle(message, handled) and isinstance(outcome, DiscardedEvents):
+                    await report_discarded(self.owner.bus, outcome)  # deleted: now it is
             return
         with tracing.consuming(self.owner.source, message) as consumed:
-            handled = held.handled = await self._given_back_if_cancelled(held, consumed)
+            outcome = await self._given_back_if_cancelled(held, consumed)
+            handled = held.handled = outcome is not False
             if not held.abandoned:
                 held.settling = True
-                await self._settle(message, handled, tracing)
+                if await self._settle(message, handled, tracing) and isinstance(
+                    outcome, DiscardedEvents
+                ):
+                    await report_discarded(self.owner.bus, outcome)
 
-    async def _given_back_if_cancelled(self, held: HeldMessage, consumed: Consumed | None) -> bool:
+    async def _given_back_if_cancelled(
+        self, held: HeldMessage, consumed: Consumed | None
+    ) -> Outcome:
         """`_handle`; cancelled, give the message back at once first.
 
         The cancellation's message says why (``task.cancel("...")``: a serverless entry
@@ -174,8 +185,8 @@ class Processor:
                 await self._give_back(held.message, tracing)
             raise
 
-    async def _handle(self, held: HeldMessage, consumed: Consumed | None) -> bool:
-        """Decode and handle *held*'s message; whether to acknowledge it."""
+    async def _handle(self, held: HeldMessage, consumed: Consumed | None) -> Outcome:
+        """Decode and handle *held*'s message; whether to acknowledge it (`Outcome`)."""
         owner, message = self.owner, held.message
         if held.after is not None:  # kept invisible meanwhile; cancelled: given back
             async with self._heartbeat(message, None):
@@ -261,9 +272,9 @@ class Processor:
         consumed: Consumed | None,
         failure: str,
         error: Exception,
-    ) -> bool:
-        """Log *message*, which will not be handled (and tell ``on_discard`` if it is
-        deleted); whether to acknowledge it (the policy)."""
+    ) -> Outcome:
+        """Log *message*, which will not be handled; whether to acknowledge it (the
+        policy): deleted, what ``on_discard`` hears once it is (`Outcome`)."""
         self.owner.stats.undecodable += 1
         delete = self.owner.on_undecodable == "delete"
         expected = isinstance(error, MessageDecodeError)
@@ -278,14 +289,13 @@ class Processor:
         )
         if consumed is not None:
             consumed.failure, consumed.error = failure, error
-        if delete:
-            reason = (
-                f"message {message.message_id} from {self.owner.source.name} is {failure}; "
-                "it is deleted (on_undecodable='delete')"
-            )
-            report = DiscardedEvents((), reason, error, message_ids=(message.message_id,))
-            await report_discarded(self.owner.bus, report)
-        return delete
+        if not delete:
+            return False
+        reason = (
+            f"message {message.message_id} from {self.owner.source.name} is {failure}; "
+            "it is deleted (on_undecodable='delete')"
+        )
+        return DiscardedEvents((), reason, error, message_ids=(message.message_id,))
 
     def _held_back(self, held: HeldMessage, consumed: Consumed | None) -> bool:
         """The message before *held* in its group went back to the broker: give *held* back
@@ -314,9 +324,11 @@ class Processor:
             "forever unless a dead-letter policy moves it"
         )
 
-    async def _unhandled(self, held: HeldMessage, event: Event, consumed: Consumed | None) -> bool:
-        """Log *held*'s *event*, which no handler matches (and tell ``on_discard`` if it is
-        deleted); whether to acknowledge it."""
+    async def _unhandled(
+        self, held: HeldMessage, event: Event, consumed: Consumed | None
+    ) -> Outcome:
+        """Log *held*'s *event*, which no handler matches; whether to acknowledge it:
+        deleted, what ``on_discard`` hears once it is (`Outcome`)."""
         self.owner.stats.unhandled += 1
         delete = self.owner.on_unhandled == "delete"
         logger.log(
@@ -328,13 +340,13 @@ class Processor:
         )
         if consumed is not None:
             consumed.failure = "no handler matches the event"
-        if delete:
-            reason = (
-                "no handler of the bus matches it; the worker deleted its message "
-                "(on_unhandled='delete')"
-            )
-            await report_discarded(self.owner.bus, DiscardedEvents((event,), reason))
-        return delete
+        if not delete:
+            return False
+        reason = (
+            "no handler of the bus matches it; the worker deleted its message "
+            "(on_unhandled='delete')"
+        )
+        return DiscardedEvents((event,), reason)
 
     # -- the heartbeat --------------------------------------------------------------
 
@@ -385,8 +397,9 @@ class Processor:
 
     async def _settle(
         self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
-    ) -> None:
-        """Acknowledge *message*, or give it back; a failure here means a redelivery."""
+    ) -> bool:
+        """Acknowledge *message*, or give it back; whether that was done (a failure here
+        means a redelivery)."""
         source = self.owner.source
         settle = source.ack(message) if handled else source.nack(message)
         try:
@@ -407,6 +420,8 @@ class Processor:
                 source.name,
                 str(exc) or type(exc).__name__,
             )
+            return False
+        return True
 
     async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
         """At shutdown: make an unfinished message available again at once (best effort)."""

@@ -671,6 +671,28 @@ async def test_a_deleted_message_that_is_not_an_event_is_reported_to_on_discard(
     assert reports == ([((), ("junk",), why, MessageDecodeError)] if policy == "delete" else [])
 
 
+class RefusingAcks(MemorySource):
+    """Acknowledges nothing: a broker that is down when the worker deletes."""
+
+    async def ack(self, message: ReceivedMessage) -> None:
+        raise SourceError("the broker is down")
+
+
+@pytest.mark.parametrize("what", ["undecodable", "unhandled"])
+async def test_a_message_is_reported_deleted_only_once_it_is(what: str) -> None:
+    """Found: ``on_discard`` heard that a message was deleted (``on_undecodable`` or
+    ``on_unhandled="delete"``) before the worker deleted it: when the deletion failed, the
+    message came again, and was reported deleted again at each delivery."""
+    discards: list[DiscardedEvents] = []
+    bus = EventBus(on_discard=discards.append)
+    bus.on("order.*")(lambda event: None)
+    source = RefusingAcks(name="source")
+    source.put({"Body": "not json"} if what == "undecodable" else Event(name="other.thing"))
+    async with Worker(bus, source, on_undecodable="delete", on_unhandled="delete") as worker:
+        await until(lambda: worker.stats.settle_errors == 1)
+    assert discards == []
+
+
 # -- FIFO queues: each group's order --------------------------------------------------------
 
 

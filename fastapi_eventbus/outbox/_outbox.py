@@ -234,13 +234,10 @@ class SQLAlchemyOutbox:
     # -- delivering -------------------------------------------------------------
 
     async def deliver(self, events: Sequence[Event]) -> None:
-        """Handle and forward *events*, committed or claimed, and settle their rows.
-
-        Never raises: a failure is retried later from the table, and a
-        cancellation (shutdown) leaves the rows to the relay, with a log line.
-        """
-        core = self.core
-        await self._deliver([(e, d) for e in events for d in core.destinations(e.name)])
+        """Handle and forward *events*, committed or claimed, and settle their rows. Never
+        raises: a failure is retried later from the table, and a cancellation (shutdown)
+        leaves the rows to the relay, with a log line."""
+        await self._deliver([(e, d) for e in events for d in self.core.destinations(e.name)])
 
     async def _deliver(self, keys: list[tuple[Event, str]]) -> None:
         core = self.core
@@ -255,17 +252,19 @@ class SQLAlchemyOutbox:
             )
             for name, outcome in zip(groups, results, strict=True):
                 failed += [(e, name, why) for e, why in outcome]
-        except asyncio.CancelledError:
-            ids = ", ".join(sorted({event.id for event, _ in keys}))
-            logger.warning(
-                "outbox %s: delivery stopped before it finished; its events stay in the "
-                "outbox and are relayed again once their lease ends: %s",
+        except (Exception, asyncio.CancelledError) as exc:
+            stopped = isinstance(exc, asyncio.CancelledError)
+            logger.log(
+                logging.WARNING if stopped else logging.ERROR,
+                "outbox %s: delivery %s; its events stay in the outbox and are relayed again "
+                "once their lease ends: %s",
                 self.name,
-                ids,
+                "stopped before it finished" if stopped else "failed unexpectedly",
+                ", ".join(sorted({event.id for event, _ in keys})),
+                exc_info=None if stopped else exc,
             )
-            raise
-        except Exception:
-            logger.exception("outbox %s: delivering %d row(s) failed", self.name, len(keys))
+            if stopped:
+                raise
             return
         finally:
             renewing.cancel()

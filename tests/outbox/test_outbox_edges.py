@@ -147,3 +147,39 @@ def test_a_transaction_longer_than_the_lease_is_delivered_once(db_url: str) -> N
         return claimed
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_delivery_that_fails_unexpectedly_names_its_events(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a delivery that raised where nothing should (a bug: here, an inbox of the
+    application's own that raises) was logged with a row count and no event id."""
+
+    class BrokenInbox:
+        async def handled(self, event: Event) -> set[str]:
+            return set()
+
+        def calling(self, handler: str, event: Event) -> None:
+            raise RuntimeError("a bug in the inbox")
+
+        async def record(self, handler: str, event: Event) -> None:
+            pass
+
+    async def scenario() -> str:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine, poll_interval=60)
+        await outbox.create_tables()
+        bus = EventBus(outbox=outbox, inbox=BrokenInbox())
+        bus.on("report.*")(lambda event: None)
+        async with async_sessionmaker(engine)() as db:
+            event = bus.emit("report.requested", {}, session=db)
+            await db.commit()
+        await bus.drain()
+        await bus.close()
+        await engine.dispose()
+        return event.id
+
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        event_id = asyncio.run(scenario())
+    (line,) = [r.getMessage() for r in caplog.records if "a bug" in (r.exc_text or "")]
+    assert event_id in line

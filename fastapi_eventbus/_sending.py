@@ -145,8 +145,11 @@ class Sender:
                     await self._given_up(name, settled.spent, settled.reason)
                 continue
             logger.info("spool: sending %d event(s) again through %s", len(events), name)
-            sends.append(self.send(forwarder, events))
-        await asyncio.gather(*sends)
+            sends.append((events, self.send(forwarder, events)))
+        outcomes = await asyncio.gather(*(send for _, send in sends), return_exceptions=True)
+        for (events, _), outcome in zip(sends, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # a bug: in a storage, say
+                await self.broke(events, outcome)
         return len(due) + len(unreadable)
 
     async def _given_up(self, forwarder: str, events: Sequence[Event], reason: str) -> None:

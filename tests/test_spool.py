@@ -716,3 +716,36 @@ async def test_a_storage_that_breaks_while_settling_a_send_is_reported_by_id(
     (line,) = [r.getMessage() for r in caplog.records if event.id in r.getMessage()]
     assert "they stay in the storage, to be sent again" in line
     assert Spool(path).count().pending == 1
+
+
+async def test_a_storage_that_breaks_while_settling_a_resend_is_reported_by_id(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the same bug in a resend (the spool's events sent again) raised out of
+    `resend`, logged by the resender as a traceback with no event id, and the other
+    forwarders' sends of that round were not waited for."""
+
+    class Broken(Spool):
+        broken = False
+
+        def settle(self, *args: Any, **kwargs: Any) -> Any:
+            if self.broken:
+                raise RuntimeError("a bug in the storage")
+            return super().settle(*args, **kwargs)
+
+    broker, other = Broker(), Broker("other")
+    spool = Broken(path, retry_delay=0.001)
+    bus = EventBus(spool=spool)
+    bus.forward("order.*", broker)
+    bus.forward("order.*", other)
+    broker.up = other.up = False
+    event = await bus.publish("order.placed")  # unsent: kept in the spool
+    broker.up = other.up = True
+    spool.broken = True
+    await asyncio.sleep(0.01)  # due again (retry_delay)
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        assert await bus.resend() == 2
+    lines = [r.getMessage() for r in caplog.records if event.id in r.getMessage()]
+    assert len(lines) == 2
+    assert all("they stay in the storage, to be sent again" in line for line in lines)
+    assert broker.received == other.received == [event.id]

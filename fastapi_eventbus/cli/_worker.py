@@ -92,6 +92,13 @@ _BLOCKED_AFTER = 5.0
     help="Pub/Sub: give pulled messages this ack deadline, extended while handlers run.",
 )
 @click.option(
+    "--ordered/--unordered",
+    "ordered",
+    default=None,
+    help="Pub/Sub: whether the subscription orders messages (a key's messages are then "
+    "handled in order); default: read from the subscription.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(min=1),
     default=10,
@@ -147,6 +154,7 @@ def worker(
     subscription: str | None,
     emulator_host: str | None,
     ack_deadline: int | None,
+    ordered: bool | None,
     concurrency: int,
     shutdown_timeout: float,
     on_undecodable: str,
@@ -182,7 +190,10 @@ def worker(
         else:
             assert subscription is not None
             source = PubSubSource(
-                subscription, emulator_host=emulator_host, ack_deadline=ack_deadline
+                subscription,
+                emulator_host=emulator_host,
+                ack_deadline=ack_deadline,
+                ordered=ordered,
             )
         runner = Worker(
             target,
@@ -215,7 +226,7 @@ _BROKER_OPTIONS = {
         "max_retry_delay",
         "visibility_timeout",
     ),
-    "--pubsub": ("emulator_host", "ack_deadline"),
+    "--pubsub": ("emulator_host", "ack_deadline", "ordered"),
 }
 """The options that apply to one broker's source only, by the option that chooses it."""
 

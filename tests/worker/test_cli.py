@@ -243,6 +243,19 @@ def test_ack_deadline_reaches_the_pubsub_source(served: list[Worker]) -> None:
     assert (runner.source.ack_deadline, runner.source.extend_interval) == (120, 60.0)
 
 
+@pytest.mark.parametrize(
+    ("options", "ordered"), [([], None), (["--ordered"], True), (["--unordered"], False)]
+)
+def test_ordered_reaches_the_pubsub_source(
+    served: list[Worker], options: list[str], ordered: bool | None
+) -> None:
+    source = ["--pubsub", "projects/p/subscriptions/orders"]
+    assert invoke("worker", "tests.worker.targets:app", *source, *options) == (0, "")
+    (runner,) = served
+    assert isinstance(runner.source, PubSubSource)
+    assert runner.source.ordered is ordered
+
+
 @pytest.mark.parametrize("policy", ["retry", "delete"])
 def test_on_unhandled_reaches_the_worker(served: list[Worker], policy: str) -> None:
     options = ["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q", "--on-unhandled", policy]
@@ -293,6 +306,7 @@ def test_heartbeat_options_out_of_range_are_usage_errors(option: str, value: str
         (["--pubsub", "projects/p/subscriptions/o"], ["--endpoint-url", "http://h:1"], "--sqs"),
         (["--pubsub", "projects/p/subscriptions/o"], ["--visibility-timeout", "60"], "--sqs"),
         (["--pubsub", "projects/p/subscriptions/o"], ["--retry-delay", "1"], "--sqs"),
+        (["--sqs", "https://sqs.eu-west-1.amazonaws.com/1/q"], ["--ordered"], "--pubsub"),
     ],
 )
 def test_an_option_of_the_other_broker_is_a_usage_error(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ._core import Core
+from ._deadline import CANCEL_GRACE, finish_within
 from ._hooks import ensure_readable_logs, logger
 from ._signals import on_stop_signal
 from .forwarders._base import Forwarder
@@ -100,11 +101,15 @@ def draining_lifespan(
             finally:
                 core.serving = False
                 stop_watching()
-                for task in (resender, relay):
-                    if task is not None:
-                        task.cancel()
-                        with suppress(asyncio.CancelledError):
-                            await task
+                for task, what in ((resender, "the spool's resend"), (relay, "the outbox relay")):
+                    if task is not None and not await finish_within(task, 0):
+                        logger.error(
+                            "shutdown: %s still ran %gs after it was cancelled (a forwarder "
+                            "with no send_timeout ignores its cancellation); left running, its "
+                            "events stay where they are kept, for the next process",
+                            what,
+                            CANCEL_GRACE,
+                        )
                 await close()
 
     return lifespan

@@ -15,7 +15,9 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -749,3 +751,61 @@ async def test_a_storage_that_breaks_while_settling_a_resend_is_reported_by_id(
     assert len(lines) == 2
     assert all("they stay in the storage, to be sent again" in line for line in lines)
     assert broker.received == other.received == [event.id]
+
+
+def test_a_resend_ignoring_its_cancellation_does_not_hold_the_shutdown(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the lifespan's exit cancelled the spool's resender and waited for it with no
+    time limit: a forwarder with no ``send_timeout`` whose send ignored its cancellation
+    kept the bus's shutdown (and the application's exit) waiting. It is left running after
+    a grace second, with an ERROR; its events stay in the spool. (asyncio's own exit still
+    waits for such a task: nothing can stop code that ignores its cancellation.)"""
+    released = threading.Event()
+    sending = threading.Event()
+    ended: list[float] = []
+
+    class Stubborn(Broker):
+        async def send(self, events: Sequence[Event]) -> Delivery | None:
+            if not self.up:
+                raise ForwarderError("broker down", transient=True)
+            sending.set()
+            while not released.is_set():
+                with suppress(asyncio.CancelledError):  # ignored
+                    await asyncio.sleep(0.05)
+            self.received += [event.id for event in events]
+            return None
+
+    broker = Stubborn()
+    broker.send_timeout = None
+    spool = Spool(path, retry_delay=0.001, resend_interval=0.05)
+    bus = EventBus(spool=spool, shutdown_timeout=1.0)
+    bus.forward("order.*", broker)
+    broker.up = False
+    event = asyncio.run(bus.publish("order.placed"))  # kept in the spool
+    asyncio.run(bus.close())
+    broker.up = True
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # runs once the bus's shutdown is over
+            ended.append(time.monotonic())
+            released.set()  # else asyncio's own exit would wait for the send
+
+    app = FastAPI(lifespan=lifespan)
+    bus.install(app)
+    ending = threading.Timer(15, released.set)  # on the old code: the exit's only end
+    ending.start()
+    try:
+        with caplog.at_level(logging.ERROR, "fastapi_eventbus"), TestClient(app):
+            assert sending.wait(10)  # the resender is sending it: the app exits now
+            began = time.monotonic()
+    finally:
+        released.set()
+        ending.cancel()
+    assert ended[0] - began < 5, ended[0] - began
+    assert any("resend still ran" in r.getMessage() for r in caplog.records), caplog.messages
+    assert broker.received == [event.id]  # it went on once released, and was sent
+    assert Spool(path).count().pending == 0

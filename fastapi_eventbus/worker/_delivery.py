@@ -374,8 +374,10 @@ class Processor:
         then retried at the next beat."""
         source = self.owner.source
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
+        beat = loop.time()
+        while True:  # on the beat: a slow extension does not push the later ones back
+            beat += interval
+            await asyncio.sleep(max(0.0, beat - loop.time()))
             seconds = None if until is None else until - loop.time()
             if seconds is not None and seconds <= 0:
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
@@ -135,6 +136,8 @@ class Worker:
         self._abandoned: dict[asyncio.Task[None], HeldMessage] = {}
         """Abandoned messages whose tasks still run: their slots are free already."""
         self._giving_back: set[asyncio.Task[None]] = set()
+        self._let_go = asyncio.Event()
+        """Set when a message in flight is given up (`_abandon`)."""
         self._last: dict[str, asyncio.Future[bool]] = {}
         """Of each order key: the future of the last message received with it."""
         self._stopping = asyncio.Event()
@@ -382,6 +385,7 @@ class Worker:
     ) -> None:
         """Give *held* back while *task* runs on; free its slot; report it at ERROR."""
         self._abandoned[task] = self._in_flight.pop(task)
+        self._let_go.set()  # `_settled` waits for it no more
         self._slots.release()
         held.abandoned = True
         self._settle_order(held)
@@ -410,7 +414,7 @@ class Worker:
         if tasks:
             logger.info("waiting up to %.1fs for %d message(s) in flight", timeout, len(tasks))
             try:
-                _, pending = await asyncio.wait(tasks, timeout=timeout)
+                pending = await self._settled(tasks, timeout)
             except asyncio.CancelledError:  # stopped at once: do not leave them running
                 await self._cancel(tasks)
                 if self._giving_back:  # before the source closes, each bounded in time
@@ -421,6 +425,24 @@ class Worker:
         await self._cancel(pending)
         if self._giving_back:
             await asyncio.wait(set(self._giving_back))  # each bounded by GIVE_BACK_TIMEOUT
+
+    async def _settled(
+        self, tasks: set[asyncio.Task[None]], timeout: float
+    ) -> set[asyncio.Task[None]]:
+        """Wait up to *timeout* seconds until each of *tasks* is done or given up (`_abandon`:
+        left running, no longer the worker's to wait for); those still in flight then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (waiting := {t for t in tasks if t in self._in_flight and not t.done()}) and (
+            left := deadline - loop.time()
+        ) > 0:
+            self._let_go.clear()
+            let_go = asyncio.ensure_future(self._let_go.wait())
+            try:
+                await asyncio.wait({*waiting, let_go}, timeout=left, return_when=FIRST_COMPLETED)
+            finally:
+                let_go.cancel()
+        return waiting
 
     async def _cancel(self, tasks: Iterable[asyncio.Task[None]]) -> None:
         """Cancel *tasks*, each of which gives its message back; abandon those still running

@@ -16,6 +16,7 @@ The SDK is imported when the source starts, never before.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -48,6 +49,8 @@ _NACK_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 """Default wait before a failed message comes back: 1 s, 2 s, 4 s... up to a minute."""
 _TRACKED_FAILURES = 10_000
 """Message ids whose failed deliveries a source remembers (the oldest are forgotten)."""
+_ACK_RETRY_DELAY = 1.0
+"""Seconds before an ``acknowledge`` request that failed transiently is sent again."""
 _MALFORMED = "fastapi_eventbus.malformed"
 """The body key of a pull answer's malformed item (`PubSubSource._read`): why it is."""
 
@@ -328,8 +331,25 @@ class PubSubSource(Source):
             )
 
     async def _acknowledge(self, messages: list[ReceivedMessage]) -> list[str | None]:
-        with self._translated("acknowledge messages"):
-            await self.client.acknowledge(self.subscription, [m.receipt for m in messages])
+        """One ``acknowledge`` request for *messages*; sent once more after a transient
+        failure (a 503, a timeout: acknowledging twice is harmless), since a failure brings
+        every message it carried back, to be handled again."""
+        receipts = [message.receipt for message in messages]
+        try:
+            with self._translated("acknowledge messages"):
+                await self.client.acknowledge(self.subscription, receipts)
+        except (SourceError, TimeoutError) as exc:
+            if isinstance(exc, SourceError) and not exc.transient:
+                raise
+            logger.info(
+                "Pub/Sub source %s: acknowledging %d message(s) failed (%s); trying again",
+                self.name,
+                len(messages),
+                exc or "timed out",
+            )
+            await asyncio.sleep(_ACK_RETRY_DELAY)
+            with self._translated("acknowledge messages"):
+                await self.client.acknowledge(self.subscription, receipts)
         return [None] * len(messages)
 
     @contextmanager

@@ -333,8 +333,11 @@ class PullRewriter:
     holding messages, as a faulty broker or middlebox would: *broken* maps a
     message's position in that answer to the field it loses (``messageId``, ``ackId``)."""
 
-    def __init__(self, upstream: str, broken: dict[int, str], deny_get: bool = False) -> None:
+    def __init__(
+        self, upstream: str, broken: dict[int, str], deny_get: bool = False, fail_acks: int = 0
+    ) -> None:
         self.upstream, self.broken, self.deny_get = upstream, broken, deny_get
+        self.fail_acks = fail_acks  # the first acknowledge requests answered 503
         self.lost: dict[str, str] = {}  # the broken items' message id -> the field it lost
         self._runner: Any = None
         self.host = ""
@@ -359,6 +362,9 @@ class PullRewriter:
 
         if self.deny_get and request.method == "GET":  # no pubsub.subscriptions.get
             return web.json_response({"error": {"code": 403}}, status=403)
+        if self.fail_acks and request.path.endswith(":acknowledge"):
+            self.fail_acks -= 1
+            return web.json_response({"error": {"code": 503}}, status=503)
         body = await request.read()
         headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
         async with httpx.AsyncClient(timeout=None) as client:  # pulls wait for messages
@@ -450,3 +456,28 @@ async def test_a_subscription_that_cannot_be_read_keeps_ordering_keys_in_order(
     assert source.ordered is True
     (warning,) = [r.getMessage() for r in caplog.records if "ordered=" in r.getMessage()]
     assert "cannot read whether the subscription orders messages: HTTP 403" in warning
+
+
+@pytest.mark.anyio
+async def test_an_acknowledgement_refused_once_is_sent_again(
+    pubsub_emulator: Emulator,
+) -> None:
+    """Found: one acknowledge request that failed (a 503: Pub/Sub asks to retry) was not
+    sent again: every message it carried (up to 500) came back and ran its handlers again.
+    A transient failure is now retried once."""
+    channel = pubsub_emulator.channel()
+    bus = EventBus()
+    calls: list[str] = []
+    bus.on("order.*")(lambda event: calls.append(event.id))
+    publisher = EventBus()
+    publisher.forward("order.*", PubSubForwarder(channel.topic, emulator_host=pubsub_emulator.host))
+    ids = [(await publisher.publish("order.placed", {"n": n})).id for n in range(3)]
+    await publisher.close()
+    async with PullRewriter(pubsub_emulator.host, {}, fail_acks=1) as proxy:
+        source = PubSubSource(subscription_path(channel), emulator_host=proxy.host)
+        async with Worker(bus, source, concurrency=3) as worker:
+            await until(lambda: worker.stats.handled == 3, timeout=20)
+            await until(lambda: proxy.fail_acks == 0 and not worker.in_flight(), timeout=10)
+    assert sorted(calls) == sorted(ids)
+    assert worker.stats.settle_errors == 0
+    assert channel.pull(1, timeout=11) == []  # past the ack deadline (10 s): none came back

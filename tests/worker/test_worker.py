@@ -790,6 +790,69 @@ async def test_at_shutdown_a_fifo_message_waiting_for_the_one_before_it_is_given
 
 
 @pytest.mark.slow
+async def test_stop_waits_no_longer_for_a_message_given_up_meanwhile() -> None:
+    """Found: stopping waited up to ``shutdown_timeout`` for the messages in flight until
+    each *finished*: one given up meanwhile (its handler past its time allowance, ignoring
+    its cancellation, left running) was still waited for, the full ``shutdown_timeout``
+    (30 s by default), though it was no longer the worker's. Under load a worker process
+    then outlived its supervisor's patience. Stopping now ends once every message in
+    flight is settled or given up."""
+    bus = EventBus(handler_timeout=0.2, shutdown_timeout=1)
+    release = asyncio.Event()
+
+    @bus.on("order.*")
+    async def stubborn(event: Event) -> None:
+        while not release.is_set():
+            with suppress(asyncio.CancelledError):
+                await release.wait()
+
+    source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
+    source.put(Event(name="order.placed"), message_id="m0")
+    worker = Worker(bus, source, shutdown_timeout=30)
+    asyncio.get_running_loop().call_later(40, release.set)  # in case stop() is not bounded
+    async with worker:
+        await until(lambda: bool(bus._core.active))  # the handler runs
+        started = time.monotonic()
+        await worker.stop()
+        stopped_in = time.monotonic() - started
+        release.set()
+    # Given up at its allowance (0.2 s + 5 s), then the bus's shutdown_timeout, a margin
+    assert stopped_in < 0.2 + 5 + 1 + 2, stopped_in
+    assert worker.stats.abandoned == 1
+    assert [message.message_id for message, _ in source.nacked] == ["m0"]
+    assert source.acked == []
+
+
+async def test_the_heartbeat_keeps_its_beat_when_extending_is_slow() -> None:
+    """Found: the heartbeat slept its interval *after* each extension, so slow extensions
+    (a busy broker, a starved machine) pushed every later one back: with a visibility
+    timeout of twice the interval, a few slow calls let the message become visible (and be
+    delivered again, or dead-lettered) while its handler still ran. Beats now keep their
+    times from the start."""
+    beats: list[float] = []
+
+    class SlowExtends(MemorySource):
+        async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
+            beats.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(0.3)  # each extension takes most of the interval
+
+    bus = EventBus(handler_timeout=None)
+    started: list[float] = []
+
+    @bus.on("order.*")
+    async def slow(event: Event) -> None:
+        started.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(2.7)
+
+    source = SlowExtends(Event(name="order.placed"), extend_interval=0.5)
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.handled == 1)
+    offsets = [beat - started[0] for beat in beats]
+    assert len(offsets) == 5, offsets  # drifting: 0.5, 1.3, 2.1
+    for n, offset in enumerate(offsets, 1):
+        assert abs(offset - 0.5 * n) < 0.15, offsets
+
+
 async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

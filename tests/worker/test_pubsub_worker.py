@@ -300,13 +300,14 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key_if_the_subs
     bus = EventBus()
     finished: list[tuple[str, int]] = []
     failed: list[int] = []
+    running: list[Worker] = []
 
     @bus.on("order.*")
     async def handle(event: Event) -> None:
         key, n = event.payload["order"], event.payload["n"]
         if key == "o-1" and n == 0 and not failed:
             failed.append(n)
-            await asyncio.sleep(0.3)  # the later ones are received meanwhile
+            await until(lambda: running and running[0].stats.received >= 4)  # the later ones
             raise RuntimeError("first delivery fails")
         finished.append((key, n))
 
@@ -317,6 +318,7 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key_if_the_subs
         nack_backoff=Backoff(initial=0.1, maximum=0.1),
     )
     async with Worker(bus, source, concurrency=4) as worker:
+        running.append(worker)
         await until(lambda: len(finished) == 4, timeout=30)
     assert worker.stats.failed == 1
     assert source.ordered is ordered

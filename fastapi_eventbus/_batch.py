@@ -70,9 +70,10 @@ class Batch:
         self.events: deque[Event] = deque()
         self.accepted = 0
         """Events added since the batch last finished (counted in `Core.pending`)."""
-        self.jobs: list[Callable[[], Awaitable[None]]] | None = None
+        self.jobs: list[tuple[Callable[[], Awaitable[None]], str | None]] | None = None
         """Work to run after the response with the events (`Core.after_response`): an
-        outbox's committed events; None until there is some. A job never raises."""
+        outbox's committed events, each with what it does (for a report); None until there is
+        some. A job never raises."""
         self.current: Event | None = None
         self.task: asyncio.Task[None] | None = None
         self.sends: list[tuple[asyncio.Future[Any], list[Event]]] = []

@@ -227,7 +227,7 @@ class Core:
                 batch.background = None
         if batch.jobs is None:
             batch.jobs = []
-        batch.jobs.append(job)
+        batch.jobs.append((job, what))
 
     def spawn(
         self,
@@ -345,7 +345,7 @@ class Core:
                         await dispatch(event, batch)
                     batch.current = None
                 while batch.jobs:
-                    await batch.jobs.pop(0)()
+                    await batch.jobs.pop(0)[0]()
                 if batch.sends:  # cancelled sends (by drain) were reported there: no raise
                     sends = list(batch.sends)  # drain may clear them meanwhile
                     outcomes = await asyncio.gather(*(t for t, _ in sends), return_exceptions=True)
@@ -362,8 +362,8 @@ class Core:
                 batch.current = None
             batch.state = CLOSED
             batch.runner = batch.limit = None
-            for job in batch.jobs or ():  # cancelled before its jobs: each runs alone
-                self.spawn(job, batch.loop)
+            for job, what in batch.jobs or ():  # cancelled before its jobs: each runs alone
+                self.spawn(job, batch.loop, what)
             batch.jobs = None
             self.active.discard(batch)
             self.finished(batch)
@@ -537,8 +537,8 @@ class Core:
         """
         events = tuple(batch.events)
         batch.events.clear()
-        for job in batch.jobs or ():  # not events of this batch: committed data's, run anyway
-            self.spawn(job, batch.loop)
+        for job, what in batch.jobs or ():  # not events of this batch: committed data's, run anyway
+            self.spawn(job, batch.loop, what)
         batch.jobs = None
         batch.state = state
         self.active.discard(batch)

@@ -102,7 +102,12 @@ def draining_lifespan(
                 core.serving = False
                 stop_watching()
                 for task, what in ((resender, "the spool's resend"), (relay, "the outbox relay")):
-                    if task is not None and not await finish_within(task, 0):
+                    if task is None:
+                        continue
+                    if await finish_within(task, 0):
+                        if not task.cancelled() and (error := task.exception()) is not None:
+                            logger.error("%s had failed", what, exc_info=error)  # a bug
+                    else:
                         logger.error(
                             "shutdown: %s still ran %gs after it was cancelled (a forwarder "
                             "with no send_timeout ignores its cancellation); left running, its "

@@ -83,9 +83,11 @@ class Shutdown:
         for job in jobs:  # each reports what it did not finish
             job.cancel()
         if jobs and (stuck := await cancel_grace(jobs)):
+            core.jobs.difference_update(stuck)  # not this bus's any more: not waited for again
             logger.error(
                 "shutdown: %d job(s) still ran %gs after they were cancelled (a handler with "
-                "no time limit ignores its cancellation); left running: %s",
+                "no time limit ignores its cancellation); left running (an outbox's rows are "
+                "due again at once: another process may deliver them meanwhile): %s",
                 len(stuck),
                 CANCEL_GRACE,
                 "; ".join(sorted(_named(job) for job in stuck)),

@@ -376,8 +376,8 @@ class Processor:
         loop = asyncio.get_running_loop()
         beat = loop.time()
         while True:  # on the beat: a slow extension does not push the later ones back
-            beat += interval
-            await asyncio.sleep(max(0.0, beat - loop.time()))
+            beat = max(beat + interval, loop.time())  # (nor bring a burst after it)
+            await asyncio.sleep(beat - loop.time())
             seconds = None if until is None else until - loop.time()
             if seconds is not None and seconds <= 0:
                 return

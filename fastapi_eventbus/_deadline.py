@@ -62,15 +62,6 @@ async def cancel_the_rest(grace: float = CANCEL_GRACE) -> set[asyncio.Task[Any]]
     return running
 
 
-async def cancel_grace(tasks: list[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
-    """Wait up to `CANCEL_GRACE` seconds for cancelled *tasks*; those still running then
-    (they ignore their cancellation), left running, no longer waited for."""
-    _, running = await asyncio.wait(tasks, timeout=CANCEL_GRACE)
-    for task in running:
-        _leave_running(task)
-    return running
-
-
 def _leave_running(task: asyncio.Future[Any]) -> None:
     _LEFT_RUNNING.add(task)
     task.add_done_callback(_LEFT_RUNNING.discard)

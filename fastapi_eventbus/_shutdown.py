@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._batch import CLOSED, FAILED, Batch
-from ._deadline import CANCEL_GRACE, cancel_grace
+from ._deadline import CANCEL_GRACE, finish_within
 from ._events import Event
 from ._hooks import DiscardedEvents, call_hook, logger
 from .exceptions import OutsideRequestError, SpoolError
@@ -80,9 +80,9 @@ class Shutdown:
         ):
             await asyncio.sleep(0.005)
         jobs = [job for job in core.jobs if job.get_loop() is loop]
-        for job in jobs:  # each reports what it did not finish
-            job.cancel()
-        if jobs and (stuck := await cancel_grace(jobs)):
+        # Cancelled, each reports what it did not finish; one ignoring it is left running.
+        stopped = await asyncio.gather(*(finish_within(job, 0) for job in jobs))
+        if stuck := [job for job, ended in zip(jobs, stopped, strict=True) if not ended]:
             core.jobs.difference_update(stuck)  # not this bus's any more: not waited for again
             logger.error(
                 "shutdown: %d job(s) still ran %gs after they were cancelled (a handler with "
@@ -200,7 +200,7 @@ _LATE_WAIT = 5.0
 """Seconds `Shutdown.close` waits for a thread's emit under way (`Shutdown.late`)."""
 
 
-def _named(job: asyncio.Future[object]) -> str:
+def _named(job: asyncio.Future[Any]) -> str:
     """What *job* does: its task's name (`Core.spawn`)."""
     return job.get_name() if isinstance(job, asyncio.Task) else repr(job)
 

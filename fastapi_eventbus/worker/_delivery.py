@@ -149,21 +149,17 @@ class Processor:
         tracing = tracing_of(self.owner.bus)
         if tracing is None:
             outcome = await self._given_back_if_cancelled(held, None)
-            handled = held.handled = outcome is not False
+            held.handled = outcome is not False
             if not held.abandoned:
                 held.settling = True
-                if await self._settle(message, handled) and isinstance(outcome, DiscardedEvents):
-                    await report_discarded(self.owner.bus, outcome)  # deleted: now it is
+                await self._settle(message, outcome)
             return
         with tracing.consuming(self.owner.source, message) as consumed:
             outcome = await self._given_back_if_cancelled(held, consumed)
-            handled = held.handled = outcome is not False
+            held.handled = outcome is not False
             if not held.abandoned:
                 held.settling = True
-                if await self._settle(message, handled, tracing) and isinstance(
-                    outcome, DiscardedEvents
-                ):
-                    await report_discarded(self.owner.bus, outcome)
+                await self._settle(message, outcome, tracing)
 
     async def _given_back_if_cancelled(
         self, held: HeldMessage, consumed: Consumed | None
@@ -398,10 +394,11 @@ class Processor:
     # -- settling -------------------------------------------------------------------
 
     async def _settle(
-        self, message: ReceivedMessage, handled: bool, tracing: Tracing | None = None
-    ) -> bool:
-        """Acknowledge *message*, or give it back; whether that was done (a failure here
-        means a redelivery)."""
+        self, message: ReceivedMessage, outcome: Outcome, tracing: Tracing | None = None
+    ) -> None:
+        """Acknowledge *message*, or give it back, as *outcome* says; a deleted message is
+        reported to ``on_discard`` once it is. A failure here means a redelivery."""
+        handled = outcome is not False
         source = self.owner.source
         settle = source.ack(message) if handled else source.nack(message)
         try:
@@ -422,8 +419,9 @@ class Processor:
                 source.name,
                 str(exc) or type(exc).__name__,
             )
-            return False
-        return True
+            return
+        if isinstance(outcome, DiscardedEvents):  # deleted: now it is
+            await report_discarded(self.owner.bus, outcome)
 
     async def _give_back(self, message: ReceivedMessage, tracing: Tracing | None = None) -> None:
         """At shutdown: make an unfinished message available again at once (best effort)."""

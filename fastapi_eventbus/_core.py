@@ -386,13 +386,11 @@ class Core:
         lets it (`Shutdown.late`)."""
         if batch.state >= CLOSED:
             with self.shutdown.late(batch):
-                event_obj, deliver = self.make(
-                    event, payload, has_payload, batch, None, True, extensions
-                )
+                event_obj, deliver = self.make(event, payload, has_payload, batch, None, extensions)
                 if deliver:
                     self.accept(batch, event_obj)
                 return event_obj
-        event_obj, deliver = self.make(event, payload, has_payload, batch, None, True, extensions)
+        event_obj, deliver = self.make(event, payload, has_payload, batch, None, extensions)
         if deliver:
             self.accept(batch, event_obj)
         return event_obj
@@ -404,24 +402,26 @@ class Core:
         has_payload: bool,
         batch: Batch | None,
         depth: int | None = None,
-        store: bool = True,
         extensions: object = None,
+        join: Callable[[Event], None] | None = None,
     ) -> tuple[Event, bool]:
         """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at
         chain *depth*: the batch's by default), shown to the observers; and whether to
         deliver it.
 
         A delivered event is first admitted (capacity limits) and, with a spool,
-        written there for each forwarder it matches (unless *store* is False: an
-        outbox keeps it instead): all before the caller returns. The usual event (a
-        str name, no schema, nobody else to tell: no forwarder, observer or tracing)
-        takes a short way through the same checks.
+        written there for each forwarder it matches; or, given *join* (`make_in`),
+        handed to it instead (an outbox keeps it): all before the caller returns, and
+        before the observers see it (what *join* refuses was not emitted). The usual
+        event (a str name, no schema, nobody else to tell: no forwarder, observer or
+        tracing) takes a short way through the same checks.
         """
         settings = self.settings
         if depth is None:
             depth = batch.depth if batch is not None else 0
         plain = (
-            type(event) is str
+            join is None
+            and type(event) is str
             and not self.forwarders.size
             and not self.observers
             and self.tracing is None
@@ -453,7 +453,11 @@ class Core:
                 self.tracing.emitted(event_obj)  # message each forwarder checks
         for forwarder in forwarders:
             forwarder.check(event_obj)
-        if deliver and forwarders and store and self.spool is not None:  # with its trace context
+        if not deliver:
+            pass
+        elif join is not None:
+            join(event_obj)
+        elif forwarders and self.spool is not None:  # with its trace context
             self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
         for observer in self.observers:
             observer.on_emit(event_obj)
@@ -476,9 +480,14 @@ class Core:
                 "emit(..., session=) needs a bus with an outbox: "
                 "EventBus(outbox=SQLAlchemyOutbox(engine)) from fastapi_eventbus.outbox"
             )
-        event_obj, deliver = self.make(event, payload, has_payload, batch, None, False, extensions)
-        if deliver:
-            outbox.join(session, event_obj, batch)
+        event_obj, _ = self.make(
+            event,
+            payload,
+            has_payload,
+            batch,
+            extensions=extensions,
+            join=lambda made: outbox.join(session, made, batch),
+        )
         return event_obj
 
     def admit(self, batch: Batch | None) -> None:

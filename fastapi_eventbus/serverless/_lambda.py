@@ -334,9 +334,10 @@ def _received(record: Mapping[str, Any]) -> ReceivedMessage:
         record = {"body": record}
     attributes = record.get("attributes")
     count = attributes.get("ApproximateReceiveCount") if isinstance(attributes, Mapping) else None
+    message_id = record.get("messageId")
     return ReceivedMessage(
         body=record,
-        message_id=str(record.get("messageId", "")),
+        message_id="" if message_id is None else str(message_id),  # null: none, not "None"
         receipt=str(record.get("receiptHandle", "")),
         receive_count=int(count) if isinstance(count, str) and _digits(count) else None,
     )

@@ -103,7 +103,7 @@ class HeldMessage:
 
     def __str__(self) -> str:
         event = self.event
-        name = self.message.message_id
+        name = self.message.message_id or "(with no id)"
         return name if event is None else f"{name} (event {event.name!r} id={event.id})"
 
 
@@ -276,7 +276,7 @@ class Processor:
         expected = isinstance(error, MessageDecodeError)
         logger.error(
             "message %s from %s is %s (%s); %s",
-            message.message_id,
+            message.message_id or "(with no id)",
             self.owner.source.name,
             failure,
             error if expected else f"{type(error).__name__}: {error}",

@@ -17,6 +17,7 @@ The SDK is imported when the source starts, never before.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -285,10 +286,16 @@ class PubSubSource(Source):
             )
             return None
         reason = f"a malformed item of a pull answer: {why}"
+        if not message_id:  # named after its content, which stays from one delivery to the
+            # next (its ackId does not): its give-backs' backoff grows as for any message
+            content = json.dumps(message, sort_keys=True, default=repr).encode()
+            message_id = f"with no messageId, content {hashlib.sha256(content).hexdigest()[:16]}"
+        attempt = item.get("deliveryAttempt")
         return ReceivedMessage(
             body={"data": b"", "attributes": {}, _MALFORMED: reason},
-            message_id=str(message_id) if message_id else f"with no messageId, ackId {ack_id}",
+            message_id=str(message_id),
             receipt=ack_id,
+            receive_count=attempt if type(attempt) is int else None,
         )
 
     async def ack(self, message: ReceivedMessage) -> None:

@@ -356,6 +356,9 @@ def test_undecodable_and_unhandled_records_follow_the_policies(
             lambda good: {**good, "attributes": {"ApproximateReceiveCount": "\u00b2"}},
             id="a receive count isdigit takes and int does not",
         ),
+        pytest.param(
+            lambda good: {**good, "messageId": None, "body": "not json"}, id="messageId null"
+        ),
     ],
 )
 def test_a_malformed_record_fails_alone(
@@ -364,7 +367,9 @@ def test_a_malformed_record_fails_alone(
     """Found: a record that was not a mapping (first in the batch), an ``attributes`` that
     was not one, or a receive count such as ``"²"`` raised while the invocation read its
     records, before any ran: no record was handled, no id logged, and Lambda retried the
-    whole batch. Now the others are handled, and that one is logged and reported."""
+    whole batch. Now the others are handled, and that one is logged and reported. Found
+    too: a failed record whose ``messageId`` is null was reported as ``"None"``, an id
+    Lambda does not know, without the log saying that Lambda retries the whole batch."""
     queue_url = moto.queue()
     ids = emit_through_sqs(moto, queue_url, {"n": 1}, {"n": 2})
     event = received_batch(moto, queue_url, 2)
@@ -374,8 +379,11 @@ def test_a_malformed_record_fails_alone(
     with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
         result = lambda_sqs_handler(consumer.app)(event, FakeContext())
     assert ids[0] in consumer.handled or ids[1] in consumer.handled  # the good one ran
-    assert sum(consumer.handled.values()) == (1 if isinstance(bad, str) else 2)
-    assert failures(result) == ([""] if isinstance(bad, str) else [])
+    broken = isinstance(bad, str) or bad["messageId"] is None
+    assert sum(consumer.handled.values()) == (1 if broken else 2)
+    assert failures(result) == ([""] if broken else [])
+    if broken:
+        assert "it has no messageId: Lambda retries the whole batch" in caplog.text
 
 
 def test_a_record_whose_processing_raises_is_logged_and_reported(

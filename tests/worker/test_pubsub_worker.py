@@ -159,6 +159,25 @@ async def test_nack_backoff_counts_failures_per_message() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_message_with_no_message_id_backs_off_longer_at_each_delivery() -> None:
+    """Found: an item of a pull answer without its ``messageId`` was named after its
+    ``ackId``, which changes at every delivery: each give-back counted as its first, so it
+    came back every second, forever. It is now named after its content."""
+    source = PubSubSource("projects/shop/subscriptions/orders", emulator_host="127.0.0.1:1")
+    recorder = source._client = DeadlineRecorder()  # type: ignore[assignment]
+    message = {"data": "bm90IGFuIGV2ZW50", "attributes": {"type": "x"}}
+    for delivery in range(3):
+        received = source._read({"ackId": f"ack-{delivery}", "message": message}, False)
+        assert received is not None
+        await source.nack(received)
+    assert recorder.deadlines == [("ack-0", 1), ("ack-1", 2), ("ack-2", 4)]
+    assert "ack-" not in received.message_id
+    other = source._read({"ackId": "ack-3", "message": {**message, "data": "b3RoZXI="}}, False)
+    assert other is not None
+    assert other.message_id != received.message_id
+
+
+@pytest.mark.anyio
 async def test_a_missing_subscription_stops_the_worker(pubsub_emulator: Emulator) -> None:
     missing = f"projects/{PROJECT}/subscriptions/no-such-subscription"
     worker = Worker(EventBus(), PubSubSource(missing, emulator_host=pubsub_emulator.host))
@@ -435,7 +454,7 @@ async def test_a_malformed_item_in_a_pull_answer_fails_that_message_alone(
     assert worker.stats.undecodable == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     without_ack = next(i for i, field in proxy.lost.items() if field == "ackId")
-    (line,) = [e for e in errors if without_ack in e]
+    (line,) = [e for e in errors if f"(messageId={without_ack})" in e]
     assert "no ackId" in line
     assert any("no messageId" in e for e in errors), errors
     assert channel.pull(1, timeout=1.5) == []

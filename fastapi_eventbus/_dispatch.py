@@ -44,7 +44,9 @@ class Inbox(Protocol):
         May return a function, which the bus calls once that call is over (its retries
         included), whether it succeeded or not: before `record`, and before ``on_error``
         hears of a failure. A commit made after it (by a task the handler started, by the
-        hook) is no longer the handler's."""
+        hook) is no longer the handler's. The function returns True if a commit during
+        the call recorded the handler: a failure's log line then says that a redelivery
+        will not run it again."""
 
     async def record(self, handler: str, event: Event) -> None:
         """*handler* succeeded for *event* (unless its own transaction recorded it).
@@ -152,7 +154,8 @@ class Dispatcher:
                     child = batch.child() if plan.may_emit or overrides else None
                 else:  # no dependencies: nothing to override, nothing to give get_bus
                     overrides, child = False, None
-                ended = None  # with an inbox: what ends the call (`Inbox.calling`)
+                ended = recorded = None  # with an inbox: what ends the call, and whether
+                # a commit in it recorded the handler (`Inbox.calling`)
                 try:
                     error: BaseException | None = None
                     if (timeout := handler.timeout) is not None and limit is None:
@@ -199,9 +202,9 @@ class Dispatcher:
                     raise
                 finally:
                     if ended is not None:
-                        ended()
+                        recorded = ended()
                 if error is not None:
-                    await self._failed(handler, event, error)
+                    await self._failed(handler, event, error, recorded is True)
                     failures.append(HandlerFailure(event, handler.name, error))
                 for observer in observers:
                     observer.on_handled(event, handler.name, error)
@@ -301,12 +304,19 @@ class Dispatcher:
             watchdog = self._watchdog = Watchdog(loop)
         return Limit(watchdog, batch.runner)
 
-    async def _failed(self, handler: Handler, event: Event, error: BaseException) -> None:
+    async def _failed(
+        self, handler: Handler, event: Event, error: BaseException, recorded: bool = False
+    ) -> None:
+        """Log *handler*'s failure and tell ``on_error``; *recorded*: in the inbox, by a
+        commit it made before failing (its work after that commit is never done)."""
         logger.error(
-            "handler %s failed for event %r (id=%s)",
+            "handler %s failed for event %r (id=%s)%s",
             handler.name,
             event.name,
             event.id,
+            " after a commit recorded it in the inbox: a redelivery will not run it again"
+            if recorded
+            else "",
             exc_info=error,
         )
         await call_hook(self.core.settings.on_error, HandlerFailure(event, handler.name, error))

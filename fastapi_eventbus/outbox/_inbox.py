@@ -37,8 +37,10 @@ class _Call:
     """False once the call is over: a later commit in its context (a task the handler
     started, an ``on_error`` hook) does not record it."""
 
-    def end(self) -> None:
+    def end(self) -> bool:
+        """The call is over: whether a commit in it recorded the handler as succeeded."""
         self.running = False
+        return self.recorded
 
 
 def event_key(event: Event) -> str:
@@ -117,9 +119,9 @@ class SQLAlchemyInbox:
         query = select(self.table.c.handler).where(self.table.c.event_id == event_key(event))
         return set(await run(self.engine, lambda c: c.execute(query).scalars().all()))
 
-    def calling(self, handler: str, event: Event) -> Callable[[], None]:
+    def calling(self, handler: str, event: Event) -> Callable[[], bool]:
         """*handler* is about to run for *event*: a commit of its session records it, until
-        the call is over (the function returned)."""
+        the call is over (the function returned, which says whether one did)."""
         call = _Call(self, handler, event_key(event))
         _CALL.set(call)
         return call.end

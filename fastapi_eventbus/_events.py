@@ -186,6 +186,19 @@ def _control_character(text: str) -> str | None:
     return None
 
 
+def shown(text: str) -> str:
+    """*text* safe to print on one line (a log line, a terminal): what is not printable
+    (newlines, ESC and the other C0 and C1 controls, line separators, bidi controls) and
+    backslashes are written as Python escapes, so that text from outside cannot forge lines,
+    rows or colours."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(
+        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
 def plain_str(text: str) -> str:
     """*text* as a plain str: a str subclass (a ``StrEnum`` member) becomes its value."""
     return text if type(text) is str else str.__str__(text)

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from fastapi_eventbus._events import shown
 from fastapi_eventbus.exceptions import ConfigurationError, EventBusError, SpoolError
 from fastapi_eventbus.spool import Spool, SpooledEvent
 
@@ -121,26 +122,14 @@ def _iso(timestamp: float) -> str:
 
 def text_line(spooled: SpooledEvent) -> str:
     """The line ``spool list`` prints for *spooled*: id, forwarder, name, attempts, when
-    it was spooled (to the second) and its error, each `_shown` safely."""
+    it was spooled (to the second) and its error, each `shown` safely."""
     event = spooled.event
     created = _iso(int(spooled.created))
     fields = (event.id, spooled.forwarder, event.name)
-    line = "  ".join(map(_shown, fields)) + f"  attempts={spooled.attempts}  {created}"
+    line = "  ".join(map(shown, fields)) + f"  attempts={spooled.attempts}  {created}"
     if spooled.error:
-        line += "  " + _shown(" ".join(spooled.error.split()))  # one line per event
+        line += "  " + shown(" ".join(spooled.error.split()))  # one line per event
     return line
-
-
-def _shown(text: str) -> str:
-    """*text* safe to print on a terminal: what is not printable (newlines, ESC and the
-    other C0 and C1 controls, line separators, bidi controls) and backslashes are
-    written as Python escapes, so a spooled name cannot forge rows or colours."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join(
-        c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
 
 
 def json_line(spooled: SpooledEvent) -> str:

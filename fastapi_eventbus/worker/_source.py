@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from fastapi_eventbus import wire
-from fastapi_eventbus._events import Event
+from fastapi_eventbus._events import Event, shown
 from fastapi_eventbus._retry import exponential, jittered
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
@@ -25,7 +25,8 @@ class ReceivedMessage:
     """The message as received, for its source's `Source.decode` (the built-in sources:
     as `fastapi_eventbus.wire.decode_message` takes it)."""
     message_id: str
-    """The broker's id of the message (not the event id), for logs."""
+    """The broker's id of the message (not the event id), for logs: what it holds that is
+    not printable (a newline...) is escaped, so that it cannot forge log lines."""
     receipt: str
     """What acknowledges it: the SQS receipt handle, the Pub/Sub ack id."""
     receive_count: int | None = None
@@ -34,6 +35,10 @@ class ReceivedMessage:
     """Messages with the same key are handled one after the other, in the order received
     (an SQS FIFO queue's ``MessageGroupId``, a Pub/Sub message's ``orderingKey``); one not
     handled holds back the later ones."""
+
+    def __post_init__(self) -> None:
+        if not self.message_id.isprintable():  # rare: escaped once, for every log line
+            object.__setattr__(self, "message_id", shown(self.message_id))
 
 
 @dataclass(frozen=True, slots=True)

@@ -627,3 +627,22 @@ def test_pushes_without_a_message_id_are_never_taken_for_a_duplicate(
         answers = list(pool.map(lambda e: client.post("/events/pubsub", json=e), envelopes))
     assert [answer.status_code for answer in answers] == [204, 204]
     assert not [line for line in caplog.messages if "came again" in line]
+
+
+def test_a_message_id_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Found: a push's ``messageId`` (and a CloudEvent's ``ce-id``, percent-decoded) went
+    into the log line reporting the message as it came: a newline in it split the line
+    that names the message, and forged another. Such characters are escaped now."""
+    caplog.set_level(logging.ERROR, "fastapi_eventbus")
+    forged = "m-1\nERROR fastapi_eventbus.worker: all is well\x1b[2K"
+    with TestClient(Shop().app) as client:
+        junk = {"message": {"data": "%%%", "messageId": forged}}
+        assert client.post("/events/pubsub", json=junk).status_code == 400
+        headers = {"ce-id": "c-1%0AINFO forged", "ce-specversion": "1.0"}
+        assert client.post("/events/cloudevents", content=b"{}", headers=headers).status_code == 400
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert line.isprintable(), line
+    assert lines[0].startswith("message m-1\\nERROR fastapi_eventbus.worker: all is well\\x1b[2K ")
+    assert lines[1].startswith("message c-1\\nINFO forged ")

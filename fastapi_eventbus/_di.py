@@ -397,14 +397,13 @@ def handler_call(
     plan: HandlerPlan,
     func: Callable[..., Any],
     event_arg: object,
-    scope: MutableMapping[str, Any],
     overrides_provider: object | None,
     overrides: bool | None = None,
 ) -> Coroutine[Any, Any, None]:
-    """`run_handler`'s coroutine; for an async handler without dependencies, the
-    handler's own (nothing to resolve: one coroutine level less per call)."""
+    """`run_handler`'s coroutine (with a fresh scope); for an async handler without
+    dependencies, the handler's own (nothing to resolve: one coroutine level less per call)."""
     if plan.uses_solver or not plan.is_async:
-        return run_handler(plan, func, event_arg, scope, overrides_provider, overrides)
+        return run_handler(plan, func, event_arg, {}, overrides_provider, overrides)
     if plan.event_param is None:
         return func()  # type: ignore[no-any-return]
     return func(**{plan.event_param: event_arg})  # type: ignore[no-any-return]

@@ -166,7 +166,7 @@ class Dispatcher:
                         try:
                             if child is None and plan.event_model is None:  # `_start`'s usual
                                 call = _di.handler_call(  # case, without a call to get there
-                                    plan, handler.func, event, {}, batch.provider, overrides
+                                    plan, handler.func, event, batch.provider, overrides
                                 )
                             else:
                                 call = self._start(handler, event, batch, child, overrides)

@@ -276,7 +276,12 @@ class Worker:
             self._release(count - len(messages))
             for index, message in enumerate(messages):
                 if index >= count:  # a source returned more than asked for
-                    await self._slots.acquire()
+                    try:
+                        await self._slots.acquire()
+                    except asyncio.CancelledError:  # stopped: the rest are in flight too,
+                        for rest in messages[index:]:  # each settled or given back by
+                            self._spawn(rest)  # `_finish`, not left unseen
+                        raise
                 self._spawn(message)
 
     async def _reserve(self) -> int:

@@ -1030,3 +1030,28 @@ async def test_a_message_given_back_and_delivered_again_at_once_is_no_duplicate(
     assert received == ["m-1", "m-1", "m-1"]
     assert worker.stats.undecodable == 3
     assert not [r.getMessage() for r in caplog.records if "came again" in r.getMessage()]
+
+
+async def test_stopping_while_a_source_returned_more_than_asked_loses_none() -> None:
+    """Found (a custom source): when `receive` returned more messages than the worker asked
+    for, the worker waited for a free slot for each extra one; stopped meanwhile, it left
+    them neither handled nor given back, invisible until the broker's timeout. Each is now
+    settled or given back."""
+
+    class Generous(MemorySource):
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            return await super().receive(10)  # more than the one slot the worker has
+
+    bus = EventBus()
+    release = asyncio.Event()
+
+    @bus.on("order.*")
+    async def slow(event: Event) -> None:
+        await release.wait()
+
+    source = Generous(*(Event(name="order.placed") for _ in range(3)))
+    async with Worker(bus, source, concurrency=1, shutdown_timeout=0.2) as worker:
+        await until(lambda: source.in_flight == 3)
+        await worker.stop()
+    assert source.in_flight == 0
+    assert len(source.acked) + len(source.nacked) == 3

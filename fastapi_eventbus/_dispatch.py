@@ -196,9 +196,7 @@ class Dispatcher:
                     if error is not None and handler.retry is not None and local:
                         error, child = await self._retry(handler, event, batch, child, error, limit)
                 except asyncio.CancelledError:  # what the handler emitted is reported too
-                    if child is not None and child.events:
-                        reason = f"handler {handler.name} was cancelled"
-                        await self.core.discard(child, reason, forget=False, level=logging.ERROR)
+                    await self._cancelled(handler, child)
                     raise
                 finally:
                     if ended is not None:
@@ -289,11 +287,21 @@ class Dispatcher:
             plan = handler.plan
             overrides = _di.has_overrides(batch.provider)
             child = batch.child() if plan.uses_solver and (plan.may_emit or overrides) else None
-            if self.tracing is None:
-                error = await self._call(handler, event, batch, child, overrides, limit)
-            else:
-                error = await self._run(handler, event, batch, child, True, overrides, limit)
+            try:
+                if self.tracing is None:
+                    error = await self._call(handler, event, batch, child, overrides, limit)
+                else:
+                    error = await self._run(handler, event, batch, child, True, overrides, limit)
+            except asyncio.CancelledError:  # this try's events: `dispatch` sees only the first's
+                await self._cancelled(handler, child)
+                raise
         return error, child
+
+    async def _cancelled(self, handler: Handler, child: Batch | None) -> None:
+        """*handler*'s call was cancelled: report what it emitted (*child*'s events)."""
+        if child is not None and child.events:
+            reason = f"handler {handler.name} was cancelled"
+            await self.core.discard(child, reason, forget=False, level=logging.ERROR)
 
     def _limit(self, batch: Batch) -> Limit:
         """The time limits of *batch*'s handler calls (in this task: the one running its

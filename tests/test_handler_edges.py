@@ -38,6 +38,7 @@ from fastapi_eventbus import (
     get_bus,
 )
 from fastapi_eventbus.testing import capture
+from tests._support import until
 from tests.conftest import Hooks
 
 pytestmark = pytest.mark.anyio
@@ -808,6 +809,37 @@ def test_of_an_app_without_a_bus_says_what_to_call() -> None:
 
 
 # -- a CancelledError nobody asked for --------------------------------------------------
+
+
+async def test_what_a_retried_handler_emitted_is_reported_when_its_try_is_cancelled(
+    hooks: Hooks,
+) -> None:
+    """Found: a handler with a `Retry` that emitted through ``Depends(get_bus)`` and was
+    cancelled in its second try (a timeout middleware, ``wait_for`` around ``publish``,
+    shutdown's deadline) lost that try's events without a word: only the first try's
+    child batch was reported. They stayed pending, so the bus's shutdown waited its full
+    ``shutdown_timeout`` for them. Each try's events are reported now."""
+    bus = EventBus(on_discard=hooks.discards.append, shutdown_timeout=5)
+    emitted: list[str] = []
+
+    @bus.on("order.paid", retry=Retry(attempts=3, initial_delay=0.01))
+    async def book(event: Event, events: EventBus = Depends(get_bus)) -> None:
+        emitted.append(events.emit("shipment.booked").id)
+        if len(emitted) == 1:
+            raise ConnectionError("carrier down")
+        await asyncio.sleep(10)  # the second try: still running when it is cancelled
+
+    publishing = asyncio.ensure_future(bus.publish("order.paid"))
+    await until(lambda: len(emitted) == 2)
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await publishing
+    reported = [event_id for report in hooks.discards for event_id in report.ids]
+    assert emitted[0] in reported
+    assert emitted[1] in reported
+    started = time.monotonic()
+    await bus.close()
+    assert time.monotonic() - started < 2  # nothing left pending to wait for
 
 
 @pytest.mark.parametrize("raised", [asyncio.CancelledError, SystemExit, GeneratorExit])

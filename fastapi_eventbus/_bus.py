@@ -18,9 +18,7 @@ from ._batch import SCOPE_KEY, Batch, RequestEnd
 from ._core import Core
 from ._di import Handler
 from ._dispatch import Inbox
-from ._events import (
-    Event,
-)
+from ._events import Event
 from ._hooks import DiscardedEvents, HandlerFailure, Observer, OnDiscard, OnError, call_hook, logger
 from ._lifespan import check_serving, draining_lifespan
 from ._patterns import pattern_of
@@ -183,11 +181,8 @@ class EventBus:
         Raises:
             BusNotInstalledError: No bus is installed on *app*.
         """
-        try:
-            return _INSTALLED[app]  # per request: not app.state's failing attribute lookup
-        except (KeyError, TypeError):
-            bus = getattr(getattr(app, "state", None), STATE_ATTR, None)
-        if not isinstance(bus, EventBus):
+        bus = _installed(app)
+        if bus is None:
             raise BusNotInstalledError(
                 "no EventBus is installed on this app: create one and call `bus.install(app)` "
                 "before serving requests"
@@ -251,17 +246,8 @@ class EventBus:
         """
         if not isinstance(forwarder, Forwarder):
             raise ConfigurationError(f"forward() needs a Forwarder instance, got {forwarder!r}")
-        kept = "a spool" if self._core.spool is not None else "an outbox"
-        if self._core.spool is not None or self._core.outbox is not None:
-            for other in self._core.forwarders.items():
-                if other is not forwarder and other.name == forwarder.name:
-                    raise ConfigurationError(
-                        f"two forwarders are named {forwarder.name!r}: with {kept}, each "
-                        f"forwarder needs its own name (name=...), which its stored events "
-                        f"are filed under"
-                    )
         names = [patterns] if isinstance(patterns, str) else list(patterns)
-        self._core.forwarders.add([pattern_of(p) for p in names], forwarder)
+        self._core.forward([pattern_of(p) for p in names], forwarder)
         return forwarder
 
     def register(self, event: str | type[BaseModel], schema: type[BaseModel] | None = None) -> None:
@@ -431,26 +417,31 @@ class EventBus:
 
         `get_bus` calls this on the installed bus. Use it directly to override
         `get_bus` in tests (``app.dependency_overrides[get_bus] = other.dependency``)
-        or to use a bus that is not installed on the app.
+        or to use a bus that is not installed on the app (its own view, beside `get_bus`'s).
 
         Raises:
             ConfigurationError: It was not resolved by FastAPI's dependency injection.
         """
-        existing = connection.scope.get(SCOPE_KEY)
-        if isinstance(existing, EventBus):
+        scope = connection.scope
+        existing = scope.get(SCOPE_KEY)
+        if isinstance(existing, EventBus) and existing._core is self._core:
             return existing
-        return self._new_view(connection, background_tasks)
+        # Beside another bus's view (`get_bus` finds it), one of its own: FastAPI caches it
+        keep = existing is None and _installed(scope.get("app")) in (None, self)
+        return self._new_view(connection, background_tasks, keep)
 
-    def _new_view(self, connection: HTTPConnection, background_tasks: BackgroundTasks) -> EventBus:
+    def _new_view(
+        self, connection: HTTPConnection, background_tasks: BackgroundTasks, keep: bool = True
+    ) -> EventBus:
         if connection.scope["type"] == "websocket":
-            return open_request(self, connection, websocket=True)
+            return open_request(self, connection, websocket=True, keep=keep)
         stack = _di.request_exit_stack(connection)
         if stack is None:
             raise ConfigurationError(
                 "get_bus must be resolved by FastAPI's dependency injection in a route "
                 "(Depends(get_bus)); this request has no FastAPI dependency scope"
             )
-        view = open_request(self, connection, background_tasks)
+        view = open_request(self, connection, background_tasks, keep=keep)
         batch = view._batch
         assert batch is not None
         stack.push_async_exit(RequestEnd(self._core.end_request, batch))  # type: ignore[type-var]  # duck-typed
@@ -486,10 +477,7 @@ class EventBus:
         ``resend_interval`` seconds (a `Spool` setting); call it yourself where no
         lifespan runs (a script that only publishes). Without a spool, returns 0.
         """
-        total = 0
-        while (count := await self._core.sender.resend()) > 0:
-            total += count
-        return total
+        return await self._core.sender.resend_due()
 
     async def close(self, timeout: float | None = None) -> list[Event]:
         """`drain`, then close every forwarder's clients. The installed lifespan calls this.
@@ -519,7 +507,8 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
     existing = connection.scope.get(SCOPE_KEY)
     if isinstance(existing, EventBus):
         return existing
-    return EventBus.of(connection.scope["app"])._new_view(connection, background_tasks)
+    app = connection.scope["app"]
+    return (_installed(app) or EventBus.of(app))._new_view(connection, background_tasks)
 
 
 _di.BUS_DEPENDENCIES.update((get_bus, EventBus.dependency))
@@ -568,14 +557,24 @@ def registered_forwarders(bus: EventBus) -> list[tuple[tuple[str, ...], Forwarde
     return bus._core.forwarders.entries()
 
 
+def _installed(app: Any) -> EventBus | None:
+    """The bus `EventBus.install` put on *app*, if any."""
+    try:
+        return _INSTALLED[app]  # per request: not app.state's failing attribute lookup
+    except (KeyError, TypeError):
+        bus = getattr(getattr(app, "state", None), STATE_ATTR, None)
+    return bus if isinstance(bus, EventBus) else None
+
+
 def open_request(
     bus: EventBus,
     connection: HTTPConnection,
     background: BackgroundTasks | None = None,
     *,
     websocket: bool = False,
+    keep: bool = True,
 ) -> EventBus:
-    """A view of *bus* owning *connection*'s events, put in its scope for `get_bus`.
+    """A view of *bus* owning *connection*'s events, in its scope for `get_bus` if *keep*.
 
     With *background* (FastAPI), the first event adds the flush to those tasks;
     without (Starlette), `flush_after` attaches it to the returned response.
@@ -585,7 +584,8 @@ def open_request(
     view = EventBus._view(
         bus._core, bus._core.open_request(connection.scope, background, websocket)
     )
-    connection.scope[SCOPE_KEY] = view
+    if keep:
+        connection.scope[SCOPE_KEY] = view
     return view
 
 

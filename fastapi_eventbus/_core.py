@@ -97,6 +97,20 @@ class Core:
         """What the app's lifespan yielded, as ``request.state`` of handler calls without a
         request; the worker sets it after entering the lifespan."""
 
+    def forward(self, patterns: list[str], forwarder: Forwarder) -> None:
+        """Send the events matching *patterns* to *forwarder* (`EventBus.forward`); with a
+        spool or an outbox, which file stored events by forwarder name, names are unique."""
+        if self.spool is not None or self.outbox is not None:
+            kept = "a spool" if self.spool is not None else "an outbox"
+            for other in self.forwarders.items():
+                if other is not forwarder and other.name == forwarder.name:
+                    raise ConfigurationError(
+                        f"two forwarders are named {forwarder.name!r}: with {kept}, each "
+                        f"forwarder needs its own name (name=...), which its stored events "
+                        f"are filed under"
+                    )
+        self.forwarders.add(patterns, forwarder)
+
     def set_tracing(self, tracing: Tracing | None) -> None:
         """Turn tracing on (`fastapi_eventbus.otel.instrument_bus`) or off (None)."""
         self.tracing = self.sender.tracing = self.dispatcher.tracing = tracing

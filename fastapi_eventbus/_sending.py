@@ -169,14 +169,20 @@ class Sender:
         why = f"spooled for forwarder {forwarder!r}, which no application sent them through: "
         await call_hook(self.on_discard, DiscardedEvents(tuple(events), why + reason))
 
+    async def resend_due(self) -> int:
+        """`resend` until nothing is due; how many events were tried."""
+        total = 0
+        while (count := await self.resend()) > 0:
+            total += count
+        return total
+
     async def resend_forever(self) -> None:
         """Call `resend` every ``resend_interval`` seconds (the installed lifespan runs this)."""
         storage = self.storage
         assert storage is not None
         while True:
             try:
-                while await self.resend() > 0:
-                    pass
+                await self.resend_due()
             except SpoolError as exc:
                 logger.error("%s", exc)
             except Exception:

@@ -564,3 +564,54 @@ async def test_an_event_with_extensions_can_be_copied_and_pickled(bus: EventBus)
         with pytest.raises(TypeError, match="immutable"):
             copied.extensions["subject"] = "x"  # type: ignore[index]
     assert copy.deepcopy(event).payload is not event.payload
+
+
+@pytest.mark.parametrize("first", ["installed", "other"])
+def test_a_second_bus_in_a_request_gets_its_own_events(first: str) -> None:
+    """Found: with the app's bus already in the request, ``Depends(other.dependency)`` (the
+    documented way to use a bus that is not installed) returned the app bus's view: the
+    other bus's handlers never ran, and nothing said so. Resolved first, the other bus's
+    view was what ``get_bus`` then returned. Each bus gets its own view now, in a request
+    and in a handler bridging to the other bus."""
+    app_bus, audit_bus = EventBus(), EventBus()
+    app = FastAPI()
+    app_bus.install(app)
+    seen: list[tuple[str, str]] = []
+
+    @app_bus.on("*")
+    async def everything(event: Event, audit: EventBus = Depends(audit_bus.dependency)) -> None:
+        seen.append(("app", event.name))
+        if event.name == "order.placed":
+            audit.emit("audit.bridged")
+
+    @audit_bus.on("audit.*")
+    async def write_audit(event: Event) -> None:
+        seen.append(("audit", event.name))
+
+    async def endpoint(bus: EventBus, audit: EventBus) -> None:
+        assert audit is not bus
+        bus.emit("order.placed")
+        audit.emit("audit.recorded")
+
+    if first == "installed":
+
+        @app.post("/")
+        async def installed_first(
+            bus: EventBus = Depends(get_bus), audit: EventBus = Depends(audit_bus.dependency)
+        ) -> None:
+            await endpoint(bus, audit)
+    else:
+
+        @app.post("/")
+        async def other_first(
+            audit: EventBus = Depends(audit_bus.dependency), bus: EventBus = Depends(get_bus)
+        ) -> None:
+            await endpoint(bus, audit)
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert sorted(seen) == [
+        ("app", "order.placed"),
+        ("audit", "audit.bridged"),
+        ("audit", "audit.recorded"),
+    ]

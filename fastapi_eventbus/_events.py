@@ -207,11 +207,10 @@ def plain_str(text: str) -> str:
 class SchemaRegistry:
     """Payload schemas by event name, checked at emit time."""
 
-    __slots__ = ("_read_back", "_schemas", "empty")
+    __slots__ = ("_schemas", "empty")
 
     def __init__(self) -> None:
         self._schemas: dict[str, type[BaseModel]] = {}
-        self._read_back: set[type[BaseModel]] = set()
         self.empty = True
         """Whether no schema is registered (an attribute: read at every ``emit``)."""
 
@@ -274,17 +273,41 @@ class SchemaRegistry:
     def _read_back_as(self, model: type[BaseModel], data: Any, text: str | None, name: str) -> None:
         """Raise `InvalidEventError` if *data* (*text*, its JSON, if made) would not validate
         as *model*, as a typed handler reads it (a computed field in a model that forbids
-        extras): once per model."""
-        if model in self._read_back:
-            return
+        extras, a serializer dropping a required field), or would read back as other values
+        (written under an alias the model does not read). For every event: serializers
+        can depend on the values."""
         try:
-            model.model_validate_json(orjson.dumps(data) if text is None else text)
+            back = model.model_validate_json(orjson.dumps(data) if text is None else text)
         except ValidationError as exc:
             raise InvalidEventError(
                 f"payload of event {name!r}, written as JSON, would not validate as "
                 f"{model.__qualname__} in its handlers:\n{exc}"
             ) from exc
-        self._read_back.add(model)
+        if (where := _changed(back.model_dump(mode="json", by_alias=True), data, "")) is not None:
+            raise InvalidEventError(
+                f"payload of event {name!r}, written as JSON, would read back as "
+                f"{model.__qualname__} with another value at {where or 'its root'} in its "
+                "handlers: check the model's aliases and serializers"
+            )
+
+
+def _changed(back: Any, data: Any, path: str) -> str | None:
+    """Where *back* (a model's dump after reading *data*) differs from *data*, if it does:
+    each key both hold must hold the same (*data* may hold more: a subclass's fields, which
+    the handler's model does not read; and less: a value its serializer leaves out, which
+    reads back as the field's default)."""
+    if type(back) is dict and type(data) is dict:
+        for key, value in back.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in data and (found := _changed(value, data[key], where)) is not None:
+                return found
+        return None
+    if type(back) is list and type(data) is list and len(back) == len(data):
+        for index, (item, written) in enumerate(zip(back, data, strict=True)):
+            if (found := _changed(item, written, f"{path}[{index}]")) is not None:
+                return found
+        return None
+    return None if back == data else path
 
 
 _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets __event_name__"

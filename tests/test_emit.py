@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field, model_serializer
 
 from fastapi_eventbus import (
     BusNotInstalledError,
@@ -188,6 +188,52 @@ async def test_a_typed_event_its_handlers_could_not_read_is_refused_at_emit(
     web = EventBus()  # no handler: it forwards to a worker, whose handlers would fail
     with pytest.raises(InvalidEventError, match=error):
         await web.publish(payload)
+
+
+class UserRenamed(BaseModel):
+    __event_name__: ClassVar[str] = "user.renamed"
+    id: int
+    nickname: str | None  # required, may be null
+
+    @model_serializer(mode="wrap")  # a common "drop the nulls" serializer
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class CatOwned(BaseModel):
+    __event_name__: ClassVar[str] = "cat.owned"
+    id: int
+    owner: str | None = Field(default=None, serialization_alias="ownerName")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("readable", "unreadable", "error"),
+    [
+        (UserRenamed(id=1, nickname="bob"), UserRenamed(id=2, nickname=None), "not validate"),
+        (CatOwned(id=1), CatOwned(id=2, owner="ann"), "owner"),
+    ],
+    ids=["serializer-drops-a-required-field", "alias-the-model-does-not-read"],
+)
+async def test_each_typed_event_is_read_back_as_its_handlers_read_it(
+    bus: EventBus, readable: BaseModel, unreadable: BaseModel, error: str
+) -> None:
+    """Found: the read-back check ran for a model's first event only. A later one whose
+    values its model would not read back (a serializer dropping a null required field)
+    was accepted and then failed every handler; one whose value its model reads back as
+    another (written under a serialization alias the model does not read) reached the
+    handler changed, a success. Each is refused at emit now."""
+    got: list[BaseModel] = []
+
+    async def handler(event: BaseModel) -> None:
+        got.append(event)
+
+    handler.__annotations__["event"] = type(readable)
+    bus.on()(handler)
+    await bus.publish(readable)
+    with pytest.raises(InvalidEventError, match=error):
+        await bus.publish(unreadable)
+    assert got == [readable]
 
 
 @pytest.mark.parametrize(

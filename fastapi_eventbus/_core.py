@@ -13,7 +13,7 @@ from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
 from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope, raised_after_return
-from ._deadline import allowance, within
+from ._deadline import allowance, uncancel, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
 from ._events import Event, SchemaRegistry, make_event, resolve_emit_args
@@ -98,18 +98,9 @@ class Core:
         request; the worker sets it after entering the lifespan."""
 
     def forward(self, patterns: list[str], forwarder: Forwarder) -> None:
-        """Send the events matching *patterns* to *forwarder* (`EventBus.forward`); with a
-        spool or an outbox, which file stored events by forwarder name, names are unique."""
-        if self.spool is not None or self.outbox is not None:
-            kept = "a spool" if self.spool is not None else "an outbox"
-            for other in self.forwarders.items():
-                if other is not forwarder and other.name == forwarder.name:
-                    raise ConfigurationError(
-                        f"two forwarders are named {forwarder.name!r}: with {kept}, each "
-                        f"forwarder needs its own name (name=...), which its stored events "
-                        f"are filed under"
-                    )
-        self.forwarders.add(patterns, forwarder)
+        """`EventBus.forward`: a spool or an outbox files events by forwarder name."""
+        kept = "an outbox" if self.outbox is not None else None
+        self.sender.add(patterns, forwarder, "a spool" if self.spool is not None else kept)
 
     def set_tracing(self, tracing: Tracing | None) -> None:
         """Turn tracing on (`fastapi_eventbus.otel.instrument_bus`) or off (None)."""
@@ -311,7 +302,12 @@ class Core:
             batch.state = CLOSED
             self.schedule(batch)
             return None
-        return self.discard(batch, f"the endpoint raised {type(exc).__name__}", exc)
+        report = self.drop(batch, f"the endpoint raised {type(exc).__name__}", exc)
+        if report is not None:  # the hook in a task of its own: it must not hold the response
+            hook = self.settings.on_discard
+            what = f"on_discard of {', '.join(report.ids)}"
+            self.spawn(lambda: call_hook(hook, report), batch.loop, what)
+        return None
 
     def schedule(self, batch: Batch) -> None:
         """Start a tracked task that flushes *batch* (late emits, WebSockets), on its loop."""
@@ -368,7 +364,7 @@ class Core:
                             await self.sender.broke(sent, outcome)
                     batch.sends.clear()  # a WebSocket session's batch is flushed many times
         except asyncio.CancelledError:
-            if not batch.stopped or _uncancel() > 0:
+            if not batch.stopped or uncancel() > 0:
                 raise  # not (only) shutdown's own cancellation: it goes on up
         finally:
             if batch.current is not None:  # its handlers were running: it did not finish
@@ -558,6 +554,21 @@ class Core:
         With *forget* (the endpoint or handler raised: the events must never be
         sent), they leave the spool too; otherwise the spool sends them later.
         """
+        report = self.drop(batch, reason, exc, forget=forget, level=level, state=state)
+        if report is not None:
+            await call_hook(self.settings.on_discard, report)
+
+    def drop(
+        self,
+        batch: Batch,
+        reason: str,
+        exc: BaseException | None = None,
+        *,
+        forget: bool = True,
+        level: int | None = None,
+        state: int = CLOSED,
+    ) -> DiscardedEvents | None:
+        """`discard` but the hook: what to tell ``on_discard``, if events were dropped."""
         events = tuple(batch.events)
         batch.events.clear()
         for job, what in batch.jobs or ():  # not events of this batch: committed data's, run anyway
@@ -567,7 +578,7 @@ class Core:
         self.active.discard(batch)
         self.finished(batch)
         if not events:
-            return
+            return None
         if forget and self.spool is not None:
             try:
                 self.spool.forget(events)
@@ -577,14 +588,7 @@ class Core:
         if level is None:
             level = logging.INFO if reason.startswith("the endpoint raised") else logging.WARNING
         logger.log(level, "discarded %d event(s) because %s: %s", len(events), reason, ids)
-        await call_hook(self.settings.on_discard, DiscardedEvents(events, reason, exc))
-
-
-def _uncancel() -> int:
-    """Withdraw one cancellation of the current task; how many are still requested."""
-    task = asyncio.current_task()
-    assert task is not None
-    return task.uncancel()
+        return DiscardedEvents(events, reason, exc)
 
 
 def nowhere(events: list[Event], why: str) -> list[tuple[Event, str]]:

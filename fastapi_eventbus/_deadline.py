@@ -43,6 +43,13 @@ def cancelled() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def uncancel() -> int:
+    """Withdraw one cancellation of the current task; how many are still requested."""
+    task = asyncio.current_task()
+    assert task is not None
+    return task.uncancel()
+
+
 CANCEL_GRACE = 1.0
 """Seconds `finish_within` waits for a task to stop once it cancelled it."""
 

@@ -10,7 +10,7 @@ from ._events import Event
 from ._hooks import DiscardedEvents, OnDiscard, call_hook, logger
 from ._patterns import PatternIndex
 from ._tracing import Tracing
-from .exceptions import SpoolError
+from .exceptions import ConfigurationError, SpoolError
 from .forwarders._base import DeadLetter, DeliveryOutcome, Forwarder
 from .storage import SpooledEvent, Storage
 
@@ -168,6 +168,19 @@ class Sender:
         )
         why = f"spooled for forwarder {forwarder!r}, which no application sent them through: "
         await call_hook(self.on_discard, DiscardedEvents(tuple(events), why + reason))
+
+    def add(self, patterns: list[str], forwarder: Forwarder, kept: str | None) -> None:
+        """Send the events matching *patterns* to *forwarder*; events *kept* (in a spool, in
+        an outbox) are filed by forwarder name, which must then be unique."""
+        if kept is not None:
+            for other in self.forwarders.items():
+                if other is not forwarder and other.name == forwarder.name:
+                    raise ConfigurationError(
+                        f"two forwarders are named {forwarder.name!r}: with {kept}, each "
+                        f"forwarder needs its own name (name=...), which its stored events "
+                        f"are filed under"
+                    )
+        self.forwarders.add(patterns, forwarder)
 
     async def resend_due(self) -> int:
         """`resend` until nothing is due; how many events were tried."""

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any
 
@@ -853,3 +854,34 @@ def test_a_dependency_failing_on_exit_after_the_response_does_not_discard_its_ev
     assert [d.reason for d in hooks.discards] == (
         ["the endpoint raised RuntimeError"] if replaced else []
     )
+
+
+def test_a_slow_on_discard_hook_does_not_hold_the_error_response() -> None:
+    """Found: when an endpoint raised after emitting, its events were discarded in FastAPI's
+    request exit stack, which awaited the async ``on_discard`` hook before the error
+    response could be sent: a slow (or hung: 30 s) hook held every failing request's
+    response. The log line is written at once; the hook runs in a task of its own, which
+    the shutdown waits for."""
+    reported: list[str] = []
+
+    async def record_discards(report: DiscardedEvents) -> None:
+        await asyncio.sleep(1.5)  # a slow database
+        reported.extend(report.ids)
+
+    bus = EventBus(on_discard=record_discards)
+    app = FastAPI()
+    bus.install(app)
+    bus.on("order.*")(lambda event: None)
+    emitted: list[str] = []
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        emitted.append(events.emit("order.placed").id)
+        raise HTTPException(404, "no such cart")
+
+    with TestClient(app) as client:
+        started = time.monotonic()
+        assert client.post("/orders").status_code == 404
+        assert time.monotonic() - started < 1.0
+        assert reported == []  # not yet: the hook is still running
+    assert reported == emitted  # the shutdown waited for it

@@ -364,7 +364,7 @@ class EventBus:
             CapacityError: ``max_pending_events`` is reached.
             SpoolError: The spool could not be written.
         """
-        depth = self._batch.depth if self._batch is not None else 0
+        depth = self._core.dispatcher.depth_of(self._batch)
         event_obj, deliver = self._core.make(
             event, payload, payload is not _MISSING, None, depth, extensions=extensions
         )
@@ -387,7 +387,7 @@ class EventBus:
         """
         if not isinstance(event, Event):
             raise InvalidEventError(f"handle() takes an Event, got {type(event).__name__}")
-        depth = self._batch.depth if self._batch is not None else 0
+        depth = self._core.dispatcher.depth_of(self._batch)
         return await self._core.handle(event, self._batch, depth)
 
     def handles(self, name: str | None = None) -> bool:

@@ -111,6 +111,18 @@ class Dispatcher:
         self._names.add(handler.name)  # once nothing can refuse it
         self.handlers.add(handler.patterns, handler)
 
+    def depth_of(self, batch: Batch | None) -> int:
+        """The chain depth of an event published into *batch*; without one (on the
+        application bus), in a handler's call: one deeper than the event it handles."""
+        if batch is not None:
+            return batch.depth
+        event = _di.CURRENT_EVENT.get(None)
+        if event is not None:
+            for batch in list(self.core.active):  # few: the batches being flushed
+                if batch.current is event:
+                    return batch.depth + 1
+        return 0
+
     def time_limit(self, name: str, retried: bool = False) -> float | None:
         """Seconds the handlers of event *name* may take together (`EventBus.time_limit`);
         *retried*: with the tries of each handler's `Retry` (an outbox's delivery)."""

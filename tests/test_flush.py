@@ -542,6 +542,26 @@ def test_chains_stop_at_the_depth_limit(hooks: Hooks) -> None:
     assert "max_chain_depth=3" in str(hooks.failures[0].exception)
 
 
+@pytest.mark.anyio
+async def test_publish_on_the_application_bus_in_a_handler_counts_toward_the_depth_limit(
+    hooks: Hooks,
+) -> None:
+    """Found: a handler calling ``publish`` on the application bus (the module-level one most
+    handlers import) started again at depth 0: a loop ran about 200 levels deep, with its
+    side effects, and ended in a `RecursionError`. It stops at ``max_chain_depth``."""
+    bus = EventBus(max_chain_depth=3, on_error=hooks.failures.append)
+    depths: list[int] = []
+
+    @bus.on("ping")
+    async def ping(event: Event) -> None:
+        depths.append(event.payload)
+        await bus.publish("ping", event.payload + 1)
+
+    await bus.publish("ping", 0)
+    assert depths == [0, 1, 2, 3]
+    assert [type(failure.exception) for failure in hooks.failures] == [EventChainError]
+
+
 def test_events_of_a_failed_handler_are_discarded(
     app: FastAPI, bus: EventBus, hooks: Hooks
 ) -> None:

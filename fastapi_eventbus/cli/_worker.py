@@ -209,8 +209,9 @@ def worker(
     try:
         finished = asyncio.run(_serve(runner))
     except EventBusError as exc:
-        raise click.ClickException(str(exc)) from exc
-    _leave_no_thread_behind(threads)
+        raise click.ClickException(str(exc)) from exc  # (the worker logged it)
+    finally:  # stopped by an error too: the interpreter's exit would wait for the threads
+        _leave_no_thread_behind(threads)
     if not finished:
         raise click.ClickException(
             "stopped by a second signal; unfinished messages were given back"

@@ -139,6 +139,36 @@ def test_sigterm_with_a_blocked_sync_handler_gives_the_message_back_and_exits(
     assert decode_message(message).id == event_id
 
 
+def test_a_worker_stopping_on_an_error_with_a_blocked_sync_handler_still_exits(
+    moto: Moto, tmp_path: Path
+) -> None:
+    """Found: the command waited for the handlers' threads only when the worker stopped on a
+    signal. Stopped by an error a retry cannot fix (its queue deleted), it printed the error
+    and then waited at exit for the blocked thread (an hour here, forever for some): a
+    process that receives nothing, which no supervisor restarts. It exits 1 now."""
+    queue_url = asyncio.run(create_queue(moto, "deleted", {"VisibilityTimeout": "60"}))
+    options = [*sqs_options(moto, queue_url), "--shutdown-timeout", "1"]
+    with worker_process(
+        "tests.worker.stuck:blocking_app", *options, log=tmp_path / "w.log"
+    ) as worker:
+        (event_id,) = asyncio.run(forward(moto, queue_url, "order.blocks"))
+        wait_for(lambda: f"started {event_id}" in worker.output(), what="the handler to block")
+        asyncio.run(delete_queue(moto, queue_url))
+        stopping = time.monotonic()
+        exit_code = worker.process.wait(timeout=60)
+        stopped_in = time.monotonic() - stopping
+    log = worker.output()
+    assert exit_code == 1, log
+    assert stopped_in < 1 + 1 + EXIT_GRACE + 10, log  # a poll, shutdown_timeout, the grace
+    assert lines_with(log, "ERROR", "worker stopping")
+    assert lines_with(log, "ERROR", "1 thread(s) still running after the worker stopped")
+
+
+async def delete_queue(moto: Moto, queue_url: str) -> None:
+    async with moto.client() as sqs:
+        await sqs.delete_queue(QueueUrl=queue_url)
+
+
 def test_an_apps_logging_config_does_not_silence_the_worker(moto: Moto, tmp_path: Path) -> None:
     """``dictConfig`` disables loggers that exist and that it does not name: the worker's."""
     queue_url = asyncio.run(create_queue(moto, "logging"))

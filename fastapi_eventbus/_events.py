@@ -276,13 +276,16 @@ class SchemaRegistry:
         extras, a serializer dropping a required field), or would read back as other values
         (written under an alias the model does not read). For every event: serializers
         can depend on the values."""
+        written = orjson.dumps(data).decode() if text is None else text
         try:
-            back = model.model_validate_json(orjson.dumps(data) if text is None else text)
+            back = model.model_validate_json(written)
         except ValidationError as exc:
             raise InvalidEventError(
                 f"payload of event {name!r}, written as JSON, would not validate as "
                 f"{model.__qualname__} in its handlers:\n{exc}"
             ) from exc
+        if back.model_dump_json(by_alias=True) == written:  # the usual case, in Rust
+            return
         if (where := _changed(back.model_dump(mode="json", by_alias=True), data, "")) is not None:
             raise InvalidEventError(
                 f"payload of event {name!r}, written as JSON, would read back as "
@@ -305,9 +308,14 @@ def _changed(back: Any, data: Any, path: str) -> str | None:
     if type(back) is list and type(data) is list and len(back) == len(data):
         for index, (item, written) in enumerate(zip(back, data, strict=True)):
             if (found := _changed(item, written, f"{path}[{index}]")) is not None:
-                return found
+                return None if _same_items(back, data) else found  # a set, in another order
         return None
     return None if back == data else path
+
+
+def _same_items(one: list[Any], other: list[Any]) -> bool:
+    """Whether two lists hold the same items, in any order (a set read back)."""
+    return sorted(map(orjson.dumps, one)) == sorted(map(orjson.dumps, other))
 
 
 _EMIT_USAGE = "use emit(name, payload) or emit(model) where the model class sets __event_name__"

@@ -661,3 +661,32 @@ def test_a_second_bus_in_a_request_gets_its_own_events(first: str) -> None:
         ("audit", "audit.bridged"),
         ("audit", "audit.recorded"),
     ]
+
+
+class UserTagged(BaseModel):
+    __event_name__: ClassVar[str] = "user.tagged"
+    id: int
+    tags: set[str]
+    codes: frozenset[int]
+
+
+@pytest.mark.anyio
+async def test_a_typed_event_with_sets_is_read_back_in_any_order(bus: EventBus) -> None:
+    """A set comes back from JSON in another order: the same set, not another value."""
+    got: list[UserTagged] = []
+
+    @bus.on(UserTagged)
+    async def tagged(event: UserTagged) -> None:
+        got.append(event)
+
+    sent = [
+        UserTagged(
+            id=n,
+            tags={f"role-{(n * 7 + j) % 40}" for j in range(8)},
+            codes=frozenset(range(n, n + 20, 3)),
+        )
+        for n in range(60)
+    ]
+    for event in sent:
+        await bus.publish(event)
+    assert got == sent

@@ -17,7 +17,15 @@ from ._deadline import allowance, uncancel, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
 from ._events import Event, SchemaRegistry, make_event, resolve_emit_args
-from ._hooks import DiscardedEvents, HandlerFailure, Observer, call_hook, logger
+from ._hooks import (
+    DiscardedEvents,
+    HandlerFailure,
+    Observer,
+    call_hook,
+    finish_hook,
+    logger,
+    start_hook,
+)
 from ._patterns import PatternIndex
 from ._sending import Sender
 from ._settings import Settings
@@ -292,21 +300,20 @@ class Core:
             what = "the response" if after == "response" else "a dependency's exit code"
             ids = ", ".join(event.id for event in batch.events)
             logger.warning("%s failed (%r) but the endpoint returned: handled: %s", what, exc, ids)
-        if after is not None and isinstance(exc, asyncio.CancelledError):
-            batch.state = CLOSED  # the request's task is being cancelled (a middleware's task
-            self.schedule(batch)  # group, a time limit): the events get a task of their own
+        cancelled = after is not None and isinstance(exc, asyncio.CancelledError)
+        if cancelled or (after is None and exc is not None and self.settings.keep_events_on_error):
+            batch.state = CLOSED  # cancelled: the request's task is (a middleware's task group,
+            self.schedule(batch)  # a time limit): the events get a task of their own
             return None
         if exc is None or after is not None:
             return self.flush(batch, stoppable=True)
-        if self.settings.keep_events_on_error:
-            batch.state = CLOSED
-            self.schedule(batch)
-            return None
+        hook = self.settings.on_discard
         report = self.drop(batch, f"the endpoint raised {type(exc).__name__}", exc)
-        if report is not None:  # the hook in a task of its own: it must not hold the response
-            hook = self.settings.on_discard
-            what = f"on_discard of {', '.join(report.ids)}"
-            self.spawn(lambda: call_hook(hook, report), batch.loop, what)
+        if report is None or (task := start_hook(hook, report)) is None:
+            return None  # no async hook: done. Else its task must not hold the response:
+        if not self.serving:  # awaited by the caller if no lifespan waits for it (a bare
+            return finish_hook(hook, task)  # TestClient closes the loop after the request)
+        self.spawn(lambda: finish_hook(hook, task), batch.loop, f"on_discard of {report.ids}")
         return None
 
     def schedule(self, batch: Batch) -> None:
@@ -539,23 +546,10 @@ class Core:
             await self.discard(batch, f"{why}{spooled}", forget=False, level=logging.ERROR)
 
     async def discard(
-        self,
-        batch: Batch,
-        reason: str,
-        exc: BaseException | None = None,
-        *,
-        forget: bool = True,
-        level: int | None = None,
-        state: int = CLOSED,
+        self, batch: Batch, reason: str, exc: BaseException | None = None, **how: Any
     ) -> None:
-        """Drop *batch*'s pending events, with a log line and the ``on_discard`` hook; the
-        batch is then in *state* (`FAILED`: what is emitted into it later is refused).
-
-        With *forget* (the endpoint or handler raised: the events must never be
-        sent), they leave the spool too; otherwise the spool sends them later.
-        """
-        report = self.drop(batch, reason, exc, forget=forget, level=level, state=state)
-        if report is not None:
+        """`drop` *batch*'s pending events (*how*: its options), then tell ``on_discard``."""
+        if (report := self.drop(batch, reason, exc, **how)) is not None:
             await call_hook(self.settings.on_discard, report)
 
     def drop(
@@ -568,7 +562,13 @@ class Core:
         level: int | None = None,
         state: int = CLOSED,
     ) -> DiscardedEvents | None:
-        """`discard` but the hook: what to tell ``on_discard``, if events were dropped."""
+        """Drop *batch*'s pending events, with a log line; the batch is then in *state*
+        (`FAILED`: what is emitted into it later is refused). What to tell ``on_discard``,
+        if events were dropped.
+
+        With *forget* (the endpoint or handler raised: the events must never be
+        sent), they leave the spool too; otherwise the spool sends them later.
+        """
         events = tuple(batch.events)
         batch.events.clear()
         for job, what in batch.jobs or ():  # not events of this batch: committed data's, run anyway

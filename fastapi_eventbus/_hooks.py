@@ -178,7 +178,22 @@ _LATE: set[asyncio.Future[None]] = set()
 """Hooks whose caller was cancelled, running to their end (`call_hook`)."""
 
 
-async def _finish_late(hook: object, task: asyncio.Future[Any]) -> None:
+def start_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> Any:
+    """Call an application hook now: a sync one runs to its end here (what it raises is
+    logged); an async one's work is returned as a task, for `finish_hook` (None: done)."""
+    if hook is None:
+        return None
+    try:
+        result = hook(value)
+        return asyncio.ensure_future(result) if inspect.isawaitable(result) else None
+    except BaseException as exc:
+        if passes_through(exc):
+            raise
+        logger.exception("fastapi_eventbus hook %r raised", hook)
+        return None
+
+
+async def finish_hook(hook: object, task: asyncio.Future[Any]) -> None:
     """Let *hook*'s *task* finish (up to `HOOK_TIMEOUT`), and log what it raised."""
     if not await finish_within(task, HOOK_TIMEOUT) or task.cancelled():
         logger.error("fastapi_eventbus hook %r did not return within %gs", hook, HOOK_TIMEOUT)
@@ -198,7 +213,7 @@ async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T
             try:
                 done, _ = await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
             except asyncio.CancelledError:  # the reporting code's task is being cancelled
-                _LATE.add(late := asyncio.ensure_future(_finish_late(hook, task)))
+                _LATE.add(late := asyncio.ensure_future(finish_hook(hook, task)))
                 late.add_done_callback(_LATE.discard)  # not the report: the hook goes on
                 raise
             if not done:

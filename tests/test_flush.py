@@ -905,3 +905,27 @@ def test_a_slow_on_discard_hook_does_not_hold_the_error_response() -> None:
         assert time.monotonic() - started < 1.0
         assert reported == []  # not yet: the hook is still running
     assert reported == emitted  # the shutdown waited for it
+
+
+def test_an_async_on_discard_hook_still_runs_under_a_bare_test_client() -> None:
+    """Without ``with``, a `TestClient` runs each request on an event loop it then closes,
+    and no lifespan waits for anything: the hook is awaited with the request, as before."""
+    reported: list[str] = []
+
+    async def record_discards(report: DiscardedEvents) -> None:
+        await asyncio.sleep(0.01)  # a database write
+        reported.extend(report.ids)
+
+    bus = EventBus(on_discard=record_discards)
+    app = FastAPI()
+    bus.install(app)
+    bus.on("order.*")(lambda event: None)
+    emitted: list[str] = []
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        emitted.append(events.emit("order.placed").id)
+        raise HTTPException(404, "no such cart")
+
+    assert TestClient(app).post("/orders").status_code == 404
+    assert reported == emitted

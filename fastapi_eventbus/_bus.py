@@ -391,21 +391,17 @@ class EventBus:
         return await self._core.handle(event, self._batch, depth)
 
     def handles(self, name: str | None = None) -> bool:
-        """Whether a handler registered with `on` matches the event name *name*.
-
-        With no name: whether the bus has any handler at all. `handle` returns no
-        failures both when every matching handler succeeded and when none
-        matched; a consumer (the worker) asks this to tell the two apart.
+        """Whether a handler registered with `on` matches the event name *name* (none: any
+        handler at all). `handle` returns no failures both when every matching handler
+        succeeded and when none matched; a consumer (the worker) asks this to tell them apart.
         """
         handlers = self._core.handlers
         return bool(handlers) if name is None else bool(handlers.match(name))
 
     def time_limit(self, name: str) -> float | None:
         """Seconds the handlers of event *name* may take together; None if one has no limit.
-
-        The sum of their time limits (they run one after the other); 0.0 if no
-        handler matches. The events they emit are not counted.
-        """
+        The sum of their time limits (they run one after the other); 0.0 if no handler
+        matches. The events they emit are not counted."""
         return self._core.dispatcher.time_limit(name)
 
     # -- request lifecycle ------------------------------------------------------
@@ -422,26 +418,30 @@ class EventBus:
         Raises:
             ConfigurationError: It was not resolved by FastAPI's dependency injection.
         """
-        scope = connection.scope
-        existing = scope.get(SCOPE_KEY)
-        if isinstance(existing, EventBus) and existing._core is self._core:
-            return existing
-        # Beside another bus's view (`get_bus` finds it), one of its own: FastAPI caches it
-        keep = existing is None and _installed(scope.get("app")) in (None, self)
-        return self._new_view(connection, background_tasks, keep)
+        existing, app = connection.scope.get(SCOPE_KEY), connection.scope.get("app")
+        if isinstance(existing, EventBus):  # this bus's, or another's (`get_bus` finds it):
+            if existing._core is self._core:  # then one of its own, at the chain's depth,
+                return existing  # which FastAPI's dependency cache keeps for the request
+            return self._new_view(connection, background_tasks, existing)
+        overridden = getattr(app, "dependency_overrides", {}).get(get_bus) == self.dependency
+        keep = overridden or _installed(app) in (None, self)  # does this stand for get_bus?
+        return self._new_view(connection, background_tasks, None if keep else self)
 
     def _new_view(
-        self, connection: HTTPConnection, background_tasks: BackgroundTasks, keep: bool = True
+        self,
+        connection: HTTPConnection,
+        background: BackgroundTasks,
+        beside: EventBus | None = None,
     ) -> EventBus:
         if connection.scope["type"] == "websocket":
-            return open_request(self, connection, websocket=True, keep=keep)
+            return open_request(self, connection, websocket=True, beside=beside)
         stack = _di.request_exit_stack(connection)
         if stack is None:
             raise ConfigurationError(
                 "get_bus must be resolved by FastAPI's dependency injection in a route "
                 "(Depends(get_bus)); this request has no FastAPI dependency scope"
             )
-        view = open_request(self, connection, background_tasks, keep=keep)
+        view = open_request(self, connection, background, beside=beside)
         batch = view._batch
         assert batch is not None
         stack.push_async_exit(RequestEnd(self._core.end_request, batch))  # type: ignore[type-var]  # duck-typed
@@ -572,19 +572,18 @@ def open_request(
     background: BackgroundTasks | None = None,
     *,
     websocket: bool = False,
-    keep: bool = True,
+    beside: EventBus | None = None,
 ) -> EventBus:
-    """A view of *bus* owning *connection*'s events, in its scope for `get_bus` if *keep*.
-
-    With *background* (FastAPI), the first event adds the flush to those tasks;
-    without (Starlette), `flush_after` attaches it to the returned response.
-    """
+    """A view of *bus* owning *connection*'s events, in its scope for `get_bus` unless
+    *beside* another view (at its chain depth; *bus* itself: at depth 0). With *background*
+    (FastAPI), the first event adds the flush to those tasks; without (Starlette),
+    `flush_after` attaches it to the returned response."""
     if not bus._core.serving:
         check_serving(bus._core)
-    view = EventBus._view(
-        bus._core, bus._core.open_request(connection.scope, background, websocket)
-    )
-    if keep:
+    depth = beside._batch.depth if beside is not None and beside._batch is not None else 0
+    batch = bus._core.open_request(connection.scope, background, websocket, depth)
+    view = EventBus._view(bus._core, batch)
+    if beside is None:
         connection.scope[SCOPE_KEY] = view
     return view
 

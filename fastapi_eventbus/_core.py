@@ -194,12 +194,14 @@ class Core:
         scope: MutableMapping[str, Any],
         background: BackgroundTasks | None,
         websocket: bool = False,
+        depth: int = 0,
     ) -> Batch:
         """The batch of a new request: flushed after the response as one of *background*'s
         tasks (FastAPI), or by `flush_after` (Starlette). A WebSocket session's batch is
-        flushed as its events come: it has no response to wait for."""
+        flushed as its events come: it has no response to wait for. (At chain *depth*: a
+        handler's view of another bus.)"""
         loop = asyncio.get_running_loop()
-        batch = Batch(scope, 0, CLOSED if websocket else COLLECTING, loop)
+        batch = Batch(scope, depth, CLOSED if websocket else COLLECTING, loop)
         batch.background = background
         return batch
 

@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field, model_serializer
 
@@ -18,11 +18,14 @@ from fastapi_eventbus import (
     ConfigurationError,
     Event,
     EventBus,
+    EventChainError,
     InvalidEventError,
     OutsideRequestError,
     get_bus,
 )
+from fastapi_eventbus.starlette import request_bus
 from fastapi_eventbus.testing import capture
+from tests.conftest import Hooks
 
 
 class CatCreated(BaseModel):
@@ -690,3 +693,56 @@ async def test_a_typed_event_with_sets_is_read_back_in_any_order(bus: EventBus) 
     for event in sent:
         await bus.publish(event)
     assert got == sent
+
+
+def test_a_bus_standing_in_for_get_bus_is_the_request_s_bus() -> None:
+    """``app.dependency_overrides[get_bus] = other.dependency`` (the documented test override)
+    makes *other*'s view the request's: `request_bus` finds it, and every ``get_bus`` of the
+    request (cached by FastAPI or not) is that one view."""
+    app_bus, test_bus = EventBus(), EventBus()
+    app = FastAPI()
+    app_bus.install(app)
+    seen: list[str] = []
+    test_bus.on("*")(lambda event: seen.append(event.name))
+
+    @app.post("/")
+    async def endpoint(
+        request: Request,
+        bus: EventBus = Depends(get_bus),
+        again: EventBus = Depends(get_bus, use_cache=False),
+    ) -> None:
+        assert request_bus(request) is bus
+        assert again is bus
+        bus.emit("order.placed")
+
+    app.dependency_overrides[get_bus] = test_bus.dependency
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert seen == ["order.placed"]
+
+
+@pytest.mark.anyio
+async def test_handlers_bridging_two_buses_stop_at_the_depth_limit(hooks: Hooks) -> None:
+    """Events going back and forth between two buses (each handler emitting on the other
+    through ``Depends(other.dependency)``) are one chain: it stops at ``max_chain_depth``."""
+    ping_bus = EventBus(max_chain_depth=4, on_error=hooks.failures.append)
+    pong_bus = EventBus(max_chain_depth=4, on_error=hooks.failures.append)
+    app = FastAPI()
+    ping_bus.install(app)
+    hops: list[str] = []
+
+    @ping_bus.on("ping")
+    async def ping(event: Event, other: EventBus = Depends(pong_bus.dependency)) -> None:
+        hops.append("ping")
+        other.emit("pong")
+
+    @pong_bus.on("pong")
+    async def pong(event: Event, other: EventBus = Depends(ping_bus.dependency)) -> None:
+        hops.append("pong")
+        other.emit("ping")
+
+    await ping_bus.publish("ping")
+    await ping_bus.close()
+    await pong_bus.close()
+    assert hops == ["ping", "pong"] * 2 + ["ping"]
+    assert [type(failure.exception) for failure in hooks.failures] == [EventChainError]

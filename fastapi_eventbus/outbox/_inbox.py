@@ -33,6 +33,9 @@ class _Call:
     key: str
     """The event's `event_key`."""
     recorded: bool = False
+    """Whether a commit of the handler's session wrote its row (once that commit succeeded)."""
+    committing: object = None
+    """The session whose commit is writing the row now (`_before_commit`)."""
     running: bool = True
     """False once the call is over: a later commit in its context (a task the handler
     started, an ``on_error`` hook) does not record it."""
@@ -165,7 +168,7 @@ class SQLAlchemyInbox:
                 handler=call.handler, event_id=call.key, handled_at=time.time()
             )
         )
-        call.recorded = True
+        call.committing = session  # recorded once that commit succeeds (`_after_commit`)
 
 
 def _before_commit(session: Session) -> None:
@@ -179,6 +182,18 @@ def _before_commit(session: Session) -> None:
     call.inbox.record_in(session, call)
 
 
+def _after_commit(session: Session) -> None:
+    """A commit succeeded: if it wrote a handler call's row, the call is recorded."""
+    if (call := _CALL.get()) is not None and call.committing is session:
+        call.recorded, call.committing = True, None
+
+
+def _after_rollback(session: Session) -> None:
+    """A commit failed (or the session rolled back): the row it was writing is gone."""
+    if (call := _CALL.get()) is not None and call.committing is session:
+        call.committing = None
+
+
 _listening = False
 
 
@@ -186,4 +201,6 @@ def _listen_once() -> None:
     global _listening
     if not _listening:
         sa_event.listen(Session, "before_commit", _before_commit)
+        sa_event.listen(Session, "after_commit", _after_commit)
+        sa_event.listen(Session, "after_rollback", _after_rollback)
         _listening = True

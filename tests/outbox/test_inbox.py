@@ -13,6 +13,7 @@ from fastapi import Depends
 from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, HandlerFailure
@@ -172,6 +173,51 @@ def test_a_handler_s_own_commit_records_it_so_its_effects_happen_once(
     (failure,) = [r.getMessage() for r in caplog.records if "failed for event" in r.getMessage()]
     recorded = "after a commit recorded it in the inbox: a redelivery will not run it again"
     assert (recorded in failure) is inbox
+
+
+class Charged(DeclarativeBase):
+    pass
+
+
+class Charge(Charged):
+    __tablename__ = "charges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_a_commit_that_fails_records_nothing(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found: the inbox took its row for recorded when the commit *started*: a commit that
+    then failed (a constraint, in its flush) recorded nothing, yet the failure's ERROR said
+    a redelivery would not run the handler again; and a handler that caught that failure
+    and returned was not recorded at all. Only a commit that succeeded records it."""
+
+    async def scenario() -> list[int]:
+        bus, sessions = await _setup(db_url, inbox=True)
+        async with sessions() as db:
+            await db.run_sync(lambda s: Charged.metadata.create_all(s.connection()))
+            await db.commit()
+        runs: list[int] = []
+
+        async def get_db() -> AsyncIterator[AsyncSession]:
+            async with sessions() as db:
+                yield db
+
+        @bus.on("paid")
+        async def charge(event: Event, db: AsyncSession = Depends(get_db)) -> None:
+            runs.append(len(runs))
+            db.add(Charge(id=1))
+            db.add(Charge(id=1 if len(runs) == 1 else 2))  # the same key: the commit fails
+            await db.commit()
+
+        delivered = Event(name="paid", payload={})
+        await bus.handle(delivered)
+        await bus.handle(delivered)  # runs again: nothing was recorded
+        await bus.handle(delivered)  # recorded by the second's commit: skipped
+        return runs
+
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        assert asyncio.run(scenario()) == [0, 1]
+    (failure,) = [r.getMessage() for r in caplog.records if "failed for event" in r.getMessage()]
+    assert "a redelivery will not run it again" not in failure
 
 
 def test_the_outbox_relay_with_an_inbox_reruns_only_the_failed_handler(db_url: str) -> None:

@@ -278,9 +278,9 @@ class Worker:
                 if index >= count:  # a source returned more than asked for
                     try:
                         await self._slots.acquire()
-                    except asyncio.CancelledError:  # stopped: the rest are in flight too,
-                        for rest in messages[index:]:  # each settled or given back by
-                            self._spawn(rest)  # `_finish`, not left unseen
+                    except asyncio.CancelledError:  # stopped: the rest go back unhandled,
+                        for rest in messages[index:]:  # at once, not left unseen
+                            await self._processor.hand_back(rest, 0)
                         raise
                 self._spawn(message)
 

@@ -532,8 +532,9 @@ async def _call_sync(func: Callable[..., Any], values: dict[str, Any]) -> None:
         await result
 
 
-CURRENT_EVENT: ContextVar[Event] = ContextVar("fastapi_eventbus.current_event")
-"""The event being handled, set by the dispatch around its handlers' calls."""
+CURRENT_EVENT: ContextVar[tuple[Event, Any]] = ContextVar("fastapi_eventbus.current_event")
+"""The event being handled, with the batch running it (`_batch.Batch`: its chain depth), set
+by the dispatch around its handlers' calls."""
 
 
 async def current_event() -> Event:
@@ -548,7 +549,7 @@ async def current_event() -> Event:
         ConfigurationError: Resolved outside a handler call (in an endpoint).
     """
     try:
-        return CURRENT_EVENT.get()
+        return CURRENT_EVENT.get()[0]
     except LookupError:
         raise ConfigurationError(
             "current_event is only available while a handler runs (in the handler "

@@ -116,12 +116,8 @@ class Dispatcher:
         application bus), in a handler's call: one deeper than the event it handles."""
         if batch is not None:
             return batch.depth
-        event = _di.CURRENT_EVENT.get(None)
-        if event is not None:
-            for batch in list(self.core.active):  # few: the batches being flushed
-                if batch.current is event:
-                    return batch.depth + 1
-        return 0
+        handling = _di.CURRENT_EVENT.get(None)
+        return 0 if handling is None else int(handling[1].depth) + 1
 
     def time_limit(self, name: str, retried: bool = False) -> float | None:
         """Seconds the handlers of event *name* may take together (`EventBus.time_limit`);
@@ -155,7 +151,7 @@ class Dispatcher:
         inbox = self.inbox if redelivered and handlers else None
         if inbox is not None:
             handlers = await _not_yet_handled(inbox, event, handlers)
-        token = _di.CURRENT_EVENT.set(event)
+        token = _di.CURRENT_EVENT.set((event, batch))
         limit = batch.limit  # made for the first handler call with a time limit
         observers = self.core.observers  # the list itself: one `capture` adds is seen
         try:

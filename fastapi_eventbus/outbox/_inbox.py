@@ -176,8 +176,8 @@ def _before_commit(session: Session) -> None:
     call = _CALL.get()
     if call is None or call.recorded or not call.running or session.in_nested_transaction():
         return
-    event = CURRENT_EVENT.get(None)
-    if event is None or event_key(event) != call.key:  # that dispatch is over
+    handling = CURRENT_EVENT.get(None)
+    if handling is None or event_key(handling[0]) != call.key:  # that dispatch is over
         return
     call.inbox.record_in(session, call)
 

@@ -11,7 +11,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -486,3 +488,27 @@ def test_replay_help_names_a_setting_that_exists() -> None:
     assert "Spool(resend_interval=...)" in help_text
     assert "EventBus resend_interval" not in help_text
     assert "resend_interval" in inspect.signature(Spool).parameters
+
+
+def test_purge_deletes_only_what_it_asked_about(
+    spooled: Spooled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: ``purge --pending`` counted the matching events, asked, then deleted by the
+    same filter: what the running application spooled while the question was open was
+    deleted too, never sent, with only a count printed. It deletes what it asked about."""
+    confirm = click.confirm
+    fresh = event(99)
+
+    def confirm_while_the_app_spools(text: str, **options: Any) -> Any:
+        spool = Spool(spooled.path)  # the running application's handle on the file
+        try:
+            spool.add([("orders", fresh)])
+        finally:
+            spool.close()
+        return confirm(text, **options)
+
+    monkeypatch.setattr(click, "confirm", confirm_while_the_app_spools)
+    result = invoke("spool", "purge", spooled.path, "--pending", answer="y\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith("purged 3 event(s)\n")
+    assert ids_in(spooled.path, dead=False) == {("orders", fresh.id)}

@@ -286,16 +286,15 @@ def outbox_purge(url: str, table_prefix: str, dead: bool, ids: tuple[str, ...], 
         raise click.UsageError("pass --dead: only dead-lettered rows can be purged from an outbox")
     with _opened(url, table_prefix) as opened:
         if not yes:
-            chosen = set(ids)
-            matching = sum(
-                1 for row in opened.run(opened.outbox.dead()) if not ids or row.event.id in chosen
-            )
-            if matching == 0:
+            rows = opened.run(opened.outbox.dead())
+            asked = [row.event.id for row in rows if not ids or row.event.id in ids]
+            if not asked:
                 click.echo("purged 0 event(s)")
                 return
             click.confirm(
-                f"Delete {matching} dead-lettered event(s) from {opened.name} for good?",
+                f"Delete {len(asked)} dead-lettered event(s) from {opened.name} for good?",
                 abort=True,
             )
+            ids = tuple(dict.fromkeys(asked))  # those asked about: not what came meanwhile
         deleted = opened.run(opened.outbox.purge(ids=ids or None))
     click.echo(f"purged {deleted} event(s)")

@@ -183,22 +183,19 @@ def purge(
         raise click.UsageError("pass exactly one of --dead and --pending")
     with _opened(path) as spool:
         if not yes:
+            listed = spool.dead(forwarder, ids=ids or None) if dead else spool.pending(forwarder)
+            asked = [s.event.id for s in listed if not ids or s.event.id in ids]
             if dead:
-                matching = len(spool.dead(forwarder=forwarder, ids=ids or None))
-                prompt = f"Delete {matching} dead-lettered event(s) from {path} for good?"
+                prompt = f"Delete {len(asked)} dead-lettered event(s) from {path} for good?"
             else:
-                matching = sum(
-                    1
-                    for spooled in spool.pending(forwarder=forwarder)
-                    if not ids or spooled.event.id in ids
-                )
                 prompt = (
-                    f"{matching} pending event(s) in {path} have not been delivered yet: "
+                    f"{len(asked)} pending event(s) in {path} have not been delivered yet: "
                     "delete them, so that they are never sent?"
                 )
-            if matching == 0:
+            if not asked:
                 click.echo("purged 0 event(s)")
                 return
             click.confirm(prompt, abort=True)
+            ids = tuple(dict.fromkeys(asked))  # those asked about: not what came meanwhile
         deleted = spool.purge(dead=dead, forwarder=forwarder, ids=ids or None)
     click.echo(f"purged {deleted} event(s)")

@@ -203,7 +203,9 @@ class Dispatcher:
                         # record (a consumer's own check gives the message back: `Processor`)
                     if error is not None and handler.retry is not None and local:
                         error, child = await self._retry(handler, event, batch, child, error, limit)
-                except asyncio.CancelledError:  # what the handler emitted is reported too
+                except asyncio.CancelledError as exc:  # what it emitted is reported too,
+                    for observer in observers:  # and `capture` hears of a call cut off
+                        observer.on_handled(event, handler.name, exc)
                     await self._cancelled(handler, child)
                     raise
                 finally:

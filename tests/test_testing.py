@@ -7,7 +7,7 @@ import pytest
 from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 
-from fastapi_eventbus import Event, EventBus, get_bus
+from fastapi_eventbus import Event, EventBus, HandlerFailuresError, get_bus
 from fastapi_eventbus.testing import capture
 
 
@@ -141,3 +141,38 @@ def test_capture_warns_when_it_ends_before_its_events_are_handled() -> None:
         with pytest.warns(RuntimeWarning, match="still being handled"):
             a_test_that_ends_too_soon(client)
         client.portal.call(bus.drain)  # type: ignore[union-attr]
+
+
+def test_a_handler_call_cut_off_at_shutdown_fails_the_capture_block() -> None:
+    """Found: an event whose handler was still running at the bus's shutdown deadline (here
+    emitted by a task the endpoint started) was reported to the app (ERROR, ``on_discard``)
+    but not to `capture`: the test passed, its handler never having finished. A handler
+    call cut off (cancelled) is a failure for `capture` now."""
+    bus = EventBus(shutdown_timeout=0.5)
+    app = FastAPI()
+    bus.install(app)
+    finished: list[str] = []
+
+    @bus.on("report.requested")
+    async def build_report(event: Event) -> None:
+        await asyncio.sleep(5)  # slower than the shutdown's deadline
+        finished.append(event.id)
+
+    @app.post("/reports")
+    async def request_report(events: EventBus = Depends(get_bus)) -> None:
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            events.emit("report.requested")  # from a task the endpoint started
+
+        tasks.append(asyncio.create_task(later()))
+
+    tasks: list[asyncio.Task[None]] = []
+
+    def scenario() -> None:
+        with capture(bus), TestClient(app) as client:
+            client.post("/reports")
+            client.portal.call(asyncio.sleep, 0.2)  # type: ignore[union-attr]
+
+    with pytest.raises(HandlerFailuresError, match="build_report"):
+        scenario()
+    assert finished == []

@@ -96,6 +96,9 @@ _WAL_SIZE_LIMIT = 512 * 1024
 """Bytes SQLite leaves the write-ahead log file at when it starts it over (it is never
 shrunk otherwise: one large transaction would keep its size)."""
 
+_IDS_AT_ONCE = 10_000
+"""The most event ids one statement names (`Spool.purge`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SpoolCounts:
@@ -526,7 +529,11 @@ class Spool:
         self, *, dead: bool = True, forwarder: str | None = None, ids: Sequence[str] | None = None
     ) -> int:
         """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
-        where, params = where_clause(forwarder, ids)
         table = "dead" if dead else "pending"
+        step = _IDS_AT_ONCE  # SQLite takes at most 32,766 parameters in a statement
+        chunks = [ids[i : i + step] for i in range(0, len(ids), step)] if ids else [ids]
         with self._transaction("purge events") as db:
-            return db.execute(f"DELETE FROM {table}{where}", params).rowcount
+            return sum(
+                db.execute(f"DELETE FROM {table}{where}", params).rowcount
+                for where, params in (where_clause(forwarder, chunk) for chunk in chunks)
+            )

@@ -512,3 +512,15 @@ def test_purge_deletes_only_what_it_asked_about(
     assert result.exit_code == 0, result.output
     assert result.output.endswith("purged 3 event(s)\n")
     assert ids_in(spooled.path, dead=False) == {("orders", fresh.id)}
+
+
+def test_purge_takes_more_ids_than_a_statement_can_name(spooled: Spooled) -> None:
+    """A purge confirmed at the prompt names every event it asked about: past SQLite's
+    32,766 parameters in one statement, it would fail with "too many SQL variables"."""
+    spool = Spool(spooled.path)
+    try:
+        chosen = [item.id for _, item in spooled.pending]
+        assert spool.purge(dead=False, ids=[*chosen, *(f"x-{n}" for n in range(40_000))]) == 3
+    finally:
+        spool.close()
+    assert ids_in(spooled.path, dead=False) == set()

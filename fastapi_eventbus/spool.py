@@ -530,7 +530,7 @@ class Spool:
     ) -> int:
         """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
         table = "dead" if dead else "pending"
-        step = _IDS_AT_ONCE  # SQLite takes at most 32,766 parameters in a statement
+        step = _IDS_AT_ONCE  # a statement takes at most 32,766 parameters (SQLite's default)
         chunks = [ids[i : i + step] for i in range(0, len(ids), step)] if ids else [ids]
         with self._transaction("purge events") as db:
             return sum(

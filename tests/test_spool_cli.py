@@ -515,12 +515,14 @@ def test_purge_deletes_only_what_it_asked_about(
 
 
 def test_purge_takes_more_ids_than_a_statement_can_name(spooled: Spooled) -> None:
-    """A purge confirmed at the prompt names every event it asked about: past SQLite's
-    32,766 parameters in one statement, it would fail with "too many SQL variables"."""
+    """A purge confirmed at the prompt names every event it asked about: past the parameters
+    SQLite takes in one statement, it would fail with "too many SQL variables"."""
+    limit = sqlite3.connect(":memory:").getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     spool = Spool(spooled.path)
     try:
         chosen = [item.id for _, item in spooled.pending]
-        assert spool.purge(dead=False, ids=[*chosen, *(f"x-{n}" for n in range(40_000))]) == 3
+        more = [*chosen, *(f"x-{n}" for n in range(limit + 1))]
+        assert spool.purge(dead=False, ids=more) == 3
     finally:
         spool.close()
     assert ids_in(spooled.path, dead=False) == set()

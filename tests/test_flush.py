@@ -876,29 +876,36 @@ def test_a_dependency_failing_on_exit_after_the_response_does_not_discard_its_ev
     )
 
 
-def test_a_slow_on_discard_hook_does_not_hold_the_error_response() -> None:
-    """Found: when an endpoint raised after emitting, its events were discarded in FastAPI's
-    request exit stack, which awaited the async ``on_discard`` hook before the error
-    response could be sent: a slow (or hung: 30 s) hook held every failing request's
-    response. The log line is written at once; the hook runs in a task of its own, which
-    the shutdown waits for."""
+def failing_app(hook_takes: float) -> tuple[FastAPI, list[str], list[str]]:
+    """An app whose endpoint emits, then raises; its async ``on_discard`` hook takes
+    *hook_takes* seconds. The app, the ids emitted, the ids the hook was told of."""
+    emitted: list[str] = []
     reported: list[str] = []
 
     async def record_discards(report: DiscardedEvents) -> None:
-        await asyncio.sleep(1.5)  # a slow database
+        await asyncio.sleep(hook_takes)  # a database write
         reported.extend(report.ids)
 
     bus = EventBus(on_discard=record_discards)
     app = FastAPI()
     bus.install(app)
     bus.on("order.*")(lambda event: None)
-    emitted: list[str] = []
 
     @app.post("/orders")
     async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
         emitted.append(events.emit("order.placed").id)
         raise HTTPException(404, "no such cart")
 
+    return app, emitted, reported
+
+
+def test_a_slow_on_discard_hook_does_not_hold_the_error_response() -> None:
+    """Found: when an endpoint raised after emitting, its events were discarded in FastAPI's
+    request exit stack, which awaited the async ``on_discard`` hook before the error
+    response could be sent: a slow (or hung: 30 s) hook held every failing request's
+    response. The log line is written at once; the hook runs in a task of its own, which
+    the shutdown waits for."""
+    app, emitted, reported = failing_app(1.5)  # a slow database
     with TestClient(app) as client:
         started = time.monotonic()
         assert client.post("/orders").status_code == 404
@@ -910,22 +917,6 @@ def test_a_slow_on_discard_hook_does_not_hold_the_error_response() -> None:
 def test_an_async_on_discard_hook_still_runs_under_a_bare_test_client() -> None:
     """Without ``with``, a `TestClient` runs each request on an event loop it then closes,
     and no lifespan waits for anything: the hook is awaited with the request, as before."""
-    reported: list[str] = []
-
-    async def record_discards(report: DiscardedEvents) -> None:
-        await asyncio.sleep(0.01)  # a database write
-        reported.extend(report.ids)
-
-    bus = EventBus(on_discard=record_discards)
-    app = FastAPI()
-    bus.install(app)
-    bus.on("order.*")(lambda event: None)
-    emitted: list[str] = []
-
-    @app.post("/orders")
-    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
-        emitted.append(events.emit("order.placed").id)
-        raise HTTPException(404, "no such cart")
-
+    app, emitted, reported = failing_app(0.01)
     assert TestClient(app).post("/orders").status_code == 404
     assert reported == emitted

@@ -114,9 +114,15 @@ def test_hung_messages_reach_the_dead_letter_queue_and_the_worker_still_exits(
     assert "worker stopped" in log
 
 
-def test_sigterm_with_a_blocked_sync_handler_gives_the_message_back_and_exits(
-    moto: Moto, tmp_path: Path
+@pytest.mark.parametrize("stopped_by", ["sigterm", "a deleted queue"])
+def test_a_worker_with_a_blocked_sync_handler_exits(
+    moto: Moto, tmp_path: Path, stopped_by: str
 ) -> None:
+    """SIGTERM with a sync handler blocking its thread: the message is given back, and the
+    worker exits 1 without the thread. Found: the command waited for the handlers' threads
+    only when stopped by a signal; stopped by an error a retry cannot fix (its queue
+    deleted), it printed the error and then waited at exit for the blocked thread (an hour
+    here, forever for some): a process that receives nothing, which no supervisor restarts."""
     # A 60 s visibility timeout: only the worker giving the message back makes it visible soon.
     queue_url = asyncio.run(create_queue(moto, "blocked", {"VisibilityTimeout": "60"}))
     options = [*sqs_options(moto, queue_url), "--shutdown-timeout", "1"]
@@ -126,42 +132,25 @@ def test_sigterm_with_a_blocked_sync_handler_gives_the_message_back_and_exits(
         (event_id,) = asyncio.run(forward(moto, queue_url, "order.blocks"))
         wait_for(lambda: f"started {event_id}" in worker.output(), what="the handler to block")
         stopping = time.monotonic()
-        exit_code = worker.terminate(timeout=30)
+        if stopped_by == "sigterm":
+            exit_code = worker.terminate(timeout=30)
+        else:
+            asyncio.run(delete_queue(moto, queue_url))
+            exit_code = worker.process.wait(timeout=60)
         stopped_in = time.monotonic() - stopping
     log = worker.output()
     assert exit_code == 1, log
-    assert stopped_in < 1 + EXIT_GRACE + 4, log  # shutdown_timeout, the exit grace, a margin
+    # shutdown_timeout, the exit grace, a margin (and a poll, to find the queue gone)
+    assert stopped_in < 1 + EXIT_GRACE + (4 if stopped_by == "sigterm" else 10), log
+    assert lines_with(log, "ERROR", "1 thread(s) still running after the worker stopped")
+    if stopped_by != "sigterm":
+        assert lines_with(log, "ERROR", "worker stopping")
+        return
     (cancelled,) = lines_with(log, "cancelling 1 message(s); they go back for redelivery")
     assert f"(event 'order.blocks' id={event_id})" in cancelled
-    assert lines_with(log, "ERROR", "1 thread(s) still running after the worker stopped")
     assert "Error: 1 thread(s) still running" in log
     (message,) = asyncio.run(peek(moto, queue_url, wait=2))  # given back at once
     assert decode_message(message).id == event_id
-
-
-def test_a_worker_stopping_on_an_error_with_a_blocked_sync_handler_still_exits(
-    moto: Moto, tmp_path: Path
-) -> None:
-    """Found: the command waited for the handlers' threads only when the worker stopped on a
-    signal. Stopped by an error a retry cannot fix (its queue deleted), it printed the error
-    and then waited at exit for the blocked thread (an hour here, forever for some): a
-    process that receives nothing, which no supervisor restarts. It exits 1 now."""
-    queue_url = asyncio.run(create_queue(moto, "deleted", {"VisibilityTimeout": "60"}))
-    options = [*sqs_options(moto, queue_url), "--shutdown-timeout", "1"]
-    with worker_process(
-        "tests.worker.stuck:blocking_app", *options, log=tmp_path / "w.log"
-    ) as worker:
-        (event_id,) = asyncio.run(forward(moto, queue_url, "order.blocks"))
-        wait_for(lambda: f"started {event_id}" in worker.output(), what="the handler to block")
-        asyncio.run(delete_queue(moto, queue_url))
-        stopping = time.monotonic()
-        exit_code = worker.process.wait(timeout=60)
-        stopped_in = time.monotonic() - stopping
-    log = worker.output()
-    assert exit_code == 1, log
-    assert stopped_in < 1 + 1 + EXIT_GRACE + 10, log  # a poll, shutdown_timeout, the grace
-    assert lines_with(log, "ERROR", "worker stopping")
-    assert lines_with(log, "ERROR", "1 thread(s) still running after the worker stopped")
 
 
 async def delete_queue(moto: Moto, queue_url: str) -> None:

@@ -97,6 +97,18 @@ def converted_or(kind: Callable[[str], T], value: object, default: T) -> T:
         return default
 
 
+IDS_AT_ONCE = 10_000
+"""The most event ids one statement names: databases bound a statement's parameters (SQLite
+32,766 by default, asyncpg 32,767)."""
+
+
+def id_chunks(ids: Sequence[str] | None) -> list[Sequence[str] | None]:
+    """*ids* in parts of at most `IDS_AT_ONCE`, one statement each (None: every row, once)."""
+    if not ids:
+        return [ids]
+    return [ids[start : start + IDS_AT_ONCE] for start in range(0, len(ids), IDS_AT_ONCE)]
+
+
 def where_clause(forwarder: str | None, ids: Sequence[str] | None) -> tuple[str, list[object]]:
     """The ``WHERE`` clause (with its leading space, or "" for every row) and its
     parameters that select the rows of *forwarder* and of the events *ids*; both optional."""

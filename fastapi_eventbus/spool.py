@@ -52,6 +52,7 @@ from ._spool_io import (
     create_private,
     disk_full,
     filtered_query,
+    id_chunks,
     new_owner,
     owner_gone,
     spooled_or_stand_in,
@@ -95,9 +96,6 @@ before the first checkpoint, and then every write failed for good."""
 _WAL_SIZE_LIMIT = 512 * 1024
 """Bytes SQLite leaves the write-ahead log file at when it starts it over (it is never
 shrunk otherwise: one large transaction would keep its size)."""
-
-_IDS_AT_ONCE = 10_000
-"""The most event ids one statement names (`Spool.purge`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,10 +528,8 @@ class Spool:
     ) -> int:
         """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
         table = "dead" if dead else "pending"
-        step = _IDS_AT_ONCE  # a statement takes at most 32,766 parameters (SQLite's default)
-        chunks = [ids[i : i + step] for i in range(0, len(ids), step)] if ids else [ids]
         with self._transaction("purge events") as db:
             return sum(
                 db.execute(f"DELETE FROM {table}{where}", params).rowcount
-                for where, params in (where_clause(forwarder, chunk) for chunk in chunks)
+                for where, params in (where_clause(forwarder, part) for part in id_chunks(ids))
             )

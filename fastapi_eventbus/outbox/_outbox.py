@@ -33,7 +33,7 @@ from fastapi_eventbus._events import Event, event_json
 from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
 from fastapi_eventbus._retry import exponential, jittered
 from fastapi_eventbus._settings import check_int, check_seconds
-from fastapi_eventbus._spool_io import describe_error, spooled_or_stand_in
+from fastapi_eventbus._spool_io import describe_error, id_chunks, spooled_or_stand_in
 from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
 
@@ -579,11 +579,11 @@ class SQLAlchemyOutbox:
 
     async def purge(self, ids: Iterable[str] | None = None) -> int:
         """Delete dead-lettered rows (all, or those of events *ids*); how many."""
-        dead = self.tables.dead
-        statement = delete(dead)
-        if ids is not None:
-            statement = statement.where(dead.c.event_id.in_(list(ids)))
-        return await run(self.engine, lambda c: int(c.execute(statement).rowcount))
+        dead, parts = self.tables.dead, id_chunks(None if ids is None else list(ids))
+        statements = [
+            delete(dead) if p is None else delete(dead).where(dead.c.event_id.in_(p)) for p in parts
+        ]
+        return await run(self.engine, lambda c: sum(int(c.execute(s).rowcount) for s in statements))
 
 
 def _row_class(table: Table) -> type:

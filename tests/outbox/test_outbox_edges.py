@@ -9,6 +9,7 @@ import logging
 import time
 
 import pytest
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -189,3 +190,26 @@ def test_a_delivery_that_fails_unexpectedly_names_its_events(
         event_id = asyncio.run(scenario())
     (line,) = [r.getMessage() for r in caplog.records if "a bug" in (r.exc_text or "")]
     assert event_id in line
+
+
+def test_a_purge_names_any_number_of_events(db_url: str) -> None:
+    """``outbox purge --dead``, confirmed at its prompt, names every event it asked about:
+    past 32,767 (asyncpg's limit on a statement's parameters) it failed, purging nothing."""
+
+    async def scenario() -> None:
+        engine = create_async_engine(db_url, poolclass=NullPool)
+        outbox = SQLAlchemyOutbox(engine)
+        await outbox.create_tables()
+        rows = [
+            {"event_id": f"e-{n}", "destination": "", "name": "x", "body": "{}", "created": 0.0}
+            | {"attempts": 3, "error": "gave up", "dead_at": 1.0}
+            for n in range(3)
+        ]
+        async with engine.begin() as connection:
+            await connection.execute(insert(outbox.tables.dead), rows)
+        assert await outbox.purge([]) == 0
+        assert await outbox.purge(["e-0", *(f"x-{n}" for n in range(40_000))]) == 1
+        assert await outbox.purge() == 2
+        await engine.dispose()
+
+    asyncio.run(scenario())

@@ -204,10 +204,10 @@ class Dispatcher:
                     if error is not None and handler.retry is not None and local:
                         error, child = await self._retry(handler, event, batch, child, error, limit)
                 except asyncio.CancelledError as exc:  # what it emitted is reported too,
-                    for observer in observers:  # and `capture` hears of a call cut off
-                        observer.on_handled(event, handler.name, exc)
-                    await self._cancelled(handler, child)
-                    raise
+                    for observer in () if redelivered else observers:  # and `capture` hears
+                        observer.on_handled(event, handler.name, exc)  # of a call cut off (a
+                    await self._cancelled(handler, child)  # broker's or an outbox's event
+                    raise  # is delivered again: given back, not lost)
                 finally:
                     if ended is not None:
                         recorded = ended()

@@ -8,7 +8,8 @@ from fastapi import Depends, FastAPI, WebSocket
 from fastapi.testclient import TestClient
 
 from fastapi_eventbus import Event, EventBus, HandlerFailuresError, get_bus
-from fastapi_eventbus.testing import capture
+from fastapi_eventbus.testing import MemorySource, capture
+from fastapi_eventbus.worker import Worker
 
 
 def make_app(bus: EventBus) -> FastAPI:
@@ -176,3 +177,23 @@ def test_a_handler_call_cut_off_at_shutdown_fails_the_capture_block() -> None:
     with pytest.raises(HandlerFailuresError, match="build_report"):
         scenario()
     assert finished == []
+
+
+@pytest.mark.anyio
+async def test_a_worker_giving_back_a_message_at_a_stop_does_not_fail_the_capture_block() -> None:
+    """A broker's message whose handler is cut off when the worker stops goes back, to be
+    delivered again: nothing is lost, so `capture` does not count it as a failure."""
+    bus = EventBus()
+    started = asyncio.Event()
+
+    @bus.on("slow")
+    async def slow(event: Event) -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    source = MemorySource(Event(name="slow"))
+    with capture(bus) as seen:
+        async with Worker(bus, source, shutdown_timeout=0.1):
+            await started.wait()
+    assert seen.failures == []
+    assert len(source.nacked) == 1

@@ -163,18 +163,24 @@ class SQLAlchemyInbox:
             return
         if database_of(bind.engine) != database_of(self._sync_engine):
             return
-        session.connection().execute(
-            insert(self.table).values(
-                handler=call.handler, event_id=call.key, handled_at=time.time()
+        call.committing = session  # recorded once that commit succeeds (`_after_commit`);
+        try:  # meanwhile, another session's commit (at the same time) writes no second row
+            session.connection().execute(
+                insert(self.table).values(
+                    handler=call.handler, event_id=call.key, handled_at=time.time()
+                )
             )
-        )
-        call.committing = session  # recorded once that commit succeeds (`_after_commit`)
+        except BaseException:
+            call.committing = None
+            raise
 
 
 def _before_commit(session: Session) -> None:
     """Any session commits: inside an inboxed handler call, its success commits with it."""
     call = _CALL.get()
-    if call is None or call.recorded or not call.running or session.in_nested_transaction():
+    if call is None or call.recorded or call.committing is not None or not call.running:
+        return
+    if session.in_nested_transaction():
         return
     handling = CURRENT_EVENT.get(None)
     if handling is None or event_key(handling[0]) != call.key:  # that dispatch is over

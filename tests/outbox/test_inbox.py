@@ -220,6 +220,33 @@ def test_a_commit_that_fails_records_nothing(db_url: str, caplog: pytest.LogCapt
     assert "a redelivery will not run it again" not in failure
 
 
+def test_two_sessions_committing_at_once_write_one_inbox_row(postgres_url: str) -> None:
+    """Found: a handler committing two sessions at once (``asyncio.gather``) had both write
+    its inbox row: one commit failed on the row's key, its work lost, and the redelivery
+    skipped the handler, recorded by the other. One of them writes it now. (PostgreSQL:
+    SQLite takes one writer at a time.)"""
+
+    async def scenario() -> tuple[list[BaseException | None], int]:
+        bus, sessions = await _setup(postgres_url, inbox=True)
+        results: list[BaseException | None] = []
+
+        @bus.on("paid")
+        async def two_stores(event: Event) -> None:
+            async with sessions() as first, sessions() as second:
+                await first.execute(insert(effects).values(event_id="first"))
+                await second.execute(insert(effects).values(event_id="second"))
+                await asyncio.gather(first.commit(), second.commit())
+
+        delivered = Event(name="paid", payload={})
+        results += [f.exception for f in await bus.handle(delivered)]
+        results += [f.exception for f in await bus.handle(delivered)]  # skipped: recorded
+        async with sessions() as db:
+            count = await db.scalar(select(func.count()).select_from(effects))
+        return results, int(count or 0)
+
+    assert asyncio.run(scenario()) == ([], 2)
+
+
 def test_the_outbox_relay_with_an_inbox_reruns_only_the_failed_handler(db_url: str) -> None:
     async def scenario() -> Counter[str]:
         bus, sessions = await _setup(db_url, inbox=True, outbox=True)

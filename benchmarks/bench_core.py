@@ -266,7 +266,7 @@ async def least_flush(events: deque[Event]) -> None:
     limit = Limit(LEAST_WATCHDOG[0])
     while events:
         event = events.popleft()
-        token = CURRENT_EVENT.set(event)
+        token = CURRENT_EVENT.set((event, None))  # as the dispatch does: with its batch
         limit.start(60.0, "handle_async_dep")
         try:
             await handle_async_dep(event, await async_value())

@@ -204,28 +204,25 @@ async def finish_hook(hook: object, task: asyncio.Future[Any]) -> None:
 async def call_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> None:
     """Call an application hook, never letting its failure escape, nor an async hook hold the
     caller longer than `HOOK_TIMEOUT`."""
-    if hook is None:
+    if (task := start_hook(hook, value)) is None:  # no hook, or a sync one: done
         return
     try:
-        result = hook(value)
-        if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            try:
-                done, _ = await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
-            except asyncio.CancelledError:  # the reporting code's task is being cancelled
-                _LATE.add(late := asyncio.ensure_future(finish_hook(hook, task)))
-                late.add_done_callback(_LATE.discard)  # not the report: the hook goes on
-                raise
-            if not done:
-                logger.error(
-                    "fastapi_eventbus hook %r did not return within %gs: cancelled, and left "
-                    "running if it ignores that",
-                    hook,
-                    HOOK_TIMEOUT,
-                )
-                await finish_within(task, 0)
-                return
-            task.result()  # what it raised
+        try:
+            done, _ = await asyncio.wait({task}, timeout=HOOK_TIMEOUT)
+        except asyncio.CancelledError:  # the reporting code's task is being cancelled
+            _LATE.add(late := asyncio.ensure_future(finish_hook(hook, task)))
+            late.add_done_callback(_LATE.discard)  # not the report: the hook goes on
+            raise
+        if not done:
+            logger.error(
+                "fastapi_eventbus hook %r did not return within %gs: cancelled, and left "
+                "running if it ignores that",
+                hook,
+                HOOK_TIMEOUT,
+            )
+            await finish_within(task, 0)
+            return
+        task.result()  # what it raised
     except BaseException as exc:
         if passes_through(exc):
             raise

@@ -28,7 +28,7 @@ import click
 
 from fastapi_eventbus.exceptions import EventBusError, MissingExtraError
 
-from ._spool import json_line, text_line
+from ._spool import confirm_purge, json_line, text_line
 
 if TYPE_CHECKING:
     from sqlalchemy import URL, Engine
@@ -288,13 +288,9 @@ def outbox_purge(url: str, table_prefix: str, dead: bool, ids: tuple[str, ...], 
         if not yes:
             rows = opened.run(opened.outbox.dead())
             asked = [row.event.id for row in rows if not ids or row.event.id in ids]
-            if not asked:
-                click.echo("purged 0 event(s)")
+            prompt = f"Delete {len(asked)} dead-lettered event(s) from {opened.name} for good?"
+            if (confirmed := confirm_purge(asked, prompt)) is None:
                 return
-            click.confirm(
-                f"Delete {len(asked)} dead-lettered event(s) from {opened.name} for good?",
-                abort=True,
-            )
-            ids = tuple(dict.fromkeys(asked))  # those asked about: not what came meanwhile
+            ids = confirmed
         deleted = opened.run(opened.outbox.purge(ids=ids or None))
     click.echo(f"purged {deleted} event(s)")

@@ -132,6 +132,16 @@ def text_line(spooled: SpooledEvent) -> str:
     return line
 
 
+def confirm_purge(asked: list[str], prompt: str) -> tuple[str, ...] | None:
+    """Ask *prompt* about purging the events *asked* (their ids); the ids to delete: those
+    asked about, not what came meanwhile. None (and "purged 0") if there is none."""
+    if not asked:
+        click.echo("purged 0 event(s)")
+        return None
+    click.confirm(prompt, abort=True)
+    return tuple(dict.fromkeys(asked))
+
+
 def json_line(spooled: SpooledEvent) -> str:
     """The JSON object ``spool list --json`` prints for *spooled*, on one line."""
     return json.dumps(
@@ -192,10 +202,8 @@ def purge(
                     f"{len(asked)} pending event(s) in {path} have not been delivered yet: "
                     "delete them, so that they are never sent?"
                 )
-            if not asked:
-                click.echo("purged 0 event(s)")
+            if (confirmed := confirm_purge(asked, prompt)) is None:
                 return
-            click.confirm(prompt, abort=True)
-            ids = tuple(dict.fromkeys(asked))  # those asked about: not what came meanwhile
+            ids = confirmed
         deleted = spool.purge(dead=dead, forwarder=forwarder, ids=ids or None)
     click.echo(f"purged {deleted} event(s)")

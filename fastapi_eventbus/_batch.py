@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
@@ -218,6 +219,15 @@ def raised_after_return(exc: BaseException, stacked: bool = False) -> str | None
     if sending:
         return "response"
     return "exit" if stacked and not _through_routing(exc) else None
+
+
+def caught_by_a_dependency() -> BaseException | None:
+    """The endpoint's exception, if a request-scoped ``yield`` dependency caught it and did not
+    raise it again: FastAPI's request exit stack then passes None on to the exits after it,
+    while that exception is still being handled (and FastAPI answers 500, "Response not
+    awaited"). None otherwise. For `RequestEnd`, while FastAPI's request exit stack exits."""
+    exc = sys.exception()
+    return exc if exc is not None and _through_routing(exc) else None
 
 
 def _through_routing(exc: BaseException | None) -> bool:

@@ -12,8 +12,17 @@ from typing import Any
 from starlette.background import BackgroundTasks
 from starlette.responses import Response
 
-from ._batch import CLOSED, COLLECTING, FLUSHING, Batch, FlushTask, base_scope, raised_after_return
-from ._deadline import allowance, uncancel, within
+from ._batch import (
+    CLOSED,
+    COLLECTING,
+    FLUSHING,
+    Batch,
+    FlushTask,
+    base_scope,
+    caught_by_a_dependency,
+    raised_after_return,
+)
+from ._deadline import allowance, running_loop, uncancel, within
 from ._di import Handler
 from ._dispatch import Dispatcher, Inbox
 from ._events import Event, SchemaRegistry, make_event, resolve_emit_args
@@ -31,17 +40,13 @@ from ._sending import Sender
 from ._settings import Settings
 from ._shutdown import Shutdown
 from ._tracing import Tracing
-from .exceptions import (
-    CapacityError,
-    ConfigurationError,
-    EventChainError,
-    SpoolError,
-)
+from .exceptions import CapacityError, ConfigurationError, EventChainError, SpoolError
 from .forwarders._base import Forwarder
 from .storage import Outbox, Storage
 
 LOCAL = ""
 """The destination of an event's local handlers, beside its forwarders' names."""
+_CAUGHT = ", which a yield dependency caught without raising it again (FastAPI answers 500)"
 
 
 class Core:
@@ -252,10 +257,7 @@ class Core:
     ) -> None:
         """Run *job* as a task of its own on *loop* (the running one by default), which
         `drain` waits for at shutdown; *what* it does names it in a report (the task's name)."""
-        try:
-            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
+        running = running_loop()
         loop = loop or running
         if loop is None:
             raise RuntimeError("no event loop to run the job on")
@@ -297,6 +299,7 @@ class Core:
         if not batch.events and not batch.jobs:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
+        caught = exc is None and stacked and (exc := caught_by_a_dependency()) is not None
         after = None if exc is None else raised_after_return(exc, stacked)
         if after == "response" or after == "exit":
             what = "the response" if after == "response" else "a dependency's exit code"
@@ -310,7 +313,8 @@ class Core:
         if exc is None or after is not None:
             return self.flush(batch, stoppable=True)
         hook = self.settings.on_discard
-        report = self.drop(batch, f"the endpoint raised {type(exc).__name__}", exc)
+        why = f"the endpoint raised {type(exc).__name__}{_CAUGHT if caught else ''}"
+        report = self.drop(batch, why, exc)
         if report is None or (task := start_hook(hook, report)) is None:
             return None  # no async hook: done. Else its task must not hold the response:
         if not self.serving:  # awaited by the caller if no lifespan waits for it (a bare
@@ -324,11 +328,7 @@ class Core:
             return
         loop = batch.loop
         assert loop is not None
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if running_loop() is loop:
             batch.task = loop.create_task(self.flush(batch, stoppable=True))
         else:
             loop.call_soon_threadsafe(self.schedule, batch)

@@ -50,6 +50,14 @@ def uncancel() -> int:
     return task.uncancel()
 
 
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop; None in a thread that runs none (a sync endpoint's)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 CANCEL_GRACE = 1.0
 """Seconds `finish_within` waits for a task to stop once it cancelled it."""
 

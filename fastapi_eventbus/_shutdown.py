@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._batch import CLOSED, FAILED, Batch
-from ._deadline import CANCEL_GRACE, finish_within
+from ._deadline import CANCEL_GRACE, finish_within, running_loop
 from ._events import Event
 from ._hooks import DiscardedEvents, call_hook, logger
 from .exceptions import OutsideRequestError, SpoolError
@@ -207,7 +207,4 @@ def _named(job: asyncio.Future[Any]) -> str:
 
 def _running(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether the caller runs on *loop* (a task: its flush is scheduled there, and runs)."""
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:  # a thread: after the shutdown, the loop may stop at any moment
-        return False
+    return running_loop() is loop  # None in a thread: after the shutdown, the loop may stop

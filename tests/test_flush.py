@@ -87,6 +87,37 @@ def test_events_are_discarded_when_the_endpoint_raises(
     assert f"discarded 2 event(s) because the endpoint raised {type(exc).__name__}" in caplog.text
 
 
+def test_events_are_discarded_when_a_yield_dependency_swallows_the_endpoint_s_exception(
+    app: FastAPI, bus: EventBus, hooks: Hooks, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session dependency that rolls back and does not raise again: FastAPI answers 500
+    ("Response not awaited"), and the request's events go as if the dependency had raised."""
+    log = record(bus)
+    failure = ValueError("boom")
+
+    async def rolling_back_session() -> AsyncIterator[None]:
+        try:
+            yield
+        except ValueError:
+            log.append("rolled back")  # and not raised again
+
+    @app.post("/")
+    async def endpoint(
+        bus: EventBus = Depends(get_bus), session: None = Depends(rolling_back_session)
+    ) -> None:
+        bus.emit("order.placed")
+        raise failure
+
+    caplog.set_level(logging.INFO, "fastapi_eventbus")
+    with capture(bus) as seen, TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/").status_code == 500
+    assert log == ["rolled back"]  # order.placed was not handled
+    assert [d.ids for d in hooks.discards] == [[e.id for e in seen.emitted]]
+    assert hooks.discards[0].exception is failure
+    assert "which a yield dependency caught" in hooks.discards[0].reason
+    assert "discarded 1 event(s) because the endpoint raised ValueError" in caplog.text
+
+
 def test_keep_events_on_error_handles_them_anyway(hooks: Hooks) -> None:
     bus = EventBus(keep_events_on_error=True, on_discard=hooks.discards.append)
     app = FastAPI()

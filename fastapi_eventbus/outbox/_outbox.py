@@ -28,7 +28,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session, registry
 
-from fastapi_eventbus._deadline import finish_within
+from fastapi_eventbus._deadline import finish_within, running_loop
 from fastapi_eventbus._events import Event, event_json
 from fastapi_eventbus._hooks import DiscardedEvents, call_hook, logger
 from fastapi_eventbus._retry import exponential, jittered
@@ -154,12 +154,8 @@ class SQLAlchemyOutbox:
         if id(self) not in carried.checked:
             self._check_bind(sync)
             carried.checked.add(id(self))
-        try:
-            loop: asyncio.AbstractEventLoop | None = (
-                batch.loop if batch is not None else asyncio.get_running_loop()
-            )
-        except RuntimeError:  # a sync script: the relay delivers it
-            loop = None
+        loop = batch.loop if batch is not None else running_loop()  # None: a sync script,
+        # whose event the relay delivers
         check_fits(event.name, destinations := core.destinations(event.name))
         local = loop is not None
         now = time.time()

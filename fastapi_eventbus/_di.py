@@ -94,6 +94,8 @@ class HandlerPlan:
     may_emit: bool = True
     """Whether the handler may get a bus (``Depends(get_bus)``) to emit chained events.
     False only for simple graphs that do not ask for one (overrides aside: see `run_handler`)."""
+    event_first: bool = False
+    """The event is the first parameter, not keyword-only: passed by position when alone."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""
@@ -209,12 +211,9 @@ def _reject_unserved(
     func: Callable[..., Any], signature: inspect.Signature, root: Dependant
 ) -> None:
     """Refuse a parameter FastAPI would leave empty: the handler could never be called.
-
-    FastAPI gives each of ``Request``, ``WebSocket``, ``HTTPConnection``,
-    ``Response``, ``BackgroundTasks`` and ``SecurityScopes`` to one parameter
-    (the last that asks); an earlier parameter of the same kind gets nothing.
-    ``Request`` and ``HTTPConnection`` are different kinds: both are served.
-    """
+    FastAPI gives each of ``Request``, ``WebSocket``, ``HTTPConnection``, ``Response``,
+    ``BackgroundTasks`` and ``SecurityScopes`` to one parameter (the last that asks; ``Request``
+    and ``HTTPConnection`` are different kinds: both are served)."""
     served = {sub.name for sub in root.dependencies}
     served.update(getattr(root, attr) for attr in _SPECIAL_PARAMS)
     for param in signature.parameters.values():
@@ -285,14 +284,10 @@ def _special_params(dependant: Dependant) -> bool:
 
 
 def _is_simple(dependant: Dependant) -> bool:
-    """Whether FastAPI would just call this dependency: no ``yield``, scopes, or wrappers.
-
-    Only plain functions (sync or async, not wrapped) and classes qualify, with
-    no security scopes, no explicit ``scope=``, no concurrency limit and no
-    Request-like parameters. For such a graph FastAPI's solver does nothing but
-    call each dependency (sync ones in the thread pool), depth first, caching
-    results per call by the callable; `_solve_simple` does exactly that.
-    """
+    """Whether FastAPI would just call this dependency: a plain function (sync or async, not
+    wrapped, no ``yield``) or class, with no security scopes, explicit ``scope=``, concurrency
+    limit or Request-like parameters. FastAPI's solver then calls each dependency (sync ones in
+    the thread pool), depth first, caching results by callable: what `_solve_simple` does."""
     call = dependant.call
     if inspect.isclass(call):
         plain = True
@@ -375,6 +370,8 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     )
     steps = _steps(dependant) if simple else ()
     may_emit = not simple or _asks_for_bus(steps)
+    params = signature.parameters.values()
+    first = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][:1]
     return HandlerPlan(
         dependant,
         event_param,
@@ -384,6 +381,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
         simple,
         steps,
         may_emit,
+        first == [event_param],
     )
 
 
@@ -406,6 +404,8 @@ def handler_call(
         return run_handler(plan, func, event_arg, {}, overrides_provider, overrides)
     if plan.event_param is None:
         return func()  # type: ignore[no-any-return]
+    if plan.event_first:  # the only parameter: passed by position, without a dict
+        return func(event_arg)  # type: ignore[no-any-return]
     return func(**{plan.event_param: event_arg})  # type: ignore[no-any-return]
 
 

@@ -5,6 +5,7 @@ inside test functions, and FastAPI resolves string annotations against module gl
 """
 
 import contextvars
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, ClassVar
@@ -213,6 +214,42 @@ def test_event_parameter_forms(app: FastAPI, bus: EventBus) -> None:
         ("by_annotation", "cat.created"),
         ("typed", CatCreated(id=1)),
         ("no_event",),
+    ]
+
+
+def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) -> None:
+    """Async handlers without dependencies are called directly: the event by position when
+    it is their first parameter, by keyword when it is keyword-only."""
+    seen: list[Any] = []
+
+    @bus.on("cat.created")
+    async def positional(event: Event) -> None:
+        seen.append(("positional", event.name))
+
+    @bus.on("cat.created")
+    async def keyword_only(*, e: Event) -> None:
+        seen.append(("keyword_only", e.name))
+
+    @bus.on(CatCreated)
+    async def typed(cat: CatCreated) -> None:
+        seen.append(("typed", cat))
+
+    class Counter:
+        async def __call__(self, event: Event) -> None:
+            seen.append(("instance", event.name))
+
+    async def tagged(tag: str, event: Event) -> None:
+        seen.append((tag, event.name))
+
+    bus.on("cat.created")(Counter())
+    bus.on("cat.created")(functools.partial(tagged, "partial"))
+    emits(app, "cat.created").post("/")
+    assert seen == [
+        ("positional", "cat.created"),
+        ("keyword_only", "cat.created"),
+        ("typed", CatCreated(id=1)),
+        ("instance", "cat.created"),
+        ("partial", "cat.created"),
     ]
 
 

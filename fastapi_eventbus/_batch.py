@@ -7,6 +7,7 @@ lifecycle (accept, flush, discard, keep); the bus's views hold one each.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import sys
 from collections import deque
@@ -123,6 +124,13 @@ class Batch:
         return list({e.id: e for e in (*head, *self.events, *sending)}.values())
 
 
+def request_over(batch: Batch | None, scope: MutableMapping[str, Any]) -> bool:
+    """Whether *batch*, of the view found in *scope*, is an earlier request's whose scope a
+    middleware passed on again (to call the app a second time: a retry). Its events went with
+    that request: this one needs a view of its own."""
+    return batch is not None and batch.state != COLLECTING and scope["type"] == "http"
+
+
 def base_scope(app: Any, state: dict[str, Any]) -> dict[str, Any]:
     """A minimal HTTP scope of *app* for handler calls that have no request (publish,
     workers), with *state* as ``request.state``."""
@@ -199,25 +207,31 @@ _BACKGROUND_CALLS = frozenset(
 )
 
 
-def raised_after_return(exc: BaseException, stacked: bool = False) -> str | None:
+def raised_after_return(
+    exc: BaseException, stacked: bool = False, scope: MutableMapping[str, Any] | None = None
+) -> str | None:
     """Where *exc* came from, if the endpoint had returned: ``"background"``, a background
     task (``Response(background=...)`` whose task raised, the response sent); ``"response"``,
     sending the response (the client gone, a streaming body that raised); ``"exit"`` (for
     what FastAPI's request exit stack passes on, *stacked*), the exit code of a
     request-scoped ``yield`` dependency, after the response (it never went through FastAPI's
     handling of the request, nor did what it replaced). None: the endpoint (or solving its
-    dependencies) raised it."""
-    tb = exc.__traceback__
-    sending = False
+    dependencies) raised it; a generator endpoint (the request's *scope* names it) too,
+    while its response was sent."""
+    endpoint = scope.get("endpoint") if scope is not None else None
+    endpoint = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
+    tb, where = exc.__traceback__, None
     while tb is not None:
         frame = tb.tb_frame
+        if frame.f_code is endpoint:
+            return None
         if frame.f_code in _BACKGROUND_CALLS:
-            return "background"
+            where = "background"
         if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), Response):
-            sending = True
+            where = where or "response"
         tb = tb.tb_next
-    if sending:
-        return "response"
+    if where is not None:
+        return where
     return "exit" if stacked and not _through_routing(exc) else None
 
 
@@ -226,8 +240,17 @@ def caught_by_a_dependency() -> BaseException | None:
     raise it again: FastAPI's request exit stack then passes None on to the exits after it,
     while that exception is still being handled (and FastAPI answers 500, "Response not
     awaited"). None otherwise. For `RequestEnd`, while FastAPI's request exit stack exits."""
-    exc = sys.exception()
-    return exc if exc is not None and _through_routing(exc) else None
+    exc = sys.exception()  # maybe an outer frame's (a middleware retrying in its except):
+    running, frame = set(), inspect.currentframe()  # the endpoint's went through the routing
+    while frame is not None:  # frame now closing that stack, which is among the callers
+        running.add(frame)
+        frame = frame.f_back
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame in running and tb.tb_frame.f_code.co_filename.endswith(_ROUTING):
+            return exc
+        tb = tb.tb_next
+    return None
 
 
 def _through_routing(exc: BaseException | None) -> bool:

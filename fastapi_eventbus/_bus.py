@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from . import _di
 from ._attributes import Extensions
-from ._batch import SCOPE_KEY, Batch, RequestEnd
+from ._batch import SCOPE_KEY, Batch, RequestEnd, request_over
 from ._core import Core
 from ._di import Handler
 from ._dispatch import Inbox
@@ -419,10 +419,10 @@ class EventBus:
             ConfigurationError: It was not resolved by FastAPI's dependency injection.
         """
         existing, app = connection.scope.get(SCOPE_KEY), connection.scope.get("app")
-        if isinstance(existing, EventBus):  # this bus's, or another's (`get_bus` finds it):
-            if existing._core is self._core:  # then one of its own, at the chain's depth,
-                return existing  # which FastAPI's dependency cache keeps for the request
-            return self._new_view(connection, background_tasks, existing)
+        if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
+            if existing._core is self._core:  # its own view, at the chain's depth, which
+                return existing  # FastAPI's dependency cache keeps for the request
+            return self._new_view(connection, background_tasks, existing)  # beside get_bus's
         overridden = getattr(app, "dependency_overrides", {}).get(get_bus) == self.dependency
         keep = overridden or _installed(app) in (None, self)  # does this stand for get_bus?
         return self._new_view(connection, background_tasks, None if keep else self)
@@ -505,7 +505,7 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
         ConfigurationError: It was not resolved by FastAPI's dependency injection.
     """
     existing = connection.scope.get(SCOPE_KEY)
-    if isinstance(existing, EventBus):
+    if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
         return existing
     app = connection.scope["app"]
     return (_installed(app) or EventBus.of(app))._new_view(connection, background_tasks)

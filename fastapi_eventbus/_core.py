@@ -300,7 +300,7 @@ class Core:
             batch.state = CLOSED  # later emits (from tasks it started) get a flush of their own
             return None
         caught = exc is None and stacked and (exc := caught_by_a_dependency()) is not None
-        after = None if exc is None else raised_after_return(exc, stacked)
+        after = None if exc is None else raised_after_return(exc, stacked, batch.scope)
         if after == "response" or after == "exit":
             what = "the response" if after == "response" else "a dependency's exit code"
             ids = ", ".join(event.id for event in batch.events)

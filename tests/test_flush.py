@@ -1,15 +1,18 @@
 """Flush semantics: when a request's events run, in what order, and what happens on errors."""
 
 import asyncio
+import contextlib
+import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 import anyio
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.background import BackgroundTask
 
@@ -116,6 +119,157 @@ def test_events_are_discarded_when_a_yield_dependency_swallows_the_endpoint_s_ex
     assert hooks.discards[0].exception is failure
     assert "which a yield dependency caught" in hooks.discards[0].reason
     assert "discarded 1 event(s) because the endpoint raised ValueError" in caplog.text
+
+
+HAS_GENERATOR_ENDPOINTS = importlib.util.find_spec("fastapi.sse") is not None
+"""Whether the installed FastAPI streams what a generator endpoint yields (0.134 and later)."""
+
+
+@pytest.mark.skipif(not HAS_GENERATOR_ENDPOINTS, reason="this FastAPI has no generator endpoints")
+@pytest.mark.parametrize("stream", ["jsonl", "sse", "raw"])
+@pytest.mark.parametrize("when", ["before its first item", "half-way"])
+def test_a_generator_endpoint_that_raises_has_its_events_discarded(
+    bus: EventBus, hooks: Hooks, stream: str, when: str
+) -> None:
+    """A generator endpoint runs while its response is sent: if it raises, the endpoint
+    raised, whatever the kind of stream (before, only Server-Sent Events were discarded;
+    JSON Lines and raw streams were handled, with a WARNING saying the endpoint returned)."""
+    from fastapi.sse import EventSourceResponse
+
+    app = FastAPI()
+    bus.install(app)
+    log = record(bus)
+    classes: dict[str, Any] = {"sse": EventSourceResponse, "raw": StreamingResponse}
+    kind = {"response_class": classes[stream]} if stream in classes else {}
+
+    @app.get("/", **kind)
+    async def rows(bus: EventBus = Depends(get_bus)) -> AsyncIterator[Any]:
+        bus.emit("import.started")
+        if when == "half-way":
+            yield b"1" if stream == "raw" else 1
+        raise HTTPException(409, "already importing")
+
+    client = TestClient(app, raise_server_exceptions=False)
+    with client, contextlib.suppress(Exception):  # the stream broke off: the client may raise
+        client.get("/")
+    assert log == []
+    assert [(d.events[0].name, d.reason) for d in hooks.discards] == [
+        ("import.started", f"the endpoint raised {type(hooks.discards[0].exception).__name__}")
+    ]
+
+
+class Conflict(Exception):
+    """What the exception handler and the route class of the next test turn into a 409."""
+
+
+class ConflictRoute(APIRoute):
+    """A custom route class that answers `Conflict` with a response of its own."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        original = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await original(request)
+            except Conflict:
+                return JSONResponse({"detail": "conflict"}, status_code=409)
+
+        return handler
+
+
+@pytest.mark.parametrize("how", ["exception handler", "response model", "route class"])
+def test_what_the_bus_sees_of_an_endpoint_s_exception(
+    bus: EventBus, hooks: Hooks, how: str
+) -> None:
+    """As docs/semantics.md says: an exception handler's response and a failed
+    ``response_model`` discard the events (the exception went through FastAPI's handling of
+    the request); a route class answering the exception itself hides it from the bus."""
+    app = FastAPI()
+    bus.install(app)
+    log = record(bus)
+    app.add_exception_handler(Conflict, lambda _, __: JSONResponse({}, status_code=409))
+    router = APIRouter(route_class=ConflictRoute if how == "route class" else APIRoute)
+
+    @router.post("/", response_model=int)
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> Any:
+        bus.emit("order.placed")
+        if how == "response model":
+            return "not an int"
+        raise Conflict()
+
+    app.include_router(router)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/").status_code == (500 if how == "response model" else 409)
+    if how == "route class":
+        assert (log, hooks.discards) == (["order.placed"], [])
+    else:
+        assert log == []
+        name = "ResponseValidationError" if how == "response model" else "Conflict"
+        assert [d.reason for d in hooks.discards] == [f"the endpoint raised {name}"]
+
+
+class Transient(Exception):
+    """What `RetryOnce` retries."""
+
+
+class RetryOnce:
+    """A pure ASGI middleware calling the app again after a `Transient` failure, within its
+    ``except`` block, with the same scope or a copy of it."""
+
+    def __init__(self, app: Any, copy: bool) -> None:
+        self.app, self.copy = app, copy
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(dict(scope) if self.copy else scope, receive, send)
+        except Transient:
+            await self.app(dict(scope) if self.copy else scope, receive, send)
+
+
+@pytest.mark.parametrize("copy", [True, False], ids=["a copy of the scope", "the same scope"])
+@pytest.mark.parametrize("fails", [1, 2], ids=["retried", "failed twice"])
+def test_a_retried_request_handles_the_events_of_the_attempt_that_succeeded(
+    bus: EventBus, hooks: Hooks, copy: bool, fails: int
+) -> None:
+    """Each attempt is a request of its own: a failed one's events are discarded, the one that
+    succeeds has its events handled after its response, even when a middleware retries in its
+    ``except`` block (no exception a yield dependency caught) or passes the same scope again."""
+    app = FastAPI()
+    bus.install(app)
+    app.add_middleware(RetryOnce, copy=copy)
+    log = record(bus)
+    attempts: list[int] = []
+
+    async def own_task() -> None:
+        log.append("own background task")
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> JSONResponse:
+        attempts.append(len(attempts) + 1)
+        bus.emit(f"attempt.{len(attempts)}")
+        await asyncio.sleep(0.01)  # a flush started by the emit would run meanwhile
+        log.append(f"endpoint {len(attempts)} returns")
+        if len(attempts) <= fails:
+            raise Transient()
+        return JSONResponse({"ok": True}, background=BackgroundTask(own_task))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/").status_code == (200 if fails == 1 else 500)
+    discarded = [(d.events[0].name, d.reason) for d in hooks.discards]
+    if fails == 1:
+        assert log == [
+            "endpoint 1 returns",
+            "endpoint 2 returns",
+            "own background task",
+            "attempt.2",
+        ]
+        assert discarded == [("attempt.1", "the endpoint raised Transient")]
+    else:
+        assert log == ["endpoint 1 returns", "endpoint 2 returns"]
+        assert discarded == [
+            ("attempt.1", "the endpoint raised Transient"),
+            ("attempt.2", "the endpoint raised Transient"),
+        ]
 
 
 def test_keep_events_on_error_handles_them_anyway(hooks: Hooks) -> None:

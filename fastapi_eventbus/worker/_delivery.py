@@ -68,7 +68,8 @@ class WorkerStats:
     unfinished: int = 0
     """Messages still running when ``shutdown_timeout`` ran out (cancelled and given back)."""
     settle_errors: int = 0
-    """Acknowledgements (or give-backs) the broker did not take: those messages come again."""
+    """Acknowledgements (or give-backs) the broker did not take, or that were still under way
+    when ``shutdown_timeout`` ran out: those messages come again."""
     unhandled: int = 0
     """Messages whose event no handler of the bus matches (handled per ``on_unhandled``)."""
     abandoned: int = 0
@@ -409,16 +410,18 @@ class Processor:
                     with tracing.settling(source, message, "ack" if handled else "nack"):
                         await settle
         except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and cancelled():
-                raise  # the worker's own: shutdown
+            # The worker's own cancellation (shutdown): not finished either, reported the same.
+            shutdown = isinstance(exc, asyncio.CancelledError) and cancelled()
             self.owner.stats.settle_errors += 1
             logger.warning(
                 "could not %s message %s on %s (%s); it will be delivered again",
                 "acknowledge" if handled else "give back",
                 message.message_id,
                 source.name,
-                str(exc) or type(exc).__name__,
+                "cancelled at shutdown" if shutdown else str(exc) or type(exc).__name__,
             )
+            if shutdown:
+                raise
             return
         if isinstance(outcome, DiscardedEvents):  # deleted: now it is
             await report_discarded(self.owner.bus, outcome)

@@ -464,12 +464,16 @@ class Worker:
         pending = {task for task in tasks if not task.done() and task in self._in_flight}
         if not pending:
             return
-        self.stats.unfinished += len(pending)
-        logger.warning(
-            "cancelling %d message(s); they go back for redelivery: %s",
-            len(pending),
-            listed(self._in_flight[task] for task in pending),
-        )
+        # Those settling already are handled (or failed): their cancelled settlement is
+        # counted and logged as a settle error, once (`Processor._settle`).
+        unfinished = [self._in_flight[t] for t in pending if not self._in_flight[t].settling]
+        if unfinished:
+            self.stats.unfinished += len(unfinished)
+            logger.warning(
+                "cancelling %d message(s); they go back for redelivery: %s",
+                len(unfinished),
+                listed(unfinished),
+            )
         for task in pending:
             task.cancel()
         _, running = await asyncio.wait(pending, timeout=_CANCEL_GRACE)

@@ -118,6 +118,11 @@ class Source(ABC):
     """The most messages one `receive` call returns."""
     extend_interval: float | None = None
     """Seconds between `extend` calls while a message's handlers run (None: no calls)."""
+    receive_outlives_cancel: bool = False
+    """Whether a cancelled `receive` call may still take messages on the broker (a long
+    poll the server holds on after the client went: SQS). The worker's `stop` then lets
+    the call under way return, within its ``shutdown_timeout``, and gives back at once
+    what it brought, rather than leave that invisible until its visibility timeout."""
     _decoder: wire.Decoder | None = None
 
     @property

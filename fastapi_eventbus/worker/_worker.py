@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
@@ -70,7 +70,9 @@ class Worker:
             its work, so startup code (pools, clients) runs as in the web app.
         source: Where messages come from: `SQSSource`, `PubSubSource`, your own.
         concurrency: The most messages handled at once (and received ahead).
-        shutdown_timeout: Seconds `stop` waits for messages in flight; those
+        shutdown_timeout: Seconds `stop` waits for messages in flight (and for a
+            receive call under way, if its source says cancelling it would leave
+            what it receives invisible: `Source.receive_outlives_cancel`); those
             still running then are cancelled and given back for redelivery. One
             that does not stop within a few seconds more is reported at ERROR and
             left running: `stop` does not wait for it.
@@ -141,6 +143,8 @@ class Worker:
         self._last: dict[str, asyncio.Future[bool]] = {}
         """Of each order key: the future of the last message received with it."""
         self._stopping = asyncio.Event()
+        self._receiving = False
+        """Whether a `Source.receive` call is under way."""
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
         self._ran = False
@@ -247,29 +251,68 @@ class Worker:
             timeout = 0.0  # cancelled, not stopped: give unfinished messages back at once
             raise
         finally:
-            receiver.cancel()
             stopping.cancel()
-            await asyncio.wait({receiver, stopping})
-            await self._finish(timeout)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            if not self._receive_may_end(receiver, timeout):
+                await self._stop_receiving(receiver)
+            try:
+                await asyncio.wait({stopping})
+                await self._finish(timeout)  # the receive call under way ends meanwhile
+                if not receiver.done() and (left := deadline - loop.time()) > 0:
+                    await asyncio.wait({receiver}, timeout=left)
+            finally:
+                await self._stop_receiving(receiver)
         if not receiver.cancelled() and (error := receiver.exception()) is not None:
             raise error
+
+    def _receive_may_end(self, receiver: asyncio.Task[None], timeout: float) -> bool:
+        """Whether to let *receiver*, stopped during a receive call that cancelling would not
+        end on the broker (a long poll: `Source.receive_outlives_cancel`), return from it
+        within *timeout* (it then gives back at once what the call brought)."""
+        return (
+            not receiver.done()
+            and timeout > 0
+            and self._receiving
+            and self.source.receive_outlives_cancel
+        )
+
+    async def _stop_receiving(self, receiver: asyncio.Task[None]) -> None:
+        """Cancel the receive loop; say so if that cancels a call the broker goes on with."""
+        if not receiver.done() and self._receiving and self.source.receive_outlives_cancel:
+            logger.warning(
+                "stopping while a receive call on %s is under way: what the broker hands it "
+                "stays invisible until its visibility timeout (ack deadline)",
+                self.source.name,
+            )
+        receiver.cancel()
+        await asyncio.wait({receiver})
 
     async def _receive_loop(self) -> None:
         failures = 0
         while True:
             count = await self._reserve()
+            self._receiving = True
             try:
                 messages = await self.source.receive(count)
             except (Exception, asyncio.CancelledError) as exc:
+                self._receiving = False
                 self._release(count)
                 if isinstance(exc, asyncio.CancelledError) and cancelled():
                     raise  # stopped: not a failure of the source
                 if isinstance(exc, SourceError) and not exc.transient:
                     logger.error("worker stopping: %s", exc)
                     raise
+                if self._stopping.is_set():  # stopped meanwhile: no retry
+                    return
                 failures += 1
                 await self._back_off(exc, failures)
                 continue
+            self._receiving = False
+            if self._stopping.is_set():  # stopped while receiving: none of them starts
+                self._release(count)
+                await self._give_back_received(messages)
+                return
             if failures:
                 logger.info("receiving from %s again", self.source.name)
                 failures = 0
@@ -279,10 +322,20 @@ class Worker:
                     try:
                         await self._slots.acquire()
                     except asyncio.CancelledError:  # stopped: the rest go back unhandled,
-                        for rest in messages[index:]:  # at once, not left unseen
-                            await self._processor.hand_back(rest, 0)
+                        await self._give_back_received(messages[index:])  # not left unseen
                         raise
                 self._spawn(message)
+
+    async def _give_back_received(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Give *messages*, received as the worker stopped, back at once, unhandled."""
+        if not messages:
+            return
+        logger.warning(
+            "%d message(s) received as the worker stopped go back unhandled: %s",
+            len(messages),
+            ", ".join(message.message_id or "(with no id)" for message in messages),
+        )
+        await asyncio.gather(*(self._processor.hand_back(m, 0) for m in messages))
 
     async def _reserve(self) -> int:
         """Wait for a free slot, then take as many free ones as one receive may fill."""

@@ -84,6 +84,10 @@ class SQSSource(Source):
 
     messaging_system = "aws_sqs"
     """The OpenTelemetry ``messaging.system`` of the worker's spans."""
+    receive_outlives_cancel = True
+    """SQS holds a ``ReceiveMessage`` until its ``WaitTimeSeconds`` end, the client gone or
+    not, and hides what it hands it: `stop` lets the poll under way return (at most
+    ``wait_time_seconds``), and gives back at once what it brought."""
 
     def __init__(
         self,

@@ -7,15 +7,17 @@ lifecycle (accept, flush, discard, keep); the bus's views hold one each.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from types import TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
+from fastapi.exceptions import ResponseValidationError
 from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.responses import Response
 
@@ -218,8 +220,9 @@ def raised_after_return(
     handling of the request, nor did what it replaced). None: the endpoint (or solving its
     dependencies) raised it; a generator endpoint (the request's *scope* names it) too,
     while its response was sent."""
-    endpoint = scope.get("endpoint") if scope is not None else None
-    endpoint = getattr(inspect.unwrap(endpoint), "__code__", None) if endpoint else None
+    if isinstance(exc, ResponseValidationError):  # what it returned (or yielded) is invalid
+        return None
+    endpoint = _code_of(scope.get("endpoint")) if scope is not None else None
     tb, where = exc.__traceback__, None
     while tb is not None:
         frame = tb.tb_frame
@@ -235,14 +238,27 @@ def raised_after_return(
     return "exit" if stacked and not _through_routing(exc) else None
 
 
+def _code_of(endpoint: Any) -> CodeType | None:
+    """The code an endpoint runs: through partials, ``functools.wraps`` and ``__call__``."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    if endpoint is None or inspect.isclass(endpoint):  # a Starlette HTTPEndpoint
+        return None
+    endpoint = inspect.unwrap(endpoint)
+    if (code := getattr(endpoint, "__code__", None)) is None:  # an instance: its __call__
+        code = getattr(inspect.unwrap(vars(type(endpoint)).get("__call__")), "__code__", None)
+    return code
+
+
 def caught_by_a_dependency() -> BaseException | None:
     """The endpoint's exception, if a request-scoped ``yield`` dependency caught it and did not
     raise it again: FastAPI's request exit stack then passes None on to the exits after it,
     while that exception is still being handled (and FastAPI answers 500, "Response not
     awaited"). None otherwise. For `RequestEnd`, while FastAPI's request exit stack exits."""
     exc = sys.exception()  # maybe an outer frame's (a middleware retrying in its except):
-    running, frame = set(), inspect.currentframe()  # the endpoint's went through the routing
-    while frame is not None:  # frame now closing that stack, which is among the callers
+    running: set[FrameType] = set()  # the endpoint's went through the routing frame now
+    frame: FrameType | None = sys._getframe(1)  # closing that stack, among the callers
+    while frame is not None:  # (the caller's first: this frame in the set, a cycle)
         running.add(frame)
         frame = frame.f_back
     tb = exc.__traceback__ if exc is not None else None
@@ -267,7 +283,11 @@ def _through_routing(exc: BaseException | None) -> bool:
     return False
 
 
-_ROUTING = (f"fastapi{os.sep}routing.py", f"starlette{os.sep}routing.py")
+_ROUTING = (
+    f"fastapi{os.sep}routing.py",
+    f"starlette{os.sep}routing.py",
+    f"fastapi_eventbus{os.sep}_di.py",  # a handler call's (a view of another bus in it)
+)
 
 
 class RequestEnd:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from . import _di
 from ._attributes import Extensions
-from ._batch import SCOPE_KEY, Batch, RequestEnd, request_over
+from ._batch import COLLECTING, SCOPE_KEY, Batch, RequestEnd, request_over
 from ._core import Core
 from ._di import Handler
 from ._dispatch import Inbox
@@ -504,9 +504,10 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
         BusNotInstalledError: No bus is installed on the app (`EventBus.install`).
         ConfigurationError: It was not resolved by FastAPI's dependency injection.
     """
-    existing = connection.scope.get(SCOPE_KEY)
-    if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
-        return existing
+    if isinstance(existing := connection.scope.get(SCOPE_KEY), EventBus):  # its view (a handler
+        batch = existing._batch  # call's), unless an earlier try's, whose scope a middleware
+        if batch is None or batch.state == COLLECTING or not request_over(batch, connection.scope):
+            return existing  # passed on again (a retry)
     app = connection.scope["app"]
     return (_installed(app) or EventBus.of(app))._new_view(connection, background_tasks)
 

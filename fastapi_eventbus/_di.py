@@ -381,7 +381,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
         simple,
         steps,
         may_emit,
-        first == [event_param],
+        first == [event_param] and not hasattr(func, "__wrapped__"),  # its own signature
     )
 
 

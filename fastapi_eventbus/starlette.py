@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from ._batch import SCOPE_KEY
+from ._batch import SCOPE_KEY, request_over
 from ._bus import EventBus, end_request, flush_after, open_request
 from .exceptions import ConfigurationError
 
@@ -95,7 +95,8 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
             )
         connection: HTTPConnection = args[-1]
         existing = connection.scope.get(SCOPE_KEY)
-        if isinstance(existing, EventBus):  # an outer with_bus owns the request's events
+        if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
+            # an outer with_bus owns the request's events (not an earlier try's: a retry)
             return await _call(endpoint, is_async, *args, existing)
         view = _new_view(connection)
         try:

@@ -666,6 +666,49 @@ def test_a_second_bus_in_a_request_gets_its_own_events(first: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("swallowed", [False, True], ids=["raises", "a yield dep swallows it"])
+def test_what_a_failed_handler_emitted_on_another_bus_is_discarded(
+    hooks: Hooks, swallowed: bool
+) -> None:
+    """Found: a handler emitting on another bus (``Depends(other.dependency)``) and then
+    failing had those events handled, with a WARNING that "a dependency's exit code failed";
+    what it emitted on its own bus was discarded, as documented for a failed handler."""
+    app_bus = EventBus(on_discard=hooks.discards.append)
+    audit_bus = EventBus(on_discard=hooks.discards.append)
+    app = FastAPI()
+    app_bus.install(app)
+    seen: list[str] = []
+
+    async def rolling_back() -> Any:
+        try:
+            yield
+        except ValueError:
+            if not swallowed:
+                raise
+
+    @app_bus.on("order.placed")
+    async def bridge(
+        event: Event,
+        audit: EventBus = Depends(audit_bus.dependency),
+        session: None = Depends(rolling_back),
+    ) -> None:
+        audit.emit("audit.recorded")
+        raise ValueError("the order could not be placed")
+
+    @audit_bus.on("audit.*")
+    async def write_audit(event: Event) -> None:
+        seen.append(event.name)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("order.placed")
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert seen == []
+    assert [d.events[0].name for d in hooks.discards] == ["audit.recorded"]
+
+
 class UserTagged(BaseModel):
     __event_name__: ClassVar[str] = "user.tagged"
     id: int

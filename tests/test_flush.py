@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import logging
 import time
@@ -14,6 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException,
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from fastapi_eventbus import DiscardedEvents, Event, EventBus, EventChainError, get_bus
@@ -156,6 +158,65 @@ def test_a_generator_endpoint_that_raises_has_its_events_discarded(
     assert [(d.events[0].name, d.reason) for d in hooks.discards] == [
         ("import.started", f"the endpoint raised {type(hooks.discards[0].exception).__name__}")
     ]
+
+
+async def tagged_rows(tag: str, bus: EventBus = Depends(get_bus)) -> AsyncIterator[int]:
+    bus.emit(f"import.{tag}")
+    yield 1
+    raise ValueError("row 2 is bad")
+
+
+class RowStream:
+    """A callable instance as a generator endpoint."""
+
+    async def __call__(self, bus: EventBus = Depends(get_bus)) -> AsyncIterator[int]:
+        bus.emit("import.instance")
+        yield 1
+        raise ValueError("row 2 is bad")
+
+
+class Row(BaseModel):
+    id: int
+
+
+async def invalid_rows(bus: EventBus = Depends(get_bus)) -> AsyncIterator[Row]:
+    bus.emit("import.invalid")
+    yield Row(id=1)
+    yield {"id": "not an int"}  # type: ignore[misc]  # FastAPI refuses it
+
+
+async def nested_rows(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
+    bus.emit("import.nested")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"1"
+        raise ValueError("row 2 is bad")
+
+    return StreamingResponse(body())
+
+
+@pytest.mark.skipif(not HAS_GENERATOR_ENDPOINTS, reason="this FastAPI has no generator endpoints")
+@pytest.mark.parametrize(
+    ("endpoint", "discarded"),
+    [
+        (functools.partial(tagged_rows, "partial"), True),
+        (RowStream(), True),
+        (invalid_rows, True),  # FastAPI's ResponseValidationError, as for a response_model
+        (nested_rows, False),  # the endpoint returned: its body raised
+    ],
+    ids=["a partial", "a callable instance", "an invalid item", "a returned stream"],
+)
+def test_a_generator_endpoint_of_any_form_that_raises_has_its_events_discarded(
+    bus: EventBus, hooks: Hooks, endpoint: Callable[..., Any], discarded: bool
+) -> None:
+    app = FastAPI()
+    bus.install(app)
+    log = record(bus)
+    app.get("/")(endpoint)
+    client = TestClient(app, raise_server_exceptions=False)
+    with client, contextlib.suppress(Exception):  # the stream broke off: the client may raise
+        client.get("/")
+    assert (log == [], len(hooks.discards) == 1) == (discarded, discarded)
 
 
 class Conflict(Exception):

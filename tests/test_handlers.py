@@ -219,8 +219,17 @@ def test_event_parameter_forms(app: FastAPI, bus: EventBus) -> None:
 
 def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) -> None:
     """Async handlers without dependencies are called directly: the event by position when
-    it is their first parameter, by keyword when it is keyword-only."""
+    it is the first parameter of the callable itself, else by keyword (keyword-only, or
+    behind a ``functools.wraps`` wrapper taking ``**kwargs``)."""
     seen: list[Any] = []
+
+    def logged(func: Any) -> Any:
+        @functools.wraps(func)
+        async def wrapper(**kwargs: Any) -> None:
+            seen.append(("wrapper", sorted(kwargs)))
+            await func(**kwargs)
+
+        return wrapper
 
     @bus.on("cat.created")
     async def positional(event: Event) -> None:
@@ -241,6 +250,11 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
     async def tagged(tag: str, event: Event) -> None:
         seen.append((tag, event.name))
 
+    @bus.on("cat.created")
+    @logged
+    async def decorated(event: Event) -> None:
+        seen.append(("decorated", event.name))
+
     bus.on("cat.created")(Counter())
     bus.on("cat.created")(functools.partial(tagged, "partial"))
     emits(app, "cat.created").post("/")
@@ -248,6 +262,8 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
         ("positional", "cat.created"),
         ("keyword_only", "cat.created"),
         ("typed", CatCreated(id=1)),
+        ("wrapper", ["event"]),
+        ("decorated", "cat.created"),
         ("instance", "cat.created"),
         ("partial", "cat.created"),
     ]

@@ -250,6 +250,53 @@ def test_events_of_a_raising_endpoint_are_discarded_and_reported(
     assert "the endpoint raised HTTPException" in caplog.text
 
 
+class Transient(Exception):
+    """What `RetryOnce` retries."""
+
+
+class RetryOnce:
+    """A pure ASGI middleware calling the app again, with the same scope, after `Transient`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except Transient:
+            await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("fails", [1, 2], ids=["retried", "failed twice"])
+def test_each_try_of_a_retried_request_has_its_own_events(fails: int) -> None:
+    """Found: the second try took the first try's finished view from the scope: its events
+    were handled at once, before its endpoint returned, and even when it raised."""
+    discarded: list[DiscardedEvents] = []
+    bus = EventBus(on_discard=discarded.append)
+    log: list[str] = []
+    bus.on("*")(lambda event: log.append(event.name))
+
+    @with_bus
+    async def endpoint(request: Request, bus: EventBus) -> Response:
+        tries = sum(name.startswith("endpoint") for name in log) + 1
+        bus.emit(f"try.{tries}")
+        await asyncio.sleep(0.01)  # a flush started by the emit would run meanwhile
+        log.append(f"endpoint {tries} returns")
+        if tries <= fails:
+            raise Transient()
+        return JSONResponse({"ok": True})
+
+    app = make_app(bus, Route("/", endpoint))
+    app.add_middleware(RetryOnce)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/").status_code == (200 if fails == 1 else 500)
+    if fails == 1:
+        assert log == ["endpoint 1 returns", "endpoint 2 returns", "try.2"]
+    else:
+        assert log == ["endpoint 1 returns", "endpoint 2 returns"]
+    assert [d.events[0].name for d in discarded] == [f"try.{n}" for n in range(1, fails + 1)]
+
+
 def test_keep_events_on_error_handles_them_anyway() -> None:
     bus = EventBus(keep_events_on_error=True)
     seen: list[str] = []

@@ -245,8 +245,8 @@ def _code_of(endpoint: Any) -> CodeType | None:
     if endpoint is None or inspect.isclass(endpoint):  # a Starlette HTTPEndpoint
         return None
     endpoint = inspect.unwrap(endpoint)
-    if (code := getattr(endpoint, "__code__", None)) is None:  # an instance: its __call__
-        code = getattr(inspect.unwrap(vars(type(endpoint)).get("__call__")), "__code__", None)
+    if (code := getattr(endpoint, "__code__", None)) is None and callable(endpoint):
+        code = getattr(inspect.unwrap(type(endpoint).__call__), "__code__", None)  # an instance
     return code
 
 
@@ -255,15 +255,13 @@ def caught_by_a_dependency() -> BaseException | None:
     raise it again: FastAPI's request exit stack then passes None on to the exits after it,
     while that exception is still being handled (and FastAPI answers 500, "Response not
     awaited"). None otherwise. For `RequestEnd`, while FastAPI's request exit stack exits."""
-    exc = sys.exception()  # maybe an outer frame's (a middleware retrying in its except):
-    running: set[FrameType] = set()  # the endpoint's went through the routing frame now
-    frame: FrameType | None = sys._getframe(1)  # closing that stack, among the callers
-    while frame is not None:  # (the caller's first: this frame in the set, a cycle)
-        running.add(frame)
-        frame = frame.f_back
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        if tb.tb_frame in running and tb.tb_frame.f_code.co_filename.endswith(_ROUTING):
+    exc = sys.exception()  # maybe an outer call's (a retry in a middleware's except, a
+    frame: FrameType | None = sys._getframe(1)  # dependency publishing in its exit code):
+    while frame is not None and not frame.f_code.co_filename.endswith(_ROUTING):
+        frame = frame.f_back  # the endpoint's went through the routing (or handler call)
+    tb = exc.__traceback__ if exc is not None else None  # frame closing this stack
+    while tb is not None and frame is not None:
+        if tb.tb_frame is frame:
             return exc
         tb = tb.tb_next
     return None

@@ -370,8 +370,8 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     )
     steps = _steps(dependant) if simple else ()
     may_emit = not simple or _asks_for_bus(steps)
-    params = signature.parameters.values()
-    first = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][:1]
+    params = inspect.signature(func, follow_wrapped=False).parameters.values()  # a wrapper's
+    first = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][:1]  # own
     return HandlerPlan(
         dependant,
         event_param,
@@ -381,7 +381,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
         simple,
         steps,
         may_emit,
-        first == [event_param] and not hasattr(func, "__wrapped__"),  # its own signature
+        first == [event_param],
     )
 
 

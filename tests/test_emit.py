@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field, mo
 from fastapi_eventbus import (
     BusNotInstalledError,
     ConfigurationError,
+    DiscardedEvents,
     Event,
     EventBus,
     EventChainError,
@@ -707,6 +708,59 @@ def test_what_a_failed_handler_emitted_on_another_bus_is_discarded(
         assert client.post("/").status_code == 200
     assert seen == []
     assert [d.events[0].name for d in hooks.discards] == ["audit.recorded"]
+
+
+@pytest.mark.parametrize("failing", ["an endpoint", "a handler"])
+def test_a_call_that_succeeds_in_a_failed_call_s_exit_code_keeps_its_events(failing: str) -> None:
+    """A yield dependency reports a failure with ``publish`` in its exit code; the handler it
+    runs succeeds, and emits on another bus. Those events are handled: the failure being
+    handled meanwhile is the outer call's (found: they were discarded, with the reason that
+    a yield dependency had caught an exception)."""
+    discards: list[DiscardedEvents] = []
+    app_bus, audit_bus = EventBus(on_discard=discards.append), EventBus()
+    app = FastAPI()
+    app_bus.install(app)
+    seen: list[str] = []
+
+    async def session() -> Any:
+        try:
+            yield
+        finally:
+            await app_bus.publish("order.failed")
+
+    async def audit_trail(audit: EventBus = Depends(audit_bus.dependency)) -> Any:
+        yield
+        audit.emit("audit.recorded")
+
+    @app_bus.on("order.placed")
+    async def place(event: Event, s: None = Depends(session)) -> None:
+        raise ValueError("the order could not be placed")
+
+    @app_bus.on("order.failed")
+    async def report(event: Event, trail: None = Depends(audit_trail)) -> None:
+        seen.append(event.name)
+
+    @audit_bus.on("audit.*")
+    async def write_audit(event: Event) -> None:
+        seen.append(event.name)
+
+    @app.post("/")
+    async def endpoint(
+        bus: EventBus = Depends(get_bus),
+        s: None = Depends(session if failing == "an endpoint" else report_nothing),
+    ) -> None:
+        if failing == "an endpoint":
+            raise ValueError("the order could not be placed")
+        bus.emit("order.placed")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        client.post("/")
+    assert seen == ["order.failed", "audit.recorded"]
+    assert [e.name for d in discards for e in d.events] == []
+
+
+async def report_nothing() -> None:
+    """A dependency that does nothing (the endpoint's, when a handler fails)."""
 
 
 class UserTagged(BaseModel):

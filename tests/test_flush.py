@@ -175,6 +175,10 @@ class RowStream:
         raise ValueError("row 2 is bad")
 
 
+class SubStream(RowStream):
+    """Its ``__call__`` is its base class's."""
+
+
 class Row(BaseModel):
     id: int
 
@@ -201,10 +205,11 @@ async def nested_rows(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
     [
         (functools.partial(tagged_rows, "partial"), True),
         (RowStream(), True),
+        (SubStream(), True),
         (invalid_rows, True),  # FastAPI's ResponseValidationError, as for a response_model
         (nested_rows, False),  # the endpoint returned: its body raised
     ],
-    ids=["a partial", "a callable instance", "an invalid item", "a returned stream"],
+    ids=["a partial", "an instance", "a subclass's instance", "an invalid item", "a stream"],
 )
 def test_a_generator_endpoint_of_any_form_that_raises_has_its_events_discarded(
     bus: EventBus, hooks: Hooks, endpoint: Callable[..., Any], discarded: bool

@@ -255,6 +255,19 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
     async def decorated(event: Event) -> None:
         seen.append(("decorated", event.name))
 
+    def passed_on(func: Any) -> Any:
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> None:
+            seen.append(("passed on", len(args), sorted(kwargs)))
+            await func(*args, **kwargs)
+
+        return wrapper
+
+    @bus.on("cat.created")
+    @passed_on
+    async def decorated_again(event: Event) -> None:
+        seen.append(("decorated again", event.name))
+
     bus.on("cat.created")(Counter())
     bus.on("cat.created")(functools.partial(tagged, "partial"))
     emits(app, "cat.created").post("/")
@@ -264,6 +277,8 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
         ("typed", CatCreated(id=1)),
         ("wrapper", ["event"]),
         ("decorated", "cat.created"),
+        ("passed on", 0, ["event"]),
+        ("decorated again", "cat.created"),
         ("instance", "cat.created"),
         ("partial", "cat.created"),
     ]

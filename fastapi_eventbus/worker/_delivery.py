@@ -413,12 +413,13 @@ class Processor:
             # The worker's own cancellation (shutdown): not finished either, reported the same.
             shutdown = isinstance(exc, asyncio.CancelledError) and cancelled()
             self.owner.stats.settle_errors += 1
-            logger.warning(
-                "could not %s message %s on %s (%s); it will be delivered again",
+            logger.warning(  # cut off at shutdown, the broker's call may still go through
+                "could not %s message %s on %s (%s); it %s delivered again",
                 "acknowledge" if handled else "give back",
                 message.message_id,
                 source.name,
                 "cancelled at shutdown" if shutdown else str(exc) or type(exc).__name__,
+                "may be" if shutdown else "will be",
             )
             if shutdown:
                 raise

@@ -138,6 +138,8 @@ class Worker:
         self._abandoned: dict[asyncio.Task[None], HeldMessage] = {}
         """Abandoned messages whose tasks still run: their slots are free already."""
         self._giving_back: set[asyncio.Task[None]] = set()
+        """Give-backs under way (of abandoned messages, of what a receive brought as the
+        worker stopped), each bounded in time: stopping waits for them."""
         self._let_go = asyncio.Event()
         """Set when a message in flight is given up (`_abandon`)."""
         self._last: dict[str, asyncio.Future[bool]] = {}
@@ -263,6 +265,8 @@ class Worker:
                     await asyncio.wait({receiver}, timeout=left)
             finally:
                 await self._stop_receiving(receiver)
+                if self._giving_back:
+                    await asyncio.wait(set(self._giving_back))
         if not receiver.cancelled() and (error := receiver.exception()) is not None:
             raise error
 
@@ -335,7 +339,11 @@ class Worker:
             len(messages),
             ", ".join(message.message_id or "(with no id)" for message in messages),
         )
-        await asyncio.gather(*(self._processor.hand_back(m, 0) for m in messages))
+        tasks = {asyncio.create_task(self._processor.hand_back(m, 0)) for m in messages}
+        self._giving_back |= tasks
+        for task in tasks:
+            task.add_done_callback(self._giving_back.discard)
+        await asyncio.wait(tasks)
 
     async def _reserve(self) -> int:
         """Wait for a free slot, then take as many free ones as one receive may fill."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fastapi_eventbus import EventBus
+from fastapi_eventbus import Event, EventBus
 from fastapi_eventbus.testing import MemorySource
 from fastapi_eventbus.worker import Backoff, ReceivedMessage, Worker
 from tests.forwarders._moto import Moto
@@ -75,3 +75,35 @@ async def test_a_receive_that_does_not_return_in_time_is_cancelled_and_reported(
         "stopping while a receive call on source is under way: what the broker hands it "
         "stays invisible until its visibility timeout (ack deadline)"
     ) in caplog.messages
+
+
+async def test_what_a_poll_brings_just_before_the_time_is_up_is_still_given_back() -> None:
+    """Found: a poll returning shortly before ``shutdown_timeout`` ran out had its give-back
+    cut off with the receive loop, though a WARNING said the message went back: it stayed
+    invisible until its visibility timeout, and no count or line said so."""
+
+    class LatePoll(MemorySource):
+        receive_outlives_cancel = True
+        stopping = asyncio.Event()
+
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            if not self.stopping.is_set():
+                await asyncio.sleep(0.05)  # nothing until the stop
+                return []
+            await asyncio.sleep(0.4)  # the poll under way ends 0.1 s before the time is up
+            self.put(Event(name="order.placed"), message_id="m1")
+            return await super().receive(max_messages)
+
+        async def nack(self, message: ReceivedMessage, delay: float | None = None) -> None:
+            await asyncio.sleep(0.3)  # a give-back taking longer than the time left
+            await super().nack(message, delay)
+
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    source = LatePoll(name="source")
+    async with Worker(bus, source, shutdown_timeout=0.5) as worker:
+        await asyncio.sleep(0.1)
+        source.stopping.set()
+        await asyncio.sleep(0.06)  # the next poll is under way
+    assert [(m.message_id, delay) for m, delay in source.nacked] == [("m1", 0)]
+    assert worker.stats.received == 0

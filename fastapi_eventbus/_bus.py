@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
@@ -50,10 +50,9 @@ _INSTALLED: weakref.WeakKeyDictionary[Any, EventBus] = weakref.WeakKeyDictionary
 class EventBus:
     """An event bus for one FastAPI application.
 
-    The instance you create holds the handlers, schemas and settings. Endpoints
-    get a *request-scoped* view of it from ``Depends(get_bus)``: the same class,
-    sharing those handlers, but owning the events of that one request, which are
-    handled after the response has been sent.
+    The instance you create holds the handlers, schemas and settings. Endpoints get a
+    *request-scoped* view of it from ``Depends(get_bus)``: the same class, sharing those
+    handlers, but owning the events of that one request, handled after the response is sent.
 
     Args:
         disabled: Make ``emit``/``publish`` validate but not deliver. Defaults to
@@ -70,23 +69,21 @@ class EventBus:
             events in flight when the process dies are lost.
         max_batch_events: The most events one request (or handler call) may
             emit; more raise `CapacityError` at ``emit``. None: no limit.
-        max_pending_events: The most events accepted but not yet handled and
-            forwarded, across all requests; more raise `CapacityError` at
-            ``emit``/``publish``. Bounds memory when handlers or brokers fall
-            behind. None: no limit.
-        outbox: A `fastapi_eventbus.outbox.SQLAlchemyOutbox`: ``emit(...,
-            session=db)`` then writes the event in *db*'s transaction, handled and
-            forwarded once it commits, never if it rolls back, relayed after a
-            crash. None: ``session=`` is refused.
-        inbox: A `fastapi_eventbus.outbox.SQLAlchemyInbox`: an event delivered
-            again (by a worker, the outbox's relay, `handle`) runs only the
-            handlers that have not succeeded for it yet.
-        handler_timeout: Seconds one handler call (its dependencies, its body
-            and its ``yield`` exits) may take, unless the handler sets its own
-            ``timeout``. A call still running then fails with `TimeoutError`
-            (logged, ``on_error``; the event's other handlers still run). The
-            default, 60 s, keeps a hung handler from holding a flush, a
-            shutdown or a worker's slot forever. None: no limit.
+        max_pending_events: The most events accepted but not yet handled and forwarded,
+            across all requests; more raise `CapacityError` at ``emit``/``publish``.
+            Bounds memory when handlers or brokers fall behind. None: no limit.
+        outbox: A `fastapi_eventbus.outbox.SQLAlchemyOutbox`: ``emit(..., session=db)``
+            then writes the event in *db*'s transaction, handled and forwarded once it
+            commits, never if it rolls back, relayed after a crash. None: ``session=`` is
+            refused.
+        inbox: A `fastapi_eventbus.outbox.SQLAlchemyInbox`: an event delivered again (by
+            a worker, the outbox's relay, `handle`) runs only the handlers that have not
+            succeeded for it yet.
+        handler_timeout: Seconds one handler call (its dependencies, its body and its
+            ``yield`` exits) may take, unless the handler sets its own ``timeout``. A call
+            still running then fails with `TimeoutError` (logged, ``on_error``; the event's
+            other handlers still run). The default, 60 s, keeps a hung handler from
+            holding a flush, a shutdown or a worker's slot forever. None: no limit.
     """
 
     __slots__ = ("_batch", "_core")
@@ -149,15 +146,15 @@ class EventBus:
     def install(self, app: Any) -> None:
         """Bind this bus to *app* and wrap its lifespan.
 
-        After this, ``Depends(get_bus)`` works in *app*'s endpoints. The wrapped
-        lifespan starts the forwarders after the app's own startup, and at
-        shutdown drains in-flight events (up to ``shutdown_timeout``) and closes
-        the forwarders. Nothing has to start first: a bare ``TestClient(app)``
-        without ``with`` works too (forwarders then start at their first send).
+        After this, ``Depends(get_bus)`` works in *app*'s endpoints. The wrapped lifespan
+        starts the forwarders after the app's own startup, and at shutdown drains in-flight
+        events (up to ``shutdown_timeout``) and closes the forwarders. Nothing has to start
+        first: a bare ``TestClient(app)`` without ``with`` works too (forwarders then start
+        at their first send).
 
-        One bus may be installed on several apps (an app factory, one app per
-        test): requests use their own app's ``dependency_overrides``; `publish`
-        and `handle`, which have no request, use the app installed last.
+        One bus may be installed on several apps (an app factory, one app per test):
+        requests use their own app's ``dependency_overrides``; `publish` and `handle`, which
+        have no request, use the app installed last.
 
         Raises:
             ConfigurationError: *app* already has a bus, or this is a request's bus.
@@ -181,8 +178,7 @@ class EventBus:
         Raises:
             BusNotInstalledError: No bus is installed on *app*.
         """
-        bus = _installed(app)
-        if bus is None:
+        if (bus := _installed(app)) is None:
             raise BusNotInstalledError(
                 "no EventBus is installed on this app: create one and call `bus.install(app)` "
                 "before serving requests"
@@ -197,12 +193,11 @@ class EventBus:
     ) -> Callable[[F], F]:
         """Register the decorated function as a handler for events matching *patterns*.
 
-        Patterns use `fnmatch` rules (``"cat*"``, ``"order.*"``, ``"*"``); a typed
-        event model may be given instead of a pattern to match its
-        ``__event_name__`` exactly. The handler may declare ``Depends()``
-        parameters exactly like an endpoint; they are resolved by FastAPI's
-        solver for every call, after the response has been sent. With no pattern,
-        a handler whose event parameter is a typed event model handles that model.
+        Patterns use `fnmatch` rules (``"cat*"``, ``"order.*"``, ``"*"``); a typed event model
+        may be given instead of a pattern to match its ``__event_name__`` exactly. The handler
+        may declare ``Depends()`` parameters exactly like an endpoint; they are resolved by
+        FastAPI's solver for every call, after the response has been sent. With no pattern, a
+        handler whose event parameter is a typed event model handles that model.
 
         Args:
             patterns: What event names the handler is for.
@@ -235,10 +230,9 @@ class EventBus:
     def forward(self, patterns: str | Sequence[str], forwarder: FwdT) -> FwdT:
         """Send events matching *patterns* to *forwarder*, on the same flush as handlers.
 
-        ``bus.forward("order.*", SQSForwarder(queue_url=...))``. The forwarder
-        gets each flush's matching events in one `Forwarder.send` call, after the
-        response, concurrently with the local handlers; ``await bus.publish()``
-        waits for it. Returns *forwarder*.
+        ``bus.forward("order.*", SQSForwarder(queue_url=...))``. The forwarder gets each
+        flush's matching events in one `Forwarder.send` call, after the response, concurrently
+        with the local handlers; ``await bus.publish()`` waits for it. Returns *forwarder*.
 
         Raises:
             ConfigurationError: *forwarder* is not a `Forwarder`, a pattern is empty,
@@ -253,9 +247,8 @@ class EventBus:
     def register(self, event: str | type[BaseModel], schema: type[BaseModel] | None = None) -> None:
         """Register a payload schema, so that ``emit(name, payload)`` validates at emit time.
 
-        ``bus.register(CatCreated)`` registers a typed event model under its
-        ``__event_name__``; ``bus.register("cat.created", CatPayload)`` registers
-        any pydantic model for a name.
+        ``bus.register(CatCreated)`` registers a typed event model under its ``__event_name__``;
+        ``bus.register("cat.created", CatPayload)`` registers any pydantic model for a name.
 
         Raises:
             ConfigurationError: The arguments are neither form, or the name already
@@ -418,8 +411,8 @@ class EventBus:
         Raises:
             ConfigurationError: It was not resolved by FastAPI's dependency injection.
         """
-        existing, app = connection.scope.get(SCOPE_KEY), connection.scope.get("app")
-        if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
+        existing, app = request_view(connection.scope), connection.scope.get("app")
+        if existing is not None:
             if existing._core is self._core:  # its own view, at the chain's depth, which
                 return existing  # FastAPI's dependency cache keeps for the request
             return self._new_view(connection, background_tasks, existing)  # beside get_bus's
@@ -556,6 +549,13 @@ def registered_handlers(bus: EventBus) -> list[Handler]:
 def registered_forwarders(bus: EventBus) -> list[tuple[tuple[str, ...], Forwarder]]:
     """*bus*'s forwarders, each with the patterns it was attached under, in order."""
     return bus._core.forwarders.entries()
+
+
+def request_view(scope: MutableMapping[str, Any]) -> EventBus | None:
+    """The view of the request *scope* is for, if it has one yet: not an earlier try's, whose
+    scope a middleware passed on again to call the app a second time (a retry)."""
+    view = scope.get(SCOPE_KEY)
+    return view if isinstance(view, EventBus) and not request_over(view._batch, scope) else None
 
 
 def _installed(app: Any) -> EventBus | None:

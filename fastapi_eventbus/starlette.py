@@ -46,8 +46,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from ._batch import SCOPE_KEY, request_over
-from ._bus import EventBus, end_request, flush_after, open_request
+from ._batch import SCOPE_KEY
+from ._bus import EventBus, end_request, flush_after, open_request, request_view
 from .exceptions import ConfigurationError
 
 __all__ = ["request_bus", "with_bus"]
@@ -94,9 +94,8 @@ def with_bus(endpoint: Callable[..., Any], /) -> Callable[..., Coroutine[Any, An
                 "Starlette Request or WebSocket as its last argument"
             )
         connection: HTTPConnection = args[-1]
-        existing = connection.scope.get(SCOPE_KEY)
-        if isinstance(existing, EventBus) and not request_over(existing._batch, connection.scope):
-            # an outer with_bus owns the request's events (not an earlier try's: a retry)
+        existing = request_view(connection.scope)
+        if existing is not None:  # an outer with_bus owns the request's events
             return await _call(endpoint, is_async, *args, existing)
         view = _new_view(connection)
         try:

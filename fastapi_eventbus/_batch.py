@@ -220,34 +220,39 @@ def raised_after_return(
     handling of the request, nor did what it replaced). None: the endpoint (or solving its
     dependencies) raised it; a generator endpoint (the request's *scope* names it) too,
     while its response was sent."""
-    if isinstance(exc, ResponseValidationError):  # what it returned (or yielded) is invalid
-        return None
-    endpoint = _code_of(scope.get("endpoint")) if scope is not None else None
-    tb, where = exc.__traceback__, None
+    generator = _generator_code(scope.get("endpoint")) if scope is not None else None
+    tb, sending = exc.__traceback__, False
     while tb is not None:
         frame = tb.tb_frame
-        if frame.f_code is endpoint:
-            return None
         if frame.f_code in _BACKGROUND_CALLS:
-            where = "background"
+            return "background"
+        if frame.f_code is generator:
+            return None
         if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), Response):
-            where = where or "response"
+            sending = True
         tb = tb.tb_next
-    if where is not None:
-        return where
+    if isinstance(exc, ResponseValidationError):  # what it returned (or yielded) is invalid
+        return None
+    if sending:
+        return "response"
     return "exit" if stacked and not _through_routing(exc) else None
 
 
-def _code_of(endpoint: Any) -> CodeType | None:
-    """The code an endpoint runs: through partials, ``functools.wraps`` and ``__call__``."""
-    while isinstance(endpoint, functools.partial):
-        endpoint = endpoint.func
-    if endpoint is None or inspect.isclass(endpoint):  # a Starlette HTTPEndpoint
+def _generator_code(endpoint: Any, depth: int = 0) -> CodeType | None:
+    """The code of a generator endpoint, which runs while its response is sent: through
+    partials, ``functools.wraps`` and ``__call__`` (as FastAPI finds it); else None."""
+    for _ in range(32):  # partials and wrappers, in any order
+        if isinstance(endpoint, functools.partial):
+            endpoint = endpoint.func
+        elif hasattr(endpoint, "__wrapped__"):
+            endpoint = endpoint.__wrapped__
+        else:
+            break
+    if not callable(endpoint) or inspect.isclass(endpoint):  # a Starlette HTTPEndpoint
         return None
-    endpoint = inspect.unwrap(endpoint)
-    if (code := getattr(endpoint, "__code__", None)) is None and callable(endpoint):
-        code = getattr(inspect.unwrap(type(endpoint).__call__), "__code__", None)  # an instance
-    return code
+    if (code := getattr(endpoint, "__code__", None)) is None:  # an instance: its __call__
+        return _generator_code(type(endpoint).__call__, depth + 1) if depth < 2 else None
+    return code if code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR) else None
 
 
 def caught_by_a_dependency() -> BaseException | None:

@@ -38,13 +38,8 @@ if TYPE_CHECKING:
 INNER_ASTACK = "fastapi_inner_astack"
 FUNCTION_ASTACK = "fastapi_function_astack"
 
-_HTTP_INPUTS = (
-    ("path_params", "path"),
-    ("query_params", "query"),
-    ("header_params", "header"),
-    ("cookie_params", "cookie"),
-    ("body_params", "body"),
-)
+_HTTP_INPUTS = ("path", "query", "header", "cookie", "body")
+"""Where FastAPI reads a parameter from the request: a `Dependant`'s ``<kind>_params``."""
 
 
 try:  # newer FastAPI: predicates that see through functools.partial and functools.wraps
@@ -242,8 +237,8 @@ def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
             if dependant is root
             else (f"dependency {qualified_name(dependant.call)} of handler {qualified_name(func)}")
         )
-        for attr, kind in _HTTP_INPUTS:
-            for field in getattr(dependant, attr):
+        for kind in _HTTP_INPUTS:
+            for field in getattr(dependant, f"{kind}_params"):
                 raise ConfigurationError(
                     f"{owner}: parameter {field.name!r} would be read from the HTTP request "
                     f"({kind}), but handlers run after the response, with no request input. "
@@ -370,8 +365,10 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
     )
     steps = _steps(dependant) if simple else ()
     may_emit = not simple or _asks_for_bus(steps)
-    params = inspect.signature(func, follow_wrapped=False).parameters.values()  # a wrapper's
-    first = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD][:1]  # own
+    own = getattr(func, "__func__", func)  # a function's (a method's) code, if the signature
+    plain = not hasattr(own, "__wrapped__") and "__signature__" not in getattr(own, "__dict__", {})
+    code = getattr(own, "__code__", None) if plain else None  # is its own; a wrapper's: by name
+    first = code.co_varnames[inspect.ismethod(func) : code.co_argcount][:1] if code else ()
     return HandlerPlan(
         dependant,
         event_param,
@@ -381,7 +378,7 @@ def analyse_handler(func: Callable[..., Any]) -> HandlerPlan:
         simple,
         steps,
         may_emit,
-        first == [event_param],
+        first == (event_param,),
     )
 
 

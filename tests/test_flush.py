@@ -4,12 +4,14 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 import anyio
+import httpx
 import pytest
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -199,6 +201,60 @@ async def nested_rows(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
     return StreamingResponse(body())
 
 
+def wrapping_partial(endpoint: Any) -> Any:
+    """A ``functools.wraps`` wrapper of *endpoint* (a partial): FastAPI sees through both."""
+
+    @functools.wraps(endpoint)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return endpoint(*args, **kwargs)
+
+    return wrapper
+
+
+def logged(func: Any) -> Any:
+    """A decorator without ``functools.wraps``: one code object for all it decorates."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await func(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+    return wrapper
+
+
+@logged
+async def fetch_row() -> bytes:
+    raise ConnectionError("upstream closed mid-stream")
+
+
+@logged
+async def logged_stream(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
+    """Returns a stream that fails in a helper carrying the endpoint's own decorator."""
+    bus.emit("import.logged")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"1"
+        yield await fetch_row()
+
+    return StreamingResponse(body())
+
+
+async def checked_remotely(bus: EventBus = Depends(get_bus)) -> Response:
+    """Returns; its own background task gets a ResponseValidationError from another app."""
+    other = FastAPI()
+
+    @other.get("/", response_model=int)
+    async def invalid() -> Any:
+        return "not an int"
+
+    async def call_other() -> None:
+        transport = httpx.ASGITransport(other)
+        async with httpx.AsyncClient(transport=transport, base_url="http://other") as client:
+            await client.get("/")
+
+    bus.emit("import.checked")
+    return Response("ok", background=BackgroundTask(call_other))
+
+
 @pytest.mark.skipif(not HAS_GENERATOR_ENDPOINTS, reason="this FastAPI has no generator endpoints")
 @pytest.mark.parametrize(
     ("endpoint", "discarded"),
@@ -207,11 +263,23 @@ async def nested_rows(bus: EventBus = Depends(get_bus)) -> StreamingResponse:
         (RowStream(), True),
         (SubStream(), True),
         (invalid_rows, True),  # FastAPI's ResponseValidationError, as for a response_model
+        (wrapping_partial(functools.partial(tagged_rows, "wrapped")), True),
         (nested_rows, False),  # the endpoint returned: its body raised
+        (logged_stream, False),  # the same, the body failing in code the endpoint shares
+        (checked_remotely, False),  # the same, in its response's own background task
     ],
-    ids=["a partial", "an instance", "a subclass's instance", "an invalid item", "a stream"],
+    ids=[
+        "a partial",
+        "an instance",
+        "a subclass's instance",
+        "an invalid item",
+        "a wrapped partial",
+        "a stream",
+        "a stream through shared code",
+        "a background task",
+    ],
 )
-def test_a_generator_endpoint_of_any_form_that_raises_has_its_events_discarded(
+def test_what_an_endpoint_raised_is_told_from_what_its_response_raised(
     bus: EventBus, hooks: Hooks, endpoint: Callable[..., Any], discarded: bool
 ) -> None:
     app = FastAPI()

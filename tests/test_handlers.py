@@ -6,6 +6,7 @@ inside test functions, and FastAPI resolves string annotations against module gl
 
 import contextvars
 import functools
+import inspect
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, ClassVar
@@ -268,6 +269,21 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
     async def decorated_again(event: Event) -> None:
         seen.append(("decorated again", event.name))
 
+    def signed(func: Any, wraps: bool) -> Any:  # FastAPI-style: the signature set by hand
+        async def wrapper(**kwargs: Any) -> None:
+            seen.append(("signed", wraps))
+            await func(**kwargs)
+
+        wrapper = functools.wraps(func)(wrapper) if wraps else wrapper
+        wrapper.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+        return wrapper
+
+    async def signed_handler(event: Event) -> None:
+        seen.append(("signed handler", event.name))
+
+    bus.on("cat.created")(signed(signed_handler, wraps=False))
+    bus.on("cat.created")(signed(signed_handler, wraps=True))
+
     bus.on("cat.created")(Counter())
     bus.on("cat.created")(functools.partial(tagged, "partial"))
     emits(app, "cat.created").post("/")
@@ -279,6 +295,10 @@ def test_event_parameter_forms_of_async_handlers(app: FastAPI, bus: EventBus) ->
         ("decorated", "cat.created"),
         ("passed on", 0, ["event"]),
         ("decorated again", "cat.created"),
+        ("signed", False),
+        ("signed handler", "cat.created"),
+        ("signed", True),
+        ("signed handler", "cat.created"),
         ("instance", "cat.created"),
         ("partial", "cat.created"),
     ]

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from types import CodeType, FrameType, TracebackType
 from typing import Any
 
+import fastapi.routing
 from fastapi import BackgroundTasks as FastAPIBackgroundTasks
 from fastapi.exceptions import ResponseValidationError
 from starlette.background import BackgroundTask, BackgroundTasks
@@ -220,15 +221,15 @@ def raised_after_return(
     handling of the request, nor did what it replaced). None: the endpoint (or solving its
     dependencies) raised it; a generator endpoint (the request's *scope* names it) too,
     while its response was sent."""
-    generator = _generator_code(scope.get("endpoint")) if scope is not None else None
+    generators = _generator_codes(scope.get("endpoint")) if scope is not None else set()
     tb, sending = exc.__traceback__, False
     while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code in _BACKGROUND_CALLS:
-            return "background"
-        if frame.f_code is generator:
-            return None
-        if frame.f_code.co_name == "__call__" and isinstance(frame.f_locals.get("self"), Response):
+        code = tb.tb_frame.f_code
+        if code is _CALLING_ENDPOINT or code in generators:  # the endpoint raised it; a
+            return None  # generator endpoint, while its response was sent
+        if code in _BACKGROUND_CALLS and sending:  # the response's own (not a task the
+            return "background"  # endpoint ran, nor another app's it called)
+        if code.co_name == "__call__" and isinstance(tb.tb_frame.f_locals.get("self"), Response):
             sending = True
         tb = tb.tb_next
     if isinstance(exc, ResponseValidationError):  # what it returned (or yielded) is invalid
@@ -238,21 +239,31 @@ def raised_after_return(
     return "exit" if stacked and not _through_routing(exc) else None
 
 
-def _generator_code(endpoint: Any, depth: int = 0) -> CodeType | None:
-    """The code of a generator endpoint, which runs while its response is sent: through
-    partials, ``functools.wraps`` and ``__call__`` (as FastAPI finds it); else None."""
-    for _ in range(32):  # partials and wrappers, in any order
+_CALLING_ENDPOINT = getattr(
+    getattr(fastapi.routing, "run_endpoint_function", None), "__code__", None
+)
+"""The code of FastAPI's call of an endpoint that is not a generator: what passed through it,
+the endpoint raised."""
+_GENERATOR = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def _generator_codes(endpoint: Any) -> set[CodeType]:
+    """The code of each generator along *endpoint*'s partials, ``functools.wraps`` wrappers
+    and ``__call__`` (FastAPI streams an endpoint that is, or wraps, one): what runs while
+    its response is sent."""
+    codes: set[CodeType] = set()
+    for _ in range(32):
+        if (code := getattr(endpoint, "__code__", None)) is not None and code.co_flags & _GENERATOR:
+            codes.add(code)
         if isinstance(endpoint, functools.partial):
             endpoint = endpoint.func
         elif hasattr(endpoint, "__wrapped__"):
             endpoint = endpoint.__wrapped__
+        elif code is None and callable(endpoint) and not inspect.isclass(endpoint):
+            endpoint = type(endpoint).__call__  # an instance (then, a slot: no code, no call)
         else:
             break
-    if not callable(endpoint) or inspect.isclass(endpoint):  # a Starlette HTTPEndpoint
-        return None
-    if (code := getattr(endpoint, "__code__", None)) is None:  # an instance: its __call__
-        return _generator_code(type(endpoint).__call__, depth + 1) if depth < 2 else None
-    return code if code.co_flags & (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR) else None
+    return codes
 
 
 def caught_by_a_dependency() -> BaseException | None:

@@ -255,6 +255,51 @@ async def checked_remotely(bus: EventBus = Depends(get_bus)) -> Response:
     return Response("ok", background=BackgroundTask(call_other))
 
 
+def streamed(func: Any) -> Any:
+    """A generator wrapper streaming what *func* returns: FastAPI streams the endpoint."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        for item in await func(*args, **kwargs):
+            yield item
+
+    return wrapper
+
+
+def counted(func: Any) -> Any:
+    """A generator wrapper of a generator endpoint, raising once that one is done."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        async for item in func(*args, **kwargs):
+            yield item
+        raise ValueError("too few rows")
+
+    return wrapper
+
+
+@streamed
+async def streamed_rows(bus: EventBus = Depends(get_bus)) -> list[int]:
+    bus.emit("import.streamed")
+    raise ValueError("no rows")
+
+
+@counted
+async def counted_rows(bus: EventBus = Depends(get_bus)) -> AsyncIterator[int]:
+    bus.emit("import.counted")
+    yield 1
+
+
+async def inline_task(bus: EventBus = Depends(get_bus)) -> None:
+    """Runs a background task itself, which raises: the endpoint raised."""
+
+    async def fails() -> None:
+        raise ValueError("the task failed")
+
+    bus.emit("import.inline")
+    await BackgroundTask(fails)()
+
+
 @pytest.mark.skipif(not HAS_GENERATOR_ENDPOINTS, reason="this FastAPI has no generator endpoints")
 @pytest.mark.parametrize(
     ("endpoint", "discarded"),
@@ -264,6 +309,9 @@ async def checked_remotely(bus: EventBus = Depends(get_bus)) -> Response:
         (SubStream(), True),
         (invalid_rows, True),  # FastAPI's ResponseValidationError, as for a response_model
         (wrapping_partial(functools.partial(tagged_rows, "wrapped")), True),
+        (streamed_rows, True),
+        (counted_rows, True),
+        (inline_task, True),
         (nested_rows, False),  # the endpoint returned: its body raised
         (logged_stream, False),  # the same, the body failing in code the endpoint shares
         (checked_remotely, False),  # the same, in its response's own background task
@@ -274,6 +322,9 @@ async def checked_remotely(bus: EventBus = Depends(get_bus)) -> Response:
         "a subclass's instance",
         "an invalid item",
         "a wrapped partial",
+        "a generator wrapper",
+        "a generator wrapper raising",
+        "a task run inline",
         "a stream",
         "a stream through shared code",
         "a background task",

@@ -104,7 +104,7 @@ class HeldMessage:
 
     def __str__(self) -> str:
         event = self.event
-        name = self.message.message_id or "(with no id)"
+        name = named(self.message)
         return name if event is None else f"{name} (event {event.name!r} id={event.id})"
 
 
@@ -277,7 +277,7 @@ class Processor:
         expected = isinstance(error, MessageDecodeError)
         logger.error(
             "message %s from %s is %s (%s); %s",
-            message.message_id or "(with no id)",
+            named(message),
             self.owner.source.name,
             failure,
             error if expected else f"{type(error).__name__}: {error}",
@@ -452,6 +452,11 @@ class Processor:
                 source.name,
                 str(exc) or type(exc).__name__,
             )
+
+
+def named(message: ReceivedMessage) -> str:
+    """*message*'s id for a log line."""
+    return message.message_id or "(with no id)"
 
 
 def listed(held: Iterable[HeldMessage]) -> str:

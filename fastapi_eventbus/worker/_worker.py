@@ -24,6 +24,7 @@ from ._delivery import (
     WorkerStats,
     check_policies,
     listed,
+    named,
 )
 from ._source import Backoff, ReceivedMessage, Source
 
@@ -256,8 +257,8 @@ class Worker:
             stopping.cancel()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            if not self._receive_may_end(receiver, timeout):
-                await self._stop_receiving(receiver)
+            if timeout <= 0 or not self._cancel_would_hide(receiver):  # else let the poll
+                await self._stop_receiving(receiver)  # under way return meanwhile
             try:
                 await asyncio.wait({stopping})
                 await self._finish(timeout)  # the receive call under way ends meanwhile
@@ -270,20 +271,15 @@ class Worker:
         if not receiver.cancelled() and (error := receiver.exception()) is not None:
             raise error
 
-    def _receive_may_end(self, receiver: asyncio.Task[None], timeout: float) -> bool:
-        """Whether to let *receiver*, stopped during a receive call that cancelling would not
-        end on the broker (a long poll: `Source.receive_outlives_cancel`), return from it
-        within *timeout* (it then gives back at once what the call brought)."""
-        return (
-            not receiver.done()
-            and timeout > 0
-            and self._receiving
-            and self.source.receive_outlives_cancel
-        )
+    def _cancel_would_hide(self, receiver: asyncio.Task[None]) -> bool:
+        """Whether *receiver* is in a receive call that cancelling would not end on the broker
+        (a long poll: `Source.receive_outlives_cancel`), which would then hide what it takes:
+        `_consume` lets it return (and give back at once what it brought) if time allows."""
+        return not receiver.done() and self._receiving and self.source.receive_outlives_cancel
 
     async def _stop_receiving(self, receiver: asyncio.Task[None]) -> None:
         """Cancel the receive loop; say so if that cancels a call the broker goes on with."""
-        if not receiver.done() and self._receiving and self.source.receive_outlives_cancel:
+        if self._cancel_would_hide(receiver):
             logger.warning(
                 "stopping while a receive call on %s is under way: what the broker hands it "
                 "stays invisible until its visibility timeout (ack deadline)",
@@ -337,13 +333,16 @@ class Worker:
         logger.warning(
             "%d message(s) received as the worker stopped go back unhandled: %s",
             len(messages),
-            ", ".join(message.message_id or "(with no id)" for message in messages),
+            ", ".join(named(message) for message in messages),
         )
-        tasks = {asyncio.create_task(self._processor.hand_back(m, 0)) for m in messages}
-        self._giving_back |= tasks
-        for task in tasks:
-            task.add_done_callback(self._giving_back.discard)
-        await asyncio.wait(tasks)
+        await asyncio.wait({self._hand_back(message, 0) for message in messages})
+
+    def _hand_back(self, message: ReceivedMessage, delay: float | None) -> asyncio.Task[None]:
+        """Give *message* back after *delay* seconds, in a task that stopping waits for."""
+        task = asyncio.create_task(self._processor.hand_back(message, delay))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+        return task
 
     async def _reserve(self) -> int:
         """Wait for a free slot, then take as many free ones as one receive may fill."""
@@ -463,9 +462,7 @@ class Worker:
             why,
             cause,
         )
-        giving_back = asyncio.create_task(self._processor.hand_back(held.message, delay))
-        self._giving_back.add(giving_back)
-        giving_back.add_done_callback(self._giving_back.discard)
+        self._hand_back(held.message, delay)
 
     # -- shutdown -------------------------------------------------------------------
 

@@ -498,9 +498,9 @@ async def get_bus(connection: HTTPConnection, background_tasks: BackgroundTasks)
         ConfigurationError: It was not resolved by FastAPI's dependency injection.
     """
     if isinstance(existing := connection.scope.get(SCOPE_KEY), EventBus):  # its view (a handler
-        batch = existing._batch  # call's), unless an earlier try's, whose scope a middleware
+        batch = existing._batch  # call's), unless an earlier try's (`request_view`'s test, its
         if batch is None or batch.state == COLLECTING or not request_over(batch, connection.scope):
-            return existing  # passed on again (a retry)
+            return existing  # usual case inline: a handler call asks for it each time)
     app = connection.scope["app"]
     return (_installed(app) or EventBus.of(app))._new_view(connection, background_tasks)
 

@@ -90,7 +90,7 @@ class HandlerPlan:
     """Whether the handler may get a bus (``Depends(get_bus)``) to emit chained events.
     False only for simple graphs that do not ask for one (overrides aside: see `run_handler`)."""
     event_first: bool = False
-    """The event is the first parameter, not keyword-only: passed by position when alone."""
+    """The handler's own code takes the event first, by position (no wrapper): passed so."""
 
     def describe_dependencies(self) -> list[str]:
         """Qualified names of the handler's direct dependencies."""

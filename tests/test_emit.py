@@ -20,6 +20,7 @@ from fastapi_eventbus import (
     Event,
     EventBus,
     EventChainError,
+    HandlerFailure,
     InvalidEventError,
     OutsideRequestError,
     get_bus,
@@ -708,6 +709,57 @@ def test_what_a_failed_handler_emitted_on_another_bus_is_discarded(
         assert client.post("/").status_code == 200
     assert seen == []
     assert [d.events[0].name for d in hooks.discards] == ["audit.recorded"]
+
+
+@pytest.mark.parametrize("scope", ["request", "function"])
+def test_a_handler_s_commit_that_fails_in_its_exit_code(hooks: Hooks, scope: str) -> None:
+    """The handler returns, then its session dependency fails to commit in its exit code, so
+    the call failed (``on_error``) and its own bus's follow-up is discarded. What it emitted
+    on another bus (``Depends(other.dependency)``) is that bus's background task, which runs
+    before a request-scoped dependency exits, as in an endpoint: handled before the commit
+    (documented in docs/handlers.md). With ``scope="function"``, the commit comes first and
+    its failure discards those events too."""
+    failures: list[HandlerFailure] = []
+    app_bus = EventBus(on_discard=hooks.discards.append, on_error=failures.append)
+    audit_bus = EventBus(on_discard=hooks.discards.append)
+    app = FastAPI()
+    app_bus.install(app)
+    seen: list[str] = []
+
+    async def committing() -> Any:
+        yield
+        seen.append("commit")
+        raise ConnectionError("the commit failed")
+
+    @app_bus.on("order.placed")
+    async def place(
+        event: Event,
+        bus: EventBus = Depends(get_bus),
+        session: None = Depends(committing, scope=scope),  # type: ignore[arg-type]
+        audit: EventBus = Depends(audit_bus.dependency),
+    ) -> None:
+        audit.emit("audit.recorded")
+        bus.emit("order.confirmed")
+
+    @app_bus.on("order.confirmed")
+    @audit_bus.on("audit.*")
+    async def record(event: Event) -> None:
+        seen.append(event.name)
+
+    @app.post("/")
+    async def endpoint(bus: EventBus = Depends(get_bus)) -> None:
+        bus.emit("order.placed")
+
+    with TestClient(app) as client:
+        assert client.post("/").status_code == 200
+    assert [type(f.exception).__name__ for f in failures] == ["ConnectionError"]
+    discarded = sorted(e.name for d in hooks.discards for e in d.events)
+    if scope == "request":
+        assert seen == ["audit.recorded", "commit"]
+        assert discarded == ["order.confirmed"]
+    else:
+        assert seen == ["commit"]
+        assert discarded == ["audit.recorded", "order.confirmed"]
 
 
 @pytest.mark.parametrize("failing", ["an endpoint", "a handler"])

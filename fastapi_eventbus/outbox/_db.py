@@ -18,14 +18,20 @@ AnyEngine: TypeAlias = "AsyncEngine | Engine"
 """What `SQLAlchemyOutbox` and `SQLAlchemyInbox` take: SQLAlchemy 2.0's async or sync engine."""
 
 
-def checked_engine(engine: object, owner: str) -> AsyncEngine | Engine:
-    """*engine*, if it is an engine; a clear error at the constructor otherwise."""
-    if isinstance(engine, AsyncEngine | Engine):
-        return engine
-    raise ConfigurationError(
-        f"{owner} takes a SQLAlchemy Engine or AsyncEngine (create_engine, "
-        f"create_async_engine), got {type(engine).__name__}"
-    )
+def checked_engine(engine: object, owner: str, claims: bool = False) -> AsyncEngine | Engine:
+    """*engine*, if it is an engine (whose database can return the rows an ``UPDATE``
+    *claims*); a clear error at the constructor otherwise."""
+    if not isinstance(engine, AsyncEngine | Engine):
+        raise ConfigurationError(
+            f"{owner} takes a SQLAlchemy Engine or AsyncEngine (create_engine, "
+            f"create_async_engine), got {type(engine).__name__}"
+        )
+    if claims and not engine.dialect.update_returning:  # MySQL, MariaDB, SQLite < 3.35
+        raise ConfigurationError(
+            f"{owner} claims its rows with UPDATE ... RETURNING, which {engine.dialect.name} "
+            "does not support: use PostgreSQL, or SQLite 3.35 or later"
+        )
+    return engine
 
 
 def sync_engine(engine: AsyncEngine | Engine) -> Engine:
@@ -62,13 +68,48 @@ def sync_session(session: object) -> Session:
     )
 
 
-def same_database(session: Session, mapper: Any, engine: Engine) -> bool:
-    """Whether *session* writes rows of *mapper* to *engine*'s database, whatever the
-    driver (a sync script's ``sqlite://`` file is an async app's ``sqlite+aiosqlite://``)."""
-    return database_of(session.get_bind(mapper=mapper).engine) == database_of(engine)
+def check_writer(session: Session, mapper: Any, engine: Engine, schema: str | None) -> None:
+    """Refuse, at ``emit``, a *session* whose rows of *mapper* (a table of *schema*) the
+    outbox on *engine* would not find, or that no rollback would take back."""
+    bind = session.get_bind(mapper=mapper)
+    if database_of(bind.engine) != database_of(engine):  # whatever the driver (a sync
+        raise ConfigurationError(  # script's ``sqlite://`` file is an async app's aiosqlite)
+            f"the session writes to {bind.engine.url.render_as_string(hide_password=True)}"
+            f", the outbox's engine to {engine.url.render_as_string(hide_password=True)}: an "
+            "event's rows must be written in the database its relay reads"
+        )
+    if autocommits(bind):
+        raise ConfigurationError(
+            "the session's engine or connection is in AUTOCOMMIT: it commits an event's "
+            "rows as it flushes them, and a rollback could not take them back; emit with a "
+            "session on a transactional engine"
+        )
+    if (theirs := schema_of(bind, schema)) != (ours := schema_of(engine, schema)):
+        raise ConfigurationError(
+            f"the session writes the outbox's table in schema {theirs!r} (its "
+            f"schema_translate_map), the outbox reads it in {ours!r}: its rows would never "
+            "be retried or relayed; give both the same schema_translate_map"
+        )
 
 
 def database_of(engine: Engine) -> tuple[object, ...]:
     """What tells *engine*'s database apart: its kind, host, port, name and user."""
     url = engine.url
     return (url.get_backend_name(), url.host, url.port, url.database, url.username)
+
+
+def autocommits(bind: Engine | Connection) -> bool:
+    """Whether *bind* commits each statement as it runs (``isolation_level="AUTOCOMMIT"``,
+    given to ``create_engine``, in the engine's or the connection's execution options):
+    then no rollback takes back what a session flushed."""
+    level = bind.get_execution_options().get("isolation_level")
+    if level is None:  # create_engine(isolation_level=...): only its dialect keeps it
+        level = getattr(bind.engine.dialect, "_on_connect_isolation_level", None)
+    return bool(level == "AUTOCOMMIT")
+
+
+def schema_of(bind: Engine | Connection, schema: str | None) -> str | None:
+    """The schema in which *bind* reads and writes a table of *schema* (its execution
+    options' ``schema_translate_map``: one schema per tenant)."""
+    translated = bind.get_execution_options().get("schema_translate_map") or {}
+    return translated.get(schema, schema)

@@ -20,7 +20,7 @@ from fastapi_eventbus._di import CURRENT_EVENT
 from fastapi_eventbus._events import Event
 from fastapi_eventbus.wire import DEFAULT_SOURCE_PREFIX
 
-from ._db import checked_engine, database_of, run, sync_engine
+from ._db import autocommits, checked_engine, database_of, run, sync_engine
 from ._tables import ID_LENGTH, TEXT_LENGTH, inbox_table
 
 
@@ -161,8 +161,8 @@ class SQLAlchemyInbox:
             bind: Any = session.get_bind()
         except Exception:  # no single bind to tell: recorded after the handler returns
             return
-        if database_of(bind.engine) != database_of(self._sync_engine):
-            return
+        if database_of(bind.engine) != database_of(self._sync_engine) or autocommits(bind):
+            return  # AUTOCOMMIT: the row would stay if the handler then failed
         call.committing = session  # recorded once that commit succeeds (`_after_commit`);
         try:  # meanwhile, another session's commit (at the same time) writes no second row
             session.connection().execute(

@@ -37,7 +37,7 @@ from fastapi_eventbus._spool_io import describe_error, id_chunks, spooled_or_sta
 from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
 
-from ._db import checked_engine, run, same_database, sync_engine, sync_session
+from ._db import check_writer, checked_engine, run, sync_engine, sync_session
 from ._session import Entry, joined, listen_to_sessions
 from ._tables import OutboxTables, check_fits, outbox_tables
 
@@ -91,7 +91,7 @@ class SQLAlchemyOutbox:
         batch_size: int = 100,
         listen: bool = True,
     ) -> None:
-        self.engine = checked_engine(engine, "SQLAlchemyOutbox")
+        self.engine = checked_engine(engine, "SQLAlchemyOutbox", claims=True)
         self.lease = check_seconds("lease", lease, positive=True) or 0.0
         self.poll_interval = check_seconds("poll_interval", poll_interval, positive=True) or 0.0
         self.retry_initial = check_seconds("retry_initial", retry_initial, positive=True) or 0.0
@@ -178,14 +178,7 @@ class SQLAlchemyOutbox:
         carried.entries.append(Entry(self, event, rows, batch, local, loop))
 
     def _check_bind(self, session: Session) -> None:
-        mapper: Any = sa_inspect(self._row)
-        bind = session.get_bind(mapper=mapper)
-        if not same_database(session, mapper, self._sync_engine):
-            raise ConfigurationError(
-                f"the session writes to {bind.engine.url.render_as_string(hide_password=True)}"
-                f", the outbox's engine to {self.name}: an event's rows must be written in "
-                "the database its relay reads"
-            )
+        check_writer(session, sa_inspect(self._row), self._sync_engine, self.tables.events.schema)
 
     def committed(self, entries: list[Entry]) -> None:
         """*entries*' transaction committed: deliver those this process holds."""

@@ -132,7 +132,8 @@ def _after_commit(session: Session) -> None:
 
 def _hand_over(entries: list[Entry]) -> None:
     """*entries* were committed: to their outboxes (those whose savepoint rolled back: gone)."""
-    kept = [e for e in entries if all(sa_inspect(row).persistent for row in e.rows)]
+    kept = [e for e in entries if all(sa_inspect(row).has_identity for row in e.rows)]
+    # a rolled-back savepoint's rows have no identity; a closed session's are only detached
     gone = [e for e in entries if e not in kept]
     for outbox, group in _by_outbox(kept):
         try:
@@ -145,8 +146,27 @@ def _hand_over(entries: list[Entry]) -> None:
 
 def _when_the_outer_transaction_ends(connection: Connection, entries: list[Entry]) -> None:
     """The session committed into a transaction it did not begin: *connection*'s own
-    commit hands *entries* over, its rollback discards them."""
+    commit hands *entries* over; its rollback discards them, and so does rolling back a
+    savepoint of it that was open at the session's commit (it holds their rows)."""
     over = False
+    later = 0  # savepoints begun after the session's commit and still open (they nest)
+
+    def begun(conn: Connection, name: str | None) -> None:
+        nonlocal later
+        later += 1
+
+    def released(conn: Connection, name: str, context: object) -> None:
+        nonlocal later
+        later = max(later - 1, 0)
+
+    def rolled_back_to(conn: Connection, name: str, context: object) -> None:
+        nonlocal over, later
+        if later:
+            later -= 1
+        elif not over:  # one that was open at the session's commit: it held the rows
+            over = True
+            why = "the savepoint of the outer transaction that wrote them rolled back"
+            _discard(Joined(entries), why)
 
     def committed(conn: Connection) -> None:
         nonlocal over
@@ -162,6 +182,10 @@ def _when_the_outer_transaction_ends(connection: Connection, entries: list[Entry
 
     sa_event.listen(connection, "commit", committed)
     sa_event.listen(connection, "rollback", rolled_back)
+    if connection.in_nested_transaction():
+        sa_event.listen(connection, "savepoint", begun)
+        sa_event.listen(connection, "release_savepoint", released)
+        sa_event.listen(connection, "rollback_savepoint", rolled_back_to)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:

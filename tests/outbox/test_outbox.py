@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -332,6 +333,10 @@ def test_bad_outbox_use_fails_at_the_call(tmp_path: Path) -> None:
         bus.emit("x", {}, session=AsyncSession(other))
     with pytest.raises(ConfigurationError, match="Engine or AsyncEngine"):
         SQLAlchemyOutbox("sqlite://")  # type: ignore[arg-type]
+    mysqldb = SimpleNamespace(paramstyle="format", version_info=(2, 1, 0), __version__="2.1.0")
+    for url in ("mysql+mysqldb://shop@db/shop", "mariadb+mysqldb://shop@db/shop"):
+        with pytest.raises(ConfigurationError, match="does not support"):  # and its times
+            SQLAlchemyOutbox(create_engine(url, module=mysqldb))  # would be 4-byte floats
     with pytest.raises(ConfigurationError, match="lease"):
         SQLAlchemyOutbox(engine, lease=0)
     with pytest.raises(ConfigurationError, match="another EventBus"):
@@ -628,6 +633,76 @@ def test_a_session_joined_to_an_outer_transaction_waits_for_it(
         assert handled == []
         assert [report.ids for report in discards] == [[event_id]]
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["closed first", "its savepoint rolls back", "a later savepoint rolls back"],
+)
+def test_a_joined_session_s_event_follows_what_the_outer_transaction_keeps(
+    tmp_path: Path, discards: list[DiscardedEvents], case: str
+) -> None:
+    """Found: a session joined to a connection's transaction and closed before that
+    transaction committed (``with Session(bind=connection) as db:``, the usual unit of work)
+    had its committed event reported to ``on_discard`` as rolled back, and its row relayed
+    later all the same. And a session written inside a savepoint of the connection
+    (``connection.begin_nested()``) had its event handled when that savepoint rolled back:
+    the data and the row were gone, and nothing was reported."""
+    engine, outbox, bus, handled = sync_shop(tmp_path, discards)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            savepoint = connection.begin_nested() if case != "closed first" else None
+            with Session(bind=connection) as db:
+                event = bus.emit("order.placed", {"id": 1}, session=db)
+                db.commit()
+            if case == "a later savepoint rolls back":
+                connection.begin_nested().rollback()  # after the session's rows: they stay
+            if savepoint is not None:
+                savepoint.rollback() if case == "its savepoint rolls back" else savepoint.commit()
+            transaction.commit()
+        for _ in range(100):
+            if handled or discards:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return event.id
+
+    event_id = asyncio.run(scenario())
+    left = [row.event_id for row in outbox_rows(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", bus)]
+    if case == "its savepoint rolls back":
+        assert (handled, left) == ([], [])
+        assert [(report.ids, report.reason) for report in discards] == [
+            ([event_id], "the savepoint of the outer transaction that wrote them rolled back")
+        ]
+    else:
+        assert (handled, discards, left) == ([event_id], [], [])
+    engine.dispose()
+
+
+def test_a_session_that_cannot_be_rolled_back_is_refused_at_emit(tmp_path: Path) -> None:
+    """Found: a session on an AUTOCOMMIT engine commits each row as it is flushed; its
+    rollback reported the event to ``on_discard`` as never written, and the relay then
+    handled it. A session whose ``schema_translate_map`` puts the outbox's table in another
+    schema wrote rows the relay never reads: a failed handler was never retried, nor
+    reported. Both are refused at ``emit``."""
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    bus = EventBus(outbox=SQLAlchemyOutbox(create_engine(url)))
+    autocommit = create_engine(url, isolation_level="AUTOCOMMIT")
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        bus.emit("order.placed", {"id": 1}, session=Session(autocommit))
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        bus.emit(
+            "order.placed",
+            {"id": 1},
+            session=Session(create_engine(url).execution_options(isolation_level="AUTOCOMMIT")),
+        )
+    tenant = create_engine(url).execution_options(schema_translate_map={None: "tenant1"})
+    with pytest.raises(ConfigurationError, match="schema_translate_map"):
+        bus.emit("order.placed", {"id": 1}, session=Session(tenant))
+    assert bus.emit("order.placed", {"id": 1}, session=Session(create_engine(url))).id
 
 
 def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(

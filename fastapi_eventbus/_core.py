@@ -78,20 +78,16 @@ class Core:
         self.spool = spool
         self.outbox: Outbox | None = None
         """Where events emitted with ``session=`` wait for their transaction (`Outbox`)."""
-        if outbox is not None:
-            if not callable(getattr(outbox, "join", None)):
+        for given, method, kind in ((outbox, "join", "Outbox"), (inbox, "handled", "Inbox")):
+            if given is not None and not callable(getattr(given, method, None)):
                 raise ConfigurationError(
-                    "outbox= takes a fastapi_eventbus.outbox.SQLAlchemyOutbox, "
-                    f"got {type(outbox).__name__}"
+                    f"{kind.lower()}= takes a fastapi_eventbus.outbox.SQLAlchemy{kind}, "
+                    f"got {type(given).__name__}"
                 )
+        if outbox is not None:
             outbox.attach(self)
             self.outbox = outbox
         if inbox is not None:
-            if not callable(getattr(inbox, "handled", None)):
-                raise ConfigurationError(
-                    "inbox= takes a fastapi_eventbus.outbox.SQLAlchemyInbox, "
-                    f"got {type(inbox).__name__}"
-                )
             self.dispatcher.inbox = inbox
         self.jobs: set[asyncio.Future[None]] = set()
         """`after_response` work running outside a request's flush (`spawn`)."""
@@ -100,8 +96,7 @@ class Core:
         self._batch_limit = math.inf if (n := settings.max_batch_events) is None else n
         self._pending_limit = math.inf if (n := settings.max_pending_events) is None else n
         """`max_batch_events` and `max_pending_events` (None: no limit) for `admit`."""
-        self._refused = 0
-        self._refused_logged = 0.0
+        self._refused, self._refused_logged = 0, 0.0
         self.shutdown = Shutdown(self)
         """Stopping the requests' flushes, draining, and what comes after (`Shutdown`)."""
         self.serving = False
@@ -213,9 +208,8 @@ class Core:
     def accept(self, batch: Batch, event: Event) -> None:
         """Add an emitted *event* to *batch*, and see that it will be flushed.
 
-        The request's first event adds the flush to its background tasks; an
-        event emitted once the batch is closed (from a task the endpoint started,
-        in a WebSocket session) gets a flush task of its own.
+        The request's first event adds the flush to its background tasks; an event emitted
+        once the batch is closed (a task's, a WebSocket session's) gets a flush of its own.
         """
         batch.accepted += 1
         self.pending += 1
@@ -352,6 +346,7 @@ class Core:
             batch.runner = asyncio.current_task(batch.loop)
         dispatch = self.dispatcher.dispatch
         events = batch.events
+        ended = False  # the loop found nothing left (it was not cancelled)
         try:
             while events or batch.jobs or batch.sends:  # events come while it awaits sends
                 while events:
@@ -372,6 +367,7 @@ class Core:
                         if isinstance(outcome, Exception):  # a bug: in a storage, say
                             await self.sender.broke(sent, outcome)
                     batch.sends.clear()  # a WebSocket session's batch is flushed many times
+            ended = True
         except asyncio.CancelledError:
             if not batch.stopped or uncancel() > 0:
                 raise  # not (only) shutdown's own cancellation: it goes on up
@@ -384,12 +380,16 @@ class Core:
             for job, what in batch.jobs or ():  # cancelled before its jobs: each runs alone
                 self.spawn(job, batch.loop, what)
             batch.jobs = None
-            self.active.discard(batch)
-            self.finished(batch)
-            if batch.sends or batch.events:  # cancelled: what it did not finish is reported,
-                if batch.task is asyncio.current_task():  # last; an event emitted while the
-                    batch.task = None  # hook runs gets a flush of its own (`schedule`)
-                await self._abandon(batch)
+            again = ended and batch.events  # a thread's, after the loop's last look (and
+            if not again:  # before it saw CLOSED): flushed again, not reported as cancelled
+                self.active.discard(batch)
+                self.finished(batch)
+            if batch.task is asyncio.current_task() and (batch.sends or batch.events):
+                batch.task = None  # an event emitted while the hook runs: `schedule`
+            if again:
+                self.schedule(batch)
+            elif batch.sends or batch.events:  # cancelled: what it did not finish is reported,
+                await self._abandon(batch)  # last
 
     def finished(self, batch: Batch) -> None:
         """*batch* is done: its events no longer count as pending."""

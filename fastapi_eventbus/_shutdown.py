@@ -64,7 +64,7 @@ class Shutdown:
         """The in-flight batches of *loop*, and those of closed loops (they never finish)."""
         return [
             batch
-            for batch in self.core.active
+            for batch in list(self.core.active)  # a snapshot: sync handlers' emits add to it
             if batch.loop is None or batch.loop is loop or batch.loop.is_closed()
         ]
 
@@ -145,7 +145,7 @@ class Shutdown:
         try:
             self._closed = {loop for loop in self._closed if not loop.is_closed()}  # `refusal`
             self._closed.add(loop)  # tells those apart: none is kept
-            waiting = [b for b in self.core.active if b.loop is loop and b.state == CLOSED]
+            waiting = [b for b in list(self.core.active) if b.loop is loop and b.state == CLOSED]
         finally:
             if locked:
                 self._late.release()

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from ._core import Core
-from ._deadline import CANCEL_GRACE, finish_within
+from ._deadline import CANCEL_GRACE, finish_within, within
 from ._hooks import ensure_readable_logs, logger
 from ._signals import on_stop_signal
 from .forwarders._base import Forwarder
@@ -49,21 +49,32 @@ def draining_lifespan(
 
     A forwarder that fails to start is logged at WARNING, not raised: the app
     serves anyway, and the forwarder is started again before its first send;
-    unless it has ``verify_on_start``, whose failure stops the startup.
+    unless it has ``verify_on_start``, whose failure stops the startup. A start
+    still running at the forwarder's ``send_timeout`` is cancelled, with an ERROR.
     """
 
     async def start(forwarder: Forwarder) -> None:
         if forwarder.verify_on_start:  # its failure stops the application's startup
             await forwarder.start_checked()
             return
+        seconds = forwarder.send_timeout  # a start that never returns must not hold startup
         try:
-            await forwarder.ensure_started()
+            started, _ = await within(forwarder.ensure_started(), seconds)
         except Exception as exc:
             logger.warning(
                 "forwarder %s failed to start at application startup (%r); it will be "
                 "started again before its first send",
                 forwarder.name,
                 exc,
+            )
+            return
+        if not started:
+            logger.error(
+                "forwarder %s did not start within %gs (its send_timeout) at application "
+                "startup: cancelled, and left running if it ignores that; it will be started "
+                "again before its first send",
+                forwarder.name,
+                seconds,
             )
 
     @asynccontextmanager

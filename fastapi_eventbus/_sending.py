@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from ._deadline import within
 from ._events import Event
-from ._hooks import DiscardedEvents, OnDiscard, call_hook, logger
+from ._hooks import DiscardedEvents, OnDiscard, call_hook, logger, passes_through
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 from .exceptions import ConfigurationError, SpoolError
@@ -64,10 +65,12 @@ class Sender:
     async def _kept(forwarder: Forwarder, events: Sequence[Event]) -> DeliveryOutcome:
         try:
             return await forwarder.deliver(events, keep_unsent=True)
-        except Exception as exc:  # kept for a later round: the caller's storage has them
+        except BaseException as exc:  # kept for a later round: the caller's storage has them
+            if passes_through(exc):
+                raise
             return DeliveryOutcome(unsent=list(events), error=_failed(forwarder, events, exc))
 
-    async def broke(self, events: Sequence[Event], error: Exception) -> None:
+    async def broke(self, events: Sequence[Event], error: BaseException) -> None:
         """A send of *events* raised *error*, which the forwarder's own reporting does not
         catch (a storage's bug): an ERROR that names them. With a storage, they stay in it,
         to be sent again; without, whether they were sent is unknown: ``on_discard`` too."""
@@ -90,7 +93,9 @@ class Sender:
         storage = self.storage
         try:
             outcome = await forwarder.deliver(events, keep_unsent=storage is not None)
-        except Exception as exc:  # never dropped with the send task's exception
+        except BaseException as exc:  # never dropped with the send task's exception
+            if passes_through(exc):  # a SystemExit would stop the loop out of the task
+                raise
             reason = _failed(forwarder, events, exc)
             if storage is None:
                 await forwarder.give_up(events, reason, exc)
@@ -148,8 +153,8 @@ class Sender:
             sends.append((events, self.send(forwarder, events)))
         outcomes = await asyncio.gather(*(send for _, send in sends), return_exceptions=True)
         for (events, _), outcome in zip(sends, outcomes, strict=True):
-            if isinstance(outcome, Exception):  # a bug: in a storage, say
-                await self.broke(events, outcome)
+            if isinstance(outcome, BaseException):  # a bug: in a storage, say (none is the
+                await self.broke(events, outcome)  # round's cancellation: gather raises that)
         return len(due) + len(unreadable)
 
     async def _given_up(self, forwarder: str, events: Sequence[Event], reason: str) -> None:
@@ -203,15 +208,26 @@ class Sender:
             await asyncio.sleep(storage.resend_interval)
 
     async def close(self) -> None:
-        """Close every forwarder's clients; a failing close is logged, not raised."""
+        """Close every forwarder's clients; a failing close is logged, not raised. Each close
+        has the forwarder's ``send_timeout``: one that never returns must not hold the
+        shutdown (cancelled, and left running if it ignores that)."""
         for forwarder in self.forwarders.items():
+            seconds = forwarder.send_timeout
             try:
-                await forwarder.aclose()
+                closed, _ = await within(forwarder.aclose(), seconds)
             except Exception:
                 logger.exception("closing forwarder %s failed", forwarder.name)
+                continue
+            if not closed:
+                logger.error(
+                    "closing forwarder %s did not finish within %gs (its send_timeout): "
+                    "cancelled, and left running if it ignores that; its clients may stay open",
+                    forwarder.name,
+                    seconds,
+                )
 
 
-def _failed(forwarder: Forwarder, events: Sequence[Event], exc: Exception) -> str:
+def _failed(forwarder: Forwarder, events: Sequence[Event], exc: BaseException) -> str:
     """Log that *forwarder*'s `Forwarder.deliver` raised *exc* (a bug in it, or in how it
     was set up), with *events*' ids; the reason to report them with."""
     logger.error(

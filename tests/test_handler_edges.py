@@ -37,6 +37,8 @@ from fastapi_eventbus import (
     current_event,
     get_bus,
 )
+from fastapi_eventbus.exceptions import ForwarderError
+from fastapi_eventbus.forwarders import Forwarder
 from fastapi_eventbus.testing import capture
 from tests._support import until
 from tests.conftest import Hooks
@@ -922,6 +924,46 @@ def test_a_hook_raising_cancelled_error_or_system_exit_does_not_stop_the_flush(
     assert ran == [emitted[1].id]
     hook_lines = [r for r in caplog.records if r.getMessage().startswith("fastapi_eventbus hook")]
     assert [r.levelno for r in hook_lines] == [logging.ERROR]
+
+
+@pytest.mark.parametrize("hook", ["on_error", "dead_letter"])
+def test_an_async_hook_raising_system_exit_is_its_failure_like_a_sync_hook_s(
+    hook: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: an async hook runs as a task, and asyncio re-raises a `SystemExit` raised in
+    a task out of the event loop: a library calling ``sys.exit`` in an async ``on_error``
+    or ``dead_letter`` hook stopped the application, where a sync hook's was logged and the
+    bus went on. It is logged as the hook's failure, and the next event is reported."""
+    seen: list[str] = []
+
+    async def report(value: Any) -> None:
+        seen.append(value.event.id if hook == "on_error" else value.ids[0])
+        if len(seen) == 1:
+            raise SystemExit(2)
+
+    class Refusing(Forwarder):
+        async def send(self, events: Any) -> None:
+            raise ForwarderError("refused for good")
+
+    bus = EventBus(on_error=report if hook == "on_error" else None)
+    if hook == "on_error":
+
+        @bus.on("cat.lost")
+        async def broken(event: Event) -> None:
+            raise LookupError("no cat")
+
+    else:
+        bus.forward("cat.*", Refusing(dead_letter=report, retry=Retry(attempts=1)))
+
+    async def main() -> list[str]:
+        return [(await bus.publish("cat.lost")).id for _ in range(2)]
+
+    with capture(bus, raise_failures=False):
+        ids = asyncio.run(main())
+    assert seen == ids
+    hook_lines = [r for r in caplog.records if r.getMessage().startswith("fastapi_eventbus hook")]
+    assert [r.levelno for r in hook_lines] == [logging.ERROR]
+    assert "SystemExit(2)" in caplog.text
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")

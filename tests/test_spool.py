@@ -809,3 +809,45 @@ def test_a_resend_ignoring_its_cancellation_does_not_hold_the_shutdown(
     assert any("resend still ran" in r.getMessage() for r in caplog.records), caplog.messages
     assert broker.received == [event.id]  # it went on once released, and was sent
     assert Spool(path).count().pending == 0
+
+
+class Boom(BaseException):
+    """A library's own `BaseException` that is not an `Exception` (as gevent's ``Timeout``)."""
+
+
+async def test_a_send_raising_a_base_exception_is_dead_lettered_not_resent_forever(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a send raising a `BaseException` that is not an `Exception` ended its task with
+    it, which the flush and `resend` took for no failure: the spooled row was never
+    settled, so it was sent again at every round with its attempts never counted, and
+    never reported. It is a permanent failure: dead-lettered by id, in the spool too."""
+
+    class Raising(Broker):
+        error: BaseException | None = None
+
+        async def send(self, events: Sequence[Event]) -> Delivery | None:
+            if self.error is not None:
+                raise self.error
+            return await super().send(events)
+
+    broker = Raising()
+    broker.up = False
+    bus = spooled_bus(path, broker, max_attempts=3)
+    kept = await bus.publish("order.placed", {"n": 0})  # unsent: kept, for `resend`
+    broker.up, broker.error = True, Boom("boom")
+    flushed = await bus.publish("order.placed", {"n": 1})  # through the flush
+    await asyncio.sleep(0.01)  # the kept one is due again (retry_delay)
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        assert await bus.resend() == 1
+        assert await bus.resend() == 0  # nothing left to send again
+    spool = bus.spool
+    assert spool is not None
+    assert sorted(event_id for d in broker.dead for event_id in d.ids) == sorted(
+        [kept.id, flushed.id]
+    )
+    assert sorted(row.event.id for row in spool.dead()) == sorted([kept.id, flushed.id])
+    assert all("Boom('boom')" in (row.error or "") for row in spool.dead())
+    assert spool.count().pending == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(kept.id in line for line in errors), errors

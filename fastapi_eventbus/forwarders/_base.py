@@ -13,7 +13,7 @@ from typing import IO, ClassVar, Self, TypeAlias, TypeVar
 
 from fastapi_eventbus._deadline import cancelled
 from fastapi_eventbus._events import Event
-from fastapi_eventbus._hooks import call_hook, check_hook, logger
+from fastapi_eventbus._hooks import call_hook, check_hook, logger, passes_through
 from fastapi_eventbus._retry import Retry
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
 from fastapi_eventbus.wire import sqs_body, utf8_size
@@ -122,10 +122,11 @@ class Forwarder:
         name: A name for logs (default: the class name).
         verify_on_start: Run `verify` after `start`, and fail the application's
             startup if the forwarder cannot send (recommended in production).
-        send_timeout: Seconds one call of `send` (or of `start`, before a send) may
-            take; past that it is cancelled and counts as a transient failure,
+        send_timeout: Seconds one call of `send` (or of `start` and `verify`, `close`)
+            may take; past that it is cancelled and counts as a transient failure,
             retried per *retry* (None: no limit). A send that never returns would
-            hold `EventBus.publish`, a request's flush and an outbox's relay.
+            hold `EventBus.publish`, a request's flush and an outbox's relay; a
+            start or close, the application's startup or shutdown.
     """
 
     messaging_system: ClassVar[str] = "fastapi_eventbus"
@@ -317,7 +318,7 @@ class Forwarder:
         while True:
             attempt += 1
             try:
-                await self.ensure_started()
+                await self._bounded(self.ensure_started(), "start")
             except Exception as exc:
                 transient = _is_transient_start_failure(exc)
                 elapsed = time.monotonic() - started
@@ -484,7 +485,8 @@ class Forwarder:
 
     async def _bounded(self, call: Awaitable[T], what: str) -> T:
         """Await *call* within `send_timeout`; past it, a transient `ForwarderError`. So is
-        a `asyncio.CancelledError` it raises that no cancellation of this task explains."""
+        a `asyncio.CancelledError` it raises that no cancellation of this task explains; any
+        other `BaseException` (but Ctrl-C, this coroutine closed) is a permanent one."""
         seconds = self.send_timeout
         limit = asyncio.timeout(seconds)
         try:
@@ -500,6 +502,10 @@ class Forwarder:
                 raise
             message = f"forwarder {self.name}: {what} raised CancelledError, nothing cancelled it"
             raise ForwarderError(message, transient=True) from exc
+        except BaseException as exc:  # SystemExit, a library's own: out of the send's task,
+            if isinstance(exc, Exception) or passes_through(exc):  # it would stop the loop,
+                raise  # or vanish with the task, its events neither sent nor reported
+            raise ForwarderError(f"forwarder {self.name}: {what} raised {exc!r}") from exc
 
     async def _refuse_unsendable(self, events: list[Event], outcome: DeliveryOutcome) -> set[str]:
         """After a send of *events* failed for good: dead-letter, each with its own reason,

@@ -12,6 +12,7 @@ forwarder's.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -30,6 +31,10 @@ Chunk: TypeAlias = list[tuple[E, Event]]
 
 CONCURRENT_CALLS = 10
 """Batch calls in flight at once for one send, when the order does not matter."""
+
+GROUP_ID = re.compile(r"[!-~]{1,128}")
+"""A ``MessageGroupId`` SQS and SNS take: 1 to 128 characters, each a letter or digit
+(a-z, A-Z, 0-9) or ASCII punctuation, which is printable ASCII but the space."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +204,8 @@ def group_of(forwarder: str, message_group_id: Callable[[Event], str], event: Ev
     """The ``MessageGroupId`` *message_group_id* gives *event*; `InvalidEventError` if none.
 
     Called at emit time too (the forwarder's ``check``), so that a bad group id
-    fails in the caller: a str of 1 to 128 characters, as SQS and SNS take.
+    fails in the caller: a str of 1 to 128 letters, digits and ASCII punctuation
+    (`GROUP_ID`), as SQS and SNS take; they refuse a space, or an accented letter.
     """
     try:
         group = message_group_id(event)
@@ -207,9 +213,11 @@ def group_of(forwarder: str, message_group_id: Callable[[Event], str], event: Ev
         raise InvalidEventError(
             f"message_group_id of forwarder {forwarder} failed for event {event.name!r}: {exc!r}"
         ) from exc
-    if not isinstance(group, str) or not 1 <= len(group) <= 128:
+    if not isinstance(group, str) or GROUP_ID.fullmatch(group) is None:
         raise InvalidEventError(
             f"message_group_id of forwarder {forwarder} must return a str of 1 to 128 "
-            f"characters, got {group!r} for event {event.name!r}"
+            f"characters, each a letter or digit (a-z, A-Z, 0-9) or ASCII punctuation (as "
+            f"SQS and SNS take), got {group!r} for event {event.name!r}: map other values "
+            "to such a string (a slug, or a hash such as hashlib.sha256(...).hexdigest())"
         )
     return group

@@ -929,3 +929,120 @@ async def test_a_send_raising_cancelled_error_is_a_transient_failure(failures: i
         [letter] = dead
         assert letter.ids == [event.id]
         assert "CancelledError" in letter.reason
+
+
+class Boom(BaseException):
+    """A library's own `BaseException` that is not an `Exception` (as gevent's ``Timeout``)."""
+
+
+class RaisingBase(Forwarder):
+    """Its `send` raises *error*, a `BaseException` that is not an `Exception`."""
+
+    def __init__(self, error: BaseException, dead: list[DeadLetter]) -> None:
+        super().__init__(retry=FAST, dead_letter=dead.append)
+        self.error = error
+        self.calls = 0
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "error",
+    [Boom("boom"), GeneratorExit("a library closed its generator"), SystemExit(3)],
+    ids=lambda error: type(error).__name__,
+)
+async def test_a_send_raising_a_base_exception_dead_letters_its_events_by_id(
+    error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a send raising a `BaseException` that is not an `Exception` (a library's own,
+    ``sys.exit`` in a library, a stray `GeneratorExit`) ended the send's task with it, which
+    the flush took for no failure: the event was neither sent, dead-lettered nor logged;
+    a `SystemExit` left the task into the event loop and stopped the process. It is a
+    permanent failure of the send: dead-lettered by id, not retried, and the bus goes on."""
+    dead: list[DeadLetter] = []
+    discarded: list[Any] = []
+    forwarder = RaisingBase(error, dead)
+    bus = EventBus(on_discard=discarded.append)
+    bus.forward("order.*", forwarder)
+    with anyio.fail_after(5):
+        ids = [(await bus.publish("order.placed", {"n": n})).id for n in range(2)]
+    assert [letter.ids for letter in dead] == [[ids[0]], [ids[1]]]
+    assert all(repr(error) in letter.reason for letter in dead), [d.reason for d in dead]
+    assert all(letter.exception is not None for letter in dead)
+    assert forwarder.calls == 2  # permanent: each tried once
+    assert discarded == []  # reported once, by the forwarder's dead_letter
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert all(any(event_id in line for line in errors) for event_id in ids), errors
+
+
+class Stuck(Forwarder):
+    """A forwarder whose `start`, `verify` or `close` (*hang_in*) never returns: a client
+    waiting on a dead connection, a producer flushing its buffer to a broker that is down."""
+
+    def __init__(self, hang_in: str) -> None:
+        super().__init__(
+            send_timeout=0.2, verify_on_start=hang_in == "verify", retry=Retry(attempts=1)
+        )
+        self.hang_in = hang_in
+        self.sent: list[str] = []
+
+    async def start(self) -> None:
+        if self.hang_in == "start":
+            await asyncio.Event().wait()
+
+    async def verify(self) -> None:
+        if self.hang_in == "verify":
+            await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        if self.hang_in == "close":
+            await asyncio.Event().wait()
+
+    async def send(self, events: Sequence[Event]) -> None:
+        self.sent += [event.id for event in events]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hang_in", ["start", "close"])
+async def test_a_start_or_close_that_never_returns_does_not_hold_startup_or_shutdown(
+    hang_in: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the lifespan started the forwarders (without ``verify_on_start``) and closed
+    them with no time limit: one whose `start` or `close` never returned held the
+    application's startup or shutdown forever. Each is cancelled at the forwarder's
+    ``send_timeout``, with an ERROR naming it, and the startup or shutdown goes on."""
+    forwarder = Stuck(hang_in)
+    bus = EventBus()
+    bus.forward("order.*", forwarder)
+    app = FastAPI()
+    bus.install(app)
+    with anyio.fail_after(5):
+        async with app.router.lifespan_context(app):
+            if hang_in == "close":
+                event = await bus.publish("order.placed")
+                assert forwarder.sent == [event.id]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    expected = {
+        "start": "forwarder Stuck did not start within 0.2s (its send_timeout) at application",
+        "close": "closing forwarder Stuck did not finish within 0.2s (its send_timeout)",
+    }[hang_in]
+    assert [line for line in errors if expected in line], errors
+
+
+@pytest.mark.anyio
+async def test_a_start_up_check_that_never_returns_stops_the_startup() -> None:
+    """Found: with ``verify_on_start``, a `verify` (or `start`) that never returned held the
+    application's startup forever. It fails at ``send_timeout``, retried per *retry*, then
+    stops the startup with a `ForwarderError` naming the forwarder."""
+    bus = EventBus()
+    bus.forward("order.*", Stuck("verify"))
+    app = FastAPI()
+    bus.install(app)
+    with anyio.fail_after(5), pytest.raises(ForwarderError) as raised:
+        async with app.router.lifespan_context(app):
+            pass
+    assert "forwarder Stuck failed its start-up check" in str(raised.value)
+    assert "did not finish within 0.2s" in str(raised.value)

@@ -425,6 +425,36 @@ async def test_a_bad_message_group_id_fails_at_emit() -> None:
         await bus.publish("order.placed", {"customer": ""})
 
 
+GOOD_GROUP = "Acme-42_" + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+"""Letters, digits and every ASCII punctuation character: a ``MessageGroupId`` AWS takes."""
+
+
+@pytest.mark.parametrize("group", ["Acme Corp", "Zoë", "tab\there", "x" * 129])
+def test_a_group_id_sns_refuses_fails_at_emit(moto: Moto, group: str) -> None:
+    """Found: the emit-time check took any str of 1 to 128 characters, where SNS takes only
+    letters, digits and ASCII punctuation in a ``MessageGroupId``: a space or an accented
+    letter passed ``emit`` and was refused only at send, in the background. It is refused in
+    the caller; a group of every character SNS takes is sent as it is."""
+    url = moto.queue("orders", fifo=True)
+    topic = asyncio.run(subscribed_topic(moto, url, raw=True, fifo=True))
+    forwarder = sns_forwarder(moto, topic, message_group_id=lambda e: e.payload["customer"])
+    bus = EventBus()
+    bus.forward("order.*", forwarder)
+
+    async def publish() -> Event:
+        with pytest.raises(InvalidEventError, match=r"letter or digit .* ASCII punctuation"):
+            await bus.publish("order.placed", {"customer": group})
+        try:
+            return await bus.publish("order.placed", {"customer": GOOD_GROUP})
+        finally:
+            await forwarder.aclose()
+
+    event = asyncio.run(publish())
+    [message] = moto.receive(url, 1)
+    assert decode_message(message).id == event.id
+    assert message["Attributes"]["MessageGroupId"] == GOOD_GROUP
+
+
 def test_creating_a_forwarder_does_not_import_the_sdk() -> None:
     code = (
         "import sys\n"

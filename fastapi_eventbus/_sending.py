@@ -209,10 +209,10 @@ class Sender:
 
     async def close(self) -> None:
         """Close every forwarder's clients; a failing close is logged, not raised. Each close
-        has the forwarder's ``send_timeout``: one that never returns must not hold the
-        shutdown (cancelled, and left running if it ignores that)."""
+        has the forwarder's ``send_timeout`` (60 s without one): one that never returns must
+        not hold the shutdown (cancelled, and left running if it ignores that)."""
         for forwarder in self.forwarders.items():
-            seconds = forwarder.send_timeout
+            seconds = 60.0 if forwarder.send_timeout is None else forwarder.send_timeout
             try:
                 closed, _ = await within(forwarder.aclose(), seconds)
             except Exception:
@@ -220,7 +220,7 @@ class Sender:
                 continue
             if not closed:
                 logger.error(
-                    "closing forwarder %s did not finish within %gs (its send_timeout): "
+                    "closing forwarder %s did not finish within %gs: "
                     "cancelled, and left running if it ignores that; its clients may stay open",
                     forwarder.name,
                     seconds,

@@ -251,8 +251,8 @@ class EventBus:
         ``bus.register("cat.created", CatPayload)`` registers any pydantic model for a name.
 
         Raises:
-            ConfigurationError: The arguments are neither form, or the name already
-                has another schema.
+            ConfigurationError: The arguments are neither form, the name is a pattern
+                (``*?[``), or it already has another schema.
             InvalidEventError: The name is not a usable event name.
         """
         self._core.schemas.register_either(event, schema)

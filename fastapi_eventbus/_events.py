@@ -237,6 +237,14 @@ class SchemaRegistry:
                 raise ConfigurationError(
                     f"register({event!r}) needs a schema: register(name, Model)"
                 )
+            # (a typed model's __event_name__ is literal, wildcards and all: see `pattern_of`)
+            if wildcards := sorted(set("*?[").intersection(event)):
+                raise ConfigurationError(
+                    f"register() takes an event name, not a pattern: {event!r} has the "
+                    f"wildcard(s) {' '.join(wildcards)}, and the schema would validate only "
+                    "the events named exactly so. Register the schema under each name it is "
+                    'for: bus.register("cat.created", Model)'
+                )
             self.register(event, schema)
             return
         name = event_name_of(event) if schema is None and is_event_model(event) else None

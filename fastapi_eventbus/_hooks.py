@@ -157,11 +157,19 @@ def _closing(exc: GeneratorExit) -> bool:
 
 def check_hook(name: str, hook: object) -> None:
     """`ConfigurationError` unless *hook* is None or callable with one argument (what
-    `call_hook` gives it): else it would fail only when there is something to report."""
+    `call_hook` gives it), and not a generator function: else it would fail (or do
+    nothing, unheard) only when there is something to report."""
     if hook is None:
         return
     if not callable(hook):
         raise ConfigurationError(f"{name} must be callable, got {hook!r}")
+    for call in (hook, hook.__call__):  # a function; an instance's method
+        if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
+            raise ConfigurationError(
+                f"{name} is a generator function ({hook!r}): calling it only makes a "
+                "generator, so its body would never run. Write it without yield (a def "
+                "or an async def)"
+            )
     try:
         signature = inspect.signature(hook)
     except (TypeError, ValueError):  # a builtin or C callable: nothing to check

@@ -4,7 +4,7 @@ nothing at all."""
 
 import base64
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -153,6 +153,56 @@ def test_a_handler_s_model_that_conflicts_with_the_event_s_schema_is_refused() -
     # Found: accepted; a payload V1 passed at emit then failed V2 in the handler.
     with pytest.raises(ConfigurationError, match="already has the schema OrderPlacedV1"):
         bus.on()(send_mail)
+
+
+class CatPayload(BaseModel):
+    id: int
+
+
+@pytest.mark.parametrize("pattern", ["cat.*", "cat.?", "cat.[ab]"])
+def test_a_schema_registered_for_a_pattern_is_refused(pattern: str) -> None:
+    """Found: ``bus.register("cat.*", CatPayload)`` was accepted, and validated only events
+    named ``cat.*`` itself: ``emit("cat.created", {"id": "not an int"})`` passed. A schema
+    is for an event name; a pattern given to `register` is refused, saying so."""
+    bus = EventBus()
+    with pytest.raises(ConfigurationError, match="takes an event name, not a pattern"):
+        bus.register(pattern, CatPayload)
+    bus.register("cat.created", CatPayload)  # what to write instead
+
+
+def generator_hook(report: object) -> Iterator[None]:
+    """A hook written with ``yield`` by mistake: calling it only makes a generator."""
+    yield
+
+
+async def async_generator_hook(report: object) -> AsyncIterator[None]:
+    yield
+
+
+class GeneratorCallHook:
+    def __call__(self, report: object) -> Iterator[None]:
+        yield
+
+
+@pytest.mark.parametrize("hook_name", ["on_error", "on_discard", "dead_letter"])
+@pytest.mark.parametrize(
+    "hook",
+    [generator_hook, async_generator_hook, GeneratorCallHook()],
+    ids=["generator", "async-generator", "instance-with-generator-call"],
+)
+def test_a_generator_function_as_a_hook_is_refused(hook_name: str, hook: Any) -> None:
+    """Found: a generator function (sync or async) passed the hook's one-argument check;
+    each report then only made a generator, and the hook's body (paging someone, writing the
+    failure down) never ran, with nothing in the logs. Refused where it is given now."""
+    from fastapi_eventbus.forwarders.sqs import SQSForwarder
+
+    def given() -> object:
+        if hook_name == "dead_letter":
+            return SQSForwarder("https://sqs.eu-west-1.amazonaws.com/1/q", dead_letter=hook)
+        return EventBus(**{hook_name: hook})
+
+    with pytest.raises(ConfigurationError, match=f"{hook_name} is a generator function"):
+        given()
 
 
 def test_a_sync_verify_of_the_push_router_is_called_like_an_async_one() -> None:

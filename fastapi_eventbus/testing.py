@@ -103,6 +103,10 @@ def capture(
     Raises:
         HandlerFailuresError: On leaving the block, if a handler failed inside it
             (unless *raise_failures* is false, or the block raised already).
+
+    Warns:
+        RuntimeWarning: On leaving the block, if events emitted in it are still being
+            handled or forwarded, *raise_failures* or not: their failures would be unseen.
     """
     recorder = Capture(mute=not handle)
     observers = observers_of(bus)
@@ -113,7 +117,7 @@ def capture(
         observers.remove(recorder)
     if raise_failures and (failures := recorder.failures):
         raise HandlerFailuresError(_describe(failures), failures) from failures[0].error
-    running = in_flight(bus) if raise_failures else set()
+    running = in_flight(bus) if recorder.emitted else set()
     if late := [event.id for event in recorder.emitted if event.id in running]:
         warnings.warn(  # what their handlers do next is not seen: a failure would pass
             f"capture() ended while {len(late)} event(s) emitted in it were still being "

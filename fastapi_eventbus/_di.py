@@ -232,11 +232,9 @@ def _walk(dependant: Dependant) -> Iterator[Dependant]:
 
 def _reject_http_inputs(func: Callable[..., Any], root: Dependant) -> None:
     for dependant in _walk(root):
-        owner = (
-            f"handler {qualified_name(func)}"
-            if dependant is root
-            else (f"dependency {qualified_name(dependant.call)} of handler {qualified_name(func)}")
-        )
+        owner = f"handler {qualified_name(func)}"
+        if dependant is not root:
+            owner = f"dependency {qualified_name(dependant.call)} of {owner}"
         for kind in _HTTP_INPUTS:
             for field in getattr(dependant, f"{kind}_params"):
                 raise ConfigurationError(
@@ -394,9 +392,10 @@ def handler_call(
     event_arg: object,
     overrides_provider: object | None,
     overrides: bool | None = None,
-) -> Coroutine[Any, Any, None]:
+) -> Coroutine[Any, Any, object]:
     """`run_handler`'s coroutine (with a fresh scope); for an async handler without
-    dependencies, the handler's own (nothing to resolve: one coroutine level less per call)."""
+    dependencies, the handler's own (nothing to resolve: one coroutine level less per call),
+    whose result the caller gives to `returned` if it is not None."""
     if plan.uses_solver or not plan.is_async:
         return run_handler(plan, func, event_arg, {}, overrides_provider, overrides)
     if plan.event_param is None:
@@ -443,9 +442,11 @@ async def run_handler(
     if plan.event_param is not None:
         values[plan.event_param] = event_arg
     if plan.is_async:
-        await func(**values)
+        result = await func(**values)
     else:
-        await _call_sync(func, values)
+        result = await run_in_threadpool(func, **values)
+    if result is not None:
+        await returned(result)
 
 
 async def _run_solved(
@@ -479,9 +480,11 @@ async def _run_solved(
                 values[plan.event_param] = event_arg
             try:
                 if plan.is_async:
-                    await func(**values)
+                    result = await func(**values)
                 else:
-                    await _call_sync(func, values)
+                    result = await run_in_threadpool(func, **values)
+                if result is not None:
+                    await returned(result)
             except BaseException as exc:  # a yield dependency may swallow any of them
                 raised = exc
                 raise
@@ -517,16 +520,16 @@ async def _solve_simple(steps: tuple[Step, ...], cache: dict[Any, Any]) -> dict[
     return values
 
 
-async def _call_sync(func: Callable[..., Any], values: dict[str, Any]) -> None:
-    """A sync handler, in the threadpool; an awaitable it returns is awaited, not dropped.
+async def returned(result: object) -> None:
+    """What a handler's call returned (not None): an awaitable is awaited, not dropped.
 
-    FastAPI's predicate decides what is async; where it cannot see an async body
-    (older FastAPI and a ``functools.wraps`` or ``partial`` wrapper), the call
-    returns a coroutine, and skipping it would skip the handler's body.
+    FastAPI's predicate decides what is async; where it cannot see an async body (older
+    FastAPI and a ``functools.wraps`` or ``partial`` wrapper), a sync handler (run in the
+    threadpool) returns a coroutine; an async handler may return one it forgot to await
+    (``return send(event)``). Dropped, its work would never be done nor its failure reported.
     """
-    result = await run_in_threadpool(func, **values)
-    if inspect.isawaitable(result):
-        await result
+    while inspect.isawaitable(result):  # an awaitable's own awaitable result, too
+        result = await result
 
 
 CURRENT_EVENT: ContextVar[tuple[Event, Any]] = ContextVar("fastapi_eventbus.current_event")

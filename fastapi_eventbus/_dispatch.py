@@ -179,11 +179,13 @@ class Dispatcher:
                             else:
                                 call = self._start(handler, event, batch, child, overrides)
                             if limit is None or timeout is None:
-                                await call
+                                if (result := await call) is not None:  # see `_di.returned`
+                                    await _di.returned(result)
                             else:  # `Limit.start` and `stop` around it, inlined as in `_call`
                                 limit.start(timeout, handler.name)
                                 try:
-                                    await call
+                                    if (result := await call) is not None:
+                                        await _di.returned(result)
                                 except BaseException as exc:
                                     if (timed_out := limit.stop(exc)) is exc:
                                         raise
@@ -376,11 +378,13 @@ class Dispatcher:
         try:
             call = self._start(handler, event, batch, child, overrides)
             if limit is None or (timeout := handler.timeout) is None:
-                await call
+                if (result := await call) is not None:
+                    await _di.returned(result)
             else:
                 limit.start(timeout, handler.name)
                 try:
-                    await call
+                    if (result := await call) is not None:
+                        await _di.returned(result)
                 except BaseException as exc:
                     if (timed_out := limit.stop(exc)) is exc:
                         raise
@@ -395,7 +399,7 @@ class Dispatcher:
 
     def _start(
         self, handler: Handler, event: Event, batch: Batch, child: Batch | None, overrides: bool
-    ) -> Coroutine[Any, Any, None]:
+    ) -> Coroutine[Any, Any, object]:
         """The coroutine of one call of *handler*: its event argument, its scope (with the
         bus of *child*, if the handler may emit), solved and called by `_di.run_handler`."""
         plan = handler.plan

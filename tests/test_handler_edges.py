@@ -152,6 +152,53 @@ def test_finding_1_a_marked_dependency_in_a_simple_graph_gives_its_value(bus: Ev
     assert got == [42]
 
 
+async def send_receipt(event: Event, sent: list[str]) -> None:
+    """The work a handler forgot to await (``return send_receipt(...)``); fails for "bad"."""
+    sent.append(event.name)
+    if event.name == "bad":
+        raise LookupError("in the coroutine the handler returned")
+
+
+def yielded() -> Iterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "path", ["no dependency", "no time limit", "a dependency", "a yield dependency", "a retry"]
+)
+async def test_an_awaitable_an_async_handler_returns_is_awaited(
+    bus: EventBus, hooks: Hooks, path: str
+) -> None:
+    """Found: an async handler that returned a coroutine instead of awaiting it (``return
+    send_receipt(event)``) was recorded as a success; the coroutine was dropped (Python's
+    "never awaited" warning aside): its work never done, its failure never reported. It is
+    awaited now, within the call, on every path, as a sync handler's already was."""
+    sent: list[str] = []
+    tries: list[str] = []
+
+    async def bare(event: Event) -> Awaitable[None]:
+        tries.append(event.name)
+        if path == "a retry" and tries.count(event.name) == 1:  # its second try returns it
+            raise ConnectionError("try again")
+        return send_receipt(event, sent)
+
+    async def with_dependency(
+        event: Event, d: int = Depends(yielded if path == "a yield dependency" else lambda: 1)
+    ) -> Awaitable[None]:
+        return send_receipt(event, sent)
+
+    handler = with_dependency if "dependency" in path and path != "no dependency" else bare
+    timeout = math.inf if path == "no time limit" else None
+    retry = Retry(attempts=2, initial_delay=0.01) if path == "a retry" else None
+    bus.on("ok", "bad", timeout=timeout, retry=retry)(handler)
+    with capture(bus, raise_failures=False) as seen:
+        await bus.publish("ok")
+        await bus.publish("bad")
+    assert sent == ["ok", "bad"]
+    assert [type(call.error) for call in seen.handled] == [type(None), LookupError]
+    assert [type(failure.exception) for failure in hooks.failures] == [LookupError]
+
+
 # -- finding 2: a yield dependency that swallows the handler's exception -------------------
 
 

@@ -4,6 +4,8 @@ retried per its `Retry`, its failure logged and reported, the events it emitted 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -89,6 +91,10 @@ class Dispatcher:
         if timeout is None:
             timeout = core.settings.handler_timeout
         handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
+        for known in self.handlers.items():
+            if known.func is func or (inspect.ismethod(func) and known.func == func):
+                self._add_patterns(known, handler)
+                return
         if self.inbox is not None and handler.name in self._names:
             raise ConfigurationError(
                 f"a handler named {handler.name} is registered already, and this bus's inbox "
@@ -110,6 +116,22 @@ class Dispatcher:
             core.schemas.register(name, model)  # could fail this one after the response
         self._names.add(handler.name)  # once nothing can refuse it
         self.handlers.add(handler.patterns, handler)
+
+    def _add_patterns(self, known: Handler, again: Handler) -> None:
+        """*known*'s function registered again (stacked ``@bus.on``, a loop): one handler
+        still, with *again*'s patterns too, so that it runs once per event; refused if
+        *again* has other options (which of them would apply to an event both match?)."""
+        if (again.timeout, again.retry) != (known.timeout, known.retry):
+            raise ConfigurationError(
+                f"handler {known.name} is registered already with other options (timeout="
+                f"{_limit_of(known)}, retry={known.retry!r}; now timeout={_limit_of(again)}, "
+                f"retry={again.retry!r}), and it runs once per event: register it once, one "
+                '@bus.on with all its patterns and its options: @bus.on("a", "b", timeout=...)'
+            )
+        added = [p for p in dict.fromkeys(again.patterns) if p not in known.patterns]
+        if added:
+            merged = dataclasses.replace(known, patterns=known.patterns + tuple(added))
+            self.handlers.add(added, merged, replacing=known)
 
     def depth_of(self, batch: Batch | None) -> int:
         """The chain depth of an event published into *batch*; without one (on the
@@ -452,6 +474,11 @@ async def _record(inbox: Inbox, handler: str, event: Event) -> None:
             event.id,
             exc,
         )
+
+
+def _limit_of(handler: Handler) -> float:
+    """*handler*'s time limit as ``@bus.on(timeout=...)`` takes it (``math.inf``: none)."""
+    return math.inf if handler.timeout is None else handler.timeout
 
 
 def _ended(handler: Handler, limit: Limit | None) -> int:

@@ -122,13 +122,20 @@ class PatternIndex(Generic[T]):
         self.size = 0
         """How many items are registered (an attribute: the hot path reads it, not ``len``)."""
 
-    def add(self, patterns: Iterable[str], item: T) -> None:
-        """Register *item* under every pattern in *patterns*."""
+    def add(self, patterns: Iterable[str], item: T, replacing: T | None = None) -> None:
+        """Register *item* under every pattern in *patterns*; *replacing*: an item registered
+        already, whose place in the order and whose patterns *item* takes, with *patterns*."""
         names = tuple(patterns)
         matchers = tuple(compile_pattern(p) for p in names)
         if not matchers:
             raise ConfigurationError("at least one event pattern is required")
-        position = len(self._entries)
+        entries = self._entries
+        if replacing is None:
+            position = len(entries)
+            entries.append(((), item))
+            self._patterns.append(())
+        else:
+            position = next(at for at, (_, it) in enumerate(entries) if it is replacing)
         for pattern, matcher in zip(names, matchers, strict=True):
             prefix = _literal_prefix(pattern)
             if prefix == pattern:
@@ -138,9 +145,9 @@ class PatternIndex(Generic[T]):
             else:
                 self._prefixed.setdefault(prefix, []).append((matcher, position))
         self._prefix_lengths = sorted({len(prefix) for prefix in self._prefixed})
-        self._entries.append((matchers, item))
-        self._patterns.append(names)
-        self.size = len(self._entries)
+        entries[position] = (entries[position][0] + matchers, item)
+        self._patterns[position] += names
+        self.size = len(entries)
         with self._lock:
             self._cache.clear()
             self._cache_bytes = 0

@@ -469,6 +469,68 @@ def test_on_returns_the_function_unchanged(bus: EventBus) -> None:
     assert bus.on("x")(handler) is handler
 
 
+class Shop:
+    def __init__(self, ran: list[tuple[str, str]]) -> None:
+        self.ran = ran
+
+    async def charge_card(self, event: Event) -> None:
+        self.ran.append(("charge_card", event.name))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["a function", "a bound method"])
+async def test_a_handler_registered_twice_runs_once_per_event(bus: EventBus, kind: str) -> None:
+    """Found: one function registered twice on a bus (stacked ``@bus.on`` decorators,
+    ``bus.on(pattern)(f)`` in a loop) ran twice for an event both registrations matched: a
+    card charged twice, though a handler runs once per event. The second registration
+    adds its patterns to the first, whose place in the order the handler keeps."""
+    ran: list[tuple[str, str]] = []
+
+    async def charge_card(event: Event) -> None:
+        ran.append(("charge_card", event.name))
+
+    shop = Shop(ran)
+
+    def handler() -> Any:  # a bound method is a new object at each access
+        return charge_card if kind == "a function" else shop.charge_card
+
+    bus.on("order.placed")(handler())
+    bus.on("order.*")(lambda event: ran.append(("notify", event.name)))
+    bus.on("order.*")(handler())  # what a stacked @bus.on("order.*") does
+    bus.on("order.placed")(handler())  # a pattern it has already: nothing changes
+    await bus.publish("order.placed")
+    await bus.publish("order.refunded")  # matched by the second registration only
+    assert ran == [
+        ("charge_card", "order.placed"),
+        ("notify", "order.placed"),
+        ("charge_card", "order.refunded"),
+        ("notify", "order.refunded"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_handler_registered_again_with_other_options_is_refused(bus: EventBus) -> None:
+    """Found: a function registered again with another ``timeout`` or ``retry`` was accepted
+    and ran twice per event both registrations matched, once under each one's options.
+    Refused at the decorator, saying to give one ``@bus.on`` all the patterns."""
+    ran: list[str] = []
+
+    async def charge_card(event: Event) -> None:
+        ran.append(event.name)
+
+    bus.on("order.placed", timeout=5)(charge_card)
+    with pytest.raises(
+        ConfigurationError, match=r"charge_card is registered already with other options"
+    ) as refused:
+        bus.on("order.*")(charge_card)
+    assert '@bus.on("a", "b", timeout=...)' in str(refused.value)
+    await bus.publish("order.refunded")  # the refused registration added nothing
+    bus.on("order.*", timeout=5)(charge_card)  # the same options: its pattern is added
+    await bus.publish("order.placed")
+    await bus.publish("order.refunded")
+    assert ran == ["order.placed", "order.refunded"]
+
+
 def test_a_union_naming_an_event_type_is_fine_on_a_dependency(bus: EventBus) -> None:
     """Found: the check refusing a union event parameter refused dependency parameters too
     (``before: CatCreated | None = Depends(...)``): valid handlers could not be registered."""

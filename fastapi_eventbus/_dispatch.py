@@ -71,6 +71,7 @@ class Dispatcher:
         """The bus's span hooks (set with the core's); None: tracing off."""
         self._unmatched: set[str] = set()
         self._names: set[str] = set()
+        self._registered: dict[object, Handler] = {}  # by `_identity`: one handler a function
         """The registered handlers' names (`Handler.name`): unique with an inbox."""
         self._watchdog: Watchdog | None = None
         self.inbox: Inbox | None = None
@@ -91,10 +92,9 @@ class Dispatcher:
         if timeout is None:
             timeout = core.settings.handler_timeout
         handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
-        for known in self.handlers.items():
-            if known.func is func or (inspect.ismethod(func) and known.func == func):
-                self._add_patterns(known, handler)
-                return
+        if (known := self._registered.get(key := _identity(func))) is not None:
+            self._registered[key] = self._add_patterns(known, handler)
+            return
         if self.inbox is not None and handler.name in self._names:
             raise ConfigurationError(
                 f"a handler named {handler.name} is registered already, and this bus's inbox "
@@ -115,9 +115,10 @@ class Dispatcher:
         if model is not None and name is not None:  # a payload valid for another schema
             core.schemas.register(name, model)  # could fail this one after the response
         self._names.add(handler.name)  # once nothing can refuse it
+        self._registered[key] = handler
         self.handlers.add(handler.patterns, handler)
 
-    def _add_patterns(self, known: Handler, again: Handler) -> None:
+    def _add_patterns(self, known: Handler, again: Handler) -> Handler:
         """*known*'s function registered again (stacked ``@bus.on``, a loop): one handler
         still, with *again*'s patterns too, so that it runs once per event; refused if
         *again* has other options (which of them would apply to an event both match?)."""
@@ -129,9 +130,11 @@ class Dispatcher:
                 '@bus.on with all its patterns and its options: @bus.on("a", "b", timeout=...)'
             )
         added = [p for p in dict.fromkeys(again.patterns) if p not in known.patterns]
-        if added:
-            merged = dataclasses.replace(known, patterns=known.patterns + tuple(added))
-            self.handlers.add(added, merged, replacing=known)
+        if not added:
+            return known
+        merged = dataclasses.replace(known, patterns=known.patterns + tuple(added))
+        self.handlers.add(added, merged, replacing=known)
+        return merged
 
     def depth_of(self, batch: Batch | None) -> int:
         """The chain depth of an event published into *batch*; without one (on the
@@ -474,6 +477,14 @@ async def _record(inbox: Inbox, handler: str, event: Event) -> None:
             event.id,
             exc,
         )
+
+
+def _identity(func: Callable[..., Any]) -> object:
+    """What tells a registered function apart: itself (by identity: an object may define
+    ``__eq__``), or a bound method's instance and function (a new object at each access)."""
+    if inspect.ismethod(func):
+        return id(func.__self__), func.__func__
+    return id(func)
 
 
 def _limit_of(handler: Handler) -> float:

@@ -324,7 +324,7 @@ class Worker:
                     except asyncio.CancelledError:  # stopped: the rest go back unhandled,
                         await self._give_back_received(messages[index:])  # not left unseen
                         raise
-                self._spawn(message)
+                self._start(message)
 
     async def _give_back_received(self, messages: Sequence[ReceivedMessage]) -> None:
         """Give *messages*, received as the worker stopped, back at once, unhandled."""
@@ -369,6 +369,20 @@ class Worker:
         await asyncio.sleep(delay)
 
     # -- messages -------------------------------------------------------------------
+
+    def _start(self, message: ReceivedMessage) -> None:
+        """`_spawn` *message*; if that fails (a source's malformed message, a bug), that
+        message alone fails: its slot is freed, an ERROR names it, and it is given back."""
+        try:
+            self._spawn(message)
+        except Exception:
+            self._slots.release()
+            logger.exception(
+                "message %s from %s could not be started; giving it back",
+                named(message),
+                self.source.name,
+            )
+            self._hand_back(message, None)
 
     def _spawn(self, message: ReceivedMessage) -> None:
         """Process *message* in a task of its own, holding the slot reserved for it."""

@@ -245,6 +245,8 @@ class PubSubSource(Source):
                     timeout=min(self.pull_timeout, _READ_TIMEOUT),  # the pull's messages wait
                 )
                 subscription = await response.json()
+                if not isinstance(subscription, Mapping):  # else the pull's messages are lost
+                    raise ValueError(f"its answer is a JSON {type(subscription).__name__}")
         except (SourceError, TimeoutError) as exc:
             transient = not isinstance(exc, SourceError) or exc.transient
             logger.warning(
@@ -424,11 +426,15 @@ def _received(item: Mapping[str, Any], ordered: bool) -> ReceivedMessage:
     """A pull's received message: its ordering key (if any, from an *ordered* subscription)
     orders it in the worker."""
     message = item["message"]
+    key = message.get("orderingKey")
+    if key is not None and not isinstance(key, str):  # else it would reach the worker's
+        raise TypeError(f"its orderingKey is a {type(key).__name__}, not a string")  # groups
     data = gcp.rest_data(message.get("data"))
+    attempt = item.get("deliveryAttempt")
     return ReceivedMessage(
         body={"data": b"" if data is None else data, "attributes": message.get("attributes") or {}},
         message_id=message["messageId"],
         receipt=item["ackId"],
-        receive_count=item.get("deliveryAttempt"),
-        order_key=(message.get("orderingKey") or None) if ordered else None,  # "": none
+        receive_count=attempt if type(attempt) is int else None,  # it sets the nack's backoff
+        order_key=(key or None) if ordered else None,  # "": none
     )

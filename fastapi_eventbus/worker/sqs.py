@@ -260,11 +260,13 @@ class SQSSource(Source):
 
 def _received(message: MessageTypeDef, fifo: bool) -> ReceivedMessage:
     attributes = message.get("Attributes", {})
-    count = attributes.get("ApproximateReceiveCount")
+    count = str(attributes.get("ApproximateReceiveCount", ""))
     return ReceivedMessage(
         body=message,
         message_id=message.get("MessageId", ""),
         receipt=message.get("ReceiptHandle", ""),
-        receive_count=int(count) if count else None,
+        # Not a number (a faulty SQS-compatible server): unknown, rather than a failed receive
+        # that would leave the batch's messages invisible, none of them named.
+        receive_count=int(count) if count.isascii() and count.isdigit() else None,
         order_key=attributes.get("MessageGroupId") if fifo else None,  # its group's order
     )

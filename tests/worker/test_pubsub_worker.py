@@ -355,7 +355,8 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key_if_the_subs
 class PullRewriter:
     """An HTTP proxy in front of the emulator that breaks items of the first pull answer
     holding messages, as a faulty broker or middlebox would: *broken* maps a
-    message's position in that answer to the field it loses (``messageId``, ``ackId``)."""
+    message's position in that answer to the field it loses (``messageId``, ``ackId``),
+    or, if the field is in *replaced*, gets that value instead (``orderingKey``)."""
 
     def __init__(
         self,
@@ -363,10 +364,13 @@ class PullRewriter:
         broken: dict[int, str],
         deny_get: tuple[int, int] = (0, 0),
         fail_acks: int = 0,
+        replaced: dict[str, Any] | None = None,
+        get_answer: Any = None,
     ) -> None:
-        self.upstream, self.broken = upstream, broken
+        self.upstream, self.broken, self.replaced = upstream, broken, replaced or {}
         self.deny_get = deny_get  # (HTTP status, how many GET requests it answers)
         self.fail_acks = fail_acks  # the first acknowledge requests answered 503
+        self.get_answer = get_answer  # a 200 answer to the first GET request, not the emulator's
         self.lost: dict[str, str] = {}  # the broken items' message id -> the field it lost
         self._runner: Any = None
         self.host = ""
@@ -393,6 +397,9 @@ class PullRewriter:
         if times and request.method == "GET":  # 403: no pubsub.subscriptions.get
             self.deny_get = (status, times - 1)
             return web.json_response({"error": {"code": status}}, status=status)
+        if self.get_answer is not None and request.method == "GET":
+            answer, self.get_answer = self.get_answer, None
+            return web.json_response(answer)
         if self.fail_acks and request.path.endswith(":acknowledge"):
             self.fail_acks -= 1
             return web.json_response({"error": {"code": 503}}, status=503)
@@ -415,7 +422,10 @@ class PullRewriter:
             if position < len(items):
                 item = items[position]
                 self.lost[item["message"]["messageId"]] = field
-                (item["message"] if field == "messageId" else item).pop(field)
+                if field in self.replaced:
+                    item["message"][field] = self.replaced[field]
+                else:
+                    (item["message"] if field == "messageId" else item).pop(field)
         return web.json_response(pulled)
 
 
@@ -519,3 +529,66 @@ async def test_an_acknowledgement_refused_once_is_sent_again(
     assert sorted(calls) == sorted(ids)
     assert worker.stats.settle_errors == 0
     assert channel.pull(1, timeout=11) == []  # past the ack deadline (10 s): none came back
+
+
+@pytest.mark.anyio
+async def test_an_ordering_key_that_is_not_a_string_fails_that_message_alone(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: one item of a pull answer whose ``orderingKey`` was not a string (``["bad"]``,
+    from a faulty broker or middlebox) stopped the whole worker with a TypeError: the pull's
+    later messages were never handled, nor named. That item is now undecodable (an ERROR
+    names it; given back, delivered again, handled); the pull's other messages are handled."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    handled: list[int] = []
+
+    @bus.on("order.*")
+    async def handle(event: Event) -> None:
+        handled.append(event.payload["n"])
+
+    await publish_lines(channel, *((f"k{n}", n) for n in range(4)))
+    rewriter = PullRewriter(
+        pubsub_emulator.host, {1: "orderingKey"}, replaced={"orderingKey": ["bad"]}
+    )
+    async with rewriter as proxy:
+        source = PubSubSource(
+            subscription_path(channel),
+            emulator_host=proxy.host,
+            nack_backoff=Backoff(initial=0.1, maximum=0.1),
+        )
+        with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+            async with Worker(bus, source, concurrency=4) as worker:
+                await until(lambda: len(proxy.lost) == 1, timeout=10)
+                await until(lambda: len(handled) == 4, timeout=10)
+    assert sorted(handled) == [0, 1, 2, 3]
+    assert worker.stats.undecodable == 1
+    (bad,) = proxy.lost
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    (line,) = [e for e in errors if bad in e]
+    assert "orderingKey is a list, not a string" in line
+    assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+async def test_a_subscription_answer_that_is_not_an_object_loses_no_pulled_message(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: reading whether the subscription orders messages failed with an AttributeError
+    when its answer was JSON but not an object: the pull failed, and the messages it had
+    taken stayed unhandled until their ack deadline (10 s), none of them named. Such an
+    answer is now like one that cannot be read: a WARNING, the keys kept in order, and the
+    pull's messages handled at once."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    handled: list[int] = []
+    bus.on("order.*")(lambda event: handled.append(event.payload["n"]))
+    await publish_lines(channel, ("o-1", 0), ("o-1", 1))
+    async with PullRewriter(pubsub_emulator.host, {}, get_answer=["not", "an", "object"]) as proxy:
+        source = PubSubSource(subscription_path(channel), emulator_host=proxy.host)
+        with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
+            async with Worker(bus, source, concurrency=2):
+                await until(lambda: len(handled) == 2, timeout=5)  # within the ack deadline
+    assert handled == [0, 1]
+    (warning,) = [r.getMessage() for r in caplog.records if "orders messages" in r.getMessage()]
+    assert "its answer is a JSON list" in warning

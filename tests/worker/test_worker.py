@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,7 +37,7 @@ from fastapi_eventbus.worker import (
 )
 from fastapi_eventbus.worker._source import Coalescer
 from tests._support import until
-from tests.forwarders._moto import Moto, start_moto, stop_moto
+from tests.forwarders._moto import KEY_ID, REGION, SECRET, Moto, start_moto, stop_moto
 from tests.worker._helpers import counts, create_queue, peek, send_raw
 from tests.worker.shop import execute, label, worker_app
 
@@ -651,6 +652,75 @@ async def test_a_message_that_breaks_the_decoder_affects_that_message_only(
         "message unreadable from source is not decodable (RuntimeError: a broken source); "
         "deleting it",
     ]
+
+
+async def test_a_message_that_cannot_be_started_fails_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: a message the worker could not start (a custom source's ``order_key`` that is
+    no str, here a list: unhashable) raised out of the receive loop and stopped the worker;
+    the receive's later messages were never handled, nor named. Now that message alone
+    fails: an ERROR names it, it is given back (and handled when it comes again), and the
+    others are handled."""
+
+    class BadKeyOnce(MemorySource):
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            received = await super().receive(max_messages)
+            return [
+                replace(m, order_key=["bad"])  # type: ignore[arg-type]
+                if m.message_id == "m1" and not self.nacked
+                else m
+                for m in received
+            ]
+
+    bus = EventBus()
+    handled: list[str] = []
+    bus.on("order.*")(lambda event: handled.append(event.payload["n"]))
+    source = BadKeyOnce(name="source")
+    for n in range(3):
+        source.put(Event(name="order.placed", payload={"n": f"m{n}"}), message_id=f"m{n}")
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus.worker"):
+        async with Worker(bus, source) as worker:
+            await until(lambda: len(source.acked) == 3)
+    assert sorted(handled) == ["m0", "m1", "m2"]
+    assert [(message.message_id, delay) for message, delay in source.nacked] == [("m1", None)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["message m1 from source could not be started; giving it back"]
+    assert worker.stats.handled == 3
+
+
+async def test_a_receive_count_that_is_not_a_number_loses_no_message(moto: Moto) -> None:
+    """Found: one message whose ``ApproximateReceiveCount`` was not a number (a faulty
+    SQS-compatible server) failed the whole ``ReceiveMessage`` with a ValueError: every
+    message it brought stayed invisible until its visibility timeout, none of them named.
+    That count is now unknown (None), and the receive's messages are handled at once."""
+
+    def garble(parsed: dict[str, Any], **kwargs: Any) -> None:
+        for message in parsed.get("Messages", [])[:1]:
+            message["Attributes"]["ApproximateReceiveCount"] = "many"
+
+    class Garbled(SQSSource):
+        async def start(self) -> None:
+            await super().start()
+            self.client.meta.events.register("after-call.sqs.ReceiveMessage", garble)
+
+    queue_url = await create_queue(moto, "garbled", {"VisibilityTimeout": "30"})
+    event_ids = await publish(moto, queue_url, *({"n": n} for n in range(3)))
+    bus = EventBus()
+    handled: list[str] = []
+    bus.on("order.*")(lambda event: handled.append(event.id))
+    garbled = Garbled(
+        queue_url,
+        endpoint_url=moto.endpoint,
+        region_name=REGION,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        wait_time_seconds=1,
+    )
+    async with Worker(bus, garbled):
+        await until(lambda: len(handled) == 3, timeout=10)  # not after 30 s
+    assert sorted(handled) == sorted(event_ids)
+    assert await counts(moto, queue_url) == (0, 0)
 
 
 @pytest.mark.parametrize("policy", ["retry", "delete"])

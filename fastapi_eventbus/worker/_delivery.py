@@ -101,6 +101,9 @@ class HeldMessage:
     """With an order key: its own, done once it is settled; the next message's `after`."""
     settling: bool = False
     """Its acknowledgement or give-back is sent: the source may deliver it again already."""
+    beats: asyncio.Task[None] | None = None
+    """Its heartbeat, while one runs: given up (`Worker`'s abandoning), it is cancelled, since
+    extending a message given back would hide it again."""
 
     def __str__(self) -> str:
         event = self.event
@@ -186,7 +189,7 @@ class Processor:
         """Decode and handle *held*'s message; whether to acknowledge it (`Outcome`)."""
         owner, message = self.owner, held.message
         if held.after is not None:  # kept invisible meanwhile; cancelled: given back
-            async with self._heartbeat(message, None):
+            async with self._heartbeat(held, None):
                 handled_before = await asyncio.shield(held.after)  # cancelled: not the future
             if not handled_before:
                 return self._held_back(held, consumed)
@@ -201,7 +204,7 @@ class Processor:
         hold_for = allowance(owner.bus.time_limit(event.name))
         self.watch(held, hold_for)
         try:
-            async with self._heartbeat(message, hold_for):
+            async with self._heartbeat(held, hold_for):
                 failures = await owner.bus.handle(event)
         except Exception as exc:
             logger.exception("handling event %r (id=%s) failed", event.name, event.id)
@@ -348,15 +351,17 @@ class Processor:
     # -- the heartbeat --------------------------------------------------------------
 
     @asynccontextmanager
-    async def _heartbeat(self, message: ReceivedMessage, hold: float | None) -> AsyncIterator[None]:
-        """Extend *message*'s visibility (ack deadline) in the background inside the block,
+    async def _heartbeat(self, held: HeldMessage, hold: float | None) -> AsyncIterator[None]:
+        """Extend *held*'s visibility (ack deadline) in the background inside the block,
         for up to *hold* seconds (None: as long as the block lasts)."""
         interval = self.owner.source.extend_interval
         if interval is None:
             yield
             return
         until = None if hold is None else asyncio.get_running_loop().time() + hold
-        beats = asyncio.create_task(self._keep_invisible(message, interval, until))
+        beats = held.beats = asyncio.create_task(
+            self._keep_invisible(held.message, interval, until)
+        )
         try:
             yield
         finally:

@@ -467,6 +467,8 @@ class Worker:
         self._let_go.set()  # `_settled` waits for it no more
         self._slots.release()
         held.abandoned = True
+        if held.beats is not None:  # given back: extending it again would hide it again
+            held.beats.cancel()
         self._settle_order(held)
         self.stats.abandoned += 1
         logger.error(

@@ -203,6 +203,38 @@ async def test_the_heartbeat_stops_at_the_time_limit_and_a_hung_message_is_given
     assert "is still running 5.1s after its handlers started; giving it back" in error
 
 
+@pytest.mark.slow
+async def test_a_message_given_back_at_shutdown_is_extended_no_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found: at shutdown, a message whose handler ignored its cancellation was given back
+    at once (nack, delay 0), but its heartbeat ran on and extended it again every interval,
+    hiding the message it had just given back (and, once the source closed, logging
+    'could not extend' WARNINGs) for as long as the handler ran. Giving it back now stops
+    its heartbeat."""
+    bus = EventBus(handler_timeout=None, shutdown_timeout=1)  # only shutdown cancels it
+    release = asyncio.Event()
+
+    @bus.on("order.*")
+    async def stubborn(event: Event) -> None:
+        while not release.is_set():
+            with suppress(asyncio.CancelledError):
+                await release.wait()
+
+    source = OneMessageSource(extend_interval=0.1)
+    asyncio.get_running_loop().call_later(40, release.set)  # in case stop() is not bounded
+    with caplog.at_level(logging.WARNING, logger="fastapi_eventbus.worker"):
+        async with Worker(bus, source, shutdown_timeout=0.1) as worker:
+            await until(lambda: "extend m-1 None" in source.calls)
+            await worker.stop()  # abandoned ~6 s later; the bus then waits 1 s for it
+            await asyncio.sleep(0.3)  # three intervals more, the handler still running
+            release.set()
+    given_back = source.calls.index("nack")
+    assert source.calls[given_back:] == ["nack"], source.calls[given_back:]
+    assert worker.stats.abandoned == 1
+    assert not [r for r in caplog.records if "could not extend" in r.getMessage()]
+
+
 async def test_no_heartbeat_without_an_extend_interval() -> None:
     calls: list[str] = []
     source = OneMessageSource(extend_interval=None)

@@ -204,7 +204,8 @@ class Processor:
         hold_for = allowance(owner.bus.time_limit(event.name))
         self.watch(held, hold_for)
         try:
-            async with self._heartbeat(held, hold_for):
+            # After a wait, at once: the wait's last extension may be nearly spent.
+            async with self._heartbeat(held, hold_for, at_once=held.after is not None):
                 failures = await owner.bus.handle(event)
         except Exception as exc:
             logger.exception("handling event %r (id=%s) failed", event.name, event.id)
@@ -351,16 +352,19 @@ class Processor:
     # -- the heartbeat --------------------------------------------------------------
 
     @asynccontextmanager
-    async def _heartbeat(self, held: HeldMessage, hold: float | None) -> AsyncIterator[None]:
+    async def _heartbeat(
+        self, held: HeldMessage, hold: float | None, *, at_once: bool = False
+    ) -> AsyncIterator[None]:
         """Extend *held*'s visibility (ack deadline) in the background inside the block,
-        for up to *hold* seconds (None: as long as the block lasts)."""
+        for up to *hold* seconds (None: as long as the block lasts); the first time at
+        once with *at_once*, else an interval from now."""
         interval = self.owner.source.extend_interval
         if interval is None:
             yield
             return
         until = None if hold is None else asyncio.get_running_loop().time() + hold
         beats = held.beats = asyncio.create_task(
-            self._keep_invisible(held.message, interval, until)
+            self._keep_invisible(held.message, interval, until, at_once)
         )
         try:
             yield
@@ -369,14 +373,14 @@ class Processor:
             await asyncio.wait({beats})
 
     async def _keep_invisible(
-        self, message: ReceivedMessage, interval: float, until: float | None
+        self, message: ReceivedMessage, interval: float, until: float | None, at_once: bool
     ) -> None:
         """Call `Source.extend` every *interval* seconds until *until* (loop time; None:
         until cancelled); the last call extends to *until* exactly. A failure is logged,
         then retried at the next beat."""
         source = self.owner.source
         loop = asyncio.get_running_loop()
-        beat = loop.time()
+        beat = loop.time() - (interval if at_once else 0.0)
         while True:  # on the beat: a slow extension does not push the later ones back
             beat = max(beat + interval, loop.time())  # (nor bring a burst after it)
             await asyncio.sleep(beat - loop.time())

@@ -9,8 +9,10 @@ subscription's own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -233,6 +235,44 @@ async def test_a_message_given_back_at_shutdown_is_extended_no_more(
     assert source.calls[given_back:] == ["nack"], source.calls[given_back:]
     assert worker.stats.abandoned == 1
     assert not [r for r in caplog.records if "could not extend" in r.getMessage()]
+
+
+async def test_a_message_that_waited_for_its_group_is_extended_at_once_when_its_turn_comes() -> (
+    None
+):
+    """Found: a message of a group waits (its heartbeat extending it) for the one before it;
+    when its turn came, the handlers' heartbeat first extended it a full interval later. A
+    turn coming just before the wait's next beat left about two intervals (the whole
+    visibility timeout) between two extensions: the message could expire, and come again,
+    while its handlers ran. The handlers' heartbeat now extends it at once after a wait."""
+    interval = 0.4
+    extended: dict[str, list[float]] = {}
+
+    class Grouped(MemorySource):
+        async def receive(self, max_messages: int) -> list[ReceivedMessage]:
+            received = await super().receive(max_messages)
+            for message in received:
+                extended[message.message_id] = [asyncio.get_running_loop().time()]
+            return [replace(message, order_key="g") for message in received]
+
+        async def extend(self, message: ReceivedMessage, seconds: float | None = None) -> None:
+            extended[message.message_id].append(asyncio.get_running_loop().time())
+
+    bus = EventBus()
+
+    @bus.on("order.*")
+    async def step(event: Event) -> None:  # the first ends just before the wait's 2nd beat
+        await asyncio.sleep(interval * (1.9 if event.payload["n"] == 0 else 1.5))
+
+    source = Grouped(name="fifo", extend_interval=interval)
+    for n in range(2):
+        source.put(Event(name="order.placed", payload={"n": n}), message_id=f"m{n}")
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.handled == 2)
+    times = extended["m1"]  # received, then each extension
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert max(gaps) < interval * 1.5, gaps  # before: about 1.9 intervals after the wait
+    assert len(gaps) >= 3, gaps  # received, the wait's beat, then the handlers' ones
 
 
 async def test_no_heartbeat_without_an_extend_interval() -> None:

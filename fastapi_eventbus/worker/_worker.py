@@ -177,6 +177,7 @@ class Worker:
                     "worker started: receiving from %s, %d at a time", self.source, self.concurrency
                 )
                 self._warn_if_no_handlers()
+                self._warn_if_order_unguarded()
                 await self._consume()
         finally:
             self._done.set()
@@ -190,6 +191,17 @@ class Worker:
             "(on_unhandled=%r). Is APP the worker's app, with its handlers registered?",
             "deleted" if self.on_unhandled == "delete" else "given back, to come again",
             self.on_unhandled,
+        )
+
+    def _warn_if_order_unguarded(self) -> None:
+        if not self.source.ordered or self.source.extend_interval is not None:
+            return
+        logger.warning(
+            "%s keeps each group's messages in order, and the worker has no heartbeat "
+            "(--visibility-timeout, --ack-deadline): a message waiting for the one before it "
+            "keeps only the visibility timeout (ack deadline) it was received with, which must "
+            "then cover the handlers of its whole group; else it comes again, out of order",
+            self.source.name,
         )
 
     def in_flight(self) -> list[str]:

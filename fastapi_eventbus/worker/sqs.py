@@ -119,7 +119,8 @@ class SQSSource(Source):
         self.decoder = decode
         self.queue_url = queue_url
         """The queue's URL."""
-        self._fifo = queue_url.rstrip("/").endswith(".fifo")  # a standard queue keeps no order
+        self.ordered = queue_url.rstrip("/").endswith(".fifo")  # a standard one keeps no order
+        """Whether it is a FIFO queue, whose groups are each handled in order."""
         self.wait_time_seconds = wait_time_seconds
         """How long one ``ReceiveMessage`` waits for messages."""
         self.max_messages = max_messages
@@ -187,7 +188,9 @@ class SQSSource(Source):
             request["VisibilityTimeout"] = self.visibility_timeout
         with self._translated("receive"):
             response = await self.client.receive_message(**request)
-        return [_received(message, self._fifo) for message in response.get("Messages", [])]
+        return [
+            _received(message, self.ordered is True) for message in response.get("Messages", [])
+        ]
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Delete *message* (in a ``DeleteMessageBatch`` with others acknowledged meanwhile)."""

@@ -859,6 +859,37 @@ async def test_at_shutdown_a_fifo_message_waiting_for_the_one_before_it_is_given
 # -- handlers that ignore their time limit, at shutdown -------------------------------------------
 
 
+async def test_a_fifo_worker_without_a_heartbeat_warns_at_start(
+    moto: Moto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the docs said a FIFO message waiting for the one before it "is kept invisible
+    meanwhile", which holds only with a heartbeat: without one, it keeps the queue's
+    visibility timeout, and a group's later messages could expire while waiting and be
+    handled again, out of order, by another worker, without a word. A worker on a FIFO queue
+    without a heartbeat now says so at start; with one, or on a standard queue, it does not."""
+    fifo_url = await moto.create_queue("orders", fifo=True)
+    standard_url = await moto.create_queue("orders")
+    bus = EventBus()
+    bus.on("order.*")(lambda event: None)
+    warned: dict[str, bool] = {}
+    for case, queue_source in (
+        ("fifo", source(moto, fifo_url)),
+        ("fifo with a heartbeat", source(moto, fifo_url, visibility_timeout=30)),
+        ("standard", source(moto, standard_url)),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
+            async with Worker(bus, queue_source, shutdown_timeout=0):
+                pass
+        lines = [r.getMessage() for r in caplog.records if "no heartbeat" in r.getMessage()]
+        warned[case] = bool(lines)
+        if lines:
+            (line,) = lines
+            assert line.startswith(f"{queue_source.name} keeps each group's messages in order")
+            assert "must then cover the handlers of its whole group" in line
+    assert warned == {"fifo": True, "fifo with a heartbeat": False, "standard": False}
+
+
 @pytest.mark.slow
 async def stop_while_stubborn(
     event: Event, handler_timeout: float | None, shutdown_timeout: float

@@ -102,8 +102,7 @@ class Core:
         self.serving = False
         """Whether the installed lifespan runs (spool resender, outbox relay, drain at exit)."""
         self.lifespan_state: dict[str, Any] = {}
-        """What the app's lifespan yielded, as ``request.state`` of handler calls without a
-        request; the worker sets it after entering the lifespan."""
+        """The app's lifespan's state: ``request.state`` of handler calls without a request."""
 
     def forward(self, patterns: list[str], forwarder: Forwarder) -> None:
         """`EventBus.forward`: a spool or an outbox files events by forwarder name."""
@@ -346,7 +345,7 @@ class Core:
             batch.runner = asyncio.current_task(batch.loop)
         dispatch = self.dispatcher.dispatch
         events = batch.events
-        ended = False  # the loop found nothing left (it was not cancelled)
+        ended = False  # the loop found nothing left: it was not cancelled
         try:
             while events or batch.jobs or batch.sends:  # events come while it awaits sends
                 while events:
@@ -380,16 +379,17 @@ class Core:
             for job, what in batch.jobs or ():  # cancelled before its jobs: each runs alone
                 self.spawn(job, batch.loop, what)
             batch.jobs = None
-            again = ended and batch.events  # a thread's, after the loop's last look (and
-            if not again:  # before it saw CLOSED): flushed again, not reported as cancelled
+            if ended and batch.events:  # a thread's, after the loop's last look (before it
+                if batch.task is asyncio.current_task():  # saw CLOSED): flushed again, not
+                    batch.task = None  # reported as cancelled
+                self.schedule(batch)
+            else:
                 self.active.discard(batch)
                 self.finished(batch)
-            if batch.task is asyncio.current_task() and (batch.sends or batch.events):
-                batch.task = None  # an event emitted while the hook runs: `schedule`
-            if again:
-                self.schedule(batch)
-            elif batch.sends or batch.events:  # cancelled: what it did not finish is reported,
-                await self._abandon(batch)  # last
+                if batch.sends or batch.events:  # cancelled: what it did not finish is
+                    if batch.task is asyncio.current_task():  # reported, last; an event
+                        batch.task = None  # emitted while the hook runs: `schedule`
+                    await self._abandon(batch)
 
     def finished(self, batch: Batch) -> None:
         """*batch* is done: its events no longer count as pending."""

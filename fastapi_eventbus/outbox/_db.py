@@ -1,15 +1,18 @@
-"""Running statements on an async or a sync SQLAlchemy engine, and the sessions `emit` joins."""
+"""Running statements on an async or a sync SQLAlchemy engine, within a time limit; the
+relay's `LISTEN`; and the sessions `emit` joins."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, TypeAlias, TypeVar
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any, TypeAlias, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from fastapi_eventbus._deadline import within
 from fastapi_eventbus.exceptions import ConfigurationError
 
 T = TypeVar("T")
@@ -39,21 +42,84 @@ def sync_engine(engine: AsyncEngine | Engine) -> Engine:
     return engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
 
-async def run(engine: AsyncEngine | Engine, work: Callable[[Connection], T]) -> T:
+async def run(
+    engine: AsyncEngine | Engine,
+    work: Callable[[Connection], T],
+    seconds: float | None = None,
+    doing: str = "a database call",
+) -> T:
     """``work(connection)`` in a transaction of its own, committed if it returns.
 
     On an async engine it runs on the event loop (SQLAlchemy's greenlet bridge);
     on a sync engine in a worker thread, so that the loop is never blocked.
+
+    With *seconds*, a call still running then raises `TimeoutError`, naming what it was
+    *doing*: a database that stopped answering (a network partition, a stalled proxy)
+    would hold the caller forever. An async call is cancelled, and SQLAlchemy invalidates
+    its connection (the pool opens a new one). A sync engine's thread cannot be stopped:
+    it is no longer waited for, and runs on until its driver returns.
     """
     if isinstance(engine, AsyncEngine):
-        async with engine.begin() as connection:
-            return await connection.run_sync(work)
-    return await asyncio.to_thread(_run_sync, engine, work)
+        finished, result = await within(_run_async(engine, work), seconds)
+    else:
+        finished, result = await within(asyncio.to_thread(_run_sync, engine, work), seconds)
+    if not finished:
+        thread = "" if isinstance(engine, AsyncEngine) else " (its thread runs on)"
+        raise TimeoutError(f"{doing} did not finish within {seconds:g}s{thread}")
+    return cast(T, result)
+
+
+async def _run_async(engine: AsyncEngine, work: Callable[[Connection], T]) -> T:
+    async with engine.begin() as connection:
+        return await connection.run_sync(work)
 
 
 def _run_sync(engine: Engine, work: Callable[[Connection], T]) -> T:
     with engine.begin() as connection:
         return work(connection)
+
+
+async def listen(
+    engine: AsyncEngine, channel: str, wake: asyncio.Event, seconds: float
+) -> Callable[[], Awaitable[None]]:
+    """``LISTEN`` on *channel* (asyncpg), setting *wake* at each notification, on a
+    connection of its own; how to stop. Raises if it cannot, or not within *seconds*."""
+    finished, stop = await within(_listen(engine, channel, wake), seconds)
+    if not finished or stop is None:
+        raise TimeoutError(f"LISTEN did not finish within {seconds:g}s")
+    return stop
+
+
+async def _listen(
+    engine: AsyncEngine, channel: str, wake: asyncio.Event
+) -> Callable[[], Awaitable[None]]:
+    connection = await engine.connect()
+
+    def notified(*_: object) -> None:
+        wake.set()
+
+    try:
+        raw = await connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.add_listener(channel, notified)
+    except BaseException:  # cancelled too: the connection is dropped, not given back
+        await _invalidate(connection)
+        raise
+
+    async def stop() -> None:
+        with suppress(Exception):
+            await driver.remove_listener(channel, notified)
+        with suppress(Exception):
+            await connection.close()
+
+    return stop
+
+
+async def _invalidate(connection: AsyncConnection) -> None:
+    with suppress(Exception):
+        await connection.invalidate()
+    with suppress(Exception):
+        await connection.close()
 
 
 def sync_session(session: object) -> Session:

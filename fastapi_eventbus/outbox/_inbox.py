@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from fastapi_eventbus._di import CURRENT_EVENT
 from fastapi_eventbus._events import Event
+from fastapi_eventbus._settings import check_seconds
 from fastapi_eventbus.wire import DEFAULT_SOURCE_PREFIX
 
 from ._db import autocommits, checked_engine, database_of, run, sync_engine
@@ -88,6 +89,10 @@ class SQLAlchemyInbox:
         metadata: The `MetaData` to define the table in (for Alembic); a new one
             by default.
         table_prefix: The start of the table's name (``eventbus_inbox``).
+        database_timeout: Seconds reading and writing a delivery's records may take:
+            past it, the event's handlers all run (reading) or a redelivery runs the
+            handler again (writing), with a ``WARNING``, rather than the delivery
+            waiting forever for a database that stopped answering.
     """
 
     handler_name_length = TEXT_LENGTH
@@ -100,8 +105,12 @@ class SQLAlchemyInbox:
         *,
         metadata: MetaData | None = None,
         table_prefix: str = "eventbus_",
+        database_timeout: float = 30.0,
     ) -> None:
         self.engine = checked_engine(engine, "SQLAlchemyInbox")
+        self.database_timeout = (
+            check_seconds("database_timeout", database_timeout, positive=True) or 0.0
+        )
         self.metadata = metadata if metadata is not None else MetaData()
         """The `MetaData` holding the inbox's table (give it to Alembic)."""
         name = f"{table_prefix}inbox"
@@ -120,7 +129,13 @@ class SQLAlchemyInbox:
     async def handled(self, event: Event) -> Collection[str]:
         """The names of the handlers that already succeeded for *event*."""
         query = select(self.table.c.handler).where(self.table.c.event_id == event_key(event))
-        return set(await run(self.engine, lambda c: c.execute(query).scalars().all()))
+        rows = await run(
+            self.engine,
+            lambda c: c.execute(query).scalars().all(),
+            self.database_timeout,
+            "reading the inbox",
+        )
+        return set(rows)
 
     def calling(self, handler: str, event: Event) -> Callable[[], bool]:
         """*handler* is about to run for *event*: a commit of its session records it, until
@@ -144,7 +159,7 @@ class SQLAlchemyInbox:
             except IntegrityError:  # another delivery of the event recorded it first
                 pass
 
-        await run(self.engine, work)
+        await run(self.engine, work, self.database_timeout, "recording a handler's success")
 
     async def forget(self, older_than: float) -> int:
         """Delete the records of successes more than *older_than* seconds old; how many.

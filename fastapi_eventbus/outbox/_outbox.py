@@ -37,7 +37,7 @@ from fastapi_eventbus._spool_io import describe_error, id_chunks, spooled_or_sta
 from fastapi_eventbus.exceptions import ConfigurationError
 from fastapi_eventbus.storage import SpooledEvent
 
-from ._db import check_writer, checked_engine, run, sync_engine, sync_session
+from ._db import check_writer, checked_engine, listen, run, sync_engine, sync_session
 from ._session import Entry, joined, listen_to_sessions
 from ._tables import OutboxTables, check_fits, outbox_tables
 
@@ -75,6 +75,10 @@ class SQLAlchemyOutbox:
         listen: On PostgreSQL with an asyncpg engine, have the relay ``LISTEN``
             for the rows committed due at once (by a script without an event
             loop): it takes them at once instead of at its next poll.
+        database_timeout: Seconds each database call of the relay and of a delivery
+            (claiming, settling, extending a lease) may take: past it, the call fails
+            with an ``ERROR``, its rows come back when their lease ends. Keep it
+            below *lease*.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class SQLAlchemyOutbox:
         retry_max: float = 300.0,
         batch_size: int = 100,
         listen: bool = True,
+        database_timeout: float = 30.0,
     ) -> None:
         self.engine = checked_engine(engine, "SQLAlchemyOutbox", claims=True)
         self.lease = check_seconds("lease", lease, positive=True) or 0.0
@@ -98,6 +103,9 @@ class SQLAlchemyOutbox:
         self.retry_max = check_seconds("retry_max", retry_max, positive=True) or 0.0
         self.max_attempts = check_int("max_attempts", max_attempts, 1) or 1
         self.batch_size = check_int("batch_size", batch_size, 1) or 1
+        self.database_timeout = (
+            check_seconds("database_timeout", database_timeout, positive=True) or 0.0
+        )
         self.metadata = metadata if metadata is not None else MetaData()
         """The `MetaData` holding the outbox's tables (give it to Alembic)."""
         self.tables: OutboxTables = outbox_tables(self.metadata, table_prefix)
@@ -273,7 +281,7 @@ class SQLAlchemyOutbox:
 
         while True:
             try:
-                await run(self.engine, extend)
+                await run(self.engine, extend, self.database_timeout, "extending a lease")
             except Exception as exc:
                 logger.warning(
                     "outbox %s: could not extend the lease of %d row(s) being delivered "
@@ -291,7 +299,12 @@ class SQLAlchemyOutbox:
         done = [(e.id, d) for e, d in keys if (e.id, d) not in failed_keys]
         retry = [(e.id, d, why) for e, d, why in failed]
         try:
-            spent = await run(self.engine, lambda c: self._settle_rows(c, done, retry))
+            spent = await run(
+                self.engine,
+                lambda c: self._settle_rows(c, done, retry),
+                self.database_timeout,
+                "settling delivered rows",
+            )
         except Exception as exc:  # the rows stay: delivered again later, duplicates at worst
             logger.error(
                 "outbox %s: could not record the outcome of %d row(s) (%s); they are "
@@ -376,7 +389,8 @@ class SQLAlchemyOutbox:
         many rows were claimed (0: nothing was due).
         """
         unreadable: list[SpooledEvent] = []
-        claimed = await run(self.engine, lambda c: self._claim(c, unreadable))
+        claim = partial(self._claim, unreadable=unreadable)
+        claimed = await run(self.engine, claim, self.database_timeout, "claiming due rows")
         for item in unreadable:
             logger.error("outbox %s: %s; moved to the dead table", self.name, item.error)
             reason = item.error or "unreadable"
@@ -461,8 +475,12 @@ class SQLAlchemyOutbox:
         try:
             while await self.relay_once() > 0:
                 pass
-        except Exception as exc:
-            logger.error("outbox %s: relaying failed: %s", self.name, describe_error(exc))
+        except Exception as exc:  # claimed rows come back when their lease ends
+            logger.error(
+                "outbox %s: relaying failed, tried again at the next round: %s",
+                self.name,
+                describe_error(exc),
+            )
 
     def notifies(self) -> bool:
         """Whether commits announce rows due at once to relays (PostgreSQL, ``listen``)."""
@@ -479,14 +497,7 @@ class SQLAlchemyOutbox:
         if engine.dialect.name != "postgresql" or engine.dialect.driver != "asyncpg":
             return None
         try:
-            connection = await engine.connect()
-            raw = await connection.get_raw_connection()
-            driver: Any = raw.driver_connection
-
-            def notified(*_: object) -> None:
-                wake.set()
-
-            await driver.add_listener(self.channel, notified)
+            return await listen(engine, self.channel, wake, self.database_timeout)
         except Exception as exc:
             logger.warning(
                 "outbox %s: cannot LISTEN for new rows (%s); polling every %gs",
@@ -495,14 +506,6 @@ class SQLAlchemyOutbox:
                 self.poll_interval,
             )
             return None
-
-        async def stop() -> None:
-            with suppress(Exception):
-                await driver.remove_listener(self.channel, notified)
-            with suppress(Exception):
-                await connection.close()
-
-        return stop
 
     async def release(self) -> int:
         """Make the rows this process holds due at once (shutdown); how many."""
@@ -516,7 +519,7 @@ class SQLAlchemyOutbox:
             )
             return int(result.rowcount)
 
-        return await run(self.engine, work)
+        return await run(self.engine, work, self.database_timeout, "releasing its rows")
 
     # -- inspecting and repairing -----------------------------------------------
 

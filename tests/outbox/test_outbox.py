@@ -27,7 +27,7 @@ from sqlalchemy.pool import NullPool
 
 from fastapi_eventbus import DiscardedEvents, Event, EventBus, Retry, get_bus
 from fastapi_eventbus.exceptions import ConfigurationError, ForwarderError, InvalidEventError
-from fastapi_eventbus.outbox import SQLAlchemyOutbox
+from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
 from fastapi_eventbus.testing import RecordingForwarder
 from tests.outbox.shop import handled, make_shop, metadata, orders
 
@@ -339,6 +339,11 @@ def test_bad_outbox_use_fails_at_the_call(tmp_path: Path) -> None:
             SQLAlchemyOutbox(create_engine(url, module=mysqldb))  # would be 4-byte floats
     with pytest.raises(ConfigurationError, match="lease"):
         SQLAlchemyOutbox(engine, lease=0)
+    for timeout in (0, -1, None, "30"):
+        with pytest.raises(ConfigurationError, match="database_timeout"):
+            SQLAlchemyOutbox(engine, database_timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="database_timeout"):
+            SQLAlchemyInbox(engine, database_timeout=timeout)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="another EventBus"):
         EventBus(outbox=bus.outbox)
 

@@ -1,5 +1,6 @@
-"""The outbox's edges: nothing a handler does holds the application's exit, and what its
-tables cannot hold is refused where it is emitted or registered."""
+"""The outbox's edges: nothing a handler does holds the application's exit, a database that
+stops answering does not stall the relay, and what its tables cannot hold is refused where
+it is emitted or registered."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, create_engine, insert
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool, QueuePool
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, InvalidEventError
 from fastapi_eventbus.outbox import SQLAlchemyInbox, SQLAlchemyOutbox
 from fastapi_eventbus.testing import RecordingForwarder, capture
+from tests._postgres import Postgres
+from tests._proxy import Proxy
 from tests.outbox.test_outbox import outbox_rows
 
 pytestmark = pytest.mark.slow
@@ -70,6 +76,97 @@ def test_a_delivery_ignoring_its_cancellation_does_not_hold_the_shutdown(
     assert any("left running" in e and event_id in e for e in errors), errors
     bus = EventBus(outbox=SQLAlchemyOutbox(create_async_engine(db_url, poolclass=NullPool)))
     assert [row.event_id for row in outbox_rows(db_url, bus)] == [event_id]  # relayed later
+
+
+@pytest.fixture
+def stalling_db(postgres: Postgres) -> Iterator[tuple[Proxy, str]]:
+    """A fresh PostgreSQL database behind a `Proxy`; its name."""
+    database = postgres.create_database()
+    proxy = Proxy(postgres.port)
+    try:
+        yield proxy, database
+    finally:
+        proxy.close()
+        postgres.drop_database(database)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+def test_a_database_that_stops_answering_does_not_stall_the_relay(
+    stalling_db: tuple[Proxy, str], driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: the relay's database calls had no time limit. When PostgreSQL stopped
+    answering on an open connection (a network partition, a stalled proxy: here
+    `Proxy.stall`), the relay's claim awaited forever: no row was relayed, nothing was
+    logged, until the network came back. Now each call fails after ``database_timeout``
+    with an ``ERROR`` naming the outbox and what it was doing, the asyncpg connection is
+    dropped (not held by the stalled call; psycopg's thread runs on, no longer waited
+    for), and the relay tries again at each round: once the network heals, every due row
+    is relayed, each event handled once."""
+    proxy, database = stalling_db
+    url = f"postgresql+{{}}://postgres@127.0.0.1:{proxy.port}/{database}"
+    handled: Counter[str] = Counter()
+
+    def write(bus: EventBus, count: int) -> list[str]:
+        """A script without an event loop emits *count* events: due at once, for a relay."""
+        writer = create_engine(url.format("psycopg"), poolclass=NullPool)
+        with Session(writer) as db:
+            ids = [bus.emit("report.requested", {"n": n}, session=db).id for n in range(count)]
+            db.commit()
+        writer.dispose()
+        return ids
+
+    async def scenario() -> tuple[list[str], float | None, int]:
+        engine: AsyncEngine | Engine
+        if driver == "asyncpg":
+            engine = create_async_engine(url.format(driver))
+        else:
+            engine = create_engine(url.format(driver))
+        outbox = SQLAlchemyOutbox(engine, poll_interval=0.2, database_timeout=1, listen=False)
+        await outbox.create_tables()  # the relay's pooled connection: open, then stalled
+        bus = EventBus(outbox=outbox)
+        everything = asyncio.Event()
+
+        @bus.on("report.requested")
+        async def handle(event: Event) -> None:
+            handled[event.id] += 1
+            if len(handled) == 5:
+                everything.set()
+
+        ids = await asyncio.to_thread(write, bus, 5)
+        proxy.stall()
+        began = time.monotonic()
+        relay = asyncio.create_task(outbox.relay_forever())
+        first_error = None
+        while time.monotonic() - began < 8 and first_error is None:
+            await asyncio.sleep(0.05)
+            if any(r.levelno >= logging.ERROR for r in caplog.records):
+                first_error = time.monotonic() - began
+        await asyncio.sleep(2.5)  # more rounds, each bounded; the stalled call let go
+        pool = engine.pool
+        held = pool.checkedout() if isinstance(pool, QueuePool) and driver == "asyncpg" else 0
+        proxy.heal()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(everything.wait(), 15)
+        await asyncio.sleep(0.5)  # nothing handled twice meanwhile
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+        await bus.close()
+        if isinstance(engine, AsyncEngine):
+            await engine.dispose()
+        else:
+            engine.dispose()
+        return ids, first_error, held
+
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        ids, first_error, held = asyncio.run(scenario())
+    assert first_error is not None, "no ERROR while the database did not answer"
+    assert first_error < 4, first_error  # 1 s, and a second for the call to stop
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"outbox postgresql+{driver}://postgres@127.0.0.1:{proxy.port}" in errors[0], errors
+    assert "claiming due rows did not finish within 1s" in errors[0], errors
+    assert held == 0  # asyncpg: the stalled connection was dropped, not kept checked out
+    assert handled == Counter(ids)  # every event, once
 
 
 def test_what_the_outbox_s_columns_cannot_hold_is_refused_at_the_call(db_url: str) -> None:

@@ -134,8 +134,7 @@ class Core:
     async def handle(
         self, event: Event, parent: Batch | None, depth: int, local: bool = False
     ) -> list[HandlerFailure]:
-        """Run *event*'s local handlers now, forwarding nothing (`EventBus.handle`; with
-        *local*, an outbox's event: its handlers' `Retry` applies, as in a flush)."""
+        """*event*'s local handlers now (`EventBus.handle`; *local*: an outbox's, retried)."""
         batch = self.batch(parent, depth)
         batch.state = FLUSHING
         batch.current = event
@@ -148,9 +147,8 @@ class Core:
             self.active.discard(batch)
 
     def destinations(self, name: str) -> list[str]:
-        """Where an event called *name* goes, as an outbox records it: ``""`` for the local
-        handlers (also when nothing matches: relayed until a process with a handler takes it,
-        or dead-lettered), and each forwarder's name."""
+        """Where an event called *name* goes, as an outbox records it: ``""``, the local
+        handlers (also if nothing matches: relayed until a process has one), and forwarders."""
         forwarders = [f.name for f in self.forwarders.match(name)] if self.forwarders.size else []
         if self.handlers.match(name) or not forwarders:
             forwarders.insert(0, LOCAL)
@@ -165,8 +163,8 @@ class Core:
                 return nowhere(events, f"no forwarder named {destination!r} in this application")
             outcome = await self.sender.send_kept(forwarder, events)
             return [(event, outcome.error or "not sent") for event in outcome.unsent]
-        handled: list[Event] = []
-        unhandled: list[Event] = []  # a release (or process) that has a handler may come
+        handled: list[Event] = []  # unhandled: a release (or process) with a handler may come
+        unhandled: list[Event] = []
         for event in events:
             (handled if self.handlers.match(event.name) else unhandled).append(event)
         failed = nowhere(unhandled, "no handler for it in this application") if unhandled else []
@@ -205,11 +203,9 @@ class Core:
         return batch
 
     def accept(self, batch: Batch, event: Event) -> None:
-        """Add an emitted *event* to *batch*, and see that it will be flushed.
-
-        The request's first event adds the flush to its background tasks; an event emitted
-        once the batch is closed (a task's, a WebSocket session's) gets a flush of its own.
-        """
+        """Add an emitted *event* to *batch*, and see that it will be flushed: the request's
+        first event adds the flush to its background tasks; an event emitted once the batch is
+        closed (a task's, a WebSocket session's) gets a flush of its own."""
         batch.accepted += 1
         self.pending += 1
         if not batch.events:
@@ -224,12 +220,9 @@ class Core:
     def after_response(
         self, batch: Batch | None, job: Callable[[], Awaitable[None]], what: str | None = None
     ) -> None:
-        """Run *job* (which never raises) after *batch*'s response, in its flush; or at
-        once when there is no response to wait for (no request, or it was sent already):
-        a task of its own, named *what* (`spawn`).
-
-        Safe to call from another thread (a sync endpoint, a sync database session).
-        """
+        """Run *job* (which never raises) after *batch*'s response, in its flush; or at once
+        when there is no response to wait for (no request, or it was sent already): a task of
+        its own, named *what* (`spawn`). Safe to call from another thread (a sync endpoint)."""
         if batch is None or batch.state != COLLECTING:
             self.spawn(job, batch.loop if batch is not None else None, what)
             return
@@ -280,11 +273,10 @@ class Core:
         """The request is over (*exc*: what its endpoint raised; *stacked*: passed on by
         FastAPI's request exit stack): what happens to its events.
 
-        Nothing, when the flush ran already (as a background task); flushed now if the
-        endpoint returned (a response with its own ``background=``, or that failed while
-        being sent, skipped the flush task); discarded if it raised; kept with
-        ``keep_events_on_error``. Returns the flush or the discard for the caller to
-        await, or None (most requests: no coroutine to make and await).
+        Nothing, when the flush ran already (as a background task); flushed now if the endpoint
+        returned (a response with its own ``background=``, or that failed while being sent,
+        skipped the flush task); discarded if it raised; kept with ``keep_events_on_error``.
+        Returns the flush or the discard to await, or None (most requests: nothing to await).
         """
         batch.forget_bus()
         if batch.state != COLLECTING:  # usually: the flush ran already, as a background task
@@ -331,13 +323,11 @@ class Core:
     async def flush(self, batch: Batch, stoppable: bool = False) -> None:
         """Forward and handle *batch*'s events, in emission order, until it is empty.
 
-        Each round hands the pending events to their forwarders (concurrent
-        tasks), then runs the local handlers event by event; the flush ends when
-        the forwarders have finished too, and no event came meanwhile (a
-        WebSocket session's, a task's). If it is cancelled, what it did not
-        finish (the event being handled included) is reported. A *stoppable*
-        flush (a request's) is stopped by `stop_flushes` at shutdown's deadline.
-        """
+        Each round hands the pending events to their forwarders (concurrent tasks), then runs
+        the local handlers event by event; the flush ends when the forwarders have finished
+        too, and no event came meanwhile (a WebSocket session's, a task's). If it is cancelled,
+        what it did not finish (the event being handled included) is reported. A *stoppable*
+        flush (a request's) is stopped by `stop_flushes` at shutdown's deadline."""
         if batch.state == FLUSHING:
             return
         batch.state = FLUSHING
@@ -379,17 +369,24 @@ class Core:
             for job, what in batch.jobs or ():  # cancelled before its jobs: each runs alone
                 self.spawn(job, batch.loop, what)
             batch.jobs = None
-            if ended and batch.events:  # a thread's, after the loop's last look (before it
-                if batch.task is asyncio.current_task():  # saw CLOSED): flushed again, not
-                    batch.task = None  # reported as cancelled
-                self.schedule(batch)
-            else:
+            if not ended or not batch.events:
                 self.active.discard(batch)
                 self.finished(batch)
-                if batch.sends or batch.events:  # cancelled: what it did not finish is
-                    if batch.task is asyncio.current_task():  # reported, last; an event
-                        batch.task = None  # emitted while the hook runs: `schedule`
+                if not ended and (batch.sends or batch.events):  # cancelled: what it did not
+                    if batch.task is asyncio.current_task():  # finish is reported, last; an
+                        batch.task = None  # event emitted while the hook runs: `schedule`
                     await self._abandon(batch)
+            if ended and batch.events:  # a thread's, after the loop's last look (it saw the
+                self.again(batch)  # batch FLUSHING): flushed again, not reported as cancelled
+
+    def again(self, batch: Batch) -> None:  # a thread's events came as *batch*'s flush ended
+        self.active.add(batch)
+        if (uncounted := len(batch.events) - batch.accepted) > 0:  # `finished` took them
+            batch.accepted += uncounted
+            self.pending += uncounted
+        if batch.task is asyncio.current_task():
+            batch.task = None
+        self.schedule(batch)
 
     def finished(self, batch: Batch) -> None:
         """*batch* is done: its events no longer count as pending."""

@@ -13,6 +13,7 @@ solver for every call, on exit stacks that belong to that call alone.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import inspect
 from collections.abc import Callable, Coroutine, Iterator, MutableMapping
@@ -524,12 +525,10 @@ async def returned(result: object) -> None:
     """What a handler's call returned (not None): an awaitable is awaited, not dropped.
 
     FastAPI's predicate decides what is async; where it cannot see an async body (older
-    FastAPI and a ``functools.wraps`` or ``partial`` wrapper), a sync handler (run in the
-    threadpool) returns a coroutine; an async handler may return one it forgot to await
-    (``return send(event)``). Dropped, its work would never be done nor its failure reported.
-    """
-    while inspect.isawaitable(result):  # an awaitable's own awaitable result, too
-        result = await result
+    FastAPI and a ``functools.wraps`` or ``partial`` wrapper), a sync handler returns a
+    coroutine; an async one may return one it forgot to await (``return send(event)``)."""
+    while inspect.isawaitable(result) and not asyncio.isfuture(result):  # a task or a
+        result = await result  # future it returns runs on its own, as it did before
 
 
 CURRENT_EVENT: ContextVar[tuple[Event, Any]] = ContextVar("fastapi_eventbus.current_event")

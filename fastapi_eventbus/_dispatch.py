@@ -92,7 +92,8 @@ class Dispatcher:
         if timeout is None:
             timeout = core.settings.handler_timeout
         handler = _di.new_handler(func, patterns, None if timeout == math.inf else timeout, retry)
-        if (known := self._registered.get(key := _identity(func))) is not None:
+        key = (_identity(func), handler.timeout, handler.retry)  # other options: another one
+        if (known := self._registered.get(key)) is not None:
             self._registered[key] = self._add_patterns(known, handler)
             return
         if self.inbox is not None and handler.name in self._names:
@@ -119,16 +120,8 @@ class Dispatcher:
         self.handlers.add(handler.patterns, handler)
 
     def _add_patterns(self, known: Handler, again: Handler) -> Handler:
-        """*known*'s function registered again (stacked ``@bus.on``, a loop): one handler
-        still, with *again*'s patterns too, so that it runs once per event; refused if
-        *again* has other options (which of them would apply to an event both match?)."""
-        if (again.timeout, again.retry) != (known.timeout, known.retry):
-            raise ConfigurationError(
-                f"handler {known.name} is registered already with other options (timeout="
-                f"{_limit_of(known)}, retry={known.retry!r}; now timeout={_limit_of(again)}, "
-                f"retry={again.retry!r}), and it runs once per event: register it once, one "
-                '@bus.on with all its patterns and its options: @bus.on("a", "b", timeout=...)'
-            )
+        """*known*'s function registered again with the same options (stacked ``@bus.on``, a
+        loop): one handler still, with *again*'s patterns too, so that it runs once per event."""
         added = [p for p in dict.fromkeys(again.patterns) if p not in known.patterns]
         if not added:
             return known
@@ -485,11 +478,6 @@ def _identity(func: Callable[..., Any]) -> object:
     if inspect.ismethod(func):
         return id(func.__self__), func.__func__
     return id(func)
-
-
-def _limit_of(handler: Handler) -> float:
-    """*handler*'s time limit as ``@bus.on(timeout=...)`` takes it (``math.inf``: none)."""
-    return math.inf if handler.timeout is None else handler.timeout
 
 
 def _ended(handler: Handler, limit: Limit | None) -> int:

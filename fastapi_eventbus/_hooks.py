@@ -193,7 +193,7 @@ def start_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> 
         return None
     try:
         result = hook(value)
-        return asyncio.ensure_future(_contained(result)) if inspect.isawaitable(result) else None
+        return asyncio.ensure_future(contained(result)) if inspect.isawaitable(result) else None
     except BaseException as exc:
         if passes_through(exc):
             raise
@@ -201,14 +201,14 @@ def start_hook(hook: Callable[[T], Awaitable[None] | None] | None, value: T) -> 
         return None
 
 
-async def _contained(work: Awaitable[Any]) -> Any:
-    """An async hook's *work*, as its task runs it: a `SystemExit` raised in a task leaves it
-    into the event loop (asyncio re-raises it there) and stops the application. Here it is
-    the hook's failure, logged like a sync hook's."""
+async def contained(work: Awaitable[Any]) -> Any:
+    """*work* (an async hook's, a forwarder's close), as a task of its own runs it: a
+    `SystemExit` raised in a task leaves it into the event loop (asyncio re-raises it there)
+    and stops the application. Here it is *work*'s failure, logged like a sync hook's."""
     try:
         return await work
     except SystemExit as exc:
-        raise RuntimeError(f"the hook raised {exc!r}") from exc
+        raise RuntimeError(f"it raised {exc!r}") from exc
 
 
 async def finish_hook(hook: object, task: asyncio.Future[Any]) -> None:

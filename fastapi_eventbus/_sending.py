@@ -8,7 +8,7 @@ from typing import Any
 
 from ._deadline import within
 from ._events import Event
-from ._hooks import DiscardedEvents, OnDiscard, call_hook, logger, passes_through
+from ._hooks import DiscardedEvents, OnDiscard, call_hook, contained, logger, passes_through
 from ._patterns import PatternIndex
 from ._tracing import Tracing
 from .exceptions import ConfigurationError, SpoolError
@@ -185,7 +185,8 @@ class Sender:
                         f"forwarder needs its own name (name=...), which its stored events "
                         f"are filed under"
                     )
-        self.forwarders.add(patterns, forwarder)
+        again = any(other is forwarder for other in self.forwarders.items())  # its patterns
+        self.forwarders.add(patterns, forwarder, replacing=forwarder if again else None)  # grow
 
     async def resend_due(self) -> int:
         """`resend` until nothing is due; how many events were tried."""
@@ -208,23 +209,26 @@ class Sender:
             await asyncio.sleep(storage.resend_interval)
 
     async def close(self) -> None:
-        """Close every forwarder's clients; a failing close is logged, not raised. Each close
-        has the forwarder's ``send_timeout`` (60 s without one): one that never returns must
-        not hold the shutdown (cancelled, and left running if it ignores that)."""
-        for forwarder in self.forwarders.items():
-            seconds = 60.0 if forwarder.send_timeout is None else forwarder.send_timeout
-            try:
-                closed, _ = await within(forwarder.aclose(), seconds)
-            except Exception:
-                logger.exception("closing forwarder %s failed", forwarder.name)
-                continue
-            if not closed:
-                logger.error(
-                    "closing forwarder %s did not finish within %gs: "
-                    "cancelled, and left running if it ignores that; its clients may stay open",
-                    forwarder.name,
-                    seconds,
-                )
+        """Close every forwarder's clients, all at once; a failing close is logged, not raised.
+        Each close has the forwarder's ``send_timeout`` (60 s without one): one that never
+        returns must not hold the shutdown (cancelled, and left running if it ignores that)."""
+        await asyncio.gather(*(_close(forwarder) for forwarder in self.forwarders.items()))
+
+
+async def _close(forwarder: Forwarder) -> None:
+    seconds = 60.0 if forwarder.send_timeout is None else forwarder.send_timeout
+    try:
+        closed, _ = await within(contained(forwarder.aclose()), seconds)
+    except Exception:
+        logger.exception("closing forwarder %s failed", forwarder.name)
+        return
+    if not closed:
+        logger.error(
+            "closing forwarder %s did not finish within %gs: cancelled, and left running if it "
+            "ignores that; its clients may stay open",
+            forwarder.name,
+            seconds,
+        )
 
 
 def _failed(forwarder: Forwarder, events: Sequence[Event], exc: BaseException) -> str:

@@ -76,10 +76,10 @@ class Shutdown:
         deadline = time.monotonic() + timeout
         # Polling, not an asyncio.Event: a bare TestClient runs each request on its own loop.
         while time.monotonic() < deadline and (  # noqa: ASYNC110
-            self._own(loop) or any(job.get_loop() is loop for job in core.jobs)
+            self._own(loop) or any(job.get_loop() is loop for job in list(core.jobs))
         ):
             await asyncio.sleep(0.005)
-        jobs = [job for job in core.jobs if job.get_loop() is loop]
+        jobs = [job for job in list(core.jobs) if job.get_loop() is loop]
         # Cancelled, each reports what it did not finish; one ignoring it is left running.
         stopped = await asyncio.gather(*(finish_within(job, 0) for job in jobs))
         if stuck := [job for job, ended in zip(jobs, stopped, strict=True) if not ended]:

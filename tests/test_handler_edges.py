@@ -199,6 +199,40 @@ async def test_an_awaitable_an_async_handler_returns_is_awaited(
     assert [type(failure.exception) for failure in hooks.failures] == [LookupError]
 
 
+@pytest.mark.anyio
+async def test_a_task_or_future_a_handler_returns_runs_on_its_own(
+    bus: EventBus, hooks: Hooks
+) -> None:
+    """A handler that starts work and returns its task (``return asyncio.create_task(...)``)
+    or a future another handler resolves: they run on their own, as before awaiting returned
+    coroutines (found in review: the flush waited for the task, cancelled it at the handler's
+    time limit and reported the handler failed; a future a later handler resolves hung it)."""
+    loop = asyncio.get_running_loop()
+    resolved: asyncio.Future[str] = loop.create_future()
+    done: list[str] = []
+
+    async def background() -> None:
+        await asyncio.sleep(0.5)
+        done.append("background")
+
+    @bus.on("x", timeout=0.2)
+    async def kick_off(event: Event) -> asyncio.Task[None]:
+        return asyncio.create_task(background())
+
+    @bus.on("x", timeout=math.inf)
+    async def waiting(event: Event) -> asyncio.Future[str]:
+        return resolved
+
+    @bus.on("x")
+    async def resolving(event: Event) -> None:
+        resolved.set_result("resolved")
+
+    await asyncio.wait_for(bus.publish("x"), 2)
+    assert hooks.failures == []
+    await asyncio.sleep(0.6)
+    assert done == ["background"]
+
+
 # -- finding 2: a yield dependency that swallows the handler's exception -------------------
 
 

@@ -4,6 +4,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -949,6 +950,20 @@ class RaisingBase(Forwarder):
 
 
 @pytest.mark.anyio
+async def test_a_forwarder_attached_twice_gets_each_event_once() -> None:
+    """Found in review: ``bus.forward("order.*", f)`` and ``bus.forward("order.placed", f)``
+    gave ``f`` an event both match twice, in one send (and two spool rows). Attached again,
+    a forwarder gets the new patterns, and each event once, as a handler does."""
+    bus, forwarder = EventBus(), RecordingForwarder()
+    bus.forward("order.*", forwarder)
+    bus.forward("order.placed", forwarder)
+    bus.forward("invoice.*", forwarder)
+    await bus.publish("order.placed")
+    await bus.publish("invoice.sent")
+    assert [event.name for event in forwarder.events] == ["order.placed", "invoice.sent"]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     "error",
     [Boom("boom"), GeneratorExit("a library closed its generator"), SystemExit(3)],
@@ -1030,6 +1045,29 @@ async def test_a_start_or_close_that_never_returns_does_not_hold_startup_or_shut
         "close": "closing forwarder Stuck did not finish within 0.2s",
     }[hang_in]
     assert [line for line in errors if expected in line], errors
+
+
+@pytest.mark.anyio
+async def test_forwarders_that_never_close_hold_the_shutdown_once_not_each_in_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: the forwarders were closed one after another, each up to its
+    ``send_timeout`` (60 s without one): ten that hang held the shutdown ten minutes, past
+    any orchestrator's grace period. They close at once now, each under its own limit."""
+    bus = EventBus()
+    stuck = [Stuck("close") for _ in range(5)]
+    for forwarder in stuck:
+        forwarder.send_timeout = 0.5
+        bus.forward("order.*", forwarder)
+    app = FastAPI()
+    bus.install(app)
+    with anyio.fail_after(10):
+        async with app.router.lifespan_context(app):
+            started = time.monotonic()
+    took = time.monotonic() - started
+    closing = [r for r in caplog.records if "did not finish within 0.5s" in r.getMessage()]
+    assert len(closing) == 5
+    assert took < 1.5, took  # one after another: 2.5 s
 
 
 @pytest.mark.anyio

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from typing import Any, Generic, Self, TypeVar
 from fastapi_eventbus import wire
 from fastapi_eventbus._events import Event, shown
 from fastapi_eventbus._retry import exponential, jittered
-from fastapi_eventbus.exceptions import ConfigurationError, SourceError
+from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
 
 T = TypeVar("T")
 
@@ -39,6 +41,33 @@ class ReceivedMessage:
     def __post_init__(self) -> None:
         if not self.message_id.isprintable():  # rare: escaped once, for every log line
             object.__setattr__(self, "message_id", shown(self.message_id))
+
+
+MALFORMED = "fastapi_eventbus.malformed"
+"""The body key of a message its source could not read (`malformed`): why."""
+
+
+def malformed(
+    body: Mapping[str, Any], why: str, message_id: str, receipt: str, receive_count: int | None
+) -> ReceivedMessage:
+    """A message of a broker's answer that its source could not read (a faulty server, a
+    middlebox): it fails alone, never the receive, as a message the worker cannot decode
+    (its ``on_undecodable``). *body* is an empty one of the source's shape; the source's
+    `Source.decode` raises `MessageDecodeError` with *why* (`refuse_malformed`)."""
+    return ReceivedMessage({**body, MALFORMED: why}, message_id, receipt, receive_count)
+
+
+def refuse_malformed(message: ReceivedMessage) -> None:
+    """Raise `MessageDecodeError` if *message* is one its source could not read (`malformed`)."""
+    if (why := message.body.get(MALFORMED)) is not None:
+        raise MessageDecodeError(why)
+
+
+def content_name(content: object, id_field: str) -> str:
+    """A name for a malformed message without its *id_field*, after its content, which stays
+    from one delivery to the next (its receipt does not)."""
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=repr).encode())
+    return f"with no {id_field}, content {digest.hexdigest()[:16]}"
 
 
 @dataclass(frozen=True, slots=True)

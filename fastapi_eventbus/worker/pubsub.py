@@ -17,7 +17,6 @@ The SDK is imported when the source starts, never before.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -29,9 +28,18 @@ from typing import TYPE_CHECKING, Any
 from fastapi_eventbus._brokers import gcp
 from fastapi_eventbus._events import Event
 from fastapi_eventbus._settings import check_int
-from fastapi_eventbus.exceptions import ConfigurationError, MessageDecodeError, SourceError
+from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
-from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
+from ._source import (
+    Backoff,
+    Coalescer,
+    ReceivedMessage,
+    Source,
+    backoff_of,
+    content_name,
+    malformed,
+    refuse_malformed,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -54,8 +62,6 @@ _READ_TIMEOUT = 5.0
 """Seconds reading the subscription (whether it orders messages) may take."""
 _ACK_RETRY_DELAY = 1.0
 """Seconds before an ``acknowledge`` request that failed transiently is sent again."""
-_MALFORMED = "fastapi_eventbus.malformed"
-"""The body key of a pull answer's malformed item (`PubSubSource._read`): why it is."""
 
 logger = logging.getLogger("fastapi_eventbus.worker")
 
@@ -287,17 +293,15 @@ class PubSubSource(Source):
                 message_id,
             )
             return None
-        reason = f"a malformed item of a pull answer: {why}"
-        if not message_id:  # named after its content, which stays from one delivery to the
-            # next (its ackId does not): its give-backs' backoff grows as for any message
-            content = json.dumps(message, sort_keys=True, default=repr).encode()
-            message_id = f"with no messageId, content {hashlib.sha256(content).hexdigest()[:16]}"
+        if not message_id:  # its give-backs' backoff grows as for any message
+            message_id = content_name(message, "messageId")
         attempt = item.get("deliveryAttempt")
-        return ReceivedMessage(
-            body={"data": b"", "attributes": {}, _MALFORMED: reason},
-            message_id=str(message_id),
-            receipt=ack_id,
-            receive_count=attempt if type(attempt) is int else None,
+        return malformed(
+            {"data": b"", "attributes": {}},
+            f"a malformed item of a pull answer: {why}",
+            str(message_id),
+            ack_id,
+            attempt if type(attempt) is int else None,
         )
 
     async def ack(self, message: ReceivedMessage) -> None:
@@ -398,8 +402,7 @@ class PubSubSource(Source):
 
     def decode(self, message: ReceivedMessage) -> Event:
         """The event in *message*: the `decoder`'s, else Google's CloudEvents binding's."""
-        if (malformed := message.body.get(_MALFORMED)) is not None:
-            raise MessageDecodeError(malformed)
+        refuse_malformed(message)
         event = self.hooked(message)
         return gcp.decode(message.body) if event is None else event
 

@@ -18,22 +18,32 @@ aiobotocore is imported when the source starts, never before.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING
 
 from fastapi_eventbus._brokers import aws
-from fastapi_eventbus._events import Event
+from fastapi_eventbus._events import Event, shown
 from fastapi_eventbus._settings import check_int
 from fastapi_eventbus.exceptions import ConfigurationError, SourceError
 
-from ._source import Backoff, Coalescer, ReceivedMessage, Source, backoff_of
+from ._source import (
+    Backoff,
+    Coalescer,
+    ReceivedMessage,
+    Source,
+    backoff_of,
+    content_name,
+    malformed,
+    refuse_malformed,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import (
         DeleteMessageBatchRequestEntryTypeDef,
-        MessageTypeDef,
         ReceiveMessageRequestTypeDef,
     )
 
@@ -45,6 +55,8 @@ MAX_WAIT_TIME_SECONDS = 20
 """SQS's limit on ``WaitTimeSeconds`` (long polling)."""
 _MAX_MESSAGES = 10
 _MAX_VISIBILITY = 43_200
+
+logger = logging.getLogger("fastapi_eventbus.worker")
 
 
 class SQSSource(Source):
@@ -188,9 +200,36 @@ class SQSSource(Source):
             request["VisibilityTimeout"] = self.visibility_timeout
         with self._translated("receive"):
             response = await self.client.receive_message(**request)
-        return [
-            _received(message, self.ordered is True) for message in response.get("Messages", [])
-        ]
+        messages = response.get("Messages", [])
+        return [m for message in messages if (m := self._read(message)) is not None]
+
+    def _read(self, message: object) -> ReceivedMessage | None:
+        """One message of a ``ReceiveMessage`` answer; one that is malformed fails alone,
+        never the receive (whose other messages would stay invisible, none of them named).
+
+        It is then a message the worker cannot decode: its ``on_undecodable`` applies.
+        Without its ``ReceiptHandle`` it can be neither deleted nor given back: an ERROR
+        names it, and it comes again at its visibility timeout."""
+        try:
+            return _received(message, self.ordered is True)
+        except TypeError as exc:
+            why = str(exc)
+        fields = message if isinstance(message, Mapping) else {}
+        message_id, receipt = fields.get("MessageId"), fields.get("ReceiptHandle")
+        if not isinstance(receipt, str) or not receipt:
+            logger.error(
+                "SQS source %s: a ReceiveMessage answer held a message with no ReceiptHandle "
+                "(MessageId=%s): it can be neither deleted nor given back, and comes again at "
+                "its visibility timeout",
+                self.name,
+                shown(message_id) if isinstance(message_id, str) else message_id,
+            )
+            return None
+        if not isinstance(message_id, str) or not message_id:
+            message_id = content_name(message, "MessageId")
+        why = f"a malformed message of a ReceiveMessage answer: {why}"
+        count = _receive_count(fields.get("Attributes"))
+        return malformed({"Body": ""}, why, message_id, receipt, count)
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Delete *message* (in a ``DeleteMessageBatch`` with others acknowledged meanwhile)."""
@@ -246,6 +285,7 @@ class SQSSource(Source):
         The body is a structured CloudEvent, an EventBridge event, or an SNS
         notification of either (raw message delivery off).
         """
+        refuse_malformed(message)
         event = self.hooked(message)
         return aws.decode(message.body) if event is None else event
 
@@ -261,15 +301,40 @@ class SQSSource(Source):
         return aws.trace_context(message.body)
 
 
-def _received(message: MessageTypeDef, fifo: bool) -> ReceivedMessage:
+def _received(message: object, fifo: bool) -> ReceivedMessage:
+    """A ``ReceiveMessage`` answer's message; TypeError (why) if it cannot be read. From a
+    *fifo* queue, its ``MessageGroupId`` orders it in the worker: one that is not a string
+    would put it in no group, or another one, and break its group's order."""
+    if not isinstance(message, Mapping):
+        raise TypeError(f"it is a {type(message).__name__}, not an object")
     attributes = message.get("Attributes", {})
-    count = str(attributes.get("ApproximateReceiveCount", ""))
+    if not isinstance(attributes, Mapping):
+        raise TypeError(f"its Attributes are a {type(attributes).__name__}, not an object")
+    group = attributes.get("MessageGroupId") if fifo else None
+    if group is not None and not isinstance(group, str):
+        raise TypeError(f"its MessageGroupId is a {type(group).__name__}, not a string")
     return ReceivedMessage(
         body=message,
-        message_id=message.get("MessageId", ""),
-        receipt=message.get("ReceiptHandle", ""),
-        # Not a number (a faulty SQS-compatible server): unknown, rather than a failed receive
-        # that would leave the batch's messages invisible, none of them named.
-        receive_count=int(count) if count.isascii() and count.isdigit() else None,
-        order_key=attributes.get("MessageGroupId") if fifo else None,  # its group's order
+        message_id=_text(message, "MessageId"),
+        receipt=_text(message, "ReceiptHandle"),
+        receive_count=_receive_count(attributes),
+        order_key=group,  # its group's order
     )
+
+
+def _text(message: Mapping[str, object], field: str) -> str:
+    """*message*'s *field*, a string that is not empty; else TypeError (why)."""
+    value = message.get(field)
+    if isinstance(value, str) and value:
+        return value
+    what = "missing" if value is None else "empty" if value == "" else f"a {type(value).__name__}"
+    raise TypeError(f"its {field} is {what}")
+
+
+def _receive_count(attributes: object) -> int | None:
+    """The ``ApproximateReceiveCount`` in *attributes*; None if there is none, or it is not a
+    number (a faulty SQS-compatible server): unknown, rather than a message that fails."""
+    if not isinstance(attributes, Mapping):
+        return None
+    count = str(attributes.get("ApproximateReceiveCount", ""))
+    return int(count) if count.isascii() and count.isdigit() else None

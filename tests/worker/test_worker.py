@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -721,6 +722,101 @@ async def test_a_receive_count_that_is_not_a_number_loses_no_message(moto: Moto)
         await until(lambda: len(handled) == 3, timeout=10)  # not after 30 s
     assert sorted(handled) == sorted(event_ids)
     assert await counts(moto, queue_url) == (0, 0)
+
+
+GARBLED: dict[str, tuple[Any, str]] = {
+    # what the first message of the first answer becomes; the ERROR that says why
+    "not an object": (lambda message: ["junk"], "no ReceiptHandle"),
+    "Attributes null": (
+        lambda message: {**message, "Attributes": None},
+        "its Attributes are a NoneType, not an object",
+    ),
+    "MessageGroupId an int": (  # it was a group of its own, silently out of order
+        lambda message: {**message, "Attributes": {**message["Attributes"], "MessageGroupId": 7}},
+        "its MessageGroupId is a int, not a string",
+    ),
+    "MessageGroupId a list": (
+        lambda message: {**message, "Attributes": {**message["Attributes"], "MessageGroupId": []}},
+        "its MessageGroupId is a list, not a string",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "policy"),
+    [
+        ("not an object", "retry"),
+        ("Attributes null", "retry"),
+        ("Attributes null", "delete"),
+        ("MessageGroupId an int", "retry"),
+        ("MessageGroupId a list", "retry"),
+    ],
+)
+async def test_one_unreadable_message_fails_alone_not_the_receive(
+    moto: Moto, caplog: pytest.LogCaptureFixture, case: str, policy: Any
+) -> None:
+    """Found: one message of a ``ReceiveMessage`` answer that `SQSSource` could not read (not
+    an object, ``Attributes`` null, from a faulty SQS-compatible server) failed the whole
+    receive ("receiving from ... failed; retrying"): every message it brought stayed
+    invisible until its visibility timeout, none of them named. A ``MessageGroupId`` that
+    is not a string went to the worker as a group of its own (an int: silently out of its
+    group's order) or failed as it started (a list). Each message is now read alone: that
+    one is undecodable, named by its MessageId and given back or deleted per
+    ``on_undecodable``; without a ReceiptHandle an ERROR says it comes again at its
+    visibility timeout; the others are handled at once."""
+    garble, why = GARBLED[case]
+    broken: list[tuple[str, str]] = []  # (MessageId, event id) of the garbled message
+
+    def garbled(parsed: dict[str, Any], **kwargs: Any) -> None:
+        messages = parsed.get("Messages", [])
+        if messages and not broken:  # the first answer with messages only
+            first = messages[0]
+            broken.append((first["MessageId"], json.loads(first["Body"])["id"]))
+            messages[0] = garble(first)
+
+    class Garbled(SQSSource):
+        async def start(self) -> None:
+            await super().start()
+            self.client.meta.events.register("after-call.sqs.ReceiveMessage", garbled)
+
+    fifo = "MessageGroupId" in case
+    queue_url = await moto.create_queue("garbled", fifo=fifo)  # visibility timeout 30 s
+    publisher = EventBus()
+    group = {"message_group_id": lambda event: "g"} if fifo else {}
+    publisher.forward("order.*", moto.forwarder(queue_url, **group))
+    ids = [(await publisher.publish("order.placed", {"n": n})).id for n in range(3)]
+    await publisher.close()
+    discards: list[DiscardedEvents] = []
+    bus = EventBus(on_discard=discards.append)
+    handled: list[str] = []
+    bus.on("order.*")(lambda event: handled.append(event.id))
+    garbled_source = Garbled(
+        queue_url,
+        endpoint_url=moto.endpoint,
+        region_name=REGION,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        wait_time_seconds=1,
+        visibility_backoff=Backoff(initial=0),
+    )
+    readable = case != "not an object"
+    with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
+        async with Worker(bus, garbled_source, on_undecodable=policy) as worker:
+            await until(lambda: broken and len(handled) == 2, timeout=10)  # not after 30 s
+            if readable and policy == "retry":  # given back: it comes again, unbroken
+                await until(lambda: len(handled) == 3, timeout=10)
+    ((message_id, event_id),) = broken
+    others = [i for i in ids if i != event_id]
+    lost = policy == "delete" or not readable
+    assert sorted(handled) == sorted(others if lost else ids)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    (error,) = [e for e in errors if why in e]
+    if readable:
+        assert error.startswith(f"message {message_id} from {garbled_source.name} is not an event")
+        assert worker.stats.undecodable == 1
+    assert [r.message_ids for r in discards] == ([(message_id,)] if policy == "delete" else [])
+    # Not an object: no receipt to give it back with; it comes again at its visibility timeout.
+    assert await counts(moto, queue_url) == ((0, 0) if readable else (0, 1))
 
 
 @pytest.mark.parametrize("policy", ["retry", "delete"])

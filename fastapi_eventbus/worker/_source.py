@@ -149,8 +149,9 @@ class Source(ABC):
     """Seconds between `extend` calls while a message's handlers run (None: no calls)."""
     ordered: bool | None = False
     """Whether its messages carry an `ReceivedMessage.order_key`, each key's handled in order
-    (an SQS FIFO queue; None: not known yet). Without a heartbeat, the worker then warns at
-    start that a message waiting for its turn keeps only the visibility it was received with."""
+    (an SQS FIFO queue; None: not known yet, set by a `receive`). Without a heartbeat, the worker
+    then warns (at start, or after the receive that set it) that a message waiting for its turn
+    keeps only the visibility it was received with."""
     receive_outlives_cancel: bool = False
     """Whether a cancelled `receive` call may still take messages on the broker (a long
     poll the server holds on after the client went: SQS). The worker's `stop` then lets

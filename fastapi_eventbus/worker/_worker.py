@@ -148,6 +148,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._receiving = False
         """Whether a `Source.receive` call is under way."""
+        self._order_unknown = False
+        """Whether `Source.ordered` is None (learned at a receive): checked after each."""
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
         self._ran = False
@@ -194,7 +196,11 @@ class Worker:
         )
 
     def _warn_if_order_unguarded(self) -> None:
-        if not self.source.ordered or self.source.extend_interval is not None:
+        """At start, and after each receive while the source does not know yet (then once
+        it learns that it orders them: the default `PubSubSource` on an ordered subscription)."""
+        ordered = self.source.ordered
+        self._order_unknown = ordered is None
+        if not ordered or self.source.extend_interval is not None:
             return
         logger.warning(
             "%s keeps each group's messages in order, and the worker has no heartbeat "
@@ -321,6 +327,8 @@ class Worker:
                 await self._back_off(exc, failures)
                 continue
             self._receiving = False
+            if self._order_unknown:
+                self._warn_if_order_unguarded()
             if self._stopping.is_set():  # stopped while receiving: none of them starts
                 self._release(count)
                 await self._give_back_received(messages)

@@ -259,9 +259,9 @@ async def test_a_pull_the_broker_never_answers_is_a_warning(
     assert "orders: a pull got no answer within pull_timeout (0.2s)" in warning
 
 
-async def publish_lines(channel: Channel, *lines: tuple[str, int]) -> None:
+async def publish_lines(channel: Channel, *lines: tuple[str, int]) -> list[str]:
     """Publish ``order.line`` events ``{"order": key, "n": n}``, in this order, as a
-    `PubSubForwarder` with each order's key as its ordering key does."""
+    `PubSubForwarder` with each order's key as its ordering key does; their event ids."""
     publisher = EventBus()
     forwarder = PubSubForwarder(
         channel.topic,
@@ -269,9 +269,9 @@ async def publish_lines(channel: Channel, *lines: tuple[str, int]) -> None:
         ordering_key=lambda event: str(event.payload["order"]),
     )
     publisher.forward("order.*", forwarder)
-    for order, n in lines:
-        await publisher.publish("order.line", {"order": order, "n": n})
+    ids = [(await publisher.publish("order.line", {"order": o, "n": n})).id for o, n in lines]
     await publisher.close()
+    return ids
 
 
 @pytest.mark.anyio
@@ -350,6 +350,39 @@ async def test_a_failed_message_holds_back_the_later_ones_of_its_key_if_the_subs
     else:
         assert worker.stats.held_back == 0
     assert channel.pull(1, timeout=1.5) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ack_deadline", [None, 10], ids=["no heartbeat", "heartbeat"])
+async def test_an_ordered_subscription_learned_at_the_first_pull_warns_once_without_a_heartbeat(
+    pubsub_emulator: Emulator, caplog: pytest.LogCaptureFixture, ack_deadline: int | None
+) -> None:
+    """Found: with the defaults (``ordered=None``, read at the first pull with a key, and no
+    ``ack_deadline``) a worker on an ordered subscription never warned that a message
+    waiting for the one before it keeps only the ack deadline it was pulled with: the
+    start-time check saw ``ordered`` None. It now warns once, when the source learns it;
+    with a heartbeat, not at all."""
+    channel = pubsub_emulator.channel(ordered=True)
+    bus = EventBus()
+    handled: list[str] = []
+    bus.on("order.*")(lambda event: handled.append(event.id))
+    ids = await publish_lines(channel, ("o-1", 0), ("o-1", 1))
+    source = PubSubSource(
+        subscription_path(channel), emulator_host=pubsub_emulator.host, ack_deadline=ack_deadline
+    )
+    with caplog.at_level(logging.WARNING, "fastapi_eventbus.worker"):
+        async with Worker(bus, source, concurrency=2):
+            await until(lambda: len(handled) == 2, timeout=20)
+            ids += await publish_lines(channel, ("o-1", 2))  # a second pull with a key
+            await until(lambda: len(handled) == 3, timeout=20)
+    assert handled == ids
+    assert source.ordered is True
+    lines = [r.getMessage() for r in caplog.records if "no heartbeat" in r.getMessage()]
+    if ack_deadline is None:
+        (line,) = lines
+        assert line.startswith(f"{source.name} keeps each group's messages in order")
+    else:
+        assert lines == []
 
 
 class PullRewriter:

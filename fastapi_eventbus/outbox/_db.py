@@ -9,6 +9,7 @@ from contextlib import suppress
 from typing import Any, TypeAlias, TypeVar, cast
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -144,18 +145,60 @@ def check_writer(session: Session, mapper: Any, engine: Engine, schema: str | No
             f", the outbox's engine to {engine.url.render_as_string(hide_password=True)}: an "
             "event's rows must be written in the database its relay reads"
         )
-    if autocommits(bind):
+    writer = held_connection(session, mapper) or bind  # its execution options win
+    if autocommits(writer):
         raise ConfigurationError(
             "the session's engine or connection is in AUTOCOMMIT: it commits an event's "
             "rows as it flushes them, and a rollback could not take them back; emit with a "
             "session on a transactional engine"
         )
-    if (theirs := schema_of(bind, schema)) != (ours := schema_of(engine, schema)):
+    if (theirs := schema_of(writer, schema)) != (ours := schema_of(engine, schema)):
         raise ConfigurationError(
             f"the session writes the outbox's table in schema {theirs!r} (its "
             f"schema_translate_map), the outbox reads it in {ours!r}: its rows would never "
             "be retried or relayed; give both the same schema_translate_map"
         )
+
+
+def held_connection(session: Session, mapper: Any) -> Connection | None:
+    """The connection *session* already holds for the rows of *mapper* (acquiring none:
+    an `AsyncSession`'s would need the greenlet bridge), or None.
+
+    ``session.connection(execution_options=...)`` sets a level or a schema on that
+    connection alone, not on the engine.
+    """
+    bind = session.get_bind(mapper=mapper)
+    if isinstance(bind, Connection):
+        return bind
+    transaction = session.get_transaction()
+    if transaction is None:
+        return None
+    bound = getattr(transaction, "bound_connection", None)  # SQLAlchemy 2.1.7 and later
+    if bound is not None:
+        try:
+            return cast(Connection, bound(mapper))
+        except InvalidRequestError:  # none yet
+            return None
+    held = getattr(transaction, "_connections", {}).get(bind)  # before: (connection, ...)
+    return cast(Connection, held[0]) if held else None
+
+
+def open_savepoints(connection: Connection) -> frozenset[str]:
+    """The names of *connection*'s savepoints in progress, the innermost and those it
+    is nested in (rolling back any of them takes back what is written now).
+
+    SQLAlchemy names the current one (`Connection.get_nested_transaction`) but has no
+    public name or parent for it: read here only, with a fallback to what is found.
+    """
+    names: set[str] = set()
+    nested: object = connection.get_nested_transaction()
+    while nested is not None:
+        name = getattr(nested, "_savepoint", None)
+        if not isinstance(name, str):
+            break
+        names.add(name)
+        nested = getattr(nested, "_previous_nested", None)
+    return frozenset(names)
 
 
 def database_of(engine: Engine) -> tuple[object, ...]:
@@ -166,12 +209,13 @@ def database_of(engine: Engine) -> tuple[object, ...]:
 
 def autocommits(bind: Engine | Connection) -> bool:
     """Whether *bind* commits each statement as it runs (``isolation_level="AUTOCOMMIT"``,
-    given to ``create_engine``, in the engine's or the connection's execution options):
-    then no rollback takes back what a session flushed."""
+    given to ``create_engine``, in the engine's or the connection's execution options,
+    in any case): then no rollback takes back what a session flushed. A connection's own
+    level wins over its engine's."""
     level = bind.get_execution_options().get("isolation_level")
     if level is None:  # create_engine(isolation_level=...): only its dialect keeps it
         level = getattr(bind.engine.dialect, "_on_connect_isolation_level", None)
-    return bool(level == "AUTOCOMMIT")
+    return isinstance(level, str) and level.replace("_", " ").upper() == "AUTOCOMMIT"
 
 
 def schema_of(bind: Engine | Connection, schema: str | None) -> str | None:

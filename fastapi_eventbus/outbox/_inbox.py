@@ -176,11 +176,14 @@ class SQLAlchemyInbox:
             bind: Any = session.get_bind()
         except Exception:  # no single bind to tell: recorded after the handler returns
             return
-        if database_of(bind.engine) != database_of(self._sync_engine) or autocommits(bind):
+        if database_of(bind.engine) != database_of(self._sync_engine):
+            return
+        connection = session.connection()  # its own isolation level, if it was given one
+        if autocommits(connection):
             return  # AUTOCOMMIT: the row would stay if the handler then failed
         call.committing = session  # recorded once that commit succeeds (`_after_commit`);
         try:  # meanwhile, another session's commit (at the same time) writes no second row
-            session.connection().execute(
+            connection.execute(
                 insert(self.table).values(
                     handler=call.handler, event_id=call.key, handled_at=time.time()
                 )

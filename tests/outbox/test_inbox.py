@@ -233,6 +233,47 @@ def test_a_commit_that_fails_records_nothing(
     assert not [f for f in failures if "a redelivery will not run it again" in f]
 
 
+@pytest.mark.parametrize("how", ["lower case", "its own connection"])
+def test_a_handler_s_session_in_autocommit_however_set_records_nothing(
+    db_url: str, how: str
+) -> None:
+    """Found: a handler's session in AUTOCOMMIT set in lower case
+    (``isolation_level="autocommit"``, which SQLAlchemy accepts) or on its own connection
+    (``session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})``) was taken
+    for transactional: the inbox's row was committed before the handler's flush failed, and
+    the redelivery skipped the handler, recorded as succeeded."""
+
+    async def scenario() -> list[int]:
+        bus, sessions = await _setup(db_url, inbox=True)
+        async with sessions() as db:
+            await db.run_sync(lambda s: Charged.metadata.create_all(s.connection()))
+            await db.commit()
+        if how == "lower case":
+            engine = create_async_engine(db_url, poolclass=NullPool, isolation_level="autocommit")
+            sessions = async_sessionmaker(engine)
+        runs: list[int] = []
+
+        async def get_db() -> AsyncIterator[AsyncSession]:
+            async with sessions() as db:
+                if how == "its own connection":
+                    await db.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+                yield db
+
+        @bus.on("paid")
+        async def charge(event: Event, db: AsyncSession = Depends(get_db)) -> None:
+            runs.append(len(runs))
+            db.add(Charge(id=10 + len(runs)))
+            db.add(Charge(id=10 + len(runs)))  # the same key: every commit fails
+            await db.commit()
+
+        delivered = Event(name="paid", payload={})
+        await bus.handle(delivered)
+        await bus.handle(delivered)  # runs again: nothing was recorded
+        return runs
+
+    assert asyncio.run(scenario()) == [0, 1]
+
+
 def test_two_sessions_committing_at_once_write_one_inbox_row(postgres_url: str) -> None:
     """Found: a handler committing two sessions at once (``asyncio.gather``) had both write
     its inbox row: one commit failed on the row's key, its work lost, and the redelivery

@@ -687,6 +687,160 @@ def test_a_joined_session_s_event_follows_what_the_outer_transaction_keeps(
     engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["its savepoint rolls back while a later one is open", "flushed before a later savepoint"],
+)
+def test_a_joined_session_s_rows_go_with_the_savepoints_open_when_they_were_flushed(
+    tmp_path: Path, discards: list[DiscardedEvents], case: str
+) -> None:
+    """Found: the outbox counted the connection's savepoints begun and ended after a joined
+    session's commit. Rolling back the savepoint holding its rows while a later one was
+    open (SQLAlchemy then tells one rollback, of the outer) was taken for the later one's:
+    the event was handled for rows that were gone. And a savepoint begun after the rows
+    were flushed, but before the session's commit, was taken to hold them: rolling it back
+    reported the event discarded, yet its row stayed, for the relay to deliver."""
+    engine, outbox, bus, handled = sync_shop(tmp_path, discards)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            if case == "flushed before a later savepoint":
+                with Session(bind=connection) as db:
+                    event = bus.emit("order.placed", {"id": 1}, session=db)
+                    db.flush()  # in the outer transaction
+                    later = connection.begin_nested()
+                    db.commit()
+                later.rollback()  # holds none of the rows
+            else:
+                holding = connection.begin_nested()
+                with Session(bind=connection) as db:
+                    event = bus.emit("order.placed", {"id": 1}, session=db)
+                    db.commit()
+                connection.begin_nested()  # still open when the one before it rolls back
+                with pytest.warns(Warning, match="deassociated"):
+                    holding.rollback()
+            transaction.commit()
+        for _ in range(100):
+            if handled or discards:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return event.id
+
+    event_id = asyncio.run(scenario())
+    left = [row.event_id for row in outbox_rows(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", bus)]
+    if case == "flushed before a later savepoint":
+        assert (handled, discards, left) == ([event_id], [], [])
+    else:
+        assert (handled, left) == ([], [])
+        assert [report.ids for report in discards] == [[event_id]]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "mode", ["conditional_savepoint", "rollback_only", "create_savepoint", "not flushed"]
+)
+def test_a_joined_session_closed_without_commit_leaves_what_it_flushed_to_the_connection(
+    tmp_path: Path, discards: list[DiscardedEvents], mode: str
+) -> None:
+    """Found: a session joined to a connection's transaction (the default
+    ``join_transaction_mode``, or ``rollback_only``) that flushed its event's rows and was
+    closed without a commit had its event reported discarded; the connection then
+    committed the rows, which the relay delivered after the lease. Its rows follow the
+    connection now; a session whose close rolls back its own savepoint, or that never
+    flushed, still discards them."""
+    engine, outbox, bus, handled = sync_shop(tmp_path, discards)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            join = "conditional_savepoint" if mode == "not flushed" else mode
+            with Session(bind=connection, join_transaction_mode=join) as db:  # type: ignore[arg-type]
+                event = bus.emit("order.placed", {"id": 1}, session=db)
+                if mode != "not flushed":
+                    db.flush()  # an autoflush, say; no commit
+            transaction.commit()
+        for _ in range(100):
+            if handled or discards:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return event.id
+
+    event_id = asyncio.run(scenario())
+    left = [row.event_id for row in outbox_rows(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", bus)]
+    if mode in ("conditional_savepoint", "rollback_only"):
+        assert (handled, discards, left) == ([event_id], [], [])
+    else:
+        assert (handled, left) == ([], [])
+        assert [report.ids for report in discards] == [[event_id]]
+    engine.dispose()
+
+
+def test_a_long_lived_connection_keeps_one_set_of_outbox_listeners(tmp_path: Path) -> None:
+    """Found: each joined session's commit added its listeners to the connection, never
+    removed (five in a savepoint): a connection holding one transaction for many units of
+    work (a test fixture) ran them all at each commit or savepoint, O(n²), holding every
+    event and row."""
+    engine, outbox, bus, handled = sync_shop(tmp_path)
+
+    async def scenario() -> list[int]:
+        await outbox.create_tables()
+        with engine.connect() as connection:
+            transaction = connection.begin()
+            for n in range(5):
+                savepoint = connection.begin_nested()
+                with Session(bind=connection) as db:
+                    bus.emit("order.placed", {"id": n}, session=db)
+                    db.commit()
+                savepoint.commit()
+            dispatch: Any = connection.dispatch
+            counts = [len(dispatch.commit), len(dispatch.rollback), len(dispatch.savepoint)]
+            counts += [len(dispatch.release_savepoint), len(dispatch.rollback_savepoint)]
+            transaction.commit()
+        for _ in range(100):
+            if len(handled) == 5:
+                break
+            await asyncio.sleep(0.01)
+        return counts
+
+    assert asyncio.run(scenario()) == [1, 1, 0, 0, 1]
+    assert len(handled) == 5
+    engine.dispose()
+
+
+def test_a_row_deleted_before_the_commit_is_discarded_not_handled(
+    tmp_path: Path, discards: list[DiscardedEvents]
+) -> None:
+    """Found: an event whose row was flushed, then deleted (``session.delete``), counted as
+    committed (the row kept its identity): it was handled, though no row was committed."""
+    engine, outbox, bus, handled = sync_shop(tmp_path, discards)
+
+    async def scenario() -> str:
+        await outbox.create_tables()
+        with Session(engine) as db:
+            event = bus.emit("order.placed", {"id": 1}, session=db)
+            db.flush()
+            for row in list(db.identity_map.values()):
+                db.delete(row)
+            db.commit()
+        for _ in range(100):
+            if handled or discards:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        return event.id
+
+    event_id = asyncio.run(scenario())
+    assert handled == []
+    assert [report.ids for report in discards] == [[event_id]]
+    assert "deleted" in discards[0].reason
+    engine.dispose()
+
+
 def test_a_session_that_cannot_be_rolled_back_is_refused_at_emit(tmp_path: Path) -> None:
     """Found: a session on an AUTOCOMMIT engine commits each row as it is flushed; its
     rollback reported the event to ``on_discard`` as never written, and the relay then
@@ -708,6 +862,44 @@ def test_a_session_that_cannot_be_rolled_back_is_refused_at_emit(tmp_path: Path)
     with pytest.raises(ConfigurationError, match="schema_translate_map"):
         bus.emit("order.placed", {"id": 1}, session=Session(tenant))
     assert bus.emit("order.placed", {"id": 1}, session=Session(create_engine(url))).id
+
+
+def test_a_session_autocommitting_however_set_is_refused_at_emit(tmp_path: Path) -> None:
+    """Found: the AUTOCOMMIT check read the level in upper case only, and only the engine's:
+    ``isolation_level="autocommit"`` (which SQLAlchemy accepts) and a session's own
+    connection (``session.connection(execution_options={"isolation_level":
+    "AUTOCOMMIT"})``, SQLAlchemy's per-session level) passed, and their rollback left the
+    rows; so did a ``schema_translate_map`` given that way. An AUTOCOMMIT engine whose
+    session's connection was set back to a transactional level was refused."""
+    url = f"sqlite:///{tmp_path / 'shop.db'}"
+    bus = EventBus(outbox=SQLAlchemyOutbox(create_engine(url)))
+    lower = Session(create_engine(url, isolation_level="autocommit"))
+    own_level, own_schema = Session(create_engine(url)), Session(create_engine(url))
+    own_level.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    own_schema.connection(execution_options={"schema_translate_map": {None: "tenant1"}})
+    back = Session(create_engine(url, isolation_level="AUTOCOMMIT"))
+    back.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        bus.emit("a", {}, session=lower)
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        bus.emit("a", {}, session=own_level)
+    with pytest.raises(ConfigurationError, match="schema_translate_map"):
+        bus.emit("a", {}, session=own_schema)
+    assert bus.emit("a", {}, session=back).id
+    for session in (lower, own_level, own_schema, back):
+        session.close()
+
+    async def held_by_an_async_session() -> None:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+        async with AsyncSession(engine) as db:
+            await db.connection(execution_options={"isolation_level": "autocommit"})
+            with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+                bus.emit("a", {}, session=db)
+        async with AsyncSession(engine) as db:
+            assert bus.emit("a", {}, session=db).id  # no connection yet: the engine's level
+        await engine.dispose()
+
+    asyncio.run(held_by_an_async_session())
 
 
 def test_a_handler_raising_cancelled_error_fails_its_row_and_the_relay_goes_on(

@@ -185,8 +185,35 @@ class Sender:
                         f"forwarder needs its own name (name=...), which its stored events "
                         f"are filed under"
                     )
+            self._check_lease(forwarder, kept)
         again = any(other is forwarder for other in self.forwarders.items())  # its patterns
         self.forwarders.add(patterns, forwarder, replacing=forwarder if again else None)  # grow
+
+    def _check_lease(self, forwarder: Forwarder, kept: str) -> None:
+        """Refuse a forwarder whose one send (all its retries) may outlast the storage's
+        lease (`Spool(lease=...)`): the row would be due again while this process still
+        sends it, and sent twice. Without ``send_timeout`` a send has no bound: a WARNING,
+        as refusing would refuse every such forwarder."""
+        lease = getattr(self.storage, "lease", None)
+        if isinstance(lease, bool) or not isinstance(lease, int | float):
+            return  # a storage without a lease
+        if forwarder.send_timeout is None:
+            logger.warning(
+                "forwarder %s has no send_timeout: a send that outlasts %s's lease (%gs) is "
+                "taken over and sent again while it runs; give it a send_timeout",
+                forwarder.name,
+                kept,
+                lease,
+            )
+            return
+        longest = forwarder.retry.longest(forwarder.send_timeout)
+        if longest >= lease:
+            raise ConfigurationError(
+                f"forwarder {forwarder.name!r} may take {longest:g}s for one send (its "
+                f"Retry.total_timeout plus send_timeout={forwarder.send_timeout:g}s), not "
+                f"less than {kept}'s lease={lease:g}s: the event would be taken over and "
+                "sent twice; lengthen Spool(lease=...) or shorten the forwarder's retry"
+            )
 
     async def resend_due(self) -> int:
         """`resend` until nothing is due; how many events were tried."""

@@ -6,6 +6,8 @@ event (``readable=False``) holding what can still be told of it, so that one bad
 stops the others. A row's owner is a mark, ``host:pid:start:random``, written by
 `new_owner` and read by `owner_gone`: a process of this host that no longer runs (told
 apart from a later process with the same pid by its start time) gives its rows up at once.
+The host is the host name and the PID namespace (`this_host`): two containers of one pod
+share the name, not the pids, and one must never take the other's rows as a dead one's.
 """
 
 from __future__ import annotations
@@ -166,16 +168,36 @@ def disk_full(exc: sqlite3.Error) -> bool:
     return isinstance(code, int) and (code & 0xFF) in _DISK_FULL_CODES
 
 
+def this_host() -> str:
+    """This host as far as pids go: ``name/namespace``, its name and the inode of the PID
+    namespace this process sees (the containers of a Kubernetes pod share the name, not
+    the pids); the name alone where there is no ``/proc/self/ns/pid`` (not Linux)."""
+    name = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return name
+    return f"{name}/{namespace.removeprefix('pid:').strip('[]')}"
+
+
 def new_owner(pid: int) -> str:
-    """``host:pid:start:random``: a process, told apart from a later one with its pid."""
-    return f"{socket.gethostname()}:{pid}:{process_start(pid)}:{uuid.uuid4().hex[:8]}"
+    """``host:pid:start:random`` (host: `this_host`): a process, told apart from a later
+    one with its pid."""
+    return f"{this_host()}:{pid}:{process_start(pid)}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_gone(owner: str, host: str) -> bool:
-    """Whether *owner* (a `new_owner` mark) is a process of *host*, this host, that no
-    longer runs. An owner on another host, or a mark of another form, is not known gone."""
+    """Whether *owner* (a `new_owner` mark) is a process of *host* (`this_host`) that no
+    longer runs. An owner on another host or in another PID namespace, whose pid means
+    nothing here, or a mark of another form, is not known gone: its lease applies.
+
+    A mark of an earlier release names the host alone (``host:pid:...``): it is read as
+    it was then, a process of this host if the name is this host's."""
     parts = owner.rsplit(":", 3)
-    if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    marked = parts[0]
+    if marked != host and ("/" in marked or marked != host.rpartition("/")[0]):
         return False
     return not process_alive(int(parts[1]), parts[2])
 

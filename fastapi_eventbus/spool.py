@@ -16,10 +16,13 @@ good) an event moves to the dead-letter table, where `Spool.dead` lists it and
 `Spool.replay` puts it back in line. Delivery becomes at-least-once: deduplicate
 on ``event.id``.
 
-Several processes (uvicorn workers, worker processes, the ``fastapi-eventbus
-spool`` command) may share one file: SQLite serialises writers, and each row
-says which process is sending it. A row whose process died (on this host) is
-sent again at once; otherwise when its lease runs out.
+Several processes of one host (uvicorn workers, worker processes, the
+``fastapi-eventbus spool`` command, the containers of a pod) may share one file:
+SQLite serialises writers, and each row says which process is sending it. A row
+whose process died (on this host, in this PID namespace) is sent again at once;
+otherwise when its lease runs out. Only on one host: SQLite's write-ahead log
+needs memory shared by its processes, which a network file system (NFS, SMB,
+EFS) does not give; give each host its own spool.
 
 Events are stored as JSON (the `Event` model's own serialisation): no pickle.
 The file, and SQLite's ``-wal`` and ``-shm`` files beside it, are created
@@ -35,13 +38,12 @@ logged at ERROR with its id, and shown by `Spool.dead` with ``readable=False``.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._events import Event, event_json
@@ -56,6 +58,7 @@ from ._spool_io import (
     new_owner,
     owner_gone,
     spooled_or_stand_in,
+    this_host,
     warn_if_public,
     where_clause,
 )
@@ -114,10 +117,13 @@ class Spool:
     Args:
         path: The SQLite file, created if missing (readable by its owner only, 0600,
             like the ``-wal`` and ``-shm`` files SQLite makes beside it). Its
-            directory must exist.
+            directory must exist, on a file system of this host: processes of
+            one host may share the file, never several hosts (see the module docs).
         lease: Seconds a process may keep rows it is sending before another
             process takes them over (when the owner's death cannot be seen:
-            another host). Longer than a forwarder's ``Retry.total_timeout``.
+            another PID namespace). Longer than a forwarder's longest send, its
+            ``Retry.total_timeout`` plus ``send_timeout``: ``bus.forward``
+            refuses a forwarder whose send may take longer.
         resend_interval: Seconds between looks for events to send again.
         retry_delay: Wait after a failed round, doubled per failed round, up to
             ``max_retry_delay``.
@@ -464,8 +470,8 @@ class Spool:
             return cursor.rowcount
 
     def _free_dead_owners(self, db: sqlite3.Connection) -> None:
-        """Expire the leases of processes of this host that no longer run."""
-        host = socket.gethostname()
+        """Expire the leases of processes of this host (and PID namespace) that no longer run."""
+        host = this_host()
         owners = db.execute(
             "SELECT DISTINCT owner FROM pending WHERE lease_until > 0 AND owner != ?",
             (self.owner,),
@@ -507,26 +513,76 @@ class Spool:
         rows = self._read(*filtered_query(sql, forwarder, ids, limit))
         return [spooled_or_stand_in(row) for row in rows]
 
-    def replay(self, forwarder: str | None = None, ids: Sequence[str] | None = None) -> int:
+    def replay(
+        self,
+        forwarder: str | None = None,
+        ids: Sequence[str] | None = None,
+        *,
+        left: list[SpooledEvent] | None = None,
+    ) -> int:
         """Put dead-lettered events back in line (all, or those of *forwarder* / *ids*).
 
         A running application sends them within ``resend_interval``; otherwise the
-        next one to start does. Returns how many.
+        next one to start does. Returns how many were put back.
+
+        Two stay dead-lettered, appended to *left* with why in ``error``: an event
+        pending again for the same forwarder (the same id: a copy put back would
+        be lost, the other one kept), and a row that cannot be read as an event
+        (``readable=False``: it would be dead-lettered again at once).
         """
-        where, params = where_clause(forwarder, ids)
+        moved = 0
+        kept: list[SpooledEvent] = []
+        sql = "SELECT forwarder, event_id, event, created, attempts, reason FROM dead"
         with self._transaction("replay events") as db:
-            db.execute(
-                "INSERT OR IGNORE INTO pending"
-                " (forwarder, event_id, event, created, attempts, owner, lease_until)"
-                f" SELECT forwarder, event_id, event, created, 0, '', 0 FROM dead{where}",
-                params,
-            )
-            return db.execute(f"DELETE FROM dead{where}", params).rowcount
+            for where, params in (where_clause(forwarder, part) for part in id_chunks(ids)):
+                for row in db.execute(sql + where, params).fetchall():
+                    item = spooled_or_stand_in(row)
+                    if item.readable and self._put_back(db, row):
+                        moved += 1
+                    elif item.readable:
+                        why = f"not replayed: event {item.event.id} is pending for {item.forwarder}"
+                        kept.append(replace(item, error=f"{why} already ({item.error})"))
+                    else:
+                        kept.append(item)
+        if left is not None:
+            left.extend(kept)
+        return moved
+
+    @staticmethod
+    def _put_back(db: sqlite3.Connection, row: tuple[object, ...]) -> bool:
+        """Move the dead-lettered *row* to the pending ones, due now; False (and left
+        as it is) if the same forwarder has the same event pending."""
+        forwarder, event_id, event, created = row[:4]
+        if not db.execute(
+            "INSERT OR IGNORE INTO pending"
+            " (forwarder, event_id, event, created, attempts, owner, lease_until)"
+            " VALUES (?, ?, ?, ?, 0, '', 0)",
+            (forwarder, event_id, event, created),
+        ).rowcount:
+            return False
+        db.execute("DELETE FROM dead WHERE forwarder = ? AND event_id = ?", (forwarder, event_id))
+        return True
+
+    def held(self, forwarder: str | None = None, ids: Sequence[str] | None = None) -> int:
+        """How many pending events (all, or those of *forwarder* / *ids*) a running process
+        holds now: it may be sending them (or waits out a failed round's backoff).
+
+        Purging one does not stop a send under way: it may still be delivered."""
+        host, now, total = this_host(), time.time(), 0
+        for where, params in (where_clause(forwarder, part) for part in id_chunks(ids)):
+            where += (" AND" if where else " WHERE") + " lease_until > ? AND owner != ''"
+            sql = f"SELECT owner, COUNT(*) FROM pending{where} GROUP BY owner"
+            for owner, count in self._read(sql, [*params, now]):
+                total += 0 if owner_gone(str(owner), host) else int(str(count))
+        return total
 
     def purge(
         self, *, dead: bool = True, forwarder: str | None = None, ids: Sequence[str] | None = None
     ) -> int:
-        """Delete events for good: dead-lettered (default) or pending ones. Returns how many."""
+        """Delete events for good: dead-lettered (default) or pending ones. Returns how many.
+
+        A pending event a running process is sending (see `held`) is deleted too, and
+        may still be delivered: that send is under way."""
         table = "dead" if dead else "pending"
         with self._transaction("purge events") as db:
             return sum(

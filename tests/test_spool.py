@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -34,6 +35,7 @@ from fastapi_eventbus import (
     SpoolError,
     get_bus,
 )
+from fastapi_eventbus._spool_io import owner_gone
 from fastapi_eventbus.exceptions import ForwarderError
 from fastapi_eventbus.forwarders import DeadLetter, Delivery, Forwarder, Retry
 from fastapi_eventbus.spool import Spool
@@ -51,9 +53,13 @@ class Broker(Forwarder):
 
     loop_bound = False
 
-    def __init__(self, name: str = "broker") -> None:
+    def __init__(
+        self, name: str = "broker", send_timeout: float | None = 60.0, retry: Retry = QUICK
+    ) -> None:
         self.dead: list[DeadLetter] = []
-        super().__init__(name=name, retry=QUICK, dead_letter=self.dead.append)
+        super().__init__(
+            name=name, retry=retry, dead_letter=self.dead.append, send_timeout=send_timeout
+        )
         self.up = True
         self.refuse: set[str] = set()
         self.received: list[str] = []
@@ -349,7 +355,7 @@ async def test_unfinished_spooled_events_are_reported_and_released_at_shutdown(
 ) -> None:
     broker = Broker()
     broker.up = False
-    broker.retry = Retry(attempts=1000, initial_delay=0.01, max_delay=0.01, total_timeout=60)
+    broker.retry = Retry(attempts=1000, initial_delay=0.01, max_delay=0.01, total_timeout=30)
     discarded: list[DiscardedEvents] = []
     bus = EventBus(spool=path, shutdown_timeout=0.1, on_discard=discarded.append)
     bus.forward("order.*", broker)
@@ -627,7 +633,7 @@ async def test_emits_refused_on_a_full_volume_work_again_once_space_returns(
     small_volume: Path,
 ) -> None:
     path = small_volume / "spool.sqlite3"
-    broker = Broker()
+    broker = Broker(send_timeout=0.05)  # its sends end well within the lease
     broker.up = False  # events pile up in the spool
     bus = spooled_bus(path, broker, lease=0.2)
     accepted: list[str] = []
@@ -666,6 +672,106 @@ def test_a_new_process_with_a_dead_ones_pid_takes_its_events_over(path: Path) ->
     old.owner = f"{host}:{pid}:1:{tag}"  # started at another time than this process
     old.add([("broker", Event(name="order.placed", id="from-before"))])
     assert [c.event.id for c in Spool(path).claim()] == ["from-before"]
+
+
+def _unshare_works() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+_CLAIM = (
+    "import sys; from fastapi_eventbus.spool import Spool; "
+    "print(' '.join(sorted(c.event.id for c in Spool(sys.argv[1]).claim())))"
+)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _unshare_works(),
+    reason="needs `unshare -Urpf --mount-proc` (Linux, user and PID namespaces allowed)",
+)
+def test_a_process_in_another_pid_namespace_never_takes_a_live_ones_rows(path: Path) -> None:
+    """Found: two containers of one pod (one host name, their own PID namespaces) sharing a
+    spool on an emptyDir: the other container could not see this process's pid, took it for
+    dead, and took its rows (leased 120 s, being sent) at once: sent twice. Its lease applies
+    now; what is due is still claimed."""
+    alive = Spool(path)
+    done = Spool(path)
+    try:
+        alive.add([("broker", Event(name="order.placed", id="being-sent"))])
+        done.add([("broker", Event(name="order.placed", id="due"))])
+        done.release()
+        claimed = subprocess.run(
+            ["unshare", "-Urpf", "--mount-proc", sys.executable, "-c", _CLAIM, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert claimed.stdout.split() == ["due"]  # not "being-sent": its process runs
+    finally:
+        alive.close()
+        done.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="no PID namespaces here")
+def test_the_owner_mark_names_the_pid_namespace(path: Path) -> None:
+    """Found: a row's owner mark named the host alone (``host:pid:...``), so a process
+    in another PID namespace on the same host read the pid as one of its own, found it
+    not running, and took the rows of a live process. The mark names the namespace."""
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    spool = Spool(path)
+    try:
+        host = spool.owner.rsplit(":", 3)[0]
+    finally:
+        spool.close()
+    assert host == f"{socket.gethostname()}/{namespace}"
+
+
+def test_only_a_mark_of_this_pid_namespace_or_an_old_one_is_known_gone() -> None:
+    """How `owner_gone` reads marks: a pid of this namespace that no longer runs is gone;
+    one of another namespace (or host) is not, whatever it is here; a mark of an earlier
+    release (the host's name alone) is read as it was then."""
+    unused = 2**22 + 1  # above Linux's pid_max: no process has it
+    name = socket.gethostname()
+    host = f"{name}/4026531836"
+    assert owner_gone(f"{host}:{unused}::abcd1234", host)
+    assert not owner_gone(f"{name}/4026532000:{unused}::abcd1234", host)
+    assert not owner_gone(f"other-host/4026531836:{unused}::abcd1234", host)
+    assert owner_gone(f"{name}:{unused}::abcd1234", host)  # an old mark, as before
+    assert not owner_gone(f"other-host:{unused}::abcd1234", host)
+    assert not owner_gone(f"{host}:{os.getpid()}::abcd1234", host)  # this one runs
+    assert not owner_gone("", host)
+
+
+def test_a_forwarder_whose_send_may_outlast_the_lease_is_refused(path: Path) -> None:
+    """Found: ``Spool(lease=2)`` with a forwarder retrying for 8 s was accepted; during an
+    outage the resend loop took the row over (its lease ran out) while the request's own
+    send still retried it: one process sent the event twice. Refused where they meet."""
+    slow = Broker(retry=Retry(total_timeout=8.0), send_timeout=1.0)
+    bus = EventBus(spool=Spool(path, lease=2.0))
+    with pytest.raises(ConfigurationError) as refused:
+        bus.forward("order.*", slow)
+    message = str(refused.value)
+    assert "may take 9s for one send" in message
+    assert "lease=2s" in message
+    assert bus.forward("order.*", Broker(send_timeout=0.5)) is not None  # 2 tries: 1.001s
+
+
+def test_a_forwarder_without_a_send_timeout_on_a_spool_is_a_warning(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A send without a time limit may outlast any lease: a WARNING, not a refusal (such a
+    forwarder may be right, with a send that ends in its own way)."""
+    bus = EventBus(spool=Spool(path, lease=30.0))
+    with caplog.at_level(logging.WARNING, logger="fastapi_eventbus"):
+        bus.forward("order.*", Broker(send_timeout=None))
+    assert "forwarder broker has no send_timeout" in caplog.text
+    assert "lease (30s)" in caplog.text
 
 
 def test_the_spool_implements_the_storage_contract(path: Path) -> None:

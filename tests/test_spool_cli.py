@@ -32,6 +32,9 @@ class Spooled:
     path: Path
     pending: list[tuple[str, Event]]
     dead: list[tuple[str, Event]]
+    owner: str
+    """The mark of the process that spooled them: it still runs (this one), and holds
+    the pending events that did not fail (leased: being sent)."""
 
 
 def event(number: int) -> Event:
@@ -58,7 +61,18 @@ def spooled(tmp_path: Path) -> Spooled:
         path,
         pending=[("orders", orders[1]), ("orders", orders[2]), ("audit", audit[1])],
         dead=[("orders", orders[0]), ("orders", orders[3]), ("audit", audit[0])],
+        owner=spool.owner,
     )
+
+
+def stop_the_application(spooled: Spooled) -> None:
+    """The process that spooled the events stopped: its shutdown released what it held."""
+    spool = Spool(spooled.path)
+    spool.owner = spooled.owner
+    try:
+        spool.release()
+    finally:
+        spool.close()
 
 
 def invoke(*args: str | Path, answer: str | None = None) -> Result:
@@ -318,6 +332,7 @@ def test_purge_dead_deletes_only_the_chosen(spooled: Spooled) -> None:
 
 
 def test_purge_pending_of_a_forwarder(spooled: Spooled) -> None:
+    stop_the_application(spooled)
     result = invoke("spool", "purge", spooled.path, "--pending", "--forwarder", "audit", "-y")
     assert (result.exit_code, result.output) == (0, "purged 1 event(s)\n")
     assert ids_in(spooled.path, dead=False) == ids(spooled.pending[:2])
@@ -343,6 +358,7 @@ def test_purge_asks_and_a_no_aborts(spooled: Spooled, kind: str) -> None:
 
 
 def test_purge_asks_about_the_chosen_and_a_yes_deletes(spooled: Spooled) -> None:
+    stop_the_application(spooled)
     chosen = spooled.pending[0][1].id
     result = invoke("spool", "purge", spooled.path, "--pending", "--id", chosen, answer="y\n")
     assert result.exit_code == 0
@@ -507,6 +523,7 @@ def test_purge_deletes_only_what_it_asked_about(
             spool.close()
         return confirm(text, **options)
 
+    stop_the_application(spooled)
     monkeypatch.setattr(click, "confirm", confirm_while_the_app_spools)
     result = invoke("spool", "purge", spooled.path, "--pending", answer="y\n")
     assert result.exit_code == 0, result.output
@@ -526,3 +543,50 @@ def test_purge_takes_more_ids_than_a_statement_can_name(spooled: Spooled) -> Non
     finally:
         spool.close()
     assert ids_in(spooled.path, dead=False) == set()
+
+
+def test_purge_warns_of_pending_events_a_running_process_holds(spooled: Spooled) -> None:
+    """Found: ``purge --pending --yes`` said "purged 1 event(s)" (its help: "purged, they
+    are never sent") while the application that holds the event was sending it, and
+    delivered it anyway. The purge cannot stop that send: it says so, with how many."""
+    result = invoke("spool", "purge", spooled.path, "--pending", "--forwarder", "audit", "-y")
+    assert result.exit_code == 0
+    assert result.output.startswith("purged 1 event(s)\n")
+    assert "WARNING: 1 of them were held by a running process" in result.output
+    assert "may still be delivered" in result.output
+    assert ("audit", spooled.pending[2][1].id) not in ids_in(spooled.path, dead=False)
+    stop_the_application(spooled)  # what a stopped process held is purged without a word
+    result = invoke("spool", "purge", spooled.path, "--pending", "-y")
+    assert (result.exit_code, result.output) == (0, "purged 2 event(s)\n")
+
+
+def test_replay_leaves_a_dead_event_that_is_pending_again(spooled: Spooled) -> None:
+    """Found: replaying a dead-lettered event that was pending again for its forwarder (the
+    same id) skipped it (``INSERT OR IGNORE``), deleted the dead copy and counted it as
+    replayed. It stays dead-lettered now, named, and is not counted."""
+    old = spooled.dead[0][1]
+    spool = Spool(spooled.path)
+    try:
+        spool.add([("orders", old.model_copy(update={"payload": {"copy": "new"}}))])
+    finally:
+        spool.close()
+    result = invoke("spool", "replay", spooled.path, "--forwarder", "orders")
+    assert result.exit_code == 1
+    assert result.output.startswith("replayed 1 event(s)\n")
+    assert f"not replayed: event {old.id} is pending for orders already" in result.output
+    assert "1 event(s) stay dead-lettered" in result.output
+    assert ("orders", old.id) in ids_in(spooled.path, dead=True)
+
+
+def test_replay_leaves_an_unreadable_row_dead_lettered(spooled: Spooled) -> None:
+    """Found: ``replay`` counted an unreadable dead row as replayed; it was put back only to
+    be dead-lettered again at the next claim. It stays, named, and is not counted."""
+    db = sqlite3.connect(spooled.path)
+    db.execute("INSERT INTO dead VALUES ('orders', 'damaged', '{\"name\": \"x\", ', 1, 3, 'r', 1)")
+    db.commit()
+    db.close()
+    result = invoke("spool", "replay", spooled.path)
+    assert result.exit_code == 1
+    assert result.output.startswith("replayed 3 event(s)\n")
+    assert "spooled event damaged for orders is unreadable" in result.output
+    assert ids_in(spooled.path, dead=True) == {("orders", "damaged")}

@@ -164,10 +164,17 @@ def replay(path: Path, forwarder: str | None, ids: tuple[str, ...]) -> None:
     """Move the dead-lettered events of the spool at PATH (all, or those chosen with
     --forwarder and --id) back to the pending ones, with their attempts reset, and
     print how many. A running application sends them within its resend interval
-    (Spool(resend_interval=...), 1 s by default); otherwise the next one to start does."""
+    (Spool(resend_interval=...), 1 s by default); otherwise the next one to start does.
+    An event pending again for the same forwarder, and a row that cannot be read as an
+    event, stay dead-lettered: each is listed with why, and the exit code is 1."""
+    left: list[SpooledEvent] = []
     with _opened(path) as spool:
-        moved = spool.replay(forwarder=forwarder, ids=ids or None)
+        moved = spool.replay(forwarder=forwarder, ids=ids or None, left=left)
     click.echo(f"replayed {moved} event(s)")
+    for spooled in left:
+        click.echo(text_line(spooled), err=True)
+    if left:
+        raise click.ClickException(f"{len(left)} event(s) stay dead-lettered (listed above)")
 
 
 @spool_group.command(short_help="Delete dead-lettered (or pending) events for good.")
@@ -188,7 +195,9 @@ def purge(
     """Delete events of the spool at PATH for good: the dead-lettered ones (--dead) or the
     pending ones (--pending), all or those chosen with --forwarder and --id; print how
     many. Asks for confirmation unless --yes. Pending events have not been delivered
-    yet: purged, they are never sent."""
+    yet: purged, they are never sent, except those a running application is sending at
+    that moment, which it cannot be told to stop: a WARNING says how many it holds (stop
+    it first to be sure)."""
     if dead == pending:
         raise click.UsageError("pass exactly one of --dead and --pending")
     with _opened(path) as spool:
@@ -205,5 +214,12 @@ def purge(
             if (confirmed := confirm_purge(asked, prompt)) is None:
                 return
             ids = confirmed
+        held = 0 if dead else spool.held(forwarder, ids or None)
         deleted = spool.purge(dead=dead, forwarder=forwarder, ids=ids or None)
     click.echo(f"purged {deleted} event(s)")
+    if held := min(held, deleted):
+        click.echo(
+            f"WARNING: {held} of them were held by a running process, which may be sending "
+            "them now: those may still be delivered. Stop it before a purge to be sure.",
+            err=True,
+        )

@@ -343,14 +343,18 @@ def _sqs_message(message: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def message_trace_context(message: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C trace context (``traceparent``/``tracestate``) in a received message's attributes.
+    """The W3C trace context (``traceparent``/``tracestate``) of a received message: the one
+    `decode_message` gives its event.
 
     Takes the same SQS, Lambda and Pub/Sub shapes as `decode_message`, but never
     raises: a message that is not an event, or carries no (or malformed)
-    attributes, gives ``{}``. Only these two attributes are read, and only for
+    trace context, gives ``{}``. Only these two attributes are read, and only for
     tracing; a Pub/Sub message without a ``traceparent`` has its
     ``googclient_traceparent``/``googclient_tracestate`` read instead
-    (`PUBSUB_TRACE_PREFIX`). The result's keys are ``traceparent``/``tracestate``.
+    (`PUBSUB_TRACE_PREFIX`). A message without them whose event is a structured
+    CloudEvent (an EventBridge ``detail`` too) has that CloudEvent's
+    ``traceparent``/``tracestate`` members read (`cloudevent_trace_context`). The
+    result's keys are ``traceparent``/``tracestate``.
     """
     from ._brokers import aws, gcp
 

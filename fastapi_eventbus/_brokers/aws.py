@@ -6,10 +6,11 @@ EventBridge's: `ClientSettings.open_client`), the region in a queue URL and the
 translation of botocore's errors. Here too is the reading of a received SQS
 message: the event in its body (a structured CloudEvent, an SNS notification of
 one, or an EventBridge event, whose ``detail`` may be the CloudEvent), its size
-as SQS counts it, and the trace context in its message attributes (or the SNS
-notification's); and a record of the event an SQS event source mapping gives a
-Lambda function, turned into that shape (`from_lambda_record`). aiobotocore and
-botocore are imported when a client is created or an error translated, never here.
+as SQS counts it, and the trace context that event has (its message attributes, the
+SNS notification's, or the CloudEvent's own members); and a record of the event an
+SQS event source mapping gives a Lambda function, turned into that shape
+(`from_lambda_record`). aiobotocore and botocore are imported when a client is
+created or an error translated, never here.
 """
 
 from __future__ import annotations
@@ -307,6 +308,18 @@ def _event(body: Any, trace: dict[str, str]) -> Event:
     return from_cloudevent(body, trace)
 
 
+def _event_trace(body: Any, trace: dict[str, str]) -> dict[str, str]:
+    """The trace context `_event` gives the event in *body*, *trace* being the attributes':
+    an EventBridge ``detail`` CloudEvent's members first; else *trace*, else the members
+    of the CloudEvent *body* is."""
+    if is_eventbridge_event(body):
+        detail = body.get("detail")
+        return (cloudevent_trace_context(detail) if is_cloudevent(detail) else {}) or trace
+    if trace or not isinstance(body, Mapping):
+        return trace
+    return cloudevent_trace_context(body)
+
+
 def is_sns_notification(body: object) -> bool:
     """Whether *body* is an SNS notification (``"Type": "Notification"``, a topic, a message)."""
     return (
@@ -395,19 +408,27 @@ def is_cloudevent(detail: object) -> TypeGuard[Mapping[str, Any]]:
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
     """The W3C trace context of an SQS message; ``{}`` if none (never raises).
 
-    The SNS notification's attributes when the body is one that has some (parsed
-    for that: the cheap test first), else the SQS message attributes.
+    What `decode` gives its event: the SNS notification's attributes when the body
+    is one that has some, else the SQS message attributes; and the ``traceparent``
+    and ``tracestate`` members of the CloudEvent in the body, which are all an
+    EventBridge rule's target or a producer writing the CloudEvents tracing
+    extension carries. The body is parsed only if it holds the text ``traceparent``.
     """
     return trace_or_nothing(_message_trace, message)
 
 
 def _message_trace(message: Mapping[str, Any]) -> dict[str, str]:
     body = message.get("Body")
-    if isinstance(body, str) and '"Notification"' in body:
-        notification = parse_json(body, "SQS message body")
-        if is_sns_notification(notification) and (trace := _sns_trace(notification)):
-            return trace
-    return _trace(message)
+    if not isinstance(body, str) or "traceparent" not in body:  # nothing to read in the body
+        return _trace(message)
+    parsed = parse_json(body, "SQS message body")
+    if not is_sns_notification(parsed):
+        return _event_trace(parsed, _trace(message))
+    trace = _sns_trace(parsed) or _trace(message)
+    try:
+        return _event_trace(_sns_message(parsed), trace)
+    except MessageDecodeError:  # no event in it: the notification's, for its refusal's span
+        return trace
 
 
 def _trace(message: Mapping[str, Any]) -> dict[str, str]:

@@ -4,7 +4,7 @@ The ``gcp`` extra check, the REST endpoint (or emulator) and the client options,
 the texts of translated errors, and the reading of a received Pub/Sub message
 (Google's CloudEvents binding, binary or structured mode): the event in its data
 and attributes, its size as Pub/Sub counts it, and the trace context in its
-attributes. The SDK is
+attributes (or, in structured mode, in its CloudEvent's members). The SDK is
 imported when a client is created, never here.
 """
 
@@ -25,9 +25,14 @@ from fastapi_eventbus.exceptions import (
     MessageDecodeError,
     MissingExtraError,
 )
-from fastapi_eventbus.wire import PUBSUB_TRACE_PREFIX, TRACE_ATTRIBUTES, from_cloudevent
+from fastapi_eventbus.wire import (
+    PUBSUB_TRACE_PREFIX,
+    TRACE_ATTRIBUTES,
+    cloudevent_trace_context,
+    from_cloudevent,
+)
 
-from . import byte_length, is_trace_value, media_type, payload_of, trace_or_nothing
+from . import MediaType, byte_length, is_trace_value, media_type, payload_of, trace_or_nothing
 
 if TYPE_CHECKING:
     import aiohttp
@@ -137,16 +142,24 @@ def decode(message: Mapping[str, Any]) -> Event:
     """
     attributes = _attributes(message)
     data = _data(message)
+    structured = _structured(attributes)
+    if structured is not None:
+        return from_cloudevent(structured.json_of(data, "Pub/Sub message data"), _trace(message))
+    return _binary(attributes, data, message)
+
+
+def _structured(attributes: dict[str, Any]) -> MediaType | None:
+    """The media type of a structured-mode message (by its lower-case *attributes*), whose
+    data is the whole event as JSON; None in binary mode."""
     content_type = attributes.get(CONTENT_TYPE)
     media = None if content_type is None else media_type(content_type, "Pub/Sub content-type")
-    if media is not None and media.essence.startswith(CLOUDEVENTS_MEDIA_TYPE):
-        if media.essence != STRUCTURED_JSON:
-            raise MessageDecodeError(
-                f"unsupported CloudEvents event format {content_type!r}: "
-                f"only {STRUCTURED_JSON} is read"
-            )
-        return from_cloudevent(media.json_of(data, "Pub/Sub message data"), _trace(message))
-    return _binary(attributes, data, message)
+    if media is None or not media.essence.startswith(CLOUDEVENTS_MEDIA_TYPE):
+        return None
+    if media.essence != STRUCTURED_JSON:
+        raise MessageDecodeError(
+            f"unsupported CloudEvents event format {content_type!r}: only {STRUCTURED_JSON} is read"
+        )
+    return media
 
 
 def _binary(attributes: dict[str, Any], data: bytes, message: Mapping[str, Any]) -> Event:
@@ -218,15 +231,28 @@ def _data(message: Mapping[str, Any]) -> bytes:
 
 
 def trace_context(message: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C trace context in a Pub/Sub message's attributes; ``{}`` if none (never raises).
+    """The W3C trace context of a Pub/Sub message; ``{}`` if none (never raises).
 
     ``traceparent``/``tracestate``, as this library and the CloudEvents binding write
     them; without a (valid) ``traceparent``, ``googclient_traceparent``/``googclient_tracestate``,
     as Google's client libraries write them. The two pairs are never mixed: a
     tracestate only goes with its own traceparent. The keys returned are always
-    ``traceparent``/``tracestate``.
+    ``traceparent``/``tracestate``. A structured-mode message without these
+    attributes has the ``traceparent``/``tracestate`` members of its CloudEvent
+    read (its data is parsed for that), as `decode` gives them to its event.
     """
-    return trace_or_nothing(_trace, message)
+    return trace_or_nothing(_message_trace, message)
+
+
+def _message_trace(message: Mapping[str, Any]) -> dict[str, str]:
+    trace = _trace(message)
+    if trace:
+        return trace
+    structured = _structured(_attributes(message))
+    if structured is None:
+        return {}
+    cloudevent = structured.json_of(_data(message), "Pub/Sub message data")
+    return cloudevent_trace_context(cloudevent) if isinstance(cloudevent, Mapping) else {}
 
 
 def _trace(message: Mapping[str, Any]) -> dict[str, str]:

@@ -414,7 +414,8 @@ class PubSubSource(Source):
         """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes.
 
         Without a ``traceparent``, the ``googclient_traceparent``/``googclient_tracestate``
-        that Google's client libraries write are read instead.
+        that Google's client libraries write are read instead; without either, in
+        structured mode, the CloudEvent's ``traceparent``/``tracestate`` members.
         """
         return gcp.trace_context(message.body)
 

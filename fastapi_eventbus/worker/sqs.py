@@ -296,7 +296,9 @@ class SQSSource(Source):
     def trace_context(self, message: ReceivedMessage) -> dict[str, str]:
         """The W3C trace context in *message*'s ``traceparent``/``tracestate`` attributes.
 
-        In an SNS notification, its own message attributes' (when it has some).
+        In an SNS notification, its own message attributes' (when it has some); without
+        any, the ``traceparent``/``tracestate`` members of the CloudEvent in the body
+        (an EventBridge rule's target, whose ``detail`` is one), as `decode` reads them.
         """
         return aws.trace_context(message.body)
 

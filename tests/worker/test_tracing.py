@@ -9,11 +9,14 @@ again. Every span of all that is in the request's trace.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
+import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -32,9 +35,20 @@ from fastapi_eventbus.worker import (
     Source,
     Worker,
 )
-from tests._otel import Breaking, Spans, instrumented, is_error, linked_ids, parent_id, sid, tid
+from tests._otel import (
+    Breaking,
+    Spans,
+    instrumented,
+    is_error,
+    linked_ids,
+    parent_id,
+    sid,
+    tid,
+    traceparent,
+)
 from tests._pubsub import PROJECT, Emulator
 from tests._support import until
+from tests.forwarders._fanout import bus_with_rule, eventbridge_forwarder
 from tests.forwarders._moto import Moto
 from tests.worker._helpers import create_queue
 
@@ -207,6 +221,99 @@ def test_one_trace_from_the_request_through_the_queue_to_the_worker(broker: Brok
     (failed_handler,) = [s for s in spans.children(first) if s.kind is SpanKind.INTERNAL]
     assert str((failed_handler.attributes or {})["code.function.name"]).endswith("book_payment")
     assert [event.name for event in failed_handler.events] == ["exception"]
+
+
+# -- producers whose messages carry no trace attributes: the context is in the event ----------
+
+
+def test_eventbridge_to_sqs_is_one_trace_from_the_request_to_the_worker(moto: Moto) -> None:
+    """Found: an EventBridge rule's SQS message has no message attributes, and the worker read
+    its span's parent from those alone: its ``process`` span began a new trace (no parent, no
+    link), while the event it decoded carried the emit's context in the ``detail`` CloudEvent."""
+    spans = Spans()
+    queue_url = asyncio.run(create_queue(moto, "bridged"))
+    event_bus = asyncio.run(bus_with_rule(moto, queue_url, {"detail-type": ["order.placed"]}))
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    bus.forward("order.*", eventbridge_forwarder(moto, event_bus))
+    app = FastAPI()
+    bus.install(app)
+
+    @app.post("/orders")
+    async def place(events: Annotated[EventBus, Depends(get_bus)]) -> None:
+        events.emit("order.placed", {"id": 1})
+
+    with instrumented(app, spans), TestClient(app) as client:
+        client.post("/orders").raise_for_status()
+    asyncio.run(consume(worker_bus(spans), moto.source(queue_url), spans))
+
+    name = queue_url.rsplit("/", 1)[-1]
+    server, emit = spans.one("POST /orders"), spans.one("emit order.placed")
+    process = spans.one(f"process {name}")
+    assert {tid(span) for span in spans.all} == {tid(server)}, "one trace end to end"
+    assert parent_id(process) == sid(emit)
+    assert linked_ids(process) == [sid(emit)]
+    assert parent_id(spans.one("process order.placed")) == sid(process)
+
+
+@pytest.mark.parametrize("broker", ["sqs", "pubsub"])
+def test_a_structured_cloudevent_s_traceparent_member_is_the_worker_span_s_parent(
+    broker: str, request: pytest.FixtureRequest
+) -> None:
+    """Found: a structured CloudEvent carrying ``traceparent`` as a member (the CloudEvents
+    tracing extension; on Pub/Sub with ``Content-Type: application/cloudevents+json``) gave
+    its event that context, but the worker's ``process`` span a new trace: the worker read
+    the span's parent from the message attributes alone."""
+    spans = Spans()
+    with spans.provider.get_tracer("producer").start_as_current_span("send"):
+        pass  # another producer's span: the event's traceparent
+    cloudevent = {
+        "specversion": "1.0",
+        "id": "e-1",
+        "source": "/shop",
+        "type": "order.placed",
+        "data": {"id": 1},
+        "traceparent": traceparent(spans.one("send")),
+    }
+    body = json.dumps(cloudevent)
+    if broker == "sqs":
+        moto: Moto = request.getfixturevalue("moto")
+        queue_url = asyncio.run(create_queue(moto, "structured"))
+        asyncio.run(send_body(moto, queue_url, body))
+        source: Source = moto.source(queue_url)
+        name = queue_url.rsplit("/", 1)[-1]
+    else:
+        emulator: Emulator = request.getfixturevalue("pubsub_emulator")
+        channel = emulator.channel()
+        message = {
+            "data": base64.b64encode(body.encode()).decode(),
+            "attributes": {"Content-Type": "application/cloudevents+json"},
+        }
+        url = emulator.rest(f"topics/{channel.topic.rsplit('/', 1)[-1]}:publish")
+        httpx.post(url, json={"messages": [message]}).raise_for_status()
+        source = PubSubSource(
+            f"projects/{PROJECT}/subscriptions/{channel.subscription}",
+            emulator_host=emulator.host,
+        )
+        name = channel.subscription
+    asyncio.run(consume(worker_bus(spans), source, spans))
+
+    process = spans.one(f"process {name}")
+    assert parent_id(process) == sid(spans.one("send"))
+    assert tid(process) == tid(spans.one("process order.placed")) == tid(spans.one("send"))
+
+
+async def send_body(moto: Moto, queue_url: str, body: str) -> None:
+    """Send *body* to *queue_url* as another producer would: no message attributes."""
+    async with moto.client() as sqs:
+        await sqs.send_message(QueueUrl=queue_url, MessageBody=body)
+
+
+async def consume(bus: EventBus, source: Source, spans: Spans) -> None:
+    """Run a worker until its one message is handled and acknowledged."""
+    async with Worker(bus, source) as worker:
+        await until(lambda: worker.stats.handled == 1, timeout=20)
+        await until(lambda: [s for s in spans.all if s.name.startswith("ack ")])
 
 
 # -- the worker's spans for messages that do not go well, with an in-memory source ---------

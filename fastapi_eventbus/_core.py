@@ -421,9 +421,8 @@ class Core:
         extensions: object = None,
         join: Callable[[Event], None] | None = None,
     ) -> tuple[Event, bool]:
-        """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at
-        chain *depth*: the batch's by default), shown to the observers; and whether to
-        deliver it.
+        """`emit`'s and `publish`'s arguments, validated, as an `Event` (in *batch*, at chain
+        *depth*: the batch's by default), shown to the observers; and whether to deliver it.
 
         A delivered event is first admitted (capacity limits) and, with a spool,
         written there for each forwarder it matches; or, given *join* (`make_in`),
@@ -465,16 +464,20 @@ class Core:
         deliver = not (settings.disabled or muted)
         if deliver:
             self.admit(batch)
-            if self.tracing is not None:  # before the checks: its trace context is in the
-                self.tracing.emitted(event_obj)  # message each forwarder checks
-        for forwarder in forwarders:
-            forwarder.check(event_obj)
-        if not deliver:
-            pass
-        elif join is not None:
-            join(event_obj)
-        elif forwarders and self.spool is not None:  # with its trace context
-            self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
+        done = self.tracing.emitted(event_obj) if deliver and self.tracing is not None else None
+        try:  # its span is open: its trace context is in the message each forwarder checks
+            for forwarder in forwarders:
+                forwarder.check(event_obj)
+            if deliver and join is not None:
+                join(event_obj)
+            elif deliver and forwarders and self.spool is not None:  # with its trace context
+                self.spool.add([(forwarder.name, event_obj) for forwarder in forwarders])
+        except BaseException as exc:
+            if done is not None:  # refused: never accepted, its span fails
+                done(exc)
+            raise
+        if done is not None:
+            done(None)
         for observer in self.observers:
             observer.on_emit(event_obj)
         return event_obj, deliver

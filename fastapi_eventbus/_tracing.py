@@ -33,10 +33,15 @@ class Consumed:
 class Tracing(Protocol):
     """Span hooks for the life of an event: emitted, handled, forwarded, consumed."""
 
-    def emitted(self, event: Event) -> None:
-        """Record the emit of *event*; write its W3C context into ``event.trace_context``.
+    def emitted(self, event: Event) -> Callable[[BaseException | None], None] | None:
+        """Start the span of the emit of *event*; write its W3C context into
+        ``event.trace_context``.
 
         ``event.trace_context`` is the event's own fresh, empty dict at this point.
+        Returns what ends the span (None: it could not start), which the core calls
+        once the emit's checks are over (the forwarders' size checks, the spool's
+        write, the outbox's join): with what refused the event, if one did, which
+        fails the span (an event never accepted), else with None.
         """
 
     def start_handler(self, event: Event, handler: str, local: bool) -> Any:

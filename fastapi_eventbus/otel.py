@@ -199,13 +199,14 @@ class _BusTracing:
 
     # -- in-process ---------------------------------------------------------------
 
-    def emitted(self, event: Event) -> None:
+    def emitted(self, event: Event) -> Callable[[BaseException | None], None] | None:
         try:
-            self._emitted(event)
+            return self._emitted(event)
         except Exception as exc:  # the event goes on untraced
             self._failed("emit", exc)
+            return None
 
-    def _emitted(self, event: Event) -> None:
+    def _emitted(self, event: Event) -> Callable[[BaseException | None], None]:
         span = self._tracer.start_span(
             f"emit {event.name}",
             kind=SpanKind.PRODUCER,
@@ -221,7 +222,17 @@ class _BusTracing:
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
         if carrier:  # before anyone sees the event (see Tracing.emitted)
             set_trace_context(event, carrier)
-        self._end(span, "emit")
+
+        def done(error: BaseException | None) -> None:
+            """End the span after the emit's checks; failed if one refused the event."""
+            if error is not None:
+                try:
+                    _fail(span, error)
+                except Exception as exc:
+                    self._failed("emit", exc)
+            self._end(span, "emit")
+
+        return done
 
     def start_handler(self, event: Event, handler: str, local: bool) -> Any:
         try:

@@ -10,7 +10,8 @@ import importlib.util
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Annotated
 
 import pytest
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from fastapi_eventbus import ConfigurationError, Event, EventBus, InvalidEventError, get_bus
+from fastapi_eventbus.exceptions import SpoolError
 from fastapi_eventbus.forwarders import Delivery, Forwarder, Retry
 from fastapi_eventbus.otel import (
     MESSAGING_SYSTEM,
@@ -29,6 +31,7 @@ from fastapi_eventbus.otel import (
     is_instrumented,
     uninstrument_bus,
 )
+from fastapi_eventbus.spool import Spool
 from fastapi_eventbus.testing import RecordingForwarder
 from fastapi_eventbus.wire import sqs_body
 from tests._otel import (
@@ -300,6 +303,47 @@ async def test_the_emit_time_size_check_counts_the_trace_context(spans: Spans) -
     await traced.publish("x", "p" * 30)
     assert [attributed.encoded_size(event) for event in attributed.sent] == [96]
     assert [plain.encoded_size(event) for event in plain.sent] == [90]
+
+
+class FullSpool(Spool):
+    """A spool on a full disk until *full* is cleared: its writes are refused."""
+
+    full = True
+
+    def add(self, entries: Iterable[tuple[str, Event]]) -> None:
+        if self.full:
+            raise SpoolError("cannot write to the spool: database or disk is full")
+        super().add(entries)
+
+
+@pytest.mark.parametrize("refusal", ["size", "spool"])
+async def test_an_emit_refused_at_emit_has_a_failed_span(
+    spans: Spans, refusal: str, tmp_path: Path
+) -> None:
+    """Found: an event refused at ``emit`` (a payload over a forwarder's size limit, a spool
+    write that failed) raised to the caller, and its ``emit`` span ended with no error and the
+    event's id: the record of a success, for an event that was never accepted."""
+    error: type[Exception]
+    if refusal == "size":
+        bus, big, error = EventBus(), "p" * 200, InvalidEventError
+        bus.forward("x", Sized(100))
+    else:
+        spool = FullSpool(tmp_path / "spool.sqlite3")
+        bus, big, error = EventBus(spool=spool), "p", SpoolError
+        bus.forward("x", RecordingForwarder(name="recorder"))
+    instrument_bus(bus, tracer_provider=spans.provider)
+    with pytest.raises(error):
+        await bus.publish("x", big)
+    (refused,) = spans.named("emit x")
+    assert is_error(refused)
+    assert (refused.attributes or {})["error.type"] == f"{error.__module__}.{error.__name__}"
+    assert [event.name for event in refused.events] == ["exception"]
+    if refusal == "spool":
+        spool.full = False
+    await bus.publish("x", "p")
+    accepted = spans.named("emit x")[1]
+    assert not is_error(accepted)
+    assert accepted.end_time is not None
 
 
 class Refusing(Forwarder):

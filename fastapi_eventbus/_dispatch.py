@@ -215,8 +215,9 @@ class Dispatcher:
                                 raise
                             error = exc
                     else:
+                        watched = bool(inbox or observers)
                         error = await self._run(
-                            handler, event, batch, child, local, overrides, limit
+                            handler, event, batch, child, local, overrides, limit, watched
                         )
                     if error is None and (inbox or observers) and cancelled():  # it swallowed
                         raise asyncio.CancelledError  # the task's cancellation: no success to
@@ -321,7 +322,9 @@ class Dispatcher:
                 if self.tracing is None:
                     error = await self._call(handler, event, batch, child, overrides, limit)
                 else:
-                    error = await self._run(handler, event, batch, child, True, overrides, limit)
+                    error = await self._run(
+                        handler, event, batch, child, True, overrides, limit, watched=False
+                    )  # `dispatch` checks only the first call for a swallowed cancellation
             except asyncio.CancelledError:  # this try's events: `dispatch` sees only the first's
                 await self._cancelled(handler, child)
                 raise
@@ -368,13 +371,18 @@ class Dispatcher:
         local: bool,
         overrides: bool,
         limit: Limit | None,
+        watched: bool,
     ) -> BaseException | None:
+        """`_call` in a handler span. *watched*: an inbox or observers would record the call,
+        so that one that swallowed its flush's cancellation is cut off (see `dispatch`)."""
         tracing = self.tracing
         assert tracing is not None
         span = tracing.start_handler(event, handler.name, local)
         error: BaseException | None = None
         try:
             error = await self._call(handler, event, batch, child, overrides, limit)
+            if error is None and watched and cancelled():  # it swallowed the cancellation,
+                raise asyncio.CancelledError  # which `dispatch` raises: its span says so too
         except BaseException as exc:  # cancelled: the span says so, then it propagates
             error = exc
             raise

@@ -6,6 +6,8 @@ through a real queue and a worker is in ``tests/worker/test_tracing.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import logging
 import subprocess
@@ -32,7 +34,7 @@ from fastapi_eventbus.otel import (
     uninstrument_bus,
 )
 from fastapi_eventbus.spool import Spool
-from fastapi_eventbus.testing import RecordingForwarder
+from fastapi_eventbus.testing import RecordingForwarder, capture
 from fastapi_eventbus.wire import sqs_body
 from tests._otel import (
     Breaking,
@@ -344,6 +346,34 @@ async def test_an_emit_refused_at_emit_has_a_failed_span(
     accepted = spans.named("emit x")[1]
     assert not is_error(accepted)
     assert accepted.end_time is not None
+
+
+async def test_a_handler_that_swallows_its_flush_s_cancellation_has_a_failed_span(
+    spans: Spans,
+) -> None:
+    """Found: a handler that caught its flush's cancellation and returned was reported cut
+    off (``capture`` heard a `CancelledError`; an inbox records no success), while its span
+    ended with no error: a success."""
+    bus = EventBus()
+    instrument_bus(bus, tracer_provider=spans.provider)
+    started = asyncio.Event()
+
+    @bus.on("job")
+    async def stubborn(event: Event) -> None:
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed
+            await asyncio.sleep(10)
+
+    with capture(bus, raise_failures=False) as captured:
+        task = asyncio.create_task(bus.publish("job"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [type(handled.error) for handled in captured.handled] == [asyncio.CancelledError]
+    span = spans.one("process job")
+    assert is_error(span)
+    assert (span.attributes or {})["error.type"] == "asyncio.exceptions.CancelledError"
 
 
 class Refusing(Forwarder):

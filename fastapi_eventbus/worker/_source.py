@@ -48,13 +48,20 @@ MALFORMED = "fastapi_eventbus.malformed"
 
 
 def malformed(
-    body: Mapping[str, Any], why: str, message_id: str, receipt: str, receive_count: int | None
+    body: Mapping[str, Any],
+    why: str,
+    message_id: str,
+    receipt: str,
+    receive_count: int | None,
+    order_key: str | None = None,
 ) -> ReceivedMessage:
     """A message of a broker's answer that its source could not read (a faulty server, a
     middlebox): it fails alone, never the receive, as a message the worker cannot decode
     (its ``on_undecodable``). *body* is an empty one of the source's shape; the source's
-    `Source.decode` raises `MessageDecodeError` with *why* (`refuse_malformed`)."""
-    return ReceivedMessage({**body, MALFORMED: why}, message_id, receipt, receive_count)
+    `Source.decode` raises `MessageDecodeError` with *why* (`refuse_malformed`). With its
+    *order_key* still readable, it keeps its place in its group."""
+    body = {**body, MALFORMED: why}
+    return ReceivedMessage(body, message_id, receipt, receive_count, order_key)
 
 
 def refuse_malformed(message: ReceivedMessage) -> None:

@@ -225,11 +225,14 @@ class SQSSource(Source):
                 shown(message_id) if isinstance(message_id, str) else message_id,
             )
             return None
-        if not isinstance(message_id, str) or not message_id:
-            message_id = content_name(message, "MessageId")
+        if not isinstance(message_id, str) or not message_id:  # named after what stays
+            kept = {k: v for k, v in fields.items() if k not in ("ReceiptHandle", "Attributes")}
+            message_id = content_name(kept or message, "MessageId")  # from one delivery on
         why = f"a malformed message of a ReceiveMessage answer: {why}"
-        count = _receive_count(fields.get("Attributes"))
-        return malformed({"Body": ""}, why, message_id, receipt, count)
+        attributes = fields.get("Attributes")
+        group = attributes.get("MessageGroupId") if isinstance(attributes, Mapping) else None
+        group = group if self.ordered is True and isinstance(group, str) else None  # its place
+        return malformed({"Body": ""}, why, message_id, receipt, _receive_count(attributes), group)
 
     async def ack(self, message: ReceivedMessage) -> None:
         """Delete *message* (in a ``DeleteMessageBatch`` with others acknowledged meanwhile)."""

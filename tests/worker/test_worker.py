@@ -739,6 +739,10 @@ GARBLED: dict[str, tuple[Any, str]] = {
         lambda message: {**message, "Attributes": {**message["Attributes"], "MessageGroupId": []}},
         "its MessageGroupId is a list, not a string",
     ),
+    "no MessageId, in its group": (  # its group can be read: it keeps its place in it
+        lambda message: {k: v for k, v in message.items() if k != "MessageId"},
+        "its MessageId is missing",
+    ),
 }
 
 
@@ -750,6 +754,7 @@ GARBLED: dict[str, tuple[Any, str]] = {
         ("Attributes null", "delete"),
         ("MessageGroupId an int", "retry"),
         ("MessageGroupId a list", "retry"),
+        ("no MessageId, in its group", "retry"),
     ],
 )
 async def test_one_unreadable_message_fails_alone_not_the_receive(
@@ -763,7 +768,9 @@ async def test_one_unreadable_message_fails_alone_not_the_receive(
     group's order) or failed as it started (a list). Each message is now read alone: that
     one is undecodable, named by its MessageId and given back or deleted per
     ``on_undecodable``; without a ReceiptHandle an ERROR says it comes again at its
-    visibility timeout; the others are handled at once."""
+    visibility timeout; the others are handled at once. Found in review: one without its
+    MessageId lost its group, and the rest of the group ran ahead of it; it keeps its place
+    now, and its name no longer changes with its receipt."""
     garble, why = GARBLED[case]
     broken: list[tuple[str, str]] = []  # (MessageId, event id) of the garbled message
 
@@ -779,7 +786,7 @@ async def test_one_unreadable_message_fails_alone_not_the_receive(
             await super().start()
             self.client.meta.events.register("after-call.sqs.ReceiveMessage", garbled)
 
-    fifo = "MessageGroupId" in case
+    fifo = "MessageGroupId" in case or "group" in case
     queue_url = await moto.create_queue("garbled", fifo=fifo)  # visibility timeout 30 s
     publisher = EventBus()
     group = {"message_group_id": lambda event: "g"} if fifo else {}
@@ -806,13 +813,16 @@ async def test_one_unreadable_message_fails_alone_not_the_receive(
             if readable and policy == "retry":  # given back: it comes again, unbroken
                 await until(lambda: len(handled) == 3, timeout=10)
     ((message_id, event_id),) = broken
+    if case == "no MessageId, in its group":  # the others of its group waited for it
+        assert handled == ids
     others = [i for i in ids if i != event_id]
     lost = policy == "delete" or not readable
     assert sorted(handled) == sorted(others if lost else ids)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     (error,) = [e for e in errors if why in e]
     if readable:
-        assert error.startswith(f"message {message_id} from {garbled_source.name} is not an event")
+        named = "with no MessageId, content " if "no MessageId" in case else f"{message_id} from"
+        assert error.startswith(f"message {named}"), error
         assert worker.stats.undecodable == 1
     assert [r.message_ids for r in discards] == ([(message_id,)] if policy == "delete" else [])
     # Not an object: no receipt to give it back with; it comes again at its visibility timeout.

@@ -809,7 +809,7 @@ async def test_one_unreadable_message_fails_alone_not_the_receive(
     readable = case != "not an object"
     with caplog.at_level(logging.ERROR, "fastapi_eventbus"):
         async with Worker(bus, garbled_source, on_undecodable=policy) as worker:
-            await until(lambda: broken and len(handled) == 2, timeout=10)  # not after 30 s
+            await until(lambda: broken and len(handled) >= 2, timeout=10)  # not after 30 s
             if readable and policy == "retry":  # given back: it comes again, unbroken
                 await until(lambda: len(handled) == 3, timeout=10)
     ((message_id, event_id),) = broken
